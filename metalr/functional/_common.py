@@ -1,0 +1,56 @@
+"""Small tensor helpers shared by the update rules (complex views, safe sqrt, write-back)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+def as_real_list(ts: Sequence[Tensor]) -> list[Tensor]:
+    """Real views of tensors (complex ones gain a trailing dimension of 2), like torch.optim."""
+    return [torch.view_as_real(t) if t.is_complex() else t for t in ts]
+
+
+def from_real(t: Tensor, like: Tensor) -> Tensor:
+    """Undo :func:`as_real_list` for ``t`` computed from ``like``'s real view, in its dtype."""
+    if like.is_complex():
+        return torch.view_as_complex(t.to(like.real.dtype).contiguous())
+    return t.to(like.dtype)
+
+
+def broadcast_rate(rate: Tensor, param: Tensor) -> Tensor:
+    """A per-element rate shaped for the real view of a complex parameter."""
+    return rate.unsqueeze(-1) if rate.dim() > 0 and param.is_complex() else rate
+
+
+def negate_if(grads: Sequence[Tensor], flag: bool) -> list[Tensor]:
+    return [-g for g in grads] if flag else list(grads)
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` for ``x >= 0`` whose derivative at 0 is 0 instead of inf (so no 0·inf = NaN)."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))), 0.0)
+
+
+def select(keep: Tensor, new: Tensor, old: Tensor) -> Tensor:
+    """``new`` where the 0-d flag ``keep`` is true, else ``old`` (a skipped step)."""
+    return torch.where(keep, new, old)
+
+
+def write_back(dst: NamedTuple, src: NamedTuple) -> None:
+    """Copy every tensor of ``src`` into the matching tensor of ``dst`` in place."""
+    for dst_list, src_list in zip(dst, src):
+        for d, s in zip(dst_list, src_list):
+            if d is not None and s is not None and d is not s:
+                d.copy_(s)
+
+
+def default_foreach(params: Sequence[Tensor], differentiable: bool) -> bool:
+    """Multi-tensor path unless differentiable, scripting, or a tensor subclass is present."""
+    if differentiable or torch.jit.is_scripting():
+        return False
+    return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params)

@@ -1,0 +1,210 @@
+"""The hypergradient and the learning-rate update shared by every metalr rule.
+
+Every metalr optimizer moves a parameter by ``θ_t = θ_{t-1} - lr · m_{t-1} · d_{t-1}``, where
+``d_{t-1}`` is the optimizer's update direction (SGD: the (momentum) gradient, Adam:
+``m̂/(√v̂+ε)``), ``lr`` the scheduled rate in the param group and ``m`` the learned multiplier.
+The hypergradient of the loss at the new point with respect to the rate used to get there is
+(Baydin et al., ICLR 2018, eq. 2)::
+
+    ∂L(θ_t) / ∂α_{t-1} = -⟨g_t, d_{t-1}⟩,     α = lr · m,   g_t = ∇L(θ_t)
+
+Two rules turn it into a new multiplier:
+
+``"additive"`` (the paper's update, so its ``hypergrad_lr`` β means what it means in the paper)::
+
+    α_t = α_{t-1} + β ⟨g_t, d_{t-1}⟩          i.e.  m_t = m_{t-1} + β ⟨g_t, d_{t-1}⟩ / lr_t
+
+``"normalized"`` (scale-free: updates the log-rate by the cosine between the gradient and the last
+direction, so it stays positive and a β means the same for any model size)::
+
+    log m_t = log m_{t-1} + β cos(g_t, d_{t-1})
+
+At ``"element"`` granularity the cosine of two scalars is the sign of their product, which makes
+the normalized rule Jacobs' (1988) delta-bar-delta / Rprop-style multiplicative adaptation.
+
+After the update the multiplier is clamped so the effective rate ``lr · m`` lies in ``lr_bounds``,
+and a non-finite hypergradient (any NaN/inf in the gradient) leaves the multiplier unchanged.
+
+Everything here is a pure, differentiable function of tensors; both the optimizers (without grad)
+and the meta-learner (with grad, under ``vmap``) call it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+GRANULARITIES = ("group", "tensor", "element")
+RULES = ("normalized", "additive")
+
+#: Default ``hypergrad_lr`` of the normalized rule, chosen by ``experiments/choose_hypergrad_lr.py``.
+DEFAULT_NORMALIZED_HYPERGRAD_LR = 0.02
+
+
+def as_real(t: Tensor) -> Tensor:
+    """A real view of ``t`` (complex tensors gain a trailing dimension of 2)."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def rate_dtype(param: Tensor) -> torch.dtype:
+    """Dtype of a parameter's learning-rate multiplier.
+
+    The parameter's own (real) dtype, except half precision: a multiplier stored in bfloat16
+    cannot represent a change of 1% (its spacing near 1 is 2^-7), so fp16/bf16 parameters keep
+    their rates in float32.
+    """
+    if param.is_complex():
+        return param.real.dtype
+    if param.dtype in (torch.float16, torch.bfloat16) or not param.is_floating_point():
+        return torch.float32
+    return param.dtype
+
+
+def initial_rate(param: Tensor, granularity: str, value: float = 1.0) -> Tensor:
+    """A fresh multiplier for ``param``: a 0-d tensor, or one per element for ``"element"``."""
+    shape = param.shape if granularity == "element" else ()
+    return torch.full(shape, value, dtype=rate_dtype(param), device=param.device)
+
+
+def inner_products(
+    grads: Sequence[Tensor],
+    directions: Sequence[Tensor],
+    granularity: str,
+    with_norms: bool,
+) -> tuple[list[Tensor], list[Tensor] | None, list[Tensor] | None]:
+    """Real inner products ``Re⟨g, d⟩`` per tensor (per element for ``"element"``).
+
+    Returns ``(dots, grad_norms, direction_norms)``; the norms are ``None`` unless
+    ``with_norms`` and the granularity reduces (group/tensor). Reductions run in the rate dtype.
+    """
+    dots: list[Tensor] = []
+    g_norms: list[Tensor] | None = [] if with_norms and granularity != "element" else None
+    d_norms: list[Tensor] | None = [] if g_norms is not None else None
+    for g, d in zip(grads, directions):
+        acc = rate_dtype(g)
+        gr, dr = as_real(g), as_real(d)
+        if granularity == "element":
+            prod = (gr * dr).to(acc)
+            dots.append(prod.sum(-1) if g.is_complex() else prod)
+            continue
+        if not g.is_complex() and g.dtype == acc and d.dtype == acc:
+            dots.append(torch.dot(gr.reshape(-1), dr.reshape(-1)))  # fused multiply-add, no temp
+        else:
+            dots.append(torch.sum(gr * dr, dtype=acc))
+        if g_norms is not None and d_norms is not None:
+            g_norms.append(torch.linalg.vector_norm(gr, dtype=acc))
+            d_norms.append(torch.linalg.vector_norm(dr, dtype=acc))
+    return dots, g_norms, d_norms
+
+
+def all_finite(dots: Sequence[Tensor]) -> Tensor:
+    """0-d bool: every inner product is finite (a NaN/inf anywhere in a gradient makes one NaN)."""
+    if not dots:
+        return torch.tensor(True)
+    device = dots[0].device
+    flags = [torch.isfinite(d).all().to(device) for d in dots]
+    return torch.stack(flags).all()
+
+
+def _stack(ts: Sequence[Tensor], like: Tensor) -> Tensor:
+    return torch.stack([t.to(device=like.device, dtype=like.dtype) for t in ts])
+
+
+def _inverse_lr(lr: float | Tensor) -> float | Tensor:
+    if isinstance(lr, Tensor):
+        return torch.where(lr > 0, 1.0 / lr.clamp_min(torch.finfo(lr.dtype).tiny), 0.0)
+    return 1.0 / lr if lr > 0 else 0.0
+
+
+def clamp_rates(rate: Tensor, lr: float | Tensor, lr_bounds: tuple[float, float]) -> Tensor:
+    """Clamp multipliers so that ``lr · m`` lies in ``lr_bounds`` (no-op while ``lr == 0``)."""
+    lo, hi = lr_bounds
+    if isinstance(lr, Tensor):
+        safe_lr = lr.clamp_min(torch.finfo(lr.dtype).tiny)
+        clamped = torch.minimum(torch.maximum(rate, lo / safe_lr), hi / safe_lr)
+        return torch.where(lr > 0, clamped, rate)
+    if lr <= 0:
+        return rate
+    return rate.clamp(min=lo / lr, max=hi / lr)
+
+
+def _rate_signal(
+    dot: Tensor,
+    g_norm: Tensor | None,
+    d_norm: Tensor | None,
+    rule: str,
+    granularity: str,
+    lr: float | Tensor,
+) -> Tensor:
+    """The quantity a rule multiplies by β: cosine (normalized) or ⟨g, d⟩ / lr (additive)."""
+    if rule == "additive":
+        return dot * _inverse_lr(lr)
+    if granularity == "element":
+        return torch.sign(dot)
+    assert g_norm is not None and d_norm is not None
+    tiny = torch.finfo(dot.dtype).tiny
+    return dot / (g_norm * d_norm).clamp_min(tiny)
+
+
+def update_rates(
+    rates: Sequence[Tensor],
+    dots: Sequence[Tensor],
+    grad_norms: Sequence[Tensor] | None,
+    direction_norms: Sequence[Tensor] | None,
+    *,
+    lr: float | Tensor,
+    hypergrad_lr: float | Tensor | Sequence[Tensor],
+    rule: str,
+    granularity: str,
+    lr_bounds: tuple[float, float],
+) -> list[Tensor]:
+    """New multipliers from the inner products (pure; see the module docstring for the math).
+
+    ``hypergrad_lr`` is a number, a tensor, or one tensor per parameter (the meta-learner learns
+    it per tensor). Non-finite signals leave a multiplier unchanged; results are clamped to
+    ``lr_bounds`` relative to ``lr``.
+    """
+    if not rates:
+        return []
+    per_tensor_beta = isinstance(hypergrad_lr, (list, tuple))
+    if granularity == "element":
+        new_rates = []
+        for i, (rate, dot) in enumerate(zip(rates, dots)):
+            beta = hypergrad_lr[i] if per_tensor_beta else hypergrad_lr
+            signal = _rate_signal(dot, None, None, rule, granularity, lr)
+            new = rate * torch.exp(beta * signal) if rule == "normalized" else rate + beta * signal
+            new = torch.where(torch.isfinite(signal), new, rate)
+            new_rates.append(clamp_rates(new, lr, lr_bounds))
+        return new_rates
+
+    ref = rates[0]
+    rate_vec = _stack(rates, ref)
+    dot_vec = _stack(dots, ref)
+    g_vec = _stack(grad_norms, ref) if grad_norms is not None else None
+    d_vec = _stack(direction_norms, ref) if direction_norms is not None else None
+    if granularity == "group":
+        dot_vec = dot_vec.sum().expand_as(rate_vec)
+        if g_vec is not None and d_vec is not None:
+            g_vec = torch.linalg.vector_norm(g_vec).expand_as(rate_vec)
+            d_vec = torch.linalg.vector_norm(d_vec).expand_as(rate_vec)
+    beta = _stack(hypergrad_lr, ref) if per_tensor_beta else hypergrad_lr
+    signal = _rate_signal(dot_vec, g_vec, d_vec, rule, granularity, lr)
+    if rule == "normalized":
+        new_vec = rate_vec * torch.exp(beta * signal)
+    else:
+        new_vec = rate_vec + beta * signal
+    new_vec = clamp_rates(torch.where(torch.isfinite(signal), new_vec, rate_vec), lr, lr_bounds)
+    return [v.to(device=r.device, dtype=r.dtype) for v, r in zip(new_vec.unbind(0), rates)]
+
+
+def hypergradient(
+    grads: Sequence[Tensor], directions: Sequence[Tensor], granularity: str
+) -> list[Tensor]:
+    """``∂L(θ_t)/∂α_{t-1} = -Re⟨g_t, d_{t-1}⟩`` for each rate (summed over a group for "group")."""
+    dots, _, _ = inner_products(grads, directions, granularity, with_norms=False)
+    if granularity == "group":
+        total = _stack(dots, dots[0]).sum()
+        return [-total for _ in dots]
+    return [-d for d in dots]

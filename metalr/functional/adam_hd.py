@@ -1,0 +1,259 @@
+r"""Adam with hypergradient learning-rate adaptation (Adam-HD, Baydin et al. 2018, Alg. 5).
+
+With gradient :math:`g_t` (plus :math:`\lambda\theta` for coupled weight decay), scheduled rate
+:math:`\eta_t` = ``group['lr']`` and learned multiplier :math:`m` (one per group, tensor or element)::
+
+    d_{t-1} = m̂_{t-1} / (√v̂_{t-1} + ε)                 # recomputed from state: no extra buffer
+    m       ← rule(m, ⟨g_t, d_{t-1}⟩)                     # see metalr.functional._hypergrad
+    m_t     = β1 m_{t-1} + (1-β1) g_t
+    v_t     = β2 v_{t-1} + (1-β2) g_t²
+    θ_t     = θ_{t-1} (1 - η_t λ)  [decoupled only]  -  η_t · m · m̂_t / (√v̂_t + ε)
+
+Departure from torch's AdamW: decoupled weight decay follows the scheduled rate η_t (Loshchilov &
+Hutter's schedule multiplier), not the learned multiplier, so the hypergradient stays exact and
+adaptation cannot inflate the decay. With ``hypergrad_lr=0`` every path equals ``torch.optim.Adam``
+/ ``AdamW``.
+
+Three faces of one rule:
+
+* :func:`adam_hd_step` — pure and differentiable (``torch.func``/``vmap``-able); the meta-learner
+  calls it with grad, and the single-tensor path below is it plus an in-place write-back.
+* :func:`adam_hd` — the in-place functional the optimizer calls; dispatches to the single-tensor
+  path or the ``foreach`` twin (checked equal in float64 by the tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from metalr.functional._common import (
+    as_real_list,
+    broadcast_rate,
+    default_foreach,
+    from_real,
+    negate_if,
+    safe_sqrt,
+    select,
+    write_back,
+)
+from metalr.functional._hypergrad import all_finite, inner_products, update_rates
+
+
+class AdamHDState(NamedTuple):
+    """Tensors an Adam-HD step reads and produces (one entry per parameter)."""
+
+    params: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    rates: list[Tensor]
+    steps: list[Tensor]
+
+
+def adam_direction(
+    exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, beta1: float, beta2: float, eps: float
+) -> Tensor:
+    """``m̂ / (√v̂ + ε)`` for moments after ``step`` updates (zero while ``step == 0``).
+
+    Uses a square root with a safe backward at 0 so second derivatives stay finite
+    (dead units give ``v = 0``).
+    """
+    step = step.to(exp_avg.real.dtype if exp_avg.is_complex() else exp_avg.dtype).clamp_min(1)
+    bias1 = 1 - beta1**step
+    bias2 = 1 - beta2**step
+    return (exp_avg / bias1) / (safe_sqrt(exp_avg_sq / bias2) + eps)
+
+
+def adam_hd_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    rates: Sequence[Tensor],
+    steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    hypergrad_lr: float | Tensor | Sequence[Tensor],
+    rule: str,
+    granularity: str,
+    lr_bounds: tuple[float, float],
+    maximize: bool = False,
+) -> AdamHDState:
+    """One Adam-HD step as a pure function: returns new tensors, mutates nothing.
+
+    If any gradient is non-finite the step is skipped: every returned tensor equals its input.
+
+    Example (meta-learning the initial rate through two steps)::
+
+        log_rate = torch.zeros((), requires_grad=True)
+        state = AdamHDState([w], [torch.zeros_like(w)], [torch.zeros_like(w)],
+                            [log_rate.exp()], [torch.zeros(())])
+        for _ in range(2):
+            g = torch.func.grad(loss_fn)(state.params[0])
+            state = adam_hd_step(*state[:1], [g], *state[1:], lr=1e-2, beta1=0.9, beta2=0.999,
+                                 eps=1e-8, weight_decay=0.0, decoupled_weight_decay=False,
+                                 hypergrad_lr=0.02, rule="normalized", granularity="tensor",
+                                 lr_bounds=(0.0, float("inf")))
+        loss_fn(state.params[0]).backward()   # reaches log_rate
+    """
+    grads = negate_if(grads, maximize)
+    prev_dirs = [
+        from_real(adam_direction(m, v, s, beta1, beta2, eps), g)
+        for m, v, s, g in zip(as_real_list(exp_avgs), as_real_list(exp_avg_sqs), steps, grads)
+    ]
+    dots, g_norms, d_norms = inner_products(
+        grads, prev_dirs, granularity, with_norms=rule == "normalized"
+    )
+    finite = all_finite(dots)
+    new_rates = update_rates(
+        rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
+        granularity=granularity, lr_bounds=lr_bounds,
+    )  # fmt: skip
+    out = AdamHDState([], [], [], [], [])
+    for p, g, m, v, rate, new_rate, step in zip(
+        params, grads, exp_avgs, exp_avg_sqs, rates, new_rates, steps
+    ):
+        p_r, g_r, m_r, v_r = as_real_list([p, g, m, v])
+        if weight_decay != 0 and not decoupled_weight_decay:
+            g_r = g_r + weight_decay * p_r
+        m_new = torch.lerp(m_r, g_r, 1 - beta1)
+        v_new = v_r * beta2 + (1 - beta2) * g_r * g_r
+        step_new = step + 1
+        direction = adam_direction(m_new, v_new, step_new, beta1, beta2, eps)
+        p_new = p_r * (1 - lr * weight_decay) if decoupled_weight_decay and weight_decay else p_r
+        p_new = p_new - (lr * broadcast_rate(new_rate, p)) * direction
+        out.params.append(from_real(select(finite, p_new, p_r), p))
+        out.exp_avgs.append(from_real(select(finite, m_new, m_r), m))
+        out.exp_avg_sqs.append(from_real(select(finite, v_new, v_r), v))
+        out.rates.append(select(finite, new_rate, rate))
+        out.steps.append(select(finite, step_new, step))
+    return out
+
+
+def _single_tensor_adam_hd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    rates: list[Tensor],
+    steps: list[Tensor],
+    **hyper,
+) -> None:
+    new = adam_hd_step(params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper)
+    write_back(AdamHDState(params, exp_avgs, exp_avg_sqs, rates, steps), new)
+
+
+def _multi_tensor_adam_hd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    rates: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    hypergrad_lr: float | Tensor | Sequence[Tensor],
+    rule: str,
+    granularity: str,
+    lr_bounds: tuple[float, float],
+    maximize: bool = False,
+) -> None:
+    """In-place ``foreach`` twin of :func:`adam_hd_step` (same math, fewer kernel launches)."""
+    if not params:
+        return
+    grads = torch._foreach_neg(grads) if maximize else list(grads)
+    p_r, g_r, m_r, v_r = (as_real_list(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs))
+    # 1. previous direction d_{t-1} = m / (bc1 · (√v / √bc2 + ε)), from state before the update.
+    step_vec = torch.stack([s.to(rates[0].device, torch.float64) for s in steps])
+    prev_bc1, prev_bc2_sqrt = _bias_corrections(step_vec.clamp_min(1), beta1, beta2)
+    denom = torch._foreach_sqrt(v_r)
+    torch._foreach_div_(denom, _scalars(prev_bc2_sqrt, v_r))
+    torch._foreach_add_(denom, eps)
+    torch._foreach_mul_(denom, _scalars(prev_bc1, v_r))
+    prev_dirs = torch._foreach_div(m_r, denom)
+    del denom
+    prev_dirs = [from_real(d, g) for d, g in zip(prev_dirs, grads)]
+    # 2. hypergradient → new multipliers (shared math), and the all-finite flag.
+    dots, g_norms, d_norms = inner_products(grads, prev_dirs, granularity, rule == "normalized")
+    del prev_dirs
+    finite = all_finite(dots)
+    new_rates = update_rates(
+        rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
+        granularity=granularity, lr_bounds=lr_bounds,
+    )  # fmt: skip
+    torch._foreach_copy_(rates, new_rates)
+    # 3. Adam moments; a non-finite step leaves everything as it was (keep = 0).
+    keep = finite.to(torch.float64)
+    g_safe = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in g_r]
+    if weight_decay != 0 and not decoupled_weight_decay:
+        torch._foreach_add_(g_safe, p_r, alpha=weight_decay)
+    torch._foreach_lerp_(m_r, g_safe, _scalars((1 - beta1) * keep, m_r))
+    torch._foreach_mul_(v_r, _scalars(1 - (1 - beta2) * keep, v_r))
+    g_scaled = torch._foreach_mul(g_safe, _scalars((1 - beta2) * keep, g_safe))
+    torch._foreach_addcmul_(v_r, g_scaled, g_safe)
+    del g_scaled
+    del g_safe
+    torch._foreach_add_(steps, _scalars(keep, steps))
+    # 4. θ ← θ(1 - η λ) - η m (m̂ / (√v̂ + ε)), folding the step size into the denominator.
+    step_vec = torch.stack([s.to(rates[0].device, torch.float64) for s in steps])
+    bc1, bc2_sqrt = _bias_corrections(step_vec, beta1, beta2)
+    if decoupled_weight_decay and weight_decay != 0:
+        torch._foreach_mul_(p_r, _scalars(1 - lr * weight_decay * keep, p_r))
+    denom = torch._foreach_sqrt(v_r)
+    torch._foreach_div_(denom, _scalars(bc2_sqrt, v_r))
+    torch._foreach_add_(denom, eps)
+    neg_step = [
+        (broadcast_rate(r, p) * (-(lr * keep) / b).to(r.dtype)).to(d.dtype)
+        for r, p, b, d in zip(rates, params, bc1.unbind(), denom)
+    ]
+    torch._foreach_div_(denom, neg_step)
+    torch._foreach_addcdiv_(p_r, m_r, denom)
+
+
+def _bias_corrections(step_vec: Tensor, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
+    return 1 - beta1**step_vec, (1 - beta2**step_vec).sqrt()
+
+
+def _scalars(values: Tensor, like: list[Tensor]) -> list[Tensor]:
+    """0-d tensors (one per entry of ``like``) in each tensor's dtype and device."""
+    values = values.expand(len(like)) if values.dim() == 0 else values
+    return [v.to(device=t.device, dtype=t.dtype) for v, t in zip(values.unbind(), like)]
+
+
+def adam_hd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    rates: list[Tensor],
+    steps: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    differentiable: bool = False,
+    **hyper,
+) -> None:
+    """In-place Adam-HD step over lists of tensors; see :class:`metalr.AdamHD` for the arguments.
+
+    Dispatches like ``torch.optim.adam.adam``: ``foreach=None`` picks the multi-tensor path when
+    every tensor is a plain tensor on a supported device; ``differentiable=True`` always takes
+    the single-tensor path so rates and weights stay in the autograd graph.
+    """
+    if foreach is None:
+        foreach = default_foreach(params, differentiable)
+    if foreach and differentiable:
+        raise RuntimeError("foreach=True does not support differentiable=True")
+    fn = _multi_tensor_adam_hd if foreach else _single_tensor_adam_hd
+    fn(params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper)

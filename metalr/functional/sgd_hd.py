@@ -1,0 +1,241 @@
+r"""SGD (with momentum / Nesterov) and hypergradient learning-rate adaptation (SGD-HD, SGDN-HD).
+
+Baydin et al. 2018, Alg. 1 and 3. With gradient :math:`g_t` (plus :math:`\lambda\theta` for weight
+decay), scheduled rate :math:`\eta_t` = ``group['lr']`` and learned multiplier :math:`m`::
+
+    m  ← rule(m, ⟨g_t, d_{t-1}⟩)                  # see metalr.functional._hypergrad
+    b_t = μ b_{t-1} + (1 - τ) g_t                 # b_1 = g_1, as torch.optim.SGD
+    d_t = g_t            (μ = 0)
+          b_t            (momentum)
+          g_t + μ b_t    (Nesterov)
+    θ_t = θ_{t-1} - η_t · m · d_t
+
+``d_{t-1}`` is the momentum buffer before its update for plain momentum (no extra state); plain SGD
+and Nesterov keep it in one buffer, ``prev_direction``. With ``hypergrad_lr=0`` every path equals
+``torch.optim.SGD``.
+
+Faces: :func:`sgd_hd_step` (pure, differentiable, ``vmap``-able) and :func:`sgd_hd` (in place,
+dispatching between the single-tensor path and its ``foreach`` twin).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from metalr.functional._common import (
+    as_real_list,
+    broadcast_rate,
+    default_foreach,
+    from_real,
+    negate_if,
+    select,
+    write_back,
+)
+from metalr.functional._hypergrad import all_finite, inner_products, update_rates
+
+
+class SGDHDState(NamedTuple):
+    """Tensors an SGD-HD step reads and produces (one entry per parameter; buffers may be None)."""
+
+    params: list[Tensor]
+    momentum_buffers: list[Tensor | None]
+    prev_directions: list[Tensor | None]
+    rates: list[Tensor]
+
+
+def stores_prev_direction(momentum: float, nesterov: bool) -> bool:
+    """Whether d_{t-1} needs its own buffer (it is the momentum buffer for plain momentum)."""
+    return momentum == 0 or nesterov
+
+
+def _previous_directions(
+    params: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    prev_directions: Sequence[Tensor | None],
+    momentum: float,
+    nesterov: bool,
+) -> list[Tensor]:
+    source = prev_directions if stores_prev_direction(momentum, nesterov) else momentum_buffers
+    return [torch.zeros_like(p) if d is None else d for p, d in zip(params, source)]
+
+
+def sgd_hd_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor | None],
+    prev_directions: Sequence[Tensor | None],
+    rates: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    hypergrad_lr: float | Tensor | Sequence[Tensor],
+    rule: str,
+    granularity: str,
+    lr_bounds: tuple[float, float],
+    maximize: bool = False,
+) -> SGDHDState:
+    """One SGD-HD step as a pure function: returns new tensors, mutates nothing.
+
+    A ``None`` buffer means "not created yet" (first step). If any gradient is non-finite the
+    step is skipped and every returned tensor equals its input.
+
+    Example::
+
+        state = SGDHDState([w], [None], [None], [torch.ones(())])
+        g = torch.func.grad(loss_fn)(w)
+        state = sgd_hd_step(state.params, [g], *state[1:], lr=0.1, momentum=0.0,
+                            dampening=0.0, weight_decay=0.0, nesterov=False, hypergrad_lr=0.02,
+                            rule="normalized", granularity="tensor", lr_bounds=(0.0, 1e3))
+    """
+    grads = negate_if(grads, maximize)
+    prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
+    dots, g_norms, d_norms = inner_products(grads, prev, granularity, rule == "normalized")
+    finite = all_finite(dots)
+    new_rates = update_rates(
+        rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
+        granularity=granularity, lr_bounds=lr_bounds,
+    )  # fmt: skip
+    keep_direction = stores_prev_direction(momentum, nesterov)
+    out = SGDHDState([], [], [], [])
+    for p, g, buf, old_dir, rate, new_rate in zip(
+        params, grads, momentum_buffers, prev_directions, rates, new_rates
+    ):
+        p_r, g_r = as_real_list([p, g])
+        d = g_r + weight_decay * p_r if weight_decay != 0 else g_r
+        new_buf = None
+        if momentum != 0:
+            buf_r = None if buf is None else as_real_list([buf])[0]
+            new_buf = d if buf_r is None else buf_r * momentum + (1 - dampening) * d
+            d = d + momentum * new_buf if nesterov else new_buf
+        p_new = p_r - (lr * broadcast_rate(new_rate, p)) * d
+        out.params.append(from_real(select(finite, p_new, p_r), p))
+        if new_buf is not None:
+            old_buf = as_real_list([buf])[0] if buf is not None else torch.zeros_like(new_buf)
+            out.momentum_buffers.append(from_real(select(finite, new_buf, old_buf), p))
+        else:
+            out.momentum_buffers.append(None)
+        if keep_direction:
+            old = as_real_list([old_dir])[0] if old_dir is not None else torch.zeros_like(d)
+            out.prev_directions.append(from_real(select(finite, d, old), p))
+        else:
+            out.prev_directions.append(None)
+        out.rates.append(select(finite, new_rate, rate))
+    return out
+
+
+def _single_tensor_sgd_hd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    prev_directions: list[Tensor | None],
+    rates: list[Tensor],
+    **hyper,
+) -> SGDHDState:
+    new = sgd_hd_step(params, grads, momentum_buffers, prev_directions, rates, **hyper)
+    write_back(SGDHDState(params, momentum_buffers, prev_directions, rates), new)
+    # Buffers created by this step may alias a gradient in the pure result: store copies.
+    bufs = [b if b is not None else (n.clone() if n is not None else None)
+            for b, n in zip(momentum_buffers, new.momentum_buffers)]  # fmt: skip
+    dirs = [d if d is not None else (n.clone() if n is not None else None)
+            for d, n in zip(prev_directions, new.prev_directions)]  # fmt: skip
+    return SGDHDState(list(params), bufs, dirs, list(rates))
+
+
+def _multi_tensor_sgd_hd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    prev_directions: list[Tensor | None],
+    rates: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    hypergrad_lr: float | Tensor | Sequence[Tensor],
+    rule: str,
+    granularity: str,
+    lr_bounds: tuple[float, float],
+    maximize: bool = False,
+) -> SGDHDState:
+    """In-place ``foreach`` twin of :func:`sgd_hd_step`.
+
+    Returns the (possibly newly created) buffers so the caller can store them in its state.
+    """
+    if not params:
+        return SGDHDState([], [], [], [])
+    grads = torch._foreach_neg(grads) if maximize else list(grads)
+    prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
+    dots, g_norms, d_norms = inner_products(grads, prev, granularity, rule == "normalized")
+    del prev
+    finite = all_finite(dots)
+    new_rates = update_rates(
+        rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
+        granularity=granularity, lr_bounds=lr_bounds,
+    )  # fmt: skip
+    torch._foreach_copy_(rates, new_rates)
+    keep = finite.to(torch.float64)
+    p_r = as_real_list(params)
+    d_r = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in as_real_list(grads)]
+    if weight_decay != 0:
+        torch._foreach_add_(d_r, p_r, alpha=weight_decay)
+    bufs = list(momentum_buffers)
+    if momentum != 0:
+        for i, buf in enumerate(bufs):
+            if buf is None:  # first step: b_1 = g_1, as torch.optim.SGD (zero if skipped)
+                bufs[i] = from_real(d_r[i] * keep.to(d_r[i].dtype), params[i])
+                continue
+            b = as_real_list([buf])[0]
+            # b ← b (1 - keep + keep μ) + keep (1 - τ) d: unchanged when the step is skipped.
+            b.mul_((1 - keep + keep * momentum).to(b.dtype))
+            b.add_(d_r[i] * (keep * (1 - dampening)).to(b.dtype))
+        b_r = as_real_list(bufs)
+        if nesterov:
+            torch._foreach_add_(d_r, b_r, alpha=momentum)
+        else:
+            d_r = b_r
+    dirs = list(prev_directions)
+    if stores_prev_direction(momentum, nesterov):
+        for i, d in enumerate(d_r):
+            if dirs[i] is None:
+                dirs[i] = torch.zeros_like(params[i])
+            old = as_real_list([dirs[i]])[0]
+            old.copy_(torch.where(finite, d, old))
+    neg_step = [
+        (broadcast_rate(r, p) * (-lr * keep).to(r.dtype)).to(d.dtype)
+        for r, p, d in zip(rates, params, d_r)
+    ]
+    torch._foreach_addcmul_(p_r, d_r, neg_step)
+    return SGDHDState(list(params), bufs, dirs, list(rates))
+
+
+def sgd_hd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    prev_directions: list[Tensor | None],
+    rates: list[Tensor],
+    *,
+    foreach: bool | None = None,
+    differentiable: bool = False,
+    **hyper,
+) -> SGDHDState:
+    """In-place SGD-HD step over lists of tensors; see :class:`metalr.SGDHD` for the arguments.
+
+    Returns the state after the step; buffers created on the first step are new tensors there,
+    so the caller stores them (as ``torch.optim.sgd.sgd`` does with ``momentum_buffer_list``).
+    """
+    if foreach is None:
+        foreach = default_foreach(params, differentiable)
+    if foreach and differentiable:
+        raise RuntimeError("foreach=True does not support differentiable=True")
+    fn = _multi_tensor_sgd_hd if foreach else _single_tensor_sgd_hd
+    return fn(params, grads, momentum_buffers, prev_directions, rates, **hyper)

@@ -1,0 +1,105 @@
+"""Plumbing shared by metalr's optimizers: rate state, effective rates, checkpoint casting."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from metalr.functional._hypergrad import clamp_rates, initial_rate, rate_dtype
+
+#: Key of the learned multiplier in ``optimizer.state[p]``.
+RATE_KEY = "lr_multiplier"
+
+#: Defaults for flags added after the first release; ``__setstate__`` fills them into old groups.
+HYPER_DEFAULTS: dict[str, Any] = {
+    "granularity": "tensor",
+    "rule": "normalized",
+    "lr_bounds": (0.0, float("inf")),
+    "maximize": False,
+    "foreach": None,
+    "differentiable": False,
+}
+
+
+class HypergradOptimizer(Optimizer):
+    """Base class: keeps one learned multiplier per group, tensor or element in ``state[p]``.
+
+    The effective rate of a parameter is ``group['lr'] * state[p]['lr_multiplier']``, so torch's
+    LR schedulers (which write ``group['lr']``) compose with the adaptation instead of erasing it.
+    """
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in HYPER_DEFAULTS.items():
+                group.setdefault(key, value)
+
+    def _rate(self, param: Tensor, group: dict[str, Any]) -> Tensor:
+        """The multiplier of ``param``, created at 1.0 on first use (lazy state initialization)."""
+        state = self.state[param]
+        if RATE_KEY not in state:
+            state[RATE_KEY] = initial_rate(param, group["granularity"])
+        return state[RATE_KEY]
+
+    def _group_rates(self, group: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
+        return [(p, self._rate(p, group)) for p in group["params"]]
+
+    @torch.no_grad()
+    def effective_lrs(self) -> dict[Tensor, Tensor]:
+        """Per-parameter effective rates ``lr · m`` (a 0-d tensor, or one per element).
+
+        Rates are clamped to ``lr_bounds`` exactly as the next step would use them. Keys are the
+        parameter tensors, as in ``optimizer.state``.
+        """
+        rates: dict[Tensor, Tensor] = {}
+        for group in self.param_groups:
+            for p, rate in self._group_rates(group):
+                rate = clamp_rates(rate, group["lr"], group["lr_bounds"])
+                rates[p] = rate * group["lr"]
+        return rates
+
+    @torch.no_grad()
+    def lr_summary(self) -> list[dict[str, float]]:
+        """Min, mean and max effective rate of each param group, as Python floats (for loggers).
+
+        This reads values back to the host, so call it when logging, not inside the step.
+        """
+        summaries = []
+        eff = self.effective_lrs()
+        for group in self.param_groups:
+            values = [eff[p].reshape(-1).double().cpu() for p in group["params"]]
+            flat = torch.cat(values) if values else torch.zeros(1, dtype=torch.float64)
+            summaries.append(
+                {"min": flat.min().item(), "mean": flat.mean().item(), "max": flat.max().item()}
+            )
+        return summaries
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load as torch does, then cast rates to the rate dtype and device of their parameter.
+
+        torch casts every floating state to the parameter's dtype; rates of fp16/bf16 parameters
+        are kept in float32 instead (see :func:`metalr.functional._hypergrad.rate_dtype`), and
+        ``step`` counters live on the parameter's device so no step syncs with the host.
+        """
+        saved = {
+            pid: {k: v for k, v in s.items() if k in (RATE_KEY, "step")}
+            for pid, s in state_dict["state"].items()
+        }
+        super().load_state_dict(state_dict)
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        for pid, p in zip(saved_ids, params):
+            for key, value in saved.get(pid, {}).items():
+                if not isinstance(value, Tensor):
+                    continue
+                dtype = torch.float32 if key == "step" else rate_dtype(p)
+                self.state[p][key] = value.to(device=p.device, dtype=dtype).clone()
+
+
+def check_sparse(param: Tensor, name: str) -> None:
+    if param.grad is not None and param.grad.is_sparse:
+        raise RuntimeError(f"{name} does not support sparse gradients")

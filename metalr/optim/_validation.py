@@ -1,0 +1,76 @@
+"""Argument checks shared by metalr's optimizers, worded like torch.optim's."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from metalr.functional._hypergrad import DEFAULT_NORMALIZED_HYPERGRAD_LR, GRANULARITIES, RULES
+
+
+def check_lr(lr: Any) -> None:
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid learning rate: {lr}")
+
+
+def check_nonnegative(name: str, value: float) -> None:
+    if not 0.0 <= value:
+        raise ValueError(f"Invalid {name} value: {value}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"Invalid {name}: {value!r}; expected one of {allowed}")
+
+
+def resolve_hypergrad_lr(hypergrad_lr: float | None, rule: str, additive_default: float | None) -> float:
+    """The rule's default when ``None``; otherwise a finite number >= 0."""
+    if hypergrad_lr is None:
+        if rule == "normalized":
+            return DEFAULT_NORMALIZED_HYPERGRAD_LR
+        if additive_default is None:
+            raise ValueError(
+                "Invalid hypergrad_lr value: None; rule='additive' needs an explicit "
+                "hypergrad_lr >= 0 here (its scale depends on the wrapped optimizer)"
+            )
+        return additive_default
+    if isinstance(hypergrad_lr, bool) or not isinstance(hypergrad_lr, (int, float)):
+        raise ValueError(f"Invalid hypergrad_lr value: {hypergrad_lr!r}; expected a number >= 0")
+    if not (0.0 <= hypergrad_lr < math.inf):
+        raise ValueError(f"Invalid hypergrad_lr value: {hypergrad_lr}; expected a finite number >= 0")
+    return float(hypergrad_lr)
+
+
+def check_lr_bounds(lr_bounds: Any) -> tuple[float, float]:
+    try:
+        lo, hi = (float(b) for b in lr_bounds)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"Invalid lr_bounds: {lr_bounds!r}; expected (min, max) with 0 <= min <= max"
+        ) from None
+    if not (0.0 <= lo <= hi):
+        raise ValueError(f"Invalid lr_bounds: {lr_bounds!r}; expected (min, max) with 0 <= min <= max")
+    return lo, hi
+
+
+def check_hyper_options(
+    hypergrad_lr: float | None,
+    granularity: str,
+    rule: str,
+    lr_bounds: Any,
+    additive_default: float | None,
+) -> dict[str, Any]:
+    """Validate the hypergradient options and return them with defaults resolved."""
+    check_choice("granularity", granularity, GRANULARITIES)
+    check_choice("rule", rule, RULES)
+    return {
+        "hypergrad_lr": resolve_hypergrad_lr(hypergrad_lr, rule, additive_default),
+        "granularity": granularity,
+        "rule": rule,
+        "lr_bounds": check_lr_bounds(lr_bounds),
+    }

@@ -1,0 +1,181 @@
+"""``AdamHD`` / ``AdamWHD``: drop-in ``torch.optim.Adam`` / ``AdamW`` that adapt their own rates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
+
+from metalr.functional.adam_hd import adam_hd
+from metalr.optim import _validation as check
+from metalr.optim._base import HypergradOptimizer, check_sparse
+
+#: Baydin et al. (2018) use β = 1e-7 for Adam-HD with the additive rule.
+ADDITIVE_DEFAULT_HYPERGRAD_LR = 1e-7
+
+
+class AdamHD(HypergradOptimizer):
+    r"""Adam whose learning rates adapt online by hypergradient descent (Adam-HD).
+
+    The update (see :mod:`metalr.functional.adam_hd` for the full derivation)::
+
+        m  ← rule(m, ⟨g_t, m̂_{t-1}/(√v̂_{t-1}+ε)⟩)          # learned multiplier(s)
+        θ_t = θ_{t-1} - lr_t · m · m̂_t / (√v̂_t + ε)
+
+    ``rule="normalized"`` (default) updates ``log m`` by ``hypergrad_lr`` times the cosine between
+    the gradient and the previous Adam direction: scale-free, always positive, the same default
+    works across model sizes. ``rule="additive"`` is the paper's ``α ← α + β⟨g, d⟩``.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: scheduled learning rate; the effective rate is ``lr × multiplier`` (default: 1e-3).
+        betas: coefficients of the running averages of the gradient and its square
+            (default: (0.9, 0.999)).
+        eps: term added to the denominator (default: 1e-8).
+        weight_decay: L2 penalty added to the gradient, or decoupled decay for AdamW
+            (default: 0).
+        hypergrad_lr: β of the rate update; ``None`` picks the rule's default
+            (normalized: 0.02, chosen by ``experiments/choose_hypergrad_lr.py``; additive: 1e-7 as
+            in the paper) (default: None).
+        decoupled_weight_decay: AdamW-style decay ``θ ← θ(1 - lr·λ)``, following the scheduled
+            ``lr`` but not the learned multiplier (default: False).
+        granularity: ``"group"``, ``"tensor"`` or ``"element"``: one rate per param group, per
+            parameter tensor, or per element (Meta-SGD style, one extra buffer). ``"tensor"`` is
+            the default: layers differ in scale, and one rate each needs no extra memory and
+            averages the hypergradient over many elements, so it is far less noisy than
+            per-element rates (default: "tensor").
+        rule: ``"normalized"`` or ``"additive"`` (default: "normalized").
+        lr_bounds: ``(min, max)`` for every effective rate; the multiplier is clamped so that
+            ``lr × m`` stays inside (default: (0, inf)).
+        maximize: maximize the objective instead of minimizing (default: False).
+        foreach: use the multi-tensor implementation; ``None`` picks it unless
+            ``differentiable`` (default: None).
+        differentiable: run the step under autograd so weights and rates stay in the graph
+            (single-tensor path) (default: False).
+
+    Example:
+        >>> model = torch.nn.Linear(10, 1)
+        >>> optimizer = metalr.AdamHD(model.parameters(), lr=1e-3)   # was torch.optim.Adam
+        >>> loss = model(torch.randn(8, 10)).pow(2).mean()
+        >>> loss.backward()
+        >>> optimizer.step()
+        >>> optimizer.lr_summary()   # [{'min': ..., 'mean': ..., 'max': ...}]
+
+    A step whose gradients contain NaN/inf is skipped entirely (weights, moments, step count and
+    rates are left as they were), without reading the flag back to the host.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        hypergrad_lr: float | None = None,
+        *,
+        decoupled_weight_decay: bool = False,
+        granularity: str = "tensor",
+        rule: str = "normalized",
+        lr_bounds: tuple[float, float] = (0.0, float("inf")),
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+    ) -> None:
+        check.check_lr(lr)
+        check.check_nonnegative("epsilon", eps)
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        check.check_nonnegative("weight_decay", weight_decay)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            **check.check_hyper_options(
+                hypergrad_lr, granularity, rule, lr_bounds, ADDITIVE_DEFAULT_HYPERGRAD_LR
+            ),
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("decoupled_weight_decay", False)
+
+    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
+        params, grads, exp_avgs, exp_avg_sqs, rates, steps = [], [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            check_sparse(p, type(self).__name__)
+            state = self.state[p]
+            if "step" not in state:  # Lazy state initialization
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            rates.append(self._rate(p, group))
+            steps.append(state["step"])
+        return params, grads, exp_avgs, exp_avg_sqs, rates, steps
+
+    @_use_grad_for_differentiable
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step (optionally re-evaluating the loss with ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, rates, steps = self._init_group(group)
+            beta1, beta2 = group["betas"]
+            adam_hd(
+                params, grads, exp_avgs, exp_avg_sqs, rates, steps,
+                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                decoupled_weight_decay=group["decoupled_weight_decay"],
+                hypergrad_lr=group["hypergrad_lr"], rule=group["rule"],
+                granularity=group["granularity"], lr_bounds=group["lr_bounds"],
+                maximize=group["maximize"], foreach=group["foreach"],
+                differentiable=group["differentiable"],
+            )  # fmt: skip
+        return loss
+
+
+class AdamWHD(AdamHD):
+    """:class:`AdamHD` with decoupled weight decay (drop-in for ``torch.optim.AdamW``).
+
+    Defaults follow ``torch.optim.AdamW`` (``weight_decay=1e-2``). The decay ``θ ← θ(1 - lr·λ)``
+    follows the scheduled ``lr``, not the learned multiplier.
+
+    Example:
+        >>> optimizer = metalr.AdamWHD(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    """
+
+    def __init__(
+        self,
+        params: ParamsT | Iterable[Any],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        hypergrad_lr: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.pop("decoupled_weight_decay", True) is not True:
+            raise ValueError("AdamWHD always uses decoupled weight decay; use AdamHD otherwise")
+        super().__init__(
+            params, lr, betas, eps, weight_decay, hypergrad_lr,
+            decoupled_weight_decay=True, **kwargs,
+        )  # fmt: skip

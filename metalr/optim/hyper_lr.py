@@ -1,0 +1,169 @@
+"""``HyperLR``: hypergradient rate adaptation around any ``torch.optim.Optimizer``.
+
+Like optax's ``mechanize`` or ``inject_hyperparams``: the wrapped optimizer proposes a
+displacement ``u_t`` with its own rule and scheduled ``lr``; HyperLR applies ``m · u_t`` instead,
+with ``m`` learned online from the hypergradient::
+
+    d_{t-1} = -u_{t-1} / lr_{t-1}                 # the inner step's direction per unit rate
+    m       ← rule(m, ⟨g_t, d_{t-1}⟩)              # metalr.functional._hypergrad, same as SGDHD
+    θ_t     = θ_{t-1} + m · u_t
+
+Around ``torch.optim.SGD`` this is exactly :class:`metalr.SGDHD`; around ``torch.optim.Adam``
+(without weight decay) exactly :class:`metalr.AdamHD`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from metalr.functional._hypergrad import all_finite, inner_products, update_rates
+from metalr.optim import _validation as check
+from metalr.optim._base import HYPER_DEFAULTS, HypergradOptimizer, check_sparse
+
+
+class HyperLR(HypergradOptimizer):
+    """Wrap any optimizer so that a learned multiplier on its update adapts online.
+
+    Args:
+        optimizer: the ``torch.optim.Optimizer`` to wrap (SGD, RMSprop, Adagrad, RAdam, Adamax,
+            NAdam, a third-party optimizer, ...). HyperLR shares its ``param_groups``, so LR
+            schedulers built on either object drive the same ``lr``.
+        hypergrad_lr: β of the rate update; ``None`` is 0.02 for the normalized rule. The
+            additive rule has no default here because its scale depends on the inner optimizer.
+        granularity: ``"group"``, ``"tensor"`` or ``"element"`` (default: "tensor").
+        rule: ``"normalized"`` or ``"additive"`` (default: "normalized").
+        lr_bounds: ``(min, max)`` for every effective rate ``lr × m`` (default: (0, inf)).
+
+    State: per parameter the multiplier and one buffer (the previous direction, also used as
+    the snapshot of the weights during the inner step). ``state_dict()`` holds HyperLR's state
+    and, under ``"wrapped"``, the inner optimizer's.
+
+    A step with non-finite gradients leaves the weights and rates unchanged, and the next
+    hypergradient is zero; the inner optimizer's own state is its business (use ``GradScaler``
+    to skip such steps entirely).
+
+    Example:
+        >>> base = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+        >>> optimizer = metalr.HyperLR(base)
+        >>> scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=100)
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        hypergrad_lr: float | None = None,
+        *,
+        granularity: str = "tensor",
+        rule: str = "normalized",
+        lr_bounds: tuple[float, float] = (0.0, float("inf")),
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
+        if isinstance(optimizer, HypergradOptimizer):
+            raise ValueError(f"{type(optimizer).__name__} already adapts its rates; wrap a plain optimizer")
+        if any("lr" not in g for g in optimizer.param_groups):
+            raise ValueError("HyperLR needs an optimizer whose param groups have an 'lr' entry")
+        self._hyper = check.check_hyper_options(hypergrad_lr, granularity, rule, lr_bounds, None)
+        self.optimizer = optimizer
+        self._wrapping = True
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        super().__init__(params, {**HYPER_DEFAULTS, **self._hyper})
+        self._wrapping = False
+        self._share_groups()
+
+    def _share_groups(self) -> None:
+        self.param_groups = self.optimizer.param_groups
+        for group in self.param_groups:
+            for key, value in {**HYPER_DEFAULTS, **self._hyper}.items():
+                group.setdefault(key, value)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the wrapped optimizer (and so to HyperLR)."""
+        if getattr(self, "_wrapping", False):
+            return  # Optimizer.__init__ builds groups we replace by the wrapped ones
+        self.optimizer.add_param_group(param_group)
+        self._share_groups()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["optimizer"] = self.optimizer
+        state["_hyper"] = self._hyper
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.optimizer = state.pop("optimizer")
+        self._hyper = state.pop("_hyper")
+        super().__setstate__(state)
+        self._wrapping = False
+        self._share_groups()
+
+    def __repr__(self) -> str:
+        return f"HyperLR({self.optimizer!r}, {self._hyper})"
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Adapt the multipliers, let the wrapped optimizer step, then rescale its displacement."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pending = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                check_sparse(p, "HyperLR")
+            if not params:
+                continue
+            rates = [self._rate(p, group) for p in params]
+            buffers = [self._buffer(p) for p in params]
+            grads = [-p.grad if group.get("maximize", False) else p.grad for p in params]
+            dots, g_norms, d_norms = inner_products(
+                grads, buffers, group["granularity"], group["rule"] == "normalized"
+            )
+            finite = all_finite(dots)
+            new_rates = update_rates(
+                rates, dots, g_norms, d_norms, lr=group["lr"], hypergrad_lr=group["hypergrad_lr"],
+                rule=group["rule"], granularity=group["granularity"], lr_bounds=group["lr_bounds"],
+            )  # fmt: skip
+            torch._foreach_copy_(rates, new_rates)
+            torch._foreach_copy_(buffers, params)  # snapshot θ_{t-1}
+            pending.append((group, params, rates, buffers, finite))
+        self.optimizer.step()
+        for group, params, rates, snapshots, finite in pending:
+            displacement = torch._foreach_sub(params, snapshots)  # u_t of the wrapped optimizer
+            for p, rate, snap, u in zip(params, rates, snapshots, displacement):
+                scaled = snap + rate.to(u.dtype) * u if not p.is_complex() else snap + rate * u
+                p.copy_(torch.where(finite, scaled, snap))
+                direction = torch.where(finite, -u * _inverse(group["lr"]), torch.zeros_like(u))
+                snap.copy_(direction)  # the buffer now holds d_t for the next hypergradient
+        return loss
+
+    def _buffer(self, param: Tensor) -> Tensor:
+        state = self.state[param]
+        if "prev_direction" not in state:  # Lazy state initialization
+            state["prev_direction"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        return state["prev_direction"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """HyperLR's own state and param groups, plus the wrapped optimizer's under ``wrapped``."""
+        state_dict = super().state_dict()
+        state_dict["wrapped"] = self.optimizer.state_dict()
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        wrapped = state_dict.pop("wrapped")
+        super().load_state_dict(state_dict)
+        self.optimizer.load_state_dict(wrapped)
+        self._share_groups()
+
+
+def _inverse(lr: float | Tensor) -> float | Tensor:
+    if isinstance(lr, Tensor):
+        return torch.where(lr > 0, 1.0 / lr, 0.0)
+    return 1.0 / lr if lr > 0 else 0.0

@@ -1,0 +1,135 @@
+"""``SGDHD``: drop-in ``torch.optim.SGD`` (momentum, Nesterov) that adapts its own rates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
+
+from metalr.functional.sgd_hd import sgd_hd, stores_prev_direction
+from metalr.optim import _validation as check
+from metalr.optim._base import HypergradOptimizer, check_sparse
+
+#: Baydin et al. (2018) use β = 1e-3 for SGD-HD and SGDN-HD with the additive rule.
+ADDITIVE_DEFAULT_HYPERGRAD_LR = 1e-3
+
+
+class SGDHD(HypergradOptimizer):
+    r"""SGD (optionally with momentum or Nesterov) with hypergradient-adapted rates (SGD-HD).
+
+    The update (see :mod:`metalr.functional.sgd_hd`)::
+
+        m   ← rule(m, ⟨g_t, d_{t-1}⟩)           # learned multiplier(s)
+        d_t = g_t | b_t | g_t + μ b_t           # plain / momentum / Nesterov, b as torch.optim.SGD
+        θ_t = θ_{t-1} - lr_t · m · d_t
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: scheduled learning rate; the effective rate is ``lr × multiplier`` (default: 1e-3).
+        momentum: momentum factor (default: 0).
+        dampening: dampening for momentum (default: 0).
+        weight_decay: L2 penalty added to the gradient (default: 0).
+        nesterov: Nesterov momentum (default: False).
+        hypergrad_lr: β of the rate update; ``None`` picks the rule's default
+            (normalized: 0.02; additive: 1e-3 as in the paper) (default: None).
+        granularity: ``"group"``, ``"tensor"`` or ``"element"`` (default: "tensor"; see
+            :class:`metalr.AdamHD` for why).
+        rule: ``"normalized"`` (scale-free, positive) or ``"additive"`` (the paper's)
+            (default: "normalized").
+        lr_bounds: ``(min, max)`` for every effective rate (default: (0, inf)).
+        maximize: maximize the objective instead of minimizing (default: False).
+        foreach: use the multi-tensor implementation (default: None, i.e. unless differentiable).
+        differentiable: keep weights and rates in the autograd graph (default: False).
+
+    State: ``momentum_buffer`` as torch.optim.SGD when ``momentum > 0``; plain SGD and Nesterov
+    also keep the previous direction (``prev_direction``) because the hypergradient needs it.
+
+    Example:
+        >>> optimizer = metalr.SGDHD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100)
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        hypergrad_lr: float | None = None,
+        *,
+        granularity: str = "tensor",
+        rule: str = "normalized",
+        lr_bounds: tuple[float, float] = (0.0, float("inf")),
+        maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+    ) -> None:
+        check.check_lr(lr)
+        check.check_nonnegative("momentum", momentum)
+        check.check_nonnegative("weight_decay", weight_decay)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+            foreach=foreach,
+            differentiable=differentiable,
+            **check.check_hyper_options(
+                hypergrad_lr, granularity, rule, lr_bounds, ADDITIVE_DEFAULT_HYPERGRAD_LR
+            ),
+        )
+        super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+
+    def _init_group(self, group: dict[str, Any]) -> tuple[list[Any], ...]:
+        params, grads, bufs, dirs, rates = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            check_sparse(p, type(self).__name__)
+            state = self.state[p]
+            params.append(p)
+            grads.append(p.grad)
+            bufs.append(state.get("momentum_buffer"))
+            dirs.append(state.get("prev_direction"))
+            rates.append(self._rate(p, group))
+        return params, grads, bufs, dirs, rates
+
+    @_use_grad_for_differentiable
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step (optionally re-evaluating the loss with ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, bufs, dirs, rates = self._init_group(group)
+            new = sgd_hd(
+                params, grads, bufs, dirs, rates,
+                lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+                hypergrad_lr=group["hypergrad_lr"], rule=group["rule"],
+                granularity=group["granularity"], lr_bounds=group["lr_bounds"],
+                maximize=group["maximize"], foreach=group["foreach"],
+                differentiable=group["differentiable"],
+            )  # fmt: skip
+            keep_dir = stores_prev_direction(group["momentum"], group["nesterov"])
+            for p, buf, d in zip(params, new.momentum_buffers, new.prev_directions):
+                if group["momentum"] != 0:
+                    self.state[p]["momentum_buffer"] = buf
+                if keep_dir:
+                    self.state[p]["prev_direction"] = d
+        return loss
