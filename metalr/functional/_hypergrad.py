@@ -89,14 +89,20 @@ def inner_products(
             prod = (gr * dr).to(acc)
             dots.append(prod.sum(-1) if g.is_complex() else prod)
             continue
-        if not g.is_complex() and g.dtype == acc and d.dtype == acc:
-            dots.append(torch.dot(gr.reshape(-1), dr.reshape(-1)))  # fused multiply-add, no temp
+        if not g.is_complex() and g.dtype == acc and d.dtype == acc and not _compiling():
+            # Eager: BLAS dot, no temporary. Compiled: a plain sum of products, which inductor
+            # fuses with the computation of d instead of materializing d for an extern call.
+            dots.append(torch.dot(gr.reshape(-1), dr.reshape(-1)))
         else:
             dots.append(torch.sum(gr * dr, dtype=acc))
         if g_norms is not None and d_norms is not None:
             g_norms.append(torch.linalg.vector_norm(gr, dtype=acc))
             d_norms.append(torch.linalg.vector_norm(dr, dtype=acc))
     return dots, g_norms, d_norms
+
+
+def _compiling() -> bool:
+    return not torch.jit.is_scripting() and torch.compiler.is_compiling()
 
 
 def all_finite(dots: Sequence[Tensor]) -> Tensor:

@@ -40,6 +40,7 @@ from metalr.functional._common import (
     select,
     write_back,
 )
+from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
 from metalr.functional._hypergrad import all_finite, inner_products, update_rates
 
 
@@ -242,6 +243,7 @@ def adam_hd(
     steps: list[Tensor],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
     differentiable: bool = False,
     **hyper,
 ) -> None:
@@ -251,6 +253,12 @@ def adam_hd(
     every tensor is a plain tensor on a supported device; ``differentiable=True`` always takes
     the single-tensor path so rates and weights stay in the autograd graph.
     """
+    if fused:
+        if differentiable or foreach:
+            raise RuntimeError("fused=True does not support differentiable=True or foreach=True")
+        hyper["lr"] = as_lr_tensor(hyper["lr"], rates)  # a changing float would recompile
+        check_fused_supported(params, "AdamHD")
+        return compiled(_single_tensor_adam_hd)(params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper)
     if foreach is None:
         foreach = default_foreach(params, differentiable)
     if foreach and differentiable:

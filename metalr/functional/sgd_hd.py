@@ -35,6 +35,7 @@ from metalr.functional._common import (
     select,
     write_back,
 )
+from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
 from metalr.functional._hypergrad import all_finite, inner_products, update_rates
 
 
@@ -225,6 +226,7 @@ def sgd_hd(
     rates: list[Tensor],
     *,
     foreach: bool | None = None,
+    fused: bool | None = None,
     differentiable: bool = False,
     **hyper,
 ) -> SGDHDState:
@@ -233,6 +235,12 @@ def sgd_hd(
     Returns the state after the step; buffers created on the first step are new tensors there,
     so the caller stores them (as ``torch.optim.sgd.sgd`` does with ``momentum_buffer_list``).
     """
+    if fused:
+        if differentiable or foreach:
+            raise RuntimeError("fused=True does not support differentiable=True or foreach=True")
+        hyper["lr"] = as_lr_tensor(hyper["lr"], rates)  # a changing float would recompile
+        check_fused_supported(params, "SGDHD")
+        return compiled(_single_tensor_sgd_hd)(params, grads, momentum_buffers, prev_directions, rates, **hyper)
     if foreach is None:
         foreach = default_foreach(params, differentiable)
     if foreach and differentiable:

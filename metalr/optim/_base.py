@@ -21,6 +21,7 @@ HYPER_DEFAULTS: dict[str, Any] = {
     "lr_bounds": (0.0, float("inf")),
     "maximize": False,
     "foreach": None,
+    "fused": None,
     "differentiable": False,
 }
 

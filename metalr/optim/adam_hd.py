@@ -53,6 +53,8 @@ class AdamHD(HypergradOptimizer):
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor implementation; ``None`` picks it unless
             ``differentiable`` (default: None).
+        fused: run the step as one ``torch.compile``'d graph (two fused loops per tensor); the
+            first step compiles (tens of seconds on CPU) (default: None, i.e. off).
         differentiable: run the step under autograd so weights and rates stay in the graph
             (single-tensor path) (default: False).
 
@@ -83,6 +85,7 @@ class AdamHD(HypergradOptimizer):
         lr_bounds: tuple[float, float] = (0.0, float("inf")),
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
         differentiable: bool = False,
     ) -> None:
         check.check_lr(lr)
@@ -99,6 +102,7 @@ class AdamHD(HypergradOptimizer):
             decoupled_weight_decay=decoupled_weight_decay,
             maximize=maximize,
             foreach=foreach,
+            fused=fused,
             differentiable=differentiable,
             **check.check_hyper_options(
                 hypergrad_lr, granularity, rule, lr_bounds, ADDITIVE_DEFAULT_HYPERGRAD_LR
@@ -111,8 +115,18 @@ class AdamHD(HypergradOptimizer):
         for group in self.param_groups:
             group.setdefault("decoupled_weight_decay", False)
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], ...]:
-        params, grads, exp_avgs, exp_avg_sqs, rates, steps = [], [], [], [], [], []
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        rates: list[Tensor],
+        steps: list[Tensor],
+    ) -> bool:
+        """Fill the lists in place (torch's convention, which torch.compile special-cases)."""
+        has_complex = False
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -128,7 +142,8 @@ class AdamHD(HypergradOptimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             rates.append(self._rate(p, group))
             steps.append(state["step"])
-        return params, grads, exp_avgs, exp_avg_sqs, rates, steps
+            has_complex |= p.is_complex()
+        return has_complex
 
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -138,7 +153,13 @@ class AdamHD(HypergradOptimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, exp_avgs, exp_avg_sqs, rates, steps = self._init_group(group)
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            exp_avg_sqs: list[Tensor] = []
+            rates: list[Tensor] = []
+            steps: list[Tensor] = []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, rates, steps)
             beta1, beta2 = group["betas"]
             adam_hd(
                 params, grads, exp_avgs, exp_avg_sqs, rates, steps,
@@ -147,7 +168,7 @@ class AdamHD(HypergradOptimizer):
                 decoupled_weight_decay=group["decoupled_weight_decay"],
                 hypergrad_lr=group["hypergrad_lr"], rule=group["rule"],
                 granularity=group["granularity"], lr_bounds=group["lr_bounds"],
-                maximize=group["maximize"], foreach=group["foreach"],
+                maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
                 differentiable=group["differentiable"],
             )  # fmt: skip
         return loss

@@ -42,6 +42,8 @@ class SGDHD(HypergradOptimizer):
         lr_bounds: ``(min, max)`` for every effective rate (default: (0, inf)).
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor implementation (default: None, i.e. unless differentiable).
+        fused: run the step as one ``torch.compile``'d graph; the first step compiles
+            (default: None, i.e. off).
         differentiable: keep weights and rates in the autograd graph (default: False).
 
     State: ``momentum_buffer`` as torch.optim.SGD when ``momentum > 0``; plain SGD and Nesterov
@@ -67,6 +69,7 @@ class SGDHD(HypergradOptimizer):
         lr_bounds: tuple[float, float] = (0.0, float("inf")),
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
         differentiable: bool = False,
     ) -> None:
         check.check_lr(lr)
@@ -82,6 +85,7 @@ class SGDHD(HypergradOptimizer):
             nesterov=nesterov,
             maximize=maximize,
             foreach=foreach,
+            fused=fused,
             differentiable=differentiable,
             **check.check_hyper_options(
                 hypergrad_lr, granularity, rule, lr_bounds, ADDITIVE_DEFAULT_HYPERGRAD_LR
@@ -94,8 +98,17 @@ class SGDHD(HypergradOptimizer):
         for group in self.param_groups:
             group.setdefault("nesterov", False)
 
-    def _init_group(self, group: dict[str, Any]) -> tuple[list[Any], ...]:
-        params, grads, bufs, dirs, rates = [], [], [], [], []
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        bufs: list[Tensor | None],
+        dirs: list[Tensor | None],
+        rates: list[Tensor],
+    ) -> bool:
+        """Fill the lists in place (torch's convention, which torch.compile special-cases)."""
+        has_complex = False
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -106,7 +119,8 @@ class SGDHD(HypergradOptimizer):
             bufs.append(state.get("momentum_buffer"))
             dirs.append(state.get("prev_direction"))
             rates.append(self._rate(p, group))
-        return params, grads, bufs, dirs, rates
+            has_complex |= p.is_complex()
+        return has_complex
 
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -116,14 +130,19 @@ class SGDHD(HypergradOptimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, bufs, dirs, rates = self._init_group(group)
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            bufs: list[Tensor | None] = []
+            dirs: list[Tensor | None] = []
+            rates: list[Tensor] = []
+            self._init_group(group, params, grads, bufs, dirs, rates)
             new = sgd_hd(
                 params, grads, bufs, dirs, rates,
                 lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
                 weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                 hypergrad_lr=group["hypergrad_lr"], rule=group["rule"],
                 granularity=group["granularity"], lr_bounds=group["lr_bounds"],
-                maximize=group["maximize"], foreach=group["foreach"],
+                maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
                 differentiable=group["differentiable"],
             )  # fmt: skip
             keep_dir = stores_prev_direction(group["momentum"], group["nesterov"])
