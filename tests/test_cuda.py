@@ -1,0 +1,81 @@
+"""CUDA: same numbers as CPU float64, no host synchronisation inside step(). Runs only with a GPU."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import metalr
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+MAKERS = {
+    "AdamHD-tensor": lambda p, **kw: metalr.AdamHD(p, lr=1e-2, **kw),
+    "AdamWHD-element": lambda p, **kw: metalr.AdamWHD(p, lr=1e-2, granularity="element", **kw),
+    "SGDHD-nesterov-group": lambda p, **kw: metalr.SGDHD(
+        p, lr=1e-2, momentum=0.9, nesterov=True, granularity="group", **kw
+    ),
+    "HyperLR-Adam": lambda p, **kw: metalr.HyperLR(torch.optim.Adam(p, lr=1e-2, **kw)),
+}
+
+
+def _run(model, optimizer, x, y, steps=20):
+    for _ in range(steps):
+        optimizer.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("foreach", [False, True])
+def test_cuda_matches_cpu_float64(name, foreach):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 2))
+    model = model.double()
+    gpu_model = copy.deepcopy(model).cuda()
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
+    kw = {} if name.startswith("HyperLR") else {"foreach": foreach}
+    cpu_opt, gpu_opt = MAKERS[name](model.parameters(), **kw), MAKERS[name](gpu_model.parameters(), **kw)
+    _run(model, cpu_opt, x, y)
+    _run(gpu_model, gpu_opt, x.cuda(), y.cuda())
+    for p, q in zip(model.parameters(), gpu_model.parameters()):
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-9, atol=1e-12)
+    cpu_eff, gpu_eff = cpu_opt.effective_lrs(), gpu_opt.effective_lrs()
+    for p, q in zip(model.parameters(), gpu_model.parameters()):
+        assert gpu_eff[q].device.type == "cuda"
+        torch.testing.assert_close(gpu_eff[q].cpu(), cpu_eff[p], rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["AdamHD-tensor", "AdamWHD-element", "SGDHD-nesterov-group"])
+def test_cuda_step_never_synchronises_with_the_host(name):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4).cuda()
+    opt = MAKERS[name](model.parameters(), foreach=True)
+    x = torch.randn(8, 16, device="cuda")
+    for i in range(3):  # the first step creates state; later steps must stay on the device
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        if i > 0:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+def test_cuda_fused_matches_eager():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(16, 4).cuda()
+    eager_model = copy.deepcopy(model)
+    fused = metalr.AdamHD(model.parameters(), lr=1e-2, fused=True)
+    eager = metalr.AdamHD(eager_model.parameters(), lr=1e-2)
+    x = torch.randn(8, 16, device="cuda")
+    for m, o in ((model, fused), (eager_model, eager)):
+        _run(m, o, x, torch.zeros(8, 4, device="cuda"))
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
