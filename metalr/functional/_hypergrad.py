@@ -105,8 +105,14 @@ def _compiling() -> bool:
     return not torch.jit.is_scripting() and torch.compiler.is_compiling()
 
 
-def all_finite(dots: Sequence[Tensor]) -> Tensor:
-    """0-d bool: every inner product is finite (a NaN/inf anywhere in a gradient makes one NaN)."""
+def all_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """0-d bool: every entry of every tensor is finite.
+
+    Applied to the per-tensor inner products it costs nothing extra (a NaN/inf anywhere in a
+    gradient makes its inner product NaN); at element granularity the rules apply it to the
+    gradients themselves, so a compiled step can fuse the rest into one elementwise loop.
+    """
+    dots = tensors
     if not dots:
         return torch.tensor(True)
     device = dots[0].device

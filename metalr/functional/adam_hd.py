@@ -87,6 +87,7 @@ def adam_hd_step(
     granularity: str,
     lr_bounds: tuple[float, float],
     maximize: bool = False,
+    grads_finite: Tensor | None = None,
 ) -> AdamHDState:
     """One Adam-HD step as a pure function: returns new tensors, mutates nothing.
 
@@ -113,7 +114,9 @@ def adam_hd_step(
     dots, g_norms, d_norms = inner_products(
         grads, prev_dirs, granularity, with_norms=rule == "normalized"
     )
-    finite = all_finite(dots)
+    finite = all_finite(dots if granularity != "element" else grads)
+    if grads_finite is not None:  # the whole step's flag, across param groups
+        finite = finite & grads_finite.to(finite.device)
     new_rates = update_rates(
         rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
         granularity=granularity, lr_bounds=lr_bounds,
@@ -171,6 +174,7 @@ def _multi_tensor_adam_hd(
     granularity: str,
     lr_bounds: tuple[float, float],
     maximize: bool = False,
+    grads_finite: Tensor | None = None,
 ) -> None:
     """In-place ``foreach`` twin of :func:`adam_hd_step` (same math, fewer kernel launches)."""
     if not params:
@@ -190,12 +194,14 @@ def _multi_tensor_adam_hd(
     # 2. hypergradient → new multipliers (shared math), and the all-finite flag.
     dots, g_norms, d_norms = inner_products(grads, prev_dirs, granularity, rule == "normalized")
     del prev_dirs
-    finite = all_finite(dots)
+    finite = all_finite(dots if granularity != "element" else grads)
+    if grads_finite is not None:  # the whole step's flag, across param groups
+        finite = finite & grads_finite.to(finite.device)
     new_rates = update_rates(
         rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
         granularity=granularity, lr_bounds=lr_bounds,
     )  # fmt: skip
-    torch._foreach_copy_(rates, new_rates)
+    torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
     # 3. Adam moments; a non-finite step leaves everything as it was (keep = 0).
     keep = finite.to(torch.float64)
     g_safe = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in g_r]

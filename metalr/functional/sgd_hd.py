@@ -81,6 +81,7 @@ def sgd_hd_step(
     granularity: str,
     lr_bounds: tuple[float, float],
     maximize: bool = False,
+    grads_finite: Tensor | None = None,
 ) -> SGDHDState:
     """One SGD-HD step as a pure function: returns new tensors, mutates nothing.
 
@@ -98,7 +99,9 @@ def sgd_hd_step(
     grads = negate_if(grads, maximize)
     prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
     dots, g_norms, d_norms = inner_products(grads, prev, granularity, rule == "normalized")
-    finite = all_finite(dots)
+    finite = all_finite(dots if granularity != "element" else grads)
+    if grads_finite is not None:  # the whole step's flag, across param groups
+        finite = finite & grads_finite.to(finite.device)
     new_rates = update_rates(
         rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
         granularity=granularity, lr_bounds=lr_bounds,
@@ -166,6 +169,7 @@ def _multi_tensor_sgd_hd(
     granularity: str,
     lr_bounds: tuple[float, float],
     maximize: bool = False,
+    grads_finite: Tensor | None = None,
 ) -> SGDHDState:
     """In-place ``foreach`` twin of :func:`sgd_hd_step`.
 
@@ -177,12 +181,14 @@ def _multi_tensor_sgd_hd(
     prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
     dots, g_norms, d_norms = inner_products(grads, prev, granularity, rule == "normalized")
     del prev
-    finite = all_finite(dots)
+    finite = all_finite(dots if granularity != "element" else grads)
+    if grads_finite is not None:  # the whole step's flag, across param groups
+        finite = finite & grads_finite.to(finite.device)
     new_rates = update_rates(
         rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
         granularity=granularity, lr_bounds=lr_bounds,
     )  # fmt: skip
-    torch._foreach_copy_(rates, new_rates)
+    torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
     keep = finite.to(torch.float64)
     p_r = as_real_list(params)
     d_r = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in as_real_list(grads)]

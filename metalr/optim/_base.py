@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metalr.functional._hypergrad import clamp_rates, initial_rate, rate_dtype
+from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
 
 #: Key of the learned multiplier in ``optimizer.state[p]``.
 RATE_KEY = "lr_multiplier"
@@ -47,7 +47,24 @@ class HypergradOptimizer(Optimizer):
         return state[RATE_KEY]
 
     def _group_rates(self, group: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
-        return [(p, self._rate(p, group)) for p in group["params"]]
+        """(param, multiplier) pairs; parameters not stepped yet read 1.0 without creating state."""
+        pairs = []
+        for p in group["params"]:
+            rate = self.state[p].get(RATE_KEY) if p in self.state else None
+            pairs.append((p, rate if rate is not None else initial_rate(p, group["granularity"])))
+        return pairs
+
+    def _grads_finite(self) -> Tensor | None:
+        """With several param groups, one all-finite flag over every gradient of the step.
+
+        A NaN/inf anywhere skips the whole step (as ``GradScaler`` does), not just its group.
+        ``None`` for a single group, whose rule computes the flag for free from its inner products.
+        """
+        groups = [g for g in self.param_groups if any(p.grad is not None for p in g["params"])]
+        if len(groups) < 2:
+            return None
+        grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+        return all_finite(grads)
 
     @torch.no_grad()
     def effective_lrs(self) -> dict[Tensor, Tensor]:

@@ -152,6 +152,7 @@ class AdamHD(HypergradOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grads_finite = self._grads_finite()
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -169,7 +170,7 @@ class AdamHD(HypergradOptimizer):
                 hypergrad_lr=group["hypergrad_lr"], rule=group["rule"],
                 granularity=group["granularity"], lr_bounds=group["lr_bounds"],
                 maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
-                differentiable=group["differentiable"],
+                differentiable=group["differentiable"], grads_finite=grads_finite,
             )  # fmt: skip
         return loss
 

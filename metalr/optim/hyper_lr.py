@@ -72,7 +72,8 @@ class HyperLR(HypergradOptimizer):
         self.optimizer = optimizer
         self._wrapping = True
         params = [p for g in optimizer.param_groups for p in g["params"]]
-        super().__init__(params, {**HYPER_DEFAULTS, **self._hyper})
+        # The wrapped defaults (momentum, betas, ...) let schedulers like OneCycleLR cycle them.
+        super().__init__(params, {**HYPER_DEFAULTS, **optimizer.defaults, **self._hyper})
         self._wrapping = False
         self._share_groups()
 
@@ -96,8 +97,9 @@ class HyperLR(HypergradOptimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.optimizer = state.pop("optimizer")
-        self._hyper = state.pop("_hyper")
+        if "optimizer" in state:  # unpickling; load_state_dict passes only state and groups
+            self.optimizer = state.pop("optimizer")
+            self._hyper = state.pop("_hyper")
         super().__setstate__(state)
         self._wrapping = False
         self._share_groups()
@@ -113,6 +115,7 @@ class HyperLR(HypergradOptimizer):
             with torch.enable_grad():
                 loss = closure()
         pending = []
+        grads_finite = self._grads_finite()
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
@@ -126,11 +129,13 @@ class HyperLR(HypergradOptimizer):
                 grads, buffers, group["granularity"], group["rule"] == "normalized"
             )
             finite = all_finite(dots)
+            if grads_finite is not None:
+                finite = finite & grads_finite
             new_rates = update_rates(
                 rates, dots, g_norms, d_norms, lr=group["lr"], hypergrad_lr=group["hypergrad_lr"],
                 rule=group["rule"], granularity=group["granularity"], lr_bounds=group["lr_bounds"],
             )  # fmt: skip
-            torch._foreach_copy_(rates, new_rates)
+            torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
             torch._foreach_copy_(buffers, params)  # snapshot θ_{t-1}
             pending.append((group, params, rates, buffers, finite))
         self.optimizer.step()

@@ -129,6 +129,7 @@ class SGDHD(HypergradOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grads_finite = self._grads_finite()
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
@@ -143,7 +144,7 @@ class SGDHD(HypergradOptimizer):
                 hypergrad_lr=group["hypergrad_lr"], rule=group["rule"],
                 granularity=group["granularity"], lr_bounds=group["lr_bounds"],
                 maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
-                differentiable=group["differentiable"],
+                differentiable=group["differentiable"], grads_finite=grads_finite,
             )  # fmt: skip
             keep_dir = stores_prev_direction(group["momentum"], group["nesterov"])
             for p, buf, d in zip(params, new.momentum_buffers, new.prev_directions):
