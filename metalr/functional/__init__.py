@@ -16,8 +16,8 @@ from metalr.functional._hypergrad import (
     rate_dtype,
     update_rates,
 )
-from metalr.functional.adam_hd import AdamHDState, adam_direction, adam_hd, adam_hd_step
-from metalr.functional.sgd_hd import SGDHDState, sgd_hd, sgd_hd_step
+from metalr.functional.adam_rule import AdamHDState, adam_direction, adam_hd, adam_hd_step
+from metalr.functional.sgd_rule import SGDHDState, sgd_hd, sgd_hd_step
 
 __all__ = [
     "AdamHDState",

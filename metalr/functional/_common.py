@@ -54,3 +54,8 @@ def default_foreach(params: Sequence[Tensor], differentiable: bool) -> bool:
     if differentiable or torch.jit.is_scripting():
         return False
     return all(type(p) in (torch.Tensor, torch.nn.Parameter) for p in params)
+
+
+def host_readable(t: Tensor) -> bool:
+    """True when reading ``t`` on the host is free: a CPU tensor outside ``torch.compile``."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()

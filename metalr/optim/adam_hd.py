@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
-from metalr.functional.adam_hd import adam_hd
+from metalr.functional.adam_rule import adam_hd
 from metalr.optim import _validation as check
 from metalr.optim._base import HypergradOptimizer, check_sparse
 
@@ -20,7 +20,7 @@ ADDITIVE_DEFAULT_HYPERGRAD_LR = 1e-7
 class AdamHD(HypergradOptimizer):
     r"""Adam whose learning rates adapt online by hypergradient descent (Adam-HD).
 
-    The update (see :mod:`metalr.functional.adam_hd` for the full derivation)::
+    The update (see :mod:`metalr.functional.adam_rule` for the full derivation)::
 
         m  ← rule(m, ⟨g_t, m̂_{t-1}/(√v̂_{t-1}+ε)⟩)          # learned multiplier(s)
         θ_t = θ_{t-1} - lr_t · m · m̂_t / (√v̂_t + ε)

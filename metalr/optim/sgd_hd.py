@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
-from metalr.functional.sgd_hd import sgd_hd, stores_prev_direction
+from metalr.functional.sgd_rule import sgd_hd, stores_prev_direction
 from metalr.optim import _validation as check
 from metalr.optim._base import HypergradOptimizer, check_sparse
 
@@ -20,7 +20,7 @@ ADDITIVE_DEFAULT_HYPERGRAD_LR = 1e-3
 class SGDHD(HypergradOptimizer):
     r"""SGD (optionally with momentum or Nesterov) with hypergradient-adapted rates (SGD-HD).
 
-    The update (see :mod:`metalr.functional.sgd_hd`)::
+    The update (see :mod:`metalr.functional.sgd_rule`)::
 
         m   ← rule(m, ⟨g_t, d_{t-1}⟩)           # learned multiplier(s)
         d_t = g_t | b_t | g_t + μ b_t           # plain / momentum / Nesterov, b as torch.optim.SGD

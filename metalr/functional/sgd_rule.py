@@ -31,6 +31,7 @@ from metalr.functional._common import (
     broadcast_rate,
     default_foreach,
     from_real,
+    host_readable,
     negate_if,
     select,
     write_back,
@@ -188,25 +189,35 @@ def _multi_tensor_sgd_hd(
         rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
         granularity=granularity, lr_bounds=lr_bounds,
     )  # fmt: skip
-    torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
-    keep = finite.to(torch.float64)
     p_r = as_real_list(params)
-    d_r = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in as_real_list(grads)]
-    if weight_decay != 0:
-        torch._foreach_add_(d_r, p_r, alpha=weight_decay)
+    host = host_readable(rates[0])  # CPU eager: read the flag, run the finite step with scalars
+    if host:
+        if not bool(finite):
+            return SGDHDState(list(params), list(momentum_buffers), list(prev_directions), list(rates))
+        torch._foreach_copy_(rates, new_rates)
+        keep: float | Tensor = 1.0
+        d_r = as_real_list(grads)
+        if weight_decay != 0:
+            d_r = torch._foreach_add(d_r, p_r, alpha=weight_decay)
+    else:
+        torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
+        keep = finite.to(torch.float64)
+        d_r = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in as_real_list(grads)]
+        if weight_decay != 0:
+            torch._foreach_add_(d_r, p_r, alpha=weight_decay)
     bufs = list(momentum_buffers)
     if momentum != 0:
         for i, buf in enumerate(bufs):
             if buf is None:  # first step: b_1 = g_1, as torch.optim.SGD (zero if skipped)
-                bufs[i] = from_real(d_r[i] * keep.to(d_r[i].dtype), params[i])
+                bufs[i] = from_real(d_r[i] * _like(keep, d_r[i]), params[i])
                 continue
             b = as_real_list([buf])[0]
             # b ← b (1 - keep + keep μ) + keep (1 - τ) d: unchanged when the step is skipped.
-            b.mul_((1 - keep + keep * momentum).to(b.dtype))
-            b.add_(d_r[i] * (keep * (1 - dampening)).to(b.dtype))
+            b.mul_(_like(1 - keep + keep * momentum, b))
+            b.add_(d_r[i] * _like(keep * (1 - dampening), b))
         b_r = as_real_list(bufs)
         if nesterov:
-            torch._foreach_add_(d_r, b_r, alpha=momentum)
+            d_r = torch._foreach_add(d_r, b_r, alpha=momentum)
         else:
             d_r = b_r
     dirs = list(prev_directions)
@@ -215,13 +226,17 @@ def _multi_tensor_sgd_hd(
             if dirs[i] is None:
                 dirs[i] = torch.zeros_like(params[i])
             old = as_real_list([dirs[i]])[0]
-            old.copy_(torch.where(finite, d, old))
+            old.copy_(d if host else torch.where(finite, d, old))
     neg_step = [
-        (broadcast_rate(r, p) * (-lr * keep).to(r.dtype)).to(d.dtype)
+        (broadcast_rate(r, p) * _like(-lr * keep, r)).to(d.dtype)
         for r, p, d in zip(rates, params, d_r)
     ]
     torch._foreach_addcmul_(p_r, d_r, neg_step)
     return SGDHDState(list(params), bufs, dirs, list(rates))
+
+
+def _like(value: float | Tensor, t: Tensor) -> float | Tensor:
+    return value.to(t.dtype) if isinstance(value, Tensor) else value
 
 
 def sgd_hd(

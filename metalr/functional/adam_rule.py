@@ -35,6 +35,7 @@ from metalr.functional._common import (
     broadcast_rate,
     default_foreach,
     from_real,
+    host_readable,
     negate_if,
     safe_sqrt,
     select,
@@ -176,21 +177,26 @@ def _multi_tensor_adam_hd(
     maximize: bool = False,
     grads_finite: Tensor | None = None,
 ) -> None:
-    """In-place ``foreach`` twin of :func:`adam_hd_step` (same math, fewer kernel launches)."""
+    """In-place ``foreach`` twin of :func:`adam_hd_step` (same math, fewer kernel launches).
+
+    On the CPU in eager mode the all-finite flag and step counters are read on the host (that
+    costs nothing there), so the common finite step runs with plain scalars; on accelerators and
+    under ``torch.compile`` nothing is read back and a skipped step is folded in as ``keep = 0``.
+    """
     if not params:
         return
     grads = torch._foreach_neg(grads) if maximize else list(grads)
     p_r, g_r, m_r, v_r = (as_real_list(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs))
+    host = host_readable(rates[0])
     # 1. previous direction d_{t-1} = m / (bc1 · (√v / √bc2 + ε)), from state before the update.
-    step_vec = torch.stack([s.to(rates[0].device, torch.float64) for s in steps])
-    prev_bc1, prev_bc2_sqrt = _bias_corrections(step_vec.clamp_min(1), beta1, beta2)
-    denom = torch._foreach_sqrt(v_r)
-    torch._foreach_div_(denom, _scalars(prev_bc2_sqrt, v_r))
-    torch._foreach_add_(denom, eps)
-    torch._foreach_mul_(denom, _scalars(prev_bc1, v_r))
-    prev_dirs = torch._foreach_div(m_r, denom)
-    del denom
-    prev_dirs = [from_real(d, g) for d, g in zip(prev_dirs, grads)]
+    prev_bc1, prev_bc2_sqrt = _bias_corrections(_step_values(steps, host), beta1, beta2, floor=1)
+    scratch = torch._foreach_sqrt(v_r)
+    torch._foreach_div_(scratch, _scalars(prev_bc2_sqrt, v_r, host))
+    torch._foreach_add_(scratch, eps)
+    torch._foreach_mul_(scratch, _scalars(prev_bc1, v_r, host))
+    for m, buf in zip(m_r, scratch):
+        torch.div(m, buf, out=buf)  # d_{t-1}, written over the denominator: no new allocation
+    prev_dirs = [from_real(d, g) for d, g in zip(scratch, grads)]
     # 2. hypergradient → new multipliers (shared math), and the all-finite flag.
     dots, g_norms, d_norms = inner_products(grads, prev_dirs, granularity, rule == "normalized")
     del prev_dirs
@@ -201,41 +207,79 @@ def _multi_tensor_adam_hd(
         rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
         granularity=granularity, lr_bounds=lr_bounds,
     )  # fmt: skip
-    torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
-    # 3. Adam moments; a non-finite step leaves everything as it was (keep = 0).
-    keep = finite.to(torch.float64)
-    g_safe = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in g_r]
-    if weight_decay != 0 and not decoupled_weight_decay:
-        torch._foreach_add_(g_safe, p_r, alpha=weight_decay)
-    torch._foreach_lerp_(m_r, g_safe, _scalars((1 - beta1) * keep, m_r))
-    torch._foreach_mul_(v_r, _scalars(1 - (1 - beta2) * keep, v_r))
-    g_scaled = torch._foreach_mul(g_safe, _scalars((1 - beta2) * keep, g_safe))
-    torch._foreach_addcmul_(v_r, g_scaled, g_safe)
-    del g_scaled
-    del g_safe
-    torch._foreach_add_(steps, _scalars(keep, steps))
+    # 3. Adam moments; a non-finite step leaves everything as it was.
+    if host:
+        if not bool(finite):
+            return
+        torch._foreach_copy_(rates, new_rates)
+        keep: float | Tensor = 1.0
+        g_work = list(g_r)
+        if weight_decay != 0 and not decoupled_weight_decay:
+            g_work = torch._foreach_add(g_r, p_r, alpha=weight_decay)
+        torch._foreach_lerp_(m_r, g_work, 1 - beta1)
+        torch._foreach_mul_(v_r, beta2)
+        torch._foreach_addcmul_(v_r, g_work, g_work, value=1 - beta2)
+        del g_work
+        torch._foreach_add_(steps, 1)
+    else:
+        torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
+        keep = finite.to(torch.float64)
+        g_safe = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in g_r]
+        if weight_decay != 0 and not decoupled_weight_decay:
+            torch._foreach_add_(g_safe, p_r, alpha=weight_decay)
+        torch._foreach_lerp_(m_r, g_safe, _scalars((1 - beta1) * keep, m_r, host))
+        torch._foreach_mul_(v_r, _scalars(1 - (1 - beta2) * keep, v_r, host))
+        g_scaled = torch._foreach_mul(g_safe, _scalars((1 - beta2) * keep, g_safe, host))
+        torch._foreach_addcmul_(v_r, g_scaled, g_safe)
+        del g_scaled, g_safe
+        torch._foreach_add_(steps, _scalars(keep, steps, host))
     # 4. θ ← θ(1 - η λ) - η m (m̂ / (√v̂ + ε)), folding the step size into the denominator.
-    step_vec = torch.stack([s.to(rates[0].device, torch.float64) for s in steps])
-    bc1, bc2_sqrt = _bias_corrections(step_vec, beta1, beta2)
+    bc1, bc2_sqrt = _bias_corrections(_step_values(steps, host), beta1, beta2)
     if decoupled_weight_decay and weight_decay != 0:
-        torch._foreach_mul_(p_r, _scalars(1 - lr * weight_decay * keep, p_r))
-    denom = torch._foreach_sqrt(v_r)
-    torch._foreach_div_(denom, _scalars(bc2_sqrt, v_r))
+        torch._foreach_mul_(p_r, _scalars(1 - lr * weight_decay * keep, p_r, host))
+    for v, buf in zip(v_r, scratch):
+        torch.sqrt(v, out=buf)
+    denom = scratch
+    torch._foreach_div_(denom, _scalars(bc2_sqrt, v_r, host))
     torch._foreach_add_(denom, eps)
     neg_step = [
-        (broadcast_rate(r, p) * (-(lr * keep) / b).to(r.dtype)).to(d.dtype)
-        for r, p, b, d in zip(rates, params, bc1.unbind(), denom)
+        (broadcast_rate(r, p) * _as_rate_scalar(-(lr * keep) / b, r)).to(d.dtype)
+        for r, p, b, d in zip(rates, params, _unbind(bc1), denom)
     ]
     torch._foreach_div_(denom, neg_step)
     torch._foreach_addcdiv_(p_r, m_r, denom)
 
 
-def _bias_corrections(step_vec: Tensor, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
-    return 1 - beta1**step_vec, (1 - beta2**step_vec).sqrt()
+def _step_values(steps: list[Tensor], host: bool) -> list[float] | Tensor:
+    if host:
+        return [float(s) for s in steps]
+    return torch.stack([s.to(torch.float64) for s in steps])
 
 
-def _scalars(values: Tensor, like: list[Tensor]) -> list[Tensor]:
-    """0-d tensors (one per entry of ``like``) in each tensor's dtype and device."""
+def _bias_corrections(
+    steps: list[float] | Tensor, beta1: float, beta2: float, floor: float = 0
+) -> tuple[list[float] | Tensor, list[float] | Tensor]:
+    """``1 - β1^t`` and ``√(1 - β2^t)`` per tensor (``t`` floored, e.g. at 1 for d_{t-1})."""
+    if isinstance(steps, Tensor):
+        t = steps.clamp_min(floor)
+        return 1 - beta1**t, (1 - beta2**t).sqrt()
+    ts = [max(t, floor) for t in steps]
+    return [1 - beta1**t for t in ts], [(1 - beta2**t) ** 0.5 for t in ts]
+
+
+def _unbind(values: list[float] | Tensor) -> list[float] | tuple[Tensor, ...]:
+    return values.unbind() if isinstance(values, Tensor) else values
+
+
+def _as_rate_scalar(value: float | Tensor, rate: Tensor) -> float | Tensor:
+    return value.to(rate.dtype) if isinstance(value, Tensor) else value
+
+
+def _scalars(values: float | list[float] | Tensor, like: list[Tensor], host: bool) -> list:
+    """One scalar per entry of ``like``: Python floats on the host path, else 0-d tensors."""
+    if host and not isinstance(values, Tensor):
+        return list(values) if isinstance(values, list) else [values] * len(like)
+    values = torch.as_tensor(values, dtype=torch.float64)
     values = values.expand(len(like)) if values.dim() == 0 else values
     return [v.to(device=t.device, dtype=t.dtype) for v, t in zip(values.unbind(), like)]
 
