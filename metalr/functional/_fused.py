@@ -16,8 +16,13 @@ from torch import Tensor
 
 @cache
 def compiled(fn: Callable[..., object]) -> Callable[..., object]:
-    """``torch.compile(fn)``, built once per function."""
-    return torch.compile(fn, dynamic=False)
+    """``torch.compile(fn)``, built once per function.
+
+    ``combo_kernels`` lets inductor launch the per-tensor loops of all parameters together
+    (measured on an H100 at 100M parameters: AdamHD tensor 2.01× → 1.71× fused Adam, element
+    1.93× → 1.39×; see ``experiments/results/``).
+    """
+    return torch.compile(fn, dynamic=False, options={"combo_kernels": True})
 
 
 def check_fused_supported(params: Sequence[Tensor], name: str) -> None:

@@ -36,6 +36,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from metalr.functional._common import safe_sqrt
+
 GRANULARITIES = ("group", "tensor", "element")
 RULES = ("normalized", "additive")
 
@@ -89,10 +91,16 @@ def inner_products(
             prod = (gr * dr).to(acc)
             dots.append(prod.sum(-1) if g.is_complex() else prod)
             continue
-        if not g.is_complex() and g.dtype == acc and d.dtype == acc and not _compiling():
-            # Eager: BLAS dot, no temporary. Compiled: a plain sum of products, which inductor
-            # fuses with the computation of d instead of materializing d for an extern call.
-            dots.append(torch.dot(gr.reshape(-1), dr.reshape(-1)))
+        if _compiling():
+            # One fused reduction loop: plain sums of products (an extern BLAS dot or a
+            # vector_norm would make inductor materialize d or split the loop in two).
+            dots.append(torch.sum(gr * dr, dtype=acc))
+            if g_norms is not None and d_norms is not None:
+                g_norms.append(safe_sqrt(torch.sum(gr * gr, dtype=acc)))
+                d_norms.append(safe_sqrt(torch.sum(dr * dr, dtype=acc)))
+            continue
+        if not g.is_complex() and g.dtype == acc and d.dtype == acc:
+            dots.append(torch.dot(gr.reshape(-1), dr.reshape(-1)))  # BLAS dot, no temporary
         else:
             dots.append(torch.sum(gr * dr, dtype=acc))
         if g_norms is not None and d_norms is not None:

@@ -31,6 +31,7 @@ other splits use). :class:`GlyphTasks` samples N-way K-shot episodes from one sp
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -219,7 +220,7 @@ def _evenly_spaced(items: Sequence[int], k: int) -> list[int]:
 
 
 def _hash_order(names: Sequence[str], seed: int) -> list[str]:
-    key = lambda n: hashlib.sha256(f"metalr-glyphs:{seed}:{n}".encode()).hexdigest()  # noqa: E731
+    key = lambda n: hashlib.sha256(f"metalr-glyphs:{seed}:{n}".encode()).hexdigest()
     return sorted(names, key=key)
 
 
@@ -293,8 +294,8 @@ def _dedupe(images: np.ndarray, threshold: float) -> np.ndarray:
     x = torch.from_numpy(images).float().div_(255.0).unsqueeze(1)
     small = F.adaptive_avg_pool2d(x, 16).flatten(1)
     small = small / small.norm(dim=1, keepdim=True).clamp_min(1e-8)
-    sim = small @ small.T  # cosine similarity of 16x16 thumbnails
-    close = (sim > 1.0 - threshold).numpy()
+    # cosine similarity of 16x16 thumbnails, in row blocks to bound memory
+    close = np.concatenate([(blk @ small.T > 1.0 - threshold).numpy() for blk in small.split(1024)])
     keep = np.zeros(len(images), dtype=bool)
     dropped = np.zeros(len(images), dtype=bool)
     for i in range(len(images)):
@@ -357,7 +358,7 @@ def load_glyph_bank(
     cache_dir: str | Path | None = None,
     base_size: int = 56,
     max_per_script: int = 60,
-    dedupe_threshold: float = 0.02,
+    dedupe_threshold: float = 0.04,
     rebuild: bool = False,
 ) -> GlyphBank:
     """Load (or render once and cache) the glyph bank for ``scripts`` (default: all scripts).
@@ -376,7 +377,7 @@ def load_glyph_bank(
             raise ValueError(f"unknown scripts {unknown}; available: {sorted(catalog)}")
     if base_size < 8 or max_per_script < 1:
         raise ValueError("base_size must be >= 8 and max_per_script >= 1")
-    _, _, ImageFont = _import_pil()
+    _, _, _ImageFont = _import_pil()
     import PIL
 
     fonts = sorted({catalog[n].font for n in names})
@@ -448,7 +449,11 @@ def _render_bank(
         seen: set[bytes] = set()
         for cp in _evenly_spaced(_script_letters(script), max_per_script):
             img = _render(font, chr(cp), base_size, margin, Image, ImageDraw)
-            if img is None or int(img.max()) < 128 or (notdef is not None and np.array_equal(img, notdef)):
+            if (
+                img is None
+                or int(img.max()) < 128
+                or (notdef is not None and np.array_equal(img, notdef))
+            ):
                 continue
             digest = img.tobytes()
             if digest in seen:
@@ -495,7 +500,7 @@ def _episode(instances: Tensor, k_shot: int, generator) -> TaskBatch:
 
     Class ``j`` of each task gets label ``j``; support and query are shuffled independently.
     """
-    b, n, m = instances.shape[:3]
+    b, n, _m = instances.shape[:3]
     x_shape = instances.shape[3:]
     out = []
     for part in (instances[:, :, :k_shot], instances[:, :, k_shot:]):
@@ -511,7 +516,7 @@ def _episode(instances: Tensor, k_shot: int, generator) -> TaskBatch:
 
 @dataclass(frozen=True)
 class GlyphAugment:
-    """Random "writer" distortion of one glyph image (all ranges are uniform).
+    """Random "writer" distortion of glyph images (all ranges uniform, all draws from one generator).
 
     Attributes:
         rotation: max rotation in degrees (either way).
@@ -519,8 +524,10 @@ class GlyphAugment:
         scale: (min, max) overall scale.
         aspect: max log aspect-ratio change.
         translate: max shift as a fraction of the half-width.
-        elastic: amplitude of a smooth random displacement field (fraction of the half-width).
-        thin, thick: probabilities of eroding / dilating the strokes by one pixel at base size.
+        elastic: amplitude of a smooth random displacement field (4x4 control points, bicubic),
+            as a fraction of the half-width.
+        stroke: (thinnest, thickest) stroke change: ``-1`` is a full 3x3 grey erosion, ``+1`` a
+            full 3x3 dilation, values between blend the image with them (``0``: unchanged).
     """
 
     rotation: float = 12.0
@@ -529,15 +536,19 @@ class GlyphAugment:
     aspect: float = 0.1
     translate: float = 0.08
     elastic: float = 0.04
-    thin: float = 0.25
-    thick: float = 0.3
+    stroke: tuple[float, float] = (-0.5, 0.8)
 
     def __call__(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
-        """Distort ``images`` ``[M, 1, H, W]`` (float, ink bright) with draws from ``generator``."""
+        """Distort ``images`` ``[M, 1, H, W]`` (float in ``[0, 1]``, ink bright).
+
+        Draws, in order: ``torch.rand(M, 7)`` (the affine and stroke parameters), then
+        ``torch.randn(M, 2, 4, 4)`` (the elastic field's control points).
+        """
         m, _, h, w = images.shape
-        u = torch.rand(m, 7, generator=generator, dtype=images.dtype)
-        noise = torch.randn(m, 2, 4, 4, generator=generator, dtype=images.dtype)
-        sym = lambda v, amax: (2.0 * v - 1.0) * amax  # noqa: E731
+        dtype = images.dtype
+        u = torch.rand(m, 7, generator=generator, dtype=dtype)
+        noise = torch.randn(m, 2, 4, 4, generator=generator, dtype=dtype)
+        sym = lambda v, amax: (2.0 * v - 1.0) * amax
         angle = sym(u[:, 0], math.radians(self.rotation))
         shear = sym(u[:, 1], self.shear)
         scale = self.scale[0] + (self.scale[1] - self.scale[0]) * u[:, 2]
@@ -545,29 +556,52 @@ class GlyphAugment:
         sx, sy = scale * torch.exp(log_aspect), scale * torch.exp(-log_aspect)
         tx, ty = sym(u[:, 4], self.translate), sym(u[:, 5], self.translate)
         cos, sin = torch.cos(angle), torch.sin(angle)
-        # forward map (glyph -> image): A = R @ Shear @ diag(sx, sy); affine_grid needs A^-1.
+        # Forward map (glyph -> image) A = R @ Shear @ diag(sx, sy), then a shift by (tx, ty);
+        # grid_sample needs the inverse: source = A^-1 (target - t).
         a11, a12 = cos * sx, (cos * shear - sin) * sy
         a21, a22 = sin * sx, (sin * shear + cos) * sy
         det = a11 * a22 - a12 * a21
         i11, i12, i21, i22 = a22 / det, -a12 / det, -a21 / det, a11 / det
-        theta = torch.stack(
-            [
-                torch.stack([i11, i12, -(i11 * tx + i12 * ty)], dim=1),
-                torch.stack([i21, i22, -(i21 * tx + i22 * ty)], dim=1),
-            ],
-            dim=1,
-        )
-        grid = F.affine_grid(theta, [m, 1, h, w], align_corners=False)
+        # Normalised pixel centres, the convention of affine_grid(align_corners=False).
+        xs = ((torch.arange(w, dtype=dtype) * 2 + 1) / w - 1).view(1, 1, w)
+        ys = ((torch.arange(h, dtype=dtype) * 2 + 1) / h - 1).view(1, h, 1)
+        col = lambda v: v.view(m, 1, 1)
+        grid = torch.empty(m, h, w, 2, dtype=dtype)
+        grid[..., 0] = col(i11) * xs + col(i12) * ys - col(i11 * tx + i12 * ty)
+        grid[..., 1] = col(i21) * xs + col(i22) * ys - col(i21 * tx + i22 * ty)
         if self.elastic > 0:
-            field = F.interpolate(noise, size=(h, w), mode="bicubic", align_corners=True)
-            grid = grid + self.elastic * field.permute(0, 2, 3, 1)
-        out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        if self.thin > 0 or self.thick > 0:
-            thick = F.max_pool2d(out, 3, stride=1, padding=1)
-            thin = -F.max_pool2d(-out, 3, stride=1, padding=1)
-            pick = u[:, 6].view(m, 1, 1, 1)
-            out = torch.where(pick < self.thin, thin, torch.where(pick > 1 - self.thick, thick, out))
+            bh, bw = _smooth_basis(h, dtype), _smooth_basis(w, dtype)
+            field = torch.einsum("hi,mcij,wj->mhwc", bh, noise, bw)
+            grid.add_(field, alpha=self.elastic)
+        out = F.grid_sample(
+            images, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        lo, hi = self.stroke
+        if lo != 0 or hi != 0:
+            amount = (lo + (hi - lo) * u[:, 6]).view(m, 1, 1, 1)
+            target = torch.where(amount > 0, _dilate(out), _erode(out))
+            out = out + amount.abs() * (target - out)
         return out.clamp_(0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _smooth_basis(n: int, dtype: torch.dtype) -> Tensor:
+    """``[n, 4]``: bicubic interpolation (corners aligned) of 4 control values onto ``n`` points."""
+    unit = torch.eye(4, dtype=dtype).view(4, 1, 4, 1).expand(4, 1, 4, 4)
+    out = F.interpolate(unit, size=(n, 4), mode="bicubic", align_corners=True)
+    return out[:, 0, :, 0].T.contiguous()
+
+
+def _dilate(x: Tensor) -> Tensor:
+    """3x3 grey dilation (separable max; zero padding), ``[M, 1, H, W]``."""
+    p = F.pad(x, (1, 1, 1, 1))
+    rows = torch.maximum(torch.maximum(p[:, :, :-2], p[:, :, 1:-1]), p[:, :, 2:])
+    return torch.maximum(torch.maximum(rows[..., :-2], rows[..., 1:-1]), rows[..., 2:])
+
+
+def _erode(x: Tensor) -> Tensor:
+    """3x3 grey erosion (the dual of :func:`_dilate`)."""
+    return -_dilate(-x)
 
 
 def _resize(images: Tensor, size: int) -> Tensor:
@@ -582,8 +616,8 @@ class GlyphTasks:
     Args:
         split: ``"train"``, ``"val"`` or ``"test"`` (disjoint scripts, hence disjoint classes).
         n_way, k_shot, k_query: classes per task, support and query examples per class.
-        image_size: side of the returned images (glyphs are rendered at ``base_size`` and
-            distorted there, then area-downsampled).
+        image_size: side of the returned images (glyphs are rendered at ``base_size``,
+            area-downsampled to ``image_size`` and distorted there).
         augment: ``True`` for the default :class:`GlyphAugment`, ``False`` for the clean glyph
             (every example of a class identical), or a :class:`GlyphAugment`.
         max_scripts: use only the first ``max_scripts`` scripts of the split (in the split's seeded
@@ -645,7 +679,9 @@ class GlyphTasks:
         self.class_scripts = [bank.class_script(i) for i in self.class_index]
         self.class_codepoints = bank.codepoints[self.class_index].tolist()
         self.scripts = sorted(set(self.class_scripts))
-        self._images = torch.from_numpy(bank.images[self.class_index])
+        # area-downsampled once; distortions are applied at the output resolution
+        glyphs = torch.from_numpy(bank.images[self.class_index]).unsqueeze(1)
+        self._images = _resize(glyphs.float().div_(255.0), self.image_size).contiguous()
         if len(self.class_index) < self.n_way:
             raise ValueError(
                 f"split {split!r} has {len(self.class_index)} classes, fewer than n_way={n_way}"
@@ -664,13 +700,14 @@ class GlyphTasks:
 
     def class_images(self, classes: Tensor, per_class: int, generator) -> Tensor:
         """``[*classes.shape, per_class, 1, s, s]`` examples (distorted if augmenting)."""
-        base = self._images[classes.reshape(-1)].float().div_(255.0)  # [C, S, S]
-        s = base.shape[-1]
-        x = base[:, None].expand(-1, per_class, s, s).reshape(-1, 1, s, s)
+        s = self.image_size
+        base = self._images[classes.reshape(-1)]  # [C, 1, s, s]
+        x = base[:, None].expand(-1, per_class, 1, s, s).reshape(-1, 1, s, s)
         if self.augment is not None:
             x = self.augment(x, generator)
-        x = _resize(x, self.image_size)
-        return x.reshape(*classes.shape, per_class, 1, self.image_size, self.image_size)
+        else:
+            x = x.clone()
+        return x.reshape(*classes.shape, per_class, 1, s, s)
 
     def sample(
         self,

@@ -32,7 +32,9 @@ def _check_range(name: str, value: tuple[float, float]) -> tuple[float, float]:
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a (low, high) pair, got {value!r}") from None
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
-        raise ValueError(f"{name} must be a finite (low, high) pair with low <= high, got {value!r}")
+        raise ValueError(
+            f"{name} must be a finite (low, high) pair with low <= high, got {value!r}"
+        )
     return lo, hi
 
 
