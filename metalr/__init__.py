@@ -11,4 +11,17 @@ from metalr.optim.sgd_hd import SGDHD
 
 __version__ = "0.1.0"
 
-__all__ = ["AdamHD", "AdamWHD", "HyperLR", "SGDHD", "__version__", "functional"]
+from metalr.meta import LRPrior, MetaConfig, MetaLearner, load_prior  # noqa: E402
+
+__all__ = [
+    "AdamHD",
+    "AdamWHD",
+    "HyperLR",
+    "LRPrior",
+    "MetaConfig",
+    "MetaLearner",
+    "SGDHD",
+    "__version__",
+    "functional",
+    "load_prior",
+]

@@ -119,12 +119,7 @@ class MetaLearner:
         """``fn(*task)`` for every task, stacked along a new first dimension."""
         if self.config.backend == "vmap":
             return torch.func.vmap(fn, randomness="different")(*batch)
-        outs = [fn(*(t[i] for t in batch)) for i in range(batch.num_tasks)]
-        if isinstance(outs[0], dict):
-            return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
-        if isinstance(outs[0], tuple):
-            return tuple(torch.stack(parts) for parts in zip(*outs))
-        return torch.stack(outs)
+        return _stack_trees([fn(*(t[i] for t in batch)) for i in range(batch.num_tasks)])
 
     def adapt(self, support_x: Tensor, support_y: Tensor, steps: int | None = None) -> Params:
         """Adapted weights for one task (no task dimension: ``support_x`` is ``[K, ...]``).
@@ -175,7 +170,7 @@ class MetaLearner:
             self.skipped_steps += 1
         self.meta_optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
-        return {"meta_loss": float(loss), "finite": finite, "grad_norm": grad_norm,
+        return {"meta_loss": float(loss.detach()), "finite": finite, "grad_norm": grad_norm,
                 "step": self.step_count}  # fmt: skip
 
     def _reptile_step(self, batch: TaskBatch) -> dict[str, Any]:
@@ -204,7 +199,7 @@ class MetaLearner:
             self.skipped_steps += 1
         self.meta_optimizer.zero_grad(set_to_none=True)
         self.step_count += 1
-        return {"meta_loss": float(loss), "finite": finite, "grad_norm": grad_norm,
+        return {"meta_loss": float(loss.detach()), "finite": finite, "grad_norm": grad_norm,
                 "step": self.step_count}  # fmt: skip
 
     def fit(self, sampler: TaskSampler, num_iterations: int) -> list[dict[str, Any]]:
@@ -246,7 +241,7 @@ class MetaLearner:
         result: dict[str, float] = {"num_tasks": float(batch.num_tasks)}
         for name, v in zip(names, values):
             v = v.double()
-            half = 1.96 * float(v.std(unbiased=True)) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+            half = 1.96 * float(v.std(correction=1)) / math.sqrt(len(v)) if len(v) > 1 else math.nan
             result[name] = float(v.mean())
             result[f"{name}_ci95"] = half
         return result
@@ -285,3 +280,13 @@ class MetaLearner:
         self.skipped_steps = int(state_dict["skipped_steps"])
         self.generator.set_state(state_dict["generator_state"])
         torch.set_rng_state(state_dict["torch_rng_state"])
+
+
+def _stack_trees(outs: list[Any]) -> Any:
+    """Stack a list of equally structured (tuples / dicts of) tensors, as ``vmap`` returns them."""
+    first = outs[0]
+    if isinstance(first, dict):
+        return {k: _stack_trees([o[k] for o in outs]) for k in first}
+    if isinstance(first, tuple):
+        return tuple(_stack_trees(list(parts)) for parts in zip(*outs))
+    return torch.stack(outs)

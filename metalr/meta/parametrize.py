@@ -61,10 +61,11 @@ class MetaParameters(nn.Module):
     Non-learned entries (``learn_init=False``, ``rates="fixed"``) are kept as parameters with
     ``requires_grad=False`` so ``state_dict()`` has the same keys either way; only
     :meth:`learned_parameters` goes to the meta-optimizer. Frozen parameters of the model
-    (``requires_grad=False``) are not adapted; they stay in :attr:`frozen`.
+    (``requires_grad=False``) are not adapted; they stay in :attr:`frozen`. The initial weights
+    are copies of the model's parameters unless ``share_init=True``.
     """
 
-    def __init__(self, model: nn.Module, config: MetaConfig) -> None:
+    def __init__(self, model: nn.Module, config: MetaConfig, *, share_init: bool = False) -> None:
         super().__init__()
         self.config = config
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -75,9 +76,13 @@ class MetaParameters(nn.Module):
         if len(set(keys)) != len(keys):
             raise ValueError(f"parameter names collide after replacing '.' by '-': {self.names}")
         self.frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-        self.init = nn.ParameterDict(
-            {k: nn.Parameter(p.detach().clone(), config.learn_init) for k, (_, p) in zip(keys, named)}
-        )
+        # Filled key by key: ParameterDict(dict) would sort the keys, and the order of
+        # parameters() must follow the model's.
+        self.init = nn.ParameterDict()
+        for k, (_, p) in zip(keys, named):
+            # share_init (the facade): the model's own Parameter objects are the initial weights.
+            shared = share_init and config.learn_init
+            self.init[k] = p if shared else nn.Parameter(p.detach().clone(), config.learn_init)
         learn_rates = config.rates != "fixed"
         start = math.log(config.inner_lr) if learn_rates else config.inner_lr
         self.log_rates = nn.ParameterDict()  # holds the rate itself (not its log) when fixed
