@@ -12,7 +12,7 @@ import torch
 
 import metalr
 
-MODULES = ["metalr", "metalr.functional", "metalr.optim"]
+MODULES = ["metalr", "metalr.functional", "metalr.meta", "metalr.optim", "metalr.tasks"]
 
 
 def _module(name: str) -> ModuleType:
@@ -47,7 +47,11 @@ def test_top_level_classes_are_the_optim_classes() -> None:
 
 @pytest.mark.parametrize("name", ["metalr", "metalr.optim"])
 def test_public_classes_are_optimizers(name: str) -> None:
-    classes = [obj for _, obj in _public(name) if inspect.isclass(obj)]
+    classes = [
+        obj
+        for _, obj in _public(name)
+        if inspect.isclass(obj) and obj.__module__.startswith("metalr.optim")
+    ]
     assert {c.__name__ for c in classes} == {"AdamHD", "AdamWHD", "HyperLR", "SGDHD"}
     for cls in classes:
         assert issubclass(cls, torch.optim.Optimizer), cls

@@ -31,6 +31,7 @@ and the meta-learner (with grad, under ``vmap``) call it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -139,15 +140,23 @@ def _inverse_lr(lr: float | Tensor) -> float | Tensor:
 
 
 def clamp_rates(rate: Tensor, lr: float | Tensor, lr_bounds: tuple[float, float]) -> Tensor:
-    """Clamp multipliers so that ``lr · m`` lies in ``lr_bounds`` (no-op while ``lr == 0``)."""
+    """Clamp multipliers so that ``lr · m`` lies in ``lr_bounds`` (no-op while ``lr == 0``).
+
+    Infinite or zero bounds are not applied at all, so a tensor ``lr`` in an autograd graph never
+    meets ``inf / lr`` (whose backward is 0·inf = NaN).
+    """
     lo, hi = lr_bounds
+    has_lo, has_hi = lo > 0, hi < math.inf
+    if not (has_lo or has_hi):
+        return rate
     if isinstance(lr, Tensor):
         safe_lr = lr.clamp_min(torch.finfo(lr.dtype).tiny)
-        clamped = torch.minimum(torch.maximum(rate, lo / safe_lr), hi / safe_lr)
+        clamped = torch.maximum(rate, lo / safe_lr) if has_lo else rate
+        clamped = torch.minimum(clamped, hi / safe_lr) if has_hi else clamped
         return torch.where(lr > 0, clamped, rate)
     if lr <= 0:
         return rate
-    return rate.clamp(min=lo / lr, max=hi / lr)
+    return rate.clamp(min=lo / lr if has_lo else None, max=hi / lr if has_hi else None)
 
 
 def _rate_signal(

@@ -194,8 +194,11 @@ def _multi_tensor_adam_hd(
     torch._foreach_div_(scratch, _scalars(prev_bc2_sqrt, v_r, host))
     torch._foreach_add_(scratch, eps)
     torch._foreach_mul_(scratch, _scalars(prev_bc1, v_r, host))
-    for m, buf in zip(m_r, scratch):
-        torch.div(m, buf, out=buf)  # d_{t-1}, written over the denominator: no new allocation
+    if host:  # CPU: write d_{t-1} over the denominator (large allocations cost page faults)
+        for m, buf in zip(m_r, scratch):
+            torch.div(m, buf, out=buf)
+    else:  # accelerators: one multi-tensor kernel beats a loop of launches
+        scratch = torch._foreach_div(m_r, scratch)
     prev_dirs = [from_real(d, g) for d, g in zip(scratch, grads)]
     # 2. hypergradient → new multipliers (shared math), and the all-finite flag.
     dots, g_norms, d_norms = inner_products(grads, prev_dirs, granularity, rule == "normalized")
@@ -237,16 +240,16 @@ def _multi_tensor_adam_hd(
     bc1, bc2_sqrt = _bias_corrections(_step_values(steps, host), beta1, beta2)
     if decoupled_weight_decay and weight_decay != 0:
         torch._foreach_mul_(p_r, _scalars(1 - lr * weight_decay * keep, p_r, host))
-    for v, buf in zip(v_r, scratch):
-        torch.sqrt(v, out=buf)
-    denom = scratch
+    if host:
+        for v, buf in zip(v_r, scratch):
+            torch.sqrt(v, out=buf)
+        denom = scratch
+    else:
+        del scratch
+        denom = torch._foreach_sqrt(v_r)
     torch._foreach_div_(denom, _scalars(bc2_sqrt, v_r, host))
     torch._foreach_add_(denom, eps)
-    neg_step = [
-        (broadcast_rate(r, p) * _as_rate_scalar(-(lr * keep) / b, r)).to(d.dtype)
-        for r, p, b, d in zip(rates, params, _unbind(bc1), denom)
-    ]
-    torch._foreach_div_(denom, neg_step)
+    torch._foreach_div_(denom, _negative_step_sizes(rates, params, denom, lr * keep, bc1))
     torch._foreach_addcdiv_(p_r, m_r, denom)
 
 
@@ -267,6 +270,23 @@ def _bias_corrections(
     return [1 - beta1**t for t in ts], [(1 - beta2**t) ** 0.5 for t in ts]
 
 
+def _negative_step_sizes(
+    rates: list[Tensor], params: list[Tensor], like: list[Tensor], lr: float | Tensor,
+    bc1: list[float] | Tensor,
+) -> list[Tensor]:
+    """``-lr · m / (1 - β1^t)`` per tensor (one vectorised op when every rate is a scalar)."""
+    same = all(r.dim() == 0 and r.dtype == rates[0].dtype and r.device == rates[0].device
+               for r in rates)  # fmt: skip
+    if same and all(t.dtype == like[0].dtype for t in like):
+        bc1_vec = torch.as_tensor(bc1, dtype=rates[0].dtype).to(rates[0].device)
+        steps = (torch.stack(rates) * (-lr / bc1_vec)).to(like[0].dtype)
+        return list(steps.unbind())
+    return [
+        (broadcast_rate(r, p) * _as_rate_scalar(-lr / b, r)).to(d.dtype)
+        for r, p, b, d in zip(rates, params, _unbind(bc1), like)
+    ]
+
+
 def _unbind(values: list[float] | Tensor) -> list[float] | tuple[Tensor, ...]:
     return values.unbind() if isinstance(values, Tensor) else values
 
@@ -281,6 +301,8 @@ def _scalars(values: float | list[float] | Tensor, like: list[Tensor], host: boo
         return list(values) if isinstance(values, list) else [values] * len(like)
     values = torch.as_tensor(values, dtype=torch.float64)
     values = values.expand(len(like)) if values.dim() == 0 else values
+    if all(t.dtype == like[0].dtype and t.device == like[0].device for t in like):
+        return list(values.to(device=like[0].device, dtype=like[0].dtype).unbind())
     return [v.to(device=t.device, dtype=t.dtype) for v, t in zip(values.unbind(), like)]
 
 

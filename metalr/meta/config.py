@@ -50,7 +50,7 @@ def _positive(name: str, value: Any, *, allow_zero: bool = False) -> None:
 
 def _flag(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"Invalid {name} value: {value!r}; expected True or False")
+        raise ValueError(f"Invalid {name} value: {value!r}; expected True or False")  # noqa: TRY004
 
 
 @dataclass
@@ -171,7 +171,9 @@ class MetaConfig:
             )
         if self.algorithm == "reptile":
             if not self.learn_init:
-                raise ValueError("Invalid learn_init value: False; Reptile learns the initial weights")
+                raise ValueError(
+                    "Invalid learn_init value: False; Reptile learns the initial weights"
+                )
             if self.rates != "fixed" or self.learn_hypergrad_lr:
                 raise ValueError(
                     "Invalid rates for algorithm='reptile': Reptile is first-order and learns only "

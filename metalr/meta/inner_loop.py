@@ -137,8 +137,8 @@ def inner_step(
 ) -> InnerState:
     """One step of the rule from ``state`` with ``grads`` (pure; calls the functional step)."""
     names, ps = list(state.params), list(state.params.values())
-    hyper = dict(lr=1.0, rule=rule.hypergrad_rule, granularity=rule.granularity,
-                 lr_bounds=rule.lr_bounds)  # fmt: skip
+    hyper: dict = {"lr": 1.0, "rule": rule.hypergrad_rule, "granularity": rule.granularity,
+                   "lr_bounds": rule.lr_bounds}  # fmt: skip
     if rule.name == "adam_hd":
         m, v, steps = state.buffers
         new = adam_hd_step(

@@ -96,7 +96,9 @@ class MetaLearner:
         """``adapt(x, y) -> params`` for one task, closing over the current meta-parameters."""
         meta = self.meta
         init = meta.init_params()
-        table = [meta.rates(t) for t in range(steps)] if self.rule.per_step_rates else [meta.rates()]
+        table = (
+            [meta.rates(t) for t in range(steps)] if self.rule.per_step_rates else [meta.rates()]
+        )
         beta: Any = meta.hypergrad_lrs()
         if beta is None:
             beta = self.config.hypergrad_lr
@@ -129,7 +131,7 @@ class MetaLearner:
         weights, the rates and the learned ``hypergrad_lr``.
         """
         if not isinstance(support_x, Tensor) or not isinstance(support_y, Tensor):
-            raise ValueError("support_x and support_y must be tensors")
+            raise TypeError("support_x and support_y must be tensors")
         if support_x.dim() == 0 or support_y.dim() == 0:
             raise ValueError("support_x and support_y must have shape [examples, ...]")
         check_task_batch(TaskBatch(*(t.unsqueeze(0) for t in (support_x, support_y) * 2)))
@@ -141,7 +143,9 @@ class MetaLearner:
         """Mean query loss after adaptation over the batch, in the graph of the meta-parameters."""
         check_task_batch(batch)
         adapt_one = self._adapt_fn(self.config.inner_steps, not self.rule.first_order, False)
-        return self._map_tasks(lambda sx, sy, qx, qy: self.loss(adapt_one(sx, sy), qx, qy), batch).mean()
+        return self._map_tasks(
+            lambda sx, sy, qx, qy: self.loss(adapt_one(sx, sy), qx, qy), batch
+        ).mean()
 
     def meta_step(self, batch: TaskBatch) -> dict[str, Any]:
         """One meta-update on a batch of tasks.

@@ -36,6 +36,7 @@ class TaskBatch(NamedTuple):
         return TaskBatch(*(t[i : i + 1] for t in self))
 
     def to(self, device: torch.device | str) -> TaskBatch:
+        """The same batch with every tensor moved to ``device``."""
         return TaskBatch(*(t.to(device) for t in self))
 
 
@@ -45,7 +46,9 @@ class TaskSampler(Protocol):
 
     loss_name: str
 
-    def sample(self, batch_size: int, generator: torch.Generator) -> TaskBatch: ...
+    def sample(self, batch_size: int, generator: torch.Generator) -> TaskBatch:
+        """Draw ``batch_size`` tasks using only ``generator`` for randomness."""
+        ...
 
 
 def check_task_batch(batch: TaskBatch) -> None:
