@@ -115,18 +115,29 @@ def _compiling() -> bool:
 
 
 def all_finite(tensors: Sequence[Tensor]) -> Tensor:
-    """0-d bool: every entry of every tensor is finite.
+    """0-d bool: every entry of every tensor is finite (checked through its sum).
 
     Applied to the per-tensor inner products it costs nothing extra (a NaN/inf anywhere in a
     gradient makes its inner product NaN); at element granularity the rules apply it to the
     gradients themselves, so a compiled step can fuse the rest into one elementwise loop.
     """
-    dots = tensors
-    if not dots:
+    if not tensors:
         return torch.tensor(True)
-    device = dots[0].device
-    flags = [torch.isfinite(d).all().to(device) for d in dots]
+    device = tensors[0].device
+    flags = [torch.isfinite(_total(t)).to(device) for t in tensors]
     return torch.stack(flags).all()
+
+
+def _total(t: Tensor) -> Tensor:
+    """Sum of ``t`` (one read, no boolean temporary): NaN/inf if any entry is.
+
+    A sum that overflows the accumulator (|sum| > 3e38 for float32 and half types, which are
+    summed in float32) also counts as non-finite: such a step is skipped too.
+    """
+    if t.dim() == 0:
+        return t
+    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+    return torch.sum(t, dtype=acc)
 
 
 def _stack(ts: Sequence[Tensor], like: Tensor) -> Tensor:
@@ -202,9 +213,11 @@ def update_rates(
         new_rates = []
         for i, (rate, dot) in enumerate(zip(rates, dots)):
             beta = hypergrad_lr[i] if per_tensor_beta else hypergrad_lr
-            signal = _rate_signal(dot, None, None, rule, granularity, lr)
-            new = rate * torch.exp(beta * signal) if rule == "normalized" else rate + beta * signal
-            new = torch.where(torch.isfinite(signal), new, rate)
+            if rule == "normalized":
+                new = _sign_rule(rate, dot, beta)
+            else:
+                signal = _rate_signal(dot, None, None, rule, granularity, lr)
+                new = torch.where(torch.isfinite(signal), rate + beta * signal, rate)
             new_rates.append(clamp_rates(new, lr, lr_bounds))
         return new_rates
 
@@ -226,6 +239,20 @@ def update_rates(
         new_vec = rate_vec + beta * signal
     new_vec = clamp_rates(torch.where(torch.isfinite(signal), new_vec, rate_vec), lr, lr_bounds)
     return [v.to(device=r.device, dtype=r.dtype) for v, r in zip(new_vec.unbind(0), rates)]
+
+
+def _sign_rule(rate: Tensor, dot: Tensor, beta: float | Tensor) -> Tensor:
+    """``m · exp(β · sign(g·d))`` per element.
+
+    The sign is finite unless ``g·d`` is NaN, and a NaN gradient skips the whole step upstream,
+    so no per-element finiteness mask is needed. Without autograd the product buffer (a
+    temporary owned by the caller) is reused in place: three passes and no new allocation.
+    """
+    if torch.is_grad_enabled() and (dot.requires_grad or rate.requires_grad or
+                                    (isinstance(beta, Tensor) and beta.requires_grad)):
+        return rate * torch.exp(beta * torch.sign(dot))
+    factor = dot.sign_().mul_(beta).exp_() if not _compiling() else torch.exp(beta * torch.sign(dot))
+    return factor.mul_(rate) if not _compiling() else factor * rate
 
 
 def hypergradient(

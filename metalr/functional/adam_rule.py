@@ -249,7 +249,12 @@ def _multi_tensor_adam_hd(
         denom = torch._foreach_sqrt(v_r)
     torch._foreach_div_(denom, _scalars(bc2_sqrt, v_r, host))
     torch._foreach_add_(denom, eps)
-    torch._foreach_div_(denom, _negative_step_sizes(rates, params, denom, lr * keep, bc1))
+    if rates[0].dim() > 0 and all(r.dtype == d.dtype for r, d in zip(rates, denom)):
+        # Element rates: divide by the scalar part, then by the rates, in place (no temporaries).
+        torch._foreach_div_(denom, _scalars(_scale(-(lr * keep), bc1), denom, host))
+        torch._foreach_div_(denom, [broadcast_rate(r, p) for r, p in zip(rates, params)])
+    else:
+        torch._foreach_div_(denom, _negative_step_sizes(rates, params, denom, lr * keep, bc1))
     torch._foreach_addcdiv_(p_r, m_r, denom)
 
 
@@ -285,6 +290,15 @@ def _negative_step_sizes(
         (broadcast_rate(r, p) * _as_rate_scalar(-lr / b, r)).to(d.dtype)
         for r, p, b, d in zip(rates, params, _unbind(bc1), like)
     ]
+
+
+def _scale(value: float | Tensor, bc1: list[float] | Tensor) -> list[float] | Tensor:
+    """``value / bc1`` per tensor: Python floats on the host path, a tensor otherwise."""
+    if isinstance(bc1, Tensor) or isinstance(value, Tensor):
+        return torch.as_tensor(value, dtype=torch.float64) / torch.as_tensor(bc1, dtype=torch.float64).to(
+            value.device if isinstance(value, Tensor) else "cpu"
+        )
+    return [value / b for b in bc1]
 
 
 def _unbind(values: list[float] | Tensor) -> list[float] | tuple[Tensor, ...]:
