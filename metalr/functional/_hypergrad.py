@@ -255,6 +255,36 @@ def _sign_rule(rate: Tensor, dot: Tensor, beta: float | Tensor) -> Tensor:
     return factor.mul_(rate) if not _compiling() else factor * rate
 
 
+def adapt_rates(
+    rates: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    directions: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    hypergrad_lr: float | Tensor | Sequence[Tensor],
+    rule: str,
+    granularity: str,
+    lr_bounds: tuple[float, float],
+    grads_finite: Tensor | None = None,
+) -> tuple[list[Tensor], Tensor]:
+    """The hypergradient half of every rule: new multipliers and the step's all-finite flag.
+
+    ``directions`` are the previous update directions d_{t-1}. The flag comes for free from the
+    inner products at group/tensor granularity and from the gradients at element granularity;
+    ``grads_finite`` (the whole step's flag, across param groups) is and-ed in. The new rates are
+    returned as computed: callers keep the old ones where the flag is false.
+    """
+    dots, g_norms, d_norms = inner_products(grads, directions, granularity, rule == "normalized")
+    finite = all_finite(dots if granularity != "element" else grads)
+    if grads_finite is not None:
+        finite = finite & grads_finite.to(finite.device)
+    new_rates = update_rates(
+        rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
+        granularity=granularity, lr_bounds=lr_bounds,
+    )  # fmt: skip
+    return new_rates, finite
+
+
 def hypergradient(
     grads: Sequence[Tensor], directions: Sequence[Tensor], granularity: str
 ) -> list[Tensor]:

@@ -42,7 +42,7 @@ from metalr.functional._common import (
     write_back,
 )
 from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
-from metalr.functional._hypergrad import all_finite, inner_products, update_rates
+from metalr.functional._hypergrad import adapt_rates
 
 
 class AdamHDState(NamedTuple):
@@ -112,16 +112,10 @@ def adam_hd_step(
         from_real(adam_direction(m, v, s, beta1, beta2, eps), g)
         for m, v, s, g in zip(as_real_list(exp_avgs), as_real_list(exp_avg_sqs), steps, grads)
     ]
-    dots, g_norms, d_norms = inner_products(
-        grads, prev_dirs, granularity, with_norms=rule == "normalized"
+    new_rates, finite = adapt_rates(
+        rates, grads, prev_dirs, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity,
+        lr_bounds=lr_bounds, grads_finite=grads_finite,
     )
-    finite = all_finite(dots if granularity != "element" else grads)
-    if grads_finite is not None:  # the whole step's flag, across param groups
-        finite = finite & grads_finite.to(finite.device)
-    new_rates = update_rates(
-        rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
-        granularity=granularity, lr_bounds=lr_bounds,
-    )  # fmt: skip
     out = AdamHDState([], [], [], [], [])
     for p, g, m, v, rate, new_rate, step in zip(
         params, grads, exp_avgs, exp_avg_sqs, rates, new_rates, steps
@@ -201,15 +195,11 @@ def _multi_tensor_adam_hd(
         scratch = torch._foreach_div(m_r, scratch)
     prev_dirs = [from_real(d, g) for d, g in zip(scratch, grads)]
     # 2. hypergradient → new multipliers (shared math), and the all-finite flag.
-    dots, g_norms, d_norms = inner_products(grads, prev_dirs, granularity, rule == "normalized")
+    new_rates, finite = adapt_rates(
+        rates, grads, prev_dirs, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity,
+        lr_bounds=lr_bounds, grads_finite=grads_finite,
+    )
     del prev_dirs
-    finite = all_finite(dots if granularity != "element" else grads)
-    if grads_finite is not None:  # the whole step's flag, across param groups
-        finite = finite & grads_finite.to(finite.device)
-    new_rates = update_rates(
-        rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
-        granularity=granularity, lr_bounds=lr_bounds,
-    )  # fmt: skip
     # 3. Adam moments; a non-finite step leaves everything as it was.
     if host:
         if not bool(finite):

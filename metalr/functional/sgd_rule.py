@@ -37,7 +37,7 @@ from metalr.functional._common import (
     write_back,
 )
 from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
-from metalr.functional._hypergrad import all_finite, inner_products, update_rates
+from metalr.functional._hypergrad import adapt_rates
 
 
 class SGDHDState(NamedTuple):
@@ -99,14 +99,10 @@ def sgd_hd_step(
     """
     grads = negate_if(grads, maximize)
     prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
-    dots, g_norms, d_norms = inner_products(grads, prev, granularity, rule == "normalized")
-    finite = all_finite(dots if granularity != "element" else grads)
-    if grads_finite is not None:  # the whole step's flag, across param groups
-        finite = finite & grads_finite.to(finite.device)
-    new_rates = update_rates(
-        rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
-        granularity=granularity, lr_bounds=lr_bounds,
-    )  # fmt: skip
+    new_rates, finite = adapt_rates(
+        rates, grads, prev, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity,
+        lr_bounds=lr_bounds, grads_finite=grads_finite,
+    )
     keep_direction = stores_prev_direction(momentum, nesterov)
     out = SGDHDState([], [], [], [])
     for p, g, buf, old_dir, rate, new_rate in zip(
@@ -180,15 +176,11 @@ def _multi_tensor_sgd_hd(
         return SGDHDState([], [], [], [])
     grads = torch._foreach_neg(grads) if maximize else list(grads)
     prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
-    dots, g_norms, d_norms = inner_products(grads, prev, granularity, rule == "normalized")
+    new_rates, finite = adapt_rates(
+        rates, grads, prev, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity,
+        lr_bounds=lr_bounds, grads_finite=grads_finite,
+    )
     del prev
-    finite = all_finite(dots if granularity != "element" else grads)
-    if grads_finite is not None:  # the whole step's flag, across param groups
-        finite = finite & grads_finite.to(finite.device)
-    new_rates = update_rates(
-        rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
-        granularity=granularity, lr_bounds=lr_bounds,
-    )  # fmt: skip
     p_r = as_real_list(params)
     host = host_readable(rates[0])  # CPU eager: read the flag, run the finite step with scalars
     if host:

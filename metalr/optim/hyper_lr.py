@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metalr.functional._hypergrad import all_finite, inner_products, update_rates
+from metalr.functional._hypergrad import adapt_rates
 from metalr.optim import _validation as check
 from metalr.optim._base import HYPER_DEFAULTS, HypergradOptimizer, check_sparse
 
@@ -125,15 +125,10 @@ class HyperLR(HypergradOptimizer):
             rates = [self._rate(p, group) for p in params]
             buffers = [self._buffer(p) for p in params]
             grads = [-p.grad if group.get("maximize", False) else p.grad for p in params]
-            dots, g_norms, d_norms = inner_products(
-                grads, buffers, group["granularity"], group["rule"] == "normalized"
-            )
-            finite = all_finite(dots)
-            if grads_finite is not None:
-                finite = finite & grads_finite
-            new_rates = update_rates(
-                rates, dots, g_norms, d_norms, lr=group["lr"], hypergrad_lr=group["hypergrad_lr"],
-                rule=group["rule"], granularity=group["granularity"], lr_bounds=group["lr_bounds"],
+            new_rates, finite = adapt_rates(
+                rates, grads, buffers, lr=group["lr"], hypergrad_lr=group["hypergrad_lr"],
+                rule=group["rule"], granularity=group["granularity"],
+                lr_bounds=group["lr_bounds"], grads_finite=grads_finite,
             )  # fmt: skip
             torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
             torch._foreach_copy_(buffers, params)  # snapshot θ_{t-1}
