@@ -79,3 +79,19 @@ def test_cuda_fused_matches_eager():
         _run(m, o, x, torch.zeros(8, 4, device="cuda"))
     for p, q in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["AdamHD-tensor", "AdamWHD-element", "HyperLR-Adam"])
+def test_cpu_checkpoint_loads_onto_cuda(name):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    opt = MAKERS[name](model.parameters())
+    _run(model, opt, torch.randn(8, 6), torch.randn(8, 3), steps=3)
+    gpu_model = copy.deepcopy(model).cuda()
+    gpu_opt = MAKERS[name](gpu_model.parameters())
+    gpu_opt.load_state_dict(opt.state_dict())
+    for p in gpu_model.parameters():
+        rate = gpu_opt.state[p]["lr_multiplier"]
+        assert rate.device.type == "cuda" and rate.dtype == torch.float32
+    _run(gpu_model, gpu_opt, torch.randn(8, 6).cuda(), torch.randn(8, 3).cuda(), steps=2)
+    assert all(torch.isfinite(p).all() for p in gpu_model.parameters())

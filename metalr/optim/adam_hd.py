@@ -113,7 +113,7 @@ class AdamHD(HypergradOptimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            group.setdefault("decoupled_weight_decay", False)
+            group.setdefault("decoupled_weight_decay", isinstance(self, AdamWHD))
 
     def _init_group(
         self,
