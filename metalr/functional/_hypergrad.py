@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from metalr.functional._common import safe_sqrt
+from metalr.functional._distributed import ShardReducer
 
 GRANULARITIES = ("group", "tensor", "element")
 RULES = ("normalized", "additive")
@@ -199,8 +200,11 @@ def update_rates(
     rule: str,
     granularity: str,
     lr_bounds: tuple[float, float],
+    shards: ShardReducer | None = None,
 ) -> list[Tensor]:
     """New multipliers from the inner products (pure; see the module docstring for the math).
+
+    With ``shards`` (optimizer-state sharding), group-granularity sums run over every rank.
 
     ``hypergrad_lr`` is a number, a tensor, or one tensor per parameter (the meta-learner learns
     it per tensor). Non-finite signals leave a multiplier unchanged; results are clamped to
@@ -227,10 +231,15 @@ def update_rates(
     g_vec = _stack(grad_norms, ref) if grad_norms is not None else None
     d_vec = _stack(direction_norms, ref) if direction_norms is not None else None
     if granularity == "group":
-        dot_vec = dot_vec.sum().expand_as(rate_vec)
+        totals = [dot_vec.sum()]
         if g_vec is not None and d_vec is not None:
-            g_vec = torch.linalg.vector_norm(g_vec).expand_as(rate_vec)
-            d_vec = torch.linalg.vector_norm(d_vec).expand_as(rate_vec)
+            totals += [(g_vec * g_vec).sum(), (d_vec * d_vec).sum()]
+        total = torch.stack(totals)
+        total = shards.sum(total) if shards is not None else total
+        dot_vec = total[0].expand_as(rate_vec)
+        if g_vec is not None and d_vec is not None:
+            g_vec = safe_sqrt(total[1]).expand_as(rate_vec)
+            d_vec = safe_sqrt(total[2]).expand_as(rate_vec)
     beta = _stack(hypergrad_lr, ref) if per_tensor_beta else hypergrad_lr
     signal = _rate_signal(dot_vec, g_vec, d_vec, rule, granularity, lr)
     if rule == "normalized":
@@ -266,21 +275,25 @@ def adapt_rates(
     granularity: str,
     lr_bounds: tuple[float, float],
     grads_finite: Tensor | None = None,
+    shards: ShardReducer | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     """The hypergradient half of every rule: new multipliers and the step's all-finite flag.
 
     ``directions`` are the previous update directions d_{t-1}. The flag comes for free from the
     inner products at group/tensor granularity and from the gradients at element granularity;
     ``grads_finite`` (the whole step's flag, across param groups) is and-ed in. The new rates are
-    returned as computed: callers keep the old ones where the flag is false.
+    returned as computed: callers keep the old ones where the flag is false. With ``shards``
+    the flag and the group sums are reduced over every rank that shards the param group.
     """
     dots, g_norms, d_norms = inner_products(grads, directions, granularity, rule == "normalized")
     finite = all_finite(dots if granularity != "element" else grads)
     if grads_finite is not None:
         finite = finite & grads_finite.to(finite.device)
+    if shards is not None:
+        finite = shards.all(finite)
     new_rates = update_rates(
         rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
-        granularity=granularity, lr_bounds=lr_bounds,
+        granularity=granularity, lr_bounds=lr_bounds, shards=shards,
     )  # fmt: skip
     return new_rates, finite
 

@@ -42,6 +42,7 @@ from metalr.functional._common import (
     write_back,
 )
 from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
+from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import adapt_rates
 
 
@@ -89,6 +90,7 @@ def adam_hd_step(
     lr_bounds: tuple[float, float],
     maximize: bool = False,
     grads_finite: Tensor | None = None,
+    shards: ShardReducer | None = None,
 ) -> AdamHDState:
     """One Adam-HD step as a pure function: returns new tensors, mutates nothing.
 
@@ -114,7 +116,7 @@ def adam_hd_step(
     ]
     new_rates, finite = adapt_rates(
         rates, grads, prev_dirs, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity,
-        lr_bounds=lr_bounds, grads_finite=grads_finite,
+        lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
     )
     out = AdamHDState([], [], [], [], [])
     for p, g, m, v, rate, new_rate, step in zip(
@@ -170,6 +172,7 @@ def _multi_tensor_adam_hd(
     lr_bounds: tuple[float, float],
     maximize: bool = False,
     grads_finite: Tensor | None = None,
+    shards: ShardReducer | None = None,
 ) -> None:
     """In-place ``foreach`` twin of :func:`adam_hd_step` (same math, fewer kernel launches).
 
@@ -197,7 +200,7 @@ def _multi_tensor_adam_hd(
     # 2. hypergradient → new multipliers (shared math), and the all-finite flag.
     new_rates, finite = adapt_rates(
         rates, grads, prev_dirs, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity,
-        lr_bounds=lr_bounds, grads_finite=grads_finite,
+        lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
     )
     del prev_dirs
     # 3. Adam moments; a non-finite step leaves everything as it was.
@@ -329,6 +332,9 @@ def adam_hd(
     every tensor is a plain tensor on a supported device; ``differentiable=True`` always takes
     the single-tensor path so rates and weights stay in the autograd graph.
     """
+    if not params and hyper.get("shards") is not None:
+        hyper["shards"].participate(hyper["granularity"], hyper["rule"])
+        return None
     if fused:
         if differentiable or foreach:
             raise RuntimeError("fused=True does not support differentiable=True or foreach=True")

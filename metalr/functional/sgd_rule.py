@@ -37,6 +37,7 @@ from metalr.functional._common import (
     write_back,
 )
 from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
+from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import adapt_rates
 
 
@@ -83,6 +84,7 @@ def sgd_hd_step(
     lr_bounds: tuple[float, float],
     maximize: bool = False,
     grads_finite: Tensor | None = None,
+    shards: ShardReducer | None = None,
 ) -> SGDHDState:
     """One SGD-HD step as a pure function: returns new tensors, mutates nothing.
 
@@ -101,7 +103,7 @@ def sgd_hd_step(
     prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
     new_rates, finite = adapt_rates(
         rates, grads, prev, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity,
-        lr_bounds=lr_bounds, grads_finite=grads_finite,
+        lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
     )
     keep_direction = stores_prev_direction(momentum, nesterov)
     out = SGDHDState([], [], [], [])
@@ -167,6 +169,7 @@ def _multi_tensor_sgd_hd(
     lr_bounds: tuple[float, float],
     maximize: bool = False,
     grads_finite: Tensor | None = None,
+    shards: ShardReducer | None = None,
 ) -> SGDHDState:
     """In-place ``foreach`` twin of :func:`sgd_hd_step`.
 
@@ -178,7 +181,7 @@ def _multi_tensor_sgd_hd(
     prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
     new_rates, finite = adapt_rates(
         rates, grads, prev, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity,
-        lr_bounds=lr_bounds, grads_finite=grads_finite,
+        lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
     )
     del prev
     p_r = as_real_list(params)
@@ -248,6 +251,9 @@ def sgd_hd(
     Returns the state after the step; buffers created on the first step are new tensors there,
     so the caller stores them (as ``torch.optim.sgd.sgd`` does with ``momentum_buffer_list``).
     """
+    if not params and hyper.get("shards") is not None:
+        hyper["shards"].participate(hyper["granularity"], hyper["rule"])
+        return SGDHDState([], [], [], [])
     if fused:
         if differentiable or foreach:
             raise RuntimeError("fused=True does not support differentiable=True or foreach=True")

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
 
 #: Key of the learned multiplier in ``optimizer.state[p]``.
@@ -53,6 +54,16 @@ class HypergradOptimizer(Optimizer):
             rate = self.state[p].get(RATE_KEY) if p in self.state else None
             pairs.append((p, rate if rate is not None else initial_rate(p, group["granularity"])))
         return pairs
+
+    def _set_shard_group(self, shard_group: Any, fused: bool | None) -> None:
+        if shard_group is not None and fused:
+            raise ValueError("shard_group is not supported with fused=True")
+        self._shard_group = shard_group
+
+    def _shard_reducer(self) -> ShardReducer | None:
+        """All-reduces over the ranks that shard the state, or None (not pickled: set again)."""
+        group = getattr(self, "_shard_group", None)
+        return ShardReducer(group) if group is not None else None
 
     def _grads_finite(self) -> Tensor | None:
         """With several param groups, one all-finite flag over every gradient of the step.

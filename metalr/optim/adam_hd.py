@@ -57,6 +57,9 @@ class AdamHD(HypergradOptimizer):
             first step compiles (tens of seconds on CPU) (default: None, i.e. off).
         differentiable: run the step under autograd so weights and rates stay in the graph
             (single-tensor path) (default: False).
+        shard_group: when optimizer state is sharded across ranks (``ZeroRedundancyOptimizer``
+            passes it through), the process group whose ranks share each param group: the
+            skip decision and group-granularity sums are all-reduced over it (default: None).
 
     Example:
         >>> model = torch.nn.Linear(10, 1)
@@ -87,6 +90,7 @@ class AdamHD(HypergradOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
+        shard_group: Any = None,
     ) -> None:
         check.check_lr(lr)
         check.check_nonnegative("epsilon", eps)
@@ -109,6 +113,7 @@ class AdamHD(HypergradOptimizer):
             ),
         )
         super().__init__(params, defaults)
+        self._set_shard_group(shard_group, fused)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -171,6 +176,7 @@ class AdamHD(HypergradOptimizer):
                 granularity=group["granularity"], lr_bounds=group["lr_bounds"],
                 maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
                 differentiable=group["differentiable"], grads_finite=grads_finite,
+                shards=self._shard_reducer(),
             )  # fmt: skip
         return loss
 

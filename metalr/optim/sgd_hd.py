@@ -45,6 +45,8 @@ class SGDHD(HypergradOptimizer):
         fused: run the step as one ``torch.compile``'d graph; the first step compiles
             (default: None, i.e. off).
         differentiable: keep weights and rates in the autograd graph (default: False).
+        shard_group: the group of ranks sharding the optimizer state (ZeRO); see
+            :class:`metalr.AdamHD` (default: None).
 
     State: ``momentum_buffer`` as torch.optim.SGD when ``momentum > 0``; plain SGD and Nesterov
     also keep the previous direction (``prev_direction``) because the hypergradient needs it.
@@ -71,6 +73,7 @@ class SGDHD(HypergradOptimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         differentiable: bool = False,
+        shard_group: Any = None,
     ) -> None:
         check.check_lr(lr)
         check.check_nonnegative("momentum", momentum)
@@ -92,6 +95,7 @@ class SGDHD(HypergradOptimizer):
             ),
         )
         super().__init__(params, defaults)
+        self._set_shard_group(shard_group, fused)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -145,6 +149,7 @@ class SGDHD(HypergradOptimizer):
                 granularity=group["granularity"], lr_bounds=group["lr_bounds"],
                 maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
                 differentiable=group["differentiable"], grads_finite=grads_finite,
+                shards=self._shard_reducer(),
             )  # fmt: skip
             keep_dir = stores_prev_direction(group["momentum"], group["nesterov"])
             for p, buf, d in zip(params, new.momentum_buffers, new.prev_directions):

@@ -1,0 +1,54 @@
+"""Reductions across the ranks that shard a param group (ZeroRedundancyOptimizer and friends).
+
+Under optimizer-state sharding each rank steps only its own parameters, so any quantity the
+rules reduce over a whole param group — the group-granularity inner product and the norms of
+the normalized rule — must be summed over ranks, and every rank must agree on whether the step
+is skipped. Without this, ranks adapt different rates and drift apart.
+
+Per-tensor and per-element quantities need nothing under ZeRO (each tensor lives on one rank).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+class ShardReducer:
+    """All-reduces over ``process_group`` (``None`` = the default group).
+
+    Example::
+
+        optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=metalr.AdamHD,
+                                             lr=1e-3, granularity="group",
+                                             shard_group=torch.distributed.group.WORLD)
+    """
+
+    def __init__(self, process_group: dist.ProcessGroup | None = None) -> None:
+        self.process_group = process_group
+
+    def sum(self, values: Tensor) -> Tensor:
+        """``values`` summed over ranks (a new tensor; the input is not modified)."""
+        out = values.detach().clone() if not values.requires_grad else values.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.process_group)
+        return out
+
+    def all(self, flag: Tensor) -> Tensor:
+        """True on every rank only if ``flag`` is true on every rank."""
+        as_int = flag.to(torch.int32).reshape(1).clone()
+        dist.all_reduce(as_int, op=dist.ReduceOp.MIN, group=self.process_group)
+        return as_int[0] > 0
+
+    def participate(self, granularity: str, rule: str) -> None:
+        """Join the collectives of a step in which this rank holds no parameter of the group."""
+        device = _collective_device(self.process_group)
+        self.all(torch.ones((), dtype=torch.bool, device=device))
+        if granularity == "group":
+            self.sum(torch.zeros(3 if rule == "normalized" else 1, device=device))
+
+
+def _collective_device(process_group: dist.ProcessGroup | None) -> torch.device:
+    if dist.get_backend(process_group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,125 @@
+"""Optimizer-state sharding (ZeroRedundancyOptimizer, 2 gloo processes on CPU).
+
+Each rank steps only its own parameters, so group-granularity sums and the skip decision must be
+all-reduced (``shard_group=``): with it, sharded training equals single-process training on the
+same global batch; without it the ranks adapt different rates.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import metalr
+
+STEPS = 8
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+        torch.nn.Linear(16, 2),
+    ).double()  # fmt: skip
+
+
+def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return (torch.randn(8, 6, generator=gen, dtype=torch.float64),
+            torch.randn(8, 2, generator=gen, dtype=torch.float64))  # fmt: skip
+
+
+def _optimizer_kwargs(name: str) -> dict:
+    return {
+        "AdamHD": dict(optimizer_class=metalr.AdamHD, lr=1e-2, hypergrad_lr=0.1),
+        "SGDHD": dict(optimizer_class=metalr.SGDHD, lr=0.05, momentum=0.9, hypergrad_lr=0.1),
+    }[name]
+
+
+def _worker(rank: int, world: int, port: int, name: str, granularity: str, reduce: bool, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(_model())
+        kwargs = dict(_optimizer_kwargs(name), granularity=granularity)
+        if reduce:
+            kwargs["shard_group"] = dist.group.WORLD
+        opt = ZeroRedundancyOptimizer(model.parameters(), **kwargs)
+        for step in range(STEPS):
+            x, y = _data(step)
+            half = slice(rank * 4, rank * 4 + 4)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x[half]), y[half]).backward()
+            opt.step()
+        rates = {
+            i: opt.optim.state[p]["lr_multiplier"].clone()
+            for i, p in enumerate(model.parameters())
+            if p in opt.optim.state
+        }
+        torch.save({"params": [p.detach().clone() for p in model.parameters()], "rates": rates},
+                   f"{out}.{rank}")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_sharded(tmp_path, name, granularity, reduce):
+    out = str(tmp_path / f"{name}-{granularity}-{reduce}")
+    mp.start_processes(_worker, args=(2, _free_port(), name, granularity, reduce, out), nprocs=2,
+                       join=True, start_method="spawn")  # fmt: skip
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+
+
+def _run_single(name, granularity):
+    model = _model()
+    kwargs = dict(_optimizer_kwargs(name), granularity=granularity)
+    opt = kwargs.pop("optimizer_class")(model.parameters(), **kwargs)
+    for step in range(STEPS):
+        x, y = _data(step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    rates = [opt.state[p]["lr_multiplier"] for p in model.parameters()]
+    return [p.detach() for p in model.parameters()], rates
+
+
+@pytest.mark.parametrize("name", ["AdamHD", "SGDHD"])
+def test_zero_group_granularity_equals_single_process(tmp_path, name):
+    ranks = _run_sharded(tmp_path, name, "group", reduce=True)
+    params, rates = _run_single(name, "group")
+    for result in ranks:
+        for p, q in zip(result["params"], params):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+        for i, rate in result["rates"].items():
+            torch.testing.assert_close(rate, rates[i], rtol=1e-9, atol=0)
+
+
+def test_zero_without_the_reduction_drifts(tmp_path):
+    """The failure the reduction prevents: each rank adapts its own group rate."""
+    ranks = _run_sharded(tmp_path, "AdamHD", "group", reduce=False)
+    owned = [set(r["rates"]) for r in ranks]
+    assert owned[0].isdisjoint(owned[1]), "ZeRO should give each rank its own parameters"
+    rate0 = next(iter(ranks[0]["rates"].values()))
+    rate1 = next(iter(ranks[1]["rates"].values()))
+    assert not torch.allclose(rate0, rate1, rtol=1e-6, atol=0)
+
+
+def test_zero_tensor_granularity_needs_no_reduction(tmp_path):
+    ranks = _run_sharded(tmp_path, "AdamHD", "tensor", reduce=False)
+    params, _ = _run_single("AdamHD", "tensor")
+    for p, q in zip(ranks[0]["params"], params):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
