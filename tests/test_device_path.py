@@ -58,3 +58,29 @@ def test_sync_free_path_equals_single_tensor_path(name, granularity, monkeypatch
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
         for key, value in ref.state[q].items():
             torch.testing.assert_close(opt.state[p][key], value, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("granularity", ["group", "tensor", "element"])
+def test_hyperlr_sync_free_path_keeps_everything_finite(granularity, monkeypatch):
+    """Without a host read HyperLR cannot skip the wrapped step: it zeroes the bad entries."""
+    monkeypatch.setattr("metalr.optim.hyper_lr.host_readable", lambda t: False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+    opt = metalr.HyperLR(torch.optim.Adam(model.double().parameters(), lr=1e-2), granularity=granularity)
+    before = None
+    for i in range(12):
+        torch.manual_seed(i)
+        x, y = torch.randn(16, 5, dtype=torch.float64), torch.randn(16, 2, dtype=torch.float64)
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        if i == 3:
+            next(model.parameters()).grad[0, 0] = float("inf")
+            before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        if i == 3:
+            for p, q in zip(model.parameters(), before):
+                assert torch.equal(p, q), "a non-finite step moved the weights"
+    for p in model.parameters():
+        assert torch.isfinite(p).all()
+        assert torch.isfinite(opt.state[p]["lr_multiplier"]).all()
+        assert all(torch.isfinite(v).all() for v in opt.optimizer.state[p].values())

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from metalr.functional._common import host_readable
 from metalr.functional._hypergrad import adapt_rates
 from metalr.optim import _validation as check
 from metalr.optim._base import HYPER_DEFAULTS, HypergradOptimizer, check_sparse
@@ -43,9 +44,10 @@ class HyperLR(HypergradOptimizer):
     the snapshot of the weights during the inner step). ``state_dict()`` holds HyperLR's state
     and, under ``"wrapped"``, the inner optimizer's.
 
-    A step with non-finite gradients leaves the weights and rates unchanged, and the next
-    hypergradient is zero; the inner optimizer's own state is its business (use ``GradScaler``
-    to skip such steps entirely).
+    A step with non-finite gradients leaves the weights and rates unchanged. On the CPU in eager
+    mode the wrapped optimizer's step is skipped too; elsewhere (no host read) it steps on
+    gradients whose non-finite entries were zeroed, so its state stays finite, and the next
+    hypergradient is zero. ``GradScaler`` skips such steps entirely everywhere.
 
     Example:
         >>> base = torch.optim.RMSprop(model.parameters(), lr=1e-3)
@@ -131,15 +133,27 @@ class HyperLR(HypergradOptimizer):
                 lr_bounds=group["lr_bounds"], grads_finite=grads_finite,
             )  # fmt: skip
             torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
-            torch._foreach_copy_(buffers, params)  # snapshot θ_{t-1}
             pending.append((group, params, rates, buffers, finite))
+        if not pending:
+            self.optimizer.step()
+            return loss
+        step_finite = torch.stack([f.to(pending[0][4].device) for *_, f in pending]).all()
+        if host_readable(step_finite):
+            if not bool(step_finite):  # CPU eager: skip the wrapped optimizer's step entirely
+                return loss
+        else:  # no host read: keep the wrapped optimizer's state finite (weights restored below)
+            for _, params, *_ in pending:
+                for p in params:
+                    torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+        for _, params, _, buffers, _ in pending:
+            torch._foreach_copy_(buffers, params)  # snapshot θ_{t-1}
         self.optimizer.step()
         for group, params, rates, snapshots, finite in pending:
             displacement = torch._foreach_sub(params, snapshots)  # u_t of the wrapped optimizer
             for p, rate, snap, u in zip(params, rates, snapshots, displacement):
                 scaled = snap + rate.to(u.dtype) * u if not p.is_complex() else snap + rate * u
-                p.copy_(torch.where(finite, scaled, snap))
-                direction = torch.where(finite, -u * _inverse(group["lr"]), torch.zeros_like(u))
+                p.copy_(torch.where(step_finite, scaled, snap))
+                direction = torch.where(step_finite, -u * _inverse(group["lr"]), torch.zeros_like(u))
                 snap.copy_(direction)  # the buffer now holds d_t for the next hypergradient
         return loss
 
