@@ -41,32 +41,41 @@ def _optimizer_kwargs(name: str) -> dict:
     }[name]
 
 
-def _worker(rank: int, world: int, port: int, name: str, granularity: str, reduce: bool, out: str):
+RUNS = [("AdamHD", "group", True), ("SGDHD", "group", True), ("AdamHD", "group", False),
+        ("AdamHD", "tensor", False)]  # fmt: skip
+
+
+def _train_sharded(rank: int, name: str, granularity: str, reduce: bool) -> dict:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(_model())
+    kwargs = dict(_optimizer_kwargs(name), granularity=granularity)
+    if reduce:
+        kwargs["shard_group"] = dist.group.WORLD
+    opt = ZeroRedundancyOptimizer(model.parameters(), **kwargs)
+    for step in range(STEPS):
+        x, y = _data(step)
+        half = slice(rank * 4, rank * 4 + 4)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[half]), y[half]).backward()
+        opt.step()
+    rates = {
+        i: opt.optim.state[p]["lr_multiplier"].clone()
+        for i, p in enumerate(model.parameters())
+        if p in opt.optim.state
+    }
+    return {"params": [p.detach().clone() for p in model.parameters()], "rates": rates}
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    """One process group for every run (start-up dominates the cost)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from torch.distributed.optim import ZeroRedundancyOptimizer
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(_model())
-        kwargs = dict(_optimizer_kwargs(name), granularity=granularity)
-        if reduce:
-            kwargs["shard_group"] = dist.group.WORLD
-        opt = ZeroRedundancyOptimizer(model.parameters(), **kwargs)
-        for step in range(STEPS):
-            x, y = _data(step)
-            half = slice(rank * 4, rank * 4 + 4)
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(x[half]), y[half]).backward()
-            opt.step()
-        rates = {
-            i: opt.optim.state[p]["lr_multiplier"].clone()
-            for i, p in enumerate(model.parameters())
-            if p in opt.optim.state
-        }
-        torch.save({"params": [p.detach().clone() for p in model.parameters()], "rates": rates},
-                   f"{out}.{rank}")  # fmt: skip
+        results = {run: _train_sharded(rank, *run) for run in RUNS}
+        torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -77,11 +86,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_sharded(tmp_path, name, granularity, reduce):
-    out = str(tmp_path / f"{name}-{granularity}-{reduce}")
-    mp.start_processes(_worker, args=(2, _free_port(), name, granularity, reduce, out), nprocs=2,
-                       join=True, start_method="spawn")  # fmt: skip
-    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("zero") / "results")
+    mp.start_processes(_worker, args=(2, _free_port(), out), nprocs=2, join=True,
+                       start_method="spawn")  # fmt: skip
+    per_rank = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    return {run: [per_rank[r][run] for r in range(2)] for run in RUNS}
 
 
 def _run_single(name, granularity):
@@ -98,8 +109,8 @@ def _run_single(name, granularity):
 
 
 @pytest.mark.parametrize("name", ["AdamHD", "SGDHD"])
-def test_zero_group_granularity_equals_single_process(tmp_path, name):
-    ranks = _run_sharded(tmp_path, name, "group", reduce=True)
+def test_zero_group_granularity_equals_single_process(sharded, name):
+    ranks = sharded[(name, "group", True)]
     params, rates = _run_single(name, "group")
     for result in ranks:
         for p, q in zip(result["params"], params):
@@ -108,9 +119,9 @@ def test_zero_group_granularity_equals_single_process(tmp_path, name):
             torch.testing.assert_close(rate, rates[i], rtol=1e-9, atol=0)
 
 
-def test_zero_without_the_reduction_drifts(tmp_path):
+def test_zero_without_the_reduction_drifts(sharded):
     """The failure the reduction prevents: each rank adapts its own group rate."""
-    ranks = _run_sharded(tmp_path, "AdamHD", "group", reduce=False)
+    ranks = sharded[("AdamHD", "group", False)]
     owned = [set(r["rates"]) for r in ranks]
     assert owned[0].isdisjoint(owned[1]), "ZeRO should give each rank its own parameters"
     rate0 = next(iter(ranks[0]["rates"].values()))
@@ -118,8 +129,8 @@ def test_zero_without_the_reduction_drifts(tmp_path):
     assert not torch.allclose(rate0, rate1, rtol=1e-6, atol=0)
 
 
-def test_zero_tensor_granularity_needs_no_reduction(tmp_path):
-    ranks = _run_sharded(tmp_path, "AdamHD", "tensor", reduce=False)
+def test_zero_tensor_granularity_needs_no_reduction(sharded):
+    ranks = sharded[("AdamHD", "tensor", False)]
     params, _ = _run_single("AdamHD", "tensor")
     for p, q in zip(ranks[0]["params"], params):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -59,3 +60,29 @@ def default_foreach(params: Sequence[Tensor], differentiable: bool) -> bool:
 def host_readable(t: Tensor) -> bool:
     """True when reading ``t`` on the host is free: a CPU tensor outside ``torch.compile``."""
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _dtensor_type() -> Any:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return None
+    return DTensor
+
+
+def full_value(t: Tensor) -> Tensor:
+    """A reduction over a sharded ``DTensor`` (FSDP2) as a plain tensor, all-reduced over ranks."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and isinstance(t, dtensor):
+        return t.full_tensor()
+    return t
+
+
+def sharded_context(params: Sequence[Tensor]) -> contextlib.AbstractContextManager:
+    """With ``DTensor`` parameters (FSDP2), let plain scalar rates mix with them as replicated."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and any(isinstance(p, dtensor) for p in params):
+        from torch.distributed.tensor.experimental import implicit_replication
+
+        return implicit_replication()
+    return contextlib.nullcontext()

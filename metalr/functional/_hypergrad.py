@@ -37,7 +37,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from metalr.functional._common import safe_sqrt
+from metalr.functional._common import full_value, safe_sqrt
 from metalr.functional._distributed import ShardReducer
 
 GRANULARITIES = ("group", "tensor", "element")
@@ -68,8 +68,9 @@ def rate_dtype(param: Tensor) -> torch.dtype:
 
 def initial_rate(param: Tensor, granularity: str, value: float = 1.0) -> Tensor:
     """A fresh multiplier for ``param``: a 0-d tensor, or one per element for ``"element"``."""
-    shape = param.shape if granularity == "element" else ()
-    return torch.full(shape, value, dtype=rate_dtype(param), device=param.device)
+    if granularity == "element":  # full_like keeps a sharded (DTensor) parameter's layout
+        return torch.full_like(param, value, dtype=rate_dtype(param), memory_format=torch.preserve_format)
+    return torch.full((), value, dtype=rate_dtype(param), device=param.device)
 
 
 def inner_products(
@@ -108,6 +109,10 @@ def inner_products(
         if g_norms is not None and d_norms is not None:
             g_norms.append(torch.linalg.vector_norm(gr, dtype=acc))
             d_norms.append(torch.linalg.vector_norm(dr, dtype=acc))
+    if granularity != "element":  # sharded (FSDP2) tensors: the sums run over every rank
+        dots = [full_value(d) for d in dots]
+        g_norms = [full_value(n) for n in g_norms] if g_norms is not None else None
+        d_norms = [full_value(n) for n in d_norms] if d_norms is not None else None
     return dots, g_norms, d_norms
 
 
@@ -138,7 +143,7 @@ def _total(t: Tensor) -> Tensor:
     if t.dim() == 0:
         return t
     acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
-    return torch.sum(t, dtype=acc)
+    return full_value(torch.sum(t, dtype=acc))
 
 
 def _stack(ts: Sequence[Tensor], like: Tensor) -> Tensor:

@@ -39,6 +39,7 @@ from metalr.functional._common import (
     negate_if,
     safe_sqrt,
     select,
+    sharded_context,
     write_back,
 )
 from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
@@ -346,4 +347,5 @@ def adam_hd(
     if foreach and differentiable:
         raise RuntimeError("foreach=True does not support differentiable=True")
     fn = _multi_tensor_adam_hd if foreach else _single_tensor_adam_hd
-    fn(params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper)
+    with sharded_context(params):
+        fn(params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper)

@@ -34,6 +34,7 @@ from metalr.functional._common import (
     host_readable,
     negate_if,
     select,
+    sharded_context,
     write_back,
 )
 from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
@@ -265,4 +266,5 @@ def sgd_hd(
     if foreach and differentiable:
         raise RuntimeError("foreach=True does not support differentiable=True")
     fn = _multi_tensor_sgd_hd if foreach else _single_tensor_sgd_hd
-    return fn(params, grads, momentum_buffers, prev_directions, rates, **hyper)
+    with sharded_context(params):
+        return fn(params, grads, momentum_buffers, prev_directions, rates, **hyper)
