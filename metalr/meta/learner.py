@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from metalr.meta.config import MetaConfig
+from metalr.meta.data_parallel import DataParallel
 from metalr.meta.inner_loop import InnerRule, LossFn, Params, make_forward, make_loss, unroll
 from metalr.meta.parametrize import MetaParameters
 from metalr.meta.prior import LRPrior, prior_from_meta
@@ -55,7 +56,12 @@ class MetaLearner:
     """
 
     def __init__(
-        self, model: nn.Module, config: MetaConfig | None = None, loss_name: str = "mse"
+        self,
+        model: nn.Module,
+        config: MetaConfig | None = None,
+        loss_name: str = "mse",
+        *,
+        process_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -77,6 +83,9 @@ class MetaLearner:
                 self.meta.learned_parameters(), lr=self.config.meta_lr
             )
         self.generator = torch.Generator().manual_seed(self.config.seed)
+        #: Data-parallel meta-training: each rank meta-trains on its own tasks and the
+        #: meta-gradients (and the skip decision) are averaged over this group.
+        self.data_parallel = DataParallel(process_group) if process_group is not None else None
         self.step_count = 0
         self.skipped_steps = 0
 
@@ -161,9 +170,14 @@ class MetaLearner:
         loss = self.meta_loss(batch)
         finite = bool(torch.isfinite(loss))
         grad_norm = math.nan
+        params = self.meta.learned_parameters()
+        if self.data_parallel is not None:
+            finite = self.data_parallel.all(finite)
         if finite:
             loss.backward()
-            params = self.meta.learned_parameters()
+            if self.data_parallel is not None:
+                self.data_parallel.average_grads(params)
+                loss = self.data_parallel.mean(loss.detach())
             clip = self.config.meta_grad_clip
             norm = torch.nn.utils.clip_grad_norm_(params, math.inf if clip is None else clip)
             grad_norm = float(norm)
@@ -192,6 +206,10 @@ class MetaLearner:
                 bool(torch.isfinite(a).all()) for a in adapted.values()
             )
             delta = {n: init[n] - adapted[n].mean(0) for n in init}
+            if self.data_parallel is not None:
+                finite = self.data_parallel.all(finite)
+                if finite:
+                    delta = {n: self.data_parallel.mean(d) for n, d in delta.items()}
             grad_norm = float(torch.linalg.vector_norm(torch.stack(
                 [torch.linalg.vector_norm(d) for d in delta.values()]
             )))  # fmt: skip
