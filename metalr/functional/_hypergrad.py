@@ -157,10 +157,10 @@ def _inverse_lr(lr: float | Tensor) -> float | Tensor:
 
 
 def clamp_rates(rate: Tensor, lr: float | Tensor, lr_bounds: tuple[float, float]) -> Tensor:
-    """Clamp multipliers so that ``lr · m`` lies in ``lr_bounds`` (no-op while ``lr == 0``).
+    """Clamp multipliers so that ``lr · m`` lies in ``lr_bounds`` (rates are already ``>= 0``).
 
-    Infinite or zero bounds are not applied at all, so a tensor ``lr`` in an autograd graph never
-    meets ``inf / lr`` (whose backward is 0·inf = NaN).
+    Positive lower and finite upper bounds are divided by ``lr`` (skipped while ``lr == 0``). An infinite bound is not applied at all, so
+    a tensor ``lr`` in an autograd graph never meets ``inf / lr`` (backward 0·inf = NaN).
     """
     lo, hi = lr_bounds
     has_lo, has_hi = lo > 0, hi < math.inf
@@ -226,7 +226,7 @@ def update_rates(
                 new = _sign_rule(rate, dot, beta)
             else:
                 signal = _rate_signal(dot, None, None, rule, granularity, lr)
-                new = torch.where(torch.isfinite(signal), rate + beta * signal, rate)
+                new = torch.where(torch.isfinite(signal), (rate + beta * signal).clamp_min(0), rate)
             new_rates.append(clamp_rates(new, lr, lr_bounds))
         return new_rates
 
@@ -249,8 +249,8 @@ def update_rates(
     signal = _rate_signal(dot_vec, g_vec, d_vec, rule, granularity, lr)
     if rule == "normalized":
         new_vec = rate_vec * torch.exp(beta * signal)
-    else:
-        new_vec = rate_vec + beta * signal
+    else:  # the additive step can cross zero: a rate is never negative
+        new_vec = (rate_vec + beta * signal).clamp_min(0)
     new_vec = clamp_rates(torch.where(torch.isfinite(signal), new_vec, rate_vec), lr, lr_bounds)
     return [v.to(device=r.device, dtype=r.dtype) for v, r in zip(new_vec.unbind(0), rates)]
 
