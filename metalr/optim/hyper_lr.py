@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metalr.functional._common import host_readable
+from metalr.functional._common import as_real_list, broadcast_rate, host_readable
 from metalr.functional._hypergrad import adapt_rates
 from metalr.optim import _validation as check
 from metalr.optim._base import HYPER_DEFAULTS, HypergradOptimizer, check_sparse
@@ -148,6 +148,10 @@ class HyperLR(HypergradOptimizer):
         for _, params, _, buffers, _ in pending:
             torch._foreach_copy_(buffers, params)  # snapshot θ_{t-1}
         self.optimizer.step()
+        if host_readable(step_finite):  # finite for sure: three in-place passes, no allocation
+            for group, params, rates, snapshots, _ in pending:
+                _rescale_in_place(params, rates, snapshots, group["lr"])
+            return loss
         for group, params, rates, snapshots, finite in pending:
             displacement = torch._foreach_sub(params, snapshots)  # u_t of the wrapped optimizer
             for p, rate, snap, u in zip(params, rates, snapshots, displacement):
@@ -175,6 +179,17 @@ class HyperLR(HypergradOptimizer):
         super().load_state_dict(state_dict)
         self.optimizer.load_state_dict(wrapped)
         self._share_groups()
+
+
+def _rescale_in_place(
+    params: list[Tensor], rates: list[Tensor], snapshots: list[Tensor], lr: float | Tensor
+) -> None:
+    """θ ← θ_inner + (1 − m)·(−u) and buffer ← d = −u / lr, with u = θ_inner − θ_old."""
+    torch._foreach_sub_(snapshots, params)  # −u (the snapshot held θ_old)
+    p_r, neg_u = as_real_list(params), as_real_list(snapshots)
+    one_minus = [broadcast_rate(1 - r, p).to(t.dtype) for r, p, t in zip(rates, params, p_r)]
+    torch._foreach_addcmul_(p_r, neg_u, one_minus)
+    torch._foreach_mul_(snapshots, _inverse(lr))
 
 
 def _inverse(lr: float | Tensor) -> float | Tensor:
