@@ -1,8 +1,23 @@
-"""``metalr`` command line: ``metalr [demo]`` runs the embedded default job; ``bench-step`` times steps."""
+"""``metalr`` command line.
+
+* ``metalr [demo]``: the embedded default job (Adam vs AdamHD on sklearn digits).
+* ``metalr bench-step``: step-time benchmark of the optimizers.
+* ``metalr meta-train --config FILE [--run-dir DIR] [--resume] [--quiet] [key=value ...]``:
+  meta-learn rates from a YAML run config (``metalr.meta.run_config``; overrides are
+  ``section.key=value`` or ``--section.key=value``, type-checked; ``--smoke`` or ``smoke=true``
+  applies the config's smoke section).
+* ``metalr few-shot-eval --checkpoint PATH | --prior PATH --config FILE [key=value ...]``:
+  score a run (or an exported prior in the drop-in optimizers) on its fixed test tasks.
+"""
 
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
+from typing import Any
+
+COMMANDS = ("demo", "bench-step", "meta-train", "few-shot-eval")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,8 +31,103 @@ def main(argv: list[str] | None = None) -> int:
         from metalr.bench import main as bench
 
         return bench(argv)
-    print(f"metalr: unknown command {command!r}; expected 'demo' or 'bench-step'", file=sys.stderr)
+    if command == "meta-train":
+        return meta_train_main(argv)
+    if command == "few-shot-eval":
+        return few_shot_eval_main(argv)
+    expected = ", ".join(repr(c) for c in COMMANDS)
+    print(f"metalr: unknown command {command!r}; expected one of {expected}", file=sys.stderr)
     return 2
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list]:
+    """Known options, plus every ``key=value`` / ``--key=value`` as an override."""
+    parser.add_argument("overrides", nargs="*", help="section.key=value (type-checked)")
+    parser.add_argument("--smoke", action="store_true", help="apply the config's smoke section")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    args, rest = parser.parse_known_args(argv)
+    overrides = [*args.overrides, *rest]
+    bad = [a for a in overrides if "=" not in a]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are key=value)")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    return args, overrides
+
+
+def _summary(res: dict[str, Any], path: Path | str) -> str:
+    t = res["test"]
+    key = "accuracy" if "accuracy" in t else "query_loss"
+    return (
+        f"{res['name']}: test {key} {t[key]:.4f} ± {t[key + '_ci95']:.4f} (95% CI, "
+        f"{int(t['num_tasks'])} tasks, {t['k_shot']}-shot) in {res['wall_time_s']:.1f} s -> {path}"
+    )
+
+
+def meta_train_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="metalr meta-train", description="Meta-learn learning rates from a YAML run config."
+    )
+    parser.add_argument("--config", required=True, help="YAML run config")
+    parser.add_argument("--run-dir", help="output folder (default: runs/<config name>)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's checkpoint")
+    args, overrides = _parse(parser, argv)
+    from metalr.meta.run_config import load_config, parse_override
+    from metalr.meta.runner import meta_train
+
+    run_dir: Path | None = None
+    try:
+        cfg = load_config(args.config, overrides, args.smoke)
+        smoke = args.smoke or any(parse_override(o) == (["smoke"], True) for o in overrides)
+        run_dir = Path(args.run_dir or Path("runs") / f"{cfg.name}{'-smoke' if smoke else ''}")
+        res = meta_train(
+            cfg, run_dir, resume=args.resume, quiet=args.quiet, config_file=args.config
+        )
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        print(f"metalr meta-train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"\nmetalr meta-train: interrupted; the last checkpoint is in {run_dir}: run the same "
+            "command with --resume to continue",
+            file=sys.stderr,
+        )
+        return 130
+    if not args.quiet:
+        print(_summary(res, run_dir / "results.json"), file=sys.stderr)
+    return 0
+
+
+def few_shot_eval_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="metalr few-shot-eval",
+        description="Adapt to fixed test tasks' support sets; report query metrics with 95% CIs.",
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a run's checkpoint.pt (its meta-learner)")
+    source.add_argument("--prior", help="an exported prior, adapted with SGDHD/AdamHD")
+    parser.add_argument(
+        "--config", help="YAML config (default: the checkpoint's; a prior needs it)"
+    )
+    parser.add_argument("--out", help="JSON output (default: beside the checkpoint or prior)")
+    args, overrides = _parse(parser, argv)
+    from metalr.meta.runner import few_shot_eval
+
+    default = "few_shot_eval.json" if args.checkpoint else "prior_eval.json"
+    out = args.out or Path(args.checkpoint or args.prior).parent / default
+    try:
+        res = few_shot_eval(
+            args.checkpoint, prior=args.prior, config_file=args.config, overrides=overrides,
+            smoke=args.smoke, out=out,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"metalr few-shot-eval: error: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(_summary(res, out), file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
