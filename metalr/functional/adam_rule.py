@@ -205,9 +205,16 @@ def _multi_tensor_adam_hd(
     )
     del prev_dirs
     # 3. Adam moments; a non-finite step leaves everything as it was.
+    if host and not bool(finite):
+        return
+    if _fused_kernel_applies(params, rates):
+        _fused_kernel_update(
+            params, grads, exp_avgs, exp_avg_sqs, rates, new_rates, steps, finite, host,
+            lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            decoupled_weight_decay=decoupled_weight_decay,
+        )  # fmt: skip
+        return
     if host:
-        if not bool(finite):
-            return
         torch._foreach_copy_(rates, new_rates)
         keep: float | Tensor = 1.0
         g_work = list(g_r)
@@ -267,6 +274,67 @@ def _bias_corrections(
         return 1 - beta1**t, (1 - beta2**t).sqrt()
     ts = [max(t, floor) for t in steps]
     return [1 - beta1**t for t in ts], [(1 - beta2**t) ** 0.5 for t in ts]
+
+
+def _fused_kernel_applies(params: list[Tensor], rates: list[Tensor]) -> bool:
+    """torch's fused Adam kernel can do the update: one scalar rate per tensor, real floats."""
+    return (
+        hasattr(torch, "_fused_adam_")
+        and not torch.compiler.is_compiling()  # no fake kernel: inductor fuses the step itself
+        and all(r.dim() == 0 for r in rates)
+        and all(
+            p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+            and p.device.type in ("cpu", "cuda")
+            for p in params
+        )
+    )
+
+
+def _fused_kernel_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    rates: list[Tensor],
+    new_rates: list[Tensor],
+    steps: list[Tensor],
+    finite: Tensor,
+    host: bool,
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+) -> None:
+    """The Adam half of the step through ``torch._fused_adam_``, one call per tensor with its
+    effective rate ``lr · m`` as a tensor and ``found_inf`` doing the skip on the device.
+
+    Same update as :func:`adam_hd_step` (torch's kernel computes it in one pass); decoupled decay
+    stays on the scheduled ``lr`` and is applied here, outside the kernel.
+    """
+    if host:  # finite for sure (the caller returned otherwise)
+        torch._foreach_copy_(rates, new_rates)
+        found_inf = None
+        keep: float | Tensor = 1.0
+    else:
+        torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
+        found_inf = (~finite).to(torch.float32)
+        keep = finite.to(torch.float64)
+    if decoupled_weight_decay and weight_decay != 0:
+        torch._foreach_mul_(params, _scalars(1 - lr * weight_decay * keep, params, host))
+    coupled = weight_decay if not decoupled_weight_decay else 0.0
+    torch._foreach_add_(steps, 1)  # the kernel reads the incremented count
+    for p, g, m, v, rate, step in zip(params, grads, exp_avgs, exp_avg_sqs, rates, steps):
+        rate_lr = (rate * lr).to(device=p.device, dtype=torch.float32 if p.dtype != torch.float64 else torch.float64)
+        torch._fused_adam_(
+            [p], [g], [m], [v], [], [step], amsgrad=False, lr=rate_lr, beta1=beta1, beta2=beta2,
+            weight_decay=coupled, eps=eps, maximize=False, grad_scale=None,
+            found_inf=found_inf.to(p.device) if found_inf is not None else None,
+        )  # fmt: skip
+    if found_inf is not None:  # a skipped step does not count
+        torch._foreach_sub_(steps, [found_inf.to(s.device) for s in steps])
 
 
 def _negative_step_sizes(
