@@ -8,6 +8,10 @@
   applies the config's smoke section).
 * ``metalr few-shot-eval --checkpoint PATH | --prior PATH --config FILE [key=value ...]``:
   score a run (or an exported prior in the drop-in optimizers) on its fixed test tasks.
+* ``metalr ablate [--config FILE] [--smoke] [--no-report] [key=value ...]``: run an ablation grid
+  (``metalr.workbench``; no config: the embedded default study), then its report.
+* ``metalr report RESULTS [--out DIR]``: tables and plots of an ablation results folder.
+* ``metalr find-lr [--task T] [--optimizer KIND] [--out PNG]``: LR range test on a workbench task.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-COMMANDS = ("demo", "bench-step", "meta-train", "few-shot-eval")
+COMMANDS = ("demo", "bench-step", "meta-train", "few-shot-eval", "ablate", "report", "find-lr")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         return meta_train_main(argv)
     if command == "few-shot-eval":
         return few_shot_eval_main(argv)
+    if command in ("ablate", "report", "find-lr"):
+        from metalr.workbench import cli as workbench_cli
+
+        return workbench_cli.main(command, argv)
     expected = ", ".join(repr(c) for c in COMMANDS)
     print(f"metalr: unknown command {command!r}; expected one of {expected}", file=sys.stderr)
     return 2

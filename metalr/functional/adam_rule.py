@@ -283,7 +283,7 @@ def _fused_kernel_applies(params: list[Tensor], rates: list[Tensor]) -> bool:
         and not torch.compiler.is_compiling()  # no fake kernel: inductor fuses the step itself
         and all(r.dim() == 0 for r in rates)
         and all(
-            p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+            p.dtype in (torch.float32, torch.float64)  # half types: the kernel's lr handling differs
             and p.device.type in ("cpu", "cuda")
             for p in params
         )
@@ -327,7 +327,7 @@ def _fused_kernel_update(
     coupled = weight_decay if not decoupled_weight_decay else 0.0
     torch._foreach_add_(steps, 1)  # the kernel reads the incremented count
     for p, g, m, v, rate, step in zip(params, grads, exp_avgs, exp_avg_sqs, rates, steps):
-        rate_lr = (rate * lr).to(device=p.device, dtype=torch.float32 if p.dtype != torch.float64 else torch.float64)
+        rate_lr = (rate * lr).to(device=p.device, dtype=p.dtype)
         torch._fused_adam_(
             [p], [g], [m], [v], [], [step], amsgrad=False, lr=rate_lr, beta1=beta1, beta2=beta2,
             weight_decay=coupled, eps=eps, maximize=False, grad_scale=None,

@@ -187,9 +187,14 @@ def _multi_tensor_sgd_hd(
     del prev
     p_r = as_real_list(params)
     host = host_readable(rates[0])  # CPU eager: read the flag, run the finite step with scalars
+    if host and not bool(finite):
+        return SGDHDState(list(params), list(momentum_buffers), list(prev_directions), list(rates))
+    if momentum != 0 and not nesterov and _fused_kernel_applies(params, rates):
+        return _fused_kernel_update(
+            params, grads, momentum_buffers, rates, new_rates, finite, host,
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+        )  # fmt: skip
     if host:
-        if not bool(finite):
-            return SGDHDState(list(params), list(momentum_buffers), list(prev_directions), list(rates))
         torch._foreach_copy_(rates, new_rates)
         keep: float | Tensor = 1.0
         d_r = as_real_list(grads)
@@ -229,6 +234,57 @@ def _multi_tensor_sgd_hd(
     ]
     torch._foreach_addcmul_(p_r, d_r, neg_step)
     return SGDHDState(list(params), bufs, dirs, list(rates))
+
+
+def _fused_kernel_applies(params: list[Tensor], rates: list[Tensor]) -> bool:
+    """torch's fused SGD kernel can do the update: one scalar rate per tensor, real floats."""
+    return (
+        hasattr(torch, "_fused_sgd_")
+        and not torch.compiler.is_compiling()  # no fake kernel: inductor fuses the step itself
+        and all(r.dim() == 0 for r in rates)
+        and all(
+            p.dtype in (torch.float32, torch.float64)  # half types: the kernel's lr handling differs
+            and p.device.type in ("cpu", "cuda")
+            for p in params
+        )
+    )
+
+
+def _fused_kernel_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    rates: list[Tensor],
+    new_rates: list[Tensor],
+    finite: Tensor,
+    host: bool,
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+) -> SGDHDState:
+    """Momentum SGD through ``torch._fused_sgd_``, one call per tensor with ``lr · m`` as a
+    tensor lr and ``found_inf`` doing the skip on the device (the previous direction is the
+    momentum buffer, so nothing else is stored)."""
+    if host:  # finite for sure (the caller returned otherwise)
+        torch._foreach_copy_(rates, new_rates)
+        found_inf = None
+    else:
+        torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
+        found_inf = (~finite).to(torch.float32)
+    bufs = list(momentum_buffers)
+    for i, (p, g, rate) in enumerate(zip(params, grads, rates)):
+        first = bufs[i] is None
+        if first:
+            bufs[i] = torch.zeros_like(p) if found_inf is not None else torch.empty_like(p)
+        torch._fused_sgd_(
+            [p], [g], [bufs[i]], weight_decay=weight_decay, momentum=momentum,
+            lr=(rate * lr).to(device=p.device, dtype=p.dtype), dampening=dampening, nesterov=False,
+            maximize=False, is_first_step=first, grad_scale=None,
+            found_inf=found_inf.to(p.device) if found_inf is not None else None,
+        )  # fmt: skip
+    return SGDHDState(list(params), bufs, [None] * len(params), list(rates))
 
 
 def _like(value: float | Tensor, t: Tensor) -> float | Tensor:
