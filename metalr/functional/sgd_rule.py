@@ -243,8 +243,10 @@ def _fused_kernel_applies(params: list[Tensor], rates: list[Tensor]) -> bool:
         and not torch.compiler.is_compiling()  # no fake kernel: inductor fuses the step itself
         and all(r.dim() == 0 for r in rates)
         and all(
-            p.dtype in (torch.float32, torch.float64)  # half types: the kernel's lr handling differs
-            and p.device.type in ("cpu", "cuda")
+            # The kernels' tensor-lr dtype rules differ by device (CUDA wants float32, the CPU
+            # the parameter's dtype, half types misread it): use them where they agree with us.
+            (p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64))
+            or (p.device.type == "cuda" and p.dtype == torch.float32)
             for p in params
         )
     )
