@@ -1,0 +1,107 @@
+"""``metalr ablate`` / ``report`` / ``find-lr`` (dispatched from :mod:`metalr.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def main(command: str, argv: list[str]) -> int:
+    return {"ablate": ablate_main, "report": report_main, "find-lr": find_lr_main}[command](argv)
+
+
+def ablate_main(argv: list[str]) -> int:
+    from metalr.cli import _parse
+
+    parser = argparse.ArgumentParser(
+        prog="metalr ablate",
+        description="Run an ablation grid (tasks × optimizers × lrs × seeds) and report it.",
+    )
+    parser.add_argument("--config", help="YAML study config (default: the embedded default study)")
+    parser.add_argument("--no-report", action="store_true", help="skip the tables and plots")
+    args, overrides = _parse(parser, argv)
+    from metalr.workbench.config import default_study, load_study
+    from metalr.workbench.report import report
+    from metalr.workbench.runner import run_study
+
+    tic = time.perf_counter()
+    try:
+        if args.config:
+            cfg = load_study(args.config, overrides, args.smoke)
+        else:
+            cfg = default_study(overrides, args.smoke)
+        records = run_study(cfg, quiet=args.quiet, config_file=args.config)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"metalr ablate: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nmetalr ablate: interrupted; finished runs are recorded: rerun the same command "
+              "to continue", file=sys.stderr)  # fmt: skip
+        return 130
+    seconds = time.perf_counter() - tic
+    print(f"{cfg.name}: {len(records)} runs in {cfg.out_dir} ({seconds:.1f} s)", file=sys.stderr)
+    if not args.no_report:
+        text, files = report(cfg.out_dir)
+        print(text)
+        print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
+    return 0
+
+
+def report_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="metalr report", description="Tables and plots of an ablation results folder."
+    )
+    parser.add_argument("results", help="results folder (or its records.jsonl)")
+    parser.add_argument("--out", help="output folder (default: the results folder)")
+    args = parser.parse_args(argv)
+    from metalr.workbench.report import report
+
+    try:
+        text, files = report(args.results, args.out)
+    except FileNotFoundError as exc:
+        print(f"metalr report: error: {exc}", file=sys.stderr)
+        return 2
+    print(text)
+    print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
+    return 0
+
+
+def find_lr_main(argv: list[str]) -> int:
+    import torch
+
+    from metalr.workbench.find_lr import find_lr
+    from metalr.workbench.optimizers import build_optimizer, check_spec
+    from metalr.workbench.tasks import TASKS, make_task
+
+    parser = argparse.ArgumentParser(
+        prog="metalr find-lr", description="LR range test (Smith 2017)."
+    )
+    parser.add_argument("--task", default="digits_mlp", choices=TASKS)
+    parser.add_argument("--size", default="smoke", choices=("smoke", "full"))
+    parser.add_argument("--optimizer", default="adam", help="optimizer kind (default: adam)")
+    parser.add_argument("--start-lr", type=float, default=1e-7)
+    parser.add_argument("--end-lr", type=float, default=10.0)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", default="min/10", choices=("min/10", "steepest"))
+    parser.add_argument("--out", default="range_test.png", help="plot file")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    try:
+        spec = check_spec("optimizer", {"kind": args.optimizer})
+        task = make_task(args.task, args.size)
+        res = find_lr(lambda: task.model(args.seed), lambda p: build_optimizer(spec, p, 1e-3),
+                      lambda m, b: task.loss(m(b[0]), b[1]), task.batches(args.seed),
+                      start_lr=args.start_lr, end_lr=args.end_lr, num_steps=args.steps,
+                      method=args.method)  # fmt: skip
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        print(f"metalr find-lr: error: {exc}", file=sys.stderr)
+        return 2
+    res.plot(args.out, title=f"LR range test: {args.optimizer} on {args.task}")
+    info = res.to_dict()
+    print(f"suggested lr {info['suggested_lr']:.3g} ({info['method']}; min-loss lr "
+          f"{info['min_loss_lr']:.3g}, steepest {info['steepest_lr']:.3g}, stopped at "
+          f"{info['diverged_at'] or args.end_lr:.3g}) -> {Path(args.out)}")  # fmt: skip
+    return 0
