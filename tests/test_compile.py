@@ -94,3 +94,59 @@ def test_fused_rejects_what_it_cannot_compile():
         q = torch.nn.Parameter(torch.zeros(2))
         q.grad = torch.ones_like(q)
         metalr.SGDHD([q], fused=True, differentiable=True).step()
+
+
+@pytest.mark.parametrize("name", ["AdamHD", "SGDHD"])
+def test_compiled_step_with_a_scheduler_does_not_recompile_over_100_steps(name):
+    """With a tensor lr (as torch recommends for compiled optimizers) a scheduler changing it every
+    step does not recompile; results equal eager."""
+    make = {
+        "AdamHD": lambda p: metalr.AdamHD(p, lr=torch.tensor(1e-2)),
+        "SGDHD": lambda p: metalr.SGDHD(p, lr=torch.tensor(1e-2), momentum=0.9),
+    }[name]
+    model, x, y = _model_and_data()
+    eager_model = copy.deepcopy(model)
+    opt, eager_opt = make(model.parameters()), make(eager_model.parameters())
+    kw = dict(max_lr=0.05, total_steps=101, cycle_momentum=False)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, **kw)
+    eager_sched = torch.optim.lr_scheduler.OneCycleLR(eager_opt, **kw)
+    torch._dynamo.reset()
+    counters.clear()
+
+    @torch.compile
+    def compiled_step():
+        opt.step()
+
+    for _ in range(100):
+        for m, o, step, s in ((model, opt, compiled_step, sched), (eager_model, eager_opt, eager_opt.step, eager_sched)):
+            o.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            step()
+            s.step()
+    assert counters["stats"]["unique_graphs"] <= 2, counters["stats"]
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_step_follows_cycled_betas():
+    """OneCycleLR also cycles Adam's beta1 (a Python float): the compiled step must use the new
+    value (it recompiles, as torch's own Adam does; tensor betas would avoid that)."""
+    model, x, y = _model_and_data()
+    eager_model = copy.deepcopy(model)
+    opt, eager_opt = metalr.AdamHD(model.parameters()), metalr.AdamHD(eager_model.parameters())
+    scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=20) for o in (opt, eager_opt)]
+    torch._dynamo.reset()
+
+    @torch.compile
+    def compiled_step():
+        opt.step()
+
+    for _ in range(6):
+        for m, o, step, s in ((model, opt, compiled_step, scheds[0]), (eager_model, eager_opt, eager_opt.step, scheds[1])):
+            o.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            step()
+            s.step()
+    assert opt.param_groups[0]["betas"][0] != 0.95  # the betas did cycle
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)

@@ -57,6 +57,13 @@ class AdamHDState(NamedTuple):
     steps: list[Tensor]
 
 
+def _pow(base: float, exponent: Tensor) -> Tensor:
+    """``base ** exponent`` with the base as a tensor: under torch.compile a Python float base
+    becomes a symbolic float when schedulers change betas (OneCycleLR), and ``float ** tensor``
+    with a symbolic base computed wrong results on torch 2.13."""
+    return torch.pow(torch.as_tensor(base, dtype=exponent.dtype, device=exponent.device), exponent)
+
+
 def adam_direction(
     exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, beta1: float, beta2: float, eps: float
 ) -> Tensor:
@@ -66,8 +73,8 @@ def adam_direction(
     (dead units give ``v = 0``).
     """
     step = step.to(exp_avg.real.dtype if exp_avg.is_complex() else exp_avg.dtype).clamp_min(1)
-    bias1 = 1 - beta1**step
-    bias2 = 1 - beta2**step
+    bias1 = 1 - _pow(beta1, step)
+    bias2 = 1 - _pow(beta2, step)
     return (exp_avg / bias1) / (safe_sqrt(exp_avg_sq / bias2) + eps)
 
 
@@ -271,7 +278,7 @@ def _bias_corrections(
     """``1 - β1^t`` and ``√(1 - β2^t)`` per tensor (``t`` floored, e.g. at 1 for d_{t-1})."""
     if isinstance(steps, Tensor):
         t = steps.clamp_min(floor)
-        return 1 - beta1**t, (1 - beta2**t).sqrt()
+        return 1 - _pow(beta1, t), (1 - _pow(beta2, t)).sqrt()
     ts = [max(t, floor) for t in steps]
     return [1 - beta1**t for t in ts], [(1 - beta2**t) ** 0.5 for t in ts]
 
