@@ -152,7 +152,7 @@ class HyperLR(HypergradOptimizer):
             for group, params, rates, snapshots, _ in pending:
                 _rescale_in_place(params, rates, snapshots, group["lr"])
             return loss
-        for group, params, rates, snapshots, finite in pending:
+        for group, params, rates, snapshots, _ in pending:
             displacement = torch._foreach_sub(params, snapshots)  # u_t of the wrapped optimizer
             for p, rate, snap, u in zip(params, rates, snapshots, displacement):
                 scaled = snap + rate.to(u.dtype) * u if not p.is_complex() else snap + rate * u
