@@ -61,7 +61,11 @@ def _pow(base: float, exponent: Tensor) -> Tensor:
     """``base ** exponent`` with the base as a tensor: under torch.compile a Python float base
     becomes a symbolic float when schedulers change betas (OneCycleLR), and ``float ** tensor``
     with a symbolic base computed wrong results on torch 2.13."""
-    return torch.pow(torch.as_tensor(base, dtype=exponent.dtype, device=exponent.device), exponent)
+    if torch.compiler.is_compiling():  # as_tensor specializes the float: correct values
+        base_t = torch.as_tensor(base, dtype=exponent.dtype, device=exponent.device)
+    else:  # a fill kernel, no host-to-device copy: capturable in a CUDA graph
+        base_t = torch.full((), base, dtype=exponent.dtype, device=exponent.device)
+    return torch.pow(base_t, exponent)
 
 
 def adam_direction(
