@@ -1,0 +1,235 @@
+"""Issue 4's four ablation studies: run each grid with ``metalr ablate``, write its report with
+``metalr report``, then print (and write) the headline numbers of each study.
+
+    python experiments/ablate_studies.py            # all four studies (resumes finished cells)
+    python experiments/ablate_studies.py 1 3        # only studies 1 and 3
+    python experiments/ablate_studies.py --headlines-only   # recompute the headlines
+
+Configs: ``configs/ablate_study{1..4}_*.yaml`` (each header gives its command, hardware, wall
+time and expected headline). Outputs: ``experiments/results/ablate_study<N>/`` (records.jsonl,
+curves/, report.md, summary.csv, PNGs) and ``experiments/results/ablate_study<N>/headline.md``.
+
+Study 1's goal (issue 4): AdamHD at default settings, started at each initial lr, ends within 10%
+of the best-of-grid Adam's final validation loss (mean over seeds) on >= 80% of (task, lr0) cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    1: "configs/ablate_study1_lr_sensitivity.yaml",
+    2: "configs/ablate_study2_tuning_cost.yaml",
+    3: "configs/ablate_study3_components.yaml",
+    4: "configs/ablate_study4_schedules.yaml",
+}
+RESULTS = ROOT / "experiments" / "results"
+CURVES_LIMIT = 5 * 2**20  # drop per-step curve folders beyond ~5 MB in total
+GOAL_WITHIN, GOAL_FRACTION = 0.10, 0.80
+
+
+def metalr_cli() -> list[str]:
+    exe = Path(sys.executable).with_name("metalr")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "metalr.cli"]
+
+
+def run(n: int) -> float:
+    tic = time.perf_counter()
+    cmd = [*metalr_cli(), "ablate", "--config", CONFIGS[n], "--quiet", "--no-report"]
+    print("$", " ".join(cmd[-5:]), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    out = RESULTS / f"ablate_study{n}"
+    subprocess.run([*metalr_cli(), "report", str(out.relative_to(ROOT))], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)  # fmt: skip
+    return time.perf_counter() - tic
+
+
+# ------------------------------------------------------------------------------------ headlines
+def records(n: int) -> list[dict]:
+    path = RESULTS / f"ablate_study{n}" / "records.jsonl"
+    latest = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("status") != "not installed":
+            latest[(r["task"], r["optimizer"], r["lr"], r["seed"])] = r
+    return list(latest.values())
+
+
+def table(recs: list[dict], key: str = "final_val_loss") -> dict[tuple, float]:
+    """(task, optimizer, lr) → mean over seeds (inf if any seed diverged)."""
+    groups = defaultdict(list)
+    for r in recs:
+        v = r.get(key)
+        bad = r.get("status") == "diverged" or v is None or not math.isfinite(v)
+        groups[(r["task"], r["optimizer"], r["lr"])].append(math.inf if bad else float(v))
+    return {k: sum(v) / len(v) for k, v in groups.items()}
+
+
+def fmt(v: float) -> str:
+    return "diverged" if not math.isfinite(v) else f"{v:.4f}"
+
+
+def md(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def best(t: dict, task: str, opt: str) -> tuple[float, float | None]:
+    cands = [(v, lr) for (ta, o, lr), v in t.items() if ta == task and o == opt]
+    return min(cands, key=lambda c: c[0]) if cands else (math.nan, None)
+
+
+def headline1() -> str:
+    t = table(records(1))
+    tasks = sorted({k[0] for k in t})
+    lrs = sorted({k[2] for k in t if k[1] == "adam_hd"})
+    rows, hits, cells = [], 0, 0
+    sgd_hits = beats = mid_hits = mid = 0
+    for task in tasks:
+        b_adam, b_lr = best(t, task, "adam")
+        b_sgd, _ = best(t, task, "sgd")
+        for lr in lrs:
+            hd = t[(task, "adam_hd", lr)]
+            ok = hd <= (1 + GOAL_WITHIN) * b_adam
+            sgd_ok = t[(task, "sgd_hd", lr)] <= (1 + GOAL_WITHIN) * b_sgd
+            hits, cells, sgd_hits = hits + ok, cells + 1, sgd_hits + sgd_ok
+            beats += hd < t[(task, "adam", lr)]
+            if 1e-4 <= lr <= 1e-2:
+                mid, mid_hits = mid + 1, mid_hits + ok
+            rows.append([task, f"{lr:g}", fmt(t[(task, "adam", lr)]), fmt(hd),
+                         f"{fmt(b_adam)} (lr {b_lr:g})",
+                         f"{hd / b_adam:.3f}" if math.isfinite(hd) else "∞",
+                         "yes" if ok else "**no**"])  # fmt: skip
+    frac = hits / cells
+    peers = []
+    for task in tasks:
+        b_adam, _ = best(t, task, "adam")
+        line = [task, fmt(b_adam)]
+        for o in ("adam_hd", "sgd_hd", "schedulefree_adamw", "prodigy", "dadapt_adam"):
+            v, lr = best(t, task, o)
+            line.append(f"{v / b_adam:.3f}" + ("" if lr is None else f" @{lr:g}"))
+        peers.append(line)
+    return (
+        "## Study 1: LR sensitivity — the goal\n\n"
+        f"AdamHD (defaults) at initial lr lr0 vs the best-of-grid Adam (final validation loss, "
+        f"mean over seeds): within {GOAL_WITHIN:.0%} on **{hits}/{cells} = {frac:.0%}** of "
+        f"(task, lr0) cells (goal: ≥ {GOAL_FRACTION:.0%}: "
+        f"**{'met' if frac >= GOAL_FRACTION else 'NOT met'}**). "
+        f"Restricted to lr0 ∈ [1e-4, 1e-2]: {mid_hits}/{mid}. AdamHD beats Adam started at the "
+        f"same lr0 on {beats}/{cells} cells. Same goal test for SGD-HD vs best-of-grid SGD: "
+        f"{sgd_hits}/{cells}.\n\n"
+        + md(["task", "lr0", "Adam @lr0", "AdamHD @lr0", "best Adam", "AdamHD / best Adam",
+              "within 10%"], rows)  # fmt: skip
+        + "\nBest-of-grid loss of each optimizer ÷ best-of-grid Adam (lr-free peers: one run):\n\n"
+        + md(["task", "best Adam", "AdamHD", "SGD-HD", "schedule-free AdamW", "Prodigy",
+              "D-Adapt Adam"], peers)  # fmt: skip
+    )
+
+
+def headline2() -> str:
+    recs = records(2)
+    val, test = table(recs), table(recs, "final_test_loss")
+    runs = {"adam_hd": 1, "adam": 1, "adam_tuned_1": 2, "adam_tuned_4": 5, "adam_tuned_16": 17}
+    tasks = sorted({k[0] for k in val})
+    rows = []
+    chosen = defaultdict(list)
+    for r in recs:
+        if r["optimizer"].startswith("adam_tuned"):
+            chosen[(r["task"], r["optimizer"])].append(r["lr_used"])
+    for task in tasks:
+        for o, k in runs.items():
+            key = next(kk for kk in val if kk[0] == task and kk[1] == o)
+            lrs = chosen.get((task, o))
+            pick = "1e-3" if lrs is None else ", ".join(f"{x:.2g}" for x in lrs)
+            rows.append([task, o, k, pick, fmt(val[key]), fmt(test[key]),
+                         f"{test[key] / test[next(kk for kk in test if kk[0] == task and kk[1] == 'adam_hd')]:.3f}"])  # fmt: skip
+    return ("## Study 2: tuning cost\n\nFinal validation and test loss, mean over seeds; "
+            "'runs' = full-length training runs spent (a tuning budget of k trials + the "
+            "retrain); tuned Adam is selected on validation loss, so its test loss is the fair "
+            "column.\n\n"
+            + md(["task", "optimizer", "runs", "lr used (per seed)", "val loss", "test loss",
+                  "test ÷ AdamHD"], rows))  # fmt: skip
+
+
+def _relative(n: int, ref: str) -> str:
+    """Per optimizer: mean over (task, lr0) of loss ÷ ref's at the same (task, lr0), and the
+    number of (task, lr0) cells where it beats ref; plus each one's best-of-grid per task."""
+    t = table(records(n))
+    tasks = sorted({k[0] for k in t})
+    opts = list(dict.fromkeys(k[1] for k in t))
+    lrs = sorted({k[2] for k in t if k[2] is not None})
+    rows = []
+    for o in opts:
+        ratios, wins = [], 0
+        for task in tasks:
+            for lr in lrs:
+                if (task, o, lr) in t:
+                    a, b = t[(task, o, lr)], t[(task, ref, lr)]
+                    ratios.append(a / b if math.isfinite(a) else math.inf)
+                    wins += a < b
+        geo = (math.exp(sum(math.log(x) for x in ratios) / len(ratios))
+               if ratios and all(math.isfinite(x) for x in ratios) else math.inf)  # fmt: skip
+        bests = []
+        for task in tasks:
+            v, lr = best(t, task, o)
+            bests.append(f"{fmt(v)}" + ("" if lr is None else f" @{lr:g}"))
+        rows.append([o, f"{geo:.3f}" if ratios else "— (lr-free)",
+                     f"{wins}/{len(ratios)}" if ratios else "—", *bests])  # fmt: skip
+    return md(["optimizer", f"geo-mean loss ÷ {ref} (same task, lr0)",
+               f"cells better than {ref}", *[f"best: {x}" for x in tasks]], rows)  # fmt: skip
+
+
+def headline3() -> str:
+    return ("## Study 3: metalr's parts (AdamHD)\n\n" + _relative(3, "adam_hd")
+            + "\nNot covered: a meta-learned prior vs none (the workbench cannot load an "
+            "LRPrior into an optimizer spec, and its tasks have no meta-training split).\n")
+
+
+def headline4() -> str:
+    return "## Study 4: schedules and the LR range test vs fixed-rate Adam\n\n" + _relative(
+        4, "adam"
+    )
+
+
+HEADLINES = {1: headline1, 2: headline2, 3: headline3, 4: headline4}
+
+
+def trim_curves() -> None:
+    folders = [RESULTS / f"ablate_study{n}" / "curves" for n in CONFIGS]
+    total = sum(f.stat().st_size for d in folders if d.is_dir() for f in d.iterdir())
+    print(f"curve folders: {total / 2**20:.1f} MiB", flush=True)
+    if total > CURVES_LIMIT:  # the report's curve plots are already written
+        for d in folders:
+            shutil.rmtree(d, ignore_errors=True)
+        print("removed the curve folders (over the size limit)")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("studies", nargs="*", type=int, default=list(CONFIGS))
+    p.add_argument("--headlines-only", action="store_true")
+    args = p.parse_args()
+    for n in args.studies:
+        if not args.headlines_only:
+            seconds = run(n)
+            print(f"study {n}: {seconds:.0f} s wall (run + report)", flush=True)
+        text = HEADLINES[n]()
+        (RESULTS / f"ablate_study{n}" / "headline.md").write_text(text)
+        print(text, flush=True)
+    if not args.headlines_only:
+        trim_curves()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
