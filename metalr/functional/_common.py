@@ -86,3 +86,31 @@ def sharded_context(params: Sequence[Tensor]) -> contextlib.AbstractContextManag
 
         return implicit_replication()
     return contextlib.nullcontext()
+
+
+def commit_rates(rates: list[Tensor], new_rates: list[Tensor], finite: Tensor, known_finite: bool) -> None:
+    """Write new multipliers in place; where the step is skipped (``finite`` false) keep the old.
+
+    ``known_finite``: the caller already read the flag on the host and it was true.
+    """
+    if known_finite:
+        torch._foreach_copy_(rates, new_rates)
+    else:
+        torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
+
+
+def torch_fused_kernel_applies(kernel: str, params: Sequence[Tensor], rates: Sequence[Tensor]) -> bool:
+    """torch's fused ``kernel`` (``_fused_adam_``/``_fused_sgd_``) can do the update: one scalar
+    rate per tensor, real floats, eager mode."""
+    return (
+        hasattr(torch, kernel)
+        and not torch.compiler.is_compiling()  # no fake kernel: inductor fuses the step itself
+        and all(r.dim() == 0 for r in rates)
+        and all(
+            # The kernels' tensor-lr dtype rules differ by device (CUDA wants float32, the CPU
+            # the parameter's dtype, half types misread it): use them where they agree with us.
+            (p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64))
+            or (p.device.type == "cuda" and p.dtype == torch.float32)
+            for p in params
+        )
+    )

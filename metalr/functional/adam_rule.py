@@ -35,11 +35,13 @@ from metalr.functional._common import (
     broadcast_rate,
     default_foreach,
     from_real,
+    commit_rates,
     host_readable,
     negate_if,
     safe_sqrt,
     select,
     sharded_context,
+    torch_fused_kernel_applies,
     write_back,
 )
 from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
@@ -218,7 +220,7 @@ def _multi_tensor_adam_hd(
     # 3. Adam moments; a non-finite step leaves everything as it was.
     if host and not bool(finite):
         return
-    if _fused_kernel_applies(params, rates):
+    if torch_fused_kernel_applies("_fused_adam_", params, rates):
         _fused_kernel_update(
             params, grads, exp_avgs, exp_avg_sqs, rates, new_rates, steps, finite, host,
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
@@ -226,7 +228,7 @@ def _multi_tensor_adam_hd(
         )  # fmt: skip
         return
     if host:
-        torch._foreach_copy_(rates, new_rates)
+        commit_rates(rates, new_rates, finite, known_finite=True)
         keep: float | Tensor = 1.0
         g_work = list(g_r)
         if weight_decay != 0 and not decoupled_weight_decay:
@@ -237,7 +239,7 @@ def _multi_tensor_adam_hd(
         del g_work
         torch._foreach_add_(steps, 1)
     else:
-        torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
+        commit_rates(rates, new_rates, finite, known_finite=False)
         keep = finite.to(torch.float64)
         g_safe = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in g_r]
         if weight_decay != 0 and not decoupled_weight_decay:
@@ -287,21 +289,6 @@ def _bias_corrections(
     return [1 - beta1**t for t in ts], [(1 - beta2**t) ** 0.5 for t in ts]
 
 
-def _fused_kernel_applies(params: list[Tensor], rates: list[Tensor]) -> bool:
-    """torch's fused Adam kernel can do the update: one scalar rate per tensor, real floats."""
-    return (
-        hasattr(torch, "_fused_adam_")
-        and not torch.compiler.is_compiling()  # no fake kernel: inductor fuses the step itself
-        and all(r.dim() == 0 for r in rates)
-        and all(
-            # The kernels' tensor-lr dtype rules differ by device (CUDA wants float32, the CPU
-            # the parameter's dtype, half types misread it): use them where they agree with us.
-            (p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64))
-            or (p.device.type == "cuda" and p.dtype == torch.float32)
-            for p in params
-        )
-    )
-
 
 def _fused_kernel_update(
     params: list[Tensor],
@@ -328,11 +315,11 @@ def _fused_kernel_update(
     stays on the scheduled ``lr`` and is applied here, outside the kernel.
     """
     if host:  # finite for sure (the caller returned otherwise)
-        torch._foreach_copy_(rates, new_rates)
+        commit_rates(rates, new_rates, finite, known_finite=True)
         found_inf = None
         keep: float | Tensor = 1.0
     else:
-        torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
+        commit_rates(rates, new_rates, finite, known_finite=False)
         found_inf = (~finite).to(torch.float32)
         keep = finite.to(torch.float64)
     if decoupled_weight_decay and weight_decay != 0:

@@ -31,10 +31,12 @@ from metalr.functional._common import (
     broadcast_rate,
     default_foreach,
     from_real,
+    commit_rates,
     host_readable,
     negate_if,
     select,
     sharded_context,
+    torch_fused_kernel_applies,
     write_back,
 )
 from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
@@ -189,19 +191,19 @@ def _multi_tensor_sgd_hd(
     host = host_readable(rates[0])  # CPU eager: read the flag, run the finite step with scalars
     if host and not bool(finite):
         return SGDHDState(list(params), list(momentum_buffers), list(prev_directions), list(rates))
-    if momentum != 0 and not nesterov and _fused_kernel_applies(params, rates):
+    if momentum != 0 and not nesterov and torch_fused_kernel_applies("_fused_sgd_", params, rates):
         return _fused_kernel_update(
             params, grads, momentum_buffers, rates, new_rates, finite, host,
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
         )  # fmt: skip
     if host:
-        torch._foreach_copy_(rates, new_rates)
+        commit_rates(rates, new_rates, finite, known_finite=True)
         keep: float | Tensor = 1.0
         d_r = as_real_list(grads)
         if weight_decay != 0:
             d_r = torch._foreach_add(d_r, p_r, alpha=weight_decay)
     else:
-        torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
+        commit_rates(rates, new_rates, finite, known_finite=False)
         keep = finite.to(torch.float64)
         d_r = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in as_real_list(grads)]
         if weight_decay != 0:
@@ -236,21 +238,6 @@ def _multi_tensor_sgd_hd(
     return SGDHDState(list(params), bufs, dirs, list(rates))
 
 
-def _fused_kernel_applies(params: list[Tensor], rates: list[Tensor]) -> bool:
-    """torch's fused SGD kernel can do the update: one scalar rate per tensor, real floats."""
-    return (
-        hasattr(torch, "_fused_sgd_")
-        and not torch.compiler.is_compiling()  # no fake kernel: inductor fuses the step itself
-        and all(r.dim() == 0 for r in rates)
-        and all(
-            # The kernels' tensor-lr dtype rules differ by device (CUDA wants float32, the CPU
-            # the parameter's dtype, half types misread it): use them where they agree with us.
-            (p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64))
-            or (p.device.type == "cuda" and p.dtype == torch.float32)
-            for p in params
-        )
-    )
-
 
 def _fused_kernel_update(
     params: list[Tensor],
@@ -270,10 +257,10 @@ def _fused_kernel_update(
     tensor lr and ``found_inf`` doing the skip on the device (the previous direction is the
     momentum buffer, so nothing else is stored)."""
     if host:  # finite for sure (the caller returned otherwise)
-        torch._foreach_copy_(rates, new_rates)
+        commit_rates(rates, new_rates, finite, known_finite=True)
         found_inf = None
     else:
-        torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
+        commit_rates(rates, new_rates, finite, known_finite=False)
         found_inf = (~finite).to(torch.float32)
     bufs = list(momentum_buffers)
     for i, (p, g, rate) in enumerate(zip(params, grads, rates)):

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metalr.functional._common import as_real_list, broadcast_rate, host_readable
+from metalr.functional._common import as_real_list, broadcast_rate, commit_rates, host_readable
 from metalr.functional._hypergrad import adapt_rates
 from metalr.optim import _validation as check
 from metalr.optim._base import HYPER_DEFAULTS, HypergradOptimizer, check_sparse
@@ -132,7 +132,7 @@ class HyperLR(HypergradOptimizer):
                 rule=group["rule"], granularity=group["granularity"],
                 lr_bounds=group["lr_bounds"], grads_finite=grads_finite,
             )  # fmt: skip
-            torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
+            commit_rates(rates, new_rates, finite, known_finite=False)
             pending.append((group, params, rates, buffers, finite))
         if not pending:
             self.optimizer.step()
