@@ -11,16 +11,9 @@ and run every case; the test fails instead of hanging if they do not finish with
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import time
-from pathlib import Path
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _distributed import run_ranks
 from torch import nn
 from torch.nn import functional as F
 
@@ -80,42 +73,13 @@ def _train(kind: str, granularity: str, rank: int | None) -> dict[str, list[torc
     }
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )  # fmt: skip
-    try:
-        results = {f"{kind}-{gran}": _train(kind, gran, rank) for kind, gran in CASES}
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ddp_rank(rank: int) -> dict:
+    return {f"{kind}-{gran}": _train(kind, gran, rank) for kind, gran in CASES}
 
 
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ddp")
-    ctx = mp.start_processes(
-        _worker, args=(_free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):  # raises if a worker fails
-            if time.monotonic() > deadline:
-                pytest.fail(f"DDP workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for proc in ctx.processes:
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-    return [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+def ddp_results() -> list[dict]:
+    return run_ranks(_ddp_rank, world=WORLD, timeout_s=TIMEOUT_S)
 
 
 @pytest.mark.parametrize("kind,granularity", CASES, ids=[f"{k}-{g}" for k, g in CASES])

@@ -8,15 +8,12 @@ every granularity.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _distributed import run_ranks
+from test_zero import STEPS, _data, _model
 
 import metalr
-from test_zero import STEPS, _data, _free_port, _model
 
 MAKERS = {
     "AdamHD": lambda p, g: metalr.AdamHD(p, lr=1e-2, hypergrad_lr=0.1, granularity=g),
@@ -50,25 +47,14 @@ def _train_sharded(rank: int, name: str, granularity: str) -> dict:
     return {"params": params, "rates": rates}
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _fsdp_rank(rank: int) -> dict:
     """One process group for every configuration (start-up dominates the cost)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        results = {f"{n}-{g}": _train_sharded(rank, n, g) for n, g in CONFIGS}
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        dist.destroy_process_group()
+    return {f"{n}-{g}": _train_sharded(rank, n, g) for n, g in CONFIGS}
 
 
 @pytest.fixture(scope="module")
-def sharded_results(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("fsdp") / "results.pt")
-    mp.start_processes(_worker, args=(_free_port(), out), nprocs=2, join=True,
-                       start_method="spawn")  # fmt: skip
-    return torch.load(out, weights_only=True)
+def sharded_results():
+    return run_ranks(_fsdp_rank)[0]
 
 
 @pytest.mark.parametrize("name,granularity", CONFIGS)

@@ -3,17 +3,14 @@ meta-gradients are averaged, and the result equals one process meta-training on 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _distributed import run_ranks
 
 from metalr import MetaConfig, MetaLearner
 from metalr.tasks import TaskBatch
 from metalr.tasks.sinusoid import SinusoidTasks
-from test_zero import _free_port
 
 STEPS = 3
 CONFIGS = {
@@ -36,28 +33,19 @@ def _batches() -> list[TaskBatch]:
     return [TaskBatch(*(t.double() for t in tasks.sample(8, gen))) for _ in range(STEPS)]
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        results = {}
-        for name in CONFIGS:
-            learner = _learner(name, dist.group.WORLD)
-            for batch in _batches():
-                learner.meta_step(TaskBatch(*(t[rank * 4 : rank * 4 + 4] for t in batch)))
-            results[name] = [p.detach().clone() for p in learner.meta.learned_parameters()]
-        torch.save(results, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _meta_rank(rank: int) -> dict:
+    results = {}
+    for name in CONFIGS:
+        learner = _learner(name, dist.group.WORLD)
+        for batch in _batches():
+            learner.meta_step(TaskBatch(*(t[rank * 4 : rank * 4 + 4] for t in batch)))
+        results[name] = [p.detach().clone() for p in learner.meta.learned_parameters()]
+    return results
 
 
 @pytest.fixture(scope="module")
-def parallel_results(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("meta_ddp") / "results")
-    mp.start_processes(_worker, args=(_free_port(), out), nprocs=2, join=True,
-                       start_method="spawn")  # fmt: skip
-    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+def parallel_results():
+    return run_ranks(_meta_rank)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

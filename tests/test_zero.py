@@ -7,13 +7,10 @@ same global batch; without it the ranks adapt different rates.
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _distributed import run_ranks
 
 import metalr
 
@@ -68,30 +65,13 @@ def _train_sharded(rank: int, name: str, granularity: str, reduce: bool) -> dict
     return {"params": [p.detach().clone() for p in model.parameters()], "rates": rates}
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    """One process group for every run (start-up dominates the cost)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        results = {run: _train_sharded(rank, *run) for run in RUNS}
-        torch.save(results, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _zero_rank(rank: int) -> dict:
+    return {run: _train_sharded(rank, *run) for run in RUNS}
 
 
 @pytest.fixture(scope="module")
-def sharded(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("zero") / "results")
-    mp.start_processes(_worker, args=(2, _free_port(), out), nprocs=2, join=True,
-                       start_method="spawn")  # fmt: skip
-    per_rank = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+def sharded():
+    per_rank = run_ranks(_zero_rank)
     return {run: [per_rank[r][run] for r in range(2)] for run in RUNS}
 
 
