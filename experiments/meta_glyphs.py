@@ -23,18 +23,16 @@ import argparse
 import datetime
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from metalr.meta.results import fmt_ci, markdown_table, provenance, write_csv
-from metalr.meta.runner import ensure_prior_eval, ensure_run, load_config
+from metalr.meta.results import fmt_ci, markdown_table, provenance
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-RESULTS = ROOT / "experiments" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the studies' shared module
+from _meta_study import CONFIGS, parse_args, run, run_fields, write_outputs
+
 METHODS = {
     "maml": "MAML",
     "metasgd": "Meta-SGD",
@@ -48,32 +46,15 @@ MAML_OMNIGLOT = {1: (0.987, 0.004), 5: (0.999, 0.001)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny runs into a temp dir")
-    parser.add_argument("--out", type=Path, help="results folder (default: experiments/results)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
-    parser.add_argument("--shots", default="1,5", help="comma-separated subset")
-    parser.add_argument("--keep-checkpoints", action="store_true")
-    parser.add_argument("--verbose", action="store_true", help="log validation lines")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    out = args.out or (Path(tempfile.mkdtemp(prefix="meta_glyphs_")) if args.smoke else RESULTS)
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    shots = [int(k) for k in args.shots.split(",") if k]
+    args, out, methods, shots = parse_args(__doc__.splitlines()[0], METHODS, "1,5", argv)
     runs = [(m, k) for k in shots for m in methods]
     start = time.perf_counter()
     rows = []
     for i, (method, k) in enumerate(runs, 1):
         config_file = CONFIGS / f"glyphs_{method}.yaml"
         overrides = [f"task.k_shot={k}", f"name=glyphs_{method}-{k}shot"]
-        cfg = load_config(config_file, overrides, smoke=args.smoke)
-        res = ensure_run(cfg, out / "meta_glyphs_runs" / cfg.name, config_file=config_file,
-                         quiet=not args.verbose, keep_checkpoint=args.keep_checkpoints)  # fmt: skip
+        cfg, res, handoff = run(config_file, overrides, out / "meta_glyphs_runs", args)
         t = res["test"]
-        handoff = ensure_prior_eval(cfg, out / "meta_glyphs_runs" / cfg.name)
         hyper = res["learned"]["hypergrad_lr"]
         rows.append({
             "method": METHODS[method], "config": config_file.name, "n_way": cfg.task.n_way,
@@ -88,18 +69,13 @@ def main(argv: list[str] | None = None) -> int:
             "skipped_steps": res["train"]["skipped_steps"],
             "hypergrad_lr_range": (f"{min(hyper.values()):.4g}..{max(hyper.values()):.4g}"
                                    if hyper else ""),
-            "train_seconds": round(res["train"]["seconds"], 1),
-            "eval_seconds": round(res["eval_seconds"], 1), "seed": res["seed"],
-            "config_sha256": res["provenance"]["config_sha256"],
+            **run_fields(res),
         })  # fmt: skip
         print(f"[{i}/{len(runs)}] {METHODS[method]:<15} 5-way {k}-shot: accuracy "
               f"{fmt_ci(t['accuracy'], t['accuracy_ci95'], 1, 100)}%  ({res['wall_time_s']:.0f} s)",
               flush=True)  # fmt: skip
     elapsed = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "meta_glyphs.csv")
-    (out / "meta_glyphs.md").write_text(report(rows, args, elapsed))
-    print(f"wrote {out / 'meta_glyphs.md'} and .csv ({elapsed:.0f} s)")
+    write_outputs(rows, out, "meta_glyphs", report(rows, args, elapsed), elapsed)
     return 0
 
 

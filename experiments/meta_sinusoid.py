@@ -23,18 +23,16 @@ import datetime
 import math
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from metalr.meta.results import fmt_ci, markdown_table, provenance, write_csv
-from metalr.meta.runner import ensure_prior_eval, ensure_run, load_config
+from metalr.meta.results import fmt_ci, markdown_table, provenance
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
-RESULTS = ROOT / "experiments" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the studies' shared module
+from _meta_study import CONFIGS, parse_args, run, run_fields, write_outputs
+
 SHOTS = (5, 10, 20)
 METHODS = {  # config key -> label
     "maml": "MAML",
@@ -69,31 +67,14 @@ def specs(methods: list[str], shots: list[int]) -> list[tuple[str, int, int, lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny runs into a temp dir")
-    parser.add_argument("--out", type=Path, help="results folder (default: experiments/results)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
-    parser.add_argument("--shots", default="5,10,20", help="comma-separated subset")
-    parser.add_argument("--keep-checkpoints", action="store_true")
-    parser.add_argument("--verbose", action="store_true", help="log validation lines")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    out = args.out or (Path(tempfile.mkdtemp(prefix="meta_sinusoid_")) if args.smoke else RESULTS)
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    shots = [int(k) for k in args.shots.split(",") if k]
+    args, out, methods, shots = parse_args(__doc__.splitlines()[0], METHODS, "5,10,20", argv)
     runs = specs(methods, shots)
     start = time.perf_counter()
     rows = []
     for i, (method, steps, k, overrides) in enumerate(runs, 1):
         config_file = CONFIGS / f"sinusoid_{method}.yaml"
-        cfg = load_config(config_file, overrides, smoke=args.smoke)
-        res = ensure_run(cfg, out / "meta_sinusoid_runs" / cfg.name, config_file=config_file,
-                         quiet=not args.verbose, keep_checkpoint=args.keep_checkpoints)  # fmt: skip
+        cfg, res, handoff = run(config_file, overrides, out / "meta_sinusoid_runs", args)
         t = res["test"]
-        handoff = ensure_prior_eval(cfg, out / "meta_sinusoid_runs" / cfg.name)
         hyper = res["learned"]["hypergrad_lr"]
         rows.append({
             "method": METHODS[method], "config": config_file.name, "inner_steps": steps,
@@ -105,18 +86,13 @@ def main(argv: list[str] | None = None) -> int:
             "prior_optimizer": handoff["adapted_with"],
             "skipped_steps": res["train"]["skipped_steps"],
             "hypergrad_lr": ";".join(f"{n}={b:.4g}" for n, b in hyper.items()) if hyper else "",
-            "train_seconds": round(res["train"]["seconds"], 1),
-            "eval_seconds": round(res["eval_seconds"], 1), "seed": res["seed"],
-            "config_sha256": res["provenance"]["config_sha256"],
+            **run_fields(res),
         })  # fmt: skip
         print(f"[{i}/{len(runs)}] {METHODS[method]:<15} {k:>2}-shot, {steps} step(s): MSE "
               f"{fmt_ci(t['query_loss'], t['query_loss_ci95'])}  ({res['wall_time_s']:.0f} s)",
               flush=True)  # fmt: skip
     elapsed = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "meta_sinusoid.csv")
-    (out / "meta_sinusoid.md").write_text(report(rows, args, elapsed))
-    print(f"wrote {out / 'meta_sinusoid.md'} and .csv ({elapsed:.0f} s)")
+    write_outputs(rows, out, "meta_sinusoid", report(rows, args, elapsed), elapsed)
     return 0
 
 

@@ -26,7 +26,6 @@ Rows with ``fused=True`` appear only when the installed metalr optimizers accept
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import inspect
 import math
@@ -37,12 +36,13 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from metalr._benchtools import markdown_table, output_paths, quantile, verdict
+from metalr._benchtools import write_csv as write_rows_csv
 from metalr.optim.adam_hd import AdamHD
 from metalr.optim.hyper_lr import HyperLR
 from metalr.optim.sgd_hd import SGDHD
@@ -213,9 +213,13 @@ def make_specs(device: torch.device, fused: bool | None = None) -> list[Spec]:
     if fused is not False and supports_fused(SGDHD):
         specs.append(
             Spec(
-                "SGDHD tensor fused", "sgd", sgd_hd(granularity="tensor", fused=True), 1.30, 0.0,
+                "SGDHD tensor fused",
+                "sgd",
+                sgd_hd(granularity="tensor", fused=True),
+                1.30,
+                0.0,
                 adaptive=True,
-            )  # fmt: skip
+            )
         )
     if fused is not False and supports_fused(AdamHD):
         for gran, goal, state in (
@@ -225,9 +229,13 @@ def make_specs(device: torch.device, fused: bool | None = None) -> list[Spec]:
         ):
             specs.append(
                 Spec(
-                    f"AdamHD {gran} fused", "adam", adam_hd(granularity=gran, fused=True), goal,
-                    state, adaptive=True,
-                )  # fmt: skip
+                    f"AdamHD {gran} fused",
+                    "adam",
+                    adam_hd(granularity=gran, fused=True),
+                    goal,
+                    state,
+                    adaptive=True,
+                )
             )
     return specs
 
@@ -311,7 +319,7 @@ class Row:
 
     @property
     def iqr_ms(self) -> float:
-        return _quantile(self.times_ms, 0.75) - _quantile(self.times_ms, 0.25)
+        return quantile(self.times_ms, 0.75) - quantile(self.times_ms, 0.25)
 
     @property
     def ratio(self) -> float:
@@ -346,15 +354,6 @@ class Row:
     def passed(self) -> bool | None:
         checks = [c for c in (self.time_ok, self.state_ok) if c is not None]
         return all(checks) if checks else None
-
-
-def _quantile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile (numpy's default), valid for a single value too."""
-    xs = sorted(values)
-    pos = q * (len(xs) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 @dataclass
@@ -524,10 +523,6 @@ def header(result: BenchResult) -> str:
     )
 
 
-def _verdict(ok: bool | None) -> str:
-    return "—" if ok is None else ("pass" if ok else "FAIL")
-
-
 COLUMNS = [
     "optimizer", "median ms", "IQR ms", "ratio", "vs", "state/param", "goal", "pass",
 ]  # fmt: skip
@@ -545,7 +540,7 @@ def table_rows(result: BenchResult) -> list[list[str]]:
                 "(reference)" if r.name == r.reference else r.reference,
                 f"{r.state_ratio:.4f}",
                 r.goal or "—",
-                _verdict(r.passed),
+                verdict(r.passed),
             ]
         )
     return out
@@ -553,9 +548,7 @@ def table_rows(result: BenchResult) -> list[list[str]]:
 
 def format_markdown(result: BenchResult) -> str:
     """The header line and the markdown table (plus any skipped rows)."""
-    lines = [header(result), "", "| " + " | ".join(COLUMNS) + " |"]
-    lines.append("|" + "|".join(["---"] + ["---:"] * 3 + ["---", "---:", "---", "---"]) + "|")
-    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(result)]
+    lines = [header(result), "", *markdown_table(COLUMNS, "lrrrlrll", table_rows(result))]
     lines.append("")
     lines.append(
         "ratio: median over rounds of t/t(reference) in the same round; state/param: bytes of "
@@ -573,27 +566,34 @@ def write_csv(result: BenchResult, path: str | os.PathLike[str]) -> None:
         "state_ratio", "goal", "pass", "multiplier_min", "multiplier_max", "device",
         "device_name", "torch", "threads", "params", "tensors", "repeats", "warmup",
     ]  # fmt: skip
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(fields)
-        for r in result.rows:
-            lo, hi = r.multiplier if r.multiplier is not None else ("", "")
-            writer.writerow(
-                [
-                    r.name, r.median_ms, r.iqr_ms, r.ratio, r.reference, r.state_bytes,
-                    r.param_bytes, r.state_ratio, r.goal, _verdict(r.passed), lo, hi,
-                    result.device, result.device_name, result.torch_version, result.threads,
-                    result.params, result.tensors, result.repeats, result.warmup,
-                ]  # fmt: skip
-            )
-
-
-def output_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """``PATH`` → (``PATH.md``, ``PATH.csv``); a ``.md``/``.csv`` suffix is replaced."""
-    p = Path(path)
-    if p.suffix in (".md", ".csv"):
-        p = p.with_suffix("")
-    return p.with_name(p.name + ".md"), p.with_name(p.name + ".csv")
+    rows = []
+    for r in result.rows:
+        lo, hi = r.multiplier if r.multiplier is not None else ("", "")
+        rows.append(
+            [
+                r.name,
+                r.median_ms,
+                r.iqr_ms,
+                r.ratio,
+                r.reference,
+                r.state_bytes,
+                r.param_bytes,
+                r.state_ratio,
+                r.goal,
+                verdict(r.passed),
+                lo,
+                hi,
+                result.device,
+                result.device_name,
+                result.torch_version,
+                result.threads,
+                result.params,
+                result.tensors,
+                result.repeats,
+                result.warmup,
+            ]
+        )
+    write_rows_csv(path, fields, rows)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -140,3 +140,23 @@ def test_whole_training_step_captures_in_a_cuda_graph(name):
     eff, eager_eff = opt.effective_lrs(), eager_opt.effective_lrs()
     for p, q in zip(model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(eff[p], eager_eff[q], rtol=1e-5, atol=1e-9)
+
+
+def test_workbench_study_on_cuda_matches_cpu(tmp_path):
+    """``metalr ablate device=cuda``: data, model and optimizer on the GPU; the records say so and
+    the losses match the CPU run's."""
+    from metalr.workbench import resolve_study, run_study
+
+    def study(device):
+        return resolve_study({"name": "t", "tasks": ["digits_mlp"], "steps": 30, "log_every": 10,
+                              "lrs": [0.01], "seeds": [0], "device": device,
+                              "optimizers": {"adam": {"kind": "adam"},
+                                             "adam_hd": {"kind": "adam_hd"}},
+                              "out": str(tmp_path / device)})  # fmt: skip
+
+    gpu = {r["optimizer"]: r for r in run_study(study("cuda"), quiet=True)}
+    cpu = {r["optimizer"]: r for r in run_study(study("cpu"), quiet=True)}
+    for name in ("adam", "adam_hd"):
+        assert gpu[name]["provenance"]["device"].startswith("cuda")
+        assert gpu[name]["final_val_loss"] == pytest.approx(cpu[name]["final_val_loss"], rel=1e-3)
+    assert gpu["adam_hd"]["final_lr"]["mean"] != pytest.approx(0.01)

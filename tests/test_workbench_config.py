@@ -32,8 +32,11 @@ RAW = {"tasks": ["digits_mlp"], "lrs": [0.1], "seeds": [0],
         ("optimizers.x={kind: adam, schedule: warp}", "Unknown schedule 'warp'"),
         ("optimizers.x={kind: adam, schedule: cosine, schedule_args: {foo: 1}}", "foo"),
         ("optimizers.x={kind: hyperlr, base: lbfgs}", "Invalid base for hyperlr"),
-        ("optimizers.x={kind: tuned_adam, search: bayes}", "optimizers.x.search"),
+        ("optimizers.x={kind: tuned_adam, search: annealing}", "optimizers.x.search"),
         ("workers=two", "Invalid value for workers"),
+        ("executor=dask", "Invalid value for executor: 'dask'; expected local or ray"),
+        ("ray_address=[1]", "Invalid value for ray_address"),
+        ("tensorboard=maybe", "Invalid value for tensorboard"),
     ],
 )
 def test_invalid_overrides_name_the_key(override, match):
@@ -49,6 +52,9 @@ def test_overrides_and_smoke_apply():
     assert resolve_study(RAW, ["smoke=true"]).steps == 7
     assert resolve_study(RAW, ["steps=9"], smoke=True).steps == 9  # overrides after smoke
     assert len(expand(cfg)) == 4
+    ray = resolve_study(RAW, ["executor=ray", "workers=2", "ray_address=auto", "tensorboard=true"])
+    assert (ray.executor, ray.workers, ray.ray_address, ray.tensorboard) == ("ray", 2, "auto", True)
+    assert [c["id"] for c in expand(ray)] == [c["id"] for c in expand(resolve_study(RAW))]
 
 
 def test_unknown_top_level_key_in_file(tmp_path):
@@ -77,3 +83,27 @@ def test_cuda_without_a_gpu_is_an_error():
     assert resolve_device("auto") == "cpu"
     with pytest.raises(ValueError, match="CUDA is not available"):
         resolve_device("cuda")
+
+
+def test_task_steps_give_each_task_its_own_budget():
+    raw = {**RAW, "tasks": ["digits_mlp", "digits_logreg"], "steps": 40}
+    cfg = resolve_study(raw, ["task_steps.digits_logreg=7"])
+    assert cfg.task_steps == {"digits_logreg": 7}
+    steps = {c["task"]: c["steps"] for c in expand(cfg)}
+    assert steps == {"digits_mlp": 40, "digits_logreg": 7}
+    cfg = resolve_study({**raw, "task_steps": {"digits_mlp": 9}})
+    assert {c["task"]: c["steps"] for c in expand(cfg)} == {"digits_mlp": 9, "digits_logreg": 40}
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("task_steps.mnist1d_mlp=5", "Invalid key of task_steps: 'mnist1d_mlp'"),
+        ("task_steps.digits_mlp=0", r"Invalid value for task_steps.digits_mlp: 0"),
+        ("task_steps.digits_mlp=many", r"Invalid value for task_steps.digits_mlp: 'many'"),
+        ("task_steps=[1, 2]", "Invalid value for task_steps"),
+    ],
+)
+def test_task_steps_errors_name_the_key(override, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_study(RAW, [override])

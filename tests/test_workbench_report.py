@@ -85,3 +85,15 @@ def test_report_cli(results, tmp_path, capsys):
     assert "Rank summary" in capsys.readouterr().out
     assert (out / "toy_sensitivity.png").is_file()
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_per_layer_lr_plot_only_when_layers_were_recorded(results):
+    _, files = report(results)
+    assert results / "toy_lr_per_layer.png" not in files
+    curve_file = results / "curves" / "b-0.1-0.json"  # b's best lr, first seed
+    curve = json.loads(curve_file.read_text())
+    curve["lr_layers"] = {"0.weight": [0.1, 0.2, 0.4], "0.bias": [0.1, 0.05, 0.02]}
+    curve_file.write_text(json.dumps(curve))
+    _, files = report(results)
+    png = results / "toy_lr_per_layer.png"
+    assert png in files and png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000

@@ -37,7 +37,6 @@ Goal (issue 3): ``metalr vmap`` ≥ 3× the meta-tasks/s of learn2learn MetaSGD.
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
 import importlib
 import importlib.metadata
@@ -49,13 +48,14 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metalr._benchtools import markdown_table, output_paths, quantile, verdict
+from metalr._benchtools import write_csv as write_rows_csv
 from metalr.meta.config import MetaConfig
 from metalr.meta.learner import MetaLearner
 from metalr.tasks.base import TaskBatch
@@ -283,17 +283,6 @@ def available_backends(
 # Measurement
 
 
-def _quantile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolation quantile (``q`` in [0, 1])."""
-    xs = sorted(values)
-    if not xs:
-        return math.nan
-    pos = q * (len(xs) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
 def max_abs_diff(a: Sequence[Tensor], b: Sequence[Tensor]) -> tuple[float, float]:
     """(max |a - b|, max |b|) over every tensor of two equally shaped lists."""
     if len(a) != len(b):
@@ -319,7 +308,7 @@ class Row:
 
     @property
     def iqr(self) -> float:
-        return _quantile(self.rates, 0.75) - _quantile(self.rates, 0.25)
+        return quantile(self.rates, 0.75) - quantile(self.rates, 0.25)
 
     @property
     def ratio(self) -> float:
@@ -499,10 +488,6 @@ def run_benchmark(
 # Reporting
 
 
-def _verdict(ok: bool | None) -> str:
-    return "—" if ok is None else ("pass" if ok else "FAIL")
-
-
 def header(result: MetaBenchResult) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in result.versions.items())
 
@@ -539,7 +524,7 @@ def table_rows(result: MetaBenchResult) -> list[list[str]]:
                 "(reference)" if r.backend == r.reference else r.reference,
                 grad,
                 r.goal or "—",
-                _verdict(r.passed),
+                verdict(r.passed),
             ]
         )
     return out
@@ -578,9 +563,7 @@ def summary(result: MetaBenchResult) -> list[str]:
 
 def format_markdown(result: MetaBenchResult) -> str:
     """The header, the markdown table, the ratio summary, notes and skipped rows."""
-    lines = [header(result), "", "| " + " | ".join(COLUMNS) + " |"]
-    lines.append("|---|---:|---:|---:|---:|---|---:|---|---|")
-    lines += ["| " + " | ".join(cells) + " |" for cells in table_rows(result)]
+    lines = [header(result), "", *markdown_table(COLUMNS, "lrrrrlrll", table_rows(result))]
     lines.append("")
     lines.append(
         "meta-tasks/s: median over rounds; speed ratio: median over rounds of "
@@ -605,46 +588,36 @@ def write_csv(result: MetaBenchResult, path: str | os.PathLike[str]) -> None:
         "threads", "batch_size", "shots", "hidden", "rounds", "iterations", "warmup",
         "load_before", "load_after",
     ]  # fmt: skip
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(fields)
-        for r in result.rows:
-            writer.writerow(
-                [
-                    r.backend,
-                    r.steps,
-                    r.median,
-                    r.iqr,
-                    r.ratio,
-                    r.reference,
-                    r.grad_diff,
-                    r.grad_scale,
-                    r.goal,
-                    _verdict(r.passed),
-                    " ".join(f"{x:.1f}" for x in r.rates),
-                    result.versions.get("torch", ""),
-                    result.versions.get("learn2learn", ""),
-                    result.versions.get("higher", ""),
-                    result.cpu,
-                    result.threads,
-                    result.batch_size,
-                    result.shots,
-                    result.hidden,
-                    result.rounds,
-                    result.iterations,
-                    result.warmup,
-                    " ".join(f"{x:.2f}" for x in result.load_before),
-                    " ".join(f"{x:.2f}" for x in result.load_after),
-                ]
-            )
-
-
-def output_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """``PATH`` → (``PATH.md``, ``PATH.csv``); a ``.md``/``.csv`` suffix is replaced."""
-    p = Path(path)
-    if p.suffix in (".md", ".csv"):
-        p = p.with_suffix("")
-    return p.with_name(p.name + ".md"), p.with_name(p.name + ".csv")
+    rows = [
+        [
+            r.backend,
+            r.steps,
+            r.median,
+            r.iqr,
+            r.ratio,
+            r.reference,
+            r.grad_diff,
+            r.grad_scale,
+            r.goal,
+            verdict(r.passed),
+            " ".join(f"{x:.1f}" for x in r.rates),
+            result.versions.get("torch", ""),
+            result.versions.get("learn2learn", ""),
+            result.versions.get("higher", ""),
+            result.cpu,
+            result.threads,
+            result.batch_size,
+            result.shots,
+            result.hidden,
+            result.rounds,
+            result.iterations,
+            result.warmup,
+            " ".join(f"{x:.2f}" for x in result.load_before),
+            " ".join(f"{x:.2f}" for x in result.load_after),
+        ]
+        for r in result.rows
+    ]
+    write_rows_csv(path, fields, rows)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,9 @@ def _check(path: str, value: Any, hint: Any) -> Any:
         items = [_check(f"{path}[{i}]", v, args[0] if origin is list or Ellipsis in args
                         else args[i]) for i, v in enumerate(value)]  # fmt: skip
         return items if origin is list else tuple(items)
+    elif origin is dict and isinstance(value, dict):
+        return {_check(f"{path} key", k, args[0]): _check(f"{path}.{k}", v, args[1])
+                for k, v in value.items()}  # fmt: skip
     elif hint is bool:
         if isinstance(value, bool):
             return value
@@ -181,6 +185,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def apply_smoke(
+    raw: dict[str, Any], overrides: Sequence[str], smoke: bool
+) -> tuple[dict[str, Any], list[tuple[list[str], Any]]]:
+    """A copy of ``raw`` with its ``smoke`` section removed, and merged in when ``smoke`` is true
+    or an override says ``smoke=true``; returns it with the other overrides, parsed."""
+    raw = copy.deepcopy(raw)
+    smoke_section = raw.pop("smoke", None) or {}
+    parsed = [parse_override(o) for o in overrides]
+    for path, value in parsed:
+        if path == ["smoke"]:
+            smoke = _check("smoke", value, bool)
+    if smoke:
+        if not isinstance(smoke_section, dict):
+            raise ValueError("Invalid value for smoke: expected a mapping of overrides")
+        _merge(raw, smoke_section)
+    return raw, [(path, value) for path, value in parsed if path != ["smoke"]]
+
+
 def _merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> None:
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -195,19 +217,8 @@ def resolve_config(
     smoke: bool = False,  # type: ignore[assignment]
 ) -> RunConfig:
     """Merge the ``smoke`` section (when asked) and the overrides into ``raw``, then check it."""
-    raw = copy.deepcopy(raw)
-    smoke_section = raw.pop("smoke", None) or {}
-    parsed = [parse_override(o) for o in overrides]
+    raw, parsed = apply_smoke(raw, overrides, smoke)
     for path, value in parsed:
-        if path == ["smoke"]:
-            smoke = _check("smoke", value, bool)
-    if smoke:
-        if not isinstance(smoke_section, dict):
-            raise ValueError("Invalid value for smoke: expected a mapping of overrides")
-        _merge(raw, smoke_section)
-    for path, value in parsed:
-        if path == ["smoke"]:
-            continue
         if len(path) == 1 and path[0] in TOP_LEVEL:
             raw[path[0]] = value
             continue

@@ -1,7 +1,7 @@
 """The ablation workbench: grids of optimizers × initial lrs × seeds on small offline tasks.
 
 * :func:`run_study` / ``metalr ablate``: run a study config into JSONL records with curves and
-  provenance (resumable, optional process pool);
+  provenance (resumable; in-process, a process pool or Ray tasks; optional TensorBoard);
 * :func:`report` / ``metalr report``: seed-aggregated tables and plots;
 * :func:`find_lr` / ``metalr find-lr``: the LR range test (Smith 2017);
 * :mod:`~metalr.workbench.tasks` and :mod:`~metalr.workbench.optimizers`: what a study can name.

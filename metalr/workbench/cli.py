@@ -43,9 +43,7 @@ def ablate_main(argv: list[str]) -> int:
     seconds = time.perf_counter() - tic
     print(f"{cfg.name}: {len(records)} runs in {cfg.out_dir} ({seconds:.1f} s)", file=sys.stderr)
     if not args.no_report:
-        text, files = report(cfg.out_dir)
-        print(text)
-        print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
+        _print_report(*report(cfg.out_dir))
     return 0
 
 
@@ -63,9 +61,14 @@ def report_main(argv: list[str]) -> int:
     except FileNotFoundError as exc:
         print(f"metalr report: error: {exc}", file=sys.stderr)
         return 2
+    _print_report(text, files)
+    return 0
+
+
+def _print_report(text: str, files: list[Path]) -> None:
+    """The report's markdown on stdout; the files written, on stderr."""
     print(text)
     print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
-    return 0
 
 
 def find_lr_main(argv: list[str]) -> int:

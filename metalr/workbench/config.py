@@ -6,11 +6,15 @@ A study is a grid ``tasks × optimizers × lrs × seeds`` (lr-free optimizers: `
     tasks: [digits_logreg, digits_mlp]       # metalr.workbench.tasks.TASKS
     size: smoke                              # smoke | full (task sizes)
     steps: 300                               # optimizer steps per run
+    task_steps: {charlm_gru: 100}            # per-task step budgets (default: steps)
     log_every: 10                            # curve resolution (validation loss, lr summary)
     lrs: [1.0e-4, 1.0e-3, 1.0e-2, 1.0e-1, 1.0]
     seeds: [0, 1]
     optimizers: {adam: {kind: adam}, adam_hd: {kind: adam_hd}}   # see metalr.workbench.optimizers
-    workers: 1                               # local process pool
+    workers: 1                               # processes (ray: CPUs of a local Ray)
+    executor: local                          # local (in-process, process pool) | ray
+    ray_address: null                        # ray: null (local, $RAY_ADDRESS) | auto | ip:port
+    tensorboard: false                       # events in <out>/tensorboard/<task>/<optimizer>/
     device: cpu                              # cpu | cuda | auto
     smoke: {steps: 20, seeds: [0]}           # merged with smoke=true / --smoke
 
@@ -27,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metalr.meta.run_config import _check, _merge, _yaml, parse_override
-from metalr.workbench.optimizers import check_spec
+from metalr.meta.run_config import _check, _yaml, apply_smoke
+from metalr.workbench.optimizers import check_priors, check_spec
 from metalr.workbench.tasks import SIZES, TASKS
 
 
@@ -38,16 +42,24 @@ class StudyConfig:
     tasks: list[str] = field(default_factory=lambda: ["digits_mlp"])
     size: str = "smoke"
     steps: int = 300
+    task_steps: dict[str, int] = field(default_factory=dict)  # per task; others: steps
     log_every: int = 10
     lrs: list[float] = field(default_factory=lambda: [1e-3])
     seeds: list[int] = field(default_factory=lambda: [0])
     optimizers: dict[str, Any] = field(default_factory=lambda: {"adam": {"kind": "adam"}})
     workers: int = 1
+    executor: str = "local"  # local | ray
+    ray_address: str | None = None  # ray.init(address=...); None: a local instance or $RAY_ADDRESS
+    tensorboard: bool = False  # one TensorBoard run per grid cell under <out>/tensorboard
     device: str = "cpu"
     out: str | None = None  # results folder (default: runs/ablate/<name>)
     divergence: float = 1e4  # a run whose training loss exceeds this × its first loss diverged
     range_test_steps: int = 100  # steps of the LR range test (range_test_adam)
     fallback_text: bool = False  # charlm_gru: tiny built-in text (tests only)
+
+    def steps_of(self, task: str) -> int:
+        """The step budget of ``task``'s runs."""
+        return self.task_steps.get(task, self.steps)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -58,29 +70,21 @@ class StudyConfig:
 
 
 KEYS = [f.name for f in dataclasses.fields(StudyConfig)]
+EXECUTORS = ("local", "ray")
 
 
 def resolve_study(
     raw: dict[str, Any], overrides: list[str] = (), smoke: bool = False
 ) -> StudyConfig:  # type: ignore[assignment]
     """Merge the smoke section (when asked) and ``key=value`` overrides into ``raw``; check it."""
-    raw = copy.deepcopy(raw)
-    smoke_section = raw.pop("smoke", None) or {}
-    parsed = [parse_override(o) for o in overrides]
-    for path, value in parsed:
-        if path == ["smoke"]:
-            smoke = _check("smoke", value, bool)
-    if smoke:
-        if not isinstance(smoke_section, dict):
-            raise ValueError("Invalid value for smoke: expected a mapping of overrides")
-        _merge(raw, smoke_section)
+    raw, parsed = apply_smoke(raw, overrides, smoke)
     for path, value in parsed:
         key = ".".join(path)
-        if path == ["smoke"]:
-            continue
         if path[0] not in KEYS:
             raise ValueError(f"Unknown config key {key}; valid keys: {', '.join([*KEYS, 'smoke'])}")
-        if path[0] == "optimizers" and len(path) in (2, 3):
+        if path[0] == "task_steps" and len(path) == 2:
+            raw.setdefault("task_steps", {})[path[1]] = value
+        elif path[0] == "optimizers" and len(path) in (2, 3):
             opts = raw.setdefault("optimizers", {})
             if len(path) == 2:
                 opts[path[1]] = value
@@ -112,8 +116,17 @@ def _check_study(cfg: StudyConfig) -> None:
             raise ValueError(f"Invalid value for tasks: {t!r}; expected some of {', '.join(TASKS)}")
     if cfg.size not in SIZES:
         raise ValueError(f"Invalid value for size: {cfg.size!r}; expected one of {SIZES}")
+    if cfg.executor not in EXECUTORS:
+        raise ValueError(f"Invalid value for executor: {cfg.executor!r}; expected local or ray")
     if cfg.device not in ("cpu", "cuda", "auto") and not cfg.device.startswith("cuda:"):
         raise ValueError(f"Invalid value for device: {cfg.device!r}; expected cpu, cuda or auto")
+    check_priors(cfg.tasks, cfg.optimizers)
+    for task, steps in cfg.task_steps.items():
+        if task not in cfg.tasks:
+            raise ValueError(f"Invalid key of task_steps: {task!r} is not one of the study's "
+                             f"tasks ({', '.join(cfg.tasks)})")  # fmt: skip
+        if steps < 1:
+            raise ValueError(f"Invalid value for task_steps.{task}: {steps!r} (expected >= 1)")
     for key in ("steps", "log_every", "workers", "range_test_steps"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"Invalid value for {key}: {getattr(cfg, key)!r} (expected >= 1)")

@@ -8,24 +8,42 @@ An optimizer *spec* is a mapping (one entry of a study's ``optimizers:``)::
     hyper_rms:    {kind: hyperlr, base: rmsprop, hypergrad_lr: 0.02, granularity: tensor}
     adam_rt:      {kind: range_test_adam}          # Adam at the LR range test's suggestion
     adam_tuned:   {kind: tuned_adam, search: random, trials: 8, lr_range: [1.0e-5, 1.0]}
+    adam_bayes:   {kind: tuned_adam, search: bayes, trials: 8}   # Optuna TPE (pip install optuna)
 
 Every other key is a keyword argument of the optimizer's constructor (so a typo fails when the
 study is loaded, see :func:`check_spec`). Baselines are torch's own classes and schedulers; the
 parameter-free peers (prodigyopt, dadaptation, schedulefree) are used when importable and
 recorded as "not installed" otherwise. ``range_test_adam``, ``tuned_adam`` and the peers do not
 take the grid's initial lr (:func:`uses_lr`).
+
+metalr kinds (``sgd_hd``, ``adam_hd``, ``adamw_hd``, ``hyperlr`` on SGD or Adam) take a
+meta-learned prior (:mod:`metalr.workbench.priors`)::
+
+    sgd_hd_prior: {kind: sgd_hd, prior: task}                  # the task's own prior
+    adam_hd_file: {kind: adam_hd, prior: runs/x/prior.safetensors, prior_weights: false}
+
+A prior supplies the initial rates: the optimizer starts at the prior's per-tensor rates
+(``group['lr'] = prior.base_lr``, multipliers = the learned rates, as
+:func:`metalr.meta.load_prior` with ``set_lr=True`` writes them) and with the prior's
+``hypergrad_lr`` (a spec's ``hypergrad_lr`` applies only to a prior without one). The grid's
+initial lr therefore means nothing for such a spec: it runs once per seed, with ``lr: null``
+in its record (:func:`uses_lr`). A schedule scales ``group['lr']``, so it scales the prior's
+rates. ``prior_weights`` (default true) also copies the prior's learned initial weights into the
+model when the prior has them. ``granularity`` and ``rule`` default to the prior's.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.optim import lr_scheduler as S
 
 import metalr
+from metalr.workbench.search import OPTUNA_INSTALL, SEARCHES, optuna_available
 
 TORCH = {
     "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
@@ -43,7 +61,8 @@ KINDS = (*TORCH, *METALR, "hyperlr", *PEERS, *SEARCHED)
 SCHEDULES = ("none", "step", "exponential", "polynomial", "cosine", "warmup_cosine", "cyclic",
              "onecycle")  # fmt: skip
 META_KEYS = {"kind", "schedule", "schedule_args", "base", "base_args",  # not constructor kwargs
-             "search", "trials", "lr_range", "trial_steps", "range_test"}  # fmt: skip
+             "search", "trials", "lr_range", "trial_steps", "range_test",
+             "prior", "prior_weights"}  # fmt: skip
 
 
 def peer_available(kind: str) -> bool:
@@ -53,6 +72,8 @@ def peer_available(kind: str) -> bool:
 def uses_lr(spec: dict[str, Any]) -> bool:
     """Whether the spec trains at the grid's initial lr (else it runs once per seed)."""
     kind = spec["kind"]
+    if spec.get("prior") is not None:  # the prior supplies the rates
+        return False
     return kind not in SEARCHED and (kind not in PEERS or PEERS[kind][2] is None)
 
 
@@ -80,6 +101,48 @@ def build_optimizer(spec: dict[str, Any], params: Any, lr: float | None) -> torc
         opt_cls = getattr(importlib.import_module(module), cls)
         return opt_cls(params, lr=default_lr if default_lr is not None else lr, **kwargs)
     raise ValueError(f"Unknown optimizer kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def build_for_model(
+    spec: dict[str, Any], model: torch.nn.Module, lr: float | None, task: Any = None
+) -> torch.optim.Optimizer:
+    """The optimizer of ``spec`` over ``model`` at ``lr``; with a ``prior``, at the prior's rates
+    (``lr`` is ignored) and, unless ``prior_weights: false``, from its initial weights (copied
+    into ``model``). ``task`` (a :class:`~metalr.workbench.tasks.Task`) names ``prior: task``."""
+    if spec.get("prior") is None:
+        return build_optimizer(spec, model.parameters(), lr)
+    from metalr.meta.prior import load_prior, param_groups_from_prior
+    from metalr.workbench.priors import prior_for_spec
+
+    if spec["prior"] == "task" and task is None:
+        raise ValueError("prior: task needs the task (build_for_model(..., task=task))")
+    prior = prior_for_spec(spec, getattr(task, "name", None), getattr(task, "size", None))
+    spec = {"granularity": prior.granularity, **spec}
+    if prior.hypergrad_lrs is not None:
+        spec.setdefault("rule", prior.hypergrad_rule)
+    opt = build_optimizer(spec, param_groups_from_prior(model, prior), prior.base_lr)
+    weights = spec.get("prior_weights", True) and prior.init_weights is not None
+    load_prior(opt, model, prior, set_lr=True, load_weights=weights)
+    return opt
+
+
+def applies_to(spec: dict[str, Any], task: str) -> bool:
+    """Whether ``spec`` runs on ``task``: a ``prior: task`` spec runs only on the tasks that have
+    a meta-learned prior (so one study can mix them with tasks that have none)."""
+    from metalr.workbench.priors import TASK_PRIORS
+
+    return spec.get("prior") != "task" or task in TASK_PRIORS
+
+
+def check_priors(tasks: list[str], optimizers: dict[str, dict[str, Any]]) -> None:
+    """Raise when a ``prior: task`` spec would run on none of the study's tasks."""
+    from metalr.workbench.priors import TASK_PRIORS
+
+    for name, spec in optimizers.items():
+        if spec.get("prior") == "task" and not any(applies_to(spec, t) for t in tasks):
+            raise ValueError(f"Invalid value for optimizers.{name}.prior: 'task', but none of the "
+                             f"study's tasks ({', '.join(tasks)}) has a meta-learned prior (only "
+                             f"{', '.join(TASK_PRIORS)} do)")  # fmt: skip
 
 
 def build_schedule(spec: dict[str, Any], opt: torch.optim.Optimizer, steps: int) -> Any:
@@ -137,6 +200,14 @@ def lr_summary(opt: torch.optim.Optimizer) -> dict[str, float]:
     return {"min": min(vals), "mean": sum(vals) / len(vals), "max": max(vals)}
 
 
+def layer_lrs(opt: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, float] | None:
+    """Mean effective lr per parameter tensor, by name (metalr optimizers; others: None)."""
+    if not hasattr(opt, "effective_lrs"):
+        return None
+    eff = opt.effective_lrs()
+    return {n: float(eff[p].float().mean()) for n, p in model.named_parameters() if p in eff}
+
+
 def set_mode(opt: torch.optim.Optimizer, mode: str) -> None:
     """schedulefree optimizers evaluate at a different point than they train: switch them."""
     fn: Callable[[], Any] | None = getattr(opt, mode, None)
@@ -152,11 +223,16 @@ def check_spec(name: str, spec: Any) -> dict[str, Any]:
     if kind not in KINDS:
         raise ValueError(f"Invalid value for optimizers.{name}.kind: {kind!r}; expected one of "
                          f"{', '.join(KINDS)}")  # fmt: skip
+    if spec.get("prior") is not None or "prior_weights" in spec:
+        _check_prior(name, spec)
     if kind in PEERS and not peer_available(kind):
         return spec  # recorded as "not installed" by the runner
     search = spec.get("search", "grid")
-    if kind == "tuned_adam" and search not in ("grid", "random"):
-        raise ValueError(f"Invalid value for optimizers.{name}.search: {search!r}")
+    if kind == "tuned_adam" and search not in SEARCHES:
+        raise ValueError(f"Invalid value for optimizers.{name}.search: {search!r}; expected one "
+                         f"of {', '.join(SEARCHES)}")  # fmt: skip
+    if kind == "tuned_adam" and search == "bayes" and not optuna_available():
+        raise ValueError(f"optimizers.{name}.search: bayes needs Optuna: {OPTUNA_INSTALL}")
     for key in ("trials", "trial_steps"):
         if key in spec and (not isinstance(spec[key], int) or spec[key] < 1):
             raise ValueError(f"Invalid value for optimizers.{name}.{key}: {spec[key]!r}")
@@ -167,3 +243,31 @@ def check_spec(name: str, spec: Any) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"Invalid optimizers.{name}: {exc}") from None
     return spec
+
+
+def _check_prior(name: str, spec: dict[str, Any]) -> None:
+    from metalr.meta.prior import LRPrior
+    from metalr.workbench import priors
+
+    value, kind = spec.get("prior"), spec["kind"]
+    if kind not in METALR and kind != "hyperlr":
+        raise ValueError(f"Invalid optimizers.{name}.prior: kind {kind!r} takes no prior; only "
+                         f"{', '.join((*METALR, 'hyperlr'))} do")  # fmt: skip
+    if value is None:
+        raise ValueError(f"Invalid optimizers.{name}.prior_weights: given without a prior")
+    if not isinstance(spec.get("prior_weights", True), bool):
+        raise ValueError(f"Invalid value for optimizers.{name}.prior_weights: "  # noqa: TRY004
+                         f"{spec['prior_weights']!r}; expected true or false")  # fmt: skip
+    try:
+        priors.inner_rule(spec)
+    except ValueError as exc:
+        raise ValueError(f"Invalid optimizers.{name}: {exc}") from None
+    if value == "task":
+        return
+    if not isinstance(value, str) or not Path(value).is_file():
+        raise ValueError(f"Invalid value for optimizers.{name}.prior: {value!r}; expected 'task' "
+                         "or the path of an LRPrior file (metalr meta-train writes one)")  # fmt: skip
+    try:
+        priors.check_compatible(spec, LRPrior.load(value))
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: name the key
+        raise ValueError(f"Invalid value for optimizers.{name}.prior: {value!r}: {exc}") from None

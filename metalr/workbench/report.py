@@ -10,7 +10,9 @@ cell with any diverged seed reads "diverged (k/n)". Writes into the results fold
 * ``summary.csv``: one row per aggregated cell;
 * ``<task>_sensitivity.png`` (final validation loss vs initial lr), ``<task>_loss_curves.png``
   (validation loss vs step at each optimizer's best lr, mean ± CI band) and
-  ``<task>_lr_trajectories.png`` (mean effective lr vs step, one line per initial lr).
+  ``<task>_lr_trajectories.png`` (mean effective lr vs step, one line per initial lr) and
+  ``<task>_lr_per_layer.png`` (metalr optimizers: each layer's effective lr vs step at the best
+  initial lr).
 """
 
 from __future__ import annotations
@@ -150,7 +152,12 @@ def markdown(records: list[dict[str, Any]]) -> str:
             b = best.get((task, o))
             if b is None:
                 continue
-            lr = _lr_label(b["lr"]) if b["lr"] is not None else f"lr-free ({b['lr_used']:.3g})"
+            if b["lr"] is not None:
+                lr = _lr_label(b["lr"])
+            elif b["lr_used"] is not None:  # a searched or lr-free optimizer: the rate it used
+                lr = f"lr-free ({b['lr_used']:.3g})"
+            else:  # rates from a meta-learned prior
+                lr = "from the prior"
             eff = "—" if b["final_mean_lr"] is None else f"{b['final_mean_lr']:.3g}"
             table.append([o, lr, _fmt(b["val_loss_mean"], b["val_loss_ci95"], b["diverged"],
                                       b["seeds"]), eff, f"{b['robust']}/{b['lrs_tried']}"])  # fmt: skip
@@ -258,12 +265,7 @@ def plots(records: list[dict[str, Any]], results: Path, out: Path) -> list[Path]
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
 
-        ncols = min(4, len(opts))
-        nrows = math.ceil(len(opts) / ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 3.0 * nrows), squeeze=False,
-                                 sharey=True)  # fmt: skip
-        for ax in axes.flat[len(opts) :]:
-            ax.set_visible(False)
+        fig, axes = _panel_grid(plt, len(opts), 4, (3.2, 3.0), "mean effective lr")
         for ax, o in zip(axes.flat, opts):
             rs = [r for r in trows if r["optimizer"] == o]
             for i, r in enumerate(rs):
@@ -275,13 +277,58 @@ def plots(records: list[dict[str, Any]], results: Path, out: Path) -> list[Path]
                         label=_lr_label(r["lr"]))  # fmt: skip
             ax.set(yscale="log", xlabel="step", title=o)
             ax.legend(fontsize=6, title="initial lr", title_fontsize=6)
-        for row in axes:
-            row[0].set_ylabel("mean effective lr")
         fig.tight_layout()
         written.append(out / f"{task}_lr_trajectories.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
+        layered = _layer_plot(plt, results, task, opts, best, out / f"{task}_lr_per_layer.png")
+        written += [layered] if layered else []
     return written
+
+
+def _panel_grid(plt: Any, n: int, max_cols: int, panel_size: tuple[float, float],
+                ylabel: str) -> tuple[Any, Any]:  # fmt: skip
+    """A figure of ``n`` panels (at most ``max_cols`` a row, sharing the y axis, the unused ones
+    hidden), ``ylabel`` on the first panel of each row; returns the figure and the axes array."""
+    ncols = min(max_cols, n)
+    nrows = math.ceil(n / ncols)
+    w, h = panel_size
+    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, h * nrows), squeeze=False,
+                             sharey=True)  # fmt: skip
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel(ylabel)
+    return fig, axes
+
+
+def _layer_plot(plt: Any, results: Path, task: str, opts: list[str],
+                best: dict[tuple[str, str], dict[str, Any]], path: Path) -> Path | None:  # fmt: skip
+    """Effective lr of every layer vs step for each metalr optimizer at its best initial lr
+    (its first seed's run), one panel per optimizer; None when no run recorded layers."""
+    panels = []
+    for o in opts:
+        b = best.get((task, o))
+        cs = [c for c in _curves(results, b["ids"]) if c.get("lr_layers")] if b else []
+        if cs:
+            panels.append((o, b, cs[0]))
+    if not panels:
+        return None
+    fig, axes = _panel_grid(plt, len(panels), 3, (3.8, 3.2), "effective lr per layer")
+    for ax, (o, b, c) in zip(axes.flat, panels):
+        layers = c["lr_layers"]
+        for i, (name, rates) in enumerate(layers.items()):
+            ax.plot(c["step"][: len(rates)], rates, label=name,
+                    color=plt.cm.tab20(i % 20))  # fmt: skip
+        lr = "prior" if b["lr"] is None else _lr_label(b["lr"])
+        ax.set(yscale="log", xlabel="step", title=f"{o} (lr0 {lr})")
+        ax.title.set_fontsize(9)
+        if len(layers) <= 12:
+            ax.legend(fontsize=5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _header(folder: Path, records: list[dict[str, Any]]) -> str:

@@ -8,11 +8,18 @@ lr, seed, steps, ...), so the results folder is a cache:
   ``write`` + flush + ``fsync``; a torn last line from a crash is cut off before the next append);
 * ``curves/<id>.json``: the run's per-step curves (training and validation loss, min/mean/max
   effective lr), written atomically before its record;
-* ``study.json``: the resolved study config and provenance.
+* ``study.json``: the resolved study config and provenance;
+* ``tensorboard/<task>/<optimizer>/lr<lr>_seed<seed>/`` (``tensorboard: true``): one TensorBoard
+  run per cell: ``loss/train``, ``loss/val``, ``lr/min|mean|max`` at every logged step and, for
+  metalr optimizers, each tensor's effective rate (``effective_lr/<name>``).
 
 Rerunning a study skips every cell whose id is already recorded: an interrupted grid resumes, and
-nothing is duplicated. ``workers > 1`` runs cells in a local process pool (spawned processes, one
-torch thread each).
+nothing is duplicated. Executors (:mod:`metalr.workbench.executors`): ``local`` runs cells in this
+process (``workers: 1``, at its torch thread count, with a progress bar over each run's steps) or in
+a pool of ``workers`` spawned processes; ``ray`` runs each cell as a Ray task on a local Ray
+instance of ``workers`` CPUs or on the cluster at ``ray_address``; pool and Ray workers use one
+torch thread each. Whatever the executor, only this process writes records and curves; TensorBoard
+events are written by the worker that ran the cell (on a multi-node Ray cluster, on that node).
 """
 
 from __future__ import annotations
@@ -22,19 +29,20 @@ import functools
 import json
 import math
 import os
-import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from metalr.integrations import unwrap_optimizer
+from metalr.integrations.tensorboard import log_effective_lrs
 from metalr.meta.results import _atomic, atomic_write_json, config_sha256, json_safe, provenance
+from metalr.workbench import executors as E
 from metalr.workbench import optimizers as O
 from metalr.workbench.config import StudyConfig
 from metalr.workbench.find_lr import find_lr
+from metalr.workbench.search import search_lrs
 from metalr.workbench.tasks import Task, make_task
 
 RECORD_FORMAT = "metalr.ablate-record/1"
@@ -54,11 +62,13 @@ def expand(cfg: StudyConfig) -> list[dict[str, Any]]:
     cells = []
     for task in cfg.tasks:
         for name, spec in cfg.optimizers.items():
+            if not O.applies_to(spec, task):
+                continue
             lrs = cfg.lrs if O.uses_lr(spec) else [None]
             for lr in lrs:
                 for seed in cfg.seeds:
                     cell = {"task": task, "size": cfg.size, "optimizer": name, "spec": spec,
-                            "lr": lr, "seed": seed, "steps": cfg.steps, "log_every": cfg.log_every,
+                            "lr": lr, "seed": seed, "steps": cfg.steps_of(task), "log_every": cfg.log_every,
                             "divergence": cfg.divergence, "range_test_steps": cfg.range_test_steps,
                             "fallback_text": cfg.fallback_text}  # fmt: skip
                     cell["id"] = config_sha256(cell)[:20]
@@ -72,10 +82,17 @@ def _task(name: str, size: str, device: str, fallback_text: bool) -> Task:
 
 
 def train(task: Task, spec: dict[str, Any], lr: float | None, seed: int, steps: int,
-          log_every: int, divergence: float, device: str) -> dict[str, Any]:  # fmt: skip
-    """Train one model; returns final losses, status and curves."""
+          log_every: int, divergence: float, device: str, *, progress: bool = False,
+          writer: Any = None) -> dict[str, Any]:  # fmt: skip
+    """Train one model; returns final losses, status and curves.
+
+    ``progress`` shows a bar over the steps (on a terminal); ``writer`` (a TensorBoard
+    ``SummaryWriter``) gets the curves' values at every logged step.
+    """
+    from tqdm.auto import tqdm
+
     model = task.model(seed, device)
-    opt = O.build_optimizer(spec, model.parameters(), lr)
+    opt = O.build_for_model(spec, model, lr, task)
     sched = O.build_schedule(spec, opt, steps)
     nxt = task.batches(seed)
     curves: dict[str, list] = {k: [] for k in ("step", "train_loss", "val_loss", "lr_min",
@@ -84,7 +101,7 @@ def train(task: Task, spec: dict[str, Any], lr: float | None, seed: int, steps: 
 
     def log(step: int) -> float:
         O.set_mode(opt, "eval")
-        val = task.evaluate(model, "val")
+        val = task.evaluate(model, "val", seed)
         O.set_mode(opt, "train")
         s = O.lr_summary(opt)
         curves["step"].append(step)
@@ -92,32 +109,45 @@ def train(task: Task, spec: dict[str, Any], lr: float | None, seed: int, steps: 
         curves["val_loss"].append(val)
         for k in ("min", "mean", "max"):
             curves[f"lr_{k}"].append(s[k])
+        for name, rate in (O.layer_lrs(opt, model) or {}).items():  # per-layer trajectories
+            curves.setdefault("lr_layers", {}).setdefault(name, []).append(rate)
         window.clear()
+        if writer is not None:
+            _write_scalars(writer, step, curves, opt, model)
+        train_loss = curves["train_loss"][-1]
+        bar.set_postfix_str(f"val {val:.4g}" if train_loss is None else
+                            f"train {train_loss:.4g} val {val:.4g}", refresh=False)  # fmt: skip
         return val
 
+    bar = tqdm(total=steps, desc="steps", unit="step", leave=False, position=1,
+               disable=None if progress else True, dynamic_ncols=True)  # fmt: skip
     O.set_mode(opt, "train")
-    initial_val = log(0)
-    first, status = None, "ok"
-    for step in range(1, steps + 1):
-        x, y = nxt()
-        loss = task.loss(model(x), y)
-        value = loss.detach().item()
-        first = value if first is None else first
-        if not math.isfinite(value) or value > divergence * first:
-            status = "diverged"
-            break
-        window.append(value)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        if step % log_every == 0 or step == steps:
-            log(step)
+    try:
+        initial_val = log(0)
+        first, status = None, "ok"
+        for step in range(1, steps + 1):
+            x, y = nxt()
+            loss = task.loss(model(x), y)
+            value = loss.detach().item()
+            first = value if first is None else first
+            if not math.isfinite(value) or value > divergence * first:
+                status = "diverged"
+                break
+            window.append(value)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            if step % log_every == 0 or step == steps:
+                log(step)
+            bar.update(1)
+    finally:
+        bar.close()
     diverged = status == "diverged"
     O.set_mode(opt, "eval")
     final_val = math.inf if diverged else curves["val_loss"][-1]
-    test = math.inf if diverged else task.evaluate(model, "test")
+    test = math.inf if diverged else task.evaluate(model, "test", seed)
     train_tail = [v for v in curves["train_loss"][-1:] if v is not None]
     return {"status": status, "initial_val_loss": initial_val, "final_val_loss": final_val,
             "final_test_loss": test, "final_train_loss": train_tail[0] if train_tail else None,
@@ -125,17 +155,39 @@ def train(task: Task, spec: dict[str, Any], lr: float | None, seed: int, steps: 
             "final_lr": O.lr_summary(opt), "curves": curves}  # fmt: skip
 
 
-def _trial_lrs(spec: dict[str, Any], seed: int) -> list[float]:
-    lo, hi = spec.get("lr_range", [1e-5, 1.0])
-    n = spec.get("trials", 8)
-    if spec.get("search", "grid") == "grid":
-        return [lo * (hi / lo) ** (i / max(1, n - 1)) for i in range(n)]
-    g = torch.Generator().manual_seed(1_000 + seed)
-    return [lo * (hi / lo) ** float(u) for u in torch.rand(n, generator=g, dtype=torch.float64)]
+def _write_scalars(writer: Any, step: int, curves: dict[str, list], opt: Any, model: Any) -> None:
+    if curves["train_loss"][-1] is not None:  # None at step 0: no training step yet
+        writer.add_scalar("loss/train", curves["train_loss"][-1], step)
+    writer.add_scalar("loss/val", curves["val_loss"][-1], step)
+    for k in ("min", "mean", "max"):
+        writer.add_scalar(f"lr/{k}", curves[f"lr_{k}"][-1], step)
+    if hasattr(unwrap_optimizer(opt), "effective_lrs"):  # metalr: the rate of every tensor
+        log_effective_lrs(writer, opt, step, model.named_parameters())
 
 
-def run_cell(cell: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
-    """Run one grid cell; returns its record (without provenance) and its curves."""
+def _summary_writer_class() -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise ImportError("tensorboard=true needs TensorBoard: pip install tensorboard") from exc
+    return SummaryWriter
+
+
+def _summary_writer(logdir: str) -> Any:
+    """A ``SummaryWriter`` on ``logdir``, after deleting the events of an interrupted attempt."""
+    cls = _summary_writer_class()
+    for old in Path(logdir).glob("events.out.tfevents.*"):
+        old.unlink()
+    return cls(logdir)
+
+
+def run_cell(cell: dict[str, Any], device: str = "cpu", *, progress: bool = False,
+             tensorboard: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run one grid cell; returns its record (without provenance) and its curves.
+
+    ``progress``: bars over the steps of each training run; ``tensorboard``: the folder of the
+    run's TensorBoard events (the final run only: not LR-search trials or range tests).
+    """
     tic = time.perf_counter()
     spec, kind = cell["spec"], cell["spec"]["kind"]
     base = {k: cell[k] for k in ("id", "task", "size", "optimizer", "lr", "seed", "steps")}
@@ -156,36 +208,32 @@ def run_cell(cell: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
         lr, extra = rt.suggested_lr, {"range_test": rt.to_dict()}
     elif kind == "tuned_adam":
         trial_steps = spec.get("trial_steps", cell["steps"])
-        lrs = _trial_lrs(spec, cell["seed"])
-        scores = []
-        for trial_lr in lrs:  # selected on the validation split; test loss is reported too
-            out = train(task, spec, trial_lr, cell["seed"], trial_steps, *args[2:])
-            scores.append(out["final_val_loss"])
+
+        def score(trial_lr: float) -> float:  # selected on the validation split
+            return train(task, spec, trial_lr, cell["seed"], trial_steps, *args[2:],
+                         progress=progress)["final_val_loss"]  # fmt: skip
+
+        lrs, scores = search_lrs(spec, cell["seed"], score)
         lr = lrs[min(range(len(lrs)), key=scores.__getitem__)]
         extra = {"search": spec.get("search", "grid"), "trials": len(lrs),
                  "trial_steps_total": trial_steps * len(lrs), "trial_lrs": lrs,
                  "trial_val_losses": scores}  # fmt: skip
     elif lr is None:
         lr = O.PEERS[kind][2] if kind in O.PEERS else None
-    out = train(task, spec, lr, *args)
+    writer = None if tensorboard is None else _summary_writer(tensorboard)
+    try:
+        out = train(task, spec, lr, *args, progress=progress, writer=writer)
+    finally:
+        if writer is not None:
+            writer.close()
     return {**base, "lr_used": lr, **out, "extra": extra,
             "wall_time_s": time.perf_counter() - tic}  # fmt: skip
 
 
-def _worker_init() -> None:
-    torch.set_num_threads(1)
-    parent = os.getppid()
-
-    def orphaned() -> None:  # the parent was killed (SIGKILL): do not run on alone
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=orphaned, daemon=True).start()
-
-
-def _run_in_worker(cell: dict[str, Any], device: str) -> dict[str, Any]:
-    return run_cell(cell, device)
+def _tensorboard_dir(root: Path, cell: dict[str, Any]) -> str:
+    lr = "" if cell["lr"] is None else f"lr{cell['lr']:g}_"
+    name = str(cell["optimizer"]).replace("/", "_")
+    return str(root / cell["task"] / name / f"{lr}seed{cell['seed']}")
 
 
 # ------------------------------------------------------------------------------ the records file
@@ -230,6 +278,10 @@ def run_study(
     cfg: StudyConfig, *, quiet: bool = False, config_file: str | Path | None = None,
 ) -> list[dict[str, Any]]:  # fmt: skip
     """Run every unfinished cell of ``cfg`` into ``cfg.out_dir``; returns the study's records."""
+    if cfg.executor == "ray":  # a missing extra fails before anything is written
+        E.import_ray()
+    if cfg.tensorboard:
+        _summary_writer_class()
     out = cfg.out_dir
     (out / "curves").mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -254,21 +306,13 @@ def _run_locked(cfg: StudyConfig, out: Path, device: str, records_path: Path, qu
     cells = expand(cfg)
     done = {r.get("id") for r in read_records(records_path)}
     todo = [c for c in cells if c["id"] not in done]
-    common = {
-        k: prov[k]
-        for k in (
-            "config_sha256",
-            "git_commit",
-            "git_dirty",
-            "metalr_version",
-            "torch_version",
-            "python_version",
-            "platform",
-            "command",
-        )
-    }
+    keys = ("config_sha256", "git_commit", "git_dirty", "metalr_version", "torch_version",
+            "python_version", "platform", "command")  # fmt: skip
+    common = {k: prov[k] for k in keys}
     if device != "cpu":
         common["device"] = f"{device} ({torch.cuda.get_device_name(device)})"
+    elif cfg.executor == "ray":
+        common["device"] = f"cpu ({E.ray_where(cfg.ray_address, cfg.workers)}; 1 thread per run)"
     else:
         threads = 1 if cfg.workers > 1 else torch.get_num_threads()
         common["device"] = (
@@ -289,26 +333,26 @@ def _run_locked(cfg: StudyConfig, out: Path, device: str, records_path: Path, qu
         del result["provenance"]["config_sha256"]
         append_record(result, records_path)
 
+    root = out.resolve() / "tensorboard"  # absolute: Ray workers may start elsewhere
+
+    def tb(cell: dict[str, Any]) -> str | None:
+        return _tensorboard_dir(root, cell) if cfg.tensorboard else None
+
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc=f"ablate {cfg.name}",
                unit="run", disable=True if quiet else None, dynamic_ncols=True)  # fmt: skip
     try:
-        if cfg.workers == 1 or len(todo) <= 1:
+        if not todo:  # all recorded already: no pool, no Ray session
+            pass
+        elif cfg.executor == "ray":
+            E.run_ray(todo, cfg.workers, cfg.ray_address, device, tb, finish, bar)
+        elif cfg.workers == 1 or len(todo) <= 1:
             for cell in todo:  # in this process, at its torch thread count (CLI: --threads)
-                finish(run_cell(cell, device))
+                finish(run_cell(cell, device, progress=not quiet, tensorboard=tb(cell)))
                 bar.update(1)
         else:
-            ctx = get_context("spawn")
-            with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_worker_init) as ex:
-                futures = [ex.submit(_run_in_worker, c, device) for c in todo]
-                try:
-                    for fut in as_completed(futures):
-                        finish(fut.result())
-                        bar.update(1)
-                except BaseException:
-                    ex.shutdown(wait=False, cancel_futures=True)
-                    raise
+            E.run_pool(todo, cfg.workers, device, tb, finish, bar)
     finally:
         bar.close()
     ids = {c["id"] for c in cells}

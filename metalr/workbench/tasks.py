@@ -7,20 +7,32 @@ Every task uses offline data only and caches its preparation (``$METALR_CACHE``,
   regression / ReLU MLP;
 * ``mnist1d_mlp``: mnist1d (``pip install mnist1d``; generated locally with
   ``make_dataset(get_dataset_args())``, never downloaded), ReLU MLP;
+* ``animal_cnn``: Animal-MNIST (``pip install --no-deps animal-mnist``; 10,000 real 28×28 animal
+  silhouettes, 10 classes; its two gzip pickles are read directly, its TensorFlow loader is never
+  imported), a two-block CNN;
 * ``charlm_gru``: a character-level GRU language model on the King James Bible
   (``apt-get install -y bible-kjv``; read with ``bible -f 'Gen1:1-Rev22:21'``).
-  ``fallback_text=True`` uses a tiny built-in text instead (tests only).
+  ``fallback_text=True`` uses a tiny built-in text instead (tests only);
+* ``fewshot_sinusoid``: fine-tune MAML's sinusoid regressor (1-40-40-1 ReLU MLP, MSE) on one
+  held-out sinusoid: train on its ``K`` support points (full batch), validate and test on 100
+  query points each. Its meta-learned prior (``prior: task`` in an optimizer spec) is
+  :mod:`metalr.workbench.priors`.
 
 A :class:`Task` builds a fresh model from a seed, draws training batches from its own generator
-(seeded per run: init and batch order vary with the seed, the data split does not) and scores a
-model on the fixed validation (and test) split.
+(seeded per run: init and batch order vary with the seed) and scores a model on the validation
+(and test) split. The splits are fixed, except for a task with ``splits_for_seed``
+(``fewshot_sinusoid``): it draws its data per seed, so that runs from a learned initialisation
+(identical across seeds) still see different tasks; pass ``seed`` to :meth:`Task.evaluate`.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
+import importlib.util
 import math
 import os
+import pickle
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -35,6 +47,8 @@ from torch.nn import functional as F
 SIZES = ("smoke", "full")
 BIBLE_INSTALL = "apt-get install -y bible-kjv"
 MNIST1D_INSTALL = 'pip install "torch==2.13.0" mnist1d'
+# --no-deps: its declared dependencies include TensorFlow (~1.9 GB), which this task never imports
+ANIMAL_INSTALL = "pip install --no-deps animal-mnist==0.4"
 
 FALLBACK_TEXT = (
     "In the beginning God created the heaven and the earth. And the earth was without form, and "
@@ -51,33 +65,49 @@ def cache_dir() -> Path:
     return root
 
 
+Split = tuple[torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class Task:
-    """A prepared task: data on ``device``, a model factory and the batch/loss functions."""
+    """A prepared task: data on ``device``, a model factory and the batch/loss functions.
+
+    ``splits_for_seed(seed) -> (train, val, test)``, when set, replaces the fixed splits for the
+    run of that seed (``train``/``val``/``test`` then hold seed 0's, for inspection only).
+    """
 
     name: str
     size: str
     make_model: Callable[[], nn.Module]
-    train: tuple[torch.Tensor, torch.Tensor]
-    val: tuple[torch.Tensor, torch.Tensor]
-    test: tuple[torch.Tensor, torch.Tensor]
+    train: Split
+    val: Split
+    test: Split
     batch_size: int | None  # None: full batch
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    splits_for_seed: Callable[[int], tuple[Split, Split, Split]] | None = None
 
     def model(self, seed: int, device: str | torch.device = "cpu") -> nn.Module:
         torch.manual_seed(seed)
         return self.make_model().to(device)
 
-    def batches(self, seed: int) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    def splits(self, seed: int | None = None) -> tuple[Split, Split, Split]:
+        """``(train, val, test)`` of the run with ``seed`` (the fixed splits for most tasks)."""
+        if self.splits_for_seed is None:
+            return self.train, self.val, self.test
+        if seed is None:
+            raise ValueError(f"task {self.name} draws its data per seed: pass seed")
+        return self.splits_for_seed(seed)
+
+    def batches(self, seed: int) -> Callable[[], Split]:
         """A function returning the next training batch (its own generator from ``seed``)."""
-        x, y = self.train
+        x, y = self.splits(seed)[0]
         if self.batch_size is None or self.batch_size >= len(x):
             return lambda: (x, y)
         gen = torch.Generator().manual_seed(10_000 + seed)
         n, bs = len(x), self.batch_size
         state = {"perm": torch.randperm(n, generator=gen), "pos": 0}
 
-        def nxt() -> tuple[torch.Tensor, torch.Tensor]:
+        def nxt() -> Split:
             if state["pos"] + bs > n:
                 state["perm"], state["pos"] = torch.randperm(n, generator=gen), 0
             idx = state["perm"][state["pos"] : state["pos"] + bs].to(x.device)
@@ -87,8 +117,11 @@ class Task:
         return nxt
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str = "val") -> float:
-        x, y = getattr(self, split)
+    def evaluate(self, model: nn.Module, split: str = "val", seed: int | None = None) -> float:
+        """Loss of ``model`` on ``split`` (``"train"``, ``"val"``, ``"test"``) of run ``seed``."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"Invalid split {split!r}; expected 'train', 'val' or 'test'")
+        x, y = self.splits(seed)[("train", "val", "test").index(split)]
         loss = float(self.loss(model(x), y))
         return loss if math.isfinite(loss) else float("inf")
 
@@ -130,12 +163,27 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(d.data, dtype=torch.float32) / 16.0, torch.tensor(d.target)
 
 
-@functools.cache
-def _mnist1d() -> tuple[torch.Tensor, torch.Tensor]:
-    path = cache_dir() / "mnist1d.pt"
+def _cached_arrays(
+    name: str, prepare: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and labels from ``<cache>/<name>.pt``; prepared (and saved atomically) once."""
+    path = cache_dir() / f"{name}.pt"
     if path.is_file():
         d = torch.load(path, weights_only=True)
         return d["x"], d["y"]
+    x, y = prepare()
+    from metalr.meta.results import atomic_save
+
+    atomic_save({"x": x, "y": y}, path)
+    return x, y
+
+
+@functools.cache
+def _mnist1d() -> tuple[torch.Tensor, torch.Tensor]:
+    return _cached_arrays("mnist1d", _prepare_mnist1d)
+
+
+def _prepare_mnist1d() -> tuple[torch.Tensor, torch.Tensor]:
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as exc:
@@ -143,10 +191,68 @@ def _mnist1d() -> tuple[torch.Tensor, torch.Tensor]:
     d = make_dataset(get_dataset_args())  # generated locally; no download
     x = torch.cat([torch.as_tensor(d["x"]), torch.as_tensor(d["x_test"])]).float()
     y = torch.cat([torch.as_tensor(d["y"]), torch.as_tensor(d["y_test"])]).long()
-    from metalr.meta.results import atomic_save
-
-    atomic_save({"x": x, "y": y}, path)
     return x, y
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else (no other callable can run)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        import numpy as np
+
+        if (module, name) in (("numpy", "ndarray"), ("numpy", "dtype")):
+            return getattr(np, name)
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
+            core = getattr(np, "_core", None) or np.core  # numpy 2 renamed numpy.core
+            return core.multiarray._reconstruct
+        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+
+
+@functools.cache
+def _animal_mnist() -> tuple[torch.Tensor, torch.Tensor]:
+    """Animal-MNIST's 10,000 images (uint8, ``[N, 28, 28]``) and labels, cached as tensors."""
+    return _cached_arrays("animal_mnist", _read_animal_mnist)
+
+
+def _read_animal_mnist() -> tuple[torch.Tensor, torch.Tensor]:
+    # find_spec does not import the package (its loader imports TensorFlow)
+    spec = importlib.util.find_spec("animal_mnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the animal_cnn task needs the animal-mnist package's data files: "
+                          f"{ANIMAL_INSTALL} (--no-deps: it declares TensorFlow, ~1.9 GB, as a "
+                          "dependency; this task only reads its two data files)")  # fmt: skip
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "Animal_MNIST"
+    arrays = []
+    for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is missing; reinstall: {ANIMAL_INSTALL}")
+        with gzip.open(folder / name, "rb") as f:
+            arrays.append(_ArrayUnpickler(f).load())
+    x, y = torch.as_tensor(arrays[0], dtype=torch.uint8), torch.as_tensor(arrays[1]).long()
+    if x.shape != (10_000, 28, 28) or y.shape != (10_000,):
+        raise ValueError(f"unexpected animal-mnist arrays {tuple(x.shape)}, {tuple(y.shape)}")
+    return x, y
+
+
+def _cnn(c1: int, c2: int) -> nn.Sequential:
+    """Two conv-ReLU-maxpool blocks (28 → 14 → 7) and a linear classifier."""
+    return nn.Sequential(
+        nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(c2 * 7 * 7, 10),
+    )  # fmt: skip
+
+
+HELD_OUT_SEED = 7_000_000  # the held-out sinusoids' generators (meta-training uses its own)
+
+
+def _sinusoid_splits(k_shot: int, seed: int, device: str | torch.device):
+    """One sinusoid per seed: ``k_shot`` training points, 100 validation, 100 test points."""
+    from metalr.tasks.sinusoid import SinusoidTasks
+
+    gen = torch.Generator().manual_seed(HELD_OUT_SEED + seed)
+    sx, sy, qx, qy = (t[0].to(device) for t in SinusoidTasks(k_shot, 200).sample(1, gen))
+    return (sx, sy), (qx[:100], qy[:100]), (qx[100:], qy[100:])
 
 
 def bible_text() -> str:
@@ -196,10 +302,15 @@ SPECS: dict[str, dict[str, dict[str, Any]]] = {
                    "full": {"hidden": [128, 128], "batch_size": 128}},
     "mnist1d_mlp": {"smoke": {"hidden": [64], "batch_size": 256, "examples": 1500},
                     "full": {"hidden": [256, 256], "batch_size": 128, "examples": None}},
+    "animal_cnn": {"smoke": {"channels": [8, 16], "batch_size": 128, "examples": 2000},
+                   "full": {"channels": [16, 32], "batch_size": 128, "examples": None}},
     "charlm_gru": {"smoke": {"chars": 30_000, "seq": 64, "embed": 16, "hidden": 64,
                              "batch_size": 32},
-                   "full": {"chars": 2_000_000, "seq": 128, "embed": 64, "hidden": 256,
-                            "batch_size": 64}},
+                   "full": {"chars": 1_000_000, "seq": 64, "embed": 32, "hidden": 128,
+                            "batch_size": 32, "eval_windows": 256}},
+    # the sizes differ only in the budget of the meta-learned prior (metalr.workbench.priors)
+    "fewshot_sinusoid": {"smoke": {"k_shot": 10, "hidden": [40, 40], "batch_size": None},
+                         "full": {"k_shot": 10, "hidden": [40, 40], "batch_size": None}},
 }  # fmt: skip
 TASKS = tuple(SPECS)
 
@@ -214,6 +325,8 @@ def make_task(
     if size not in SIZES:
         raise ValueError(f"Invalid task size {size!r}; expected one of {SIZES}")
     spec = SPECS[name][size]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _ce
+    splits_for_seed = None
     if name.startswith(("digits", "mnist1d")):
         x, y = _digits() if name.startswith("digits") else _mnist1d()
         if spec.get("examples"):
@@ -221,6 +334,24 @@ def make_task(
         splits = _standardize(*_split(x, y))
         widths = [x.shape[1], *spec["hidden"], 10]
         make_model: Callable[[], nn.Module] = lambda: _mlp(widths)
+    elif name == "animal_cnn":
+        x, y = _animal_mnist()
+        # the files are sorted by class: shuffle before taking a subset
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+        order = order[: spec["examples"]] if spec["examples"] else order
+        splits = _split(x[order].unsqueeze(1).float() / 255.0, y[order])
+        mean, std = splits[0][0].mean(), splits[0][0].std()  # one scalar: pixels share a scale
+        splits = [((xs - mean) / std, ys) for xs, ys in splits]
+        c1, c2 = spec["channels"]
+        make_model = lambda: _cnn(c1, c2)
+    elif name == "fewshot_sinusoid":
+        k, widths = spec["k_shot"], [1, *spec["hidden"], 1]
+        splits_for_seed = functools.lru_cache(maxsize=16)(
+            lambda seed: _sinusoid_splits(k, seed, device)
+        )
+        splits = list(splits_for_seed(0))
+        make_model = lambda: _mlp(widths)  # the meta-learner's model (parameter names match)
+        loss = F.mse_loss
     else:
         text = FALLBACK_TEXT if fallback_text else bible_text()
         text = text[: spec["chars"]]
@@ -230,8 +361,11 @@ def make_task(
         x, y = _windows(ids, spec["seq"])
         # contiguous split (no window of the validation text was seen in training)
         a, b = int(0.8 * len(x)), int(0.9 * len(x))
-        splits = [(x[:a], y[:a]), (x[a:b], y[a:b]), (x[b:], y[b:])]
+        # evaluation on the first `eval_windows` windows of each held-out part (all by default)
+        c = spec.get("eval_windows") or len(x)
+        splits = [(x[:a], y[:a]), (x[a:b][:c], y[a:b][:c]), (x[b:][:c], y[b:][:c])]
         v, e, h = len(vocab), spec["embed"], spec["hidden"]
         make_model = lambda: CharGRU(v, e, h)
     splits = [(xs.to(device), ys.to(device)) for xs, ys in splits]
-    return Task(name, size, make_model, *splits, batch_size=spec["batch_size"], loss=_ce)
+    return Task(name, size, make_model, *splits, batch_size=spec["batch_size"], loss=loss,
+                splits_for_seed=splits_for_seed)  # fmt: skip
