@@ -30,11 +30,21 @@ initial lr therefore means nothing for such a spec: it runs once per seed, with 
 in its record (:func:`uses_lr`). A schedule scales ``group['lr']``, so it scales the prior's
 rates. ``prior_weights`` (default true) also copies the prior's learned initial weights into the
 model when the prior has them. ``granularity`` and ``rule`` default to the prior's.
+
+metalr kinds also take a *hypergradient warm-up* (a faster early climb or fall of the rates)::
+
+    adam_hd_fast: {kind: adam_hd, hypergrad_warmup: {factor: 10, steps: 50}}
+
+which runs step ``t`` (from 1) with ``β_t = β · (1 + (factor − 1) · exp(−(t − 1) / steps))`` in
+every param group (β: the group's own ``hypergrad_lr``, so per-tensor β of a prior scale alike):
+``factor`` × β at the start, decaying to β with time constant ``steps``
+(:func:`build_hypergrad_warmup`).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,7 +72,8 @@ SCHEDULES = ("none", "step", "exponential", "polynomial", "cosine", "warmup_cosi
              "onecycle")  # fmt: skip
 META_KEYS = {"kind", "schedule", "schedule_args", "base", "base_args",  # not constructor kwargs
              "search", "trials", "lr_range", "trial_steps", "range_test",
-             "prior", "prior_weights"}  # fmt: skip
+             "prior", "prior_weights", "hypergrad_warmup"}  # fmt: skip
+WARMUP_KEYS = ("factor", "steps")
 
 
 def peer_available(kind: str) -> bool:
@@ -184,6 +195,45 @@ def build_schedule(spec: dict[str, Any], opt: torch.optim.Optimizer, steps: int)
     return sched
 
 
+def build_hypergrad_warmup(
+    spec: dict[str, Any], opt: torch.optim.Optimizer
+) -> Callable[[int], None] | None:
+    """``set_beta(t)``, called before optimizer step ``t`` (from 1), or None without a warm-up.
+
+    It writes ``β_t = β · (1 + (factor − 1) · exp(−(t − 1) / steps))`` into every param group's
+    ``hypergrad_lr``, β being the group's value when the optimizer was built.
+    """
+    warm = spec.get("hypergrad_warmup")
+    if warm is None:
+        return None
+    factor, tau = float(warm["factor"]), float(warm["steps"])
+    groups = opt.param_groups
+    base = [g["hypergrad_lr"] for g in groups]
+
+    def set_beta(step: int) -> None:
+        scale = 1.0 + (factor - 1.0) * math.exp(-(step - 1) / tau)
+        for group, beta in zip(groups, base):
+            group["hypergrad_lr"] = beta * scale
+
+    return set_beta
+
+
+def _check_warmup(name: str, spec: dict[str, Any]) -> None:
+    warm, kind = spec["hypergrad_warmup"], spec["kind"]
+    where = f"optimizers.{name}.hypergrad_warmup"
+    if kind not in METALR and kind != "hyperlr":
+        raise ValueError(f"Invalid {where}: kind {kind!r} has no hypergradient; only "
+                         f"{', '.join((*METALR, 'hyperlr'))} do")  # fmt: skip
+    if not isinstance(warm, dict) or set(warm) != set(WARMUP_KEYS):
+        raise ValueError(f"Invalid value for {where}: {warm!r}; expected a mapping with exactly "
+                         f"the keys {', '.join(WARMUP_KEYS)}")  # fmt: skip
+    factor, steps = warm["factor"], warm["steps"]
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 1:
+        raise ValueError(f"Invalid value for {where}.factor: {factor!r} (expected a number >= 1)")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"Invalid value for {where}.steps: {steps!r} (expected an integer >= 1)")
+
+
 def lr_summary(opt: torch.optim.Optimizer) -> dict[str, float]:
     """Min/mean/max effective rate over all parameters (metalr) or groups (``lr × d`` for the
     D-adaptation family, ``lr`` otherwise)."""
@@ -225,6 +275,8 @@ def check_spec(name: str, spec: Any) -> dict[str, Any]:
                          f"{', '.join(KINDS)}")  # fmt: skip
     if spec.get("prior") is not None or "prior_weights" in spec:
         _check_prior(name, spec)
+    if "hypergrad_warmup" in spec:
+        _check_warmup(name, spec)
     if kind in PEERS and not peer_available(kind):
         return spec  # recorded as "not installed" by the runner
     search = spec.get("search", "grid")
@@ -240,6 +292,7 @@ def check_spec(name: str, spec: Any) -> dict[str, Any]:
     try:
         opt = build_optimizer(spec, [p], 1e-3)
         build_schedule(spec, opt, 10)
+        build_hypergrad_warmup(spec, opt)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"Invalid optimizers.{name}: {exc}") from None
     return spec

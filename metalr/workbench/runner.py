@@ -94,6 +94,7 @@ def train(task: Task, spec: dict[str, Any], lr: float | None, seed: int, steps: 
     model = task.model(seed, device)
     opt = O.build_for_model(spec, model, lr, task)
     sched = O.build_schedule(spec, opt, steps)
+    set_beta = O.build_hypergrad_warmup(spec, opt)
     nxt = task.batches(seed)
     curves: dict[str, list] = {k: [] for k in ("step", "train_loss", "val_loss", "lr_min",
                                                "lr_mean", "lr_max")}  # fmt: skip
@@ -136,6 +137,8 @@ def train(task: Task, spec: dict[str, Any], lr: float | None, seed: int, steps: 
             window.append(value)
             opt.zero_grad()
             loss.backward()
+            if set_beta is not None:
+                set_beta(step)
             opt.step()
             if sched is not None:
                 sched.step()
