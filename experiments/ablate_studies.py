@@ -1,11 +1,12 @@
-"""Issue 4's four ablation studies: run each grid with ``metalr ablate``, write its report with
-``metalr report``, then print (and write) the headline numbers of each study.
+"""Issue 4's four ablation studies (and study 5, a follow-up to study 1): run each grid with
+``metalr ablate``, write its report with ``metalr report``, then print (and write) the headline
+numbers of each study.
 
-    python experiments/ablate_studies.py            # all four studies (resumes finished cells)
+    python experiments/ablate_studies.py            # all five studies (resumes finished cells)
     python experiments/ablate_studies.py 1 3        # only studies 1 and 3
     python experiments/ablate_studies.py --headlines-only   # recompute the headlines
 
-Configs: ``configs/ablate_study{1..4}_*.yaml`` (each header gives its command, hardware, wall
+Configs: ``configs/ablate_study{1..5}_*.yaml`` (each header gives its command, hardware, wall
 time and expected headline). Outputs: ``experiments/results/ablate_study<N>/`` (records.jsonl,
 curves/, report.md, summary.csv, PNGs) and ``experiments/results/ablate_study<N>/headline.md``.
 
@@ -31,6 +32,7 @@ CONFIGS = {
     2: "configs/ablate_study2_tuning_cost.yaml",
     3: "configs/ablate_study3_components.yaml",
     4: "configs/ablate_study4_schedules.yaml",
+    5: "configs/ablate_study5_fast_start.yaml",
 }
 RESULTS = ROOT / "experiments" / "results"
 CURVES_LIMIT = 5 * 2**20  # drop per-step curve folders beyond ~5 MB in total
@@ -92,6 +94,12 @@ def best(t: dict, task: str, opt: str) -> tuple[float, float | None]:
     return min(cands, key=lambda c: c[0]) if cands else (math.nan, None)
 
 
+def within_goal(t: dict, task: str, opt: str, lr: float, ref: str = "adam") -> bool:
+    """Study 1's goal test for one cell: ``opt`` started at ``lr`` ends within 10% of the
+    best-of-grid ``ref``."""
+    return t[(task, opt, lr)] <= (1 + GOAL_WITHIN) * best(t, task, ref)[0]
+
+
 def headline1() -> str:
     t = table(records(1))
     tasks = sorted({k[0] for k in t})
@@ -100,11 +108,10 @@ def headline1() -> str:
     sgd_hits = beats = mid_hits = mid = 0
     for task in tasks:
         b_adam, b_lr = best(t, task, "adam")
-        b_sgd, _ = best(t, task, "sgd")
         for lr in lrs:
             hd = t[(task, "adam_hd", lr)]
-            ok = hd <= (1 + GOAL_WITHIN) * b_adam
-            sgd_ok = t[(task, "sgd_hd", lr)] <= (1 + GOAL_WITHIN) * b_sgd
+            ok = within_goal(t, task, "adam_hd", lr)
+            sgd_ok = within_goal(t, task, "sgd_hd", lr, ref="sgd")
             hits, cells, sgd_hits = hits + ok, cells + 1, sgd_hits + sgd_ok
             beats += hd < t[(task, "adam", lr)]
             if 1e-4 <= lr <= 1e-2:
@@ -115,11 +122,7 @@ def headline1() -> str:
                          "yes" if ok else "**no**"])  # fmt: skip
     frac = hits / cells
     early = table(records(1), "best_val_loss")
-    early_hits = sum(
-        early[(task, "adam_hd", lr)] <= (1 + GOAL_WITHIN) * best(early, task, "adam")[0]
-        for task in tasks
-        for lr in lrs
-    )
+    early_hits = sum(within_goal(early, task, "adam_hd", lr) for task in tasks for lr in lrs)
     peers = []
     for task in tasks:
         b_adam, _ = best(t, task, "adam")
@@ -139,11 +142,31 @@ def headline1() -> str:
         f"{sgd_hits}/{cells}. With early stopping (each run's best validation loss on the "
         f"logged steps instead of its final one; not the goal's metric): {early_hits}/{cells}."
         "\n\n"
-        + md(["task", "lr0", "Adam @lr0", "AdamHD @lr0", "best Adam", "AdamHD / best Adam",
-              "within 10%"], rows)
+        + md(
+            [
+                "task",
+                "lr0",
+                "Adam @lr0",
+                "AdamHD @lr0",
+                "best Adam",
+                "AdamHD / best Adam",
+                "within 10%",
+            ],
+            rows,
+        )
         + "\nBest-of-grid loss of each optimizer ÷ best-of-grid Adam (lr-free peers: one run):\n\n"
-        + md(["task", "best Adam", "AdamHD", "SGD-HD", "schedule-free AdamW", "Prodigy",
-              "D-Adapt Adam"], peers)
+        + md(
+            [
+                "task",
+                "best Adam",
+                "AdamHD",
+                "SGD-HD",
+                "schedule-free AdamW",
+                "Prodigy",
+                "D-Adapt Adam",
+            ],
+            peers,
+        )
     )
 
 
@@ -234,7 +257,42 @@ def headline4() -> str:
     )
 
 
-HEADLINES = {1: headline1, 2: headline2, 3: headline3, 4: headline4}
+WARM_VARIANTS = {"adam_hd": "AdamHD (defaults)",
+                 "adam_hd_warm10": "warm-up ×10, 50 steps",
+                 "adam_hd_warm5": "warm-up ×5, 100 steps"}  # fmt: skip
+
+
+def headline5() -> str:
+    t = table(records(5))
+    tasks = sorted({k[0] for k in t})
+    lrs = sorted({k[2] for k in t if k[1] == "adam_hd"})
+    rows, totals = [], dict.fromkeys(WARM_VARIANTS, 0)
+    for task in tasks:
+        b_adam, b_lr = best(t, task, "adam")
+        for lr in lrs:
+            cells = []
+            for opt in WARM_VARIANTS:
+                ok = within_goal(t, task, opt, lr)
+                totals[opt] += ok
+                ratio = t[(task, opt, lr)] / b_adam
+                cells.append(("∞" if not math.isfinite(ratio) else f"{ratio:.3f}")
+                             + ("" if ok else " ✗"))  # fmt: skip
+            rows.append([task, f"{lr:g}", f"{fmt(b_adam)} (lr {b_lr:g})", *cells])
+    n = len(tasks) * len(lrs)
+    summary = ", ".join(f"{label}: **{totals[o]}/{n} = {totals[o] / n:.0%}**"
+                        for o, label in WARM_VARIANTS.items())  # fmt: skip
+    return (
+        "## Study 5: a faster early climb (hypergradient warm-up) vs study 1's gap\n\n"
+        "Study 1's goal test (final validation loss, mean over seeds, within "
+        f"{GOAL_WITHIN:.0%} of the best-of-grid Adam of the same grid; goal ≥ "
+        f"{GOAL_FRACTION:.0%} of (task, lr0) cells): {summary}. The warm-up runs step t with "
+        "β_t = 0.02 · (1 + (factor − 1) · exp(−(t − 1)/steps)).\n\n"
+        "Loss ÷ best-of-grid Adam (✗: not within 10%):\n\n"
+        + md(["task", "lr0", "best Adam", *WARM_VARIANTS.values()], rows)
+    )
+
+
+HEADLINES = {1: headline1, 2: headline2, 3: headline3, 4: headline4, 5: headline5}
 
 
 def trim_curves() -> None:

@@ -11,16 +11,16 @@ from metalr.optim.sgd_hd import SGDHD
 
 __version__ = "0.1.0"
 
-from metalr.meta import LRPrior, MetaConfig, MetaLearner, load_prior  # noqa: E402
+from metalr.meta import LRPrior, MetaConfig, MetaLearner, load_prior
 
 __all__ = [
+    "SGDHD",
     "AdamHD",
     "AdamWHD",
     "HyperLR",
     "LRPrior",
     "MetaConfig",
     "MetaLearner",
-    "SGDHD",
     "__version__",
     "functional",
     "load_prior",

@@ -8,6 +8,7 @@ shows the final validation loss and AdamHD's final mean effective rate.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
@@ -46,7 +47,7 @@ def train(make_optimizer, data, steps: int, seed: int) -> tuple[float, torch.opt
         optimizer.step()
     with torch.no_grad():
         val = loss_fn(model(x_val), y_val).item()
-    return (val if val == val else float("inf")), optimizer
+    return (float("inf") if math.isnan(val) else val), optimizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,14 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     data = load_digits_split()
     start = time.perf_counter()
-    print(f"sklearn digits, MLP 64-64-10, {args.steps} full-batch steps, mean of {args.seeds} seeds")
+    print(
+        f"sklearn digits, MLP 64-64-10, {args.steps} full-batch steps, mean of {args.seeds} seeds"
+    )
     print("| initial lr | Adam val loss | AdamHD val loss | AdamHD final mean lr |")
     print("|---:|---:|---:|---:|")
     for lr in LRS:
         adam, hd, eff = 0.0, 0.0, 0.0
         for seed in range(args.seeds):
-            adam += train(lambda p: torch.optim.Adam(p, lr=lr), data, args.steps, seed)[0]
-            loss, opt = train(lambda p: metalr.AdamHD(p, lr=lr), data, args.steps, seed)
+            adam += train(lambda p, lr=lr: torch.optim.Adam(p, lr=lr), data, args.steps, seed)[0]
+            loss, opt = train(lambda p, lr=lr: metalr.AdamHD(p, lr=lr), data, args.steps, seed)
             hd += loss
             eff += opt.lr_summary()[0]["mean"]
         n = args.seeds

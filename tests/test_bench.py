@@ -10,7 +10,7 @@ import csv
 import pytest
 import torch
 
-from metalr import AdamHD, SGDHD, bench
+from metalr import SGDHD, AdamHD, bench
 
 TINY = 20_000
 STATE_SLACK = 0.01

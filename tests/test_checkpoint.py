@@ -18,7 +18,14 @@ MAKERS = {
     "HyperLR": lambda p: metalr.HyperLR(torch.optim.Adam(p, lr=1e-2)),
 }
 #: Group keys metalr added on top of torch's; a checkpoint written before them must still load.
-LATER_FLAGS = ("granularity", "rule", "lr_bounds", "fused", "differentiable", "decoupled_weight_decay")
+LATER_FLAGS = (
+    "granularity",
+    "rule",
+    "lr_bounds",
+    "fused",
+    "differentiable",
+    "decoupled_weight_decay",
+)
 
 
 def _steps(model, optimizer, n=5, seed=0):
@@ -53,8 +60,10 @@ def test_rates_are_cast_to_the_new_parameters_dtype(name):
             state = new.state[p]
             assert state[RATE_KEY].dtype == rate_dtype
             torch.testing.assert_close(
-                state[RATE_KEY].double(), opt.state[dict(zip(target.parameters(), model.parameters()))[p]][RATE_KEY],
-                rtol=1e-6, atol=0,
+                state[RATE_KEY].double(),
+                opt.state[dict(zip(target.parameters(), model.parameters()))[p]][RATE_KEY],
+                rtol=1e-6,
+                atol=0,
             )
             if "step" in state:
                 assert state["step"].dtype == torch.float32 and state["step"].device == p.device

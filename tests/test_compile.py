@@ -118,7 +118,10 @@ def test_compiled_step_with_a_scheduler_does_not_recompile_over_100_steps(name):
         opt.step()
 
     for _ in range(100):
-        for m, o, step, s in ((model, opt, compiled_step, sched), (eager_model, eager_opt, eager_opt.step, eager_sched)):
+        for m, o, step, s in (
+            (model, opt, compiled_step, sched),
+            (eager_model, eager_opt, eager_opt.step, eager_sched),
+        ):
             o.zero_grad()
             ((m(x) - y) ** 2).mean().backward()
             step()
@@ -134,7 +137,10 @@ def test_compiled_step_follows_cycled_betas():
     model, x, y = _model_and_data()
     eager_model = copy.deepcopy(model)
     opt, eager_opt = metalr.AdamHD(model.parameters()), metalr.AdamHD(eager_model.parameters())
-    scheds = [torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=20) for o in (opt, eager_opt)]
+    scheds = [
+        torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=20)
+        for o in (opt, eager_opt)
+    ]
     torch._dynamo.reset()
 
     @torch.compile
@@ -142,7 +148,10 @@ def test_compiled_step_follows_cycled_betas():
         opt.step()
 
     for _ in range(6):
-        for m, o, step, s in ((model, opt, compiled_step, scheds[0]), (eager_model, eager_opt, eager_opt.step, scheds[1])):
+        for m, o, step, s in (
+            (model, opt, compiled_step, scheds[0]),
+            (eager_model, eager_opt, eager_opt.step, scheds[1]),
+        ):
             o.zero_grad()
             ((m(x) - y) ** 2).mean().backward()
             step()

@@ -40,7 +40,10 @@ def test_cuda_matches_cpu_float64(name, foreach):
     gpu_model = copy.deepcopy(model).cuda()
     x, y = torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 2, dtype=torch.float64)
     kw = {} if name.startswith("HyperLR") else {"foreach": foreach}
-    cpu_opt, gpu_opt = MAKERS[name](model.parameters(), **kw), MAKERS[name](gpu_model.parameters(), **kw)
+    cpu_opt, gpu_opt = (
+        MAKERS[name](model.parameters(), **kw),
+        MAKERS[name](gpu_model.parameters(), **kw),
+    )
     _run(model, cpu_opt, x, y)
     _run(gpu_model, gpu_opt, x.cuda(), y.cuda())
     for p, q in zip(model.parameters(), gpu_model.parameters()):
@@ -102,11 +105,15 @@ def test_whole_training_step_captures_in_a_cuda_graph(name):
     """No host sync and no host-to-device copy inside step(): forward, backward and step capture
     into one CUDA graph (torch's whole-network recipe) and replays equal eager training."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 2)).cuda()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 2)
+    ).cuda()
     eager_model = copy.deepcopy(model)
     opt = MAKERS[name](model.parameters(), foreach=True)
     eager_opt = MAKERS[name](eager_model.parameters(), foreach=True)
-    data = [(torch.randn(16, 6, device="cuda"), torch.randn(16, 2, device="cuda")) for _ in range(8)]
+    data = [
+        (torch.randn(16, 6, device="cuda"), torch.randn(16, 2, device="cuda")) for _ in range(8)
+    ]
     static_x, static_y = data[0][0].clone(), data[0][1].clone()
 
     def train_step(m, o, x, y):

@@ -20,7 +20,9 @@ MAKERS = {
     "SGDHD-momentum": lambda p, g: metalr.SGDHD(
         p, lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01, granularity=g
     ),
-    "SGDHD-nesterov": lambda p, g: metalr.SGDHD(p, lr=1e-2, momentum=0.9, nesterov=True, granularity=g),
+    "SGDHD-nesterov": lambda p, g: metalr.SGDHD(
+        p, lr=1e-2, momentum=0.9, nesterov=True, granularity=g
+    ),
     "SGDHD-plain": lambda p, g: metalr.SGDHD(p, lr=1e-2, granularity=g),
 }
 
@@ -66,7 +68,9 @@ def test_hyperlr_sync_free_path_keeps_everything_finite(granularity, monkeypatch
     monkeypatch.setattr("metalr.optim.hyper_lr.host_readable", lambda t: False)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
-    opt = metalr.HyperLR(torch.optim.Adam(model.double().parameters(), lr=1e-2), granularity=granularity)
+    opt = metalr.HyperLR(
+        torch.optim.Adam(model.double().parameters(), lr=1e-2), granularity=granularity
+    )
     before = None
     for i in range(12):
         torch.manual_seed(i)

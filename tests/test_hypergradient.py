@@ -52,14 +52,14 @@ def _leaf_rates(params, granularity, value=0.7):
 
 
 SGD_VARIANTS = {
-    "plain": dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False),
-    "momentum": dict(momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False),
-    "nesterov": dict(momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=True),
+    "plain": {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False},
+    "momentum": {"momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01, "nesterov": False},
+    "nesterov": {"momentum": 0.9, "dampening": 0.0, "weight_decay": 0.0, "nesterov": True},
 }
 ADAM_VARIANTS = {
-    "adam": dict(weight_decay=0.0, decoupled_weight_decay=False),
-    "adam_l2": dict(weight_decay=0.05, decoupled_weight_decay=False),
-    "adamw": dict(weight_decay=0.05, decoupled_weight_decay=True),
+    "adam": {"weight_decay": 0.0, "decoupled_weight_decay": False},
+    "adam_l2": {"weight_decay": 0.05, "decoupled_weight_decay": False},
+    "adamw": {"weight_decay": 0.05, "decoupled_weight_decay": True},
 }
 
 
@@ -136,6 +136,7 @@ def test_rule_hypergradient_equals_autograd_and_finite_differences(family, varia
     for leaf, a in zip(leaves, autograd):
         flat = leaf.detach().reshape(-1)
         for i in range(min(flat.numel(), 3)):
+
             def loss_at(delta, i=i, leaf=leaf):
                 shifted = [r.detach().clone() for r in leaves]
                 idx = next(j for j, r in enumerate(leaves) if r is leaf)
@@ -152,9 +153,9 @@ def test_rule_hypergradient_equals_autograd_and_finite_differences(family, varia
 def test_additive_rule_is_the_papers_update(granularity):
     """α_t = α_{t-1} + β<g_t, d_{t-1}> exactly, i.e. m_t = m_{t-1} - β h / lr."""
     loss_fn, lr, _, direction, params = _adam_state_and_step("adam", granularity)
-    hyper = dict(lr=lr, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.0,
-                 decoupled_weight_decay=False, rule="additive", granularity=granularity,
-                 lr_bounds=BOUNDS)  # fmt: skip
+    hyper = {"lr": lr, "beta1": 0.9, "beta2": 0.99, "eps": 1e-8, "weight_decay": 0.0,
+                 "decoupled_weight_decay": False, "rule": "additive", "granularity": granularity,
+                 "lr_bounds": BOUNDS}  # fmt: skip
     zeros = [torch.zeros_like(p) for p in params]
     state = (params, zeros, [z.clone() for z in zeros],
              [torch.ones((), dtype=torch.float64) for _ in params],
@@ -173,8 +174,8 @@ def test_normalized_rule_uses_the_cosine():
     loss_fn, lr, _, _, params = _sgd_state_and_step("plain", "tensor")
     g_prev = _grads(loss_fn, params)
     rates = [torch.ones((), dtype=torch.float64) for _ in params]
-    hyper = dict(lr=lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-                 rule="normalized", granularity="tensor", lr_bounds=BOUNDS)  # fmt: skip
+    hyper = {"lr": lr, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False,
+                 "rule": "normalized", "granularity": "tensor", "lr_bounds": BOUNDS}  # fmt: skip
     s1 = sgd_hd_step(params, g_prev, [None] * 4, [None] * 4, rates, hypergrad_lr=0.1, **hyper)
     assert all(r.item() == 1.0 for r in s1.rates)  # no previous direction: no change
     g = _grads(loss_fn, s1.params)

@@ -14,9 +14,9 @@ from metalr.tasks.sinusoid import SinusoidTasks
 
 STEPS = 3
 CONFIGS = {
-    "meta-sgd": dict(inner_rule="sgd", rates="element"),
-    "adam_hd": dict(inner_rule="adam_hd", rates="tensor", inner_steps=2),
-    "reptile": dict(algorithm="reptile", rates="fixed", inner_steps=2),
+    "meta-sgd": {"inner_rule": "sgd", "rates": "element"},
+    "adam_hd": {"inner_rule": "adam_hd", "rates": "tensor", "inner_steps": 2},
+    "reptile": {"algorithm": "reptile", "rates": "fixed", "inner_steps": 2},
 }
 
 

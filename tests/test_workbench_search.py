@@ -37,7 +37,7 @@ def test_bayes_search_is_seeded_and_finds_the_optimum():
     best = lrs[min(range(len(lrs)), key=scores.__getitem__)]
     assert abs(math.log10(best) + 2.5) < 0.25, best  # within a factor 1.8 of 10^-2.5
     # TPE beats the same budget of log-uniform random search on this bowl
-    rand, rand_scores = S.search_lrs({**spec, "search": "random"}, 0, _bowl)
+    _, rand_scores = S.search_lrs({**spec, "search": "random"}, 0, _bowl)
     assert min(scores) < min(rand_scores)
 
 
@@ -56,7 +56,9 @@ def test_bayes_tuned_adam_records_its_budget(tmp_path):
 
 def test_bayes_without_optuna_names_the_install_command(monkeypatch):
     monkeypatch.setattr(O, "optuna_available", lambda: False)
-    with pytest.raises(ValueError, match=r'search: bayes needs Optuna: pip install "torch==2.13.0" optuna'):
+    with pytest.raises(
+        ValueError, match=r'search: bayes needs Optuna: pip install "torch==2.13.0" optuna'
+    ):
         O.check_spec("t", {"kind": "tuned_adam", "search": "bayes"})
     with pytest.raises(ValueError, match="expected one of grid, random, bayes"):
         O.check_spec("t", {"kind": "tuned_adam", "search": "annealing"})

@@ -33,8 +33,13 @@ def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _optimizer_kwargs(name: str) -> dict:
     return {
-        "AdamHD": dict(optimizer_class=metalr.AdamHD, lr=1e-2, hypergrad_lr=0.1),
-        "SGDHD": dict(optimizer_class=metalr.SGDHD, lr=0.05, momentum=0.9, hypergrad_lr=0.1),
+        "AdamHD": {"optimizer_class": metalr.AdamHD, "lr": 1e-2, "hypergrad_lr": 0.1},
+        "SGDHD": {
+            "optimizer_class": metalr.SGDHD,
+            "lr": 0.05,
+            "momentum": 0.9,
+            "hypergrad_lr": 0.1,
+        },
     }[name]
 
 

@@ -20,10 +20,10 @@ from metalr.functional.adam_rule import AdamHDState, adam_direction, adam_hd, ad
 from metalr.functional.sgd_rule import SGDHDState, sgd_hd, sgd_hd_step
 
 __all__ = [
-    "AdamHDState",
     "DEFAULT_NORMALIZED_HYPERGRAD_LR",
     "GRANULARITIES",
     "RULES",
+    "AdamHDState",
     "SGDHDState",
     "adam_direction",
     "adam_hd",

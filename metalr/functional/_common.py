@@ -88,7 +88,9 @@ def sharded_context(params: Sequence[Tensor]) -> contextlib.AbstractContextManag
     return contextlib.nullcontext()
 
 
-def commit_rates(rates: list[Tensor], new_rates: list[Tensor], finite: Tensor, known_finite: bool) -> None:
+def commit_rates(
+    rates: list[Tensor], new_rates: list[Tensor], finite: Tensor, known_finite: bool
+) -> None:
     """Write new multipliers in place; where the step is skipped (``finite`` false) keep the old.
 
     ``known_finite``: the caller already read the flag on the host and it was true.
@@ -99,7 +101,9 @@ def commit_rates(rates: list[Tensor], new_rates: list[Tensor], finite: Tensor, k
         torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
 
 
-def torch_fused_kernel_applies(kernel: str, params: Sequence[Tensor], rates: Sequence[Tensor]) -> bool:
+def torch_fused_kernel_applies(
+    kernel: str, params: Sequence[Tensor], rates: Sequence[Tensor]
+) -> bool:
     """torch's fused ``kernel`` (``_fused_adam_``/``_fused_sgd_``) can do the update: one scalar
     rate per tensor, real floats, eager mode."""
     return (

@@ -69,7 +69,9 @@ def rate_dtype(param: Tensor) -> torch.dtype:
 def initial_rate(param: Tensor, granularity: str, value: float = 1.0) -> Tensor:
     """A fresh multiplier for ``param``: a 0-d tensor, or one per element for ``"element"``."""
     if granularity == "element":  # full_like keeps a sharded (DTensor) parameter's layout
-        return torch.full_like(param, value, dtype=rate_dtype(param), memory_format=torch.preserve_format)
+        return torch.full_like(
+            param, value, dtype=rate_dtype(param), memory_format=torch.preserve_format
+        )
     return torch.full((), value, dtype=rate_dtype(param), device=param.device)
 
 
@@ -262,10 +264,13 @@ def _sign_rule(rate: Tensor, dot: Tensor, beta: float | Tensor) -> Tensor:
     so no per-element finiteness mask is needed. Without autograd the product buffer (a
     temporary owned by the caller) is reused in place: three passes and no new allocation.
     """
-    if torch.is_grad_enabled() and (dot.requires_grad or rate.requires_grad or
-                                    (isinstance(beta, Tensor) and beta.requires_grad)):
+    if torch.is_grad_enabled() and (
+        dot.requires_grad or rate.requires_grad or (isinstance(beta, Tensor) and beta.requires_grad)
+    ):
         return rate * torch.exp(beta * torch.sign(dot))
-    factor = dot.sign_().mul_(beta).exp_() if not _compiling() else torch.exp(beta * torch.sign(dot))
+    factor = (
+        dot.sign_().mul_(beta).exp_() if not _compiling() else torch.exp(beta * torch.sign(dot))
+    )
     return factor.mul_(rate) if not _compiling() else factor * rate
 
 

@@ -33,9 +33,9 @@ from torch import Tensor
 from metalr.functional._common import (
     as_real_list,
     broadcast_rate,
+    commit_rates,
     default_foreach,
     from_real,
-    commit_rates,
     host_readable,
     negate_if,
     safe_sqrt,
@@ -44,8 +44,8 @@ from metalr.functional._common import (
     torch_fused_kernel_applies,
     write_back,
 )
-from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
 from metalr.functional._distributed import ShardReducer
+from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
 from metalr.functional._hypergrad import adapt_rates
 
 
@@ -129,8 +129,16 @@ def adam_hd_step(
         for m, v, s, g in zip(as_real_list(exp_avgs), as_real_list(exp_avg_sqs), steps, grads)
     ]
     new_rates, finite = adapt_rates(
-        rates, grads, prev_dirs, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity,
-        lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
+        rates,
+        grads,
+        prev_dirs,
+        lr=lr,
+        hypergrad_lr=hypergrad_lr,
+        rule=rule,
+        granularity=granularity,
+        lr_bounds=lr_bounds,
+        grads_finite=grads_finite,
+        shards=shards,
     )
     out = AdamHDState([], [], [], [], [])
     for p, g, m, v, rate, new_rate, step in zip(
@@ -213,8 +221,16 @@ def _multi_tensor_adam_hd(
     prev_dirs = [from_real(d, g) for d, g in zip(scratch, grads)]
     # 2. hypergradient → new multipliers (shared math), and the all-finite flag.
     new_rates, finite = adapt_rates(
-        rates, grads, prev_dirs, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity,
-        lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
+        rates,
+        grads,
+        prev_dirs,
+        lr=lr,
+        hypergrad_lr=hypergrad_lr,
+        rule=rule,
+        granularity=granularity,
+        lr_bounds=lr_bounds,
+        grads_finite=grads_finite,
+        shards=shards,
     )
     del prev_dirs
     # 3. Adam moments; a non-finite step leaves everything as it was.
@@ -289,7 +305,6 @@ def _bias_corrections(
     return [1 - beta1**t for t in ts], [(1 - beta2**t) ** 0.5 for t in ts]
 
 
-
 def _fused_kernel_update(
     params: list[Tensor],
     grads: list[Tensor],
@@ -338,7 +353,10 @@ def _fused_kernel_update(
 
 
 def _negative_step_sizes(
-    rates: list[Tensor], params: list[Tensor], like: list[Tensor], lr: float | Tensor,
+    rates: list[Tensor],
+    params: list[Tensor],
+    like: list[Tensor],
+    lr: float | Tensor,
     bc1: list[float] | Tensor,
 ) -> list[Tensor]:
     """``-lr · m / (1 - β1^t)`` per tensor (one vectorised op when every rate is a scalar)."""
@@ -357,9 +375,9 @@ def _negative_step_sizes(
 def _scale(value: float | Tensor, bc1: list[float] | Tensor) -> list[float] | Tensor:
     """``value / bc1`` per tensor: Python floats on the host path, a tensor otherwise."""
     if isinstance(bc1, Tensor) or isinstance(value, Tensor):
-        return torch.as_tensor(value, dtype=torch.float64) / torch.as_tensor(bc1, dtype=torch.float64).to(
-            value.device if isinstance(value, Tensor) else "cpu"
-        )
+        return torch.as_tensor(value, dtype=torch.float64) / torch.as_tensor(
+            bc1, dtype=torch.float64
+        ).to(value.device if isinstance(value, Tensor) else "cpu")
     return [value / b for b in bc1]
 
 
@@ -409,7 +427,9 @@ def adam_hd(
             raise RuntimeError("fused=True does not support differentiable=True or foreach=True")
         hyper["lr"] = as_lr_tensor(hyper["lr"], rates)  # a changing float would recompile
         check_fused_supported(params, "AdamHD")
-        return compiled(_single_tensor_adam_hd)(params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper)
+        return compiled(_single_tensor_adam_hd)(
+            params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper
+        )
     if foreach is None:
         foreach = default_foreach(params, differentiable)
     if foreach and differentiable:

@@ -29,9 +29,9 @@ from torch import Tensor
 from metalr.functional._common import (
     as_real_list,
     broadcast_rate,
+    commit_rates,
     default_foreach,
     from_real,
-    commit_rates,
     host_readable,
     negate_if,
     select,
@@ -39,8 +39,8 @@ from metalr.functional._common import (
     torch_fused_kernel_applies,
     write_back,
 )
-from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
 from metalr.functional._distributed import ShardReducer
+from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
 from metalr.functional._hypergrad import adapt_rates
 
 
@@ -105,8 +105,16 @@ def sgd_hd_step(
     grads = negate_if(grads, maximize)
     prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
     new_rates, finite = adapt_rates(
-        rates, grads, prev, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity,
-        lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
+        rates,
+        grads,
+        prev,
+        lr=lr,
+        hypergrad_lr=hypergrad_lr,
+        rule=rule,
+        granularity=granularity,
+        lr_bounds=lr_bounds,
+        grads_finite=grads_finite,
+        shards=shards,
     )
     keep_direction = stores_prev_direction(momentum, nesterov)
     out = SGDHDState([], [], [], [])
@@ -183,8 +191,16 @@ def _multi_tensor_sgd_hd(
     grads = torch._foreach_neg(grads) if maximize else list(grads)
     prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
     new_rates, finite = adapt_rates(
-        rates, grads, prev, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity,
-        lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
+        rates,
+        grads,
+        prev,
+        lr=lr,
+        hypergrad_lr=hypergrad_lr,
+        rule=rule,
+        granularity=granularity,
+        lr_bounds=lr_bounds,
+        grads_finite=grads_finite,
+        shards=shards,
     )
     del prev
     p_r = as_real_list(params)
@@ -236,7 +252,6 @@ def _multi_tensor_sgd_hd(
     ]
     torch._foreach_addcmul_(p_r, d_r, neg_step)
     return SGDHDState(list(params), bufs, dirs, list(rates))
-
 
 
 def _fused_kernel_update(
@@ -305,7 +320,9 @@ def sgd_hd(
             raise RuntimeError("fused=True does not support differentiable=True or foreach=True")
         hyper["lr"] = as_lr_tensor(hyper["lr"], rates)  # a changing float would recompile
         check_fused_supported(params, "SGDHD")
-        return compiled(_single_tensor_sgd_hd)(params, grads, momentum_buffers, prev_directions, rates, **hyper)
+        return compiled(_single_tensor_sgd_hd)(
+            params, grads, momentum_buffers, prev_directions, rates, **hyper
+        )
     if foreach is None:
         foreach = default_foreach(params, differentiable)
     if foreach and differentiable:

@@ -28,7 +28,9 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"Invalid {name}: {value!r}; expected one of {allowed}")
 
 
-def resolve_hypergrad_lr(hypergrad_lr: float | None, rule: str, additive_default: float | None) -> float:
+def resolve_hypergrad_lr(
+    hypergrad_lr: float | None, rule: str, additive_default: float | None
+) -> float:
     """The rule's default when ``None``; otherwise a finite number >= 0."""
     if hypergrad_lr is None:
         if rule == "normalized":
@@ -40,9 +42,11 @@ def resolve_hypergrad_lr(hypergrad_lr: float | None, rule: str, additive_default
             )
         return additive_default
     if isinstance(hypergrad_lr, bool) or not isinstance(hypergrad_lr, (int, float)):
-        raise ValueError(f"Invalid hypergrad_lr value: {hypergrad_lr!r}; expected a number >= 0")
+        raise ValueError(f"Invalid hypergrad_lr value: {hypergrad_lr!r}; expected a number >= 0")  # noqa: TRY004
     if not (0.0 <= hypergrad_lr < math.inf):
-        raise ValueError(f"Invalid hypergrad_lr value: {hypergrad_lr}; expected a finite number >= 0")
+        raise ValueError(
+            f"Invalid hypergrad_lr value: {hypergrad_lr}; expected a finite number >= 0"
+        )
     return float(hypergrad_lr)
 
 
@@ -54,7 +58,9 @@ def check_lr_bounds(lr_bounds: Any) -> tuple[float, float]:
             f"Invalid lr_bounds: {lr_bounds!r}; expected (min, max) with 0 <= min <= max"
         ) from None
     if not (0.0 <= lo <= hi):
-        raise ValueError(f"Invalid lr_bounds: {lr_bounds!r}; expected (min, max) with 0 <= min <= max")
+        raise ValueError(
+            f"Invalid lr_bounds: {lr_bounds!r}; expected (min, max) with 0 <= min <= max"
+        )
     return lo, hi
 
 

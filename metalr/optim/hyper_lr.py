@@ -67,7 +67,9 @@ class HyperLR(HypergradOptimizer):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
         if isinstance(optimizer, HypergradOptimizer):
-            raise ValueError(f"{type(optimizer).__name__} already adapts its rates; wrap a plain optimizer")
+            raise ValueError(  # noqa: TRY004
+                f"{type(optimizer).__name__} already adapts its rates; wrap a plain optimizer"
+            )
         if any("lr" not in g for g in optimizer.param_groups):
             raise ValueError("HyperLR needs an optimizer whose param groups have an 'lr' entry")
         self._hyper = check.check_hyper_options(hypergrad_lr, granularity, rule, lr_bounds, None)
@@ -157,7 +159,9 @@ class HyperLR(HypergradOptimizer):
             for p, rate, snap, u in zip(params, rates, snapshots, displacement):
                 scaled = snap + rate.to(u.dtype) * u if not p.is_complex() else snap + rate * u
                 p.copy_(torch.where(step_finite, scaled, snap))
-                direction = torch.where(step_finite, -u * _inverse(group["lr"]), torch.zeros_like(u))
+                direction = torch.where(
+                    step_finite, -u * _inverse(group["lr"]), torch.zeros_like(u)
+                )
                 snap.copy_(direction)  # the buffer now holds d_t for the next hypergradient
         return loss
 

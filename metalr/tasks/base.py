@@ -56,7 +56,7 @@ def check_task_batch(batch: TaskBatch) -> None:
     names = ("support_x", "support_y", "query_x", "query_y")
     for name, t in zip(names, batch):
         if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")  # noqa: TRY004
         if t.dim() < 2:
             raise ValueError(f"{name} must have shape [tasks, examples, ...], got {tuple(t.shape)}")
     n = batch.support_x.shape[0]
@@ -67,7 +67,10 @@ def check_task_batch(batch: TaskBatch) -> None:
         raise ValueError("support set is empty (support_x has 0 examples per task)")
     if batch.query_x.shape[1] == 0:
         raise ValueError("query set is empty (query_x has 0 examples per task)")
-    for x, y, kind in ((batch.support_x, batch.support_y, "support"), (batch.query_x, batch.query_y, "query")):
+    for x, y, kind in (
+        (batch.support_x, batch.support_y, "support"),
+        (batch.query_x, batch.query_y, "query"),
+    ):
         if x.shape[1] != y.shape[1]:
             raise ValueError(
                 f"{kind}_x has {x.shape[1]} examples per task but {kind}_y has {y.shape[1]}"
