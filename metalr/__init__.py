@@ -13,14 +13,14 @@ __version__ = "0.1.0"
 
 from metalr.meta import LRPrior, MetaConfig, MetaLearner, load_prior
 
-__all__ = [
-    "SGDHD",
+__all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/test_public_api.py
     "AdamHD",
     "AdamWHD",
     "HyperLR",
     "LRPrior",
     "MetaConfig",
     "MetaLearner",
+    "SGDHD",
     "__version__",
     "functional",
     "load_prior",

@@ -19,11 +19,11 @@ from metalr.functional._hypergrad import (
 from metalr.functional.adam_rule import AdamHDState, adam_direction, adam_hd, adam_hd_step
 from metalr.functional.sgd_rule import SGDHDState, sgd_hd, sgd_hd_step
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/test_public_api.py
+    "AdamHDState",
     "DEFAULT_NORMALIZED_HYPERGRAD_LR",
     "GRANULARITIES",
     "RULES",
-    "AdamHDState",
     "SGDHDState",
     "adam_direction",
     "adam_hd",

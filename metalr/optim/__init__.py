@@ -4,4 +4,4 @@ from metalr.optim.adam_hd import AdamHD, AdamWHD
 from metalr.optim.hyper_lr import HyperLR
 from metalr.optim.sgd_hd import SGDHD
 
-__all__ = ["SGDHD", "AdamHD", "AdamWHD", "HyperLR"]
+__all__ = ["AdamHD", "AdamWHD", "HyperLR", "SGDHD"]  # noqa: RUF022 - plain sorted() order
