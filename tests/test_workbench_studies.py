@@ -21,7 +21,8 @@ def _private_cache(tmp_path_factory, monkeypatch):
 
 
 def test_the_four_studies_are_committed():
-    assert [s.split("_")[1] for s in STUDIES] == ["study1", "study2", "study3", "study4"]
+    # issue 4's studies 1-4, then follow-ups (study 5: the hypergradient warm-up)
+    assert [s.split("_")[1] for s in STUDIES][:4] == ["study1", "study2", "study3", "study4"]
 
 
 @pytest.mark.parametrize("config", STUDIES)
