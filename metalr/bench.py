@@ -598,7 +598,7 @@ def write_csv(result: BenchResult, path: str | os.PathLike[str]) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="bench_step",
+        prog="metalr bench-step",
         description="Time optimizer.step() of metalr's optimizers against torch.optim.",
     )
     parser.add_argument(
