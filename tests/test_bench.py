@@ -23,6 +23,8 @@ EXPECTED_ROWS = {
     "AdamHD tensor",
     "AdamHD element",
     "AdamHD tensor additive",
+    "AdamHD tensor foreach=False",
+    "SGDHD tensor foreach=False",
     "HyperLR(torch SGD momentum) tensor",
 }
 
