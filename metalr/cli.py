@@ -12,6 +12,14 @@
   (``metalr.workbench``; no config: the embedded default study), then its report.
 * ``metalr report RESULTS [--out DIR]``: tables and plots of an ablation results folder.
 * ``metalr find-lr [--task T] [--optimizer KIND] [--out PNG]``: LR range test on a workbench task.
+* ``metalr --help`` / ``metalr help [COMMAND]``: the commands, or one command's options;
+  ``metalr --version``: the installed version.
+
+Example::
+
+    $ metalr --version
+    metalr 0.1.0
+    $ metalr help find-lr          # same as: metalr find-lr --help
 """
 
 from __future__ import annotations
@@ -21,12 +29,79 @@ import sys
 from pathlib import Path
 from typing import Any
 
-COMMANDS = ("demo", "bench-step", "meta-train", "few-shot-eval", "ablate", "report", "find-lr")
+#: Every subcommand with its one-line description (what ``metalr --help`` lists).
+DESCRIPTIONS = {
+    "demo": "Adam vs AdamHD on sklearn digits, ~15 s (the default when no command is given)",
+    "bench-step": "time optimizer.step() of metalr's optimizers against torch.optim",
+    "meta-train": "meta-learn learning rates from a YAML run config (checkpoints, resume)",
+    "few-shot-eval": "score a meta-training run, or an exported prior, on its fixed test tasks",
+    "ablate": "run an ablation grid (tasks x optimizers x lrs x seeds), then its report",
+    "report": "tables and plots of an ablation results folder",
+    "find-lr": "LR range test (Smith 2017) on a workbench task: a suggested learning rate",
+    "help": "show this help, or a command's options: metalr help COMMAND",
+}
+COMMANDS = tuple(c for c in DESCRIPTIONS if c != "help")
+
+
+def usage() -> str:
+    """The top-level help: every subcommand with one line each.
+
+    Example::
+
+        >>> "find-lr" in usage()
+        True
+    """
+    from metalr import __version__
+
+    width = max(len(c) for c in DESCRIPTIONS) + 2
+    lines = [
+        "usage: metalr [-h] [-V] [COMMAND] [options]",
+        "",
+        f"metalr {__version__}: learning rates that adapt by hypergradient descent, meta-learned",
+        "rate priors, and an ablation workbench.",
+        "",
+        "commands:",
+        *(f"  {c:<{width}}{d}" for c, d in DESCRIPTIONS.items()),
+        "",
+        "options:",
+        f"  {'-h, --help':<{width}}show this help and exit",
+        f"  {'-V, --version':<{width}}print metalr's version and exit",
+        "",
+        "Run 'metalr COMMAND --help' (or 'metalr help COMMAND') for a command's options.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _version() -> str:
+    from metalr import __version__
+
+    return f"metalr {__version__}"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``metalr`` command; returns the exit status.
+
+    Example::
+
+        >>> main(["--version"])  # doctest: +SKIP
+        metalr 0.1.0
+        0
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage(), end="")
+        return 0
+    if argv[:1] in (["-V"], ["--version"]):
+        print(_version())
+        return 0
     command = argv.pop(0) if argv and not argv[0].startswith("-") else "demo"
+    if command == "help":
+        if not argv:
+            print(usage(), end="")
+            return 0
+        if argv[0] not in COMMANDS:
+            return _unknown(argv[0])
+        command, argv = argv[0], ["--help"]
     if command == "demo":
         from metalr.demo import main as demo
 
@@ -43,8 +118,20 @@ def main(argv: list[str] | None = None) -> int:
         from metalr.workbench import cli as workbench_cli
 
         return workbench_cli.main(command, argv)
-    expected = ", ".join(repr(c) for c in COMMANDS)
-    print(f"metalr: unknown command {command!r}; expected one of {expected}", file=sys.stderr)
+    return _unknown(command)
+
+
+def _unknown(command: str) -> int:
+    import difflib
+
+    expected = ", ".join(DESCRIPTIONS)
+    close = difflib.get_close_matches(command, DESCRIPTIONS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    print(
+        f"metalr: unknown command {command!r}{hint}; expected one of {expected}. "
+        "Run 'metalr --help' for what each does.",
+        file=sys.stderr,
+    )
     return 2
 
 

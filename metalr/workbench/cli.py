@@ -71,29 +71,71 @@ def _print_report(text: str, files: list[Path]) -> None:
     print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
 
 
+#: Optimizer kinds ``metalr find-lr --optimizer`` accepts (the workbench's kinds whose lr the
+#: range test can sweep; ``range_test_adam`` / ``tuned_adam`` would only be plain Adam again).
+def _find_lr_kinds() -> tuple[str, ...]:
+    from metalr.workbench.optimizers import KINDS, SEARCHED
+
+    return tuple(k for k in KINDS if k not in SEARCHED)
+
+
+def find_lr_parser() -> argparse.ArgumentParser:
+    """The ``metalr find-lr`` argument parser (every option documented, with its default).
+
+    Example::
+
+        >>> find_lr_parser().parse_args(["--optimizer", "sgd_hd"]).optimizer
+        'sgd_hd'
+    """
+    from metalr.workbench.tasks import TASKS
+
+    kinds = _find_lr_kinds()
+    parser = argparse.ArgumentParser(
+        prog="metalr find-lr",
+        description="LR range test (Smith 2017): train a fresh model while the learning rate "
+        "grows exponentially from --start-lr to --end-lr, plot the loss against the rate and "
+        "suggest a rate.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--task", default="digits_mlp", choices=TASKS, metavar="TASK",
+                        help=f"workbench task, one of: {', '.join(TASKS)}")  # fmt: skip
+    parser.add_argument("--size", default="smoke", choices=("smoke", "full"),
+                        help="task size (smoke: small and fast)")  # fmt: skip
+    parser.add_argument("--optimizer", default="adam", choices=kinds, metavar="KIND",
+                        help=f"optimizer kind, one of: {', '.join(kinds)}")  # fmt: skip
+    parser.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate")
+    parser.add_argument("--end-lr", type=float, default=10.0,
+                        help="last learning rate (the test stops earlier if the loss diverges)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=100,
+                        help="training steps, spaced evenly in log lr")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="model and batch seed")
+    parser.add_argument("--method", default="min/10", choices=("min/10", "steepest"),
+                        help="min/10: a decade below the rate of the lowest (smoothed) loss; "
+                        "steepest: where the loss falls fastest")  # fmt: skip
+    parser.add_argument("--out", default="range_test.png", help="plot file (PNG)")
+    return parser
+
+
 def find_lr_main(argv: list[str]) -> int:
     import torch
 
     from metalr.workbench.find_lr import find_lr
     from metalr.workbench.optimizers import build_optimizer, check_spec
-    from metalr.workbench.tasks import TASKS, make_task
+    from metalr.workbench.tasks import make_task
 
-    parser = argparse.ArgumentParser(
-        prog="metalr find-lr", description="LR range test (Smith 2017)."
-    )
-    parser.add_argument("--task", default="digits_mlp", choices=TASKS)
-    parser.add_argument("--size", default="smoke", choices=("smoke", "full"))
-    parser.add_argument("--optimizer", default="adam", help="optimizer kind (default: adam)")
-    parser.add_argument("--start-lr", type=float, default=1e-7)
-    parser.add_argument("--end-lr", type=float, default=10.0)
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--method", default="min/10", choices=("min/10", "steepest"))
-    parser.add_argument("--out", default="range_test.png", help="plot file")
+    parser = find_lr_parser()
     args = parser.parse_args(argv)
+    if not 0.0 < args.start_lr < args.end_lr:
+        parser.error(f"arguments --start-lr/--end-lr: need 0 < --start-lr < --end-lr, got "
+                     f"{args.start_lr:g} and {args.end_lr:g}")  # fmt: skip
+    if args.steps < 2:
+        parser.error(f"argument --steps: need an integer >= 2, got {args.steps}")
     torch.set_num_threads(1)
     try:
         spec = check_spec("optimizer", {"kind": args.optimizer})
+    except ValueError as exc:  # its message names the config path optimizers.optimizer...
+        parser.error(f"argument --optimizer: {args.optimizer!r} cannot be built: {exc}")
+    try:
         task = make_task(args.task, args.size)
         res = find_lr(lambda: task.model(args.seed), lambda p: build_optimizer(spec, p, 1e-3),
                       lambda m, b: task.loss(m(b[0]), b[1]), task.batches(args.seed),
