@@ -44,6 +44,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from metalr.workbench.heldout_tasks import BUILDERS as HELDOUT_BUILDERS
+from metalr.workbench.heldout_tasks import HELDOUT_SPECS
+
 SIZES = ("smoke", "full")
 BIBLE_INSTALL = "apt-get install -y bible-kjv"
 MNIST1D_INSTALL = 'pip install "torch==2.13.0" mnist1d'
@@ -312,6 +315,7 @@ SPECS: dict[str, dict[str, dict[str, Any]]] = {
     "fewshot_sinusoid": {"smoke": {"k_shot": 10, "hidden": [40, 40], "batch_size": None},
                          "full": {"k_shot": 10, "hidden": [40, 40], "batch_size": None}},
 }  # fmt: skip
+SPECS.update(HELDOUT_SPECS)  # never used to fit the "seek" controller (see heldout_tasks)
 TASKS = tuple(SPECS)
 
 
@@ -327,6 +331,10 @@ def make_task(
     spec = SPECS[name][size]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _ce
     splits_for_seed = None
+    if name in HELDOUT_BUILDERS:
+        make_model, splits, batch_size, loss = HELDOUT_BUILDERS[name](spec)
+        splits = [(xs.to(device), ys.to(device)) for xs, ys in splits]
+        return Task(name, size, make_model, *splits, batch_size=batch_size, loss=loss)
     if name.startswith(("digits", "mnist1d")):
         x, y = _digits() if name.startswith("digits") else _mnist1d()
         if spec.get("examples"):

@@ -1,0 +1,221 @@
+r"""The ``"seek"`` rule: a controller that finds the learning-rate scale, then tracks it.
+
+The ``"normalized"`` rule moves ``log m`` by ``β · cos(g_t, d_{t-1})``. Under minibatch noise the
+cosine is small even when the rate is decades too low, so it climbs far below ``β`` per step, and
+from a rate that is too large the first steps do damage before any signal arrives. ``"seek"``
+keeps the same hypergradient (Baydin et al. 2018: ``∂L(θ_t)/∂α_{t-1} = -⟨g_t, d_{t-1}⟩``) but
+reads it in two phases, like an online learning-rate range test (Smith 2017) that the
+hypergradient itself stops:
+
+**Phase 1, ramp.** Every multiplier starts at ``init_scale`` (below the user's ``lr``, which is a
+hint, not a sentence) and grows geometrically, with a log-step that accelerates while the signal
+says "too small" (Rprop's growth)::
+
+    log m ← log m + ρ_t,        ρ_{t+1} = min(ρ_t · ramp_growth, ramp_max),   ρ_1 = ramp_rate
+
+The ramp watches the *group* cosine ``C_t = Σ⟨g, d⟩ / (‖g‖ ‖d‖)`` (all tensors of the param group
+together) through a fast average ``F_t = f F_{t-1} + (1 - f) C_t`` (``f = turn_decay``) and its peak
+``P_t = max_{s≤t} F_s``. When ``F_t ≤ turn_threshold · P_t`` (successive steps agree less and
+less: the rate approaches the edge of stability; ``turn_threshold ≤ 0`` waits until they
+disagree) the ramp ends and every multiplier is cut::
+
+    log m ← log m + log(turn_cut),      ceiling ← log m + log(headroom)     (after the cut)
+
+**Phase 2, track.** Each rate follows its own signal ``c_t`` (the tensor's cosine; the group's
+for ``granularity="group"``; the sign of ``g·d`` per element), normalised by its running scale
+(Adam on the log-rate, as in gdtuo's stacked optimizers and MetaOptimize), so a consistent signal
+moves it at ``β`` per step and noise barely moves it::
+
+    μ_t = b1 μ_{t-1} + (1 - b1) c_t,    ν_t = b2 ν_{t-1} + (1 - b2) c_t²     (bias-corrected)
+    log m ← min(log m + β · μ̂_t / (√ν̂_t + 1e-8),  ceiling)
+
+At tensor granularity the rates of one group are then tied within a factor ``tie`` of their
+size-weighted geometric mean (a tensor's rate cannot drift decades away from the rest).
+
+State: one small vector per parameter tensor (``CONTROLLER_SIZE`` entries: ramp step, fast
+average, μ, ν, ceiling, count, peak), in ``optimizer.state[p]['hd_controller']``. Per-element rates add
+no state beyond the rate buffer. A step whose gradients are not finite, or that has no previous
+direction yet (``‖d_{t-1}‖ = 0``, the first step), leaves rates and controller untouched.
+
+The constants (:data:`SEEK_DEFAULTS`) were fitted by Bayesian search over full-length training
+runs of a training suite of tasks × initial rates (``experiments/fit_controller.py``; the
+held-out tasks of :mod:`metalr.workbench.heldout_tasks` were never used). ``β`` is the group's
+``hypergrad_lr``.
+
+Everything here is pure (``torch.where``, no Python branches on tensor values, no host sync).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: Entries of a controller vector.
+RAMP, FAST, MEAN, SQ, CEILING, COUNT, PEAK = range(7)
+CONTROLLER_SIZE = 7
+
+#: Fitted constants of the "seek" rule (``experiments/fit_controller.py``; see the module doc).
+SEEK_DEFAULTS: dict[str, float] = {
+    "init_scale": 1e-2,
+    "ramp_rate": 0.1,
+    "ramp_growth": 1.2,
+    "ramp_max": 0.5,
+    "turn_decay": 0.5,
+    "turn_threshold": 0.0,
+    "turn_cut": 0.3,
+    "headroom": 1.0,
+    "signal_decay": 0.9,
+    "signal_sq_decay": 0.99,
+    "tie": 10.0,
+}
+
+#: The default ``hypergrad_lr`` (β of phase 2) of the "seek" rule, fitted with the constants.
+DEFAULT_SEEK_HYPERGRAD_LR = 0.01
+
+_BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is exclusive)
+    "init_scale": (0.0, math.inf, True),
+    "ramp_rate": (0.0, math.inf, False),
+    "ramp_growth": (1.0, math.inf, False),
+    "ramp_max": (0.0, math.inf, False),
+    "turn_decay": (0.0, 1.0, False),
+    "turn_threshold": (-1.0, 1.0, False),
+    "turn_cut": (0.0, 1.0, True),
+    "headroom": (1.0, math.inf, False),
+    "signal_decay": (0.0, 1.0, False),
+    "signal_sq_decay": (0.0, 1.0, False),
+    "tie": (1.0, math.inf, False),
+}
+
+
+def resolve_seek(seek: Mapping[str, float] | None) -> dict[str, float]:
+    """The full constant set: :data:`SEEK_DEFAULTS` overridden by ``seek``, validated.
+
+    Raises ``ValueError`` naming the key and its allowed range (unknown keys are refused).
+    """
+    out = dict(SEEK_DEFAULTS)
+    for key, value in (seek or {}).items():
+        if key not in SEEK_DEFAULTS:
+            raise ValueError(f"Invalid seek key: {key!r}; expected one of {sorted(SEEK_DEFAULTS)}")
+        lo, hi, open_lo = _BOUNDS[key]
+        v = float(value)
+        ok = (lo < v if open_lo else lo <= v) and v <= hi and not math.isnan(v)
+        if key in ("turn_decay", "signal_decay", "signal_sq_decay"):
+            ok = ok and v < 1.0
+        if not ok:
+            bracket = "(" if open_lo else "["
+            raise ValueError(f"Invalid seek[{key!r}] value: {value}; expected {bracket}{lo}, {hi}]")
+        out[key] = v
+    return out
+
+
+def initial_controller(param: Tensor, dtype: torch.dtype, seek: Mapping[str, float]) -> Tensor:
+    """A fresh controller vector for ``param``: ramping at ``ramp_rate``, no ceiling yet."""
+    c = torch.zeros(CONTROLLER_SIZE, dtype=dtype, device=param.device)
+    c[RAMP] = seek["ramp_rate"]
+    c[CEILING] = math.inf
+    return c
+
+
+def seek_update(
+    rates: Sequence[Tensor],
+    controllers: Sequence[Tensor],
+    signals: Sequence[Tensor],
+    group_signal: Tensor,
+    active: Tensor,
+    sizes: Sequence[int],
+    *,
+    hypergrad_lr: float | Tensor | Sequence[Tensor],
+    seek: Mapping[str, Any],
+    granularity: str,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """New multipliers and controller vectors of one param group (pure).
+
+    ``signals[i]``: rate ``i``'s signal ``c_t`` (a 0-d cosine; per element, the sign of ``g·d``);
+    ``group_signal``: the group cosine ``C_t`` (0-d); ``active``: 0-d bool, false to leave
+    everything as it is (no previous direction yet, or a skipped step); ``sizes[i]``: elements of
+    tensor ``i`` (weights of the tie's mean).
+    """
+    if not rates:
+        return [], []
+    per_tensor_beta = isinstance(hypergrad_lr, (list, tuple))
+    ctrl = torch.stack([c.to(controllers[0].dtype) for c in controllers])  # [n, K]
+    dtype = ctrl.dtype
+    g_sig = group_signal.to(device=ctrl.device, dtype=dtype)
+    act = active.to(ctrl.device)
+    ramp, fast, peak = ctrl[:, RAMP], ctrl[:, FAST], ctrl[:, PEAK]
+    mean, sq, ceiling, count = ctrl[:, MEAN], ctrl[:, SQ], ctrl[:, CEILING], ctrl[:, COUNT]
+
+    new_fast = seek["turn_decay"] * fast + (1 - seek["turn_decay"]) * g_sig
+    ramping = ramp > 0
+    new_peak = torch.where(ramping, torch.maximum(peak, new_fast), peak)
+    turn = ramping & (new_fast <= seek["turn_threshold"] * new_peak)
+    keep_ramping = ramping & ~turn
+
+    tensor_sig = torch.stack(
+        [_tensor_signal(s, granularity).to(device=ctrl.device, dtype=dtype) for s in signals]
+    )
+    b1, b2 = seek["signal_decay"], seek["signal_sq_decay"]
+    new_count = count + 1
+    new_mean = b1 * mean + (1 - b1) * tensor_sig
+    new_sq = b2 * sq + (1 - b2) * tensor_sig * tensor_sig
+    m_hat = new_mean / (1 - torch.pow(torch.full_like(new_count, b1), new_count))
+    v_hat = new_sq / (1 - torch.pow(torch.full_like(new_count, b2), new_count))
+    track = m_hat / (torch.sqrt(v_hat) + 1e-8)  # the per-tensor normalised signal
+
+    # log-space moves per tensor (element rates add their own sign term in phase 2)
+    log_cut = math.log(seek["turn_cut"])
+    ramp_move = torch.where(keep_ramping, ramp, torch.where(turn, log_cut, 0.0))
+    new_ramp = torch.where(
+        keep_ramping, torch.clamp(ramp * seek["ramp_growth"], max=seek["ramp_max"]), 0.0
+    )
+    log_rates = torch.stack([_log_level(r, granularity).to(dtype) for r in rates])
+    new_ceiling = torch.where(turn, log_rates + log_cut + math.log(seek["headroom"]), ceiling)
+
+    new_rates = []
+    moved_logs = []
+    for i, rate in enumerate(rates):
+        beta = hypergrad_lr[i] if per_tensor_beta else hypergrad_lr
+        settled = ~ramping[i]
+        if granularity == "element":
+            step = beta * signals[i].to(rate.dtype)
+        else:
+            step = beta * track[i].to(rate.dtype)
+        move = ramp_move[i].to(rate.dtype) + torch.where(settled, step, torch.zeros_like(step))
+        log_new = torch.log(rate) + move
+        log_new = torch.minimum(log_new, new_ceiling[i].to(rate.dtype))
+        moved_logs.append(log_new)
+    if granularity == "tensor" and len(rates) > 1:
+        moved_logs = _tie(moved_logs, sizes, seek["tie"])
+    for rate, log_new in zip(rates, moved_logs):
+        new_rates.append(torch.where(act, torch.exp(log_new), rate))
+
+    new_ctrl = torch.stack(
+        [new_ramp, new_fast, new_mean, new_sq, new_ceiling, new_count, new_peak], dim=1
+    )
+    new_ctrl = torch.where(act, new_ctrl, ctrl)
+    return new_rates, [c.to(o.dtype) for c, o in zip(new_ctrl.unbind(0), controllers)]
+
+
+def _tensor_signal(signal: Tensor, granularity: str) -> Tensor:
+    """The 0-d signal a tensor's running averages follow (elements: their mean sign)."""
+    return signal.mean() if granularity == "element" and signal.dim() > 0 else signal
+
+
+def _log_level(rate: Tensor, granularity: str) -> Tensor:
+    """The log-rate a tensor's ceiling is measured from (elements: their largest)."""
+    return torch.log(rate.amax()) if granularity == "element" and rate.dim() > 0 else torch.log(rate)
+
+
+def _tie(log_rates: list[Tensor], sizes: Sequence[int], tie: float) -> list[Tensor]:
+    """Clamp 0-d log-rates into ``[ℓ̄ - log tie, ℓ̄ + log tie]``, ``ℓ̄`` their size-weighted mean."""
+    if math.isinf(tie):
+        return log_rates
+    stacked = torch.stack(log_rates)
+    weights = torch.tensor(sizes, dtype=stacked.dtype, device=stacked.device)
+    centre = (stacked * weights).sum() / weights.sum()
+    width = math.log(tie)
+    return list(torch.clamp(stacked, min=centre - width, max=centre + width).unbind(0))
