@@ -32,12 +32,14 @@ and the meta-learner (with grad, under ``vmap``) call it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from metalr.functional._common import full_value, safe_sqrt
+from metalr.functional._controller import seek_update
 from metalr.functional._distributed import ShardReducer
 
 GRANULARITIES = ("group", "tensor", "element")
@@ -306,6 +308,63 @@ def adapt_rates(
         granularity=granularity, lr_bounds=lr_bounds, shards=shards,
     )  # fmt: skip
     return new_rates, finite
+
+
+def seek_adapt_rates(
+    rates: Sequence[Tensor],
+    controllers: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    directions: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    hypergrad_lr: float | Tensor | Sequence[Tensor],
+    granularity: str,
+    lr_bounds: tuple[float, float],
+    seek: Mapping[str, Any],
+    grads_finite: Tensor | None = None,
+    shards: ShardReducer | None = None,
+) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+    """:func:`adapt_rates` for the ``"seek"`` rule: also returns the new controller vectors.
+
+    The signals come from the same inner products: the group cosine (summed over the group's
+    tensors, and over ranks with ``shards``) drives the ramp, each rate's own cosine (sign per
+    element) the tracking phase (:func:`metalr.functional._controller.seek_update`).
+    """
+    if granularity == "element":
+        dots, _, _ = inner_products(grads, directions, "element", with_norms=False)
+        sums, g_norms, d_norms = inner_products(grads, directions, "tensor", with_norms=True)
+        finite = all_finite(grads)
+    else:
+        dots, g_norms, d_norms = inner_products(grads, directions, granularity, with_norms=True)
+        sums = dots
+        finite = all_finite(dots)
+    assert g_norms is not None and d_norms is not None
+    if grads_finite is not None:
+        finite = finite & grads_finite.to(finite.device)
+    if shards is not None:
+        finite = shards.all(finite)
+    ref = rates[0]
+    sum_vec, g_vec, d_vec = (_stack(v, ref) for v in (sums, g_norms, d_norms))
+    total = torch.stack([sum_vec.sum(), (g_vec * g_vec).sum(), (d_vec * d_vec).sum()])
+    total = shards.sum(total) if shards is not None else total
+    tiny = torch.finfo(total.dtype).tiny
+    group_signal = total[0] / (safe_sqrt(total[1]) * safe_sqrt(total[2])).clamp_min(tiny)
+    group_signal = torch.nan_to_num(group_signal, nan=0.0, posinf=0.0, neginf=0.0)
+    active = finite & (total[2] > 0)
+    if granularity == "element":
+        signals = [torch.nan_to_num(torch.sign(d), nan=0.0) for d in dots]
+    elif granularity == "group":
+        signals = [group_signal for _ in rates]
+    else:
+        cos = sum_vec / (g_vec * d_vec).clamp_min(tiny)
+        signals = list(torch.nan_to_num(cos, nan=0.0, posinf=0.0, neginf=0.0).unbind(0))
+    sizes = [g.numel() for g in grads]
+    new_rates, new_ctrls = seek_update(
+        rates, controllers, signals, group_signal, active, sizes,
+        hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity,
+    )  # fmt: skip
+    new_rates = [clamp_rates(r, lr, lr_bounds) for r in new_rates]
+    return new_rates, finite, new_ctrls
 
 
 def hypergradient(
