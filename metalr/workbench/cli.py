@@ -71,9 +71,9 @@ def _print_report(text: str, files: list[Path]) -> None:
     print(f"wrote {', '.join(str(f) for f in files)}", file=sys.stderr)
 
 
-#: Optimizer kinds ``metalr find-lr --optimizer`` accepts (the workbench's kinds whose lr the
-#: range test can sweep; ``range_test_adam`` / ``tuned_adam`` would only be plain Adam again).
 def _find_lr_kinds() -> tuple[str, ...]:
+    """Kinds ``metalr find-lr --optimizer`` accepts: the workbench's kinds whose lr the range
+    test can sweep (``range_test_adam`` / ``tuned_adam`` would only be plain Adam again)."""
     from metalr.workbench.optimizers import KINDS, SEARCHED
 
     return tuple(k for k in KINDS if k not in SEARCHED)
@@ -147,6 +147,7 @@ def find_lr_main(argv: list[str]) -> int:
     res.plot(args.out, title=f"LR range test: {args.optimizer} on {args.task}")
     info = res.to_dict()
     print(f"suggested lr {info['suggested_lr']:.3g} ({info['method']}; min-loss lr "
-          f"{info['min_loss_lr']:.3g}, steepest {info['steepest_lr']:.3g}, stopped at "
+          f"{info['min_loss_lr']:.3g}, lowest raw loss at {info['raw_min_loss_lr']:.3g}, "
+          f"steepest {info['steepest_lr']:.3g}, stopped at "
           f"{info['diverged_at'] or args.end_lr:.3g}) -> {Path(args.out)}")  # fmt: skip
     return 0
