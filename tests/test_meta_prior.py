@@ -182,3 +182,45 @@ def test_optimizers_do_not_import_the_meta_package() -> None:
                 elif isinstance(node, ast.ImportFrom):
                     names = [node.module or ""]
                 assert not any(n.startswith("metalr.meta") for n in names), path
+
+
+def test_repr_is_a_short_summary_not_every_tensor() -> None:
+    learner = _trained("sgd_hd", "element")
+    prior = learner.export_prior()
+    text = repr(prior)
+    assert str(prior) == text and "\n" not in text and len(text) < 300
+    assert "tensor(" not in text  # no tensor dump
+    n = sum(r.numel() for r in prior.rates.values())
+    assert text.startswith(f"LRPrior({len(prior.rates)} tensors, {n} rates, ")
+    assert "granularity='element'" in text and "inner_rule='sgd_hd'" in text
+    assert "base_lr=1" in text and "init_weights: yes" in text
+    flat = torch.cat([r.reshape(-1) for r in prior.rates.values()])
+    assert f"rates in [{float(flat.min()):.4g}, {float(flat.max()):.4g}]" in text
+    betas = [float(b) for b in prior.hypergrad_lrs.values()]
+    assert f"hypergrad_lr: [{min(betas):.4g}, {max(betas):.4g}] (normalized)" in text
+    plain = LRPrior({"w": torch.tensor(0.01)}, "tensor", "sgd")
+    assert repr(plain) == ("LRPrior(1 tensor, 1 rate, granularity='tensor', inner_rule='sgd', "
+                           "base_lr=1, rates in [0.01, 0.01], hypergrad_lr: no, init_weights: no)")  # fmt: skip
+    lslr = MetaLearner(mlp((1, 4, 1)), MetaConfig(rates="step_tensor", inner_steps=3))
+    assert "rate_schedule: 3 steps" in repr(lslr.export_prior())
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_file_has_the_usual_permissions(tmp_path, fmt: str, umask: int) -> None:
+    """0o666 less the umask (0o644 under 022), as open() gives: not tempfile's 0o600."""
+    import os
+    import stat
+
+    if fmt == "safetensors":
+        pytest.importorskip("safetensors")
+    prior = LRPrior({"w": torch.tensor(0.01)}, "tensor", "sgd")
+    previous = os.umask(umask)
+    try:
+        prior.save(tmp_path / "prior.bin", format=fmt)
+        prior.save(tmp_path / "prior.bin", format=fmt)  # overwriting keeps the usual mode too
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "prior.bin").stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in tmp_path.iterdir()] == ["prior.bin"]  # no temporary left behind
+    assert torch.equal(LRPrior.load(tmp_path / "prior.bin").rates["w"], prior.rates["w"])

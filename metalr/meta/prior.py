@@ -27,6 +27,9 @@ import datetime
 import importlib.metadata
 import importlib.util
 import json
+import os
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,9 +91,49 @@ class LRPrior:
             if not bool(torch.all(rate > 0)):
                 raise ValueError(f"rate of {name!r} must be positive")
 
+    def __repr__(self) -> str:
+        """A one-line summary (not every tensor): how many rates, their range, what else.
+
+        Example::
+
+            print(LRPrior({"w": torch.tensor(0.01), "b": torch.tensor(0.02)}, "tensor", "sgd"))
+            # LRPrior(2 tensors, 2 rates, granularity='tensor', inner_rule='sgd', base_lr=1,
+            #         rates in [0.01, 0.02], hypergrad_lr: no, init_weights: no)
+        """
+        values = [r.detach().reshape(-1).double().cpu() for r in self.rates.values()]
+        flat = torch.cat(values) if values else torch.zeros(0)
+        span = f"[{flat.min():.4g}, {flat.max():.4g}]" if flat.numel() else "[]"
+        if self.hypergrad_lrs:
+            betas = torch.stack([b.detach().double().cpu().reshape(()) for b in
+                                 self.hypergrad_lrs.values()])  # fmt: skip
+            hyper = f"[{betas.min():.4g}, {betas.max():.4g}] ({self.hypergrad_rule})"
+        else:
+            hyper = "no"
+        parts = [
+            f"{len(self.rates)} tensor{'s' * (len(self.rates) != 1)}",
+            f"{flat.numel()} rate{'s' * (flat.numel() != 1)}",
+            f"granularity={self.granularity!r}",
+            f"inner_rule={self.inner_rule!r}",
+            f"base_lr={self.base_lr:g}",
+            f"rates in {span}",
+            f"hypergrad_lr: {hyper}",
+            f"init_weights: {'yes' if self.init_weights is not None else 'no'}",
+        ]
+        if self.rate_schedule is not None:
+            steps = {int(t.shape[0]) for t in self.rate_schedule.values() if t.dim()}
+            parts.append(f"rate_schedule: {', '.join(map(str, sorted(steps))) or '?'} steps")
+        return f"LRPrior({', '.join(parts)})"
+
     def save(self, path: str | Path, *, format: str | None = None) -> None:
         """Write to ``path``: safetensors if installed (``format=None``), else ``torch.save``
-        of plain tensors and a JSON string, loadable with ``torch.load(weights_only=True)``."""
+        of plain tensors and a JSON string, loadable with ``torch.load(weights_only=True)``.
+
+        The file is written atomically (a temporary file beside it, then ``os.replace``) with
+        the usual permissions of a new file (``0o666`` less the umask: ``0o644`` under umask
+        ``022``)::
+
+            prior.save("sinusoid.safetensors")
+        """
         if format is None:
             format = "safetensors" if importlib.util.find_spec("safetensors") else "torch"
         if format not in ("safetensors", "torch"):
@@ -110,11 +153,14 @@ class LRPrior:
             "provenance": self.provenance,
         }
         if format == "safetensors":
-            from safetensors.torch import save_file
+            from safetensors.torch import save as to_bytes
 
-            save_file(tensors, str(path), metadata={"metalr": json.dumps(meta)})
+            data = to_bytes(tensors, metadata={"metalr": json.dumps(meta)})
+            _write_atomic(path, lambda f: f.write(data))
         else:
-            torch.save({"metadata": json.dumps(meta), "tensors": tensors}, path)
+            _write_atomic(
+                path, lambda f: torch.save({"metadata": json.dumps(meta), "tensors": tensors}, f)
+            )
 
     @classmethod
     def load(cls, path: str | Path) -> LRPrior:
@@ -143,6 +189,26 @@ class LRPrior:
             base_lr=meta["base_lr"], hypergrad_rule=meta["hypergrad_rule"],
             provenance=meta["provenance"], **parts,  # type: ignore[arg-type]
         )  # fmt: skip
+
+
+def _write_atomic(path: str | Path, write: Callable[[Any], Any]) -> None:
+    """``write(file)`` into a temporary file beside ``path``, then ``os.replace`` it there.
+
+    The temporary file is created with mode ``0o666`` filtered by the process umask (as
+    ``open(path, "wb")`` would), not ``tempfile``'s ``0o600``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def _version(package: str) -> str:
