@@ -354,3 +354,64 @@ def test_sigkill_mid_grid_then_rerun_gives_every_record_once(tmp_path):
     assert set(by_id) == {r["id"] for r in clean}
     for r in clean:
         assert by_id[r["id"]]["final_val_loss"] == pytest.approx(r["final_val_loss"], rel=1e-6)
+
+
+def test_progress_lines_when_not_a_terminal_and_cached_counts(tmp_path, capsys):
+    """Without a terminal (a log file, CI) the grid's progress comes as lines on stderr; a rerun
+    says how many cells were cached instead of "N runs"."""
+    cfg = _study(tmp_path)  # 8 cells
+    records = run_study(cfg)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "runs done" in line]
+    assert lines[0].startswith("ablate t: 1/8 runs done (0 cached, 1 run), ")
+    assert lines[-1].startswith("ablate t: 8/8 runs done (0 cached, 8 run), ")
+    assert all(re.search(r", \d+ s elapsed, ~\d+ s left$", line) for line in lines)
+    assert re.search(r"^t: 0 cached, 8 run in \d+\.\d s$", err, re.MULTILINE)
+    assert (records.cached, records.ran) == (0, 8)
+    records = run_study(cfg)  # everything recorded: nothing runs
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"t: 8 cached, 0 run \(\d+\.\d s\)\n", err)
+    assert (records.cached, records.ran, len(records)) == (8, 0, 8)
+    records = run_study(_study(tmp_path, seeds=[0, 1, 2]))  # the mixed case
+    err = capsys.readouterr().err
+    assert "ablate t: 12/12 runs done (8 cached, 4 run)" in err
+    assert re.search(r"^t: 8 cached, 4 run in \d+\.\d s$", err, re.MULTILINE)
+    assert records.summary("t").startswith("t: 8 cached, 4 run in ")
+    run_study(cfg, quiet=True)
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_lines_every_tenth_of_the_grid(tmp_path, monkeypatch):
+    import io
+
+    stream = io.StringIO()
+    bar = R.Progress("s", 105, 5, stream=stream)  # 100 to run
+    for _ in range(100):
+        bar.update(1)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    done = [int(re.match(r"ablate s: (\d+)/105", line).group(1)) for line in lines[:-1]]
+    assert done == [6, *range(15, 106, 10)]  # the first run, then every 10 runs
+    assert re.fullmatch(r"s: 5 cached, 100 run in \d+\.\d s", lines[-1])
+    monkeypatch.setattr(R, "LOG_EVERY_S", 0.0)  # a slow grid: a line at least every LOG_EVERY_S
+    stream = io.StringIO()
+    bar = R.Progress("s", 100, 0, stream=stream)
+    for _ in range(5):
+        bar.update(1)
+    assert len(stream.getvalue().splitlines()) == 5
+
+
+def test_cli_rerun_says_cached(tmp_path, capsys):
+    args = ["ablate", "--smoke", "--no-report", f"out={tmp_path / 'o'}", "tasks=[digits_logreg]"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "ablate ablate_default: 8/8 runs done (0 cached, 8 run)" in err
+    assert main(args) == 0
+    assert "ablate_default: 8 cached, 0 run (" in capsys.readouterr().err
+
+
+def test_records_state_the_task_size(tmp_path):
+    (r,) = run_study(_study(tmp_path, lrs=[0.1], seeds=[0], optimizers={"a": {"kind": "adam"}}),
+                     quiet=True)  # fmt: skip
+    assert r["task_info"] == {"train": 1078, "val": 359, "test": 360, "batch_size": None,
+                              "params": 650}  # fmt: skip
