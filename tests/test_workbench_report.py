@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import math
 
@@ -11,6 +12,8 @@ import pytest
 from metalr.cli import main
 from metalr.workbench import report
 from metalr.workbench.report import mean_ci
+
+report_mod = importlib.import_module("metalr.workbench.report")  # `report` is its function
 
 T2 = 12.706  # t_{0.975, 1}
 
@@ -64,9 +67,8 @@ def test_report_tables_and_plots(results):
     assert "| b | 0.1 | 0.5000 ± 0.0000 | 0.2 | 1/2 |" in text  # best lr, final mean lr
     assert "| a | 1 | 0.7000 ± 1.2706 | 1 | 1/2 |" in text
     assert "| free | lr-free (0.05) | 0.4000 ± 1.2706 |" in text
-    assert (
-        "| free | 1 | 1.00 |" in text and "| b | 2 | 2.00 |" in text and "| a | 3 | 3.00 |" in text
-    )
+    # the three best-lr intervals overlap (0.4 ± 1.27, 0.5 ± 0, 0.7 ± 1.27): one tie group
+    assert "| a | 2= | 2.00 |" in text and "| b | 2= | 2.00 |" in text and "| free | 2= |" in text
     assert "Not installed (skipped): prodigy" in text
     assert (results / "report.md").read_text() == text
     for name in ("sensitivity", "loss_curves", "lr_trajectories"):
@@ -97,3 +99,117 @@ def test_per_layer_lr_plot_only_when_layers_were_recorded(results):
     _, files = report(results)
     png = results / "toy_lr_per_layer.png"
     assert png in files and png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+
+
+def _write(folder, records):
+    (folder / "curves").mkdir(parents=True, exist_ok=True)
+    with open(folder / "records.jsonl", "w") as f:
+        for r in records:
+            r = dict(r)
+            (folder / r["curves"]).write_text(json.dumps(r.pop("curve")))
+            f.write(json.dumps(r) + "\n")
+    return folder
+
+
+def test_report_states_setup_seeds_legends_and_links_plots(results):
+    lines = (results / "records.jsonl").read_text().splitlines()
+    with open(results / "records.jsonl", "w") as f:  # what the runner records with each run
+        for line in lines:
+            r = json.loads(line)
+            r["task_info"] = {"train": 1078, "val": 359, "test": 360, "batch_size": None,
+                              "params": 4810}  # fmt: skip
+            f.write(json.dumps(r) + "\n")
+    text, _ = report(results)
+    assert "over n = 2 seeds (0, 1) per cell" in text
+    assert "| toy | smoke | 4,810 | 1078 / 359 / 360 | full | 2 | n = 2 seeds (0, 1) |" in text
+    # every table has a legend right under it that says what its columns measure
+    assert "| lrs within 10% of best |" in text
+    assert (
+        "how many end with a mean final validation loss at most 1.1 × this optimizer's own" in text
+    )
+    assert "final mean eff. lr: the effective learning rate at the last step" in text
+    assert "Cells: the final validation loss" in text and "`diverged (k/n)`" in text
+    assert "`=` marks a tie" in text
+    for key in ("sensitivity", "loss_curves", "lr_trajectories"):
+        assert f"]({'toy_' + key}.png)" in text
+        assert (results / f"toy_{key}.png").is_file()
+    assert "toy_lr_per_layer.png" not in text  # no layer rates recorded: no plot, no link
+
+
+def test_rank_ties_only_where_intervals_overlap(tmp_path):
+    def rec(opt, seed, loss):
+        return {**_record(opt, 0.1, seed, loss), "task": "t2"}
+
+    records = [rec("a", s, v) for s, v in enumerate([1.0, 1.01, 0.99])]
+    records += [rec("b", s, v) for s, v in enumerate([1.02, 1.03, 1.01])]  # overlaps a
+    records += [rec("c", s, v) for s, v in enumerate([2.0, 2.01, 1.99])]  # clearly worse
+    records += [rec("d", s, v) for s, v in enumerate([0.5, 0.51, 0.49])]  # clearly better
+    text, _ = report(_write(tmp_path, records))
+    assert "| d | 1 | 1.00 |" in text
+    assert "| a | 2.5= | 2.50 |" in text and "| b | 2.5= | 2.50 |" in text
+    assert "| c | 4 | 4.00 |" in text
+    assert "over n = 3 seeds (0, 1, 2) per cell" in text
+    # a cell with fewer seeds than the rest says so
+    fewer = [r for r in records if (r["optimizer"], r["seed"]) != ("d", 2)]
+    text, _ = report(_write(tmp_path / "fewer", fewer))
+    assert "| d | 0.1 | 0.5050 ± 0.0635 (n=2) |" in text
+
+
+def test_sensitivity_plot_writes_the_value_of_capped_points(results):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report_mod.aggregate(report_mod.read_records(results))]
+    rows.append(
+        {
+            **rows[0],
+            "optimizer": "c",
+            "lr": 0.1,
+            "val_loss_mean": 41.29,
+            "val_loss_ci95": 3.0,
+            "diverged": 0,
+        }
+    )  # above the cap (2 × 2.0)
+    fig = report_mod.sensitivity_figure(plt, "toy", rows)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    plt.close(fig)
+    assert "41.3" in texts  # the capped mean, written at the cap
+    assert "diverged 1/2" in texts  # b at lr 1: one of two seeds diverged
+    assert any("cap = 2× untrained loss" in t for t in texts)
+    assert fig.legends and fig.legends[0].get_texts()[0].get_fontsize() >= 9  # outside, legible
+
+
+def test_lr_plots_legends_outside_and_identical_layers_labelled(results):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve_file = results / "curves" / "b-0.1-0.json"  # b's best lr, first seed
+    curve = json.loads(curve_file.read_text())
+    curve["lr_layers"] = {"0.weight": [0.1, 0.2, 0.4], "0.bias": [0.1, 0.2, 0.4],
+                          "2.weight": [0.1, 0.05, 0.02]}  # fmt: skip
+    curve_file.write_text(json.dumps(curve))
+    assert report_mod.identical_groups(curve["lr_layers"]) == [["0.weight", "0.bias"], ["2.weight"]]
+    records = report_mod.read_records(results)
+    rows = [r for r in report_mod.aggregate(records) if r["task"] == "toy"]
+    best = report_mod.best_rows(rows)
+    fig = report_mod.layer_figure(plt, "toy", rows, best, results)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    styles = [line.get_linestyle() for line in ax.get_lines()]
+    plt.close(fig)
+    assert labels == ["0.weight = 0.bias (2 identical)", "2.weight"]
+    assert len(set(styles)) == 2  # lines differ in style, not only in colour
+    fig = report_mod.trajectories_figure(plt, "toy", rows, results)
+    legend_texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    sizes = {t.get_fontsize() for t in fig.legends[0].get_texts()}
+    axes_legends = [ax.get_legend() for ax in fig.axes]
+    plt.close(fig)
+    assert legend_texts == ["lr-free", "0.1", "1"] and min(sizes) >= 9  # one shared legend
+    assert axes_legends == [None] * len(axes_legends)  # none over the lines
+    _, files = report(results)
+    assert results / "toy_lr_per_layer.png" in files
+    assert "](toy_lr_per_layer.png)" in (results / "report.md").read_text()
