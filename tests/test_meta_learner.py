@@ -218,3 +218,57 @@ def test_evaluate_is_the_same_for_both_backends(loss_name: str) -> None:
     assert results[0].keys() == results[1].keys()
     for k in results[0]:
         assert math.isclose(results[0][k], results[1][k], rel_tol=1e-12), k
+
+
+def _small_learner() -> MetaLearner:
+    return MetaLearner(mlp((1, 4, 1)), MetaConfig(rates="tensor", meta_batch_size=2))
+
+
+def test_fit_progress_log_lines_when_not_on_a_terminal(capsys) -> None:
+    learner = _small_learner()
+    history = learner.fit(SinusoidSampler(), 20, progress=True)  # captured stderr: no TTY
+    err = capsys.readouterr().err.splitlines()
+    assert len(history) == 20
+    assert len(err) == 10  # a line every tenth of the run
+    assert err[0].startswith("meta-train: iteration 2/20  meta_loss ")
+    assert err[-1].startswith("meta-train: iteration 20/20  meta_loss ")
+    mean = sum(h["meta_loss"] for h in history[-2:]) / 2
+    assert f"meta_loss {mean:.4f} (mean of the last 2)" in err[-1]
+    learner.fit(SinusoidSampler(), 7, progress=True, log_every=3)
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split()[2] for line in err] == ["3/7", "6/7", "7/7"]
+
+
+def test_fit_is_silent_by_default_off_a_terminal_and_when_asked(capsys) -> None:
+    learner = _small_learner()
+    learner.fit(SinusoidSampler(), 5)  # stderr is captured, not a terminal: silent
+    learner.fit(SinusoidSampler(), 5, progress=False)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_fit_progress_bar_on_a_terminal(monkeypatch) -> None:
+    pytest.importorskip("tqdm")
+    import metalr.meta.learner as learner_module
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr("sys.stderr", term)
+    assert learner_module._interactive()
+    bars = []
+    real = learner_module._progress_bar
+    monkeypatch.setattr(learner_module, "_progress_bar", lambda n: bars.append(real(n)) or bars[-1])
+    _small_learner().fit(SinusoidSampler(), 4)  # progress=None: on, since stderr is a terminal
+    assert len(bars) == 1 and bars[0].n == 4 and bars[0].total == 4
+    assert "meta-train" in term.getvalue() and "meta_loss=" in term.getvalue()
+
+
+def test_fit_rejects_bad_counts() -> None:
+    learner = _small_learner()
+    assert learner.fit(SinusoidSampler(), 0) == []
+    with pytest.raises(ValueError, match="num_iterations"):
+        learner.fit(SinusoidSampler(), -1)
+    with pytest.raises(ValueError, match="log_every"):
+        learner.fit(SinusoidSampler(), 2, progress=True, log_every=0)

@@ -24,7 +24,10 @@ Example::
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+import time
 from typing import Any
 
 import torch
@@ -224,17 +227,80 @@ class MetaLearner:
         return {"meta_loss": float(loss.detach()), "finite": finite, "grad_norm": grad_norm,
                 "step": self.step_count}  # fmt: skip
 
-    def fit(self, sampler: TaskSampler, num_iterations: int) -> list[dict[str, Any]]:
+    def fit(
+        self,
+        sampler: TaskSampler,
+        num_iterations: int,
+        *,
+        progress: bool | None = None,
+        log_every: int | None = None,
+    ) -> list[dict[str, Any]]:
         """``num_iterations`` meta-steps on batches of ``meta_batch_size`` tasks from ``sampler``,
-        drawn with :attr:`generator` (so a resumed run draws the same tasks)."""
+        drawn with :attr:`generator` (so a resumed run draws the same tasks).
+
+        Args:
+            sampler: the task sampler (its ``loss_name`` must match the learner's).
+            num_iterations: meta-steps to take (an integer >= 0).
+            progress: ``True``: show progress on stderr, a ``tqdm`` bar on a terminal (when
+                tqdm is installed), else a log line every ``log_every`` iterations; ``False``:
+                silent; ``None``: progress only when stderr is a terminal or a notebook
+                (default: None).
+            log_every: with progress on, log a line every ``log_every`` iterations instead of
+                drawing a bar (default: a bar on a terminal, else a line every tenth of the run).
+
+        Returns:
+            One :meth:`meta_step` result per iteration.
+
+        Example::
+
+            history = learner.fit(SinusoidTasks(k_shot=10), 2000, progress=True)
+            # meta-train: iteration 200/2000  meta_loss 1.2345 (mean of the last 200)  9.8 s
+        """
         if getattr(sampler, "loss_name", self.loss_name) != self.loss_name:
             raise ValueError(
                 f"sampler.loss_name is {sampler.loss_name!r} but the learner uses {self.loss_name!r}"
             )
-        return [
-            self.meta_step(sampler.sample(self.config.meta_batch_size, self.generator))
-            for _ in range(num_iterations)
-        ]
+        if (
+            isinstance(num_iterations, bool)
+            or not isinstance(num_iterations, int)
+            or (num_iterations < 0)
+        ):
+            raise ValueError(
+                f"Invalid num_iterations value: {num_iterations!r}; expected an integer >= 0"
+            )
+        if log_every is not None and (
+            isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1
+        ):
+            raise ValueError(f"Invalid log_every value: {log_every!r}; expected an integer >= 1")
+        if progress is None:
+            progress = _interactive()
+        every = log_every or max(1, num_iterations // 10)
+        bar = _progress_bar(num_iterations) if progress and log_every is None else None
+        history: list[dict[str, Any]] = []
+        tic = time.perf_counter()
+        try:
+            for it in range(1, num_iterations + 1):
+                history.append(
+                    self.meta_step(sampler.sample(self.config.meta_batch_size, self.generator))
+                )
+                if bar is not None:
+                    bar.update(1)
+                    if it % max(1, min(every, 50)) == 0 or it == num_iterations:
+                        bar.set_postfix(meta_loss=f"{history[-1]['meta_loss']:.4f}")
+                elif progress and (it % every == 0 or it == num_iterations):
+                    window = [h["meta_loss"] for h in history[-every:]]
+                    finite = [x for x in window if math.isfinite(x)]
+                    mean = sum(finite) / len(finite) if finite else math.nan
+                    print(
+                        f"meta-train: iteration {it}/{num_iterations}  meta_loss {mean:.4f} "
+                        f"(mean of the last {len(window)})  {time.perf_counter() - tic:.1f} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        finally:
+            if bar is not None:
+                bar.close()
+        return history
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -302,6 +368,21 @@ class MetaLearner:
         self.skipped_steps = int(state_dict["skipped_steps"])
         self.generator.set_state(state_dict["generator_state"])
         torch.set_rng_state(state_dict["torch_rng_state"])
+
+
+def _interactive() -> bool:
+    """Whether stderr is a terminal, or the code runs in a Jupyter/IPython kernel."""
+    return "ipykernel" in sys.modules or bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def _progress_bar(total: int) -> Any:
+    """A ``tqdm`` bar on stderr (``tqdm.auto``: a widget in notebooks), or ``None`` when tqdm
+    is not installed or stderr is not interactive (then :meth:`MetaLearner.fit` logs lines)."""
+    if importlib.util.find_spec("tqdm") is None or not _interactive():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="meta-train", unit="it", dynamic_ncols=True)
 
 
 def _stack_trees(outs: list[Any]) -> Any:
