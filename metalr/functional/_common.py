@@ -42,6 +42,24 @@ def select(keep: Tensor, new: Tensor, old: Tensor) -> Tensor:
     return torch.where(keep, new, old)
 
 
+def tracks_grad(*values: object) -> bool:
+    """Whether autograd would record a step over ``values`` (tensors, or lists, tuples and dicts
+    of them; anything else is ignored): grad mode is on and some tensor requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    stack = list(values)
+    while stack:
+        v = stack.pop()
+        if isinstance(v, Tensor):
+            if v.requires_grad:
+                return True
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+    return False
+
+
 def write_back(dst: NamedTuple, src: NamedTuple) -> None:
     """Copy every tensor of ``src`` into the matching tensor of ``dst`` in place."""
     for dst_list, src_list in zip(dst, src):

@@ -9,6 +9,9 @@ With gradient :math:`g_t` (plus :math:`\lambda\theta` for coupled weight decay),
     v_t     = β2 v_{t-1} + (1-β2) g_t²
     θ_t     = θ_{t-1} (1 - η_t λ)  [decoupled only]  -  η_t · m · m̂_t / (√v̂_t + ε)
 
+Bias corrections and the direction are computed in float32 at least (bf16(0.999) == 1.0 would
+make ``1 - β2^t`` vanish for bfloat16 parameters).
+
 Departure from torch's AdamW: decoupled weight decay follows the scheduled rate η_t (Loshchilov &
 Hutter's schedule multiplier), not the learned multiplier, so the hypergradient stays exact and
 adaptation cannot inflate the decay. With ``hypergrad_lr=0`` every path equals ``torch.optim.Adam``
@@ -17,7 +20,9 @@ adaptation cannot inflate the decay. With ``hypergrad_lr=0`` every path equals `
 Three faces of one rule:
 
 * :func:`adam_hd_step` — pure and differentiable (``torch.func``/``vmap``-able); the meta-learner
-  calls it with grad, and the single-tensor path below is it plus an in-place write-back.
+  calls it with grad. Its per-tensor math (:func:`_adam_tensor_step`, :func:`adam_direction`) is
+  written once with ``out=`` arguments: the single-tensor path runs the same operations in place
+  when autograd is off (bit for bit the pure step), else the pure step plus a write-back.
 * :func:`adam_hd` — the in-place functional the optimizer calls; dispatches to the single-tensor
   path or the ``foreach`` twin (checked equal in float64 by the tests).
 """
@@ -42,6 +47,7 @@ from metalr.functional._common import (
     select,
     sharded_context,
     torch_fused_kernel_applies,
+    tracks_grad,
     write_back,
 )
 from metalr.functional._distributed import ShardReducer
@@ -70,18 +76,89 @@ def _pow(base: float, exponent: Tensor) -> Tensor:
     return torch.pow(base_t, exponent)
 
 
+def direction_dtype(t: Tensor) -> torch.dtype:
+    """Dtype the Adam direction and its bias corrections are computed in: the tensor's real dtype,
+    at least float32 (in bfloat16, 0.999 rounds to 1.0 and ``1 - β2^t`` vanishes)."""
+    real = t.real.dtype if t.is_complex() else t.dtype
+    return torch.promote_types(real, torch.float32)
+
+
 def adam_direction(
-    exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, beta1: float, beta2: float, eps: float
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    *,
+    out: Tensor | None = None,
 ) -> Tensor:
     """``m̂ / (√v̂ + ε)`` for moments after ``step`` updates (zero while ``step == 0``).
 
-    Uses a square root with a safe backward at 0 so second derivatives stay finite
-    (dead units give ``v = 0``).
+    Computed as ``m / ((1 - β1^t) (√v / √(1 - β2^t) + ε))`` in :func:`direction_dtype` (float32
+    for half-precision moments). Without ``out`` it is differentiable, with a square root whose
+    backward is safe at 0 so second derivatives stay finite (dead units give ``v = 0``). With
+    ``out`` (real, of the direction dtype; autograd off) the same operations run into ``out``:
+    the in-place face, equal bit for bit.
     """
-    step = step.to(exp_avg.real.dtype if exp_avg.is_complex() else exp_avg.dtype).clamp_min(1)
-    bias1 = 1 - _pow(beta1, step)
-    bias2 = 1 - _pow(beta2, step)
-    return (exp_avg / bias1) / (safe_sqrt(exp_avg_sq / bias2) + eps)
+    acc = direction_dtype(exp_avg)
+    t = step.to(acc).clamp_min(1)
+    bias1 = 1 - _pow(beta1, t)
+    bias2_sqrt = (1 - _pow(beta2, t)).sqrt()
+    if out is None:
+        denom = safe_sqrt(exp_avg_sq.to(acc))
+    else:
+        denom = torch.sqrt(
+            exp_avg_sq if exp_avg_sq.dtype == acc else out.copy_(exp_avg_sq), out=out
+        )
+    denom = torch.div(denom, bias2_sqrt, out=out)
+    denom = torch.add(denom, eps, out=out)
+    denom = torch.mul(denom, bias1, out=out)
+    return torch.div(exp_avg, denom, out=out)
+
+
+def _complex_if(d: Tensor, like: Tensor) -> Tensor:
+    """A direction computed on ``like``'s real view, as ``like``'s complex view if it is complex."""
+    return torch.view_as_complex(d.contiguous()) if like.is_complex() else d
+
+
+def _adam_tensor_step(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    v: Tensor,
+    step: Tensor,
+    rate: Tensor,
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    out: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The Adam half of the step for one tensor with multiplier ``rate``: the math, written once.
+
+    Without ``out`` it returns new real tensors ``(θ, m, v, step)`` (pure, differentiable). With
+    ``out`` (a scratch buffer for the direction, autograd off) the same operations write into
+    ``p``, ``m``, ``v`` and ``step`` themselves: the single-tensor path's in-place face.
+    """
+    into = out is not None
+    p_r, g_r, m_r, v_r = as_real_list([p, g, m, v])
+    if weight_decay != 0 and not decoupled_weight_decay:
+        g_r = torch.add(g_r, p_r, alpha=weight_decay)
+    m_new = torch.lerp(m_r, g_r, 1 - beta1, out=m_r if into else None)
+    v_new = torch.mul(v_r, beta2, out=v_r if into else None)
+    v_new = torch.addcmul(v_new, g_r, g_r, value=1 - beta2, out=v_r if into else None)
+    step_new = torch.add(step, 1, out=step if into else None)
+    direction = adam_direction(m_new, v_new, step_new, beta1, beta2, eps, out=out)
+    p_new = p_r
+    if decoupled_weight_decay and weight_decay != 0:
+        p_new = torch.mul(p_r, 1 - lr * weight_decay, out=p_r if into else None)
+    step_size = lr * broadcast_rate(rate, p)
+    p_new = torch.addcmul(p_new, direction, step_size, value=-1, out=p_r if into else None)
+    return p_new, m_new, v_new, step_new
 
 
 def adam_hd_step(
@@ -125,7 +202,7 @@ def adam_hd_step(
     """
     grads = negate_if(grads, maximize)
     prev_dirs = [
-        from_real(adam_direction(m, v, s, beta1, beta2, eps), g)
+        _complex_if(adam_direction(m, v, s, beta1, beta2, eps), g)
         for m, v, s, g in zip(as_real_list(exp_avgs), as_real_list(exp_avg_sqs), steps, grads)
     ]
     new_rates, finite = adapt_rates(
@@ -144,15 +221,11 @@ def adam_hd_step(
     for p, g, m, v, rate, new_rate, step in zip(
         params, grads, exp_avgs, exp_avg_sqs, rates, new_rates, steps
     ):
-        p_r, g_r, m_r, v_r = as_real_list([p, g, m, v])
-        if weight_decay != 0 and not decoupled_weight_decay:
-            g_r = g_r + weight_decay * p_r
-        m_new = torch.lerp(m_r, g_r, 1 - beta1)
-        v_new = v_r * beta2 + (1 - beta2) * g_r * g_r
-        step_new = step + 1
-        direction = adam_direction(m_new, v_new, step_new, beta1, beta2, eps)
-        p_new = p_r * (1 - lr * weight_decay) if decoupled_weight_decay and weight_decay else p_r
-        p_new = p_new - (lr * broadcast_rate(new_rate, p)) * direction
+        p_new, m_new, v_new, step_new = _adam_tensor_step(
+            p, g, m, v, step, new_rate, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
+        )  # fmt: skip
+        p_r, m_r, v_r = as_real_list([p, m, v])
         out.params.append(from_real(select(finite, p_new, p_r), p))
         out.exp_avgs.append(from_real(select(finite, m_new, m_r), m))
         out.exp_avg_sqs.append(from_real(select(finite, v_new, v_r), v))
@@ -170,8 +243,64 @@ def _single_tensor_adam_hd(
     steps: list[Tensor],
     **hyper,
 ) -> None:
-    new = adam_hd_step(params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper)
-    write_back(AdamHDState(params, exp_avgs, exp_avg_sqs, rates, steps), new)
+    """The pure step applied in place, tensor by tensor.
+
+    Under autograd (a tensor in the step requires grad), under ``torch.compile`` (``fused=True``)
+    and where the all-finite flag is not free to read (accelerators), it is literally
+    :func:`adam_hd_step` plus a write-back. Otherwise (the CPU, autograd off) the same per-tensor
+    math runs in place (:func:`_adam_tensor_step` with ``out=``): same operations, same bits,
+    without the pure step's temporaries, selects and copies.
+    """
+    if (
+        not params
+        or torch.compiler.is_compiling()
+        or not host_readable(rates[0])
+        or tracks_grad(params, grads, exp_avgs, exp_avg_sqs, rates, steps, hyper)
+    ):
+        new = adam_hd_step(params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper)
+        write_back(AdamHDState(params, exp_avgs, exp_avg_sqs, rates, steps), new)
+        return
+    _in_place_adam_hd(params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper)
+
+
+def _in_place_adam_hd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    rates: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    maximize: bool = False,
+    **adapt,
+) -> None:
+    """:func:`adam_hd_step` in place on the CPU with autograd off (see the caller)."""
+    grads = negate_if(grads, maximize)
+    m_r, v_r = as_real_list(exp_avgs), as_real_list(exp_avg_sqs)
+    # d_{t-1} into scratch buffers, which then take d_t: the direction is computed once a step.
+    scratch = [torch.empty_like(m, dtype=direction_dtype(m)) for m in m_r]
+    prev_dirs = [
+        _complex_if(adam_direction(m, v, s, beta1, beta2, eps, out=buf), g)
+        for m, v, s, buf, g in zip(m_r, v_r, steps, scratch, grads)
+    ]
+    new_rates, finite = adapt_rates(rates, grads, prev_dirs, lr=lr, **adapt)
+    del prev_dirs
+    if not bool(finite):  # a skipped step: nothing changes
+        return
+    commit_rates(rates, new_rates, finite, known_finite=True)
+    for p, g, m, v, step, rate, buf in zip(
+        params, grads, exp_avgs, exp_avg_sqs, steps, rates, scratch
+    ):
+        _adam_tensor_step(
+            p, g, m, v, step, rate, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, out=buf,
+        )  # fmt: skip
 
 
 def _multi_tensor_adam_hd(

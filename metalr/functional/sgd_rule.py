@@ -15,7 +15,9 @@ and Nesterov keep it in one buffer, ``prev_direction``. With ``hypergrad_lr=0`` 
 ``torch.optim.SGD``.
 
 Faces: :func:`sgd_hd_step` (pure, differentiable, ``vmap``-able) and :func:`sgd_hd` (in place,
-dispatching between the single-tensor path and its ``foreach`` twin).
+dispatching between the single-tensor path and its ``foreach`` twin). The per-tensor math
+(:func:`_sgd_tensor_step`) is written once; the single-tensor path runs it in place when autograd
+is off (bit for bit the pure step), else the pure step plus a write-back.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from metalr.functional._common import (
     select,
     sharded_context,
     torch_fused_kernel_applies,
+    tracks_grad,
     write_back,
 )
 from metalr.functional._distributed import ShardReducer
@@ -121,14 +124,11 @@ def sgd_hd_step(
     for p, g, buf, old_dir, rate, new_rate in zip(
         params, grads, momentum_buffers, prev_directions, rates, new_rates
     ):
-        p_r, g_r = as_real_list([p, g])
-        d = g_r + weight_decay * p_r if weight_decay != 0 else g_r
-        new_buf = None
-        if momentum != 0:
-            buf_r = None if buf is None else as_real_list([buf])[0]
-            new_buf = d if buf_r is None else buf_r * momentum + (1 - dampening) * d
-            d = d + momentum * new_buf if nesterov else new_buf
-        p_new = p_r - (lr * broadcast_rate(new_rate, p)) * d
+        p_new, new_buf, d = _sgd_tensor_step(
+            p, g, buf, new_rate, lr=lr, momentum=momentum, dampening=dampening,
+            weight_decay=weight_decay, nesterov=nesterov,
+        )  # fmt: skip
+        p_r = as_real_list([p])[0]
         out.params.append(from_real(select(finite, p_new, p_r), p))
         if new_buf is not None:
             old_buf = as_real_list([buf])[0] if buf is not None else torch.zeros_like(new_buf)
@@ -144,6 +144,41 @@ def sgd_hd_step(
     return out
 
 
+def _sgd_tensor_step(
+    p: Tensor,
+    g: Tensor,
+    buf: Tensor | None,
+    rate: Tensor,
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    inplace: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The SGD half of the step for one tensor with multiplier ``rate``: the math, written once.
+
+    Returns real tensors ``(θ, b, d)`` (``b`` None without momentum; ``d`` may alias the gradient).
+    Pure and differentiable by default; with ``inplace`` (autograd off) the same operations write
+    into ``p`` and an existing buffer (a new buffer is a copy of ``d``, as in torch.optim.SGD).
+    """
+    p_r, g_r = as_real_list([p, g])
+    d = torch.add(g_r, p_r, alpha=weight_decay) if weight_decay != 0 else g_r
+    new_buf = None
+    if momentum != 0:
+        if buf is None:  # b_1 = g_1
+            new_buf = torch.clone(d) if inplace else d
+        else:
+            b = as_real_list([buf])[0]
+            new_buf = torch.mul(b, momentum, out=b if inplace else None)
+            new_buf = torch.add(new_buf, d, alpha=1 - dampening, out=b if inplace else None)
+        d = torch.add(d, new_buf, alpha=momentum) if nesterov else new_buf
+    step_size = lr * broadcast_rate(rate, p)
+    p_new = torch.addcmul(p_r, d, step_size, value=-1, out=p_r if inplace else None)
+    return p_new, new_buf, d
+
+
 def _single_tensor_sgd_hd(
     params: list[Tensor],
     grads: list[Tensor],
@@ -152,6 +187,19 @@ def _single_tensor_sgd_hd(
     rates: list[Tensor],
     **hyper,
 ) -> SGDHDState:
+    """The pure step applied in place, tensor by tensor.
+
+    Under autograd, under ``torch.compile`` (``fused=True``) and where the all-finite flag is not
+    free to read (accelerators), it is :func:`sgd_hd_step` plus a write-back; otherwise (the CPU,
+    autograd off) the same per-tensor math runs in place (:func:`_sgd_tensor_step`).
+    """
+    if (
+        params
+        and not torch.compiler.is_compiling()
+        and host_readable(rates[0])
+        and not tracks_grad(params, grads, momentum_buffers, prev_directions, rates, hyper)
+    ):
+        return _in_place_sgd_hd(params, grads, momentum_buffers, prev_directions, rates, **hyper)
     new = sgd_hd_step(params, grads, momentum_buffers, prev_directions, rates, **hyper)
     write_back(SGDHDState(params, momentum_buffers, prev_directions, rates), new)
     # Buffers created by this step may alias a gradient in the pure result: store copies.
@@ -159,6 +207,45 @@ def _single_tensor_sgd_hd(
             for b, n in zip(momentum_buffers, new.momentum_buffers)]  # fmt: skip
     dirs = [d if d is not None else (n.clone() if n is not None else None)
             for d, n in zip(prev_directions, new.prev_directions)]  # fmt: skip
+    return SGDHDState(list(params), bufs, dirs, list(rates))
+
+
+def _in_place_sgd_hd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    prev_directions: list[Tensor | None],
+    rates: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool = False,
+    **adapt,
+) -> SGDHDState:
+    """:func:`sgd_hd_step` in place on the CPU with autograd off (see the caller)."""
+    grads = negate_if(grads, maximize)
+    prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
+    new_rates, finite = adapt_rates(rates, grads, prev, lr=lr, **adapt)
+    del prev
+    bufs, dirs = list(momentum_buffers), list(prev_directions)
+    if not bool(finite):  # a skipped step: nothing changes
+        return SGDHDState(list(params), bufs, dirs, list(rates))
+    commit_rates(rates, new_rates, finite, known_finite=True)
+    keep_direction = stores_prev_direction(momentum, nesterov)
+    for i, (p, g, rate) in enumerate(zip(params, grads, rates)):
+        _, new_buf, d = _sgd_tensor_step(
+            p, g, bufs[i], rate, lr=lr, momentum=momentum, dampening=dampening,
+            weight_decay=weight_decay, nesterov=nesterov, inplace=True,
+        )  # fmt: skip
+        if bufs[i] is None and new_buf is not None:
+            bufs[i] = from_real(new_buf, p)
+        if keep_direction:
+            if dirs[i] is None:
+                dirs[i] = torch.empty_like(p)
+            as_real_list([dirs[i]])[0].copy_(d)
     return SGDHDState(list(params), bufs, dirs, list(rates))
 
 
