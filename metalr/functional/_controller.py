@@ -27,7 +27,11 @@ for ``granularity="group"``; the sign of ``g·d`` per element), normalised by it
 moves it at ``β`` per step and noise barely moves it::
 
     μ_t = b1 μ_{t-1} + (1 - b1) c_t,    ν_t = b2 ν_{t-1} + (1 - b2) c_t²     (bias-corrected)
-    log m ← min(log m + β · μ̂_t / (√ν̂_t + 1e-8),  ceiling)
+    log m ← min(log m + β · (μ̂_t / (√ν̂_t + 1e-8) − evidence),  ceiling)
+
+``μ̂/√ν̂`` lies in [-1, 1]: it is the signal-to-noise ratio of the cosine. A rate climbs only
+while successive steps agree by more than ``evidence``, and falls at up to ``β · evidence`` per
+step when the signal is noise (the annealing a fixed rate lacks).
 
 At tensor granularity the rates of one group are then tied within a factor ``tie`` of their
 size-weighted geometric mean (a tensor's rate cannot drift decades away from the rest).
@@ -70,6 +74,7 @@ SEEK_DEFAULTS: dict[str, float] = {
     "headroom": 1.0,
     "signal_decay": 0.9,
     "signal_sq_decay": 0.99,
+    "evidence": 0.0,
     "tie": 10.0,
 }
 
@@ -87,6 +92,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "headroom": (1.0, math.inf, False),
     "signal_decay": (0.0, 1.0, False),
     "signal_sq_decay": (0.0, 1.0, False),
+    "evidence": (0.0, 1.0, False),
     "tie": (1.0, math.inf, False),
 }
 
@@ -164,11 +170,13 @@ def seek_update(
     new_sq = b2 * sq + (1 - b2) * tensor_sig * tensor_sig
     m_hat = new_mean / (1 - torch.pow(torch.full_like(new_count, b1), new_count))
     v_hat = new_sq / (1 - torch.pow(torch.full_like(new_count, b2), new_count))
-    track = m_hat / (torch.sqrt(v_hat) + 1e-8)  # the per-tensor normalised signal
+    # the per-tensor normalised signal (in [-1, 1]) less the evidence it must exceed to climb
+    track = m_hat / (torch.sqrt(v_hat) + 1e-8) - seek["evidence"]
 
     # log-space moves per tensor (element rates add their own sign term in phase 2)
     log_cut = math.log(seek["turn_cut"])
-    ramp_move = torch.where(keep_ramping, ramp, torch.where(turn, log_cut, 0.0))
+    cut_move = torch.where(turn, torch.full_like(ramp, log_cut), torch.zeros_like(ramp))
+    ramp_move = torch.where(keep_ramping, ramp, cut_move)
     new_ramp = torch.where(
         keep_ramping, torch.clamp(ramp * seek["ramp_growth"], max=seek["ramp_max"]), 0.0
     )
@@ -207,7 +215,9 @@ def _tensor_signal(signal: Tensor, granularity: str) -> Tensor:
 
 def _log_level(rate: Tensor, granularity: str) -> Tensor:
     """The log-rate a tensor's ceiling is measured from (elements: their largest)."""
-    return torch.log(rate.amax()) if granularity == "element" and rate.dim() > 0 else torch.log(rate)
+    return (
+        torch.log(rate.amax()) if granularity == "element" and rate.dim() > 0 else torch.log(rate)
+    )
 
 
 def _tie(log_rates: list[Tensor], sizes: Sequence[int], tie: float) -> list[Tensor]:

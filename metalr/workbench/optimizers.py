@@ -12,7 +12,8 @@ An optimizer *spec* is a mapping (one entry of a study's ``optimizers:``)::
 
 Every other key is a keyword argument of the optimizer's constructor (so a typo fails when the
 study is loaded, see :func:`check_spec`). Baselines are torch's own classes and schedulers; the
-parameter-free peers (prodigyopt, dadaptation, schedulefree) are used when importable and
+parameter-free peers (prodigyopt, dadaptation, schedulefree, DoG and Mechanic: see
+:mod:`metalr.workbench.peers`) are used when importable and
 recorded as "not installed" otherwise. ``range_test_adam``, ``tuned_adam`` and the peers do not
 take the grid's initial lr (:func:`uses_lr`).
 
@@ -53,6 +54,7 @@ import torch
 from torch.optim import lr_scheduler as S
 
 import metalr
+from metalr.workbench import peers
 from metalr.workbench.search import OPTUNA_INSTALL, SEARCHES, optuna_available
 
 TORCH = {
@@ -65,6 +67,8 @@ PEERS = {
     "prodigy": ("prodigyopt", "Prodigy", 1.0),
     "dadapt_adam": ("dadaptation", "DAdaptAdam", 1.0),
     "schedulefree_adamw": ("schedulefree", "AdamWScheduleFree", None),  # takes an lr
+    "dog": ("dog", "DoG", 1.0),  # evaluated at its iterate average (metalr.workbench.peers)
+    "mechanic": ("mechanic_pytorch", "mechanize(Adam)", 1.0),
 }
 SEARCHED = ("range_test_adam", "tuned_adam")
 KINDS = (*TORCH, *METALR, "hyperlr", *PEERS, *SEARCHED)
@@ -78,6 +82,11 @@ WARMUP_KEYS = ("factor", "steps")
 
 def peer_available(kind: str) -> bool:
     return importlib.util.find_spec(PEERS[kind][0]) is not None
+
+
+def peer_package(kind: str) -> str:
+    """The pip package of a peer (``dog-optimizer`` for ``dog``...)."""
+    return peers.PACKAGES.get(kind, (None, PEERS[kind][0]))[1]
 
 
 def uses_lr(spec: dict[str, Any]) -> bool:
@@ -108,7 +117,10 @@ def build_optimizer(spec: dict[str, Any], params: Any, lr: float | None) -> torc
     if kind in PEERS:
         module, cls, default_lr = PEERS[kind]
         if not peer_available(kind):
-            raise ImportError(f'{kind} needs {module}: pip install "torch==2.13.0" {module}')
+            raise ImportError(f'{kind} needs {module}: pip install "torch==2.13.0" '
+                              f"{peer_package(kind)}")  # fmt: skip
+        if kind == "mechanic":
+            return peers.build_mechanic(params, **kwargs)
         opt_cls = getattr(importlib.import_module(module), cls)
         return opt_cls(params, lr=default_lr if default_lr is not None else lr, **kwargs)
     raise ValueError(f"Unknown optimizer kind {kind!r}; expected one of {', '.join(KINDS)}")
@@ -120,6 +132,8 @@ def build_for_model(
     """The optimizer of ``spec`` over ``model`` at ``lr``; with a ``prior``, at the prior's rates
     (``lr`` is ignored) and, unless ``prior_weights: false``, from its initial weights (copied
     into ``model``). ``task`` (a :class:`~metalr.workbench.tasks.Task`) names ``prior: task``."""
+    if spec["kind"] == "dog" and peer_available("dog"):  # averages the model's weights
+        return peers.build_dog(model, **{k: v for k, v in spec.items() if k not in META_KEYS})
     if spec.get("prior") is None:
         return build_optimizer(spec, model.parameters(), lr)
     from metalr.meta.prior import load_prior, param_groups_from_prior
@@ -259,9 +273,10 @@ def layer_lrs(opt: torch.optim.Optimizer, model: torch.nn.Module) -> dict[str, f
 
 
 def set_mode(opt: torch.optim.Optimizer, mode: str) -> None:
-    """schedulefree optimizers evaluate at a different point than they train: switch them."""
+    """schedulefree optimizers and averaged DoG evaluate at other weights than they train at:
+    switch them."""
     fn: Callable[[], Any] | None = getattr(opt, mode, None)
-    if callable(fn) and type(opt).__module__.startswith("schedulefree"):
+    if callable(fn) and peers.swaps_weights(opt):
         fn()
 
 
