@@ -39,6 +39,13 @@ class HypergradOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in HYPER_DEFAULTS.items():
                 group.setdefault(key, value)
+            for p in group["params"]:
+                p_state = self.state.get(p, {})
+                if "step" in p_state and not isinstance(p_state["step"], Tensor):
+                    # torch < 1.12 saved step as a Python number; torch.optim.Adam converts it too.
+                    p_state["step"] = torch.tensor(
+                        float(p_state["step"]), dtype=torch.float32, device=p.device
+                    )
 
     def _rate(self, param: Tensor, group: dict[str, Any]) -> Tensor:
         """The multiplier of ``param``, created at 1.0 on first use (lazy state initialization)."""
@@ -86,9 +93,9 @@ class HypergradOptimizer(Optimizer):
         """
         rates: dict[Tensor, Tensor] = {}
         for group in self.param_groups:
+            lr = scalar_lr(group["lr"])
             for p, rate in self._group_rates(group):
-                rate = clamp_rates(rate, group["lr"], group["lr_bounds"])
-                rates[p] = rate * group["lr"]
+                rates[p] = clamp_rates(rate, lr, group["lr_bounds"]) * lr
         return rates
 
     @torch.no_grad()
@@ -113,7 +120,16 @@ class HypergradOptimizer(Optimizer):
         torch casts every floating state to the parameter's dtype; rates of fp16/bf16 parameters
         are kept in float32 instead (see :func:`metalr.functional._hypergrad.rate_dtype`), and
         ``step`` counters live on the parameter's device so no step syncs with the host.
+
+        A checkpoint of the torch optimizer this one replaces (``torch.optim.Adam`` for
+        :class:`~metalr.AdamHD`, ``AdamW`` for :class:`~metalr.AdamWHD`, ``SGD`` for
+        :class:`~metalr.SGDHD`) loads too: its hyperparameters and moments are kept, the
+        hypergradient options missing from it come from this optimizer's param groups (as
+        constructed), and every multiplier starts at 1, so with ``hypergrad_lr=0`` training
+        continues as the torch optimizer would. A checkpoint saved with ``amsgrad=True`` is
+        refused (metalr has no AMSGrad).
         """
+        state_dict = self._migrated(state_dict)
         saved = {
             pid: {k: v for k, v in s.items() if k in (RATE_KEY, "step")}
             for pid, s in state_dict["state"].items()
@@ -127,6 +143,42 @@ class HypergradOptimizer(Optimizer):
                     continue
                 dtype = torch.float32 if key == "step" else rate_dtype(p)
                 self.state[p][key] = value.to(device=p.device, dtype=dtype).clone()
+
+    def _migrated(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with the options a torch.optim checkpoint lacks filled from our groups.
+
+        A group without ``hypergrad_lr`` (which every metalr group has) comes from torch.optim.
+        metalr checkpoints that only lack flags added later are left to ``__setstate__``'s
+        defaults, as torch does.
+        """
+        saved_groups = state_dict["param_groups"]
+        if all("hypergrad_lr" in g for g in saved_groups):
+            return state_dict
+        if len(saved_groups) != len(self.param_groups):
+            return state_dict  # torch's load raises its own error on the group count
+        groups = []
+        for saved, current in zip(saved_groups, self.param_groups):
+            if saved.get("amsgrad", False):
+                raise ValueError(
+                    f"Cannot load a checkpoint saved with amsgrad=True into "
+                    f"{type(self).__name__}, which has no AMSGrad variant; continue it with "
+                    f"torch.optim.{type(self).__name__.removesuffix('HD')}(amsgrad=True) instead"
+                )
+            filled = {k: v for k, v in current.items() if k != "params" and k not in saved}
+            groups.append({**saved, **filled})
+        return {**state_dict, "param_groups": groups}
+
+
+def scalar_lr(lr: float | Tensor) -> float | Tensor:
+    """``group['lr']`` as the update rules take it: a number or a 0-d tensor.
+
+    Like torch.optim, metalr accepts a one-element tensor ``lr`` of any shape (``[1]``,
+    ``[1, 1]``); the rules read it through a 0-d view so it broadcasts as a scalar (and stays in
+    the autograd graph when it requires grad).
+    """
+    if isinstance(lr, Tensor) and lr.dim() > 0:
+        return lr.reshape(())
+    return lr
 
 
 def check_sparse(param: Tensor, name: str) -> None:

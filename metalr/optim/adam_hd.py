@@ -11,7 +11,7 @@ from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
 from metalr.functional.adam_rule import adam_hd
 from metalr.optim import _validation as check
-from metalr.optim._base import HypergradOptimizer, check_sparse
+from metalr.optim._base import HypergradOptimizer, check_sparse, scalar_lr
 
 #: Baydin et al. (2018) use β = 1e-7 for Adam-HD with the additive rule.
 ADDITIVE_DEFAULT_HYPERGRAD_LR = 1e-7
@@ -169,7 +169,7 @@ class AdamHD(HypergradOptimizer):
             beta1, beta2 = group["betas"]
             adam_hd(
                 params, grads, exp_avgs, exp_avg_sqs, rates, steps,
-                lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                lr=scalar_lr(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],
                 hypergrad_lr=group["hypergrad_lr"], rule=group["rule"],

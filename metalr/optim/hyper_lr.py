@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from metalr.functional._common import as_real_list, broadcast_rate, commit_rates, host_readable
 from metalr.functional._hypergrad import adapt_rates
 from metalr.optim import _validation as check
-from metalr.optim._base import HYPER_DEFAULTS, HypergradOptimizer, check_sparse
+from metalr.optim._base import HYPER_DEFAULTS, HypergradOptimizer, check_sparse, scalar_lr
 
 
 class HyperLR(HypergradOptimizer):
@@ -43,6 +43,11 @@ class HyperLR(HypergradOptimizer):
     State: per parameter the multiplier and one buffer (the previous direction, also used as
     the snapshot of the weights during the inner step). ``state_dict()`` holds HyperLR's state
     and, under ``"wrapped"``, the inner optimizer's.
+
+    Step hooks: the global ones (``torch.optim.optimizer.register_optimizer_step_pre_hook`` /
+    ``post_hook``) run once per ``HyperLR.step()``, with the HyperLR as their optimizer, as they
+    would around any torch optimizer; hooks registered on the wrapped optimizer itself still run
+    around its inner step.
 
     A step with non-finite gradients leaves the weights and rates unchanged. On the CPU in eager
     mode the wrapped optimizer's step is skipped too; elsewhere (no host read) it steps on
@@ -101,11 +106,17 @@ class HyperLR(HypergradOptimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        if "optimizer" in state:  # unpickling; load_state_dict passes only state and groups
+        loading = "optimizer" not in state  # load_state_dict passes only state and groups
+        if not loading:  # unpickling
             self.optimizer = state.pop("optimizer")
             self._hyper = state.pop("_hyper")
         super().__setstate__(state)
         self._wrapping = False
+        if loading:
+            # HyperLR's own loaded groups (after any load_state_dict pre hook) win over the
+            # wrapped optimizer's copy of them, loaded just before.
+            for inner, outer in zip(self.optimizer.param_groups, self.param_groups):
+                inner.update({k: v for k, v in outer.items() if k != "params"})
         self._share_groups()
 
     def __repr__(self) -> str:
@@ -130,14 +141,15 @@ class HyperLR(HypergradOptimizer):
             buffers = [self._buffer(p) for p in params]
             grads = [-p.grad if group.get("maximize", False) else p.grad for p in params]
             new_rates, finite = adapt_rates(
-                rates, grads, buffers, lr=group["lr"], hypergrad_lr=group["hypergrad_lr"],
-                rule=group["rule"], granularity=group["granularity"],
+                rates, grads, buffers, lr=scalar_lr(group["lr"]),
+                hypergrad_lr=group["hypergrad_lr"], rule=group["rule"],
+                granularity=group["granularity"],
                 lr_bounds=group["lr_bounds"], grads_finite=grads_finite,
             )  # fmt: skip
             commit_rates(rates, new_rates, finite, known_finite=False)
             pending.append((group, params, rates, buffers, finite))
         if not pending:
-            self.optimizer.step()
+            self._wrapped_step()
             return loss
         step_finite = torch.stack([f.to(pending[0][4].device) for *_, f in pending]).all()
         if host_readable(step_finite):
@@ -149,21 +161,50 @@ class HyperLR(HypergradOptimizer):
                     torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
         for _, params, _, buffers, _ in pending:
             torch._foreach_copy_(buffers, params)  # snapshot θ_{t-1}
-        self.optimizer.step()
+        self._wrapped_step()
         if host_readable(step_finite):  # finite for sure: three in-place passes, no allocation
             for group, params, rates, snapshots, _ in pending:
-                _rescale_in_place(params, rates, snapshots, group["lr"])
+                _rescale_in_place(params, rates, snapshots, scalar_lr(group["lr"]))
             return loss
         for group, params, rates, snapshots, _ in pending:
+            lr = scalar_lr(group["lr"])
             displacement = torch._foreach_sub(params, snapshots)  # u_t of the wrapped optimizer
             for p, rate, snap, u in zip(params, rates, snapshots, displacement):
                 scaled = snap + rate.to(u.dtype) * u if not p.is_complex() else snap + rate * u
                 p.copy_(torch.where(step_finite, scaled, snap))
-                direction = torch.where(
-                    step_finite, -u * _inverse(group["lr"]), torch.zeros_like(u)
-                )
+                direction = torch.where(step_finite, -u * _inverse(lr), torch.zeros_like(u))
                 snap.copy_(direction)  # the buffer now holds d_t for the next hypergradient
         return loss
+
+    def _wrapped_step(self) -> None:
+        """The wrapped optimizer's step with its own step hooks, without the global ones.
+
+        torch runs the global step hooks around every ``Optimizer.step``; they already ran around
+        this ``HyperLR.step``, so running them again for the inner step would fire them twice.
+        """
+        inner = self.optimizer
+        hooked = type(inner).step
+        raw = getattr(hooked, "__wrapped__", None)
+        if not getattr(hooked, "hooked", False) or raw is None:  # step not patched by torch
+            inner.step()
+            return
+        args: tuple[Any, ...] = (inner,)
+        kwargs: dict[str, Any] = {}
+        name = f"Optimizer.step#{type(inner).__name__}.step"
+        with torch.autograd.profiler.record_function(name):
+            for pre_hook in list(inner._optimizer_step_pre_hooks.values()):
+                result = pre_hook(inner, args, kwargs)
+                if result is not None:
+                    if not (isinstance(result, tuple) and len(result) == 2):
+                        raise RuntimeError(
+                            f"{raw} must return None or a tuple of (new_args, new_kwargs), "
+                            f"but got {result}."
+                        )
+                    args, kwargs = result
+            raw(*args, **kwargs)
+            inner._optimizer_step_code()
+            for post_hook in list(inner._optimizer_step_post_hooks.values()):
+                post_hook(inner, args, kwargs)
 
     def _buffer(self, param: Tensor) -> Tensor:
         state = self.state[param]
@@ -178,11 +219,22 @@ class HyperLR(HypergradOptimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a HyperLR checkpoint, or a checkpoint of the wrapped optimizer alone.
+
+        The wrapped optimizer's state is loaded first; HyperLR's own ``param_groups`` (after
+        any load pre hook registered on the HyperLR) then win over the copy saved with it. A
+        plain checkpoint of the wrapped optimizer (no ``"wrapped"`` entry, e.g. of a
+        ``torch.optim.Adam`` trained without HyperLR) loads into the wrapped optimizer; HyperLR's
+        state starts afresh (multipliers at 1, options as constructed).
+        """
+        if "wrapped" not in state_dict:
+            self.optimizer.load_state_dict(state_dict)
+            self.state.clear()
+            self._share_groups()
+            return
         state_dict = dict(state_dict)
-        wrapped = state_dict.pop("wrapped")
+        self.optimizer.load_state_dict(state_dict.pop("wrapped"))
         super().load_state_dict(state_dict)
-        self.optimizer.load_state_dict(wrapped)
-        self._share_groups()
 
 
 def _rescale_in_place(

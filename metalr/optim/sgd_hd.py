@@ -11,7 +11,7 @@ from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
 from metalr.functional.sgd_rule import sgd_hd, stores_prev_direction
 from metalr.optim import _validation as check
-from metalr.optim._base import HypergradOptimizer, check_sparse
+from metalr.optim._base import HypergradOptimizer, check_sparse, scalar_lr
 
 #: Baydin et al. (2018) use β = 1e-3 for SGD-HD and SGDN-HD with the additive rule.
 ADDITIVE_DEFAULT_HYPERGRAD_LR = 1e-3
@@ -143,7 +143,7 @@ class SGDHD(HypergradOptimizer):
             self._init_group(group, params, grads, bufs, dirs, rates)
             new = sgd_hd(
                 params, grads, bufs, dirs, rates,
-                lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                lr=scalar_lr(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
                 weight_decay=group["weight_decay"], nesterov=group["nesterov"],
                 hypergrad_lr=group["hypergrad_lr"], rule=group["rule"],
                 granularity=group["granularity"], lr_bounds=group["lr_bounds"],
