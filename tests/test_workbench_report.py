@@ -61,12 +61,12 @@ def test_mean_ci():
 def test_report_tables_and_plots(results):
     text, files = report(results)
     assert "| optimizer | lr-free | 0.1 | 1 |" in text
-    assert "| a |  | 2.0000 ± 12.7060 | 0.7000 ± 1.2706 |" in text
+    assert "| a |  | 2.0000 ± 12.7060 (seeds 1–3) | 0.7000 ± 1.2706 (seeds 0.6–0.8) |" in text
     assert "| b |  | 0.5000 ± 0.0000 | diverged (1/2) |" in text
-    assert "| free | 0.4000 ± 1.2706 |  |  |" in text  # lr-free: its own column
+    assert "| free | 0.4000 ± 1.2706 (seeds 0.3–0.5) |  |  |" in text  # lr-free: its own column
     assert "| b | 0.1 | 0.5000 ± 0.0000 | 0.2 | 1/2 |" in text  # best lr, final mean lr
-    assert "| a | 1 | 0.7000 ± 1.2706 | 1 | 1/2 |" in text
-    assert "| free | lr-free (0.05) | 0.4000 ± 1.2706 |" in text
+    assert "| a | 1 | 0.7000 ± 1.2706 (seeds 0.6–0.8) | 1 | 1/2 |" in text
+    assert "| free | lr-free (0.05) | 0.4000 ± 1.2706 (seeds 0.3–0.5) |" in text
     # the three best-lr intervals overlap (0.4 ± 1.27, 0.5 ± 0, 0.7 ± 1.27): one tie group
     assert "| a | 2= | 2.00 |" in text and "| b | 2= | 2.00 |" in text and "| free | 2= |" in text
     assert "Not installed (skipped): prodigy" in text
@@ -202,6 +202,7 @@ def test_lr_plots_legends_outside_and_identical_layers_labelled(results):
     styles = [line.get_linestyle() for line in ax.get_lines()]
     plt.close(fig)
     assert labels == ["0.weight = 0.bias (2 identical)", "2.weight"]
+    assert not ax.texts  # 0.4 vs 0.02 at the last step: far apart
     assert len(set(styles)) == 2  # lines differ in style, not only in colour
     fig = report_mod.trajectories_figure(plt, "toy", rows, results)
     legend_texts = [t.get_text() for t in fig.legends[0].get_texts()]
@@ -213,3 +214,21 @@ def test_lr_plots_legends_outside_and_identical_layers_labelled(results):
     _, files = report(results)
     assert results / "toy_lr_per_layer.png" in files
     assert "](toy_lr_per_layer.png)" in (results / "report.md").read_text()
+
+
+def test_layer_plot_notes_curves_that_overlap(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = {"w": [0.1, 0.2, 0.4], "b": [0.1, 0.21, 0.41], "v": [0.1, 0.2, 0.39]}
+    assert report_mod.layer_spread(layers) == pytest.approx(0.41 / 0.39 - 1)
+    row = {"task": "t", "optimizer": "hd", "lr": 0.1, "ids": ["x"], "val_loss_mean": 1.0}
+    (tmp_path / "curves").mkdir()
+    curve = {"step": [0, 1, 2], "lr_layers": layers}
+    (tmp_path / "curves" / "x.json").write_text(json.dumps(curve))
+    fig = report_mod.layer_figure(plt, "t", [row], {("t", "hd"): row}, tmp_path)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    plt.close(fig)
+    assert texts == ["all 3 layers within 5% of each other:\nthe lines overlap"]

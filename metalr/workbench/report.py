@@ -87,6 +87,7 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "final_mean_lr": sum(lr_means) / len(lr_means) if lr_means else None,
                      "lr_used": sum(used) / len(used) if used else None,
                      "initial_val_loss": sum(init) / len(init) if init else None,
+                     "val_loss_min": min(losses), "val_loss_max": max(losses),
                      "ids": [r["id"] for r in sorted(rs, key=lambda r: r["seed"])]})  # fmt: skip
     rows.sort(key=lambda r: (r["task"], r["optimizer"], -1.0 if r["lr"] is None else r["lr"]))
     return rows
@@ -191,8 +192,10 @@ SETUP_LEGEND = (
 LR_TABLE_LEGEND = (
     "*Columns: the initial learning rate (`lr-free`: an optimizer that sets its own). Cells: the "
     "final validation loss (after the last step; lower is better), mean ± half-width of its 95% "
-    "confidence interval (Student t) over {n}; `(n=k)`: a cell with a different number "
-    "of seeds; `diverged (k/n)`: k of its n seeds diverged (a non-finite loss, or one above the "
+    "confidence interval (Student t) over {n}; `(seeds a–b)`: an interval wider than the mean "
+    "(the seeds disagree), with the lowest and highest seed's loss; `(n=k)`: a cell with a "
+    "different number of seeds; `diverged (k/n)`: k of its n seeds diverged (a non-finite loss, "
+    "or one above the "
     "study's divergence factor × the first step's), which counts as an infinite loss.*\n"
 )
 BEST_TABLE_LEGEND = (
@@ -250,6 +253,8 @@ def markdown(records: list[dict[str, Any]], plot_files: list[Path] | None = None
 
     def cell_text(r: dict[str, Any]) -> str:
         text = _fmt(r["val_loss_mean"], r["val_loss_ci95"], r["diverged"], r["seeds"])
+        if not r["diverged"] and r["val_loss_ci95"] > r["val_loss_mean"]:  # the seeds disagree
+            text += f" (seeds {r['val_loss_min']:.3g}–{r['val_loss_max']:.3g})"
         return text if r["seeds"] == n or r["diverged"] else f"{text} (n={r['seeds']})"
 
     for task in tasks:
@@ -498,6 +503,18 @@ def identical_groups(layers: dict[str, list[float]], rtol: float = 1e-6) -> list
     return groups
 
 
+NEAR = 0.1  # per-layer curves within this relative spread at every step are said to overlap
+
+
+def layer_spread(layers: dict[str, list[float]]) -> float:
+    """The largest relative spread (max / min − 1) of the layers' rates at any step."""
+    spread = 0.0
+    for values in zip(*layers.values()):
+        lo, hi = min(values), max(values)
+        spread = max(spread, hi / lo - 1 if lo > 0 else math.inf)
+    return spread
+
+
 def layer_figure(plt: Any, task: str, trows: list[dict[str, Any]],
                  best: dict[tuple[str, str], dict[str, Any]], results: Path) -> Any:  # fmt: skip
     """Effective lr of every layer vs step for each metalr optimizer at its best initial lr
@@ -524,6 +541,10 @@ def layer_figure(plt: Any, task: str, trows: list[dict[str, Any]],
             ax.plot(c["step"][: len(rates)], rates, label=label, color=plt.cm.tab10(i % 10),
                     ls=LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)],
                     markevery=max(1, len(rates) // 6), ms=4, lw=1.4)  # fmt: skip
+        spread = layer_spread(layers)
+        if len(groups) > 1 and spread < NEAR:
+            ax.text(0.02, 0.98, f"all {len(layers)} layers within {spread:.0%} of each other:\n"
+                    "the lines overlap", transform=ax.transAxes, va="top", fontsize=8)  # fmt: skip
         lr = "prior" if b["lr"] is None else _lr_label(b["lr"])
         ax.set(yscale="log", xlabel="step", title=f"{o} (lr0 {lr})")
         if len(groups) <= 12:
