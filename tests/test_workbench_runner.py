@@ -415,3 +415,23 @@ def test_records_state_the_task_size(tmp_path):
                      quiet=True)  # fmt: skip
     assert r["task_info"] == {"train": 1078, "val": 359, "test": 360, "batch_size": None,
                               "params": 650}  # fmt: skip
+
+
+def test_demo_runs_are_the_default_studys_digits_mlp_runs(capsys):
+    """``metalr`` (the demo) and ``metalr ablate`` (the default study) train the same model on
+    the same data split from the same seed: their validation losses agree."""
+    import torch
+
+    import metalr
+    from metalr import demo
+
+    data = demo.load_digits_split()
+    task = R._task("digits_mlp", "smoke", "cpu", False)
+    assert torch.equal(data[0], task.train[0]) and torch.equal(data[3], task.val[1])
+    for kind, cls in (("adam", torch.optim.Adam), ("adam_hd", metalr.AdamHD)):
+        study = R.train(task, {"kind": kind}, 1e-3, 1, 20, 10, 1e4, "cpu")
+        loss, _ = demo.train(lambda p, cls=cls: cls(p, lr=1e-3), data, 20, 1)
+        assert loss == pytest.approx(study["final_val_loss"], rel=1e-5)
+    assert main(["demo", "--steps", "2", "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "1078 train / 359 validation examples" in out and "default study" in out
