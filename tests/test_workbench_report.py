@@ -231,4 +231,5 @@ def test_layer_plot_notes_curves_that_overlap(tmp_path):
     fig = report_mod.layer_figure(plt, "t", [row], {("t", "hd"): row}, tmp_path)
     texts = [t.get_text() for t in fig.axes[0].texts]
     plt.close(fig)
-    assert texts == ["all 3 layers within 5% of each other:\nthe lines overlap"]
+    assert texts == ["all 3 layers at most 5.1% apart:\nthe lines overlap"]
+    assert not report_mod.layers_overlap({"w": [0.1, 0.2, 0.4], "b": [0.1, 0.15, 0.2]})

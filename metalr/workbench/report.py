@@ -503,7 +503,7 @@ def identical_groups(layers: dict[str, list[float]], rtol: float = 1e-6) -> list
     return groups
 
 
-NEAR = 0.1  # per-layer curves within this relative spread at every step are said to overlap
+NEAR = 0.05  # per-layer curves closer than this fraction of the log axis' span are said to overlap
 
 
 def layer_spread(layers: dict[str, list[float]]) -> float:
@@ -513,6 +513,16 @@ def layer_spread(layers: dict[str, list[float]]) -> float:
         lo, hi = min(values), max(values)
         spread = max(spread, hi / lo - 1 if lo > 0 else math.inf)
     return spread
+
+
+def layers_overlap(layers: dict[str, list[float]]) -> bool:
+    """Whether the layers' curves would be drawn on top of each other on a log axis: at every
+    step they are closer than ``NEAR`` of the decades the curves span."""
+    values = [v for rates in layers.values() for v in rates]
+    if len(layers) < 2 or not values or min(values) <= 0:
+        return False
+    span = math.log10(max(values) / min(values))
+    return span > 0 and math.log10(1 + layer_spread(layers)) < NEAR * span
 
 
 def layer_figure(plt: Any, task: str, trows: list[dict[str, Any]],
@@ -541,10 +551,11 @@ def layer_figure(plt: Any, task: str, trows: list[dict[str, Any]],
             ax.plot(c["step"][: len(rates)], rates, label=label, color=plt.cm.tab10(i % 10),
                     ls=LINESTYLES[i % len(LINESTYLES)], marker=MARKERS[i % len(MARKERS)],
                     markevery=max(1, len(rates) // 6), ms=4, lw=1.4)  # fmt: skip
-        spread = layer_spread(layers)
-        if len(groups) > 1 and spread < NEAR:
-            ax.text(0.02, 0.98, f"all {len(layers)} layers within {spread:.0%} of each other:\n"
-                    "the lines overlap", transform=ax.transAxes, va="top", fontsize=8)  # fmt: skip
+        if len(groups) > 1 and layers_overlap(layers):
+            which = "both layers" if len(layers) == 2 else f"all {len(layers)} layers"
+            apart = f"{100 * layer_spread(layers):.2g}%"
+            ax.text(0.02, 0.98, f"{which} at most {apart} apart:\nthe lines overlap",
+                    transform=ax.transAxes, va="top", fontsize=8)  # fmt: skip
         lr = "prior" if b["lr"] is None else _lr_label(b["lr"])
         ax.set(yscale="log", xlabel="step", title=f"{o} (lr0 {lr})")
         if len(groups) <= 12:
