@@ -44,6 +44,12 @@ def _problem(dtype: torch.dtype = torch.float32) -> tuple[nn.Module, torch.Tenso
     return model, x.to(dtype), y.to(dtype)
 
 
+def _controllers(opt: torch.optim.Optimizer, model: nn.Module) -> list[torch.Tensor]:
+    """The seek rule's controller vectors (empty for the other rules)."""
+    return [opt.state[p]["hd_controller"].clone() for p in model.parameters()
+            if "hd_controller" in opt.state[p]]  # fmt: skip
+
+
 def _rates(opt: torch.optim.Optimizer, model: nn.Module) -> list[torch.Tensor]:
     return [
         opt.state[p][RATE_KEY].clone() if RATE_KEY in opt.state[p] else torch.ones(())
@@ -80,22 +86,24 @@ def test_grad_scaler_skipped_steps_skip_adaptation(name: str, granularity: str) 
             loss = F.mse_loss(model(x).float(), y)
         losses.append(loss.item())
         before_scale = scaler.get_scale()
-        before_rates = _rates(opt, model)
+        before_rates, before_ctrl = _rates(opt, model), _controllers(opt, model)
         before_params = [p.detach().clone() for p in model.parameters()]
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        after = _rates(opt, model)
+        after, after_ctrl = _rates(opt, model), _controllers(opt, model)
         assert all(torch.isfinite(r).all() for r in after)
         assert all(torch.isfinite(p).all() for p in model.parameters())
         if scaler.get_scale() < before_scale:  # GradScaler found inf/NaN: the step was skipped
             skipped.append(step)
-            assert _same(before_rates, after)
+            assert _same(before_rates, after) and _same(before_ctrl, after_ctrl)
             assert all(torch.equal(a, p) for a, p in zip(before_params, model.parameters()))
         else:
             taken.append(step)
             if len(taken) > 1:  # the first real step has no previous direction to adapt on
-                assert not _same(before_rates, after), f"rates did not move at step {step}"
+                # the rates move, or (seek, e.g. at its ceiling) at least its controller does
+                moved = not _same(before_rates, after) or not _same(before_ctrl, after_ctrl)
+                assert moved, f"rates did not move at step {step}"
     assert len(skipped) >= 6 and skipped[:4] == [0, 1, 2, 3]
     assert any(s > taken[0] for s in skipped)  # skips after training started, too
     assert len(taken) >= 20

@@ -216,12 +216,12 @@ def rate_trajectories(width: int, make: OptFactory, lr: float, steps: int) -> to
 WEIGHTS = [0, 2, 4]  # the weight matrices (columns 1, 3, 5 are biases)
 
 
-def test_default_hypergrad_lr_is_scale_free_additive_is_not() -> None:
+def test_normalized_default_hypergrad_lr_is_scale_free_additive_is_not() -> None:
     lr, steps = 1e-3, 30
     small_w, large_w = 32, 128  # 1,633 and 18,817 parameters (11.5×)
 
     def normalized(p, lr):
-        return metalr.SGDHD(p, lr=lr, momentum=0.9)
+        return metalr.SGDHD(p, lr=lr, momentum=0.9, rule="normalized")
 
     small = rate_trajectories(small_w, normalized, lr, steps)[:, WEIGHTS]
     large = rate_trajectories(large_w, normalized, lr, steps)[:, WEIGHTS]

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from metalr import SGDHD, AdamHD, bench
+from metalr.functional._controller import CONTROLLER_SIZE
 
 TINY = 20_000
 STATE_SLACK = 0.01
@@ -81,9 +82,11 @@ def test_state_bytes_match_torch(result):
         assert row.state_bytes == pytest.approx(adam.state_bytes, rel=0.01), name
         assert row.state_bytes > adam.state_bytes  # plus one scalar rate per tensor
         assert row.state_ok, name
-    # Element granularity adds exactly one parameter-sized buffer (its rates) and nothing else.
+    # Element granularity adds exactly one parameter-sized buffer (its rates) and, for the
+    # default "seek" rule, one controller vector per tensor (CONTROLLER_SIZE float32 scalars).
     element = result.row("AdamHD element")
-    assert element.state_bytes - adam.state_bytes == param_bytes
+    n_tensors = len(bench.make_shapes(TINY))
+    assert element.state_bytes - adam.state_bytes == param_bytes + n_tensors * CONTROLLER_SIZE * 4
     assert element.state_ok
     assert result.row("SGDHD tensor").state_bytes == pytest.approx(sgd.state_bytes, rel=0.01)
     # HyperLR counts the wrapped optimizer's state plus its own direction buffer.

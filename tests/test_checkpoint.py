@@ -19,6 +19,7 @@ MAKERS = {
 }
 #: Group keys metalr added on top of torch's; a checkpoint written before them must still load.
 LATER_FLAGS = (
+    "seek",
     "granularity",
     "rule",
     "lr_bounds",
@@ -71,11 +72,13 @@ def test_rates_are_cast_to_the_new_parameters_dtype(name):
         assert all(torch.isfinite(p).all() for p in target.parameters())
 
 
+# The defaults of checkpoints written before the flags existed: the normalized rule (the
+# default until issue 10 made "seek" the default; a group without "rule" loads as normalized).
 DEFAULT_MAKERS = {
-    "SGDHD": lambda p: metalr.SGDHD(p, lr=0.05, momentum=0.9),
-    "AdamHD": lambda p: metalr.AdamHD(p, lr=1e-2),
-    "AdamWHD": lambda p: metalr.AdamWHD(p, lr=1e-2),
-    "HyperLR": lambda p: metalr.HyperLR(torch.optim.Adam(p, lr=1e-2)),
+    "SGDHD": lambda p: metalr.SGDHD(p, lr=0.05, momentum=0.9, rule="normalized"),
+    "AdamHD": lambda p: metalr.AdamHD(p, lr=1e-2, rule="normalized"),
+    "AdamWHD": lambda p: metalr.AdamWHD(p, lr=1e-2, rule="normalized"),
+    "HyperLR": lambda p: metalr.HyperLR(torch.optim.Adam(p, lr=1e-2), rule="normalized"),
 }
 
 

@@ -50,7 +50,7 @@ HYPER_ERRORS: list[tuple[dict[str, Any], str]] = [
     ),
     ({"granularity": "Tensor"}, "Invalid granularity: 'Tensor'"),
     ({"granularity": None}, "Invalid granularity: None"),
-    ({"rule": "foo"}, "Invalid rule: 'foo'; expected one of 'normalized', 'additive'"),
+    ({"rule": "foo"}, "Invalid rule: 'foo'; expected one of 'seek', 'normalized', 'additive'"),
     ({"rule": "multiplicative"}, "Invalid rule: 'multiplicative'"),
     (
         {"lr_bounds": (1, 0.1)},

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 import metalr
 from metalr.integrations import effective_lr_stats, unwrap_optimizer
-from metalr.optim._base import RATE_KEY
+from metalr.optim._base import RATE_KEY, initial_multiplier
 
 # Lightning 2.6 on torch 2.13 warns about its own use of a deprecated pytree API.
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated")
@@ -348,11 +348,12 @@ def _check_hf_adaptation(opt, records, initial: float, final: float, steps: int 
     assert final < initial
     mult = multipliers(opt)
     assert all(torch.isfinite(m).all() for m in mult)
-    assert sum(bool((m != 1).all()) for m in mult) == len(mult)  # every tensor adapted
+    m0 = initial_multiplier(opt.param_groups[0])  # seek: its ramp starts at init_scale
+    assert sum(bool((m != m0).all()) for m in mult) == len(mult)  # every tensor adapted
     # The multipliers carry over from step to step although group['lr'] is rewritten each step:
-    # they are never reset to 1 (after step 1, which has no previous direction), and keep moving.
-    assert all(torch.equal(m, torch.ones_like(m)) for m in records[0][1])
-    assert all(any((m != 1).any() for m in r[1]) for r in records[1:])
+    # they are never reset (after step 1, which has no previous direction), and keep moving.
+    assert all(torch.equal(m, torch.full_like(m, m0)) for m in records[0][1])
+    assert all(any((m != m0).any() for m in r[1]) for r in records[1:])
     assert any(not torch.equal(a, b) for a, b in zip(records[-2][1], records[-1][1], strict=True))
     assert_effective_is_lr_times_multiplier(opt)
 

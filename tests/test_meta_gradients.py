@@ -162,7 +162,8 @@ def test_higher_backend_equals_torch_func(rule: str, higher_optimizer: str) -> N
     if higher_optimizer == "torch.optim.SGD":
         opt = torch.optim.SGD(groups, lr=0.1)
     else:
-        opt = metalr.SGDHD(groups, lr=0.1, hypergrad_lr=0.05 if rule == "sgd_hd" else 0.0)
+        opt = metalr.SGDHD(groups, lr=0.1, hypergrad_lr=0.05 if rule == "sgd_hd" else 0.0,
+                           rule=learner.config.hypergrad_rule)  # fmt: skip
     h_loss, h_grads = meta_gradient_via_higher(
         model, opt, batch, inner_steps=steps, override={"lr": rates}
     )
@@ -185,7 +186,8 @@ def test_higher_backend_adam_hd_equals_torch_func() -> None:
         for name, p in model.named_parameters():
             p.copy_(learner.meta.init_params()[name])
     rates = [learner.meta.rates()[n].detach().clone().requires_grad_() for n in learner.meta.names]
-    opt = metalr.AdamHD([{"params": [p]} for p in model.parameters()], lr=0.1, hypergrad_lr=0.05)
+    opt = metalr.AdamHD([{"params": [p]} for p in model.parameters()], lr=0.1, hypergrad_lr=0.05,
+                        rule=learner.config.hypergrad_rule)  # fmt: skip
     h_loss, h_grads = meta_gradient_via_higher(
         model, opt, batch, inner_steps=2, override={"lr": rates}
     )

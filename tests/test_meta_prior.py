@@ -95,7 +95,9 @@ def test_learned_hypergrad_lr_lands_in_one_group_per_parameter() -> None:
     load_prior(optimizer, model, prior)
     for (name, _), group in zip(model.named_parameters(), optimizer.param_groups):
         assert group["hypergrad_lr"] == float(prior.hypergrad_lrs[name]) and group["lr"] == 1.0
-    shared = metalr.SGDHD(model.parameters())
+    for group in optimizer.param_groups:  # the groups keep the rule the prior learned for
+        assert group["rule"] == prior.hypergrad_rule
+    shared = metalr.SGDHD(model.parameters(), rule=prior.hypergrad_rule)
     with pytest.raises(
         ValueError, match=r"different learned hypergrad_lr.*param_groups_from_prior"
     ):

@@ -102,7 +102,7 @@ def test_turn_cuts_by_turn_cut_and_caps_at_headroom():
     seek = resolve_seek({"turn_cut": 0.1, "headroom": 3.0, "turn_threshold": 0.0})
     rate = [torch.tensor(1.0, dtype=torch.float64)]
     ctrl = [initial_controller(torch.zeros(3), torch.float64, seek)]
-    step = dict(hypergrad_lr=1.0, seek=seek, granularity="tensor")
+    step = {"hypergrad_lr": 1.0, "seek": seek, "granularity": "tensor"}
     rate, ctrl = seek_update(rate, ctrl, [torch.tensor(0.2)], torch.tensor(0.2),
                              torch.tensor(True), [3], **step)  # fmt: skip
     before = float(rate[0])
@@ -188,8 +188,8 @@ def test_element_rates_ramp_together_then_follow_their_signs():
     g = [torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)]
     rates = [torch.ones(3, dtype=torch.float64)]
     ctrls = [initial_controller(g[0], torch.float64, seek)]
-    kw = dict(lr=1.0, hypergrad_lr=0.1, granularity="element", lr_bounds=(0.0, math.inf),
-              seek=seek)  # fmt: skip
+    kw = {"lr": 1.0, "hypergrad_lr": 0.1, "granularity": "element", "lr_bounds": (0.0, math.inf),
+              "seek": seek}  # fmt: skip
     d_agree = [torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)]  # cos = 1
     rates, _, ctrls = seek_adapt_rates(rates, ctrls, g, d_agree, **kw)
     assert torch.allclose(rates[0], torch.full((3,), math.exp(seek["ramp_rate"]), dtype=torch.float64))

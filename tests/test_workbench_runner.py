@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from metalr.cli import main
+from metalr.functional._controller import SEEK_DEFAULTS
 from metalr.workbench import executors as E
 from metalr.workbench import read_records, resolve_study, run_study
 from metalr.workbench import runner as R
@@ -303,14 +304,18 @@ def test_ray_interrupt_cancels_pending_and_resumes(tmp_path, ray_local, monkeypa
     assert {json.loads(line)["id"] for line in lines} == {c["id"] for c in R.expand(cfg)}
 
 
+INIT_SCALE = SEEK_DEFAULTS["init_scale"]
+
+
 def test_curves_hold_each_layers_effective_lr_for_metalr_optimizers(tmp_path):
     cfg = _study(tmp_path, lrs=[0.1], seeds=[0])
     records = {r["optimizer"]: r for r in run_study(cfg, quiet=True)}
     hd = json.loads((cfg.out_dir / records["sgd_hd"]["curves"]).read_text())
     assert set(hd["lr_layers"]) == {"0.weight", "0.bias"}
     for rates in hd["lr_layers"].values():
-        assert len(rates) == len(hd["step"]) and rates[0] == pytest.approx(0.1)
-    assert hd["lr_layers"]["0.weight"][-1] != pytest.approx(0.1)  # it adapted
+        # the seek rule starts below the given lr (its ramp starts at init_scale × lr)
+        assert len(rates) == len(hd["step"]) and rates[0] == pytest.approx(0.1 * INIT_SCALE)
+    assert hd["lr_layers"]["0.weight"][-1] != pytest.approx(0.1 * INIT_SCALE)  # it adapted
     adam = json.loads((cfg.out_dir / records["adam"]["curves"]).read_text())
     assert "lr_layers" not in adam
 

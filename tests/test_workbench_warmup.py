@@ -18,7 +18,9 @@ WARM = {"factor": 10, "steps": 50}
 
 def test_beta_follows_the_formula_in_every_group():
     a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
-    opt = metalr.AdamHD([{"params": [a]}, {"params": [b], "hypergrad_lr": 0.05}], lr=1e-3)
+    opt = metalr.AdamHD(
+        [{"params": [a]}, {"params": [b], "hypergrad_lr": 0.05}], lr=1e-3, rule="normalized"
+    )
     set_beta = O.build_hypergrad_warmup({"kind": "adam_hd", "hypergrad_warmup": WARM}, opt)
     expected = {1: 10.0, 51: 1 + 9 / math.e, 101: 1 + 9 / math.e**2}
     for step, scale in expected.items():
@@ -48,15 +50,20 @@ def test_the_rule_uses_the_warm_beta():
         return [opt.state[p]["lr_multiplier"] for p in model.parameters()]
 
     def warm(model):
-        opt = metalr.AdamHD(model.parameters(), lr=1e-2)
+        opt = metalr.AdamHD(model.parameters(), lr=1e-2, rule="normalized")
         return opt, O.build_hypergrad_warmup({"kind": "adam_hd", "hypergrad_warmup": WARM}, opt)
 
     beta_2 = 0.02 * (1 + 9 * math.exp(-1 / 50))
     warm_rates = two_steps(warm)
     plain_rates = two_steps(
-        lambda m: (metalr.AdamHD(m.parameters(), lr=1e-2, hypergrad_lr=beta_2), None)
+        lambda m: (
+            metalr.AdamHD(m.parameters(), lr=1e-2, hypergrad_lr=beta_2, rule="normalized"),
+            None,
+        )
     )
-    default_rates = two_steps(lambda m: (metalr.AdamHD(m.parameters(), lr=1e-2), None))
+    default_rates = two_steps(
+        lambda m: (metalr.AdamHD(m.parameters(), lr=1e-2, rule="normalized"), None)
+    )
     for w, p, d in zip(warm_rates, plain_rates, default_rates):
         torch.testing.assert_close(w, p, rtol=0, atol=0)
         assert not torch.equal(w, d)  # the warm-up changed the update
@@ -66,9 +73,11 @@ def test_factor_one_is_no_warmup_and_a_warm_run_climbs_faster():
     task = make_task("digits_logreg", "smoke")
     run = lambda spec: train(task, spec, 1e-5, seed=0, steps=20, log_every=10, divergence=1e4,
                              device="cpu")  # fmt: skip
-    plain = run({"kind": "adam_hd"})
-    same = run({"kind": "adam_hd", "hypergrad_warmup": {"factor": 1, "steps": 50}})
-    warm = run({"kind": "adam_hd", "hypergrad_warmup": WARM})
+    # the warm-up was built for the normalized rule (study 5)
+    plain = run({"kind": "adam_hd", "rule": "normalized"})
+    same = run({"kind": "adam_hd", "rule": "normalized",
+                "hypergrad_warmup": {"factor": 1, "steps": 50}})  # fmt: skip
+    warm = run({"kind": "adam_hd", "rule": "normalized", "hypergrad_warmup": WARM})
     assert same["curves"]["val_loss"] == plain["curves"]["val_loss"]
     assert same["final_lr"] == plain["final_lr"]
     # from a rate 2-3 decades too small, ten times the β climbs further in 20 steps

@@ -113,10 +113,29 @@ def commit_rates(
 
     ``known_finite``: the caller already read the flag on the host and it was true.
     """
-    if known_finite:
-        torch._foreach_copy_(rates, new_rates)
+    values = (
+        new_rates if known_finite else [torch.where(finite, n, r) for n, r in zip(new_rates, rates)]
+    )
+    dtensor = _dtensor_type()
+    if dtensor is not None and any(isinstance(r, dtensor) for r in rates):
+        for r, v in zip(rates, values):  # DTensor (FSDP2) has no foreach copy
+            r.copy_(v)
     else:
-        torch._foreach_copy_(rates, [torch.where(finite, n, r) for n, r in zip(new_rates, rates)])
+        torch._foreach_copy_(rates, values)
+
+
+def commit_update(
+    rates: list[Tensor],
+    controllers: Sequence[Tensor] | None,
+    update: tuple[list[Tensor], Tensor, list[Tensor]],
+    known_finite: bool,
+) -> None:
+    """:func:`commit_rates` for an ``adapt_rates`` result: the rates and, for the ``"seek"``
+    rule, its controller vectors (already gated by the step's flag)."""
+    new_rates, finite, new_controllers = update
+    commit_rates(rates, new_rates, finite, known_finite)
+    if controllers:  # a list of their own: rates may be sharded (DTensor), controllers never are
+        commit_rates(list(controllers), new_controllers, finite, known_finite)
 
 
 def torch_fused_kernel_applies(

@@ -58,6 +58,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metalr.functional._common import full_value
+
 #: Entries of a controller vector.
 RAMP, FAST, MEAN, SQ, CEILING, COUNT, PEAK = range(7)
 CONTROLLER_SIZE = 7
@@ -123,6 +125,15 @@ def initial_controller(param: Tensor, dtype: torch.dtype, seek: Mapping[str, flo
     c = torch.zeros(CONTROLLER_SIZE, dtype=dtype, device=param.device)
     c[RAMP] = seek["ramp_rate"]
     c[CEILING] = math.inf
+    return c
+
+
+def settled_controller(rate: Tensor, seek: Mapping[str, float]) -> Tensor:
+    """A controller that starts in the tracking phase at ``rate`` (e.g. a meta-learned prior's):
+    no ramp, ceiling ``headroom`` × the rate (its largest element, per element)."""
+    c = torch.zeros(CONTROLLER_SIZE, dtype=rate.dtype, device=rate.device)
+    level = rate.amax() if rate.dim() > 0 else rate
+    c[CEILING] = torch.log(level) + math.log(seek["headroom"])
     return c
 
 
@@ -209,15 +220,16 @@ def seek_update(
 
 
 def _tensor_signal(signal: Tensor, granularity: str) -> Tensor:
-    """The 0-d signal a tensor's running averages follow (elements: their mean sign)."""
-    return signal.mean() if granularity == "element" and signal.dim() > 0 else signal
+    """The 0-d signal a tensor's running averages follow (elements: their mean sign, over every
+    rank for a sharded tensor)."""
+    return full_value(signal.mean()) if granularity == "element" and signal.dim() > 0 else signal
 
 
 def _log_level(rate: Tensor, granularity: str) -> Tensor:
     """The log-rate a tensor's ceiling is measured from (elements: their largest)."""
-    return (
-        torch.log(rate.amax()) if granularity == "element" and rate.dim() > 0 else torch.log(rate)
-    )
+    if granularity == "element" and rate.dim() > 0:
+        return torch.log(full_value(rate.amax()))
+    return torch.log(rate)
 
 
 def _tie(log_rates: list[Tensor], sizes: Sequence[int], tie: float) -> list[Tensor]:

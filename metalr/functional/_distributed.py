@@ -44,7 +44,9 @@ class ShardReducer:
         """Join the collectives of a step in which this rank holds no parameter of the group."""
         device = _collective_device(self.process_group)
         self.all(torch.ones((), dtype=torch.bool, device=device))
-        if granularity == "group":
+        if rule == "seek":  # the group cosine of the seek rule is summed at every granularity
+            self.sum(torch.zeros(3, device=device))
+        elif granularity == "group":
             self.sum(torch.zeros(3 if rule == "normalized" else 1, device=device))
 
 

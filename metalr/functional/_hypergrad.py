@@ -8,7 +8,9 @@ The hypergradient of the loss at the new point with respect to the rate used to 
 
     ∂L(θ_t) / ∂α_{t-1} = -⟨g_t, d_{t-1}⟩,     α = lr · m,   g_t = ∇L(θ_t)
 
-Two rules turn it into a new multiplier:
+Three rules turn it into a new multiplier. ``"seek"`` (the default of the optimizers) finds the
+rate's scale with a ramp that the hypergradient stops, then tracks it with a normalised signal;
+its equations and state are in :mod:`metalr.functional._controller`. The two one-line rules:
 
 ``"additive"`` (the paper's update, so its ``hypergrad_lr`` β means what it means in the paper)::
 
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -43,7 +45,7 @@ from metalr.functional._controller import seek_update
 from metalr.functional._distributed import ShardReducer
 
 GRANULARITIES = ("group", "tensor", "element")
-RULES = ("normalized", "additive")
+RULES = ("seek", "normalized", "additive")
 
 #: Default ``hypergrad_lr`` of the normalized rule, chosen by ``experiments/choose_hypergrad_lr.py``.
 DEFAULT_NORMALIZED_HYPERGRAD_LR = 0.02
@@ -276,6 +278,15 @@ def _sign_rule(rate: Tensor, dot: Tensor, beta: float | Tensor) -> Tensor:
     return factor.mul_(rate) if not _compiling() else factor * rate
 
 
+class RateUpdate(NamedTuple):
+    """What :func:`adapt_rates` returns: new multipliers, the step's all-finite flag, and the
+    new controller vectors (``"seek"``; an empty list for the other rules)."""
+
+    rates: list[Tensor]
+    finite: Tensor
+    controllers: list[Tensor]
+
+
 def adapt_rates(
     rates: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -288,7 +299,9 @@ def adapt_rates(
     lr_bounds: tuple[float, float],
     grads_finite: Tensor | None = None,
     shards: ShardReducer | None = None,
-) -> tuple[list[Tensor], Tensor]:
+    controllers: Sequence[Tensor] | None = None,
+    seek: Mapping[str, Any] | None = None,
+) -> RateUpdate:
     """The hypergradient half of every rule: new multipliers and the step's all-finite flag.
 
     ``directions`` are the previous update directions d_{t-1}. The flag comes for free from the
@@ -296,7 +309,26 @@ def adapt_rates(
     ``grads_finite`` (the whole step's flag, across param groups) is and-ed in. The new rates are
     returned as computed: callers keep the old ones where the flag is false. With ``shards``
     the flag and the group sums are reduced over every rank that shards the param group.
+
+    ``rule="seek"`` needs ``controllers`` (one vector per parameter, see
+    :mod:`metalr.functional._controller`) and the constants ``seek``; its new controllers are
+    already gated by the flag. ``hypergrad_lr == 0`` (a number) switches it off: nothing moves.
     """
+    if rule == "seek":
+        if controllers is None or seek is None:
+            raise ValueError("rule='seek' needs controllers and seek constants")
+        if not isinstance(hypergrad_lr, (Tensor, list, tuple)) and hypergrad_lr == 0:
+            same, finite, _ = adapt_rates(
+                rates, grads, directions, lr=lr, hypergrad_lr=0.0, rule="normalized",
+                granularity=granularity, lr_bounds=lr_bounds, grads_finite=grads_finite,
+                shards=shards,
+            )  # fmt: skip
+            return RateUpdate(same, finite, list(controllers))
+        return RateUpdate(*seek_adapt_rates(
+            rates, controllers, grads, directions, lr=lr, hypergrad_lr=hypergrad_lr,
+            granularity=granularity, lr_bounds=lr_bounds, seek=seek, grads_finite=grads_finite,
+            shards=shards,
+        ))  # fmt: skip
     dots, g_norms, d_norms = inner_products(grads, directions, granularity, rule == "normalized")
     finite = all_finite(dots if granularity != "element" else grads)
     if grads_finite is not None:
@@ -307,7 +339,7 @@ def adapt_rates(
         rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
         granularity=granularity, lr_bounds=lr_bounds, shards=shards,
     )  # fmt: skip
-    return new_rates, finite
+    return RateUpdate(new_rates, finite, [])
 
 
 def seek_adapt_rates(

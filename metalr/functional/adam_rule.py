@@ -29,8 +29,8 @@ Three faces of one rule:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ from torch import Tensor
 from metalr.functional._common import (
     as_real_list,
     broadcast_rate,
-    commit_rates,
+    commit_update,
     default_foreach,
     from_real,
     host_readable,
@@ -52,7 +52,7 @@ from metalr.functional._common import (
 )
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
-from metalr.functional._hypergrad import adapt_rates
+from metalr.functional._hypergrad import RateUpdate, adapt_rates
 
 
 class AdamHDState(NamedTuple):
@@ -182,8 +182,14 @@ def adam_hd_step(
     maximize: bool = False,
     grads_finite: Tensor | None = None,
     shards: ShardReducer | None = None,
-) -> AdamHDState:
+    controllers: Sequence[Tensor] | None = None,
+    seek: Mapping[str, Any] | None = None,
+) -> AdamHDState | tuple[AdamHDState, list[Tensor]]:
     """One Adam-HD step as a pure function: returns new tensors, mutates nothing.
+
+    With ``rule="seek"`` pass the controller vectors (``controllers``, see
+    :mod:`metalr.functional._controller`) and the constants ``seek``; the step then returns
+    ``(state, new_controllers)``.
 
     If any gradient is non-finite the step is skipped: every returned tensor equals its input.
 
@@ -205,18 +211,11 @@ def adam_hd_step(
         _complex_if(adam_direction(m, v, s, beta1, beta2, eps), g)
         for m, v, s, g in zip(as_real_list(exp_avgs), as_real_list(exp_avg_sqs), steps, grads)
     ]
-    new_rates, finite = adapt_rates(
-        rates,
-        grads,
-        prev_dirs,
-        lr=lr,
-        hypergrad_lr=hypergrad_lr,
-        rule=rule,
-        granularity=granularity,
-        lr_bounds=lr_bounds,
-        grads_finite=grads_finite,
-        shards=shards,
-    )
+    new_rates, finite, new_controllers = adapt_rates(
+        rates, grads, prev_dirs, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
+        granularity=granularity, lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
+        controllers=controllers, seek=seek,
+    )  # fmt: skip
     out = AdamHDState([], [], [], [], [])
     for p, g, m, v, rate, new_rate, step in zip(
         params, grads, exp_avgs, exp_avg_sqs, rates, new_rates, steps
@@ -231,7 +230,7 @@ def adam_hd_step(
         out.exp_avg_sqs.append(from_real(select(finite, v_new, v_r), v))
         out.rates.append(select(finite, new_rate, rate))
         out.steps.append(select(finite, step_new, step))
-    return out
+    return out if controllers is None else (out, new_controllers)
 
 
 def _single_tensor_adam_hd(
@@ -258,6 +257,9 @@ def _single_tensor_adam_hd(
         or tracks_grad(params, grads, exp_avgs, exp_avg_sqs, rates, steps, hyper)
     ):
         new = adam_hd_step(params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper)
+        if hyper.get("controllers") is not None:
+            new, new_controllers = new
+            write_back((hyper["controllers"],), (new_controllers,))
         write_back(AdamHDState(params, exp_avgs, exp_avg_sqs, rates, steps), new)
         return
     _in_place_adam_hd(params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper)
@@ -289,11 +291,11 @@ def _in_place_adam_hd(
         _complex_if(adam_direction(m, v, s, beta1, beta2, eps, out=buf), g)
         for m, v, s, buf, g in zip(m_r, v_r, steps, scratch, grads)
     ]
-    new_rates, finite = adapt_rates(rates, grads, prev_dirs, lr=lr, **adapt)
+    update = adapt_rates(rates, grads, prev_dirs, lr=lr, **adapt)
     del prev_dirs
-    if not bool(finite):  # a skipped step: nothing changes
+    if not bool(update.finite):  # a skipped step: nothing changes
         return
-    commit_rates(rates, new_rates, finite, known_finite=True)
+    commit_update(rates, adapt.get("controllers"), update, known_finite=True)
     for p, g, m, v, step, rate, buf in zip(
         params, grads, exp_avgs, exp_avg_sqs, steps, rates, scratch
     ):
@@ -324,6 +326,8 @@ def _multi_tensor_adam_hd(
     maximize: bool = False,
     grads_finite: Tensor | None = None,
     shards: ShardReducer | None = None,
+    controllers: Sequence[Tensor] | None = None,
+    seek: Mapping[str, Any] | None = None,
 ) -> None:
     """In-place ``foreach`` twin of :func:`adam_hd_step` (same math, fewer kernel launches).
 
@@ -349,31 +353,25 @@ def _multi_tensor_adam_hd(
         scratch = torch._foreach_div(m_r, scratch)
     prev_dirs = [from_real(d, g) for d, g in zip(scratch, grads)]
     # 2. hypergradient → new multipliers (shared math), and the all-finite flag.
-    new_rates, finite = adapt_rates(
-        rates,
-        grads,
-        prev_dirs,
-        lr=lr,
-        hypergrad_lr=hypergrad_lr,
-        rule=rule,
-        granularity=granularity,
-        lr_bounds=lr_bounds,
-        grads_finite=grads_finite,
-        shards=shards,
-    )
+    update = adapt_rates(
+        rates, grads, prev_dirs, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
+        granularity=granularity, lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
+        controllers=controllers, seek=seek,
+    )  # fmt: skip
+    finite = update.finite
     del prev_dirs
     # 3. Adam moments; a non-finite step leaves everything as it was.
     if host and not bool(finite):
         return
     if torch_fused_kernel_applies("_fused_adam_", params, rates):
         _fused_kernel_update(
-            params, grads, exp_avgs, exp_avg_sqs, rates, new_rates, steps, finite, host,
+            params, grads, exp_avgs, exp_avg_sqs, rates, controllers, update, steps, host,
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             decoupled_weight_decay=decoupled_weight_decay,
         )  # fmt: skip
         return
     if host:
-        commit_rates(rates, new_rates, finite, known_finite=True)
+        commit_update(rates, controllers, update, known_finite=True)
         keep: float | Tensor = 1.0
         g_work = list(g_r)
         if weight_decay != 0 and not decoupled_weight_decay:
@@ -384,7 +382,7 @@ def _multi_tensor_adam_hd(
         del g_work
         torch._foreach_add_(steps, 1)
     else:
-        commit_rates(rates, new_rates, finite, known_finite=False)
+        commit_update(rates, controllers, update, known_finite=False)
         keep = finite.to(torch.float64)
         g_safe = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in g_r]
         if weight_decay != 0 and not decoupled_weight_decay:
@@ -440,9 +438,9 @@ def _fused_kernel_update(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     rates: list[Tensor],
-    new_rates: list[Tensor],
+    controllers: Sequence[Tensor] | None,
+    update: RateUpdate,
     steps: list[Tensor],
-    finite: Tensor,
     host: bool,
     *,
     lr: float | Tensor,
@@ -458,12 +456,13 @@ def _fused_kernel_update(
     Same update as :func:`adam_hd_step` (torch's kernel computes it in one pass); decoupled decay
     stays on the scheduled ``lr`` and is applied here, outside the kernel.
     """
+    finite = update.finite
     if host:  # finite for sure (the caller returned otherwise)
-        commit_rates(rates, new_rates, finite, known_finite=True)
+        commit_update(rates, controllers, update, known_finite=True)
         found_inf = None
         keep: float | Tensor = 1.0
     else:
-        commit_rates(rates, new_rates, finite, known_finite=False)
+        commit_update(rates, controllers, update, known_finite=False)
         found_inf = (~finite).to(torch.float32)
         keep = finite.to(torch.float64)
     if decoupled_weight_decay and weight_decay != 0:

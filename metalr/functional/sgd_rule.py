@@ -22,8 +22,8 @@ is off (bit for bit the pure step), else the pure step plus a write-back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,7 +31,7 @@ from torch import Tensor
 from metalr.functional._common import (
     as_real_list,
     broadcast_rate,
-    commit_rates,
+    commit_update,
     default_foreach,
     from_real,
     host_readable,
@@ -44,7 +44,7 @@ from metalr.functional._common import (
 )
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
-from metalr.functional._hypergrad import adapt_rates
+from metalr.functional._hypergrad import RateUpdate, adapt_rates
 
 
 class SGDHDState(NamedTuple):
@@ -91,8 +91,14 @@ def sgd_hd_step(
     maximize: bool = False,
     grads_finite: Tensor | None = None,
     shards: ShardReducer | None = None,
-) -> SGDHDState:
+    controllers: Sequence[Tensor] | None = None,
+    seek: Mapping[str, Any] | None = None,
+) -> SGDHDState | tuple[SGDHDState, list[Tensor]]:
     """One SGD-HD step as a pure function: returns new tensors, mutates nothing.
+
+    With ``rule="seek"`` pass the controller vectors (``controllers``, see
+    :mod:`metalr.functional._controller`) and the constants ``seek``; the step then returns
+    ``(state, new_controllers)``.
 
     A ``None`` buffer means "not created yet" (first step). If any gradient is non-finite the
     step is skipped and every returned tensor equals its input.
@@ -107,18 +113,11 @@ def sgd_hd_step(
     """
     grads = negate_if(grads, maximize)
     prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
-    new_rates, finite = adapt_rates(
-        rates,
-        grads,
-        prev,
-        lr=lr,
-        hypergrad_lr=hypergrad_lr,
-        rule=rule,
-        granularity=granularity,
-        lr_bounds=lr_bounds,
-        grads_finite=grads_finite,
-        shards=shards,
-    )
+    new_rates, finite, new_controllers = adapt_rates(
+        rates, grads, prev, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
+        granularity=granularity, lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
+        controllers=controllers, seek=seek,
+    )  # fmt: skip
     keep_direction = stores_prev_direction(momentum, nesterov)
     out = SGDHDState([], [], [], [])
     for p, g, buf, old_dir, rate, new_rate in zip(
@@ -141,7 +140,7 @@ def sgd_hd_step(
         else:
             out.prev_directions.append(None)
         out.rates.append(select(finite, new_rate, rate))
-    return out
+    return out if controllers is None else (out, new_controllers)
 
 
 def _sgd_tensor_step(
@@ -201,6 +200,9 @@ def _single_tensor_sgd_hd(
     ):
         return _in_place_sgd_hd(params, grads, momentum_buffers, prev_directions, rates, **hyper)
     new = sgd_hd_step(params, grads, momentum_buffers, prev_directions, rates, **hyper)
+    if hyper.get("controllers") is not None:
+        new, new_controllers = new
+        write_back((hyper["controllers"],), (new_controllers,))
     write_back(SGDHDState(params, momentum_buffers, prev_directions, rates), new)
     # Buffers created by this step may alias a gradient in the pure result: store copies.
     bufs = [b if b is not None else (n.clone() if n is not None else None)
@@ -228,12 +230,12 @@ def _in_place_sgd_hd(
     """:func:`sgd_hd_step` in place on the CPU with autograd off (see the caller)."""
     grads = negate_if(grads, maximize)
     prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
-    new_rates, finite = adapt_rates(rates, grads, prev, lr=lr, **adapt)
+    update = adapt_rates(rates, grads, prev, lr=lr, **adapt)
     del prev
     bufs, dirs = list(momentum_buffers), list(prev_directions)
-    if not bool(finite):  # a skipped step: nothing changes
+    if not bool(update.finite):  # a skipped step: nothing changes
         return SGDHDState(list(params), bufs, dirs, list(rates))
-    commit_rates(rates, new_rates, finite, known_finite=True)
+    commit_update(rates, adapt.get("controllers"), update, known_finite=True)
     keep_direction = stores_prev_direction(momentum, nesterov)
     for i, (p, g, rate) in enumerate(zip(params, grads, rates)):
         _, new_buf, d = _sgd_tensor_step(
@@ -268,6 +270,8 @@ def _multi_tensor_sgd_hd(
     maximize: bool = False,
     grads_finite: Tensor | None = None,
     shards: ShardReducer | None = None,
+    controllers: Sequence[Tensor] | None = None,
+    seek: Mapping[str, Any] | None = None,
 ) -> SGDHDState:
     """In-place ``foreach`` twin of :func:`sgd_hd_step`.
 
@@ -277,18 +281,12 @@ def _multi_tensor_sgd_hd(
         return SGDHDState([], [], [], [])
     grads = torch._foreach_neg(grads) if maximize else list(grads)
     prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
-    new_rates, finite = adapt_rates(
-        rates,
-        grads,
-        prev,
-        lr=lr,
-        hypergrad_lr=hypergrad_lr,
-        rule=rule,
-        granularity=granularity,
-        lr_bounds=lr_bounds,
-        grads_finite=grads_finite,
-        shards=shards,
-    )
+    update = adapt_rates(
+        rates, grads, prev, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
+        granularity=granularity, lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
+        controllers=controllers, seek=seek,
+    )  # fmt: skip
+    finite = update.finite
     del prev
     p_r = as_real_list(params)
     host = host_readable(rates[0])  # CPU eager: read the flag, run the finite step with scalars
@@ -296,17 +294,17 @@ def _multi_tensor_sgd_hd(
         return SGDHDState(list(params), list(momentum_buffers), list(prev_directions), list(rates))
     if momentum != 0 and not nesterov and torch_fused_kernel_applies("_fused_sgd_", params, rates):
         return _fused_kernel_update(
-            params, grads, momentum_buffers, rates, new_rates, finite, host,
+            params, grads, momentum_buffers, rates, controllers, update, host,
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
         )  # fmt: skip
     if host:
-        commit_rates(rates, new_rates, finite, known_finite=True)
+        commit_update(rates, controllers, update, known_finite=True)
         keep: float | Tensor = 1.0
         d_r = as_real_list(grads)
         if weight_decay != 0:
             d_r = torch._foreach_add(d_r, p_r, alpha=weight_decay)
     else:
-        commit_rates(rates, new_rates, finite, known_finite=False)
+        commit_update(rates, controllers, update, known_finite=False)
         keep = finite.to(torch.float64)
         d_r = [torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0) for g in as_real_list(grads)]
         if weight_decay != 0:
@@ -346,8 +344,8 @@ def _fused_kernel_update(
     grads: list[Tensor],
     momentum_buffers: list[Tensor | None],
     rates: list[Tensor],
-    new_rates: list[Tensor],
-    finite: Tensor,
+    controllers: Sequence[Tensor] | None,
+    update: RateUpdate,
     host: bool,
     *,
     lr: float | Tensor,
@@ -358,11 +356,12 @@ def _fused_kernel_update(
     """Momentum SGD through ``torch._fused_sgd_``, one call per tensor with ``lr · m`` as a
     tensor lr and ``found_inf`` doing the skip on the device (the previous direction is the
     momentum buffer, so nothing else is stored)."""
+    finite = update.finite
     if host:  # finite for sure (the caller returned otherwise)
-        commit_rates(rates, new_rates, finite, known_finite=True)
+        commit_update(rates, controllers, update, known_finite=True)
         found_inf = None
     else:
-        commit_rates(rates, new_rates, finite, known_finite=False)
+        commit_update(rates, controllers, update, known_finite=False)
         found_inf = (~finite).to(torch.float32)
     bufs = list(momentum_buffers)
     for i, (p, g, rate) in enumerate(zip(params, grads, rates)):

@@ -29,10 +29,11 @@ import torch
 from torch import Tensor, nn
 
 from metalr.functional import adam_hd_step, initial_rate, sgd_hd_step
-from metalr.functional._hypergrad import all_finite
+from metalr.functional._controller import initial_controller
+from metalr.functional._hypergrad import all_finite, rate_dtype
 from metalr.meta.inner_loop import task_loss
 from metalr.optim import SGDHD, AdamHD
-from metalr.optim._base import RATE_KEY
+from metalr.optim._base import CONTROLLER_KEY, RATE_KEY, initial_multiplier
 from metalr.tasks.base import TaskBatch, check_task_batch
 
 _INSTALL_HINT = 'metalr.meta.higher_backend needs higher: pip install "metalr[meta]"'
@@ -72,16 +73,31 @@ def _make_classes() -> tuple[type, type]:
                 params = [group["params"][i] for i in idx]
                 for p, st in zip(params, states):  # lazy state, as the optimizer does
                     if RATE_KEY not in st:
-                        st[RATE_KEY] = initial_rate(p, group["granularity"])
+                        st[RATE_KEY] = initial_rate(
+                            p, group["granularity"], initial_multiplier(group)
+                        )
+                    if group["rule"] == "seek" and CONTROLLER_KEY not in st:
+                        st[CONTROLLER_KEY] = initial_controller(p, rate_dtype(p), group["seek"])
                 yield group, states, params, [grads[i] for i in idx], idx, finite
+
+        @staticmethod
+        def _step(fn: Any, states: list[dict], group: dict[str, Any], *args: Any, **kw: Any):
+            """``fn`` (a pure rule step); the seek rule's new controllers go back into state."""
+            if group["rule"] != "seek":
+                return fn(*args, **kw)
+            controllers = [st[CONTROLLER_KEY] for st in states]
+            new, new_controllers = fn(*args, controllers=controllers, seek=group["seek"], **kw)
+            for st, c in zip(states, new_controllers):
+                st[CONTROLLER_KEY] = c
+            return new
 
     class DifferentiableSGDHD(_Base):
         """``higher`` twin of :class:`metalr.SGDHD` (calls ``sgd_hd_step``)."""
 
         def _update(self, grouped_grads, **kwargs) -> None:
             for group, states, params, grads, idx, finite in self._groups(grouped_grads):
-                new = sgd_hd_step(
-                    params, grads, [s.get("momentum_buffer") for s in states],
+                new = self._step(
+                    sgd_hd_step, states, group, params, grads, [s.get("momentum_buffer") for s in states],
                     [s.get("prev_direction") for s in states], [s[RATE_KEY] for s in states],
                     momentum=group["momentum"], dampening=group["dampening"],
                     weight_decay=group["weight_decay"], nesterov=group["nesterov"],
@@ -106,8 +122,8 @@ def _make_classes() -> tuple[type, type]:
                         st["exp_avg"] = torch.zeros_like(p)
                         st["exp_avg_sq"] = torch.zeros_like(p)
                 beta1, beta2 = group["betas"]
-                new = adam_hd_step(
-                    params, grads, [s["exp_avg"] for s in states],
+                new = self._step(
+                    adam_hd_step, states, group, params, grads, [s["exp_avg"] for s in states],
                     [s["exp_avg_sq"] for s in states], [s[RATE_KEY] for s in states],
                     [s["step"] for s in states], beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"],

@@ -38,10 +38,11 @@ import torch
 from torch import Tensor, nn
 
 from metalr.functional import rate_dtype
+from metalr.functional._controller import settled_controller
 from metalr.meta.config import INNER_RULES, MetaConfig
 from metalr.meta.parametrize import MetaParameters
 from metalr.optim import SGDHD, AdamHD
-from metalr.optim._base import RATE_KEY, HypergradOptimizer
+from metalr.optim._base import CONTROLLER_KEY, RATE_KEY, HypergradOptimizer
 
 FORMAT = "metalr.LRPrior/1"
 _FIELDS = ("rates", "hypergrad_lrs", "init_weights", "rate_schedule")
@@ -253,7 +254,8 @@ def _trainable(model: nn.Module) -> dict[str, Tensor]:
 def param_groups_from_prior(
     model: nn.Module, prior: LRPrior, **group_options: Any
 ) -> list[dict[str, Any]]:
-    """One param group per trainable parameter, carrying its learned ``hypergrad_lr``.
+    """One param group per trainable parameter, carrying its learned ``hypergrad_lr`` (and the
+    rule it was learned for, when the prior has one).
 
     Pass the result to the optimizer's constructor, then call :func:`load_prior`::
 
@@ -267,8 +269,9 @@ def param_groups_from_prior(
         if name not in prior.rates:
             raise ValueError(f"prior has no rate for parameter {name!r}")
         group = {"params": [p], "lr": prior.base_lr, **group_options}
-        if prior.hypergrad_lrs is not None:
+        if prior.hypergrad_lrs is not None:  # learned for its rule: the group keeps that rule
             group["hypergrad_lr"] = float(prior.hypergrad_lrs[name])
+            group.setdefault("rule", prior.hypergrad_rule)
         groups.append(group)
     return groups
 
@@ -358,6 +361,10 @@ def load_prior(
             optimizer.state[p][RATE_KEY] = (
                 rate / lr.to(rate) if isinstance(lr, Tensor) else rate / lr
             ).clone()
+            if group["rule"] == "seek":  # the prior is the rate: track it, do not search again
+                optimizer.state[p][CONTROLLER_KEY] = settled_controller(
+                    optimizer.state[p][RATE_KEY], group["seek"]
+                )
             group_names.append(name)
         if prior.hypergrad_lrs is not None and group_names:
             betas = [prior.hypergrad_lrs[n] for n in group_names]

@@ -9,11 +9,14 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from metalr.functional._controller import SEEK_DEFAULTS, initial_controller
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
 
 #: Key of the learned multiplier in ``optimizer.state[p]``.
 RATE_KEY = "lr_multiplier"
+#: Key of the ``"seek"`` rule's controller vector in ``optimizer.state[p]``.
+CONTROLLER_KEY = "hd_controller"
 
 #: Defaults for flags added after the first release; ``__setstate__`` fills them into old groups.
 HYPER_DEFAULTS: dict[str, Any] = {
@@ -39,6 +42,7 @@ class HypergradOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in HYPER_DEFAULTS.items():
                 group.setdefault(key, value)
+            group.setdefault("seek", dict(SEEK_DEFAULTS))
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if "step" in p_state and not isinstance(p_state["step"], Tensor):
@@ -48,19 +52,38 @@ class HypergradOptimizer(Optimizer):
                     )
 
     def _rate(self, param: Tensor, group: dict[str, Any]) -> Tensor:
-        """The multiplier of ``param``, created at 1.0 on first use (lazy state initialization)."""
+        """The multiplier of ``param``, created on first use (lazy state initialization)."""
         state = self.state[param]
         if RATE_KEY not in state:
-            state[RATE_KEY] = initial_rate(param, group["granularity"])
+            state[RATE_KEY] = initial_rate(param, group["granularity"], initial_multiplier(group))
         return state[RATE_KEY]
 
     def _group_rates(self, group: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
-        """(param, multiplier) pairs; parameters not stepped yet read 1.0 without creating state."""
+        """(param, multiplier) pairs; parameters not stepped yet read their initial multiplier
+        without creating state."""
         pairs = []
         for p in group["params"]:
             rate = self.state[p].get(RATE_KEY) if p in self.state else None
-            pairs.append((p, rate if rate is not None else initial_rate(p, group["granularity"])))
+            if rate is None:
+                rate = initial_rate(p, group["granularity"], initial_multiplier(group))
+            pairs.append((p, rate))
         return pairs
+
+    def _controller_args(self, group: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
+        """``controllers`` and ``seek`` for the rule of ``group`` (empty unless ``"seek"``).
+
+        The controller vectors are created on first use, in the rate dtype, on the parameter's
+        device (:func:`metalr.functional._controller.initial_controller`).
+        """
+        if group["rule"] != "seek":
+            return {}
+        controllers = []
+        for p in params:
+            state = self.state[p]
+            if CONTROLLER_KEY not in state:
+                state[CONTROLLER_KEY] = initial_controller(p, rate_dtype(p), group["seek"])
+            controllers.append(state[CONTROLLER_KEY])
+        return {"controllers": controllers, "seek": group["seek"]}
 
     def _set_shard_group(self, shard_group: Any, fused: bool | None) -> None:
         if shard_group is not None and fused:
@@ -131,7 +154,7 @@ class HypergradOptimizer(Optimizer):
         """
         state_dict = self._migrated(state_dict)
         saved = {
-            pid: {k: v for k, v in s.items() if k in (RATE_KEY, "step")}
+            pid: {k: v for k, v in s.items() if k in (RATE_KEY, CONTROLLER_KEY, "step")}
             for pid, s in state_dict["state"].items()
         }
         super().load_state_dict(state_dict)
@@ -167,6 +190,16 @@ class HypergradOptimizer(Optimizer):
             filled = {k: v for k, v in current.items() if k != "params" and k not in saved}
             groups.append({**saved, **filled})
         return {**state_dict, "param_groups": groups}
+
+
+def initial_multiplier(group: dict[str, Any]) -> float:
+    """A fresh multiplier's value: ``seek['init_scale']`` for an active ``"seek"`` rule (its
+    ramp starts below the given lr), else 1.0."""
+    hypergrad_lr = group.get("hypergrad_lr", 0)
+    active = isinstance(hypergrad_lr, (Tensor, list, tuple)) or hypergrad_lr != 0
+    if group.get("rule") == "seek" and active:
+        return float(group["seek"]["init_scale"])
+    return 1.0
 
 
 def scalar_lr(lr: float | Tensor) -> float | Tensor:

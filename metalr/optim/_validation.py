@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from metalr.functional._controller import DEFAULT_SEEK_HYPERGRAD_LR, resolve_seek
 from metalr.functional._hypergrad import DEFAULT_NORMALIZED_HYPERGRAD_LR, GRANULARITIES, RULES
 
 
@@ -35,6 +37,8 @@ def resolve_hypergrad_lr(
     if hypergrad_lr is None:
         if rule == "normalized":
             return DEFAULT_NORMALIZED_HYPERGRAD_LR
+        if rule == "seek":
+            return DEFAULT_SEEK_HYPERGRAD_LR
         if additive_default is None:
             raise ValueError(
                 "Invalid hypergrad_lr value: None; rule='additive' needs an explicit "
@@ -70,13 +74,21 @@ def check_hyper_options(
     rule: str,
     lr_bounds: Any,
     additive_default: float | None,
+    seek: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Validate the hypergradient options and return them with defaults resolved."""
+    """Validate the hypergradient options and return them with defaults resolved.
+
+    ``seek`` (constants of the ``"seek"`` rule overriding its fitted defaults) is stored in
+    every group, completed; it is refused for the other rules, which do not read it.
+    """
     check_choice("granularity", granularity, GRANULARITIES)
     check_choice("rule", rule, RULES)
+    if seek is not None and rule != "seek":
+        raise ValueError(f"Invalid seek: {dict(seek)!r}; only rule='seek' takes seek constants")
     return {
         "hypergrad_lr": resolve_hypergrad_lr(hypergrad_lr, rule, additive_default),
         "granularity": granularity,
         "rule": rule,
         "lr_bounds": check_lr_bounds(lr_bounds),
+        "seek": resolve_seek(seek),
     }

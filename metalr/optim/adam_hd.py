@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -84,7 +84,8 @@ class AdamHD(HypergradOptimizer):
         *,
         decoupled_weight_decay: bool = False,
         granularity: str = "tensor",
-        rule: str = "normalized",
+        rule: str = "seek",
+        seek: Mapping[str, float] | None = None,
         lr_bounds: tuple[float, float] = (0.0, float("inf")),
         maximize: bool = False,
         foreach: bool | None = None,
@@ -109,7 +110,7 @@ class AdamHD(HypergradOptimizer):
             fused=fused,
             differentiable=differentiable,
             **check.check_hyper_options(
-                hypergrad_lr, granularity, rule, lr_bounds, ADDITIVE_DEFAULT_HYPERGRAD_LR
+                hypergrad_lr, granularity, rule, lr_bounds, ADDITIVE_DEFAULT_HYPERGRAD_LR, seek
             ),
         )
         super().__init__(params, defaults)
@@ -176,7 +177,7 @@ class AdamHD(HypergradOptimizer):
                 granularity=group["granularity"], lr_bounds=group["lr_bounds"],
                 maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
                 differentiable=group["differentiable"], grads_finite=grads_finite,
-                shards=self._shard_reducer(),
+                shards=self._shard_reducer(), **self._controller_args(group, params),
             )  # fmt: skip
         return loss
 

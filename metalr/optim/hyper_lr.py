@@ -14,14 +14,14 @@ Around ``torch.optim.SGD`` this is exactly :class:`metalr.SGDHD`; around ``torch
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metalr.functional._common import as_real_list, broadcast_rate, commit_rates, host_readable
+from metalr.functional._common import as_real_list, broadcast_rate, commit_update, host_readable
 from metalr.functional._hypergrad import adapt_rates
 from metalr.optim import _validation as check
 from metalr.optim._base import HYPER_DEFAULTS, HypergradOptimizer, check_sparse, scalar_lr
@@ -66,7 +66,8 @@ class HyperLR(HypergradOptimizer):
         hypergrad_lr: float | None = None,
         *,
         granularity: str = "tensor",
-        rule: str = "normalized",
+        rule: str = "seek",
+        seek: Mapping[str, float] | None = None,
         lr_bounds: tuple[float, float] = (0.0, float("inf")),
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -77,7 +78,9 @@ class HyperLR(HypergradOptimizer):
             )
         if any("lr" not in g for g in optimizer.param_groups):
             raise ValueError("HyperLR needs an optimizer whose param groups have an 'lr' entry")
-        self._hyper = check.check_hyper_options(hypergrad_lr, granularity, rule, lr_bounds, None)
+        self._hyper = check.check_hyper_options(
+            hypergrad_lr, granularity, rule, lr_bounds, None, seek
+        )
         self.optimizer = optimizer
         self._wrapping = True
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -140,13 +143,15 @@ class HyperLR(HypergradOptimizer):
             rates = [self._rate(p, group) for p in params]
             buffers = [self._buffer(p) for p in params]
             grads = [-p.grad if group.get("maximize", False) else p.grad for p in params]
-            new_rates, finite = adapt_rates(
+            controller = self._controller_args(group, params)
+            update = adapt_rates(
                 rates, grads, buffers, lr=scalar_lr(group["lr"]),
                 hypergrad_lr=group["hypergrad_lr"], rule=group["rule"],
                 granularity=group["granularity"],
-                lr_bounds=group["lr_bounds"], grads_finite=grads_finite,
+                lr_bounds=group["lr_bounds"], grads_finite=grads_finite, **controller,
             )  # fmt: skip
-            commit_rates(rates, new_rates, finite, known_finite=False)
+            commit_update(rates, controller.get("controllers"), update, known_finite=False)
+            finite = update.finite
             pending.append((group, params, rates, buffers, finite))
         if not pending:
             self._wrapped_step()

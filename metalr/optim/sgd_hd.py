@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -67,7 +67,8 @@ class SGDHD(HypergradOptimizer):
         hypergrad_lr: float | None = None,
         *,
         granularity: str = "tensor",
-        rule: str = "normalized",
+        rule: str = "seek",
+        seek: Mapping[str, float] | None = None,
         lr_bounds: tuple[float, float] = (0.0, float("inf")),
         maximize: bool = False,
         foreach: bool | None = None,
@@ -91,7 +92,7 @@ class SGDHD(HypergradOptimizer):
             fused=fused,
             differentiable=differentiable,
             **check.check_hyper_options(
-                hypergrad_lr, granularity, rule, lr_bounds, ADDITIVE_DEFAULT_HYPERGRAD_LR
+                hypergrad_lr, granularity, rule, lr_bounds, ADDITIVE_DEFAULT_HYPERGRAD_LR, seek
             ),
         )
         super().__init__(params, defaults)
@@ -149,7 +150,7 @@ class SGDHD(HypergradOptimizer):
                 granularity=group["granularity"], lr_bounds=group["lr_bounds"],
                 maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
                 differentiable=group["differentiable"], grads_finite=grads_finite,
-                shards=self._shard_reducer(),
+                shards=self._shard_reducer(), **self._controller_args(group, params),
             )  # fmt: skip
             keep_dir = stores_prev_direction(group["momentum"], group["nesterov"])
             for p, buf, d in zip(params, new.momentum_buffers, new.prev_directions):

@@ -126,7 +126,9 @@ def build_diabetes_mlp(spec: dict[str, Any]) -> Built:
     try:
         from sklearn.datasets import load_diabetes
     except ImportError as exc:  # pragma: no cover - only without the extra
-        raise ImportError('diabetes_mlp needs scikit-learn: pip install "metalr[experiments]"') from exc
+        raise ImportError(
+            'diabetes_mlp needs scikit-learn: pip install "metalr[experiments]"'
+        ) from exc
     d = load_diabetes()
     x = torch.tensor(d.data, dtype=torch.float32)
     y = torch.tensor(d.target, dtype=torch.float32).unsqueeze(1)

@@ -1,0 +1,150 @@
+"""Fit the constants of the ``"seek"`` rule (``SEEK_DEFAULTS``, ``DEFAULT_SEEK_HYPERGRAD_LR``).
+
+Procedure (fixed before the fit was run):
+
+* **Training suite:** study 1's four fast tasks at full size and study 1's budgets
+  (``digits_logreg``, ``digits_mlp``, ``mnist1d_mlp``: 1000 steps; ``fewshot_sinusoid``: 100),
+  each started at ``lr0 ∈ {1e-5, 1e-1}`` (the two ends of study 1's grid), seed 0. The held-out
+  tasks of :mod:`metalr.workbench.heldout_tasks` and study 1's two slow tasks (``animal_cnn``,
+  ``charlm_gru``) are never run here.
+* **Reference:** best-of-grid ``torch.optim.Adam`` per task over the half-decade grid
+  1e-5, 3e-5, …, 1e-1 (seed 0): its best final and its best early-stopped validation loss.
+* **Objective** (minimised): the mean over cells of
+  ``max(0, log(final / ref_final)) + ½ max(0, log(best / ref_best))``, each log-ratio capped at 2
+  (a divergence scores 2): a cell within the reference costs nothing, a cell ×e worse costs 1.
+* **Search:** Optuna's multivariate TPE (seed 0), 8 constants plus β = ``hypergrad_lr``, over
+  full-length runs. Why Bayesian search and not gradients through unrolls: the turn is a discrete
+  switch (the objective is piecewise constant in the turn's constants), and a truncated unroll
+  would fit the short horizon (Wu et al. 2018) — here every trial runs the whole budget.
+  Evolution strategies would work too, at more runs per update.
+
+The first enqueued trial is the hand-set starting point; the best trial's constants are what
+``metalr/functional/_controller.py`` ships. Resume: the Optuna study lives in
+``<out>/study.db``; rerunning continues it.
+
+    python experiments/fit_controller.py --trials 100     # ~2 CPU-hours on 2 shared cores
+    python experiments/fit_controller.py --smoke          # seconds: 2 trials, 20-step runs
+
+Writes ``<out>/trials.jsonl`` (one line per trial: constants, objective, per-cell ratios),
+``<out>/reference.json`` and ``<out>/best.json``; default ``<out>``:
+``experiments/results/fit_controller``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from metalr.workbench.runner import train
+from metalr.workbench.tasks import make_task
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = {"digits_logreg": 1000, "digits_mlp": 1000, "mnist1d_mlp": 1000, "fewshot_sinusoid": 100}
+LR0S = (1e-5, 1e-1)
+REFERENCE_GRID = tuple(round(m * 10.0**e, 8) for e in range(-5, 0) for m in (1, 3)) + (0.1,)
+CAP = 2.0
+
+#: The searched constants: name → (low, high, log scale).
+SPACE = {
+    "init_scale": (1e-3, 0.3, True),
+    "ramp_rate": (0.05, 0.5, True),
+    "ramp_max": (0.1, 1.0, True),
+    "turn_threshold": (-0.2, 0.8, False),
+    "turn_cut": (0.003, 0.9, True),
+    "headroom": (1.0, 10.0, True),
+    "signal_decay": (0.5, 0.99, False),
+    "evidence": (0.0, 0.6, False),
+    "hypergrad_lr": (1e-3, 0.2, True),
+}
+START = {"init_scale": 1e-2, "ramp_rate": 0.1, "ramp_max": 0.5, "turn_threshold": 0.3,
+         "turn_cut": 0.3, "headroom": 1.0, "signal_decay": 0.9, "evidence": 0.1,
+         "hypergrad_lr": 0.05}  # fmt: skip
+
+
+def run(task_name: str, spec: dict[str, Any], lr: float, steps: int, size: str) -> dict[str, Any]:
+    task = make_task(task_name, size)
+    return train(task, spec, lr, 0, steps, log_every=max(1, steps // 20), divergence=1e3,
+                 device="cpu")  # fmt: skip
+
+
+def reference(out: Path, steps: dict[str, int], size: str) -> dict[str, dict[str, float]]:
+    """Best-of-grid Adam per task (cached in ``reference.json``)."""
+    path = out / "reference.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    ref: dict[str, dict[str, float]] = {}
+    for name, n in steps.items():
+        runs = [(lr, run(name, {"kind": "adam"}, lr, n, size)) for lr in REFERENCE_GRID]
+        lr, best = min(runs, key=lambda r: r[1]["final_val_loss"])
+        ref[name] = {"final": best["final_val_loss"], "lr": lr,
+                     "best": min(r["best_val_loss"] for _, r in runs)}  # fmt: skip
+    path.write_text(json.dumps(ref, indent=1))
+    return ref
+
+
+def capped_log_ratio(value: float, ref: float) -> float:
+    return min(math.log(value / ref), CAP) if math.isfinite(value) else CAP
+
+
+def score(constants: dict[str, float], ref: dict, steps: dict[str, int], size: str) -> tuple:
+    seek = {k: v for k, v in constants.items() if k != "hypergrad_lr"}
+    spec = {"kind": "adam_hd", "rule": "seek", "seek": seek,
+            "hypergrad_lr": constants["hypergrad_lr"]}  # fmt: skip
+    cells = []
+    for name, n in steps.items():
+        for lr in LR0S:
+            r = run(name, spec, lr, n, size)
+            f = capped_log_ratio(r["final_val_loss"], ref[name]["final"])
+            b = capped_log_ratio(r["best_val_loss"], ref[name]["best"])
+            cells.append({"task": name, "lr0": lr, "final_ratio": math.exp(f),
+                          "best_ratio": math.exp(b), "cost": max(f, 0) + 0.5 * max(b, 0)})  # fmt: skip
+    return sum(c["cost"] for c in cells) / len(cells), cells
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=100, help="Optuna trials (default 100)")
+    parser.add_argument("--out", default=str(ROOT / "experiments/results/fit_controller"))
+    parser.add_argument("--smoke", action="store_true", help="2 trials of 20-step smoke runs")
+    args = parser.parse_args(argv)
+    import optuna
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    size = "smoke" if args.smoke else "full"
+    steps = {k: 20 for k in SUITE} if args.smoke else dict(SUITE)
+    trials = 2 if args.smoke else args.trials
+    ref = reference(out, steps, size)
+    sampler = optuna.samplers.TPESampler(seed=0, multivariate=True)
+    study = optuna.create_study(direction="minimize", sampler=sampler, study_name="seek",
+                                storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True)  # fmt: skip
+    if not study.trials:
+        study.enqueue_trial(START)
+
+    def objective(trial: Any) -> float:
+        constants = {k: trial.suggest_float(k, lo, hi, log=log) for k, (lo, hi, log) in SPACE.items()}
+        tic = time.perf_counter()
+        value, cells = score(constants, ref, steps, size)
+        with open(out / "trials.jsonl", "a") as f:
+            f.write(json.dumps({"trial": trial.number, "objective": value, "constants": constants,
+                                "seconds": time.perf_counter() - tic, "cells": cells}) + "\n")  # fmt: skip
+        return value
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    remaining = max(0, trials - len(study.trials))
+    study.optimize(objective, n_trials=remaining)
+    best = {"objective": study.best_value, "trial": study.best_trial.number,
+            "constants": study.best_params}  # fmt: skip
+    (out / "best.json").write_text(json.dumps(best, indent=1))
+    print(json.dumps(best, indent=1))
+
+
+if __name__ == "__main__":
+    main()
