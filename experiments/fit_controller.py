@@ -12,17 +12,22 @@ Procedure (fixed before the fit was run):
 * **Objective** (minimised): the mean over cells of
   ``max(0, log(final / ref_final)) + ½ max(0, log(best / ref_best))``, each log-ratio capped at 2
   (a divergence scores 2): a cell within the reference costs nothing, a cell ×e worse costs 1.
-* **Search:** Optuna's multivariate TPE (seed 0), 8 constants plus β = ``hypergrad_lr``, over
+* **Search:** Optuna's multivariate TPE (seed 0), 11 constants plus β = ``hypergrad_lr``, over
   full-length runs. Why Bayesian search and not gradients through unrolls: the turn is a discrete
   switch (the objective is piecewise constant in the turn's constants), and a truncated unroll
   would fit the short horizon (Wu et al. 2018) — here every trial runs the whole budget.
   Evolution strategies would work too, at more runs per update.
 
-The first enqueued trial is the hand-set starting point; the best trial's constants are what
+The first enqueued trial is the hand-set starting point; ``--enqueue`` adds the best trials of
+an exploratory search run first with the same objective and suite (its log, 100 TPE trials over
+8 of the constants, is ``exploration_trials.jsonl``: the same update through a prototype that
+applied the rule's multipliers to torch's Adam per tensor). The best trial's constants are what
 ``metalr/functional/_controller.py`` ships. Resume: the Optuna study lives in
 ``<out>/study.db``; rerunning continues it.
 
-    python experiments/fit_controller.py --trials 100     # ~2 CPU-hours on 2 shared cores
+    python experiments/fit_controller.py --trials 40 \
+        --enqueue experiments/results/fit_controller/exploration_trials.jsonl
+    python experiments/fit_controller.py --trials 100     # from scratch
     python experiments/fit_controller.py --smoke          # seconds: 2 trials, 20-step runs
 
 Writes ``<out>/trials.jsonl`` (one line per trial: constants, objective, per-cell ratios),
@@ -60,6 +65,9 @@ SPACE = {
     "headroom": (1.0, 10.0, True),
     "signal_decay": (0.5, 0.99, False),
     "evidence": (0.0, 0.6, False),
+    "turn_decay": (0.0, 0.9, False),
+    "ramp_growth": (1.0, 1.5, False),
+    "tie": (2.0, 100.0, True),
     "hypergrad_lr": (1e-3, 0.2, True),
 }
 START = {"init_scale": 1e-2, "ramp_rate": 0.1, "ramp_max": 0.5, "turn_threshold": 0.3,
@@ -107,11 +115,26 @@ def score(constants: dict[str, float], ref: dict, steps: dict[str, int], size: s
     return sum(c["cost"] for c in cells) / len(cells), cells
 
 
+def _best_of(path: str, top: int) -> list[dict[str, float]]:
+    """The ``top`` lowest-scoring constant sets of an earlier search's JSONL log."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows.sort(key=lambda r: r["score"])
+    return [{**r["seek"], "hypergrad_lr": r["beta"]} for r in rows[:top]]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=100, help="Optuna trials (default 100)")
     parser.add_argument("--out", default=str(ROOT / "experiments/results/fit_controller"))
     parser.add_argument("--smoke", action="store_true", help="2 trials of 20-step smoke runs")
+    parser.add_argument(
+        "--enqueue",
+        metavar="JSONL",
+        default=None,
+        help="start with the best --top trials of an earlier search (lines with "
+        "'seek', 'beta' and 'score', as exploration_trials.jsonl)",
+    )
+    parser.add_argument("--top", type=int, default=5, help="trials taken from --enqueue")
     args = parser.parse_args(argv)
     import optuna
 
@@ -127,9 +150,13 @@ def main(argv: list[str] | None = None) -> None:
                                 storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True)  # fmt: skip
     if not study.trials:
         study.enqueue_trial(START)
+        for constants in _best_of(args.enqueue, args.top) if args.enqueue else []:
+            study.enqueue_trial(constants)
 
     def objective(trial: Any) -> float:
-        constants = {k: trial.suggest_float(k, lo, hi, log=log) for k, (lo, hi, log) in SPACE.items()}
+        constants = {
+            k: trial.suggest_float(k, lo, hi, log=log) for k, (lo, hi, log) in SPACE.items()
+        }
         tic = time.perf_counter()
         value, cells = score(constants, ref, steps, size)
         with open(out / "trials.jsonl", "a") as f:

@@ -56,6 +56,8 @@ class HypergradOptimizer(Optimizer):
         state = self.state[param]
         if RATE_KEY not in state:
             state[RATE_KEY] = initial_rate(param, group["granularity"], initial_multiplier(group))
+            if group["rule"] == "seek":  # with the rate, so the state is created in one go
+                state[CONTROLLER_KEY] = initial_controller(param, rate_dtype(param), group["seek"])
         return state[RATE_KEY]
 
     def _group_rates(self, group: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:

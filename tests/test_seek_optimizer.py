@@ -1,0 +1,144 @@
+"""The "seek" rule through the optimizers: behaviour from a tiny and a huge lr, state, errors."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import metalr
+from metalr.functional._controller import CEILING, RAMP, SEEK_DEFAULTS
+
+MAKERS = {
+    "AdamHD": lambda p, lr, **kw: metalr.AdamHD(p, lr=lr, **kw),
+    "AdamWHD": lambda p, lr, **kw: metalr.AdamWHD(p, lr=lr, weight_decay=0.0, **kw),
+    "SGDHD": lambda p, lr, **kw: metalr.SGDHD(p, lr=lr, momentum=0.9, **kw),
+    "HyperLR(Adam)": lambda p, lr, **kw: metalr.HyperLR(torch.optim.Adam(p, lr=lr), **kw),
+}
+
+
+def _problem(seed: int = 0):
+    """A noisy 2-layer regression (minibatches of 32): the best Adam rate is ~1e-2."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 16, generator=g)
+    y = torch.tanh(x @ torch.randn(16, 4, generator=g)) + 0.1 * torch.randn(512, 4, generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    return model, x, y, g
+
+
+def _train(make, lr: float, steps: int, seed: int = 0):
+    model, x, y, g = _problem(seed)
+    opt = make(model.parameters(), lr)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, 512, (32,), generator=g)
+        loss = nn.functional.mse_loss(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    full = nn.functional.mse_loss(model(x), y).item()
+    return opt, losses, full
+
+
+def _mean_rate(opt) -> float:
+    eff = opt.effective_lrs()
+    return math.exp(sum(float(r.log().mean()) for r in eff.values()) / len(eff))
+
+
+@pytest.mark.parametrize("name", ["AdamHD", "HyperLR(Adam)"])
+def test_from_a_tiny_lr_the_loss_falls_far_below_fixed_rate_adams(name):
+    """lr 1e-6 (four decades too small): the ramp finds the scale within a few hundred steps."""
+    _, _, adam_loss = _train(lambda p, lr: torch.optim.Adam(p, lr=lr), 1e-6, 300)
+    opt, _, loss = _train(MAKERS[name], 1e-6, 300)
+    assert _mean_rate(opt) > 1e-4  # climbed more than 100× from 1e-6
+    assert loss < 0.5 * adam_loss  # measured: ~0.2× (Adam at 1e-6 barely moves)
+
+
+@pytest.mark.parametrize("name", ["AdamHD", "AdamWHD", "HyperLR(Adam)"])
+def test_from_a_huge_lr_the_rate_falls_within_tens_of_steps_without_blowing_up(name):
+    """lr 10 (three decades too large): the ramp starts at init_scale × lr and turns early."""
+    opt, losses, loss = _train(MAKERS[name], 10.0, 300)
+    _, _, adam_loss = _train(lambda p, lr: torch.optim.Adam(p, lr=lr), 10.0, 300)
+    first = losses[0]
+    assert max(losses[:50]) < 10 * first  # no blow-up in the first tens of steps
+    assert all(math.isfinite(v) for v in losses)
+    assert _mean_rate(opt) < 10.0 * SEEK_DEFAULTS["init_scale"] * 10  # it did not run away
+    assert loss < adam_loss  # Adam at lr 10 is ruined
+
+
+def test_ramp_then_track_and_state_dict_round_trip():
+    opt, _, _ = _train(MAKERS["AdamHD"], 1e-4, 120)
+    ctrl = [opt.state[p]["hd_controller"] for g in opt.param_groups for p in g["params"]]
+    assert all(float(c[RAMP]) == 0.0 for c in ctrl), "the ramp has turned by step 120"
+    assert all(math.isfinite(float(c[CEILING])) for c in ctrl)
+    saved = copy.deepcopy(opt.state_dict())
+    assert all("hd_controller" in s for s in saved["state"].values())
+    assert saved["param_groups"][0]["rule"] == "seek"
+    assert saved["param_groups"][0]["seek"] == SEEK_DEFAULTS
+
+
+def test_resume_is_bit_exact_mid_ramp():
+    model, x, y, g = _problem()
+    opt = metalr.AdamHD(model.parameters(), lr=1e-5)
+
+    def steps(m, o, n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(n):
+            idx = torch.randint(0, 512, (32,), generator=gen)
+            loss = nn.functional.mse_loss(m(x[idx]), y[idx])
+            o.zero_grad()
+            loss.backward()
+            o.step()
+
+    steps(model, opt, 5, 1)  # still ramping
+    clone = copy.deepcopy(model)
+    resumed = metalr.AdamHD(clone.parameters(), lr=1e-5)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    steps(model, opt, 30, 2)
+    steps(clone, resumed, 30, 2)
+    for p, q in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(opt.state[p]["hd_controller"], resumed.state[q]["hd_controller"])
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_hypergrad_lr_zero_switches_the_controller_off(name):
+    """β = 0: rates start at 1 and never move, so the step is the base optimizer's."""
+    opt, _, _ = _train(lambda p, lr: MAKERS[name](p, lr, hypergrad_lr=0.0), 1e-2, 20)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert torch.equal(opt.state[p]["lr_multiplier"], torch.ones(()))
+
+
+def test_foreach_and_single_tensor_paths_agree():
+    a, _, loss_a = _train(lambda p, lr: metalr.AdamHD(p, lr=lr, foreach=True), 1e-4, 60)
+    b, _, loss_b = _train(lambda p, lr: metalr.AdamHD(p, lr=lr, foreach=False), 1e-4, 60)
+    assert loss_a == pytest.approx(loss_b, rel=1e-4)
+    assert _mean_rate(a) == pytest.approx(_mean_rate(b), rel=1e-4)
+
+
+def test_seek_constants_override_the_defaults_and_are_validated():
+    p = nn.Parameter(torch.zeros(3))
+    opt = metalr.AdamHD([p], seek={"init_scale": 0.1})
+    assert opt.param_groups[0]["seek"]["init_scale"] == 0.1
+    assert opt.param_groups[0]["seek"]["ramp_rate"] == SEEK_DEFAULTS["ramp_rate"]
+    with pytest.raises(ValueError, match=r"Invalid seek\['turn_cut'\] value: 2"):
+        metalr.SGDHD([p], seek={"turn_cut": 2})
+    with pytest.raises(ValueError, match="only rule='seek' takes seek constants"):
+        metalr.AdamHD([p], rule="normalized", seek={"init_scale": 0.1})
+
+
+def test_old_rule_checkpoint_keeps_its_rule():
+    """A checkpoint of a normalized-rule optimizer resumes as normalized under the new default."""
+    model, *_ = _problem()
+    old = metalr.AdamHD(model.parameters(), lr=1e-3, rule="normalized")
+    state = old.state_dict()
+    new = metalr.AdamHD(model.parameters(), lr=1e-3)
+    new.load_state_dict(state)
+    assert new.param_groups[0]["rule"] == "normalized"
