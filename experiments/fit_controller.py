@@ -12,21 +12,23 @@ Procedure (fixed before the fit was run):
 * **Objective** (minimised): the mean over cells of
   ``max(0, log(final / ref_final)) + ½ max(0, log(best / ref_best))``, each log-ratio capped at 2
   (a divergence scores 2): a cell within the reference costs nothing, a cell ×e worse costs 1.
-* **Search:** Optuna's multivariate TPE (seed 0), 11 constants plus β = ``hypergrad_lr``, over
+* **Search:** Optuna's multivariate TPE (seed 0), 12 constants plus β = ``hypergrad_lr``, over
   full-length runs. Why Bayesian search and not gradients through unrolls: the turn is a discrete
   switch (the objective is piecewise constant in the turn's constants), and a truncated unroll
   would fit the short horizon (Wu et al. 2018) — here every trial runs the whole budget.
   Evolution strategies would work too, at more runs per update.
 
 The first enqueued trial is the hand-set starting point; ``--enqueue`` adds the best trials of
-an exploratory search run first with the same objective and suite (its log, 100 TPE trials over
-8 of the constants, is ``exploration_trials.jsonl``: the same update through a prototype that
-applied the rule's multipliers to torch's Adam per tensor). The best trial's constants are what
+earlier searches with the same objective and suite: ``exploration_trials.jsonl`` (100 TPE trials
+over 8 of the constants, the same update through a prototype that applied the rule's
+multipliers to torch's Adam per tensor) and ``round1_trials.jsonl`` (29 trials of this script
+before ``turn_lag`` existed). The best trial's constants are what
 ``metalr/functional/_controller.py`` ships. Resume: the Optuna study lives in
 ``<out>/study.db``; rerunning continues it.
 
-    python experiments/fit_controller.py --trials 40 \
-        --enqueue experiments/results/fit_controller/exploration_trials.jsonl
+    R=experiments/results/fit_controller
+    python experiments/fit_controller.py --trials 50 \
+        --enqueue $R/exploration_trials.jsonl,$R/round1_trials.jsonl
     python experiments/fit_controller.py --trials 100     # from scratch
     python experiments/fit_controller.py --smoke          # seconds: 2 trials, 20-step runs
 
@@ -66,6 +68,7 @@ SPACE = {
     "signal_decay": (0.5, 0.99, False),
     "evidence": (0.0, 0.6, False),
     "turn_decay": (0.0, 0.9, False),
+    "turn_lag": (0.0, 6.0, False),
     "ramp_growth": (1.0, 1.5, False),
     "tie": (2.0, 100.0, True),
     "hypergrad_lr": (1e-3, 0.2, True),
@@ -117,9 +120,16 @@ def score(constants: dict[str, float], ref: dict, steps: dict[str, int], size: s
 
 def _best_of(path: str, top: int) -> list[dict[str, float]]:
     """The ``top`` lowest-scoring constant sets of an earlier search's JSONL log."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    rows.sort(key=lambda r: r["score"])
-    return [{**r["seek"], "hypergrad_lr": r["beta"]} for r in rows[:top]]
+    rows = []
+    for p in path.split(","):
+        for line in Path(p).read_text().splitlines():
+            r = json.loads(line)
+            if "constants" in r:  # a trials.jsonl of this script
+                rows.append((r["objective"], r["constants"]))
+            else:  # the exploration log
+                rows.append((r["score"], {**r["seek"], "hypergrad_lr": r["beta"]}))
+    rows.sort(key=lambda r: r[0])
+    return [c for _, c in rows[:top]]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -208,6 +208,40 @@ def make_specs(device: torch.device, fused: bool | None = None) -> list[Spec]:
             vs="SGDHD tensor",
         ),
         Spec(
+            "AdamHD tensor normalized",
+            "adam",
+            adam_hd(granularity="tensor", rule="normalized"),
+            tensor_goal,
+            0.0,
+            adaptive=True,
+        ),
+        Spec(  # the seek rule (default) against the previous default: goal ≤ 1.10 (issue 10)
+            "AdamHD tensor (seek ÷ normalized)",
+            "adam",
+            adam_hd(granularity="tensor"),
+            1.10,
+            0.0,
+            adaptive=True,
+            vs="AdamHD tensor normalized",
+        ),
+        Spec(
+            "SGDHD tensor normalized",
+            "sgd",
+            sgd_hd(granularity="tensor", rule="normalized"),
+            1.30,
+            0.0,
+            adaptive=True,
+        ),
+        Spec(
+            "SGDHD tensor (seek ÷ normalized)",
+            "sgd",
+            sgd_hd(granularity="tensor"),
+            1.10,
+            0.0,
+            adaptive=True,
+            vs="SGDHD tensor normalized",
+        ),
+        Spec(
             "AdamHD tensor additive",
             "adam",
             adam_hd(granularity="tensor", rule="additive"),
@@ -357,7 +391,7 @@ class Row:
     def goal(self) -> str:
         parts = []
         if self.time_goal is not None:
-            parts.append(f"≤{self.time_goal:.2f}×" + (" its foreach path" if self.goal_vs else ""))
+            parts.append(f"≤{self.time_goal:.2f}×" + (f" {self.goal_vs}" if self.goal_vs else ""))
         if self.state_goal is not None:
             base = "Adam" if self.family == "adam" else "SGD"
             parts.append(f"state={base}" + (f"+{self.state_goal:g}" if self.state_goal else ""))

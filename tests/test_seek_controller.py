@@ -19,7 +19,9 @@ from metalr.functional._controller import (
 )
 from metalr.functional._hypergrad import seek_adapt_rates
 
-SEEK = resolve_seek({"turn_threshold": 0.3, "evidence": 0.1, "headroom": 2.0, "tie": 4.0})
+SEEK = resolve_seek(
+    {"turn_threshold": 0.3, "evidence": 0.1, "headroom": 2.0, "tie": 4.0, "turn_lag": 2.0}
+)
 
 
 def reference(log_rates, signals, group_signals, sizes, beta, seek):
@@ -44,7 +46,7 @@ def reference(log_rates, signals, group_signals, sizes, beta, seek):
             if ramping and not turn:
                 x = logs[i] + ramp
             elif turn:
-                x = logs[i] + math.log(seek["turn_cut"])
+                x = logs[i] + math.log(seek["turn_cut"]) - seek["turn_lag"] * ramp
                 ceiling[i] = x + math.log(seek["headroom"])
             else:
                 x = logs[i] + beta * (m_hat / (math.sqrt(v_hat) + 1e-8) - seek["evidence"])
@@ -192,7 +194,9 @@ def test_element_rates_ramp_together_then_follow_their_signs():
               "seek": seek}  # fmt: skip
     d_agree = [torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)]  # cos = 1
     rates, _, ctrls = seek_adapt_rates(rates, ctrls, g, d_agree, **kw)
-    assert torch.allclose(rates[0], torch.full((3,), math.exp(seek["ramp_rate"]), dtype=torch.float64))
+    assert torch.allclose(
+        rates[0], torch.full((3,), math.exp(seek["ramp_rate"]), dtype=torch.float64)
+    )
     d_oppose = [-d_agree[0]]  # cos = -1: the turn cuts every element
     before = rates[0].clone()
     rates, _, ctrls = seek_adapt_rates(rates, ctrls, g, d_oppose, **kw)

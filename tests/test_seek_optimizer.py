@@ -83,7 +83,7 @@ def test_ramp_then_track_and_state_dict_round_trip():
 
 
 def test_resume_is_bit_exact_mid_ramp():
-    model, x, y, g = _problem()
+    model, x, y, _ = _problem()
     opt = metalr.AdamHD(model.parameters(), lr=1e-5)
 
     def steps(m, o, n, seed):

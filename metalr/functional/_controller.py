@@ -19,7 +19,9 @@ together) through a fast average ``F_t = f F_{t-1} + (1 - f) C_t`` (``f = turn_d
 less: the rate approaches the edge of stability; ``turn_threshold ≤ 0`` waits until they
 disagree) the ramp ends and every multiplier is cut::
 
-    log m ← log m + log(turn_cut),      ceiling ← log m + log(headroom)     (after the cut)
+    log m ← log m − turn_lag · ρ_t + log(turn_cut),    ceiling ← log m + log(headroom)
+
+(the average sees the turn a few steps late: ``turn_lag`` ramp steps are rolled back first).
 
 **Phase 2, track.** Each rate follows its own signal ``c_t`` (the tensor's cosine; the group's
 for ``granularity="group"``; the sign of ``g·d`` per element), normalised by its running scale
@@ -73,6 +75,7 @@ SEEK_DEFAULTS: dict[str, float] = {
     "turn_decay": 0.5,
     "turn_threshold": 0.0,
     "turn_cut": 0.3,
+    "turn_lag": 0.0,
     "headroom": 1.0,
     "signal_decay": 0.9,
     "signal_sq_decay": 0.99,
@@ -91,6 +94,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "turn_decay": (0.0, 1.0, False),
     "turn_threshold": (-1.0, 1.0, False),
     "turn_cut": (0.0, 1.0, True),
+    "turn_lag": (0.0, 20.0, False),
     "headroom": (1.0, math.inf, False),
     "signal_decay": (0.0, 1.0, False),
     "signal_sq_decay": (0.0, 1.0, False),
@@ -186,13 +190,15 @@ def seek_update(
 
     # log-space moves per tensor (element rates add their own sign term in phase 2)
     log_cut = math.log(seek["turn_cut"])
-    cut_move = torch.where(turn, torch.full_like(ramp, log_cut), torch.zeros_like(ramp))
+    # the turn is seen late (the average lags): roll back turn_lag ramp steps, then cut
+    rollback = log_cut - seek["turn_lag"] * ramp
+    cut_move = torch.where(turn, rollback, torch.zeros_like(ramp))
     ramp_move = torch.where(keep_ramping, ramp, cut_move)
     new_ramp = torch.where(
         keep_ramping, torch.clamp(ramp * seek["ramp_growth"], max=seek["ramp_max"]), 0.0
     )
     log_rates = torch.stack([_log_level(r, granularity).to(dtype) for r in rates])
-    new_ceiling = torch.where(turn, log_rates + log_cut + math.log(seek["headroom"]), ceiling)
+    new_ceiling = torch.where(turn, log_rates + rollback + math.log(seek["headroom"]), ceiling)
 
     new_rates = []
     moved_logs = []

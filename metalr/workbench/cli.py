@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 
@@ -26,7 +25,6 @@ def ablate_main(argv: list[str]) -> int:
     from metalr.workbench.report import report
     from metalr.workbench.runner import run_study
 
-    tic = time.perf_counter()
     try:
         if args.config:
             cfg = load_study(args.config, overrides, args.smoke)
@@ -40,8 +38,9 @@ def ablate_main(argv: list[str]) -> int:
         print("\nmetalr ablate: interrupted; finished runs are recorded: rerun the same command "
               "to continue", file=sys.stderr)  # fmt: skip
         return 130
-    seconds = time.perf_counter() - tic
-    print(f"{cfg.name}: {len(records)} runs in {cfg.out_dir} ({seconds:.1f} s)", file=sys.stderr)
+    # the progress output already ended with "n cached, k run"; --quiet prints only this line
+    print(records.summary(cfg.name) if args.quiet else f"{cfg.name}: records in {cfg.out_dir}",
+          file=sys.stderr)  # fmt: skip
     if not args.no_report:
         _print_report(*report(cfg.out_dir))
     return 0
