@@ -4,14 +4,16 @@ Procedure (fixed before the fit was run):
 
 * **Training suite:** study 1's four fast tasks at full size and study 1's budgets
   (``digits_logreg``, ``digits_mlp``, ``mnist1d_mlp``: 1000 steps; ``fewshot_sinusoid``: 100),
-  each started at ``lr0 ∈ {1e-5, 1e-1}`` (the two ends of study 1's grid), seed 0. The held-out
+  each started at ``lr0 ∈ {1e-5, 1e-1}`` (the two ends of study 1's grid) and at 100× the task's
+  best Adam rate (the reference's), seed 0. The held-out
   tasks of :mod:`metalr.workbench.heldout_tasks` and study 1's two slow tasks (``animal_cnn``,
   ``charlm_gru``) are never run here.
 * **Reference:** best-of-grid ``torch.optim.Adam`` per task over the half-decade grid
   1e-5, 3e-5, …, 1e-1 (seed 0): its best final and its best early-stopped validation loss.
 * **Objective** (minimised): the mean over cells of
-  ``max(0, log(final / ref_final)) + ½ max(0, log(best / ref_best))``, each log-ratio capped at 2
-  (a divergence scores 2): a cell within the reference costs nothing, a cell ×e worse costs 1.
+  ``max(0, log(final / ref_final)) + ½ max(0, log(best / ref_best)) + ½ max(0, log(peak / 1.5))``
+  (``peak``: the largest minibatch training loss of the run ÷ the first), each log-ratio capped at
+  2 (a divergence scores 2): a cell within the reference that never blows up costs nothing.
 * **Search:** Optuna's multivariate TPE (seed 0), 12 constants plus β = ``hypergrad_lr``, over
   full-length runs. Why Bayesian search and not gradients through unrolls: the turn is a discrete
   switch (the objective is piecewise constant in the turn's constants), and a truncated unroll
@@ -19,16 +21,23 @@ Procedure (fixed before the fit was run):
   Evolution strategies would work too, at more runs per update.
 
 The first enqueued trial is the hand-set starting point; ``--enqueue`` adds the best trials of
-earlier searches with the same objective and suite: ``exploration_trials.jsonl`` (100 TPE trials
-over 8 of the constants, the same update through a prototype that applied the rule's
-multipliers to torch's Adam per tensor) and ``round1_trials.jsonl`` (29 trials of this script
-before ``turn_lag`` existed). The best trial's constants are what
-``metalr/functional/_controller.py`` ships. Resume: the Optuna study lives in
+earlier rounds of the search (same suite and reference; their objectives lacked terms added
+later, so they serve only as starting points):
+
+* ``exploration_trials.jsonl``: 100 TPE trials over 8 constants through a prototype that applied
+  the same update's multipliers to torch's Adam per tensor, without the peak term;
+* ``round1_trials.jsonl``: 29 trials of this script, before ``turn_lag`` and the peak term;
+* ``round2_trials.jsonl``: 38 trials with ``turn_lag``, without the peak term (its best, trial 4,
+  scored 0.534 but let the training loss of a run started 100× too high rise ×12);
+* ``round3_trials.jsonl``: 9 trials with the peak term, before the 100× start joined the suite;
+* ``trials.jsonl``: the final round, with every term and start.
+
+The best trial of the final round is what ``metalr/functional/_controller.py`` ships. Resume: the Optuna study lives in
 ``<out>/study.db``; rerunning continues it.
 
     R=experiments/results/fit_controller
-    python experiments/fit_controller.py --trials 50 \
-        --enqueue $R/exploration_trials.jsonl,$R/round1_trials.jsonl
+    python experiments/fit_controller.py --trials 40 --top 8 \
+        --enqueue $R/exploration_trials.jsonl,$R/round1_trials.jsonl,$R/round2_trials.jsonl,$R/round3_trials.jsonl
     python experiments/fit_controller.py --trials 100     # from scratch
     python experiments/fit_controller.py --smoke          # seconds: 2 trials, 20-step runs
 
@@ -54,8 +63,10 @@ from metalr.workbench.tasks import make_task
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = {"digits_logreg": 1000, "digits_mlp": 1000, "mnist1d_mlp": 1000, "fewshot_sinusoid": 100}
 LR0S = (1e-5, 1e-1)
+HIGH = 100.0  # and a start 100× the task's best Adam rate (issue 10, goal 4)
 REFERENCE_GRID = tuple(round(m * 10.0**e, 8) for e in range(-5, 0) for m in (1, 3)) + (0.1,)
 CAP = 2.0
+PEAK_GOAL = 1.5  # issue 10: from a too-large lr the training loss should not rise past 1.5×
 
 #: The searched constants: name → (low, high, log scale).
 SPACE = {
@@ -109,12 +120,15 @@ def score(constants: dict[str, float], ref: dict, steps: dict[str, int], size: s
             "hypergrad_lr": constants["hypergrad_lr"]}  # fmt: skip
     cells = []
     for name, n in steps.items():
-        for lr in LR0S:
+        for lr in (*LR0S, HIGH * ref[name]["lr"]):
             r = run(name, spec, lr, n, size)
             f = capped_log_ratio(r["final_val_loss"], ref[name]["final"])
             b = capped_log_ratio(r["best_val_loss"], ref[name]["best"])
+            peak = r["peak_train_ratio"]
+            k = min(math.log(peak / PEAK_GOAL), CAP) if peak and math.isfinite(peak) else CAP
             cells.append({"task": name, "lr0": lr, "final_ratio": math.exp(f),
-                          "best_ratio": math.exp(b), "cost": max(f, 0) + 0.5 * max(b, 0)})  # fmt: skip
+                          "best_ratio": math.exp(b), "peak_train_ratio": peak,
+                          "cost": max(f, 0) + 0.5 * max(b, 0) + 0.5 * max(k, 0)})  # fmt: skip
     return sum(c["cost"] for c in cells) / len(cells), cells
 
 

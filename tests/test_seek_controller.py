@@ -85,7 +85,7 @@ def test_equations_match_a_float64_reference_over_many_steps():
 
 
 def test_ramp_accelerates_geometrically_then_saturates():
-    seek = resolve_seek({})
+    seek = resolve_seek({"ramp_rate": 0.05, "ramp_growth": 1.3, "ramp_max": 0.4})
     rate = [torch.tensor(1.0, dtype=torch.float64)]
     ctrl = [initial_controller(torch.zeros(3), torch.float64, seek)]
     moves = []
@@ -95,13 +95,15 @@ def test_ramp_accelerates_geometrically_then_saturates():
                                 granularity="tensor")  # fmt: skip
         moves.append(math.log(float(new[0]) / float(rate[0])))
         rate = new
-    expected = [min(seek["ramp_rate"] * seek["ramp_growth"] ** k, seek["ramp_max"])
-                for k in range(20)]  # fmt: skip
+    expected, step = [], seek["ramp_rate"]  # ρ_1 = ramp_rate, ρ_{t+1} = min(ρ_t·growth, max)
+    for _ in range(20):
+        expected.append(step)
+        step = min(step * seek["ramp_growth"], seek["ramp_max"])
     assert moves == pytest.approx(expected, rel=1e-9)
 
 
 def test_turn_cuts_by_turn_cut_and_caps_at_headroom():
-    seek = resolve_seek({"turn_cut": 0.1, "headroom": 3.0, "turn_threshold": 0.0})
+    seek = resolve_seek({"turn_cut": 0.1, "headroom": 3.0, "turn_threshold": 0.0, "turn_lag": 0.0})
     rate = [torch.tensor(1.0, dtype=torch.float64)]
     ctrl = [initial_controller(torch.zeros(3), torch.float64, seek)]
     step = {"hypergrad_lr": 1.0, "seek": seek, "granularity": "tensor"}
@@ -197,10 +199,11 @@ def test_element_rates_ramp_together_then_follow_their_signs():
     assert torch.allclose(
         rates[0], torch.full((3,), math.exp(seek["ramp_rate"]), dtype=torch.float64)
     )
-    d_oppose = [-d_agree[0]]  # cos = -1: the turn cuts every element
-    before = rates[0].clone()
+    d_oppose = [-d_agree[0]]  # cos = -1: the turn rolls back turn_lag ramp steps and cuts
+    before, ramp = rates[0].clone(), float(ctrls[0][RAMP])
     rates, _, ctrls = seek_adapt_rates(rates, ctrls, g, d_oppose, **kw)
-    assert torch.allclose(rates[0], before * seek["turn_cut"])
+    rollback = math.exp(-seek["turn_lag"] * ramp)
+    assert torch.allclose(rates[0], before * seek["turn_cut"] * rollback)
     d_mixed = [torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)]  # signs +, -, +
     cut = rates[0].clone()
     rates, _, ctrls = seek_adapt_rates(rates, ctrls, g, d_mixed, **kw)

@@ -2,9 +2,18 @@
 
 The optimizers call the in-place forms (:func:`sgd_hd`, :func:`adam_hd`) without grad; the
 meta-learner calls the pure steps (:func:`sgd_hd_step`, :func:`adam_hd_step`) with grad and
-under ``torch.func.vmap``.
+under ``torch.func.vmap``. The ``"seek"`` rule's controller (the default rule of the optimizers)
+is :func:`seek_update` over the signals :func:`seek_adapt_rates` reads from the hypergradient.
 """
 
+from metalr.functional._controller import (
+    CONTROLLER_SIZE,
+    DEFAULT_SEEK_HYPERGRAD_LR,
+    SEEK_DEFAULTS,
+    initial_controller,
+    resolve_seek,
+    seek_update,
+)
 from metalr.functional._hypergrad import (
     DEFAULT_NORMALIZED_HYPERGRAD_LR,
     GRANULARITIES,
@@ -14,6 +23,7 @@ from metalr.functional._hypergrad import (
     initial_rate,
     inner_products,
     rate_dtype,
+    seek_adapt_rates,
     update_rates,
 )
 from metalr.functional.adam_rule import AdamHDState, adam_direction, adam_hd, adam_hd_step
@@ -21,18 +31,25 @@ from metalr.functional.sgd_rule import SGDHDState, sgd_hd, sgd_hd_step
 
 __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/test_public_api.py
     "AdamHDState",
+    "CONTROLLER_SIZE",
     "DEFAULT_NORMALIZED_HYPERGRAD_LR",
+    "DEFAULT_SEEK_HYPERGRAD_LR",
     "GRANULARITIES",
     "RULES",
+    "SEEK_DEFAULTS",
     "SGDHDState",
     "adam_direction",
     "adam_hd",
     "adam_hd_step",
     "clamp_rates",
     "hypergradient",
+    "initial_controller",
     "initial_rate",
     "inner_products",
     "rate_dtype",
+    "resolve_seek",
+    "seek_adapt_rates",
+    "seek_update",
     "sgd_hd",
     "sgd_hd_step",
     "update_rates",

@@ -25,9 +25,13 @@ class AdamHD(HypergradOptimizer):
         m  ← rule(m, ⟨g_t, m̂_{t-1}/(√v̂_{t-1}+ε)⟩)          # learned multiplier(s)
         θ_t = θ_{t-1} - lr_t · m · m̂_t / (√v̂_t + ε)
 
-    ``rule="normalized"`` (default) updates ``log m`` by ``hypergrad_lr`` times the cosine between
-    the gradient and the previous Adam direction: scale-free, always positive, the same default
-    works across model sizes. ``rule="additive"`` is the paper's ``α ← α + β⟨g, d⟩``.
+    ``rule="seek"`` (default) treats ``lr`` as a hint: the multipliers start at
+    ``seek['init_scale']`` and ramp up geometrically until successive steps stop agreeing (the
+    group cosine turns), back off, then track a normalised hypergradient signal
+    (:mod:`metalr.functional._controller` has the equations and the fitted constants).
+    ``rule="normalized"`` updates ``log m`` by ``hypergrad_lr`` times the cosine between the
+    gradient and the previous Adam direction (the default before issue 10).
+    ``rule="additive"`` is the paper's ``α ← α + β⟨g, d⟩``.
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
@@ -37,9 +41,10 @@ class AdamHD(HypergradOptimizer):
         eps: term added to the denominator (default: 1e-8).
         weight_decay: L2 penalty added to the gradient, or decoupled decay for AdamW
             (default: 0).
-        hypergrad_lr: β of the rate update; ``None`` picks the rule's default
-            (normalized: 0.02, chosen by ``experiments/choose_hypergrad_lr.py``; additive: 1e-7 as
-            in the paper) (default: None).
+        hypergrad_lr: β of the rate update; ``None`` picks the rule's default (seek: the
+            fitted ``DEFAULT_SEEK_HYPERGRAD_LR``, its tracking step; normalized: 0.02, chosen by
+            ``experiments/choose_hypergrad_lr.py``; additive: 1e-7 as in the paper); 0 turns the
+            adaptation off (default: None).
         decoupled_weight_decay: AdamW-style decay ``θ ← θ(1 - lr·λ)``, following the scheduled
             ``lr`` but not the learned multiplier (default: False).
         granularity: ``"group"``, ``"tensor"`` or ``"element"``: one rate per param group, per
@@ -47,7 +52,9 @@ class AdamHD(HypergradOptimizer):
             the default: layers differ in scale, and one rate each needs no extra memory and
             averages the hypergradient over many elements, so it is far less noisy than
             per-element rates (default: "tensor").
-        rule: ``"normalized"`` or ``"additive"`` (default: "normalized").
+        rule: ``"seek"``, ``"normalized"`` or ``"additive"`` (default: "seek").
+        seek: constants of the seek rule overriding its fitted defaults, e.g.
+            ``{"init_scale": 0.01}`` (default: None).
         lr_bounds: ``(min, max)`` for every effective rate; the multiplier is clamped so that
             ``lr × m`` stays inside (default: (0, inf)).
         maximize: maximize the objective instead of minimizing (default: False).

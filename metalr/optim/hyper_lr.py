@@ -34,10 +34,13 @@ class HyperLR(HypergradOptimizer):
         optimizer: the ``torch.optim.Optimizer`` to wrap (SGD, RMSprop, Adagrad, RAdam, Adamax,
             NAdam, a third-party optimizer, ...). HyperLR shares its ``param_groups``, so LR
             schedulers built on either object drive the same ``lr``.
-        hypergrad_lr: β of the rate update; ``None`` is 0.02 for the normalized rule. The
-            additive rule has no default here because its scale depends on the inner optimizer.
+        hypergrad_lr: β of the rate update; ``None`` is the rule's default (seek: its fitted
+            tracking step; normalized: 0.02). The additive rule has no default here because its
+            scale depends on the inner optimizer.
         granularity: ``"group"``, ``"tensor"`` or ``"element"`` (default: "tensor").
-        rule: ``"normalized"`` or ``"additive"`` (default: "normalized").
+        rule: ``"seek"`` (ramp to the scale, then track; see :class:`metalr.AdamHD`),
+            ``"normalized"`` or ``"additive"`` (default: "seek").
+        seek: constants of the seek rule overriding its fitted defaults (default: None).
         lr_bounds: ``(min, max)`` for every effective rate ``lr × m`` (default: (0, inf)).
 
     State: per parameter the multiplier and one buffer (the previous direction, also used as

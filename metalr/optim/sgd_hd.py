@@ -34,11 +34,14 @@ class SGDHD(HypergradOptimizer):
         weight_decay: L2 penalty added to the gradient (default: 0).
         nesterov: Nesterov momentum (default: False).
         hypergrad_lr: β of the rate update; ``None`` picks the rule's default
-            (normalized: 0.02; additive: 1e-3 as in the paper) (default: None).
+            (seek: its fitted tracking step; normalized: 0.02; additive: 1e-3 as in the paper);
+            0 turns the adaptation off (default: None).
         granularity: ``"group"``, ``"tensor"`` or ``"element"`` (default: "tensor"; see
             :class:`metalr.AdamHD` for why).
-        rule: ``"normalized"`` (scale-free, positive) or ``"additive"`` (the paper's)
-            (default: "normalized").
+        rule: ``"seek"`` (ramp to the scale, then track; see :class:`metalr.AdamHD`),
+            ``"normalized"`` (scale-free, positive) or ``"additive"`` (the paper's)
+            (default: "seek").
+        seek: constants of the seek rule overriding its fitted defaults (default: None).
         lr_bounds: ``(min, max)`` for every effective rate (default: (0, inf)).
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor implementation (default: None, i.e. unless differentiable).

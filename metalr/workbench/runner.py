@@ -133,12 +133,13 @@ def train(task: Task, spec: dict[str, Any], lr: float | None, seed: int, steps: 
     O.set_mode(opt, "train")
     try:
         initial_val = log(0)
-        first, status = None, "ok"
+        first, status, peak = None, "ok", -math.inf
         for step in range(1, steps + 1):
             x, y = nxt()
             loss = task.loss(model(x), y)
             value = loss.detach().item()
             first = value if first is None else first
+            peak = max(peak, value)
             if not math.isfinite(value) or value > divergence * first:
                 status = "diverged"
                 break
@@ -164,6 +165,8 @@ def train(task: Task, spec: dict[str, Any], lr: float | None, seed: int, steps: 
             "final_test_loss": test, "final_train_loss": train_tail[0] if train_tail else None,
             "best_val_loss": min(curves["val_loss"]), "steps_done": step if diverged else steps,
             "final_lr": O.lr_summary(opt), "curves": curves,
+            # the largest minibatch training loss over the run ÷ the first one
+            "peak_train_ratio": peak / first if first else None,
             "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
 
 
