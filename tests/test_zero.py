@@ -34,6 +34,12 @@ def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _optimizer_kwargs(name: str) -> dict:
     return {
         "AdamHD": {"optimizer_class": metalr.AdamHD, "lr": 1e-2, "hypergrad_lr": 0.1},
+        "AdamHD-normalized": {
+            "optimizer_class": metalr.AdamHD,
+            "lr": 1e-2,
+            "hypergrad_lr": 0.1,
+            "rule": "normalized",
+        },  # fmt: skip
         "SGDHD": {
             "optimizer_class": metalr.SGDHD,
             "lr": 0.05,
@@ -44,7 +50,8 @@ def _optimizer_kwargs(name: str) -> dict:
 
 
 RUNS = [("AdamHD", "group", True), ("SGDHD", "group", True), ("AdamHD", "group", False),
-        ("AdamHD", "tensor", False)]  # fmt: skip
+        ("AdamHD", "tensor", False), ("AdamHD", "tensor", True),
+        ("AdamHD-normalized", "tensor", False)]  # fmt: skip
 
 
 def _train_sharded(rank: int, name: str, granularity: str, reduce: bool) -> dict:
@@ -124,8 +131,21 @@ def test_zero_without_the_reduction_drifts(sharded):
     assert drift or not torch.allclose(ctrl0, ctrl1, rtol=1e-6, atol=0)
 
 
-def test_zero_tensor_granularity_needs_no_reduction(sharded):
-    ranks = sharded[("AdamHD", "tensor", False)]
-    params, _ = _run_single("AdamHD", "tensor")
+def test_zero_tensor_granularity_needs_no_reduction_under_the_normalized_rule(sharded):
+    ranks = sharded[("AdamHD-normalized", "tensor", False)]
+    params, _ = _run_single("AdamHD-normalized", "tensor")
     for p, q in zip(ranks[0]["params"], params):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+
+
+def test_zero_seek_rule_needs_the_reduction_at_tensor_granularity_too(sharded):
+    """The seek rule's ramp reads the group cosine (a sum over the group's tensors): with
+    shard_group every rank equals single-process training; without it ranks part ways."""
+    params, rates = _run_single("AdamHD", "tensor")
+    for result in sharded[("AdamHD", "tensor", True)]:
+        for p, q in zip(result["params"], params):
+            torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+        for i, rate in result["rates"].items():
+            torch.testing.assert_close(rate, rates[i], rtol=1e-9, atol=0)
+    drifted = sharded[("AdamHD", "tensor", False)][0]["params"]
+    assert any(not torch.allclose(p, q, rtol=1e-6, atol=0) for p, q in zip(drifted, params))
