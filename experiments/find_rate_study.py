@@ -35,7 +35,7 @@ from metalr.workbench.tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY1 = ROOT / "experiments/results/ablate_study1/records.jsonl"
-BUDGETS = {"animal_cnn": 500, "charlm_gru": 500, "pysrc_transformer": 500, "fewshot_sinusoid": 100}
+BUDGETS = {"animal_cnn": 500, "charlm_gru": 500, "pysrc_transformer": 400, "fewshot_sinusoid": 100}
 FACTORS = (1e-4, 100.0)
 GOAL_STEPS, GOAL_PEAK = 100, 1.5
 
@@ -137,7 +137,9 @@ def headline(rows: list[tuple], seconds: float, seeds: list[int]) -> str:
     def steps_cell(hits: list[int | None]) -> str:
         if any(h is None for h in hits):
             got = [h for h in hits if h is not None]
-            return f"never on {len(hits) - len(got)}/{len(hits)}" + (f" (else {max(got)})" if got else "")
+            return f"never on {len(hits) - len(got)}/{len(hits)}" + (
+                f" (else {max(got)})" if got else ""
+            )
         return f"{statistics.mean(hits):.0f} ({min(hits)}–{max(hits)})"
 
     header = ("| task | best fixed rate r* | start | steps to within 2× of r* (mean, range) | "

@@ -30,13 +30,15 @@ later, so they serve only as starting points):
 * ``round2_trials.jsonl``: 38 trials with ``turn_lag``, without the peak term (its best, trial 4,
   scored 0.534 but let the training loss of a run started 100× too high rise ×12);
 * ``round3_trials.jsonl``: 9 trials with the peak term, before the 100× start joined the suite;
-* ``trials.jsonl``: the final round, with every term and start.
+* ``trials.jsonl``: the final round, with every term and start: 31 trials (run with
+  ``--trials 40``, which then counted the 9 enqueued trials as already done; fixed since). Its
+  best, trial 11, is what ships.
 
 The best trial of the final round is what ``metalr/functional/_controller.py`` ships. Resume: the Optuna study lives in
 ``<out>/study.db``; rerunning continues it.
 
     R=experiments/results/fit_controller
-    python experiments/fit_controller.py --trials 40 --top 8 \
+    python experiments/fit_controller.py --trials 31 --top 8 \
         --enqueue $R/exploration_trials.jsonl,$R/round1_trials.jsonl,$R/round2_trials.jsonl,$R/round3_trials.jsonl
     python experiments/fit_controller.py --trials 100     # from scratch
     python experiments/fit_controller.py --smoke          # seconds: 2 trials, 20-step runs
@@ -189,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         return value
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    remaining = max(0, trials - len(study.trials))
+    finished = [t for t in study.trials if t.state.is_finished()]
+    remaining = max(0, trials - len(finished))  # enqueued trials are part of the count
     study.optimize(objective, n_trials=remaining)
     best = {"objective": study.best_value, "trial": study.best_trial.number,
             "constants": study.best_params}  # fmt: skip

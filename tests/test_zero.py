@@ -39,7 +39,7 @@ def _optimizer_kwargs(name: str) -> dict:
             "lr": 1e-2,
             "hypergrad_lr": 0.1,
             "rule": "normalized",
-        },  # fmt: skip
+        },
         "SGDHD": {
             "optimizer_class": metalr.SGDHD,
             "lr": 0.05,
