@@ -1,0 +1,54 @@
+"""Smoke versions of issue 10's scripts: the controller fit and the finding-the-rate study."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+
+
+def test_fit_controller_smoke_writes_trials_reference_and_best(tmp_path):
+    pytest.importorskip("optuna")
+    import fit_controller
+
+    fit_controller.main(["--smoke", "--out", str(tmp_path)])
+    trials = [json.loads(line) for line in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    assert len(trials) == 2
+    assert trials[0]["constants"]["init_scale"] == fit_controller.START["init_scale"]  # enqueued
+    # every task × (two grid ends + 100× its best Adam rate)
+    assert len(trials[0]["cells"]) == 3 * len(fit_controller.SUITE)
+    reference = json.loads((tmp_path / "reference.json").read_text())
+    assert set(reference) == set(fit_controller.SUITE)
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["objective"] == min(t["objective"] for t in trials)
+    # resuming with the same count runs nothing more
+    fit_controller.main(["--smoke", "--out", str(tmp_path)])
+    assert len((tmp_path / "trials.jsonl").read_text().splitlines()) == 2
+
+
+def test_find_rate_study_smoke(tmp_path, capsys):
+    import find_rate_study
+
+    assert find_rate_study.main(["--smoke", "--out", str(tmp_path)]) == 0
+    records = [json.loads(x) for x in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert {r["factor"] for r in records} == {1e-4, 100.0}
+    assert all(r["final_rate"] > 0 for r in records)
+    assert "Finding the rate" in (tmp_path / "headline.md").read_text()
+
+
+def test_steps_to_within_and_best_rates(tmp_path):
+    import find_rate_study
+
+    assert find_rate_study.steps_to_within([1e-6, 1e-4, 6e-3, 1e-2], 1e-2) == 3
+    assert find_rate_study.steps_to_within([1e-6, 1e-5], 1e-2) is None
+    path = tmp_path / "records.jsonl"
+    rows = [{"task": "a", "optimizer": "adam", "lr": lr, "seed": s, "final_val_loss": v}
+            for lr, v in ((1e-3, 0.5), (1e-2, 0.2), (1e-1, float("inf"))) for s in (0, 1)]  # fmt: skip
+    rows.append({"task": "a", "optimizer": "adam_hd", "lr": 1e-1, "seed": 0, "final_val_loss": 0.1})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert find_rate_study.best_adam_rates(path) == {"a": 1e-2}
