@@ -13,7 +13,8 @@ transfer (``configs/ablate_study6_one_run.yaml`` reports them apart):
 * ``diabetes_mlp``: regression of sklearn's bundled diabetes progression target (442 patients,
   10 features, standardized) with a 10-64-64-1 ReLU MLP: it overfits within a few hundred steps.
 
-Each builder returns ``(make_model, splits, batch_size, loss)`` for :func:`make_task`.
+Each builder returns ``(make_model, splits, batch_size, loss)`` for :func:`make_task` (the
+shared helpers come from :mod:`metalr.workbench.tasks`, imported when a builder runs).
 """
 
 from __future__ import annotations
@@ -75,19 +76,6 @@ class CharTransformer(nn.Module):
         return self.head(self.norm(h))
 
 
-def _ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-
-
-def _mlp(widths: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i in range(len(widths) - 1):
-        layers.append(nn.Linear(widths[i], widths[i + 1]))
-        if i < len(widths) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
 def _split(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> list[Split]:
     """60/20/20 train/validation/test after a fixed shuffle."""
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
@@ -97,6 +85,8 @@ def _split(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> list[Split]:
 
 
 def build_pysrc_transformer(spec: dict[str, Any]) -> Built:
+    from metalr.workbench.tasks import _ce
+
     text = stdlib_text()[: spec["chars"]]
     vocab = sorted(set(text))
     lookup = {c: i for i, c in enumerate(vocab)}
@@ -112,7 +102,7 @@ def build_pysrc_transformer(spec: dict[str, Any]) -> Built:
 
 
 def build_animal_autoencoder(spec: dict[str, Any]) -> Built:
-    from metalr.workbench.tasks import _animal_mnist
+    from metalr.workbench.tasks import _animal_mnist, _mlp
 
     x, _ = _animal_mnist()
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))[: spec["examples"]]
@@ -123,6 +113,8 @@ def build_animal_autoencoder(spec: dict[str, Any]) -> Built:
 
 
 def build_diabetes_mlp(spec: dict[str, Any]) -> Built:
+    from metalr.workbench.tasks import _mlp
+
     try:
         from sklearn.datasets import load_diabetes
     except ImportError as exc:  # pragma: no cover - only without the extra
