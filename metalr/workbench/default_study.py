@@ -7,11 +7,9 @@ TEXT = """\
 # hardware: 2-core CPU, 1 torch thread, torch 2.13 CPU
 # time:     ~50 s (120 runs of 300 full-batch steps, then the report; ~0.34 s of CPU a run);
 #           --smoke: ~3 s. A rerun skips every recorded run ("120 cached, 0 run").
-# expected: digits_mlp final val loss at the best lr (mean of 3 seeds): Adam 0.090 (lr 1e-2),
-#           AdamHD 0.088 (1e-4), SGD 0.079 (1), SGD-HD 0.082 (1e-2), all four tied (their 95%
-#           intervals overlap); AdamHD is within 10% of its best from lr 1e-4 and 1e-3, where
-#           Adam's loss is 17x and 1.3x AdamHD's
-#           (measured: experiments/results/ablate_default/report.md).
+# expected: digits_mlp final val loss (mean of 3 seeds): Adam 0.090 at its best lr (1e-2), 0.78
+#           at 1e-1, 176 at 1; AdamHD (seek rule) 0.110-0.127 from every lr0; SGD 0.079 (lr 1);
+#           SGD-HD 0.084 from every lr0 (measured: experiments/results/ablate_default/report.md).
 # Writes runs/ablate/ablate_default/{records.jsonl,curves/,report.md,summary.csv,*.png}.
 name: ablate_default
 tasks: [digits_logreg, digits_mlp]
