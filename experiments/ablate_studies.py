@@ -252,8 +252,10 @@ def headline5() -> str:
 HEADLINES = {1: headline1, 2: headline2, 3: headline3, 4: headline4, 5: headline5, 6: headline6}
 
 
-def trim_curves() -> None:
-    folders = [RESULTS / f"ablate_study{n}" / "curves" for n in CONFIGS]
+def trim_curves(studies: list[int]) -> None:
+    """Drop the curve folders of the studies just run when they exceed the size limit (their
+    report's plots are already written); other studies' committed curves are left alone."""
+    folders = [RESULTS / f"ablate_study{n}" / "curves" for n in studies]
     total = sum(f.stat().st_size for d in folders if d.is_dir() for f in d.iterdir())
     print(f"curve folders: {total / 2**20:.1f} MiB", flush=True)
     if total > CURVES_LIMIT:  # the report's curve plots are already written
@@ -275,7 +277,7 @@ def main() -> int:
         (RESULTS / f"ablate_study{n}" / "headline.md").write_text(text)
         print(text, flush=True)
     if not args.headlines_only:
-        trim_curves()
+        trim_curves(args.studies)
     return 0
 
 
