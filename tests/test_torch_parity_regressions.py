@@ -21,6 +21,7 @@ from torch.optim.optimizer import (
 )
 
 import metalr
+from metalr.functional._controller import SEEK_DEFAULTS
 from metalr.optim._base import RATE_KEY
 
 
@@ -44,25 +45,33 @@ def _train(params: list[Tensor], optimizer: torch.optim.Optimizer, steps: int, s
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("granularity", ["group", "tensor"])
+@pytest.mark.parametrize(
+    ("granularity", "rule"), [("group", "normalized"), ("tensor", "normalized"), ("tensor", "seek")]
+)
 @pytest.mark.parametrize("name", ["SGDHD", "AdamHD"])
-def test_fused_float64_rates_adapt_like_eager(name: str, granularity: str) -> None:
-    """torch 2.13's compile dropped in-place writes to 0-d float64 CPU inputs: rates stayed 1."""
+def test_fused_float64_rates_adapt_like_eager(name: str, granularity: str, rule: str) -> None:
+    """torch 2.13's compile dropped in-place writes to 0-d float64 CPU inputs: rates stayed put."""
     cls = getattr(metalr, name)
     torch._dynamo.reset()
     results = {}
     for fused in (True, False):
         p = torch.nn.Parameter(torch.randn(8, dtype=torch.float64, generator=_gen()))
-        opt = cls([p], lr=0.01, granularity=granularity, fused=fused, foreach=None)
+        opt = cls([p], lr=0.01, granularity=granularity, fused=fused, foreach=None, rule=rule)
         for _ in range(3):
             p.grad = p.detach() - 1
             opt.step()
-        results[fused] = (p.detach().clone(), opt.state[p][RATE_KEY].clone())
-    (p_fused, m_fused), (p_eager, m_eager) = results[True], results[False]
+        results[fused] = (p.detach().clone(), opt.state[p][RATE_KEY].clone(), opt.state[p])
+    (p_fused, m_fused, st_fused), (p_eager, m_eager, st_eager) = results[True], results[False]
     assert m_fused.dtype == torch.float64 and m_fused.dim() == 0
-    assert m_fused.item() > 1.03, "the multiplier never adapted"
     torch.testing.assert_close(m_fused, m_eager, rtol=1e-12, atol=0)
     torch.testing.assert_close(p_fused, p_eager, rtol=1e-12, atol=1e-14)
+    if rule == "seek":  # the ramp moved the rate off its start, and the controller matches eager
+        assert m_fused.item() > 1.3 * SEEK_DEFAULTS["init_scale"], "the multiplier never adapted"
+        torch.testing.assert_close(
+            st_fused["hd_controller"], st_eager["hd_controller"], rtol=1e-12, atol=0
+        )
+        return
+    assert m_fused.item() > 1.03, "the multiplier never adapted"
     if name == "SGDHD":  # two cosine-1 updates of log m by β = 0.02
         assert m_fused.item() == pytest.approx(1.0408, abs=1e-4)
 
