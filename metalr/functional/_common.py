@@ -135,7 +135,7 @@ def commit_update(
     new_rates, finite, new_controllers = update
     commit_rates(rates, new_rates, finite, known_finite)
     if controllers:  # a list of their own: rates may be sharded (DTensor), controllers never are
-        commit_rates(list(controllers), new_controllers, finite, known_finite)
+        commit_rates(list(controllers), new_controllers, finite, known_finite=True)  # gated
 
 
 def torch_fused_kernel_applies(

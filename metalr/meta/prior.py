@@ -27,9 +27,6 @@ import datetime
 import importlib.metadata
 import importlib.util
 import json
-import os
-import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +38,7 @@ from metalr.functional import rate_dtype
 from metalr.functional._controller import settled_controller
 from metalr.meta.config import INNER_RULES, MetaConfig
 from metalr.meta.parametrize import MetaParameters
+from metalr.meta.results import _atomic
 from metalr.optim import SGDHD, AdamHD
 from metalr.optim._base import CONTROLLER_KEY, RATE_KEY, HypergradOptimizer
 
@@ -157,10 +155,12 @@ class LRPrior:
             from safetensors.torch import save as to_bytes
 
             data = to_bytes(tensors, metadata={"metalr": json.dumps(meta)})
-            _write_atomic(path, lambda f: f.write(data))
+            _atomic(path, lambda f: f.write(data), "wb")
         else:
-            _write_atomic(
-                path, lambda f: torch.save({"metadata": json.dumps(meta), "tensors": tensors}, f)
+            _atomic(
+                path,
+                lambda f: torch.save({"metadata": json.dumps(meta), "tensors": tensors}, f),
+                "wb",
             )
 
     @classmethod
@@ -190,26 +190,6 @@ class LRPrior:
             base_lr=meta["base_lr"], hypergrad_rule=meta["hypergrad_rule"],
             provenance=meta["provenance"], **parts,  # type: ignore[arg-type]
         )  # fmt: skip
-
-
-def _write_atomic(path: str | Path, write: Callable[[Any], Any]) -> None:
-    """``write(file)`` into a temporary file beside ``path``, then ``os.replace`` it there.
-
-    The temporary file is created with mode ``0o666`` filtered by the process umask (as
-    ``open(path, "wb")`` would), not ``tempfile``'s ``0o600``.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _version(package: str) -> str:

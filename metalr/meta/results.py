@@ -15,7 +15,7 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
+import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,19 +27,24 @@ RESULTS_FORMAT = "metalr.run-results/1"
 
 
 def _atomic(path: str | Path, write: Callable[[Any], None], mode: str) -> Path:
+    """``write(file)`` into a temporary file beside ``path``, then ``os.replace`` it there.
+
+    The temporary file is opened with mode ``0o666`` filtered by the process umask (``0o644``
+    under umask ``022``), as ``open(path, "w")`` would create it, not ``tempfile``'s ``0o600``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a run's outputs are ordinary files
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if tmp.exists():
+            tmp.unlink()
     return path
 
 

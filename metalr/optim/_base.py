@@ -57,8 +57,16 @@ class HypergradOptimizer(Optimizer):
         if RATE_KEY not in state:
             state[RATE_KEY] = initial_rate(param, group["granularity"], initial_multiplier(group))
             if group["rule"] == "seek":  # with the rate, so the state is created in one go
-                state[CONTROLLER_KEY] = initial_controller(param, rate_dtype(param), group["seek"])
+                self._controller(param, group)
         return state[RATE_KEY]
+
+    def _controller(self, param: Tensor, group: dict[str, Any]) -> Tensor:
+        """The seek rule's controller vector of ``param``, created on first use (in the rate
+        dtype, on the parameter's device: :func:`metalr.functional._controller.initial_controller`)."""
+        state = self.state[param]
+        if CONTROLLER_KEY not in state:
+            state[CONTROLLER_KEY] = initial_controller(param, rate_dtype(param), group["seek"])
+        return state[CONTROLLER_KEY]
 
     def _group_rates(self, group: dict[str, Any]) -> list[tuple[Tensor, Tensor]]:
         """(param, multiplier) pairs; parameters not stepped yet read their initial multiplier
@@ -72,20 +80,10 @@ class HypergradOptimizer(Optimizer):
         return pairs
 
     def _controller_args(self, group: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
-        """``controllers`` and ``seek`` for the rule of ``group`` (empty unless ``"seek"``).
-
-        The controller vectors are created on first use, in the rate dtype, on the parameter's
-        device (:func:`metalr.functional._controller.initial_controller`).
-        """
+        """``controllers`` and ``seek`` for the rule of ``group`` (empty unless ``"seek"``)."""
         if group["rule"] != "seek":
             return {}
-        controllers = []
-        for p in params:
-            state = self.state[p]
-            if CONTROLLER_KEY not in state:
-                state[CONTROLLER_KEY] = initial_controller(p, rate_dtype(p), group["seek"])
-            controllers.append(state[CONTROLLER_KEY])
-        return {"controllers": controllers, "seek": group["seek"]}
+        return {"controllers": [self._controller(p, group) for p in params], "seek": group["seek"]}
 
     def _set_shard_group(self, shard_group: Any, fused: bool | None) -> None:
         if shard_group is not None and fused:
