@@ -193,7 +193,7 @@ def seek_update(
     # the per-tensor normalised signal (in [-1, 1]) less the evidence it must exceed to climb
     track = m_hat / (torch.sqrt(v_hat) + 1e-8) - seek["evidence"]
 
-    # log-space moves per tensor (element rates add their own sign term in phase 2)
+    # log-space moves per tensor (the ramp, or the turn's roll-back and cut)
     log_cut = math.log(seek["turn_cut"])
     # the turn is seen late (the average lags): roll back turn_lag ramp steps, then cut
     rollback = log_cut - seek["turn_lag"] * ramp
@@ -248,7 +248,7 @@ def _tie(log_rates: list[Tensor], sizes: Sequence[int], tie: float) -> list[Tens
     if math.isinf(tie):
         return log_rates
     stacked = torch.stack(log_rates)
-    weights = torch.tensor(sizes, dtype=stacked.dtype, device=stacked.device)
-    centre = (stacked * weights).sum() / weights.sum()
+    total = sum(sizes)  # Python weights: no host-to-device copy inside the step
+    centre = sum(x * (n / total) for x, n in zip(log_rates, sizes))
     width = math.log(tie)
     return list(torch.clamp(stacked, min=centre - width, max=centre + width).unbind(0))
