@@ -56,3 +56,9 @@ def test_missing_peer_names_its_pip_package(monkeypatch):
     monkeypatch.setattr(O, "peer_available", lambda kind: False)
     with pytest.raises(ImportError, match='pip install "torch==2.13.0" dog-optimizer'):
         O.build_optimizer({"kind": "dog"}, [torch.nn.Parameter(torch.zeros(2))], None)
+
+
+def test_install_hints_name_the_pip_packages():
+    assert O.peer_package("dog") == "dog-optimizer"
+    assert O.peer_package("mechanic") == "mechanic-pytorch"
+    assert O.peer_package("prodigy") == "prodigyopt"

@@ -209,7 +209,7 @@ def run_cell(cell: dict[str, Any], device: str = "cpu", *, progress: bool = Fals
     base.update(kind=kind, spec=spec, format=RECORD_FORMAT)
     if kind in O.PEERS and not O.peer_available(kind):
         return {**base, "status": "not installed", "lr_used": None, "extra": {
-            "install": f'pip install "torch==2.13.0" {O.PEERS[kind][0]}'},
+            "install": f'pip install "torch==2.13.0" {O.peer_package(kind)}'},
             "wall_time_s": 0.0, "curves": None}  # fmt: skip
     task = _task(cell["task"], cell["size"], device, cell["fallback_text"])
     args = (cell["seed"], cell["steps"], cell["log_every"], cell["divergence"], device)
