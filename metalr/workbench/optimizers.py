@@ -54,6 +54,7 @@ import torch
 from torch.optim import lr_scheduler as S
 
 import metalr
+from metalr.workbench import layerwise as L
 from metalr.workbench import peers
 from metalr.workbench.search import OPTUNA_INSTALL, SEARCHES, optuna_available
 
@@ -73,10 +74,12 @@ PEERS = {
 SEARCHED = ("range_test_adam", "tuned_adam")
 KINDS = (*TORCH, *METALR, "hyperlr", *PEERS, *SEARCHED)
 SCHEDULES = ("none", "step", "exponential", "polynomial", "cosine", "warmup_cosine", "cyclic",
-             "onecycle")  # fmt: skip
+             "onecycle", "linear_warmup")  # fmt: skip
 META_KEYS = {"kind", "schedule", "schedule_args", "base", "base_args",  # not constructor kwargs
              "search", "trials", "lr_range", "trial_steps", "range_test",
-             "prior", "prior_weights", "hypergrad_warmup"}  # fmt: skip
+             "prior", "prior_weights", "hypergrad_warmup",
+             # metalr.workbench.layerwise: layer-wise rates, batch size, a spec's own lr grid
+             "layer_decay", "freeze_body", "layer_decay_range", "batch_size", "epochs", "lrs"}  # fmt: skip
 WARMUP_KEYS = ("factor", "steps")
 
 
@@ -135,6 +138,9 @@ def build_for_model(
     if spec["kind"] == "dog" and peer_available("dog"):  # averages the model's weights
         return peers.build_dog(model, **{k: v for k, v in spec.items() if k not in META_KEYS})
     if spec.get("prior") is None:
+        if L.uses_groups(spec):  # one group per layer (depth from the head)
+            groups = L.param_groups(model, lr, spec.get("layer_decay") or 1.0)
+            return build_optimizer(spec, groups, lr)
         return build_optimizer(spec, model.parameters(), lr)
     from metalr.meta.prior import load_prior, param_groups_from_prior
     from metalr.workbench.priors import prior_for_spec
@@ -174,6 +180,8 @@ def build_schedule(spec: dict[str, Any], opt: torch.optim.Optimizer, steps: int)
     """A torch scheduler stepped once per optimizer step over ``steps`` steps (or None)."""
     name = spec.get("schedule", "none")
     a = dict(spec.get("schedule_args") or {})
+    if spec.get("freeze_body") is not None:
+        return L.freeze_schedule(opt, spec["freeze_body"], steps)
     if name == "none":
         if a:
             raise ValueError(f"schedule_args {a} given without a schedule")
@@ -194,6 +202,9 @@ def build_schedule(spec: dict[str, Any], opt: torch.optim.Optimizer, steps: int)
         sched = S.SequentialLR(opt, [
             S.LinearLR(opt, start_factor=take("start_factor", 0.01), total_iters=warm),
             S.CosineAnnealingLR(opt, T_max=max(1, steps - warm))], milestones=[warm])  # fmt: skip
+    elif name == "linear_warmup":  # start_factor × lr → lr over the first `warmup` of the run
+        warm = max(1, int(take("warmup", 0.1) * steps))
+        sched = S.LinearLR(opt, start_factor=take("start_factor", 0.01), total_iters=warm)
     elif name == "cyclic":  # triangular between lr × base_factor and lr
         lr = opt.param_groups[0]["lr"]
         half = max(1, steps // (2 * take("cycles", 4)))
@@ -292,6 +303,7 @@ def check_spec(name: str, spec: Any) -> dict[str, Any]:
         _check_prior(name, spec)
     if "hypergrad_warmup" in spec:
         _check_warmup(name, spec)
+    L.check(name, spec)
     if kind in PEERS and not peer_available(kind):
         return spec  # recorded as "not installed" by the runner
     search = spec.get("search", "grid")

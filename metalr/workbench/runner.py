@@ -30,6 +30,7 @@ many ran: ``ablate_default: 80 cached, 0 run (0.1 s)``.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import json
@@ -46,10 +47,11 @@ from metalr.integrations import unwrap_optimizer
 from metalr.integrations.tensorboard import log_effective_lrs
 from metalr.meta.results import _atomic, atomic_write_json, config_sha256, json_safe, provenance
 from metalr.workbench import executors as E
+from metalr.workbench import layerwise as L
 from metalr.workbench import optimizers as O
 from metalr.workbench.config import StudyConfig
 from metalr.workbench.find_lr import find_lr
-from metalr.workbench.search import search_lrs
+from metalr.workbench.search import search_lr_decay, search_lrs
 from metalr.workbench.tasks import Task, make_task
 
 RECORD_FORMAT = "metalr.ablate-record/1"
@@ -72,7 +74,7 @@ def expand(cfg: StudyConfig) -> list[dict[str, Any]]:
         for name, spec in cfg.optimizers.items():
             if not O.applies_to(spec, task):
                 continue
-            lrs = cfg.lrs if O.uses_lr(spec) else [None]
+            lrs = spec.get("lrs", cfg.lrs) if O.uses_lr(spec) else [None]
             for lr in lrs:
                 for seed in cfg.seeds:
                     cell = {"task": task, "size": cfg.size, "optimizer": name, "spec": spec,
@@ -164,7 +166,7 @@ def train(task: Task, spec: dict[str, Any], lr: float | None, seed: int, steps: 
     return {"status": status, "initial_val_loss": initial_val, "final_val_loss": final_val,
             "final_test_loss": test, "final_train_loss": train_tail[0] if train_tail else None,
             "best_val_loss": min(curves["val_loss"]), "steps_done": step if diverged else steps,
-            "final_lr": O.lr_summary(opt), "curves": curves,
+            "final_lr": {**O.lr_summary(opt), "geomean": L.lr_geomean(opt)}, "curves": curves,
             # the largest minibatch training loss over the run ÷ the first one
             "peak_train_ratio": peak / first if first else None,
             "params": sum(p.numel() for p in model.parameters())}  # fmt: skip
@@ -212,7 +214,11 @@ def run_cell(cell: dict[str, Any], device: str = "cpu", *, progress: bool = Fals
             "install": f'pip install "torch==2.13.0" {O.peer_package(kind)}'},
             "wall_time_s": 0.0, "curves": None}  # fmt: skip
     task = _task(cell["task"], cell["size"], device, cell["fallback_text"])
-    args = (cell["seed"], cell["steps"], cell["log_every"], cell["divergence"], device)
+    steps = cell["steps"]
+    if spec.get("batch_size") is not None:  # and with `epochs`, its own step budget
+        task = dataclasses.replace(task, batch_size=spec["batch_size"])
+        steps = base["steps"] = L.run_steps(spec, len(task.splits(0)[0][0]), steps)
+    args = (cell["seed"], steps, cell["log_every"], cell["divergence"], device)
     lr, extra = cell["lr"], {}
     if kind == "range_test_adam":
         x_y = task.batches(cell["seed"] + 500)
@@ -221,8 +227,23 @@ def run_cell(cell: dict[str, Any], device: str = "cpu", *, progress: bool = Fals
                      lambda m, b: task.loss(m(b[0]), b[1]), x_y,
                      num_steps=cell["range_test_steps"])  # fmt: skip
         lr, extra = rt.suggested_lr, {"range_test": rt.to_dict()}
+    elif kind == "tuned_adam" and spec.get("layer_decay_range") is not None:
+        trial_steps = spec.get("trial_steps", steps)
+
+        def score2(trial_lr: float, gamma: float) -> float:
+            trial = {**spec, "layer_decay": gamma}
+            return train(task, trial, trial_lr, cell["seed"], trial_steps, *args[2:],
+                         progress=progress)["final_val_loss"]  # fmt: skip
+
+        trials, scores = search_lr_decay(spec, cell["seed"], score2)
+        lr, gamma = trials[min(range(len(trials)), key=scores.__getitem__)]
+        spec = {**spec, "layer_decay": gamma}
+        extra = {"search": spec.get("search", "grid"), "trials": len(trials),
+                 "trial_steps_total": trial_steps * len(trials), "trial_lrs": [t[0] for t in trials],
+                 "trial_layer_decays": [t[1] for t in trials], "trial_val_losses": scores,
+                 "layer_decay": gamma}  # fmt: skip
     elif kind == "tuned_adam":
-        trial_steps = spec.get("trial_steps", cell["steps"])
+        trial_steps = spec.get("trial_steps", steps)
 
         def score(trial_lr: float) -> float:  # selected on the validation split
             return train(task, spec, trial_lr, cell["seed"], trial_steps, *args[2:],

@@ -46,6 +46,8 @@ from torch.nn import functional as F
 
 from metalr.workbench.heldout_tasks import BUILDERS as HELDOUT_BUILDERS
 from metalr.workbench.heldout_tasks import HELDOUT_SPECS
+from metalr.workbench.transfer_tasks import SPECS as TRANSFER_SPECS
+from metalr.workbench.transfer_tasks import build_transfer
 
 SIZES = ("smoke", "full")
 BIBLE_INSTALL = "apt-get install -y bible-kjv"
@@ -316,6 +318,7 @@ SPECS: dict[str, dict[str, dict[str, Any]]] = {
                          "full": {"k_shot": 10, "hidden": [40, 40], "batch_size": None}},
 }  # fmt: skip
 SPECS.update(HELDOUT_SPECS)  # never used to fit the "seek" controller (see heldout_tasks)
+SPECS.update(TRANSFER_SPECS)  # pretrained body + fresh head (see transfer_tasks)
 TASKS = tuple(SPECS)
 
 
@@ -331,6 +334,10 @@ def make_task(
     spec = SPECS[name][size]
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _ce
     splits_for_seed = None
+    if name in TRANSFER_SPECS:
+        make_model, splits, batch_size, loss = build_transfer(name, spec, size, fallback_text)
+        splits = [(xs.to(device), ys.to(device)) for xs, ys in splits]
+        return Task(name, size, make_model, *splits, batch_size=batch_size, loss=loss)
     if name in HELDOUT_BUILDERS:
         make_model, splits, batch_size, loss = HELDOUT_BUILDERS[name](spec)
         splits = [(xs.to(device), ys.to(device)) for xs, ys in splits]
