@@ -1,12 +1,13 @@
-"""Issue 4's four ablation studies (and study 5, a follow-up to study 1): run each grid with
+"""Issue 4's four ablation studies and the follow-ups (5, 6; issue 13's 7: transfer learning with
+layer-wise rates, 8: batch size and the learning rate): run each grid with
 ``metalr ablate``, write its report with ``metalr report``, then print (and write) the headline
 numbers of each study.
 
-    python experiments/ablate_studies.py            # all five studies (resumes finished cells)
+    python experiments/ablate_studies.py            # all studies (resumes finished cells)
     python experiments/ablate_studies.py 1 3        # only studies 1 and 3
     python experiments/ablate_studies.py --headlines-only   # recompute the headlines
 
-Configs: ``configs/ablate_study{1..5}_*.yaml`` (each header gives its command, hardware, wall
+Configs: ``configs/ablate_study{1..8}_*.yaml`` (each header gives its command, hardware, wall
 time and expected headline). Outputs: ``experiments/results/ablate_study<N>/`` (records.jsonl,
 curves/, report.md, summary.csv, PNGs) and ``experiments/results/ablate_study<N>/headline.md``.
 
@@ -29,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import one_run_goals  # experiments/ is not a package
+import transfer_batch_studies
 
 CONFIGS = {
     1: "configs/ablate_study1_lr_sensitivity.yaml",
@@ -37,6 +39,8 @@ CONFIGS = {
     4: "configs/ablate_study4_schedules.yaml",
     5: "configs/ablate_study5_fast_start.yaml",
     6: "configs/ablate_study6_seek_components.yaml",
+    7: "configs/ablate_study7_transfer.yaml",
+    8: "configs/ablate_study8_batch_size.yaml",
 }
 RESULTS = ROOT / "experiments" / "results"
 CURVES_LIMIT = 5 * 2**20  # drop per-step curve folders beyond ~5 MB in total
@@ -249,7 +253,18 @@ def headline5() -> str:
     )
 
 
-HEADLINES = {1: headline1, 2: headline2, 3: headline3, 4: headline4, 5: headline5, 6: headline6}
+def headline7() -> str:
+    folder = RESULTS / "ablate_study7"
+    recs = transfer_batch_studies.attach_curves(records(7), folder)
+    return transfer_batch_studies.headline7(recs, folder)
+
+
+def headline8() -> str:
+    return transfer_batch_studies.headline8(records(8), RESULTS / "ablate_study8")
+
+
+HEADLINES = {1: headline1, 2: headline2, 3: headline3, 4: headline4, 5: headline5, 6: headline6,
+             7: headline7, 8: headline8}
 
 
 def trim_curves(studies: list[int]) -> None:

@@ -6,7 +6,9 @@ optionally learned initial weights. ``prior: <file>`` reads one written by ``met
 :class:`~metalr.meta.MetaLearner` and cached in ``$METALR_CACHE/workbench/priors`` under the
 SHA-256 of everything that determines it (task, size, meta-config, iterations).
 
-Only ``fewshot_sinusoid`` has a task prior (:data:`TASK_PRIORS`): MAML's sinusoid distribution,
+The transfer tasks' priors (``animal_transfer``) are meta-trained on fine-tuning episodes of their
+pretraining split: :mod:`metalr.workbench.transfer_priors`. Of the others, only
+``fewshot_sinusoid`` has a task prior (:data:`TASK_PRIORS`): MAML's sinusoid distribution,
 K support and K query points per task, the same 1-40-40-1 MLP, per-tensor rates, learned
 initial weights. Its inner rule is the optimizer's (``sgd_hd`` for ``sgd_hd`` and
 ``hyperlr`` on SGD, ``adam_hd`` for ``adam_hd``, ``adamw_hd`` and ``hyperlr`` on Adam). The
@@ -47,6 +49,7 @@ import torch
 from metalr.meta.config import MetaConfig
 from metalr.meta.prior import LRPrior
 from metalr.meta.results import config_sha256
+from metalr.workbench.transfer_priors import TRANSFER_PRIORS
 
 FORMAT = "metalr.workbench-task-prior/1"  # bump to invalidate every cached prior
 _META = {"rates": "tensor", "learn_init": True, "learn_hypergrad_lr": False,
@@ -58,6 +61,8 @@ TASK_PRIORS: dict[str, dict[str, dict[str, Any]]] = {
         "full": {"iterations": 600, "meta": {**_META, "inner_steps": 5, "meta_batch_size": 20}},
     },
 }
+
+TASK_PRIORS.update(TRANSFER_PRIORS)
 
 
 def inner_rule(spec: dict[str, Any]) -> str:
@@ -103,6 +108,10 @@ def meta_train(task: str, size: str, rule: str) -> LRPrior:
     from metalr.tasks.sinusoid import SinusoidTasks
     from metalr.workbench.tasks import SPECS, _mlp
 
+    if task in TRANSFER_PRIORS:
+        from metalr.workbench import transfer_priors
+
+        return transfer_priors.meta_train(task, size, rule)
     cfg, iterations = meta_config(task, size, rule)
     spec = SPECS[task][size]
     tic = time.perf_counter()
@@ -126,6 +135,10 @@ def cache_path(task: str, size: str, rule: str) -> Path:
     cfg, iterations = meta_config(task, size, rule)
     key = {"format": FORMAT, "task": task, "size": size, "task_spec": SPECS[task][size],
            "iterations": iterations, "meta": cfg.to_dict()}  # fmt: skip
+    if task in TRANSFER_PRIORS:
+        from metalr.workbench.transfer_priors import cache_key
+
+        key = {"format": FORMAT, "task": task, "size": size, **cache_key(task, size, rule)}
     return cache_dir() / "priors" / f"{task}-{size}-{rule}-{config_sha256(key)[:16]}.pt"
 
 

@@ -150,7 +150,7 @@ def pretrain(name: str, size: str) -> dict[str, torch.Tensor]:
             torch.set_num_threads(threads)
     body = {k: v.detach().clone() for k, v in model.state_dict().items()
             if not k.startswith("head.")}  # fmt: skip
-    body["_pretrain_loss"] = torch.tensor(float(loss))
+    body["_pretrain_loss"] = torch.tensor(float(loss.detach()))
     body["_pretrain_s"] = torch.tensor(time.perf_counter() - tic)
     return body
 

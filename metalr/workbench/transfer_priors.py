@@ -1,0 +1,111 @@
+"""Meta-learned per-tensor rate priors for the transfer tasks (``prior: task``; issue 13).
+
+Protocol: the prior is meta-trained ONLY on fine-tuning episodes built from the *pretraining*
+split, never on the data a run fine-tunes on. An episode is the transfer problem in miniature:
+the pretrained body (:func:`metalr.workbench.transfer_tasks.pretrained_body`) with a fresh head,
+fine-tuned on a few examples with a freshly permuted labelling and scored on held-in query
+examples of the same episode:
+
+* ``animal_transfer``: the 5 pretraining classes (Animal-MNIST 0-4) under a random label
+  permutation (the head must be relearned), ``shots`` support and ``query`` query images a class
+  from the pretraining images;
+* ``text_transfer``: not available (the meta-learner's ``vmap`` inner loop does not run the
+  GRU; see :data:`TRANSFER_PRIORS`).
+
+The meta-learner (:class:`metalr.meta.MetaLearner`) runs the optimizer's own rule in its inner loop
+(``adam_hd``: normalized hypergradient rule, β = 0.02 fixed) and learns one rate per tensor
+(``rates: tensor``); the initial weights are not learned (``learn_init: false``: the body is the
+pretrained one, the head a fixed fresh draw). A fine-tuning run then starts AdamHD at the learned
+per-tensor rates and, with the ``"seek"`` rule, tracks from there without a new ramp
+(:func:`metalr.meta.load_prior`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from metalr.tasks.base import TaskBatch
+
+_META = {"rates": "tensor", "learn_init": False, "learn_hypergrad_lr": False,
+         "hypergrad_lr": 0.02, "inner_lr": 1e-3, "meta_lr": 0.05, "seed": 0}  # fmt: skip
+# task → size → {"iterations", "episode": sampler options, "meta": MetaConfig options}
+TRANSFER_PRIORS: dict[str, dict[str, dict[str, Any]]] = {
+    "animal_transfer": {
+        "smoke": {"iterations": 5, "episode": {"shots": 2, "query": 2},
+                  "meta": {**_META, "inner_steps": 2, "meta_batch_size": 2}},
+        "full": {"iterations": 100, "episode": {"shots": 10, "query": 10},
+                 "meta": {**_META, "inner_steps": 10, "meta_batch_size": 4}},
+    },
+}  # fmt: skip
+
+
+class PretrainEpisodes:
+    """Few-shot episodes from a labelled pretraining set: every class, a random relabelling,
+    ``shots`` support and ``query`` query examples a class (``sample(n, generator)``)."""
+
+    loss_name = "cross_entropy"
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, shots: int, query: int) -> None:
+        self.x, self.shots, self.query = x, shots, query
+        self.by_class = [torch.nonzero(y == c).squeeze(1) for c in sorted(set(y.tolist()))]
+
+    def sample(self, n: int, generator: torch.Generator) -> TaskBatch:
+        out: list[list[torch.Tensor]] = [[], [], [], []]
+        k = len(self.by_class)
+        for _ in range(n):
+            labels = torch.randperm(k, generator=generator)
+            sx, sy, qx, qy = [], [], [], []
+            for c, idx in enumerate(self.by_class):
+                pick = idx[torch.randperm(len(idx), generator=generator)[: self.shots + self.query]]
+                sx.append(self.x[pick[: self.shots]])
+                qx.append(self.x[pick[self.shots :]])
+                sy.append(labels[c].repeat(self.shots))
+                qy.append(labels[c].repeat(self.query))
+            for part, items in zip(out, (sx, sy, qx, qy)):
+                part.append(torch.cat(items))
+        return TaskBatch(*(torch.stack(part) for part in out))
+
+
+def meta_config(task: str, size: str, rule: str) -> tuple[Any, int]:
+    from metalr.meta.config import MetaConfig
+
+    entry = TRANSFER_PRIORS[task][size]
+    return MetaConfig(inner_rule=rule, **entry["meta"]), entry["iterations"]
+
+
+def cache_key(task: str, size: str, rule: str) -> dict[str, Any]:
+    """What determines the prior (hashed into its cache file name)."""
+    from metalr.workbench.transfer_tasks import SPECS, cache_path
+
+    cfg, iterations = meta_config(task, size, rule)
+    return {"task_spec": SPECS[task][size], "pretrained": cache_path(task, size).name,
+            "episode": TRANSFER_PRIORS[task][size]["episode"], "iterations": iterations,
+            "meta": cfg.to_dict()}  # fmt: skip
+
+
+def meta_train(task: str, size: str, rule: str) -> Any:
+    """Meta-train ``task``'s prior on pretraining-split episodes (no cache)."""
+    from metalr.meta.learner import MetaLearner
+    from metalr.workbench.transfer_tasks import SPECS, animal_splits, build_transfer
+
+    cfg, iterations = meta_config(task, size, rule)
+    spec, episode = SPECS[task][size], TRANSFER_PRIORS[task][size]["episode"]
+    (px, py), _ = animal_splits(spec)
+    tic = time.perf_counter()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_transfer(task, spec, size, fallback_text=True)[0]()
+        learner = MetaLearner(model, cfg, loss_name="cross_entropy")
+        history = learner.fit(PretrainEpisodes(px, py, **episode), iterations)
+    prior = learner.export_prior()
+    tail = [h["meta_loss"] for h in history[-10:] if h["finite"]]
+    prior.provenance.update(
+        task=task, size=size, iterations=iterations, episode=episode, split="pretraining",
+        skipped_steps=learner.skipped_steps, meta_train_s=round(time.perf_counter() - tic, 2),
+        first_meta_loss=history[0]["meta_loss"] if history else None,
+        final_meta_loss=sum(tail) / len(tail) if tail else None,
+    )  # fmt: skip
+    return prior
