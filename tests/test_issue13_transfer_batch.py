@@ -197,6 +197,19 @@ def test_transfer_prior_is_meta_trained_on_pretraining_episodes_only():
     assert rec["status"] == "ok" and rec["lr_used"] is None
 
 
+def test_text_transfer_prior_runs_the_gru_with_sequence_episodes():
+    from metalr.workbench import priors
+    from metalr.workbench.transfer_priors import TextEpisodes
+
+    x, y = T.text_pretraining(T.SPECS["text_transfer"]["smoke"])
+    batch = TextEpisodes(x, y, shots=2, query=3).sample(4, torch.Generator().manual_seed(0))
+    assert batch.support_x.shape == (4, 2, 32) and batch.query_y.shape == (4, 3, 32)
+    assert torch.equal(batch.support_x[..., 1:], batch.support_y[..., :-1])  # next characters
+    prior = priors.task_prior("text_transfer", "smoke", "adam_hd")
+    assert set(prior.rates) == {n for n, _ in CharGRU(T.VOCAB, 16, 32).named_parameters()}
+    assert all(float(r) > 0 for r in prior.rates.values())
+
+
 # ------------------------------------------------------------------------------------ headlines
 def _rec(task, opt, lr, seed, val, **kw):
     return {"task": task, "optimizer": opt, "lr": lr, "seed": seed, "status": "ok",

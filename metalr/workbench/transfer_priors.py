@@ -9,8 +9,9 @@ examples of the same episode:
 * ``animal_transfer``: the 5 pretraining classes (Animal-MNIST 0-4) under a random label
   permutation (the head must be relearned), ``shots`` support and ``query`` query images a class
   from the pretraining images;
-* ``text_transfer``: not available (the meta-learner's ``vmap`` inner loop does not run the
-  GRU; see :data:`TRANSFER_PRIORS`).
+* ``text_transfer``: ``shots`` support and ``query`` query windows drawn at random from the
+  pretraining text (CPython sources); the GRU runs with the meta-learner's ``loop`` backend
+  (``vmap`` does not batch its hidden state).
 
 The meta-learner (:class:`metalr.meta.MetaLearner`) runs the optimizer's own rule in its inner loop
 (``adam_hd``: normalized hypergradient rule, β = 0.02 fixed) and learns one rate per tensor
@@ -39,7 +40,41 @@ TRANSFER_PRIORS: dict[str, dict[str, dict[str, Any]]] = {
         "full": {"iterations": 100, "episode": {"shots": 10, "query": 10},
                  "meta": {**_META, "inner_steps": 10, "meta_batch_size": 4}},
     },
+    "text_transfer": {
+        "smoke": {"iterations": 3, "episode": {"shots": 2, "query": 2},
+                  "meta": {**_META, "inner_steps": 2, "meta_batch_size": 2, "backend": "loop"}},
+        "full": {"iterations": 60, "episode": {"shots": 8, "query": 8},
+                 "meta": {**_META, "inner_steps": 5, "meta_batch_size": 4, "backend": "loop"}},
+    },
 }  # fmt: skip
+
+
+class TextEpisodes:
+    """Few-shot episodes of next-character prediction: random windows of a text."""
+
+    loss_name = "cross_entropy"
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, shots: int, query: int) -> None:
+        self.x, self.y, self.shots, self.query = x, y, shots, query
+
+    def sample(self, n: int, generator: torch.Generator) -> TaskBatch:
+        idx = torch.randint(len(self.x), (n, self.shots + self.query), generator=generator)
+        s, q = idx[:, : self.shots], idx[:, self.shots :]
+        return TaskBatch(self.x[s], self.y[s], self.x[q], self.y[q])
+
+
+def _seq_model(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (a CharGRU) returning logits as ``[batch, vocab, time]``, the layout
+    ``cross_entropy`` takes with ``[batch, time]`` targets; same parameter names."""
+    from metalr.workbench.tasks import CharGRU
+
+    class SeqLogits(CharGRU):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x).transpose(1, 2)
+
+    out = SeqLogits(model.embed.num_embeddings, model.embed.embedding_dim, model.gru.hidden_size)
+    out.load_state_dict(model.state_dict())
+    return out
 
 
 class PretrainEpisodes:
@@ -89,17 +124,20 @@ def cache_key(task: str, size: str, rule: str) -> dict[str, Any]:
 def meta_train(task: str, size: str, rule: str) -> Any:
     """Meta-train ``task``'s prior on pretraining-split episodes (no cache)."""
     from metalr.meta.learner import MetaLearner
-    from metalr.workbench.transfer_tasks import SPECS, animal_splits, build_transfer
+    from metalr.workbench import transfer_tasks as T
 
     cfg, iterations = meta_config(task, size, rule)
-    spec, episode = SPECS[task][size], TRANSFER_PRIORS[task][size]["episode"]
-    (px, py), _ = animal_splits(spec)
+    spec, episode = T.SPECS[task][size], TRANSFER_PRIORS[task][size]["episode"]
     tic = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = build_transfer(task, spec, size, fallback_text=True)[0]()
+        model = T.finetune_model(task, size)
+        if task == "animal_transfer":
+            episodes: Any = PretrainEpisodes(*T.animal_splits(spec)[0], **episode)
+        else:
+            episodes, model = TextEpisodes(*T.text_pretraining(spec), **episode), _seq_model(model)
         learner = MetaLearner(model, cfg, loss_name="cross_entropy")
-        history = learner.fit(PretrainEpisodes(px, py, **episode), iterations)
+        history = learner.fit(episodes, iterations)
     prior = learner.export_prior()
     tail = [h["meta_loss"] for h in history[-10:] if h["finite"]]
     prior.provenance.update(

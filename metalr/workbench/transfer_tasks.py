@@ -185,24 +185,25 @@ def pretrained_body(name: str, size: str) -> dict[str, torch.Tensor]:
     return _pretrained(cache_path(name, size), name, size)
 
 
+def finetune_model(name: str, size: str) -> nn.Module:
+    """The pretrained body with a fresh head (drawn from the global RNG)."""
+    spec = SPECS[name][size]
+    body = {k: v for k, v in pretrained_body(name, size).items() if not k.startswith("_")}
+    model = _model(name, spec, 5 if name == "animal_transfer" else VOCAB)
+    missing, unexpected = model.load_state_dict(body, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise RuntimeError(f"pretrained body does not fit {name}: {missing} {unexpected}")
+    return model
+
+
 def build_transfer(name: str, spec: dict[str, Any], size: str, fallback_text: bool) -> Built:
     """``(make_model, [train, val, test], batch_size, loss)`` of transfer task ``name``."""
     if name == "animal_transfer":
         splits = animal_splits(spec)[1]
-        classes = 5
     else:
         splits = text_splits(spec, fallback_text)
-        classes = VOCAB
-    body = {k: v for k, v in pretrained_body(name, size).items() if not k.startswith("_")}
-
-    def make_model() -> nn.Module:
-        model = _model(name, spec, classes)  # the head: fresh, from the run's seed
-        missing, unexpected = model.load_state_dict(body, strict=False)
-        if unexpected or any(not k.startswith("head.") for k in missing):
-            raise RuntimeError(f"pretrained body does not fit {name}: {missing} {unexpected}")
-        return model
-
-    return make_model, splits, spec["batch_size"], _loss
+    pretrained_body(name, size)  # pretrain (once) before any run starts
+    return functools.partial(finetune_model, name, size), splits, spec["batch_size"], _loss
 
 
 SPECS: dict[str, dict[str, dict[str, Any]]] = {
