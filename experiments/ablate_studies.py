@@ -260,7 +260,9 @@ def headline7() -> str:
 
 
 def headline8() -> str:
-    return transfer_batch_studies.headline8(records(8), RESULTS / "ablate_study8")
+    folder = RESULTS / "ablate_study8"
+    recs = transfer_batch_studies.attach_curves(records(8), folder)
+    return transfer_batch_studies.headline8(recs, folder)
 
 
 HEADLINES = {1: headline1, 2: headline2, 3: headline3, 4: headline4, 5: headline5, 6: headline6,

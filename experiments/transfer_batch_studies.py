@@ -116,6 +116,10 @@ def _layer_table(task: str, g: dict) -> str:
     if not hd or not all(r.get("_curves", {}).get("lr_layers") for r in hd):
         return ""
     per = [depth_rates(r["_curves"]["lr_layers"]) for r in hd]
+    prior = [r["_curves"]["lr_layers"] for r in g.get((task, "adam_hd_prior", None), [])
+             if r.get("_curves", {}).get("lr_layers")]  # fmt: skip
+    start = [{n.rsplit(".", 1)[0]: v[0] for n, v in p.items() if not n.endswith("bias")}
+             for p in prior]  # fmt: skip
     layers = list(per[0])
     rows = []
     for i, layer in enumerate(layers):
@@ -125,11 +129,14 @@ def _layer_table(task: str, g: dict) -> str:
         gam = [(r["extra"]["layer_decay"] ** depth) for r in llrd]
         lr = [r["lr_used"] * r["extra"]["layer_decay"] ** depth for r in llrd]
         rows.append([layer, depth, f"{_geo(rates):.3g}", f"{_geo(rel):.3g}",
-                     f"{_geo(lr):.3g}" if lr else "—", f"{_geo(gam):.3g}" if gam else "—"])  # fmt: skip
-    return ("\nLayer-wise rates (weights; geometric mean over seeds): AdamHD's final effective rate "
-            "(from lr0 1e-3) and its ratio to the head's, beside the tuned layer-wise schedule "
-            "(lr·γ^depth, and γ^depth = its ratio to the head's):\n\n"
-            + _md(["layer", "depth", "AdamHD final rate", "÷ head", "tuned lr·γ^d", "γ^d"], rows))
+                     f"{_geo(lr):.3g}" if lr else "—", f"{_geo(gam):.3g}" if gam else "—",
+                     f"{_geo([s[layer] / s[layers[-1]] for s in start]):.3g}" if start else "—"])  # fmt: skip
+    return ("\nLayer-wise rates (weight tensors; geometric mean over seeds): AdamHD's final effective "
+            "rate (from lr0 1e-3) and its ratio to the head's, beside the tuned layer-wise schedule "
+            "(lr·γ^depth, and γ^depth = its ratio to the head's) and the meta-learned prior's "
+            "starting rates ÷ its head rate:\n\n"
+            + _md(["layer", "depth", "AdamHD final rate", "÷ head", "tuned lr·γ^d", "γ^d",
+                   "prior start ÷ head"], rows))
 
 
 def _geo(xs: list[float]) -> float:
@@ -139,7 +146,8 @@ def _geo(xs: list[float]) -> float:
 
 def layer_plot(task: str, g: dict, results: Path) -> Path | None:
     """AdamHD's per-layer effective rates vs step (seed 0, lr0 1e-3; solid) beside the tuned
-    layer-wise schedule of the same seed (dashed, same colour per depth)."""
+    layer-wise schedule of the same seed (dashed, same colour per depth) and AdamHD started from
+    the meta-learned prior (dotted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,6 +170,14 @@ def layer_plot(task: str, g: dict, results: Path) -> Path | None:
         if llrd:
             rate = llrd[0]["lr_used"] * llrd[0]["extra"]["layer_decay"] ** depth
             ax.axhline(rate, color=c, ls="--", lw=1)
+    prior = [x for x in g.get((task, "adam_hd_prior", None), [])
+             if x["seed"] == r["seed"] and x.get("_curves", {}).get("lr_layers")]  # fmt: skip
+    for i, name in enumerate(layers if prior else []):
+        c = colors[i % len(colors)]
+        ax.plot(prior[0]["_curves"]["step"], prior[0]["_curves"]["lr_layers"][name], color=c,
+                ls=":", lw=1.2)  # fmt: skip
+    if prior:
+        ax.plot([], [], "k:", lw=1.2, label="AdamHD + meta-learned prior")
     if llrd:
         ax.plot([], [], "k--", lw=1, label=f"tuned lr·γ^depth (γ={llrd[0]['extra']['layer_decay']:.2f})")
     ax.set_yscale("log")
@@ -214,6 +230,8 @@ def batch_table(records: list[dict], task: str) -> dict[int, dict]:
             rs = [r for (t, oo, _), x in g.items() if t == task and oo == f"{o}_bs{b}" for r in x]
             row[o] = rs
             row[f"{o}_rate"] = _geo([r["final_lr"]["geomean"] for r in rs]) if rs else math.nan
+            peaks = [max(r["_curves"]["lr_mean"]) for r in rs if r.get("_curves")]
+            row[f"{o}_peak"] = _geo(peaks) if peaks else math.nan
         rows[b] = row
     return rows
 
@@ -228,21 +246,24 @@ def headline8(records: list[dict], results: Path | None = None) -> str:
             cell = lambda rs: "off grid" if rs is None else (  # noqa: E731
                 "—" if not rs else _ci(_vals(rs, "final_val_loss")))
             table.append([b, rows[b]["best"][0]["steps"], f"{row['best_lr']:.3g}",
-                          f"{row['adam_hd_rate']:.3g}", f"{row['adam_hd_warmup_rate']:.3g}",
+                          f"{row['adam_hd_rate']:.3g}", f"{row['adam_hd_peak']:.3g}",
+                          f"{row['adam_hd_warmup_rate']:.3g}",
                           cell(row["best"]), cell(row["adam_hd"]), cell(row["adam_hd_warmup"]),
                           f"{cell(row['linear'])} @{row['linear_lr']:.3g}",
                           f"{cell(row['sqrt'])} @{row['sqrt_lr']:.3g}"])  # fmt: skip
         k = {name: _slope(sizes, [rows[b][key] for b in sizes]) for name, key in
-             (("best Adam", "best_lr"), ("AdamHD", "adam_hd_rate"),
-              ("AdamHD+warmup", "adam_hd_warmup_rate"))}  # fmt: skip
+             (("best Adam", "best_lr"), ("AdamHD end", "adam_hd_rate"),
+              ("AdamHD peak", "adam_hd_peak"), ("AdamHD+warmup end", "adam_hd_warmup_rate"))}  # fmt: skip
         out.append(f"### {task}\n\nExponent k of rate ∝ batch^k (log-log fit over the batch sizes; "
                    "linear rule 1, square-root rule 0.5): "
                    + ", ".join(f"{n} **{v:.2f}**" for n, v in k.items()) + ".\n\n"
                    "Final validation loss, mean ± 95% CI over seeds (best Adam: the grid point with "
                    "the lowest mean, selected on the same split: an oracle). Rates: AdamHD's end "
-                   "rate is the size-weighted geometric mean of lr × multiplier, geometric mean "
-                   "over seeds.\n\n"
-                   + _md(["batch", "steps", "best Adam lr", "AdamHD end rate",
+                   "rate is the size-weighted geometric mean of lr × multiplier at the last step; "
+                   "its peak rate the largest size-weighted mean rate of any logged step (every "
+                   "25 steps; the scale the ramp found before tracking annealed it); geometric "
+                   "means over seeds.\n\n"
+                   + _md(["batch", "steps", "best Adam lr", "AdamHD end rate", "AdamHD peak rate",
                           "AdamHD+warmup end rate", "best Adam", "AdamHD", "AdamHD+warmup",
                           "Adam linear rule", "Adam sqrt rule"], table))  # fmt: skip
         if results is not None:
@@ -261,6 +282,7 @@ def batch_plot(task: str, rows: dict[int, dict], results: Path) -> Path:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
     a.plot(sizes, [rows[s]["best_lr"] for s in sizes], "ko-", label="best fixed Adam lr (grid)")
     a.plot(sizes, [rows[s]["adam_hd_rate"] for s in sizes], "s-", label="AdamHD end rate")
+    a.plot(sizes, [rows[s]["adam_hd_peak"] for s in sizes], "s:", label="AdamHD peak rate")
     a.plot(sizes, [rows[s]["adam_hd_warmup_rate"] for s in sizes], "^-", label="AdamHD+warmup end rate")
     a.plot(sizes, [rows[s]["linear_lr"] for s in sizes], ":", label="linear rule from batch 16")
     a.plot(sizes, [rows[s]["sqrt_lr"] for s in sizes], "--", label="sqrt rule from batch 16")

@@ -233,7 +233,7 @@ def test_headline8_reads_best_rates_and_the_scaling_rules_off_the_grid():
     assert rows[256]["linear"] is None  # 4e-4 × 16 = 6.4e-3 is beyond this grid: "off grid"
     assert rows[256]["sqrt"][0]["final_val_loss"] == 1.0  # the sqrt rule hits the best rate
     text = H.headline8(recs)
-    assert "best Adam **0.50**" in text and "AdamHD **1.00**" in text and "off grid" in text
+    assert "best Adam **0.50**" in text and "AdamHD end **1.00**" in text and "off grid" in text
 
 
 def test_headline7_names_the_winner_by_test_loss():
