@@ -183,7 +183,7 @@ def layer_plot(task: str, g: dict, results: Path) -> Path | None:
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("effective learning rate")
-    ax.set_title(f"{task}: learned per-layer rates (seed {r['seed']}) vs tuned layer-wise decay")
+    ax.set_title(f"{task}, seed {r['seed']}: AdamHD per-layer rates vs tuned lr·γ^depth", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = results / f"{task}_layer_rates.png"
