@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("name", T.TASKS)
 def test_smoke_task_beats_untrained_loss(name):
-    if name in ("mnist1d_mlp", "animal_cnn"):
-        pytest.importorskip({"mnist1d_mlp": "mnist1d", "animal_cnn": "animal_mnist"}[name])
-    task = make_task(name, "smoke", fallback_text=name == "charlm_gru")
+    if name in ("mnist1d_mlp", "animal_cnn", "animal_transfer"):
+        pytest.importorskip("mnist1d" if name == "mnist1d_mlp" else "animal_mnist")
+    task = make_task(name, "smoke", fallback_text=name in ("charlm_gru", "text_transfer"))
     out = train(task, {"kind": "adam"}, 1e-2, seed=0, steps=30, log_every=10, divergence=1e4,
                 device="cpu")  # fmt: skip
     assert out["status"] == "ok"

@@ -208,8 +208,8 @@ def build_transfer(name: str, spec: dict[str, Any], size: str, fallback_text: bo
 
 SPECS: dict[str, dict[str, dict[str, Any]]] = {
     "animal_transfer": {
-        "smoke": {"channels": [8, 16], "pretrain_examples": 1000, "shots": 10,
-                  "val_per_class": 40, "test_per_class": 40, "batch_size": 25,
+        "smoke": {"channels": [8, 16], "pretrain_examples": 1000, "shots": 20,
+                  "val_per_class": 40, "test_per_class": 40, "batch_size": 50,
                   "pretrain": {"steps": 30, "batch_size": 64, "lr": 3e-3, "seed": 0}},
         "full": {"channels": [16, 32], "pretrain_examples": 5000, "shots": 50,
                  "val_per_class": 150, "test_per_class": 200, "batch_size": 50,
