@@ -58,9 +58,26 @@ def _group(records: list[dict]) -> dict[tuple, list[dict]]:
 
 
 # ------------------------------------------------------------------------------------- study 7
-def depth_rates(layers: dict[str, list[float]]) -> dict[str, float]:
-    """Final rate per weight tensor (biases left out: one line per layer) from ``lr_layers``."""
-    return {n.rsplit(".", 1)[0]: v[-1] for n, v in layers.items() if not n.endswith("bias")}
+def _is_weight(name: str) -> bool:
+    return not name.rsplit(".", 1)[-1].startswith("bias")
+
+
+def depth_rates(layers: dict[str, list[float]], at: int = -1) -> dict[str, float]:
+    """Rate per layer (the module owning the tensors; biases left out, several weight tensors of
+    one layer, e.g. a GRU's ``weight_ih``/``weight_hh``, by their geometric mean) at curve index
+    ``at``, in ``named_parameters`` order (head last)."""
+    owners: dict[str, list[float]] = {}
+    for n, v in layers.items():
+        if _is_weight(n):
+            owners.setdefault(n.rsplit(".", 1)[0], []).append(v[at])
+    return {o: _geo(v) for o, v in owners.items()}
+
+
+def _layer_curves(layers: dict[str, list[float]]) -> dict[str, list[float]]:
+    owners = list(depth_rates(layers))
+    steps = len(next(iter(layers.values())))
+    per = [depth_rates(layers, i) for i in range(steps)]
+    return {o: [p[o] for p in per] for o in owners}
 
 
 def headline7(records: list[dict], results: Path | None = None) -> str:
@@ -118,8 +135,7 @@ def _layer_table(task: str, g: dict) -> str:
     per = [depth_rates(r["_curves"]["lr_layers"]) for r in hd]
     prior = [r["_curves"]["lr_layers"] for r in g.get((task, "adam_hd_prior", None), [])
              if r.get("_curves", {}).get("lr_layers")]  # fmt: skip
-    start = [{n.rsplit(".", 1)[0]: v[0] for n, v in p.items() if not n.endswith("bias")}
-             for p in prior]  # fmt: skip
+    start = [depth_rates(p, 0) for p in prior]
     layers = list(per[0])
     rows = []
     for i, layer in enumerate(layers):
@@ -131,7 +147,8 @@ def _layer_table(task: str, g: dict) -> str:
         rows.append([layer, depth, f"{_geo(rates):.3g}", f"{_geo(rel):.3g}",
                      f"{_geo(lr):.3g}" if lr else "—", f"{_geo(gam):.3g}" if gam else "—",
                      f"{_geo([s[layer] / s[layers[-1]] for s in start]):.3g}" if start else "—"])  # fmt: skip
-    return ("\nLayer-wise rates (weight tensors; geometric mean over seeds): AdamHD's final effective "
+    return ("\nLayer-wise rates (per layer: its weight tensors' geometric mean, biases left out; "
+            "geometric mean over seeds): AdamHD's final effective "
             "rate (from lr0 1e-3) and its ratio to the head's, beside the tuned layer-wise schedule "
             "(lr·γ^depth, and γ^depth = its ratio to the head's) and the meta-learned prior's "
             "starting rates ÷ its head rate:\n\n"
@@ -158,24 +175,24 @@ def layer_plot(task: str, g: dict, results: Path) -> Path | None:
         return None
     r = min(hd, key=lambda r: r["seed"])
     curves = r["_curves"]
-    layers = [n for n in curves["lr_layers"] if not n.endswith("bias")]
+    by_layer = _layer_curves(curves["lr_layers"])
+    layers = list(by_layer)
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     llrd = [x for x in g.get((task, "adam_llrd_tuned", None), []) if x["seed"] == r["seed"]]
     for i, name in enumerate(layers):
         depth = len(layers) - 1 - i
         c = colors[i % len(colors)]
-        ax.plot(curves["step"], curves["lr_layers"][name], color=c,
-                label=f"AdamHD {name.rsplit('.', 1)[0]} (depth {depth})")  # fmt: skip
+        ax.plot(curves["step"], by_layer[name], color=c, label=f"AdamHD {name} (depth {depth})")
         if llrd:
             rate = llrd[0]["lr_used"] * llrd[0]["extra"]["layer_decay"] ** depth
             ax.axhline(rate, color=c, ls="--", lw=1)
     prior = [x for x in g.get((task, "adam_hd_prior", None), [])
              if x["seed"] == r["seed"] and x.get("_curves", {}).get("lr_layers")]  # fmt: skip
+    prior_layers = _layer_curves(prior[0]["_curves"]["lr_layers"]) if prior else {}
     for i, name in enumerate(layers if prior else []):
         c = colors[i % len(colors)]
-        ax.plot(prior[0]["_curves"]["step"], prior[0]["_curves"]["lr_layers"][name], color=c,
-                ls=":", lw=1.2)  # fmt: skip
+        ax.plot(prior[0]["_curves"]["step"], prior_layers[name], color=c, ls=":", lw=1.2)
     if prior:
         ax.plot([], [], "k:", lw=1.2, label="AdamHD + meta-learned prior")
     if llrd:
