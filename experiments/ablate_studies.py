@@ -265,8 +265,16 @@ def headline8() -> str:
     return transfer_batch_studies.headline8(recs, folder)
 
 
-HEADLINES = {1: headline1, 2: headline2, 3: headline3, 4: headline4, 5: headline5, 6: headline6,
-             7: headline7, 8: headline8}
+HEADLINES = {
+    1: headline1,
+    2: headline2,
+    3: headline3,
+    4: headline4,
+    5: headline5,
+    6: headline6,
+    7: headline7,
+    8: headline8,
+}
 
 
 def trim_curves(studies: list[int]) -> None:

@@ -26,7 +26,10 @@ from metalr.workbench.report import mean_ci
 S7_BASELINES = {"adam_tuned": "Adam, one rate (tuned)",
                 "adam_freeze_tuned": "Adam, body frozen 30% then unfrozen (tuned)",
                 "adam_llrd_tuned": "Adam, layer-wise decay lr·γ^depth (lr, γ tuned)"}  # fmt: skip
-S7_METALR = {"adam_hd": "AdamHD at defaults (tensor)", "adam_hd_prior": "AdamHD + meta-learned prior"}
+S7_METALR = {
+    "adam_hd": "AdamHD at defaults (tensor)",
+    "adam_hd_prior": "AdamHD + meta-learned prior",
+}
 
 
 def _vals(recs: list[dict], key: str) -> list[float]:
@@ -88,14 +91,16 @@ def headline7(records: list[dict], results: Path | None = None) -> str:
     for task in tasks:
         rows, test_means = [], {}
         for opt, label in {**S7_BASELINES, **S7_METALR}.items():
-            for (ta, o, lr), rs in sorted(g.items(), key=lambda kv: (kv[0][2] or 0)):
+            for (ta, o, lr), rs in sorted(g.items(), key=lambda kv: kv[0][2] or 0):
                 if ta != task or o != opt:
                     continue
                 rs = sorted(rs, key=lambda r: r["seed"])
                 ex = [r.get("extra") or {} for r in rs]
                 runs = (ex[0].get("trials", 0) + 1) if ex[0].get("trials") else 1
                 if "layer_decay" in ex[0]:
-                    pick = ", ".join(f"{r['lr_used']:.2g}/γ{e['layer_decay']:.2f}" for r, e in zip(rs, ex))
+                    pick = ", ".join(
+                        f"{r['lr_used']:.2g}/γ{e['layer_decay']:.2f}" for r, e in zip(rs, ex)
+                    )
                 elif ex[0].get("trials"):
                     pick = ", ".join(f"{r['lr_used']:.2g}" for r in rs)
                 else:
@@ -147,13 +152,25 @@ def _layer_table(task: str, g: dict) -> str:
         rows.append([layer, depth, f"{_geo(rates):.3g}", f"{_geo(rel):.3g}",
                      f"{_geo(lr):.3g}" if lr else "—", f"{_geo(gam):.3g}" if gam else "—",
                      f"{_geo([s[layer] / s[layers[-1]] for s in start]):.3g}" if start else "—"])  # fmt: skip
-    return ("\nLayer-wise rates (per layer: its weight tensors' geometric mean, biases left out; "
-            "geometric mean over seeds): AdamHD's final effective "
-            "rate (from lr0 1e-3) and its ratio to the head's, beside the tuned layer-wise schedule "
-            "(lr·γ^depth, and γ^depth = its ratio to the head's) and the meta-learned prior's "
-            "starting rates ÷ its head rate:\n\n"
-            + _md(["layer", "depth", "AdamHD final rate", "÷ head", "tuned lr·γ^d", "γ^d",
-                   "prior start ÷ head"], rows))
+    return (
+        "\nLayer-wise rates (per layer: its weight tensors' geometric mean, biases left out; "
+        "geometric mean over seeds): AdamHD's final effective "
+        "rate (from lr0 1e-3) and its ratio to the head's, beside the tuned layer-wise schedule "
+        "(lr·γ^depth, and γ^depth = its ratio to the head's) and the meta-learned prior's "
+        "starting rates ÷ its head rate:\n\n"
+        + _md(
+            [
+                "layer",
+                "depth",
+                "AdamHD final rate",
+                "÷ head",
+                "tuned lr·γ^d",
+                "γ^d",
+                "prior start ÷ head",
+            ],
+            rows,
+        )
+    )
 
 
 def _geo(xs: list[float]) -> float:
@@ -196,11 +213,15 @@ def layer_plot(task: str, g: dict, results: Path) -> Path | None:
     if prior:
         ax.plot([], [], "k:", lw=1.2, label="AdamHD + meta-learned prior")
     if llrd:
-        ax.plot([], [], "k--", lw=1, label=f"tuned lr·γ^depth (γ={llrd[0]['extra']['layer_decay']:.2f})")
+        ax.plot(
+            [], [], "k--", lw=1, label=f"tuned lr·γ^depth (γ={llrd[0]['extra']['layer_decay']:.2f})"
+        )
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("effective learning rate")
-    ax.set_title(f"{task}, seed {r['seed']}: AdamHD per-layer rates vs tuned lr·γ^depth", fontsize=9)
+    ax.set_title(
+        f"{task}, seed {r['seed']}: AdamHD per-layer rates vs tuned lr·γ^depth", fontsize=9
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = results / f"{task}_layer_rates.png"
@@ -230,7 +251,10 @@ def batch_table(records: list[dict], task: str) -> dict[int, dict]:
     sizes = sorted({_bs(o) for (t, o, _) in g if t == task and "_bs" in o})
     grid = {b: {lr: rs for (t, o, lr), rs in g.items() if t == task and o == f"adam_bs{b}"}
             for b in sizes}  # fmt: skip
-    mean = lambda rs, k="final_val_loss": mean_ci(_vals(rs, k))  # noqa: E731
+
+    def mean(rs: list[dict]) -> tuple[float, float]:
+        return mean_ci(_vals(rs, "final_val_loss"))
+
     rows: dict[int, dict] = {}
     b0 = sizes[0]
     best0 = min(grid[b0], key=lambda lr: mean(grid[b0][lr])[0])
@@ -253,6 +277,13 @@ def batch_table(records: list[dict], task: str) -> dict[int, dict]:
     return rows
 
 
+def _cell(rs: list[dict] | None) -> str:
+    """A loss cell of study 8: "off grid" for a rule rate outside the grid."""
+    if rs is None:
+        return "off grid"
+    return _ci(_vals(rs, "final_val_loss")) if rs else "—"
+
+
 def headline8(records: list[dict], results: Path | None = None) -> str:
     tasks = sorted({r["task"] for r in records})
     out = ["## Study 8: batch size and the learning rate\n"]
@@ -260,14 +291,12 @@ def headline8(records: list[dict], results: Path | None = None) -> str:
         rows = batch_table(records, task)
         table, sizes = [], sorted(rows)
         for b, row in rows.items():
-            cell = lambda rs: "off grid" if rs is None else (  # noqa: E731
-                "—" if not rs else _ci(_vals(rs, "final_val_loss")))
-            table.append([b, rows[b]["best"][0]["steps"], f"{row['best_lr']:.3g}",
+            table.append([b, row["best"][0]["steps"], f"{row['best_lr']:.3g}",
                           f"{row['adam_hd_rate']:.3g}", f"{row['adam_hd_peak']:.3g}",
                           f"{row['adam_hd_warmup_rate']:.3g}",
-                          cell(row["best"]), cell(row["adam_hd"]), cell(row["adam_hd_warmup"]),
-                          f"{cell(row['linear'])} @{row['linear_lr']:.3g}",
-                          f"{cell(row['sqrt'])} @{row['sqrt_lr']:.3g}"])  # fmt: skip
+                          _cell(row["best"]), _cell(row["adam_hd"]), _cell(row["adam_hd_warmup"]),
+                          f"{_cell(row['linear'])} @{row['linear_lr']:.3g}",
+                          f"{_cell(row['sqrt'])} @{row['sqrt_lr']:.3g}"])  # fmt: skip
         k = {name: _slope(sizes, [rows[b][key] for b in sizes]) for name, key in
              (("best Adam", "best_lr"), ("AdamHD end", "adam_hd_rate"),
               ("AdamHD peak", "adam_hd_peak"), ("AdamHD+warmup end", "adam_hd_warmup_rate"))}  # fmt: skip
@@ -300,7 +329,9 @@ def batch_plot(task: str, rows: dict[int, dict], results: Path) -> Path:
     a.plot(sizes, [rows[s]["best_lr"] for s in sizes], "ko-", label="best fixed Adam lr (grid)")
     a.plot(sizes, [rows[s]["adam_hd_rate"] for s in sizes], "s-", label="AdamHD end rate")
     a.plot(sizes, [rows[s]["adam_hd_peak"] for s in sizes], "s:", label="AdamHD peak rate")
-    a.plot(sizes, [rows[s]["adam_hd_warmup_rate"] for s in sizes], "^-", label="AdamHD+warmup end rate")
+    a.plot(
+        sizes, [rows[s]["adam_hd_warmup_rate"] for s in sizes], "^-", label="AdamHD+warmup end rate"
+    )
     a.plot(sizes, [rows[s]["linear_lr"] for s in sizes], ":", label="linear rule from batch 16")
     a.plot(sizes, [rows[s]["sqrt_lr"] for s in sizes], "--", label="sqrt rule from batch 16")
     a.set(xscale="log", yscale="log", xlabel="batch size", ylabel="learning rate", title=task)

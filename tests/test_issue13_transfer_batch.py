@@ -144,7 +144,10 @@ def test_batch_size_and_epochs_set_the_run_and_spec_lrs_the_grid():
     cfg = resolve_study({"tasks": ["digits_mlp"], "lrs": [1e-4, 1e-3], "optimizers": {
         "adam": {"kind": "adam"}, "hd": {"kind": "adam_hd", "lrs": [3e-3]}}})  # fmt: skip
     assert [(c["optimizer"], c["lr"]) for c in expand(cfg)] == [
-        ("adam", 1e-4), ("adam", 1e-3), ("hd", 3e-3)]
+        ("adam", 1e-4),
+        ("adam", 1e-3),
+        ("hd", 3e-3),
+    ]
 
 
 def test_linear_warmup_ramps_then_holds():
@@ -225,11 +228,15 @@ def test_headline8_reads_best_rates_and_the_scaling_rules_off_the_grid():
     recs = []
     for b, best in ((16, 2), (64, 3), (256, 4)):  # the best lr doubles per ×4 batch: sqrt rule
         for k, lr in enumerate(lrs):
-            recs += [_rec("t", f"adam_bs{b}", lr, s, 1.0 + abs(k - best) + 0.01 * s) for s in (0, 1)]
+            recs += [
+                _rec("t", f"adam_bs{b}", lr, s, 1.0 + abs(k - best) + 0.01 * s) for s in (0, 1)
+            ]
         recs += [_rec("t", f"adam_hd_bs{b}", 1e-3, s, 1.5, rate=1e-3 * (b / 16)) for s in (0, 1)]
     rows = H.batch_table(recs, "t")
     assert [rows[b]["best_lr"] for b in (16, 64, 256)] == [lrs[2], lrs[3], lrs[4]]
-    assert rows[64]["linear_lr"] == pytest.approx(lrs[4]) and rows[64]["sqrt_lr"] == pytest.approx(lrs[3])
+    assert rows[64]["linear_lr"] == pytest.approx(lrs[4]) and rows[64]["sqrt_lr"] == pytest.approx(
+        lrs[3]
+    )
     assert rows[256]["linear"] is None  # 4e-4 × 16 = 6.4e-3 is beyond this grid: "off grid"
     assert rows[256]["sqrt"][0]["final_val_loss"] == 1.0  # the sqrt rule hits the best rate
     text = H.headline8(recs)
