@@ -32,6 +32,11 @@ in its record (:func:`uses_lr`). A schedule scales ``group['lr']``, so it scales
 rates. ``prior_weights`` (default true) also copies the prior's learned initial weights into the
 model when the prior has them. ``granularity`` and ``rule`` default to the prior's.
 
+Layer-wise rates, freezing, a batch size and a spec's own lr grid are spec keys of
+:mod:`metalr.workbench.layerwise`::
+
+    adam_llrd:   {kind: adam, layer_decay: 0.5, freeze_body: 0.3, batch_size: 256, epochs: 20}
+
 metalr kinds also take a *hypergradient warm-up* (a faster early climb or fall of the rates)::
 
     adam_hd_fast: {kind: adam_hd, hypergrad_warmup: {factor: 10, steps: 50}}
