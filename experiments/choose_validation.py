@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fit_controller import LR0S, ROOT, SUITE, capped_log_ratio, reference, run  # noqa: E402
 
 GRID = {"hypergrad_lr": (0.03, 0.1, 0.3), "evidence": (0.0, 0.2, 0.4), "train_weight": (0.0, 1.0)}
-STREAM = {"every": 10, "batch": 128}
+STREAM = {"every": 10}  # batch: the task's training batch (128 here; fewshot: its 100-point split)
 
 
 def score(options: dict[str, float], ref: dict, steps: dict[str, int], size: str) -> tuple:

@@ -1,21 +1,21 @@
 """A validation stream in the workbench: rates that watch it, ReduceLROnPlateau, early stopping.
 
 A spec with ``validation_data`` draws a validation minibatch every ``every`` training steps (from
-the task's validation split, its own generator per seed) and gives its loss to whatever in the
+the task's validation split, its own generator per seed; ``batch`` examples, default the task's
+training batch size, the whole split when it is smaller) and gives its loss to whatever in the
 spec uses it, so every method that watches the validation loss spends the same validation data::
 
-    adam_hd_val:   {kind: adam_hd, validation_data: {every: 10, batch: 128}}
-    adam_plateau:  {kind: adam, validation_data: {every: 10, batch: 128},
-                    plateau: {factor: 0.1, patience: 3}}
-    adam_es:       {kind: adam, validation_data: {every: 10, batch: 128},
-                    early_stopping: {patience: 5}}
+    adam_hd_val:   {kind: adam_hd, validation_data: {every: 10}}
+    adam_plateau:  {kind: adam, validation_data: {every: 10}, plateau: {factor: 0.1, patience: 3}}
+    adam_es:       {kind: adam, validation_data: {every: 10}, early_stopping: {patience: 5}}
 
 * metalr optimizers call ``optimizer.observe_validation(loss)`` at every draw (the validation
   hypergradient, :mod:`metalr.functional.validation`);
 * ``plateau``: torch's ``ReduceLROnPlateau`` (``factor``, ``patience``; torch's other defaults),
-  stepped once per *check* with the mean loss of the check's draws; a check is
-  ``ceil(validation examples / batch)`` draws, about one pass over the validation split (what a
-  user who evaluates "every epoch" would feed it);
+  stepped once per *check* with the mean loss of the check's draws; a check is ``check`` draws,
+  by default ``min(ceil(validation examples / batch), 4)``: about one pass over a small
+  validation split (what a user who evaluates "every epoch" would feed it), and at most 4 draws
+  so that a short run still gets checks;
 * ``early_stopping``: stop when ``patience`` checks in a row have not improved on the best check,
   and restore the weights of the best check (the run's final losses are those weights').
 """
@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 #: Spec keys of this module (not optimizer constructor arguments).
 VALIDATION_KEYS = ("validation_data", "plateau", "early_stopping")
-_DATA_KEYS = {"every": 10, "batch": 128}
+_DATA_KEYS: dict[str, int | None] = {"every": 10, "batch": None, "check": None}
+MAX_CHECK_DRAWS = 4
 _PLATEAU_KEYS = {"factor": 0.1, "patience": 3}
 _STOPPING_KEYS = {"patience": 5}
 
@@ -51,6 +52,8 @@ def check_validation_spec(name: str, spec: dict[str, Any], metalr_kind: bool) ->
             raise ValueError(f"Invalid optimizers.{name}.{key}: {value!r}; expected a mapping "
                              f"with keys from {sorted(allowed)}")  # fmt: skip
         for k, v in value.items():
+            if v is None and key == "validation_data" and k in ("batch", "check"):
+                continue
             ok = (isinstance(v, int) and v >= 1) if k != "factor" else (0 < float(v) < 1)
             if not ok:
                 rng = "(0, 1)" if k == "factor" else "an integer >= 1"
@@ -74,10 +77,11 @@ class ValidationWatcher:
         data = {**_DATA_KEYS, **spec["validation_data"]}
         self.every, self.model, self.task, self.opt = data["every"], model, task, opt
         x, y = task.splits(seed)[1]
-        self.x, self.y, self.batch = x, y, min(data["batch"], len(x))
+        batch = data["batch"] or task.batch_size or len(x)
+        self.x, self.y, self.batch = x, y, min(batch, len(x))
         self.generator = torch.Generator().manual_seed(20_000 + seed)
         self.observe = observe
-        self.per_check = max(1, math.ceil(len(x) / self.batch))
+        self.per_check = data["check"] or min(math.ceil(len(x) / self.batch), MAX_CHECK_DRAWS)
         self.window: list[float] = []
         plateau = spec.get("plateau")
         self.plateau = None if plateau is None else S.ReduceLROnPlateau(
