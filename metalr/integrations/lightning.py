@@ -146,10 +146,11 @@ class ObserveValidation(Callback):
 
     After the optimizer step (in ``on_train_batch_end``; with ``accumulate_grad_batches`` once per
     step), the callback draws the next batch of the validation data, moves it to the device
-    (through the module's batch-transfer hooks), and calls ``observe_validation`` on every metalr
-    optimizer of the trainer with the loss ``loss_fn`` computes on it, under the trainer's
-    precision (autocast; fp16's ``GradScaler`` is passed on). ``.grad`` is not touched, nothing is
-    logged, and Lightning's own validation loop runs as before.
+    (through the module's batch-transfer hooks, called as in the validation loop), and calls
+    ``observe_validation`` on every metalr optimizer of the trainer with the loss ``loss_fn``
+    computes on it, under the trainer's precision (autocast; fp16's ``GradScaler`` is passed on).
+    ``.grad`` is not touched, nothing is logged, and Lightning's own validation loop runs as
+    before.
 
     The loss comes from the module by default, a method ``validation_loss(batch) -> Tensor``:
     Lightning's ``validation_step`` is not called, because it logs (``self.log("val_loss", ...)``
@@ -226,7 +227,7 @@ class ObserveValidation(Callback):
         self._trainer = trainer
         hypergrad_optimizers(trainer.optimizers, type(self).__name__)
         if isinstance(self.loss_fn, str) and not callable(getattr(pl_module, self.loss_fn, None)):
-            raise AttributeError(
+            raise AttributeError(  # noqa: TRY004 - a missing method, not a wrong type
                 f"ObserveValidation: {type(pl_module).__name__} has no method {self.loss_fn!r}; "
                 f"define {self.loss_fn}(self, batch) returning the validation loss, or pass "
                 "loss_fn=<method name> or loss_fn=lambda module, batch: ..."
@@ -262,7 +263,7 @@ class ObserveValidation(Callback):
         self._last_step = step
         self._trainer = trainer
         optimizers = hypergrad_optimizers(trainer.optimizers, type(self).__name__)
-        val_batch = trainer.strategy.batch_to_device(self._batches.next())
+        val_batch = self._to_device(trainer, self._batches.next())
         precision = trainer.precision_plugin
 
         def closure() -> Tensor:
@@ -275,6 +276,18 @@ class ObserveValidation(Callback):
                 process_group=self.process_group,
             )  # fmt: skip
         self.observations += 1
+
+    @staticmethod
+    def _to_device(trainer: Any, batch: Any) -> Any:
+        """The batch on the device through the module's transfer hooks, which see the stage
+        they see in Lightning's validation loop (``trainer.validating``: no training-only
+        augmentation); the training stage is back before the loss is computed."""
+        stage = trainer.state.stage
+        trainer.validating = True  # as Lightning does to set up its validation data mid-fit
+        try:
+            return trainer.strategy.batch_to_device(batch)
+        finally:
+            trainer.state.stage = stage
 
     def state_dict(self) -> dict[str, Any]:
         return {
