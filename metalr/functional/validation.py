@@ -27,7 +27,9 @@ steps, the caller's choice):
   settled rates hold still. At tensor granularity rates are tied as in the training phase.
 * ``rule="normalized"``: ``log m ← log m + β_val · c^val``; ``rule="additive"``:
   ``α ← α + β_val ⟨∇L_val, d_t⟩`` — each the rule's own update with the validation gradient,
-  applied at the observations only.
+  applied at the observations only. The additive β has the units of the rate (it is not
+  scale-free), so its ``β_val`` defaults to the group's own ``hypergrad_lr``, not to
+  :data:`VALIDATION_DEFAULTS`.
 
 A validation loss or gradient that is not finite is skipped: nothing changes. The statistics
 ``(μ, ν, count)`` are one small vector per parameter tensor (``VALIDATION_SIZE`` entries), in
@@ -156,6 +158,11 @@ def validation_adapt_rates(
         finite = finite & grads_finite.to(finite.device)
     if shards is not None:
         finite = shards.all(finite)
+    # as for seek: no last direction yet (before the first step) is no observation
+    moved_any = torch.stack([(d != 0).any().to(finite.device) for d in directions]).any()
+    if shards is not None:
+        moved_any = shards.all(~moved_any).logical_not()
+    finite = finite & moved_any
     moved = update_rates(
         rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=options["hypergrad_lr"], rule=rule,
         granularity=granularity, lr_bounds=lr_bounds, shards=shards,

@@ -167,6 +167,13 @@ class HypergradOptimizer(Optimizer):
         groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
         params = [p for _, ps in groups for p in ps]
         _refuse_dtensor(params)
+        if getattr(self, "_shard_group", None) is not None and process_group is not None:
+            raise ValueError(
+                "observe_validation with sharded optimizer state (shard_group, e.g. "
+                "ZeroRedundancyOptimizer): each rank holds other parameters, so their validation "
+                "gradients cannot be averaged; pass process_group=None and the same validation "
+                "batch on every rank"
+            )
         target = scaler.scale(loss) if scaler is not None else loss
         raw = torch.autograd.grad(target.reshape(()), params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]

@@ -95,5 +95,19 @@ def check_hyper_options(
         "rule": rule,
         "lr_bounds": check_lr_bounds(lr_bounds),
         "seek": resolve_seek(seek),
-        "validation": resolve_validation(validation),
+        "validation": _validation_options(validation, rule, hypergrad_lr, additive_default),
     }
+
+
+def _validation_options(
+    validation: Mapping[str, float] | None,
+    rule: str,
+    hypergrad_lr: float | None,
+    additive_default: float | None,
+) -> dict[str, float]:
+    """The validation constants; the additive rule's β (in rate units) defaults to the training
+    one, since the scale-free default would be meaningless there."""
+    options = dict(validation or {})
+    if rule == "additive" and "hypergrad_lr" not in options:
+        options["hypergrad_lr"] = resolve_hypergrad_lr(hypergrad_lr, rule, additive_default)
+    return resolve_validation(options)
