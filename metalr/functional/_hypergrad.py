@@ -362,6 +362,43 @@ def seek_adapt_rates(
     tensors, and over ranks with ``shards``) drives the ramp, each rate's own cosine (sign per
     element) the tracking phase (:func:`metalr.functional._controller.seek_update`).
     """
+    signals, group_signal, finite, active = seek_signals(
+        grads, directions, granularity, grads_finite=grads_finite, shards=shards
+    )
+    sizes = [g.numel() for g in grads]
+    new_rates, new_ctrls = seek_update(
+        rates, controllers, signals, group_signal, active, sizes,
+        hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity,
+    )  # fmt: skip
+    new_rates = [clamp_rates(r, lr, lr_bounds) for r in new_rates]
+    return new_rates, finite, new_ctrls
+
+
+class SeekSignals(NamedTuple):
+    """What the seek rule reads from one gradient (training or validation) and the last
+    directions: each rate's signal, the group cosine, the all-finite flag and whether to act."""
+
+    signals: list[Tensor]
+    group_signal: Tensor
+    finite: Tensor
+    active: Tensor
+
+
+def seek_signals(
+    grads: Sequence[Tensor],
+    directions: Sequence[Tensor],
+    granularity: str,
+    *,
+    grads_finite: Tensor | None = None,
+    shards: ShardReducer | None = None,
+) -> SeekSignals:
+    """The seek rule's signals from ``grads`` and the directions ``d`` they are compared with.
+
+    ``group_signal`` is the group cosine ``Σ⟨g, d⟩ / (‖g‖ ‖d‖)`` (over ranks with ``shards``);
+    ``signals[i]`` is rate ``i``'s: the group cosine (group granularity), the tensor's cosine
+    (tensor), or the sign of ``g·d`` per element (element). ``active`` is false when a gradient
+    is not finite or every direction is zero (nothing to compare with yet).
+    """
     if granularity == "element":
         dots, _, _ = inner_products(grads, directions, "element", with_norms=False)
         sums, g_norms, d_norms = inner_products(grads, directions, "tensor", with_norms=True)
@@ -375,7 +412,7 @@ def seek_adapt_rates(
         finite = finite & grads_finite.to(finite.device)
     if shards is not None:
         finite = shards.all(finite)
-    ref = rates[0]
+    ref = sums[0]
     sum_vec, g_vec, d_vec = (_stack(v, ref) for v in (sums, g_norms, d_norms))
     total = torch.stack([sum_vec.sum(), (g_vec * g_vec).sum(), (d_vec * d_vec).sum()])
     total = shards.sum(total) if shards is not None else total
@@ -386,17 +423,11 @@ def seek_adapt_rates(
     if granularity == "element":
         signals = [torch.nan_to_num(torch.sign(d), nan=0.0) for d in dots]
     elif granularity == "group":
-        signals = [group_signal for _ in rates]
+        signals = [group_signal for _ in grads]
     else:
         cos = sum_vec / (g_vec * d_vec).clamp_min(tiny)
         signals = list(torch.nan_to_num(cos, nan=0.0, posinf=0.0, neginf=0.0).unbind(0))
-    sizes = [g.numel() for g in grads]
-    new_rates, new_ctrls = seek_update(
-        rates, controllers, signals, group_signal, active, sizes,
-        hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity,
-    )  # fmt: skip
-    new_rates = [clamp_rates(r, lr, lr_bounds) for r in new_rates]
-    return new_rates, finite, new_ctrls
+    return SeekSignals(signals, group_signal, finite, active)
 
 
 def hypergradient(

@@ -89,6 +89,8 @@ def check(name: str, spec: dict[str, Any]) -> None:
     if frac is not None and not (isinstance(frac, (int, float)) and 0 < frac < 1):
         raise ValueError(f"Invalid value for {where}.freeze_body: {frac!r} (expected a fraction "
                          "of the run in (0, 1))")  # fmt: skip
+    if frac is not None and spec.get("plateau") is not None:
+        raise ValueError(f"Invalid {where}: freeze_body is a schedule; plateau replaces it")
     if frac is not None and spec.get("schedule", "none") != "none":
         raise ValueError(f"Invalid {where}: freeze_body is a schedule; it cannot be combined with "
                          f"schedule {spec['schedule']!r}")  # fmt: skip
