@@ -30,12 +30,11 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fit_controller import LR0S, ROOT, SUITE, capped_log_ratio, reference, run  # noqa: E402
+from fit_controller import LR0S, ROOT, SUITE, capped_log_ratio, reference, run
 
 GRID = {"hypergrad_lr": (0.03, 0.1, 0.3), "evidence": (0.0, 0.2, 0.4), "train_weight": (0.0, 1.0)}
 STREAM = {"every": 10}  # batch: the task's training batch (128 here; fewshot: its 100-point split)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from one_run_goals import HELDOUT, WITHIN  # noqa: E402
+from one_run_goals import HELDOUT, WITHIN
 
 CONFIG = "configs/ablate_study9_validation.yaml"
 OUT = ROOT / "experiments/results/ablate_study9"
@@ -160,23 +160,41 @@ def headline(seconds: float | None) -> str:
     head = ["method", "final val within 10%", "test within 10%", "worst (val)", "diverged"]
     cost, overall = cost_rows(recs)
     when = f"{seconds:.0f} s for the cells run now" if seconds else "see the records"
-    return "\n\n".join([
-        "# Study 9 — rates that watch the validation loss (issue 11)",
-        f"`python experiments/validation_study.py` ({when}; 2-core CPU, 2 workers × 1 thread; "
-        f"{len(recs)} records, seeds 0–2; study 1's adam/adam_hd cells reused).",
-        "Reference: best-of-grid Adam (lr 1e-5 … 1e-1) per task, by final validation loss; the "
-        "test column compares test losses (the Adam reference: its grid point chosen on "
-        "validation). Cells: (task, lr0), mean over 3 seeds.",
-        f"## Study 1's tasks ({', '.join(study1)})", md(head, goal_rows(val, test, study1)),
-        f"## Held-out tasks ({', '.join(held)})", md(head, goal_rows(val, test, held)),
-        "## Tuned per task: best-of-grid, ratio to best-of-grid Adam (val / test)",
-        md(["task", "Adam + ReduceLROnPlateau", "Adam + early stopping", "AdamHD + observe_validation"],
-           tuned_rows(val, test, tasks)),  # fmt: skip
-        "## Cost of the option (every 10 steps, a validation batch of the training batch size)",
+    intro = (
+        f"`python experiments/validation_study.py` ({when}; 2-core CPU, 2 workers × 1 "
+        f"thread; {len(recs)} records, seeds 0–2; study 1's adam/adam_hd cells reused)."
+    )
+    reference = (
+        "Reference: best-of-grid Adam (lr 1e-5 … 1e-1) per task, by final validation "
+        "loss; the test column compares test losses (the Adam reference: its grid point "
+        "chosen on validation). Cells: (task, lr0), mean over 3 seeds."
+    )
+    tuned_head = [
+        "task",
+        "Adam + ReduceLROnPlateau",
+        "Adam + early stopping",
+        "AdamHD + observe_validation",
+    ]
+    cost_text = (
         f"Median wall-time ratio of a run with the option to the same cell without it: "
-        f"**{overall:.2f}×** (not interleaved: see the docstring).",
+        f"**{overall:.2f}×** (not interleaved: see the docstring; "
+        f"`experiments/bench_validation_cost.py` measures it paired)."
+    )
+    parts = [
+        "# Study 9 — rates that watch the validation loss (issue 11)",
+        intro,
+        reference,
+        f"## Study 1's tasks ({', '.join(study1)})",
+        md(head, goal_rows(val, test, study1)),
+        f"## Held-out tasks ({', '.join(held)})",
+        md(head, goal_rows(val, test, held)),
+        "## Tuned per task: best-of-grid, ratio to best-of-grid Adam (val / test)",
+        md(tuned_head, tuned_rows(val, test, tasks)),
+        "## Cost of the option (every 10 steps, a validation batch of the training batch size)",
+        cost_text,
         md(["task", "median ratio", "pairs"], cost),
-    ]) + "\n"  # fmt: skip
+    ]
+    return "\n\n".join(parts) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

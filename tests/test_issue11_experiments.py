@@ -34,7 +34,9 @@ def test_choose_validation_smoke_writes_the_grid_and_resumes(tmp_path, capsys):
 def test_cost_benchmark_prints_a_paired_table(capsys):
     import bench_validation_cost
 
-    assert bench_validation_cost.main(["--smoke", "--repeats", "2", "--tasks", "digits_logreg"]) == 0
+    assert (
+        bench_validation_cost.main(["--smoke", "--repeats", "2", "--tasks", "digits_logreg"]) == 0
+    )
     out = capsys.readouterr().out
     for label in bench_validation_cost.PAIRS:
         assert f"| digits_logreg | {label} |" in out

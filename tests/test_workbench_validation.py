@@ -116,8 +116,10 @@ def test_early_stopped_run_reports_the_restored_weights():
         ({"kind": "adam_hd", "validation_data": {"every": 0}}, r"validation_data.every: 0"),
         ({"kind": "adam_hd", "validation_data": {"often": 5}}, "expected a mapping with keys"),
         ({"kind": "adam", "validation_data": {}, "plateau": {"factor": 2}}, r"plateau.factor"),
-        ({"kind": "adam", "validation_data": {}, "plateau": {}, "schedule": "cosine"},
-         "plateau replaces schedule"),
+        (
+            {"kind": "adam", "validation_data": {}, "plateau": {}, "schedule": "cosine"},
+            "plateau replaces schedule",
+        ),
     ],
 )
 def test_spec_errors_name_the_key(spec, message):

@@ -150,7 +150,9 @@ def test_zero_observe_validation_equals_single_process(sharded):
         for a, b in zip(r["params"], model.parameters()):
             torch.testing.assert_close(a, b.detach())
         for i, rate in r["rates"].items():
-            torch.testing.assert_close(rate, opt.state[list(model.parameters())[i]]["lr_multiplier"])
+            torch.testing.assert_close(
+                rate, opt.state[list(model.parameters())[i]]["lr_multiplier"]
+            )
     assert {**ranks[0]["rates"], **ranks[1]["rates"]}.keys() == set(range(6))
 
 

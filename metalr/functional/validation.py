@@ -152,7 +152,9 @@ def validation_adapt_rates(
         )  # fmt: skip
         new_rates = [clamp_rates(r, lr, lr_bounds) for r in new_rates]
         return ValidationUpdate(new_rates, finite, new_stats)
-    dots, g_norms, d_norms = inner_products(val_grads, directions, granularity, rule == "normalized")
+    dots, g_norms, d_norms = inner_products(
+        val_grads, directions, granularity, rule == "normalized"
+    )
     finite = all_finite(dots if granularity != "element" else val_grads)
     if grads_finite is not None:
         finite = finite & grads_finite.to(finite.device)

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metalr.functional._controller import SEEK_DEFAULTS, initial_controller
 from metalr.functional._common import commit_rates
+from metalr.functional._controller import SEEK_DEFAULTS, initial_controller
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
 from metalr.functional.validation import (
@@ -282,7 +282,9 @@ class HypergradOptimizer(Optimizer):
         state_dict = self._migrated(state_dict)
         saved = {
             pid: {
-                k: v for k, v in s.items() if k in (RATE_KEY, CONTROLLER_KEY, VALIDATION_KEY, "step")
+                k: v
+                for k, v in s.items()
+                if k in (RATE_KEY, CONTROLLER_KEY, VALIDATION_KEY, "step")
             }
             for pid, s in state_dict["state"].items()
         }

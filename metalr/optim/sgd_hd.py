@@ -98,7 +98,12 @@ class SGDHD(HypergradOptimizer):
             fused=fused,
             differentiable=differentiable,
             **check.check_hyper_options(
-                hypergrad_lr, granularity, rule, lr_bounds, ADDITIVE_DEFAULT_HYPERGRAD_LR, seek,
+                hypergrad_lr,
+                granularity,
+                rule,
+                lr_bounds,
+                ADDITIVE_DEFAULT_HYPERGRAD_LR,
+                seek,
                 validation,
             ),
         )
