@@ -375,6 +375,31 @@ def seek_adapt_rates(
         finite = finite & grads_finite.to(finite.device)
     if shards is not None:
         finite = shards.all(finite)
+    return _seek_from_products(
+        rates, controllers, sums, g_norms, d_norms, dots, finite, [g.numel() for g in grads],
+        lr=lr, hypergrad_lr=hypergrad_lr, granularity=granularity, lr_bounds=lr_bounds,
+        seek=seek, shards=shards,
+    )  # fmt: skip
+
+
+def _seek_from_products(
+    rates: Sequence[Tensor],
+    controllers: Sequence[Tensor],
+    sums: Sequence[Tensor],
+    g_norms: Sequence[Tensor],
+    d_norms: Sequence[Tensor],
+    dots: Sequence[Tensor],
+    finite: Tensor,
+    sizes: Sequence[int],
+    *,
+    lr: float | Tensor,
+    hypergrad_lr: float | Tensor | Sequence[Tensor],
+    granularity: str,
+    lr_bounds: tuple[float, float],
+    seek: Mapping[str, Any],
+    shards: ShardReducer | None = None,
+) -> tuple[list[Tensor], Tensor, list[Tensor]]:
+    """The seek rule from per-tensor ``Σ⟨g,d⟩``, ``‖g‖``, ``‖d‖`` (and, per element, ``g·d``)."""
     ref = rates[0]
     sum_vec, g_vec, d_vec = (_stack(v, ref) for v in (sums, g_norms, d_norms))
     total = torch.stack([sum_vec.sum(), (g_vec * g_vec).sum(), (d_vec * d_vec).sum()])
@@ -390,13 +415,63 @@ def seek_adapt_rates(
     else:
         cos = sum_vec / (g_vec * d_vec).clamp_min(tiny)
         signals = list(torch.nan_to_num(cos, nan=0.0, posinf=0.0, neginf=0.0).unbind(0))
-    sizes = [g.numel() for g in grads]
     new_rates, new_ctrls = seek_update(
         rates, controllers, signals, group_signal, active, sizes,
         hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity,
     )  # fmt: skip
     new_rates = [clamp_rates(r, lr, lr_bounds) for r in new_rates]
     return new_rates, finite, new_ctrls
+
+
+def adapt_rates_from_sums(
+    rates: Sequence[Tensor],
+    sums: Tensor,
+    sizes: Sequence[int],
+    *,
+    lr: float | Tensor,
+    hypergrad_lr: float | Tensor | Sequence[Tensor],
+    rule: str,
+    granularity: str,
+    lr_bounds: tuple[float, float],
+    grads_finite: Tensor | None = None,
+    controllers: Sequence[Tensor] | None = None,
+    seek: Mapping[str, Any] | None = None,
+) -> RateUpdate:
+    """:func:`adapt_rates` from the sums a fused kernel accumulated in its pass (group/tensor).
+
+    ``sums`` is ``[n, 3]``: per tensor ``Σ Re(g·d)``, ``Σ g²`` and ``Σ d²`` with ``d = d_{t-1}``,
+    in any float dtype. The flag is false when any sum is not finite (a NaN/inf gradient, or a
+    ``Σ g²`` that overflows). The rule's math is the same functions :func:`adapt_rates` calls.
+    """
+    if granularity == "element":
+        raise ValueError("adapt_rates_from_sums takes group/tensor granularity, not 'element'")
+    ref = rates[0]
+    sums = sums.to(device=ref.device, dtype=ref.dtype)
+    finite = torch.isfinite(sums).all()
+    if grads_finite is not None:
+        finite = finite & grads_finite.to(finite.device)
+    dots = list(sums[:, 0].unbind(0))
+    g_norms = list(safe_sqrt(sums[:, 1]).unbind(0))
+    d_norms = list(safe_sqrt(sums[:, 2]).unbind(0))
+    if rule == "seek":
+        if controllers is None or seek is None:
+            raise ValueError("rule='seek' needs controllers and seek constants")
+        if not isinstance(hypergrad_lr, (Tensor, list, tuple)) and hypergrad_lr == 0:
+            same = update_rates(
+                rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=0.0, rule="normalized",
+                granularity=granularity, lr_bounds=lr_bounds,
+            )  # fmt: skip
+            return RateUpdate(same, finite, list(controllers))
+        return RateUpdate(*_seek_from_products(
+            rates, controllers, dots, g_norms, d_norms, dots, finite, sizes, lr=lr,
+            hypergrad_lr=hypergrad_lr, granularity=granularity, lr_bounds=lr_bounds, seek=seek,
+        ))  # fmt: skip
+    with_norms = rule == "normalized"
+    new_rates = update_rates(
+        rates, dots, g_norms if with_norms else None, d_norms if with_norms else None, lr=lr,
+        hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity, lr_bounds=lr_bounds,
+    )  # fmt: skip
+    return RateUpdate(new_rates, finite, [])
 
 
 def hypergradient(

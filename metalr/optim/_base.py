@@ -27,6 +27,7 @@ HYPER_DEFAULTS: dict[str, Any] = {
     "foreach": None,
     "fused": None,
     "differentiable": False,
+    "lagged": False,
 }
 
 

@@ -64,6 +64,9 @@ class AdamHD(HypergradOptimizer):
             first step compiles (tens of seconds on CPU) (default: None, i.e. off).
         differentiable: run the step under autograd so weights and rates stay in the graph
             (single-tensor path) (default: False).
+        lagged: apply the rate computed from step t's hypergradient from step t+1 (one pass
+            over the state instead of two; a non-finite gradient element is skipped per element;
+            see :mod:`metalr.functional.adam_rule`) (default: False).
         shard_group: when optimizer state is sharded across ranks (``ZeroRedundancyOptimizer``
             passes it through), the process group whose ranks share each param group: the
             skip decision and group-granularity sums are all-reduced over it (default: None).
@@ -99,6 +102,7 @@ class AdamHD(HypergradOptimizer):
         fused: bool | None = None,
         differentiable: bool = False,
         shard_group: Any = None,
+        lagged: bool = False,
     ) -> None:
         check.check_lr(lr)
         check.check_nonnegative("epsilon", eps)
@@ -116,6 +120,7 @@ class AdamHD(HypergradOptimizer):
             foreach=foreach,
             fused=fused,
             differentiable=differentiable,
+            lagged=check.check_flag("lagged", lagged),
             **check.check_hyper_options(
                 hypergrad_lr, granularity, rule, lr_bounds, ADDITIVE_DEFAULT_HYPERGRAD_LR, seek
             ),
@@ -183,7 +188,8 @@ class AdamHD(HypergradOptimizer):
                 hypergrad_lr=group["hypergrad_lr"], rule=group["rule"],
                 granularity=group["granularity"], lr_bounds=group["lr_bounds"],
                 maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
-                differentiable=group["differentiable"], grads_finite=grads_finite,
+                differentiable=group["differentiable"], lagged=group["lagged"],
+                grads_finite=grads_finite,
                 shards=self._shard_reducer(), **self._controller_args(group, params),
             )  # fmt: skip
         return loss
