@@ -50,6 +50,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from metalr.functional import _cpu_kernels
 from metalr.functional._adam_foreach import _multi_tensor_adam_hd
 from metalr.functional._common import (
     as_real_list,
@@ -367,11 +368,17 @@ def adam_hd(
     if fused:
         if differentiable or foreach:
             raise RuntimeError("fused=True does not support differentiable=True or foreach=True")
-        hyper["lr"] = as_lr_tensor(hyper["lr"], rates)  # a changing float would recompile
         check_fused_supported(params, "AdamHD")
-        return compiled(_single_tensor_adam_hd)(
-            params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper
-        )
+        if _cpu_kernels.applies(params, rates, **hyper):  # C++ on the CPU (else: no compiler)
+            if _cpu_kernels.adam_hd_step(
+                params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper
+            ):
+                return None
+        else:
+            hyper["lr"] = as_lr_tensor(hyper["lr"], rates)  # a changing float would recompile
+            return compiled(_single_tensor_adam_hd)(
+                params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper
+            )
     if foreach is None:
         foreach = default_foreach(params, differentiable)
     if foreach and differentiable:

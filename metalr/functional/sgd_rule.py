@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from metalr.functional import _cpu_kernels
 from metalr.functional._common import (
     as_real_list,
     broadcast_rate,
@@ -452,11 +453,16 @@ def sgd_hd(
     if fused:
         if differentiable or foreach:
             raise RuntimeError("fused=True does not support differentiable=True or foreach=True")
-        hyper["lr"] = as_lr_tensor(hyper["lr"], rates)  # a changing float would recompile
         check_fused_supported(params, "SGDHD")
-        return compiled(_single_tensor_sgd_hd)(
+        if _cpu_kernels.applies(params, rates, **hyper) and _cpu_kernels.sgd_hd_step(
             params, grads, momentum_buffers, prev_directions, rates, **hyper
-        )
+        ):  # the lagged step in one C++ pass on the CPU
+            return SGDHDState(list(params), list(momentum_buffers), list(prev_directions), rates)
+        if not (hyper.get("lagged") and _cpu_kernels.applies(params, rates, **hyper)):
+            hyper["lr"] = as_lr_tensor(hyper["lr"], rates)  # a changing float would recompile
+            return compiled(_single_tensor_sgd_hd)(
+                params, grads, momentum_buffers, prev_directions, rates, **hyper
+            )
     if foreach is None:
         foreach = default_foreach(params, differentiable)
     if foreach and differentiable:
