@@ -44,6 +44,9 @@ from metalr.functional._hypergrad import adapt_rates_from_sums
 _SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "hd_step.cpp"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
+#: Whether :func:`sgd_hd_step` takes exact steps (the exact SGD step is left to the compiled path).
+SGD_EXACT = False
+
 
 @functools.cache
 def load() -> Any | None:

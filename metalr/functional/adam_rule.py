@@ -50,7 +50,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from metalr.functional import _cpu_kernels
 from metalr.functional._adam_foreach import _multi_tensor_adam_hd
 from metalr.functional._common import (
     as_real_list,
@@ -69,7 +68,12 @@ from metalr.functional._common import (
     write_back,
 )
 from metalr.functional._distributed import ShardReducer
-from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
+from metalr.functional._fused import (
+    as_lr_tensor,
+    check_fused_supported,
+    compiled,
+    kernel_backend,
+)
 from metalr.functional._hypergrad import adapt_rates
 
 
@@ -369,11 +373,10 @@ def adam_hd(
         if differentiable or foreach:
             raise RuntimeError("fused=True does not support differentiable=True or foreach=True")
         check_fused_supported(params, "AdamHD")
-        if _cpu_kernels.applies(params, rates, **hyper):  # C++ on the CPU (else: no compiler)
-            if _cpu_kernels.adam_hd_step(
-                params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper
-            ):
-                return None
+        backend = kernel_backend(params, rates, hyper)  # Triton (CUDA) or C++ (CPU)
+        if backend is not None:
+            if backend.adam_hd_step(params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper):
+                return None  # (declined: no C++ compiler; the eager path below)
         else:
             hyper["lr"] = as_lr_tensor(hyper["lr"], rates)  # a changing float would recompile
             return compiled(_single_tensor_adam_hd)(

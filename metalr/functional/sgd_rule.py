@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from metalr.functional import _cpu_kernels
 from metalr.functional._common import (
     as_real_list,
     broadcast_rate,
@@ -50,7 +49,12 @@ from metalr.functional._common import (
     write_back,
 )
 from metalr.functional._distributed import ShardReducer
-from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
+from metalr.functional._fused import (
+    as_lr_tensor,
+    check_fused_supported,
+    compiled,
+    kernel_backend,
+)
 from metalr.functional._hypergrad import RateUpdate, adapt_rates
 
 
@@ -454,11 +458,16 @@ def sgd_hd(
         if differentiable or foreach:
             raise RuntimeError("fused=True does not support differentiable=True or foreach=True")
         check_fused_supported(params, "SGDHD")
-        if _cpu_kernels.applies(params, rates, **hyper) and _cpu_kernels.sgd_hd_step(
-            params, grads, momentum_buffers, prev_directions, rates, **hyper
-        ):  # the lagged step in one C++ pass on the CPU
-            return SGDHDState(list(params), list(momentum_buffers), list(prev_directions), rates)
-        if not (hyper.get("lagged") and _cpu_kernels.applies(params, rates, **hyper)):
+        backend = kernel_backend(params, rates, hyper)  # Triton (CUDA) or C++ (CPU, lagged)
+        if backend is not None and (hyper.get("lagged") or backend.SGD_EXACT):
+            if backend.sgd_hd_step(
+                params, grads, momentum_buffers, prev_directions, rates, **hyper
+            ):
+                return SGDHDState(
+                    list(params), list(momentum_buffers), list(prev_directions), rates
+                )
+            # declined (the first step: no buffers yet; no C++ compiler): the eager path below
+        else:
             hyper["lr"] = as_lr_tensor(hyper["lr"], rates)  # a changing float would recompile
             return compiled(_single_tensor_sgd_hd)(
                 params, grads, momentum_buffers, prev_directions, rates, **hyper
