@@ -91,10 +91,6 @@ template <>
 void adam_range<float>(float* __restrict p, const float* __restrict gp, float* __restrict m,
                        float* __restrict v, int64_t lo, int64_t hi, const AdamConsts& k,
                        bool accumulate, bool write, double* out) {
-  if (!accumulate) {
-    adam_range_generic(p, gp, m, v, lo, hi, k, accumulate, write, out);
-    return;
-  }
   const __m512 pc1 = _mm512_set1_ps(k.pc1), pc2 = _mm512_set1_ps(k.pc2);
   const __m512 step = _mm512_set1_ps(k.step), c2 = _mm512_set1_ps(k.c2);
   const __m512 decay = _mm512_set1_ps(k.decay), b2 = _mm512_set1_ps(k.b2);
@@ -106,12 +102,14 @@ void adam_range<float>(float* __restrict p, const float* __restrict gp, float* _
   for (; j + 16 <= hi; j += 16) {
     const __m512 g = _mm512_mul_ps(sign, _mm512_loadu_ps(gp + j));
     const __m512 mj = _mm512_loadu_ps(m + j), vj = _mm512_loadu_ps(v + j);
-    const __m512 sq = _mm512_mul_ps(vj, _mm512_rsqrt14_ps(_mm512_max_ps(vj, tiny)));  // ≈ √v
-    const __m512 d = _mm512_mul_ps(_mm512_mul_ps(mj, pc1),
-                                   _mm512_rcp14_ps(_mm512_fmadd_ps(sq, pc2, e)));
-    gd = _mm512_fmadd_ps(g, d, gd);
-    gg = _mm512_fmadd_ps(g, g, gg);
-    dd = _mm512_fmadd_ps(d, d, dd);
+    if (accumulate) {
+      const __m512 sq = _mm512_mul_ps(vj, _mm512_rsqrt14_ps(_mm512_max_ps(vj, tiny)));  // ≈ √v
+      const __m512 d = _mm512_mul_ps(_mm512_mul_ps(mj, pc1),
+                                     _mm512_rcp14_ps(_mm512_fmadd_ps(sq, pc2, e)));
+      gd = _mm512_fmadd_ps(g, d, gd);
+      gg = _mm512_fmadd_ps(g, g, gg);
+      dd = _mm512_fmadd_ps(d, d, dd);
+    }
     if (write) {
       const __m512 pj = _mm512_loadu_ps(p + j);
       const __m512 ge = _mm512_fmadd_ps(l2, pj, g);
