@@ -60,8 +60,11 @@ class AdamHD(HypergradOptimizer):
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor implementation; ``None`` picks it unless
             ``differentiable`` (default: None).
-        fused: run the step as one ``torch.compile``'d graph (two fused loops per tensor); the
-            first step compiles (tens of seconds on CPU) (default: None, i.e. off).
+        fused: run the step as hand-written kernels at group/tensor granularity (CUDA: Triton,
+            all tensors in one launch; CPU: C++ built on first use, tens of seconds once per
+            machine), one pass with ``lagged=True`` and two without; otherwise (element
+            granularity, float64 on CUDA, half precision on CPU) one ``torch.compile``'d graph
+            (default: None, i.e. off).
         differentiable: run the step under autograd so weights and rates stay in the graph
             (single-tensor path) (default: False).
         lagged: apply the rate computed from step t's hypergradient from step t+1 (one pass

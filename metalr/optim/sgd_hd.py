@@ -45,8 +45,9 @@ class SGDHD(HypergradOptimizer):
         lr_bounds: ``(min, max)`` for every effective rate (default: (0, inf)).
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor implementation (default: None, i.e. unless differentiable).
-        fused: run the step as one ``torch.compile``'d graph; the first step compiles
-            (default: None, i.e. off).
+        fused: hand-written kernels at group/tensor granularity (CUDA: Triton, lagged or
+            exact; CPU: C++, lagged steps), else one ``torch.compile``'d graph; see
+            :class:`metalr.AdamHD` (default: None, i.e. off).
         differentiable: keep weights and rates in the autograd graph (default: False).
         lagged: apply the rate computed from step t's hypergradient from step t+1 (one pass
             over the state instead of two; a non-finite gradient element is skipped per element;
