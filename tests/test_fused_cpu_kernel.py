@@ -120,3 +120,15 @@ def test_kernel_state_resumes_bit_exactly():
         resumed.step()
     for a, b in zip(params, clone):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", ["AdamHD", "SGDHD"])
+def test_without_a_compiler_fused_takes_the_eager_path(monkeypatch, family):
+    """When the extension cannot be built, fused=True steps exactly as the eager path."""
+    monkeypatch.setattr(_cpu_kernels, "load", lambda: None)
+    cls = getattr(metalr, family)
+    kw = {"momentum": 0.9} if family == "SGDHD" else {}
+    a, _ = _run(lambda ps: cls(ps, lr=1e-2, fused=True, lagged=True, **kw))
+    b, _ = _run(lambda ps: cls(ps, lr=1e-2, foreach=True, lagged=True, **kw))
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
