@@ -83,14 +83,75 @@ def _train_sharded(rank: int, name: str, granularity: str, reduce: bool) -> dict
             "controllers": controllers}  # fmt: skip
 
 
+def _val_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(500 + step)
+    return (torch.randn(8, 6, generator=gen, dtype=torch.float64),
+            torch.randn(8, 2, generator=gen, dtype=torch.float64))  # fmt: skip
+
+
+def _observe(opt, model: torch.nn.Module, step: int, **kwargs) -> None:
+    if step % 2 == 1:  # the same validation batch on every rank
+        x, y = _val_batch(step)
+        opt.observe_validation(torch.nn.functional.mse_loss(model(x), y), **kwargs)
+
+
+def _train_sharded_observing(rank: int) -> dict:
+    """ZeRO + seek + observe_validation(process_group=None): the same batch on every rank."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(_model())
+    kwargs = dict(_optimizer_kwargs("AdamHD"), granularity="tensor", shard_group=dist.group.WORLD)
+    opt = ZeroRedundancyOptimizer(model.parameters(), **kwargs)
+    refused = ""
+    for step in range(STEPS):
+        x, y = _data(step)
+        half = slice(rank * 4, rank * 4 + 4)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[half]), y[half]).backward()
+        opt.step()
+        if step == 0:
+            try:  # "auto" would average different ranks' parameters: refused
+                _observe(opt.optim, model.module, 1)
+            except ValueError as exc:
+                refused = str(exc)
+        _observe(opt.optim, model.module, step, process_group=None)
+    rates = {i: opt.optim.state[p]["lr_multiplier"].clone()
+             for i, p in enumerate(model.parameters()) if p in opt.optim.state}  # fmt: skip
+    return {"params": [p.detach().clone() for p in model.parameters()], "rates": rates,
+            "refused": refused}  # fmt: skip
+
+
 def _zero_rank(rank: int) -> dict:
-    return {run: _train_sharded(rank, *run) for run in RUNS}
+    out = {run: _train_sharded(rank, *run) for run in RUNS}
+    out["observing"] = _train_sharded_observing(rank)
+    return out
 
 
 @pytest.fixture(scope="module")
 def sharded():
     per_rank = run_ranks(_zero_rank)
-    return {run: [per_rank[r][run] for r in range(2)] for run in RUNS}
+    return {run: [per_rank[r][run] for r in range(2)] for run in (*RUNS, "observing")}
+
+
+def test_zero_observe_validation_equals_single_process(sharded):
+    model = _model()
+    kwargs = dict(_optimizer_kwargs("AdamHD"), granularity="tensor")
+    opt = kwargs.pop("optimizer_class")(model.parameters(), **kwargs)
+    for step in range(STEPS):
+        x, y = _data(step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        _observe(opt, model, step)
+    ranks = sharded["observing"]
+    assert all("pass process_group=None" in r["refused"] for r in ranks)
+    for r in ranks:
+        for a, b in zip(r["params"], model.parameters()):
+            torch.testing.assert_close(a, b.detach())
+        for i, rate in r["rates"].items():
+            torch.testing.assert_close(rate, opt.state[list(model.parameters())[i]]["lr_multiplier"])
+    assert {**ranks[0]["rates"], **ranks[1]["rates"]}.keys() == set(range(6))
 
 
 def _run_single(name, granularity):

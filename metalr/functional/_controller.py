@@ -163,11 +163,15 @@ def seek_update(
     ``signals[i]``: rate ``i``'s signal ``c_t`` (a 0-d cosine; per element, the sign of ``g·d``);
     ``group_signal``: the group cosine ``C_t`` (0-d); ``active``: 0-d bool, false to leave
     everything as it is (no previous direction yet, or a skipped step); ``sizes[i]``: elements of
-    tensor ``i`` (weights of the tie's mean).
+    tensor ``i`` (weights of the tie's mean). ``seek["track"]`` (optional, default 1): the weight
+    of the training signal in phase 2, lowered once the rates also follow the validation signal
+    (:func:`seek_validation_update`; 0: settled rates move only at validation observations).
+    The ramp and the turn always run on the training signal.
     """
     if not rates:
         return [], []
     per_tensor_beta = isinstance(hypergrad_lr, (list, tuple))
+    tracking = float(seek.get("track", 1.0))  # the training signal's weight in phase 2
     ctrl = torch.stack([c.to(controllers[0].dtype) for c in controllers])  # [n, K]
     dtype = ctrl.dtype
     g_sig = group_signal.to(device=ctrl.device, dtype=dtype)
@@ -210,10 +214,12 @@ def seek_update(
     for i, rate in enumerate(rates):
         beta = hypergrad_lr[i] if per_tensor_beta else hypergrad_lr
         settled = ~ramping[i]
-        if granularity == "element":
-            step = beta * signals[i].to(rate.dtype)
+        if tracking == 0:  # only the validation signal moves settled rates (observe_validation)
+            step = torch.zeros((), dtype=rate.dtype, device=rate.device)
+        elif granularity == "element":
+            step = tracking * beta * signals[i].to(rate.dtype)
         else:
-            step = beta * track[i].to(rate.dtype)
+            step = tracking * beta * track[i].to(rate.dtype)
         move = ramp_move[i].to(rate.dtype) + torch.where(settled, step, torch.zeros_like(step))
         log_new = torch.log(rate) + move
         log_new = torch.minimum(log_new, new_ceiling[i].to(rate.dtype))
@@ -252,3 +258,59 @@ def _tie(log_rates: list[Tensor], sizes: Sequence[int], tie: float) -> list[Tens
     centre = sum(x * (n / total) for x, n in zip(log_rates, sizes))
     width = math.log(tie)
     return list(torch.clamp(stacked, min=centre - width, max=centre + width).unbind(0))
+
+
+def seek_validation_update(
+    rates: Sequence[Tensor],
+    controllers: Sequence[Tensor],
+    stats: Sequence[Tensor],
+    signals: Sequence[Tensor],
+    active: Tensor,
+    sizes: Sequence[int],
+    *,
+    options: Mapping[str, float],
+    seek: Mapping[str, Any],
+    granularity: str,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """New multipliers and validation statistics after one validation observation (pure).
+
+    The tracking phase of the seek rule, driven by the validation signal ``c^val`` (the cosine
+    between the validation gradient and the last direction; per element its sign) with its own
+    running averages ``stats[i] = (μ, ν, count)`` (see :mod:`metalr.functional.validation`)::
+
+        μ ← b1 μ + (1 - b1) c^val,   ν ← b2 ν + (1 - b2) (c^val)²            (bias-corrected)
+        log m ← min(log m + β_val · (μ̂/√ν̂ − evidence), ceiling)         (settled rates only)
+
+    Rates still ramping (phase 1 runs on the training signal) hold still; their statistics are
+    updated. At tensor granularity the rates are tied as in :func:`seek_update`.
+    """
+    if not rates:
+        return [], []
+    st = torch.stack([s.to(stats[0].dtype) for s in stats])  # [n, 3]
+    dtype = st.dtype
+    act = active.to(st.device)
+    mean, sq, count = st[:, 0], st[:, 1], st[:, 2]
+    sig = torch.stack([_tensor_signal(s, granularity).to(device=st.device, dtype=dtype)
+                       for s in signals])  # fmt: skip
+    b1, b2 = options["signal_decay"], options["signal_sq_decay"]
+    new_count = count + 1
+    new_mean = b1 * mean + (1 - b1) * sig
+    new_sq = b2 * sq + (1 - b2) * sig * sig
+    m_hat = new_mean / (1 - torch.pow(torch.full_like(new_count, b1), new_count))
+    v_hat = new_sq / (1 - torch.pow(torch.full_like(new_count, b2), new_count))
+    track = m_hat / (torch.sqrt(v_hat) + 1e-8) - options["evidence"]
+    beta = options["hypergrad_lr"]
+    moved_logs = []
+    for i, (rate, ctrl) in enumerate(zip(rates, controllers)):
+        settled = ctrl[RAMP] <= 0
+        if granularity == "element":
+            step = beta * signals[i].to(rate.dtype)
+        else:
+            step = beta * track[i].to(rate.dtype)
+        log_new = torch.log(rate) + torch.where(settled, step, torch.zeros_like(step))
+        moved_logs.append(torch.minimum(log_new, ctrl[CEILING].to(rate.dtype)))
+    if granularity == "tensor" and len(rates) > 1:
+        moved_logs = _tie(moved_logs, sizes, seek["tie"])
+    new_rates = [torch.where(act, torch.exp(lg), r) for r, lg in zip(rates, moved_logs)]
+    new_st = torch.where(act, torch.stack([new_mean, new_sq, new_count], dim=1), st)
+    return new_rates, [n.to(s.dtype) for n, s in zip(new_st.unbind(0), stats)]

@@ -362,6 +362,43 @@ def seek_adapt_rates(
     tensors, and over ranks with ``shards``) drives the ramp, each rate's own cosine (sign per
     element) the tracking phase (:func:`metalr.functional._controller.seek_update`).
     """
+    signals, group_signal, finite, active = seek_signals(
+        grads, directions, granularity, grads_finite=grads_finite, shards=shards
+    )
+    sizes = [g.numel() for g in grads]
+    new_rates, new_ctrls = seek_update(
+        rates, controllers, signals, group_signal, active, sizes,
+        hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity,
+    )  # fmt: skip
+    new_rates = [clamp_rates(r, lr, lr_bounds) for r in new_rates]
+    return new_rates, finite, new_ctrls
+
+
+class SeekSignals(NamedTuple):
+    """What the seek rule reads from one gradient (training or validation) and the last
+    directions: each rate's signal, the group cosine, the all-finite flag and whether to act."""
+
+    signals: list[Tensor]
+    group_signal: Tensor
+    finite: Tensor
+    active: Tensor
+
+
+def seek_signals(
+    grads: Sequence[Tensor],
+    directions: Sequence[Tensor],
+    granularity: str,
+    *,
+    grads_finite: Tensor | None = None,
+    shards: ShardReducer | None = None,
+) -> SeekSignals:
+    """The seek rule's signals from ``grads`` and the directions ``d`` they are compared with.
+
+    ``group_signal`` is the group cosine ``Σ⟨g, d⟩ / (‖g‖ ‖d‖)`` (over ranks with ``shards``);
+    ``signals[i]`` is rate ``i``'s: the group cosine (group granularity), the tensor's cosine
+    (tensor), or the sign of ``g·d`` per element (element). ``active`` is false when a gradient
+    is not finite or every direction is zero (nothing to compare with yet).
+    """
     if granularity == "element":
         dots, _, _ = inner_products(grads, directions, "element", with_norms=False)
         sums, g_norms, d_norms = inner_products(grads, directions, "tensor", with_norms=True)
@@ -375,32 +412,21 @@ def seek_adapt_rates(
         finite = finite & grads_finite.to(finite.device)
     if shards is not None:
         finite = shards.all(finite)
-    return _seek_from_products(
-        rates, controllers, sums, g_norms, d_norms, dots, finite, [g.numel() for g in grads],
-        lr=lr, hypergrad_lr=hypergrad_lr, granularity=granularity, lr_bounds=lr_bounds,
-        seek=seek, shards=shards,
-    )  # fmt: skip
+    return seek_signals_from_products(sums, g_norms, d_norms, dots, finite, granularity, shards)
 
 
-def _seek_from_products(
-    rates: Sequence[Tensor],
-    controllers: Sequence[Tensor],
+def seek_signals_from_products(
     sums: Sequence[Tensor],
     g_norms: Sequence[Tensor],
     d_norms: Sequence[Tensor],
     dots: Sequence[Tensor],
     finite: Tensor,
-    sizes: Sequence[int],
-    *,
-    lr: float | Tensor,
-    hypergrad_lr: float | Tensor | Sequence[Tensor],
     granularity: str,
-    lr_bounds: tuple[float, float],
-    seek: Mapping[str, Any],
     shards: ShardReducer | None = None,
-) -> tuple[list[Tensor], Tensor, list[Tensor]]:
-    """The seek rule from per-tensor ``Σ⟨g,d⟩``, ``‖g‖``, ``‖d‖`` (and, per element, ``g·d``)."""
-    ref = rates[0]
+) -> SeekSignals:
+    """:func:`seek_signals` from per-tensor ``Σ⟨g,d⟩``, ``‖g‖``, ``‖d‖`` (and, per element,
+    ``g·d`` in ``dots``) and the all-finite flag: what a fused kernel's pass accumulates."""
+    ref = sums[0]
     sum_vec, g_vec, d_vec = (_stack(v, ref) for v in (sums, g_norms, d_norms))
     total = torch.stack([sum_vec.sum(), (g_vec * g_vec).sum(), (d_vec * d_vec).sum()])
     total = shards.sum(total) if shards is not None else total
@@ -411,16 +437,11 @@ def _seek_from_products(
     if granularity == "element":
         signals = [torch.nan_to_num(torch.sign(d), nan=0.0) for d in dots]
     elif granularity == "group":
-        signals = [group_signal for _ in rates]
+        signals = [group_signal for _ in sums]
     else:
         cos = sum_vec / (g_vec * d_vec).clamp_min(tiny)
         signals = list(torch.nan_to_num(cos, nan=0.0, posinf=0.0, neginf=0.0).unbind(0))
-    new_rates, new_ctrls = seek_update(
-        rates, controllers, signals, group_signal, active, sizes,
-        hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity,
-    )  # fmt: skip
-    new_rates = [clamp_rates(r, lr, lr_bounds) for r in new_rates]
-    return new_rates, finite, new_ctrls
+    return SeekSignals(signals, group_signal, finite, active)
 
 
 def adapt_rates_from_sums(
@@ -462,10 +483,15 @@ def adapt_rates_from_sums(
                 granularity=granularity, lr_bounds=lr_bounds,
             )  # fmt: skip
             return RateUpdate(same, finite, list(controllers))
-        return RateUpdate(*_seek_from_products(
-            rates, controllers, dots, g_norms, d_norms, dots, finite, sizes, lr=lr,
-            hypergrad_lr=hypergrad_lr, granularity=granularity, lr_bounds=lr_bounds, seek=seek,
-        ))  # fmt: skip
+        signals, group_signal, finite, active = seek_signals_from_products(
+            dots, g_norms, d_norms, dots, finite, granularity
+        )
+        new_rates, new_ctrls = seek_update(
+            rates, controllers, signals, group_signal, active, sizes,
+            hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity,
+        )  # fmt: skip
+        new_rates = [clamp_rates(r, lr, lr_bounds) for r in new_rates]
+        return RateUpdate(new_rates, finite, new_ctrls)
     with_norms = rule == "normalized"
     new_rates = update_rates(
         rates, dots, g_norms if with_norms else None, d_norms if with_norms else None, lr=lr,

@@ -72,7 +72,7 @@ def stores_prev_direction(momentum: float, nesterov: bool) -> bool:
     return momentum == 0 or nesterov
 
 
-def _previous_directions(
+def previous_directions(
     params: Sequence[Tensor],
     momentum_buffers: Sequence[Tensor | None],
     prev_directions: Sequence[Tensor | None],
@@ -126,7 +126,7 @@ def sgd_hd_step(
                             rule="normalized", granularity="tensor", lr_bounds=(0.0, 1e3))
     """
     grads = negate_if(grads, maximize)
-    prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
+    prev = previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
     new_rates, finite, new_controllers = adapt_rates(
         rates, grads, prev, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
         granularity=granularity, lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
@@ -258,7 +258,7 @@ def _in_place_sgd_hd(
     """:func:`sgd_hd_step` in place on the CPU with autograd off (see the caller)."""
     original_grads = grads
     grads = negate_if(grads, maximize)
-    prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
+    prev = previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
     update = adapt_rates(rates, grads, prev, lr=lr, **adapt)
     del prev
     bufs, dirs = list(momentum_buffers), list(prev_directions)
@@ -323,7 +323,7 @@ def _multi_tensor_sgd_hd(
     if lagged and not host_readable(rates[0]):
         return None
     grads = torch._foreach_neg(grads) if maximize else list(grads)
-    prev = _previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
+    prev = previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
     update = adapt_rates(
         rates, grads, prev, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
         granularity=granularity, lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,

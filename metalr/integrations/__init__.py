@@ -4,8 +4,11 @@ Every submodule imports its framework lazily, when it is itself imported, so ``i
 ``import metalr.integrations`` never need Lightning, transformers or TensorBoard:
 
 * :mod:`metalr.integrations.lightning` — ``EffectiveLRMonitor``, a Lightning ``Callback`` logging
-  the effective rates (``pip install "metalr[integrations]"`` or ``lightning``).
-* :mod:`metalr.integrations.huggingface` — ``EffectiveLRCallback`` for the transformers ``Trainer``.
+  the effective rates (``pip install "metalr[integrations]"`` or ``lightning``), and
+  ``ObserveValidation``, which calls ``optimizer.observe_validation`` every ``k`` steps.
+* :mod:`metalr.integrations.huggingface` — ``EffectiveLRCallback`` and
+  ``ObserveValidationCallback`` (``add_observe_validation_callback``) for the transformers
+  ``Trainer``.
 * :mod:`metalr.integrations.tensorboard` — ``log_effective_lrs(writer, optimizer, step)``.
 
 :func:`effective_lr_stats` (no framework needed) is what they all log.

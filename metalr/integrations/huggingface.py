@@ -11,13 +11,31 @@ rates to every log::
     add_effective_lr_callback(trainer, per_tensor=True)
     trainer.train()
 
+To let the rates follow a held-out loss (``optimizer.observe_validation``), add an
+:class:`ObserveValidationCallback`: every ``k`` steps it observes the loss of one batch of the eval
+dataset, computed as the Trainer computes its losses::
+
+    add_observe_validation_callback(trainer, every_n_steps=10)
+
 Importing this module imports ``transformers``; ``import metalr`` never does.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from torch import Tensor
+
+from metalr.integrations._observe import (
+    BatchCycle,
+    as_loss,
+    check_every_n_steps,
+    eval_mode,
+    hypergrad_optimizers,
+    observe_all,
+)
 from metalr.integrations._stats import effective_lr_stats, group_lrs
 
 try:
@@ -28,7 +46,12 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
         'pip install "torch==<your torch>" transformers accelerate'
     ) from exc
 
-__all__ = ["EffectiveLRCallback", "add_effective_lr_callback"]
+__all__ = [
+    "EffectiveLRCallback",
+    "ObserveValidationCallback",
+    "add_effective_lr_callback",
+    "add_observe_validation_callback",
+]
 
 
 class EffectiveLRCallback(TrainerCallback):
@@ -88,4 +111,134 @@ def add_effective_lr_callback(
     """Register an :class:`EffectiveLRCallback` first in ``trainer``, so reporters log it too."""
     callback = EffectiveLRCallback(per_tensor=per_tensor, **kwargs)
     trainer.callback_handler.callbacks.insert(0, callback)
+    return callback
+
+
+class ObserveValidationCallback(TrainerCallback):
+    """Every ``every_n_steps`` optimizer steps, observe the loss of an eval batch: the metalr
+    optimizer's rates then follow the validation signal (``optimizer.observe_validation``).
+
+    At ``on_step_end`` (after the optimizer and scheduler steps, once per step with gradient
+    accumulation) the callback draws the next batch of ``trainer.get_eval_dataloader()`` (the
+    eval dataset, collated, column-filtered and sharded over the processes as the Trainer's own
+    evaluation does; restarted when it runs out), computes its loss with ``trainer.compute_loss``
+    on the unwrapped model (outside DDP's wrapper, as ``observe_validation`` asks; accelerate's
+    autocast stays on the model's forward, and its fp16 ``GradScaler`` is passed on) in eval
+    mode, and calls ``observe_validation`` on the Trainer's optimizer, unwrapped from
+    accelerate's ``AcceleratedOptimizer``. Under DDP every process observes its own batch and the
+    validation gradients are averaged (``process_group="auto"``). ``.grad``, the Trainer's
+    evaluation and its logs are left alone.
+
+    The Trainer does not hand itself to its callbacks, so this one is built with it; register it
+    with :func:`add_observe_validation_callback` (or ``trainer.add_callback``). A resumed run
+    starts the eval batches from the first again. DeepSpeed and FSDP (sharded parameters, or an
+    optimizer that is not metalr's) are not supported.
+
+    Args:
+        trainer: the ``transformers.Trainer`` whose optimizer observes.
+        every_n_steps: observe after every this many optimizer steps (default: 10).
+        eval_dataset: a dataset, or the key of one in the Trainer's ``eval_dataset`` dict
+            (default: None, i.e. the Trainer's ``eval_dataset``).
+        dataloader: batches to use instead (any iterable of input dicts; default: None).
+        loss_fn: ``loss_fn(model, inputs) -> Tensor`` instead of ``trainer.compute_loss``
+            (default: None).
+        eval_mode: compute the loss with the model in eval mode (default: True).
+        process_group: passed to ``observe_validation`` (default: "auto").
+
+    Attributes:
+        observations: how many times the loss was observed.
+        last_loss: the last observed loss (detached tensor; None before the first).
+
+    Example:
+        >>> trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
+        ...                   optimizers=(metalr.AdamWHD(model.parameters(), lr=3e-4), None))
+        >>> add_observe_validation_callback(trainer, every_n_steps=10)
+        >>> trainer.train()
+    """
+
+    def __init__(
+        self,
+        trainer: Any,
+        every_n_steps: int = 10,
+        *,
+        eval_dataset: Any = None,
+        dataloader: Iterable[Any] | None = None,
+        loss_fn: Callable[[Any, Mapping[str, Any]], Tensor] | None = None,
+        eval_mode: bool = True,
+        process_group: Any = "auto",
+    ) -> None:
+        self.trainer = trainer
+        self.every_n_steps = check_every_n_steps(every_n_steps)
+        self.eval_dataset = eval_dataset
+        self.dataloader = dataloader
+        self.loss_fn = loss_fn
+        self.eval_mode = eval_mode
+        self.process_group = process_group
+        self.observations = 0
+        self.last_loss: Tensor | None = None
+        self._batches = BatchCycle(self._validation_data)
+
+    def _validation_data(self) -> Iterable[Any]:
+        if self.dataloader is not None:
+            return self.dataloader
+        return self.trainer.get_eval_dataloader(self.eval_dataset)
+
+    def _optimizer(self, optimizer: Any) -> Any:
+        return optimizer if optimizer is not None else self.trainer.optimizer
+
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any
+    ) -> None:
+        hypergrad_optimizers([self._optimizer(optimizer)], type(self).__name__)
+        if (
+            self.dataloader is None
+            and self.eval_dataset is None
+            and self.trainer.eval_dataset is None
+        ):
+            raise ValueError(
+                "ObserveValidationCallback needs validation data: give the Trainer an "
+                "eval_dataset, or pass eval_dataset= or dataloader="
+            )
+
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any
+    ) -> None:
+        step = state.global_step
+        if step == 0 or step % self.every_n_steps != 0:
+            return
+        trainer = self.trainer
+        optimizers = hypergrad_optimizers([self._optimizer(optimizer)], type(self).__name__)
+        inputs = self._batches.next()
+        prepare = getattr(trainer, "_prepare_inputs", None)
+        if prepare is not None and isinstance(inputs, Mapping):
+            inputs = prepare(inputs)  # on the device, as the Trainer's own steps have them
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        context = getattr(trainer, "compute_loss_context_manager", contextlib.nullcontext)
+
+        def closure() -> Tensor:
+            with context():
+                if self.loss_fn is not None:
+                    return as_loss(self.loss_fn(model, inputs))
+                return as_loss(trainer.compute_loss(model, dict(inputs)))
+
+        with eval_mode(model, self.eval_mode):
+            self.last_loss = observe_all(
+                optimizers, closure, scaler=getattr(trainer.accelerator, "scaler", None),
+                process_group=self.process_group,
+            )  # fmt: skip
+        self.observations += 1
+
+
+def add_observe_validation_callback(
+    trainer: Any, every_n_steps: int = 10, **kwargs: Any
+) -> ObserveValidationCallback:
+    """Build an :class:`ObserveValidationCallback` for ``trainer`` and register it.
+
+    Example:
+        >>> callback = add_observe_validation_callback(trainer, every_n_steps=10)
+        >>> trainer.train()
+        >>> callback.observations  # = trainer.state.global_step // 10
+    """
+    callback = ObserveValidationCallback(trainer, every_n_steps, **kwargs)
+    trainer.add_callback(callback)
     return callback

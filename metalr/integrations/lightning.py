@@ -10,14 +10,31 @@ to see the rates actually used::
     from metalr.integrations.lightning import EffectiveLRMonitor
     trainer = L.Trainer(callbacks=[EffectiveLRMonitor(per_tensor=True)], ...)
 
+To let the rates follow a held-out loss (``optimizer.observe_validation``), add
+:class:`ObserveValidation`: every ``k`` training steps it draws a validation batch and observes the
+loss your module computes on it (a ``validation_loss(batch)`` method by default)::
+
+    trainer = L.Trainer(callbacks=[ObserveValidation(every_n_steps=10)], ...)
+
 Importing this module imports Lightning (``lightning.pytorch``, else ``pytorch_lightning``);
 ``import metalr`` never does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from torch import Tensor
+
+from metalr.integrations._observe import (
+    BatchCycle,
+    as_loss,
+    check_every_n_steps,
+    eval_mode,
+    hypergrad_optimizers,
+    observe_all,
+)
 from metalr.integrations._stats import effective_lr_stats, group_lrs
 
 try:  # the unified package first, as Lightning recommends
@@ -31,7 +48,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
             "(pin torch in the same command)"
         ) from exc
 
-__all__ = ["EffectiveLRMonitor"]
+__all__ = ["EffectiveLRMonitor", "ObserveValidation"]
 
 
 class EffectiveLRMonitor(Callback):
@@ -121,3 +138,165 @@ class EffectiveLRMonitor(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_logged_step = state_dict.get("last_logged_step", -1)
+
+
+class ObserveValidation(Callback):
+    """Every ``every_n_steps`` optimizer steps, observe a validation batch's loss: the metalr
+    optimizers' rates then follow the validation signal (``optimizer.observe_validation``).
+
+    After the optimizer step (in ``on_train_batch_end``; with ``accumulate_grad_batches`` once per
+    step), the callback draws the next batch of the validation data, moves it to the device
+    (through the module's batch-transfer hooks, called as in the validation loop), and calls
+    ``observe_validation`` on every metalr optimizer of the trainer with the loss ``loss_fn``
+    computes on it, under the trainer's precision (autocast; fp16's ``GradScaler`` is passed on).
+    ``.grad`` is not touched, nothing is logged, and Lightning's own validation loop runs as
+    before.
+
+    The loss comes from the module by default, a method ``validation_loss(batch) -> Tensor``:
+    Lightning's ``validation_step`` is not called, because it logs (``self.log("val_loss", ...)``
+    from inside a training hook would be recorded as a training-step value and could feed a
+    checkpoint's ``monitor``) and usually returns nothing; most modules already have the shared
+    loss function that ``training_step`` and ``validation_step`` call. It runs in eval mode
+    (dropout off, BatchNorm's running statistics unchanged by validation data), after which
+    every submodule's mode is restored.
+
+    The batches come from ``dataloader`` (any iterable of batches), else from the trainer's
+    (first) validation dataloader, which Lightning has already given a ``DistributedSampler``
+    under DDP, so each rank observes its own batch and the validation gradient is averaged
+    over the ranks (``process_group="auto"``). The callback keeps its own iterator and starts it
+    again when it runs out; prefer a dedicated loader when the validation one has
+    ``persistent_workers=True`` (one worker pool, one iterator at a time). Checkpoints save
+    how many batches were drawn; a resumed run continues with the same batches for a loader
+    with a deterministic order.
+
+    DDP and single-device strategies are supported (the loss is computed on the
+    ``LightningModule`` itself, outside DDP's wrapper, as ``observe_validation`` asks); sharded
+    strategies (FSDP, DeepSpeed) are not.
+
+    Args:
+        every_n_steps: observe after every this many optimizer steps (default: 10).
+        loss_fn: the name of a method of the ``LightningModule`` called as ``method(batch)``, or
+            a function called as ``loss_fn(pl_module, batch)`` (an unbound method such as
+            ``MyModule.shared_loss`` works too); it returns the loss tensor, or a dict with
+            ``"loss"`` (default: "validation_loss").
+        dataloader: the validation batches (default: None, i.e. the trainer's validation
+            dataloader).
+        eval_mode: compute the loss with the module in eval mode (default: True).
+        process_group: passed to ``observe_validation`` (default: "auto").
+
+    Attributes:
+        observations: how many times the loss was observed.
+        last_loss: the last observed loss (detached tensor; None before the first).
+
+    Example:
+        >>> class Model(L.LightningModule):
+        ...     def validation_loss(self, batch):
+        ...         x, y = batch
+        ...         return F.cross_entropy(self(x), y)
+        ...     def training_step(self, batch, batch_idx):
+        ...         return self.validation_loss(batch)
+        ...     def configure_optimizers(self):
+        ...         return metalr.AdamHD(self.parameters(), lr=1e-3)
+        >>> trainer = L.Trainer(callbacks=[ObserveValidation(every_n_steps=10)])
+        >>> trainer.fit(Model(), train_loader, val_loader)
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        loss_fn: str | Callable[[Any, Any], Tensor | Mapping[str, Tensor]] = "validation_loss",
+        dataloader: Iterable[Any] | None = None,
+        *,
+        eval_mode: bool = True,
+        process_group: Any = "auto",
+    ) -> None:
+        self.every_n_steps = check_every_n_steps(every_n_steps)
+        if not (isinstance(loss_fn, str) or callable(loss_fn)):
+            raise TypeError(f"loss_fn must be a method name or a callable, got {loss_fn!r}")
+        self.loss_fn = loss_fn
+        self.dataloader = dataloader
+        self.eval_mode = eval_mode
+        self.process_group = process_group
+        self.observations = 0
+        self.last_loss: Tensor | None = None
+        self._last_step = -1
+        self._trainer: Any = None
+        self._batches = BatchCycle(self._validation_data)
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._trainer = trainer
+        hypergrad_optimizers(trainer.optimizers, type(self).__name__)
+        if isinstance(self.loss_fn, str) and not callable(getattr(pl_module, self.loss_fn, None)):
+            raise AttributeError(  # noqa: TRY004 - a missing method, not a wrong type
+                f"ObserveValidation: {type(pl_module).__name__} has no method {self.loss_fn!r}; "
+                f"define {self.loss_fn}(self, batch) returning the validation loss, or pass "
+                "loss_fn=<method name> or loss_fn=lambda module, batch: ..."
+            )
+
+    def _validation_data(self) -> Iterable[Any]:
+        if self.dataloader is not None:
+            return self.dataloader
+        loaders = self._trainer.val_dataloaders if self._trainer is not None else None
+        if isinstance(loaders, Mapping):
+            loaders = next(iter(loaders.values()), None)
+        elif isinstance(loaders, Sequence):
+            loaders = loaders[0] if loaders else None
+        if loaders is None:
+            raise ValueError(
+                "ObserveValidation found no validation dataloader: pass dataloader= or give "
+                "the Trainer one (trainer.fit(model, train_loader, val_loader), a datamodule or "
+                "the module's val_dataloader())"
+            )
+        return loaders
+
+    def _loss(self, pl_module: Any, batch: Any) -> Tensor:
+        if isinstance(self.loss_fn, str):
+            return as_loss(getattr(pl_module, self.loss_fn)(batch))
+        return as_loss(self.loss_fn(pl_module, batch))
+
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step  # counts optimizer steps; already past the one just taken
+        if step == self._last_step or step == 0 or step % self.every_n_steps != 0:
+            return
+        self._last_step = step
+        self._trainer = trainer
+        optimizers = hypergrad_optimizers(trainer.optimizers, type(self).__name__)
+        val_batch = self._to_device(trainer, self._batches.next())
+        precision = trainer.precision_plugin
+
+        def closure() -> Tensor:
+            with precision.forward_context():
+                return self._loss(pl_module, val_batch)
+
+        with eval_mode(pl_module, self.eval_mode):
+            self.last_loss = observe_all(
+                optimizers, closure, scaler=getattr(precision, "scaler", None),
+                process_group=self.process_group,
+            )  # fmt: skip
+        self.observations += 1
+
+    @staticmethod
+    def _to_device(trainer: Any, batch: Any) -> Any:
+        """The batch on the device through the module's transfer hooks, which see the stage
+        they see in Lightning's validation loop (``trainer.validating``: no training-only
+        augmentation); the training stage is back before the loss is computed."""
+        stage = trainer.state.stage
+        trainer.validating = True  # as Lightning does to set up its validation data mid-fit
+        try:
+            return trainer.strategy.batch_to_device(batch)
+        finally:
+            trainer.state.stage = stage
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_step": self._last_step,
+            "observations": self.observations,
+            "batches_drawn": self._batches.drawn,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = state_dict.get("last_step", -1)
+        self.observations = state_dict.get("observations", 0)
+        self._batches.skip(state_dict.get("batches_drawn", 0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,13 +11,22 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from metalr.functional._controller import SEEK_DEFAULTS, initial_controller
+from metalr.functional._common import commit_rates
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
+from metalr.functional.validation import (
+    VALIDATION_DEFAULTS,
+    initial_validation_stats,
+    validation_adapt_rates,
+)
 
 #: Key of the learned multiplier in ``optimizer.state[p]``.
 RATE_KEY = "lr_multiplier"
 #: Key of the ``"seek"`` rule's controller vector in ``optimizer.state[p]``.
 CONTROLLER_KEY = "hd_controller"
+#: Key of the validation statistics in ``optimizer.state[p]`` (present once a group observed a
+#: validation loss: its rates then follow the validation signal).
+VALIDATION_KEY = "hd_validation"
 
 #: Defaults for flags added after the first release; ``__setstate__`` fills them into old groups.
 HYPER_DEFAULTS: dict[str, Any] = {
@@ -44,6 +54,7 @@ class HypergradOptimizer(Optimizer):
             for key, value in HYPER_DEFAULTS.items():
                 group.setdefault(key, value)
             group.setdefault("seek", dict(SEEK_DEFAULTS))
+            group.setdefault("validation", dict(VALIDATION_DEFAULTS))
             for p in group["params"]:
                 p_state = self.state.get(p, {})
                 if "step" in p_state and not isinstance(p_state["step"], Tensor):
@@ -81,10 +92,126 @@ class HypergradOptimizer(Optimizer):
         return pairs
 
     def _controller_args(self, group: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
-        """``controllers`` and ``seek`` for the rule of ``group`` (empty unless ``"seek"``)."""
+        """``controllers`` and ``seek`` for the rule of ``group`` (empty unless ``"seek"``).
+
+        Once the group follows the validation signal the controller keeps ramping and turning
+        on the training signal but stops tracking it (``seek["track"] = False``).
+        """
         if group["rule"] != "seek":
             return {}
-        return {"controllers": [self._controller(p, group) for p in params], "seek": group["seek"]}
+        seek = group["seek"]
+        if self._follows_validation(group):
+            seek = {**seek, "track": group["validation"]["train_weight"]}
+        return {"controllers": [self._controller(p, group) for p in params], "seek": seek}
+
+    def _follows_validation(self, group: dict[str, Any]) -> bool:
+        """Whether ``group`` has observed a validation loss (its rates follow that signal)."""
+        return any(VALIDATION_KEY in self.state.get(p, ()) for p in group["params"])
+
+    def _train_hypergrad_lr(self, group: dict[str, Any]) -> Any:
+        """β of the training signal: the group's, times ``validation['train_weight']`` for a
+        ``"normalized"``/``"additive"`` group that follows the validation signal (the seek rule
+        weighs its tracking phase instead, since its ramp still needs the training signal)."""
+        if group["rule"] != "seek" and self._follows_validation(group):
+            weight = group["validation"]["train_weight"]
+            beta = group["hypergrad_lr"]
+            return [b * weight for b in beta] if isinstance(beta, (list, tuple)) else beta * weight
+        return group["hypergrad_lr"]
+
+    def _last_directions(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        """The direction ``d_t`` of each parameter's last step (zeros before the first)."""
+        raise NotImplementedError
+
+    def observe_validation(
+        self,
+        loss: Tensor | Callable[[], Tensor],
+        *,
+        scaler: Any = None,
+        process_group: Any = "auto",
+    ) -> Tensor:
+        r"""Move the rates by the hypergradient of a validation loss; ``.grad`` is not touched.
+
+        Call it every ``k`` training steps (after ``step()``) with the loss of a validation
+        minibatch, computed with autograd on (a tensor, or a closure returning one). From the
+        first call on, the param groups' rates follow the validation signal
+        ``∂L_val(θ_t)/∂α_t = -⟨∇L_val(θ_t), d_t⟩`` instead of the training one
+        (:mod:`metalr.functional.validation` has the equations; the seek rule's ramp still runs
+        on the training signal). A non-finite loss or gradient changes nothing.
+
+        Args:
+            loss: the validation loss (0-d tensor requiring grad), or a closure computing it.
+            scaler: a ``torch.amp.GradScaler`` to backpropagate a scaled loss (fp16 autocast);
+                the gradient is unscaled before use (default: None).
+            process_group: ``"auto"`` averages the validation gradient over the default process
+                group when ``torch.distributed`` is initialized with more than one rank (as DDP
+                averages the training one); a process group to use that one; ``None`` for no
+                averaging (default: "auto"). Compute the loss without DDP's gradient hooks:
+                on ``ddp_model.module`` or inside ``ddp_model.no_sync()``.
+
+        Returns:
+            the validation loss, detached.
+
+        Example:
+            >>> optimizer.step()
+            >>> if step % 10 == 0:
+            ...     xv, yv = next(val_batches)
+            ...     optimizer.observe_validation(F.cross_entropy(model(xv), yv))
+        """
+        if callable(loss) and not isinstance(loss, Tensor):
+            with torch.enable_grad():
+                loss = loss()
+        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise ValueError(
+                "Invalid loss for observe_validation: expected a one-element tensor that "
+                f"requires grad (the validation loss computed with autograd on), got {loss!r}"
+            )
+        groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
+        params = [p for _, ps in groups for p in ps]
+        _refuse_dtensor(params)
+        if getattr(self, "_shard_group", None) is not None and process_group is not None:
+            raise ValueError(
+                "observe_validation with sharded optimizer state (shard_group, e.g. "
+                "ZeroRedundancyOptimizer): each rank holds other parameters, so their validation "
+                "gradients cannot be averaged; pass process_group=None and the same validation "
+                "batch on every rank"
+            )
+        target = scaler.scale(loss) if scaler is not None else loss
+        raw = torch.autograd.grad(target.reshape(()), params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
+        if scaler is not None:
+            torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
+        _average_over_ranks(grads, process_group)
+        loss_finite = torch.isfinite(loss.detach().reshape(()))
+        with torch.no_grad():
+            start = 0
+            for group, ps in groups:
+                group_grads, start = grads[start : start + len(ps)], start + len(ps)
+                if ps:
+                    self._observe_group(group, ps, group_grads, loss_finite)
+        return loss.detach()
+
+    def _observe_group(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], finite: Tensor
+    ) -> None:
+        rates = [self._rate(p, group) for p in params]
+        stats = []
+        for p in params:
+            state = self.state[p]
+            if VALIDATION_KEY not in state:
+                state[VALIDATION_KEY] = initial_validation_stats(p, rate_dtype(p))
+            stats.append(state[VALIDATION_KEY])
+        if group.get("maximize", False):
+            grads = [-g for g in grads]
+        directions = self._last_directions(group, params)
+        args = self._controller_args(group, params)
+        update = validation_adapt_rates(
+            rates, stats, grads, directions, lr=scalar_lr(group["lr"]), rule=group["rule"],
+            granularity=group["granularity"], lr_bounds=group["lr_bounds"],
+            options=group["validation"], controllers=args.get("controllers"),
+            seek=args.get("seek"), grads_finite=finite, shards=self._shard_reducer(),
+        )  # fmt: skip
+        commit_rates(rates, update.rates, update.finite, known_finite=False)
+        torch._foreach_copy_(stats, update.stats)  # already gated by the flag
 
     def _set_shard_group(self, shard_group: Any, fused: bool | None) -> None:
         if shard_group is not None and fused:
@@ -155,7 +282,9 @@ class HypergradOptimizer(Optimizer):
         """
         state_dict = self._migrated(state_dict)
         saved = {
-            pid: {k: v for k, v in s.items() if k in (RATE_KEY, CONTROLLER_KEY, "step")}
+            pid: {
+                k: v for k, v in s.items() if k in (RATE_KEY, CONTROLLER_KEY, VALIDATION_KEY, "step")
+            }
             for pid, s in state_dict["state"].items()
         }
         super().load_state_dict(state_dict)
@@ -213,6 +342,33 @@ def scalar_lr(lr: float | Tensor) -> float | Tensor:
     if isinstance(lr, Tensor) and lr.dim() > 0:
         return lr.reshape(())
     return lr
+
+
+def _refuse_dtensor(params: list[Tensor]) -> None:
+    if any(type(p).__name__ == "DTensor" for p in params):
+        raise NotImplementedError(
+            "observe_validation does not support sharded (FSDP2 / DTensor) parameters yet; "
+            "use DDP (replicated parameters), where the validation gradient is averaged"
+        )
+
+
+def _average_over_ranks(grads: list[Tensor], process_group: Any) -> None:
+    """Average ``grads`` in place over the ranks of ``process_group`` (see observe_validation)."""
+    if process_group is None or not grads:
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group == "auto":
+            return
+        raise ValueError("process_group given but torch.distributed is not initialized")
+    group = None if process_group == "auto" else process_group
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    for g in grads:  # one collective per tensor: any dtype, complex included
+        dist.all_reduce(g, group=group)
+        g.div_(world)
 
 
 def check_sparse(param: Tensor, name: str) -> None:

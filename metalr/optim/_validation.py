@@ -10,6 +10,7 @@ import torch
 
 from metalr.functional._controller import DEFAULT_SEEK_HYPERGRAD_LR, resolve_seek
 from metalr.functional._hypergrad import DEFAULT_NORMALIZED_HYPERGRAD_LR, GRANULARITIES, RULES
+from metalr.functional.validation import resolve_validation
 
 
 def check_lr(lr: Any) -> None:
@@ -82,11 +83,14 @@ def check_hyper_options(
     lr_bounds: Any,
     additive_default: float | None,
     seek: Mapping[str, float] | None = None,
+    validation: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Validate the hypergradient options and return them with defaults resolved.
 
     ``seek`` (constants of the ``"seek"`` rule overriding its fitted defaults) is stored in
     every group, completed; it is refused for the other rules, which do not read it.
+    ``validation`` (constants of the validation signal, :mod:`metalr.functional.validation`)
+    is stored the same way, for every rule.
     """
     check_choice("granularity", granularity, GRANULARITIES)
     check_choice("rule", rule, RULES)
@@ -98,4 +102,19 @@ def check_hyper_options(
         "rule": rule,
         "lr_bounds": check_lr_bounds(lr_bounds),
         "seek": resolve_seek(seek),
+        "validation": _validation_options(validation, rule, hypergrad_lr, additive_default),
     }
+
+
+def _validation_options(
+    validation: Mapping[str, float] | None,
+    rule: str,
+    hypergrad_lr: float | None,
+    additive_default: float | None,
+) -> dict[str, float]:
+    """The validation constants; the additive rule's β (in rate units) defaults to the training
+    one, since the scale-free default would be meaningless there."""
+    options = dict(validation or {})
+    if rule == "additive" and "hypergrad_lr" not in options:
+        options["hypergrad_lr"] = resolve_hypergrad_lr(hypergrad_lr, rule, additive_default)
+    return resolve_validation(options)

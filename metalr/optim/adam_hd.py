@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
-from metalr.functional.adam_rule import adam_hd
+from metalr.functional._hypergrad import as_real
+from metalr.functional.adam_rule import adam_direction, adam_hd
 from metalr.optim import _validation as check
 from metalr.optim._base import HypergradOptimizer, check_sparse, scalar_lr
 
@@ -55,6 +56,9 @@ class AdamHD(HypergradOptimizer):
         rule: ``"seek"``, ``"normalized"`` or ``"additive"`` (default: "seek").
         seek: constants of the seek rule overriding its fitted defaults, e.g.
             ``{"init_scale": 0.01}`` (default: None).
+        validation: constants of the validation signal (used once :meth:`observe_validation`
+            is called) overriding its defaults, e.g. ``{"hypergrad_lr": 0.05}``; see
+            :mod:`metalr.functional.validation` (default: None).
         lr_bounds: ``(min, max)`` for every effective rate; the multiplier is clamped so that
             ``lr × m`` stays inside (default: (0, inf)).
         maximize: maximize the objective instead of minimizing (default: False).
@@ -99,6 +103,7 @@ class AdamHD(HypergradOptimizer):
         granularity: str = "tensor",
         rule: str = "seek",
         seek: Mapping[str, float] | None = None,
+        validation: Mapping[str, float] | None = None,
         lr_bounds: tuple[float, float] = (0.0, float("inf")),
         maximize: bool = False,
         foreach: bool | None = None,
@@ -125,7 +130,8 @@ class AdamHD(HypergradOptimizer):
             differentiable=differentiable,
             lagged=check.check_flag("lagged", lagged),
             **check.check_hyper_options(
-                hypergrad_lr, granularity, rule, lr_bounds, ADDITIVE_DEFAULT_HYPERGRAD_LR, seek
+                hypergrad_lr, granularity, rule, lr_bounds, ADDITIVE_DEFAULT_HYPERGRAD_LR, seek,
+                validation,
             ),
         )
         super().__init__(params, defaults)
@@ -166,6 +172,20 @@ class AdamHD(HypergradOptimizer):
             has_complex |= p.is_complex()
         return has_complex
 
+    def _last_directions(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        """The Adam direction of the last step, ``m̂_t/(√v̂_t+ε)``, recomputed from the moments
+        (real view for complex parameters)."""
+        beta1, beta2 = group["betas"]
+        out = []
+        for p in params:
+            state = self.state.get(p, {})
+            if "exp_avg" not in state:
+                out.append(torch.zeros_like(as_real(p)))
+                continue
+            m, v = as_real(state["exp_avg"]), as_real(state["exp_avg_sq"])
+            out.append(adam_direction(m, v, state["step"], beta1, beta2, group["eps"]))
+        return out
+
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimization step (optionally re-evaluating the loss with ``closure``)."""
@@ -188,7 +208,7 @@ class AdamHD(HypergradOptimizer):
                 lr=scalar_lr(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"],
                 decoupled_weight_decay=group["decoupled_weight_decay"],
-                hypergrad_lr=group["hypergrad_lr"], rule=group["rule"],
+                hypergrad_lr=self._train_hypergrad_lr(group), rule=group["rule"],
                 granularity=group["granularity"], lr_bounds=group["lr_bounds"],
                 maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
                 differentiable=group["differentiable"], lagged=group["lagged"],

@@ -41,6 +41,8 @@ class HyperLR(HypergradOptimizer):
         rule: ``"seek"`` (ramp to the scale, then track; see :class:`metalr.AdamHD`),
             ``"normalized"`` or ``"additive"`` (default: "seek").
         seek: constants of the seek rule overriding its fitted defaults (default: None).
+        validation: constants of the validation signal (:meth:`observe_validation`) overriding
+            its defaults (default: None).
         lr_bounds: ``(min, max)`` for every effective rate ``lr × m`` (default: (0, inf)).
 
     State: per parameter the multiplier and one buffer (the previous direction, also used as
@@ -71,6 +73,7 @@ class HyperLR(HypergradOptimizer):
         granularity: str = "tensor",
         rule: str = "seek",
         seek: Mapping[str, float] | None = None,
+        validation: Mapping[str, float] | None = None,
         lr_bounds: tuple[float, float] = (0.0, float("inf")),
     ) -> None:
         if not isinstance(optimizer, Optimizer):
@@ -82,7 +85,7 @@ class HyperLR(HypergradOptimizer):
         if any("lr" not in g for g in optimizer.param_groups):
             raise ValueError("HyperLR needs an optimizer whose param groups have an 'lr' entry")
         self._hyper = check.check_hyper_options(
-            hypergrad_lr, granularity, rule, lr_bounds, None, seek
+            hypergrad_lr, granularity, rule, lr_bounds, None, seek, validation
         )
         self.optimizer = optimizer
         self._wrapping = True
@@ -149,7 +152,7 @@ class HyperLR(HypergradOptimizer):
             controller = self._controller_args(group, params)
             update = adapt_rates(
                 rates, grads, buffers, lr=scalar_lr(group["lr"]),
-                hypergrad_lr=group["hypergrad_lr"], rule=group["rule"],
+                hypergrad_lr=self._train_hypergrad_lr(group), rule=group["rule"],
                 granularity=group["granularity"],
                 lr_bounds=group["lr_bounds"], grads_finite=grads_finite, **controller,
             )  # fmt: skip
@@ -183,6 +186,10 @@ class HyperLR(HypergradOptimizer):
                 direction = torch.where(step_finite, -u * _inverse(lr), torch.zeros_like(u))
                 snap.copy_(direction)  # the buffer now holds d_t for the next hypergradient
         return loss
+
+    def _last_directions(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        """The inner step's direction per unit rate, ``d_t = -u_t / lr_t`` (the buffer)."""
+        return [self._buffer(p) for p in params]
 
     def _wrapped_step(self) -> None:
         """The wrapped optimizer's step with its own step hooks, without the global ones.

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
-from metalr.functional.sgd_rule import sgd_hd, stores_prev_direction
+from metalr.functional.sgd_rule import previous_directions, sgd_hd, stores_prev_direction
 from metalr.optim import _validation as check
 from metalr.optim._base import HypergradOptimizer, check_sparse, scalar_lr
 
@@ -42,6 +42,8 @@ class SGDHD(HypergradOptimizer):
             ``"normalized"`` (scale-free, positive) or ``"additive"`` (the paper's)
             (default: "seek").
         seek: constants of the seek rule overriding its fitted defaults (default: None).
+        validation: constants of the validation signal (:meth:`observe_validation`) overriding
+            its defaults (default: None).
         lr_bounds: ``(min, max)`` for every effective rate (default: (0, inf)).
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor implementation (default: None, i.e. unless differentiable).
@@ -76,6 +78,7 @@ class SGDHD(HypergradOptimizer):
         granularity: str = "tensor",
         rule: str = "seek",
         seek: Mapping[str, float] | None = None,
+        validation: Mapping[str, float] | None = None,
         lr_bounds: tuple[float, float] = (0.0, float("inf")),
         maximize: bool = False,
         foreach: bool | None = None,
@@ -101,7 +104,8 @@ class SGDHD(HypergradOptimizer):
             differentiable=differentiable,
             lagged=check.check_flag("lagged", lagged),
             **check.check_hyper_options(
-                hypergrad_lr, granularity, rule, lr_bounds, ADDITIVE_DEFAULT_HYPERGRAD_LR, seek
+                hypergrad_lr, granularity, rule, lr_bounds, ADDITIVE_DEFAULT_HYPERGRAD_LR, seek,
+                validation,
             ),
         )
         super().__init__(params, defaults)
@@ -136,6 +140,12 @@ class SGDHD(HypergradOptimizer):
             has_complex |= p.is_complex()
         return has_complex
 
+    def _last_directions(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        """The direction of the last step: the momentum buffer, or the stored one."""
+        bufs = [self.state.get(p, {}).get("momentum_buffer") for p in params]
+        dirs = [self.state.get(p, {}).get("prev_direction") for p in params]
+        return previous_directions(params, bufs, dirs, group["momentum"], group["nesterov"])
+
     @_use_grad_for_differentiable
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimization step (optionally re-evaluating the loss with ``closure``)."""
@@ -155,7 +165,7 @@ class SGDHD(HypergradOptimizer):
                 params, grads, bufs, dirs, rates,
                 lr=scalar_lr(group["lr"]), momentum=group["momentum"], dampening=group["dampening"],
                 weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-                hypergrad_lr=group["hypergrad_lr"], rule=group["rule"],
+                hypergrad_lr=self._train_hypergrad_lr(group), rule=group["rule"],
                 granularity=group["granularity"], lr_bounds=group["lr_bounds"],
                 maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
                 differentiable=group["differentiable"], lagged=group["lagged"],

@@ -40,6 +40,9 @@ which runs step ``t`` (from 1) with ``β_t = β · (1 + (factor − 1) · exp(�
 every param group (β: the group's own ``hypergrad_lr``, so per-tensor β of a prior scale alike):
 ``factor`` × β at the start, decaying to β with time constant ``steps``
 (:func:`build_hypergrad_warmup`).
+
+A spec may watch a validation stream (``validation_data``: metalr's ``observe_validation``,
+``plateau``: ReduceLROnPlateau, ``early_stopping``): see :mod:`metalr.workbench.validation`.
 """
 
 from __future__ import annotations
@@ -76,7 +79,8 @@ SCHEDULES = ("none", "step", "exponential", "polynomial", "cosine", "warmup_cosi
              "onecycle")  # fmt: skip
 META_KEYS = {"kind", "schedule", "schedule_args", "base", "base_args",  # not constructor kwargs
              "search", "trials", "lr_range", "trial_steps", "range_test",
-             "prior", "prior_weights", "hypergrad_warmup"}  # fmt: skip
+             "prior", "prior_weights", "hypergrad_warmup",
+             "validation_data", "plateau", "early_stopping"}  # fmt: skip
 WARMUP_KEYS = ("factor", "steps")
 
 
@@ -292,6 +296,9 @@ def check_spec(name: str, spec: Any) -> dict[str, Any]:
         _check_prior(name, spec)
     if "hypergrad_warmup" in spec:
         _check_warmup(name, spec)
+    from metalr.workbench.validation import check_validation_spec
+
+    check_validation_spec(name, spec, kind in METALR or kind == "hyperlr")
     if kind in PEERS and not peer_available(kind):
         return spec  # recorded as "not installed" by the runner
     search = spec.get("search", "grid")

@@ -51,6 +51,7 @@ from metalr.workbench.config import StudyConfig
 from metalr.workbench.find_lr import find_lr
 from metalr.workbench.search import search_lrs
 from metalr.workbench.tasks import Task, make_task
+from metalr.workbench.validation import build_watcher
 
 RECORD_FORMAT = "metalr.ablate-record/1"
 RESULT_KEYS = ("task", "optimizer", "lr", "seed")
@@ -103,6 +104,7 @@ def train(task: Task, spec: dict[str, Any], lr: float | None, seed: int, steps: 
     opt = O.build_for_model(spec, model, lr, task)
     sched = O.build_schedule(spec, opt, steps)
     set_beta = O.build_hypergrad_warmup(spec, opt)
+    watcher = build_watcher(spec, task, seed, opt, model)
     nxt = task.batches(seed)
     curves: dict[str, list] = {k: [] for k in ("step", "train_loss", "val_loss", "lr_min",
                                                "lr_mean", "lr_max")}  # fmt: skip
@@ -151,19 +153,27 @@ def train(task: Task, spec: dict[str, Any], lr: float | None, seed: int, steps: 
             opt.step()
             if sched is not None:
                 sched.step()
-            if step % log_every == 0 or step == steps:
+            stop = watcher is not None and watcher.after_step(step)
+            if step % log_every == 0 or step == steps or stop:
                 log(step)
             bar.update(1)
+            if stop:
+                status = "stopped early"
+                break
     finally:
         bar.close()
     diverged = status == "diverged"
+    stream = watcher.finish() if watcher is not None else None
     O.set_mode(opt, "eval")
     final_val = math.inf if diverged else curves["val_loss"][-1]
+    if stream is not None and stream["early_stopping_restored"] and not diverged:
+        final_val = task.evaluate(model, "val", seed)  # the restored (best check's) weights
     test = math.inf if diverged else task.evaluate(model, "test", seed)
     train_tail = [v for v in curves["train_loss"][-1:] if v is not None]
     return {"status": status, "initial_val_loss": initial_val, "final_val_loss": final_val,
             "final_test_loss": test, "final_train_loss": train_tail[0] if train_tail else None,
-            "best_val_loss": min(curves["val_loss"]), "steps_done": step if diverged else steps,
+            "best_val_loss": min(curves["val_loss"]),
+            "steps_done": step if status != "ok" else steps, "validation_stream": stream,
             "final_lr": O.lr_summary(opt), "curves": curves,
             # the largest minibatch training loss over the run ÷ the first one
             "peak_train_ratio": peak / first if first else None,

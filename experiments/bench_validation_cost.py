@@ -1,0 +1,78 @@
+"""Issue 11, goal 2: the wall-time cost of ``observe_validation`` at the recommended frequency.
+
+Paired and interleaved (the cores are shared): for each task and repeat, one training run of
+AdamHD at defaults without the option and one with it (a validation batch of the training batch
+size every 10 steps, as in study 9), in alternating order; the ratio of each pair's times, and
+the median over repeats. Also the same for Adam + ReduceLROnPlateau (a validation forward pass
+only) against plain Adam, for scale.
+
+    python experiments/bench_validation_cost.py             # ~3 min on one core
+    python experiments/bench_validation_cost.py --repeats 1 --tasks digits_logreg --smoke
+
+Prints a table and writes ``experiments/results/bench_validation_cost.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from metalr.workbench.runner import train
+from metalr.workbench.tasks import make_task
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = {"animal_cnn": 500, "charlm_gru": 500, "fewshot_sinusoid": 100, "pysrc_transformer": 400}
+STREAM = {"every": 10}
+PAIRS = {
+    "AdamHD + observe_validation ÷ AdamHD": (
+        {"kind": "adam_hd"}, {"kind": "adam_hd", "validation_data": STREAM}),
+    "Adam + ReduceLROnPlateau ÷ Adam": (
+        {"kind": "adam"}, {"kind": "adam", "validation_data": STREAM, "plateau": {}}),
+}  # fmt: skip
+
+
+def timed(task, spec, steps: int) -> float:
+    tic = time.perf_counter()
+    train(task, spec, 1e-3, 0, steps, log_every=steps, divergence=1e9, device="cpu")
+    return time.perf_counter() - tic
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", default="digits_mlp,mnist1d_mlp,animal_cnn,pysrc_transformer")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="smoke-size tasks, 20 steps")
+    parser.add_argument("--out", default=str(ROOT / "experiments/results/bench_validation_cost.md"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    size = "smoke" if args.smoke else "full"
+    rows = []
+    for name in args.tasks.split(","):
+        task = make_task(name, size, fallback_text=args.smoke)
+        steps = 20 if args.smoke else STEPS.get(name, 1000)
+        timed(task, {"kind": "adam_hd"}, min(steps, 20))  # warm-up (caches, allocator)
+        for label, (base, option) in PAIRS.items():
+            ratios = []
+            for r in range(args.repeats):
+                order = (base, option) if r % 2 == 0 else (option, base)
+                times = {id(s): timed(task, s, steps) for s in order}
+                ratios.append(times[id(option)] / times[id(base)])
+            rows.append((name, label, statistics.median(ratios), min(ratios), max(ratios)))
+    lines = ["| task | ratio | median | min | max |", "|---|---|---|---|---|"]
+    lines += [f"| {t} | {lab} | **{m:.3f}×** | {lo:.3f} | {hi:.3f} |" for t, lab, m, lo, hi in rows]
+    text = (f"# Cost of the validation stream (every {STREAM['every']} steps, a batch of the "
+            f"training batch size)\n\n`python experiments/bench_validation_cost.py --repeats "
+            f"{args.repeats}` (1 thread, {size} tasks, paired and interleaved)\n\n"
+            + "\n".join(lines) + "\n")  # fmt: skip
+    print(text)
+    if not args.smoke:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,178 @@
+r"""Rates that follow a held-out loss: the validation hypergradient (pure functions).
+
+The training hypergradient ``-⟨g_t, d_{t-1}⟩`` asks "would a larger last step have lowered the
+*training* loss?"; on a task that overfits it keeps saying yes while the validation loss turns
+up. The same question asked of a held-out loss (real-time hyperparameter optimisation:
+Franceschi et al. 2017; MARTHE, Donini et al. 2020) is::
+
+    ∂L_val(θ_t) / ∂α_t = -⟨∇L_val(θ_t), d_t⟩,        d_t = the direction of the last step
+
+(to first order; ``α_t`` is the rate of the step that led to ``θ_t``). It needs no memory beyond
+what the optimizer already keeps: ``d_t`` is the Adam direction ``m̂_t/(√v̂_t+ε)`` recomputed
+from the moments, SGD's momentum buffer (or its stored last direction), HyperLR's buffer.
+
+Once a param group has observed a validation loss (``optimizer.observe_validation``), its rates
+follow this signal instead of the training one, at every observation (every ``k`` training
+steps, the caller's choice):
+
+* ``rule="seek"``: phase 1 (the ramp that finds the scale) and the turn still run on the
+  training signal at every step; the tracking phase reads the validation cosine
+  ``c^val = cos(∇L_val, d_t)`` (per element its sign) through its own running averages::
+
+      μ ← b1 μ + (1 - b1) c^val,   ν ← b2 ν + (1 - b2) (c^val)²             (bias-corrected)
+      log m ← min(log m + β_val · (μ̂/√ν̂ − evidence), ceiling)
+
+  so a validation loss that rises along the steps (``c^val < 0``) pulls the rates down, one that
+  still falls along them lets them climb (up to the ceiling the turn set); between observations
+  settled rates hold still. At tensor granularity rates are tied as in the training phase.
+* ``rule="normalized"``: ``log m ← log m + β_val · c^val``; ``rule="additive"``:
+  ``α ← α + β_val ⟨∇L_val, d_t⟩`` — each the rule's own update with the validation gradient,
+  applied at the observations only. The additive β has the units of the rate (it is not
+  scale-free), so its ``β_val`` defaults to the group's own ``hypergrad_lr``, not to
+  :data:`VALIDATION_DEFAULTS`.
+
+A validation loss or gradient that is not finite is skipped: nothing changes. The statistics
+``(μ, ν, count)`` are one small vector per parameter tensor (``VALIDATION_SIZE`` entries), in
+``optimizer.state[p]['hd_validation']``; their presence is what switches a group to the
+validation signal, so a resumed run stays in the mode it was in.
+
+The constants (:data:`VALIDATION_DEFAULTS`, overridable with ``validation={...}`` on every
+optimizer) were chosen on the training suite of ``experiments/fit_controller.py`` at one
+observation every 10 steps (``experiments/choose_validation.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from metalr.functional._controller import seek_validation_update
+from metalr.functional._distributed import ShardReducer
+from metalr.functional._hypergrad import (
+    all_finite,
+    clamp_rates,
+    inner_products,
+    seek_signals,
+    update_rates,
+)
+
+#: Entries of a validation-statistics vector: running mean, mean square, observation count.
+VAL_MEAN, VAL_SQ, VAL_COUNT = range(3)
+VALIDATION_SIZE = 3
+
+#: β_val per observation, the running averages' decays, the evidence threshold and the weight
+#: the training signal keeps in phase 2 once a group follows the validation signal (0: none).
+#: Chosen by ``experiments/choose_validation.py`` (objective 0.726 on its 8 cells; the seek
+#: rule without the validation signal scores 0.770 there): ``experiments/results/choose_validation``.
+VALIDATION_DEFAULTS: dict[str, float] = {
+    "hypergrad_lr": 0.3,
+    "signal_decay": 0.7,
+    "signal_sq_decay": 0.95,
+    "evidence": 0.2,
+    "train_weight": 0.0,
+}
+
+_BOUNDS: dict[str, tuple[float, float]] = {
+    "hypergrad_lr": (0.0, math.inf),
+    "signal_decay": (0.0, 1.0),
+    "signal_sq_decay": (0.0, 1.0),
+    "evidence": (-1.0, 1.0),
+    "train_weight": (0.0, 1.0),
+}
+
+
+def resolve_validation(options: Mapping[str, float] | None) -> dict[str, float]:
+    """:data:`VALIDATION_DEFAULTS` overridden by ``options``; ``ValueError`` names a bad key."""
+    out = dict(VALIDATION_DEFAULTS)
+    for key, value in (options or {}).items():
+        if key not in VALIDATION_DEFAULTS:
+            raise ValueError(
+                f"Invalid validation key: {key!r}; expected one of {sorted(VALIDATION_DEFAULTS)}"
+            )
+        lo, hi = _BOUNDS[key]
+        v = float(value)
+        ok = lo <= v <= hi and not math.isnan(v) and not math.isinf(v)
+        if key in ("signal_decay", "signal_sq_decay"):
+            ok = ok and v < 1.0
+        if not ok:
+            raise ValueError(f"Invalid validation[{key!r}] value: {value}; expected [{lo}, {hi}]")
+        out[key] = v
+    return out
+
+
+def initial_validation_stats(param: Tensor, dtype: torch.dtype) -> Tensor:
+    """Fresh statistics for ``param``: no observation yet."""
+    return torch.zeros(VALIDATION_SIZE, dtype=dtype, device=param.device)
+
+
+class ValidationUpdate(NamedTuple):
+    """New multipliers, the observation's all-finite flag and the new statistics (already gated
+    by the flag: a skipped observation returns the old ones)."""
+
+    rates: list[Tensor]
+    finite: Tensor
+    stats: list[Tensor]
+
+
+def validation_adapt_rates(
+    rates: Sequence[Tensor],
+    stats: Sequence[Tensor],
+    val_grads: Sequence[Tensor],
+    directions: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    rule: str,
+    granularity: str,
+    lr_bounds: tuple[float, float],
+    options: Mapping[str, float],
+    controllers: Sequence[Tensor] | None = None,
+    seek: Mapping[str, Any] | None = None,
+    grads_finite: Tensor | None = None,
+    shards: ShardReducer | None = None,
+) -> ValidationUpdate:
+    """The rates after one validation observation (pure; equations in the module docstring).
+
+    ``val_grads``: ``∇L_val(θ_t)`` per parameter; ``directions``: the last step's ``d_t``.
+    ``controllers``/``seek``: the seek rule's (read for the phase and the ceiling, unchanged).
+    ``grads_finite``: and-ed into the flag (e.g. whether the validation loss itself is finite).
+    """
+    if rule == "seek":
+        if controllers is None or seek is None:
+            raise ValueError("rule='seek' needs controllers and seek constants")
+        signals, _, finite, active = seek_signals(
+            val_grads, directions, granularity, grads_finite=grads_finite, shards=shards
+        )
+        new_rates, new_stats = seek_validation_update(
+            rates, controllers, stats, signals, active, [g.numel() for g in val_grads],
+            options=options, seek=seek, granularity=granularity,
+        )  # fmt: skip
+        new_rates = [clamp_rates(r, lr, lr_bounds) for r in new_rates]
+        return ValidationUpdate(new_rates, finite, new_stats)
+    dots, g_norms, d_norms = inner_products(val_grads, directions, granularity, rule == "normalized")
+    finite = all_finite(dots if granularity != "element" else val_grads)
+    if grads_finite is not None:
+        finite = finite & grads_finite.to(finite.device)
+    if shards is not None:
+        finite = shards.all(finite)
+    # as for seek: no last direction yet (before the first step) is no observation
+    moved_any = torch.stack([(d != 0).any().to(finite.device) for d in directions]).any()
+    if shards is not None:
+        moved_any = shards.all(~moved_any).logical_not()
+    finite = finite & moved_any
+    moved = update_rates(
+        rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=options["hypergrad_lr"], rule=rule,
+        granularity=granularity, lr_bounds=lr_bounds, shards=shards,
+    )  # fmt: skip
+    new_rates = [torch.where(finite.to(r.device), n, r) for n, r in zip(moved, rates)]
+    new_stats = [torch.where(finite.to(s.device), s + _count_one(s), s) for s in stats]
+    return ValidationUpdate(new_rates, finite, new_stats)
+
+
+def _count_one(stats: Tensor) -> Tensor:
+    one = torch.zeros_like(stats)
+    one[VAL_COUNT] = 1
+    return one

@@ -1,0 +1,64 @@
+"""Smoke versions of issue 11's scripts: choosing the validation constants, the cost benchmark,
+and study 9's headline from a few records."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("METALR_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def test_choose_validation_smoke_writes_the_grid_and_resumes(tmp_path, capsys):
+    import choose_validation
+
+    choose_validation.main(["--smoke", "--out", str(tmp_path)])
+    rows = [json.loads(x) for x in (tmp_path / "grid.jsonl").read_text().splitlines()]
+    assert len(rows) == 2
+    assert all(len(r["cells"]) == 2 * len(choose_validation.SUITE) for r in rows)
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["objective"] == min(r["objective"] for r in rows)
+    choose_validation.main(["--smoke", "--out", str(tmp_path)])  # resumes: nothing rerun
+    assert len((tmp_path / "grid.jsonl").read_text().splitlines()) == 2
+
+
+def test_cost_benchmark_prints_a_paired_table(capsys):
+    import bench_validation_cost
+
+    assert bench_validation_cost.main(["--smoke", "--repeats", "2", "--tasks", "digits_logreg"]) == 0
+    out = capsys.readouterr().out
+    for label in bench_validation_cost.PAIRS:
+        assert f"| digits_logreg | {label} |" in out
+
+
+def test_study9_headline_compares_against_best_of_grid_adam(tmp_path, monkeypatch):
+    import validation_study as V
+
+    def rec(task, opt, lr, val, test, wall=1.0):
+        return {"task": task, "optimizer": opt, "lr": lr, "seed": 0, "status": "ok",
+                "final_val_loss": val, "final_test_loss": test, "wall_time_s": wall}  # fmt: skip
+
+    rows = [rec("digits_mlp", "adam", 1e-3, 1.0, 2.0), rec("digits_mlp", "adam", 1e-2, 1.5, 1.0),
+            rec("digits_mlp", "adam_hd", 1e-3, 1.2, 2.4, 1.0),
+            rec("digits_mlp", "adam_hd_val", 1e-3, 1.05, 2.1, 1.08),
+            rec("diabetes_mlp", "adam", 1e-3, 1.0, 1.0),
+            rec("diabetes_mlp", "adam_hd_val", 1e-3, 0.9, 1.2, 1.1)]  # fmt: skip
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(V, "OUT", tmp_path)
+    text = V.headline(None)
+    study1 = text.split("## Held-out")[0]
+    # digits_mlp: the reference is Adam at 1e-3 (best val 1.0), its test loss 2.0
+    assert "| AdamHD + observe_validation | 1/1 = 100% | 1/1 = 100% | 1.05× | 0 |" in study1
+    assert "| AdamHD (option off) | 0/1 = 0% | 0/1 = 0% | 1.20× | 0 |" in study1
+    held = text.split("## Held-out")[1].split("## Tuned")[0]
+    assert "| AdamHD + observe_validation | 1/1 = 100% | 0/1 = 0% | 0.90× | 0 |" in held
+    assert "**1.08×**" in text  # the one paired cell's cost

@@ -1,0 +1,417 @@
+"""``observe_validation``: the validation hypergradient, the rates it moves, state and failures.
+
+References: central finite differences of the validation loss through the real optimizer's last
+step, autograd through the pure step, and hand-written float64 versions of the update equations
+(:mod:`metalr.functional.validation`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import metalr
+from metalr.functional import adam_hd_step, hypergradient
+from metalr.functional.validation import VALIDATION_DEFAULTS
+from metalr.optim._base import CONTROLLER_KEY, RATE_KEY, VALIDATION_KEY
+
+LR = 0.05
+OPTIMIZERS = {
+    "adam": lambda ps, **kw: metalr.AdamHD(ps, lr=LR, **kw),
+    "adam_l2": lambda ps, **kw: metalr.AdamHD(ps, lr=LR, weight_decay=0.05, **kw),
+    "adamw": lambda ps, **kw: metalr.AdamWHD(ps, lr=LR, weight_decay=0.05, **kw),
+    "sgd": lambda ps, **kw: metalr.SGDHD(ps, lr=LR, **kw),
+    "sgd_momentum": lambda ps, **kw: metalr.SGDHD(ps, lr=LR, momentum=0.9, dampening=0.1, **kw),
+    "sgd_nesterov": lambda ps, **kw: metalr.SGDHD(ps, lr=LR, momentum=0.9, nesterov=True, **kw),
+    "hyperlr_rmsprop": lambda ps, **kw: metalr.HyperLR(torch.optim.RMSprop(ps, lr=LR), **kw),
+}
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2)
+    ).double()
+
+
+def _data(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randn(
+        16, 2, generator=g, dtype=torch.float64
+    )
+
+
+TRAIN, VAL = _data(1), _data(2)
+
+
+def _loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, y = batch
+    return ((model(x) - y) ** 2).mean()
+
+
+def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch=TRAIN) -> None:
+    opt.zero_grad()
+    _loss(model, batch).backward()
+    opt.step()
+
+
+def _frozen_rates(name: str, granularity: str):
+    """A model and optimizer after 3 steps with fixed rates (multipliers 1.3)."""
+    model = _model()
+    opt = OPTIMIZERS[name](
+        model.parameters(), hypergrad_lr=0.0, rule="normalized", granularity=granularity
+    )
+    for _ in range(3):
+        _train_step(model, opt)
+    with torch.no_grad():
+        for p in model.parameters():
+            opt.state[p][RATE_KEY].fill_(1.3)
+    return model, opt
+
+
+def _val_after_step(model, opt, snapshot, params_index: int, delta: torch.Tensor) -> float:
+    """Validation loss after one more step with the rate of one tensor moved by ``delta``."""
+    model.load_state_dict(snapshot[0])
+    opt.load_state_dict(copy.deepcopy(snapshot[1]))
+    p = list(model.parameters())[params_index]
+    with torch.no_grad():
+        opt.state[p][RATE_KEY].add_(delta)
+    _train_step(model, opt)
+    return float(_loss(model, VAL).detach())
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "element"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_validation_hypergradient_equals_finite_differences(name, granularity):
+    """∂L_val(θ_t)/∂m = -lr ⟨∇L_val(θ_t), d_t⟩ with d_t what ``_last_directions`` recomputes."""
+    model, opt = _frozen_rates(name, granularity)
+    snapshot = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+    _train_step(model, opt)
+    params = list(model.parameters())
+    val_grads = torch.autograd.grad(_loss(model, VAL), params)
+    group = opt.param_groups[0]
+    directions = opt._last_directions(group, params)
+    predicted = [LR * h for h in hypergradient(val_grads, directions, granularity)]
+    h = 1e-5
+    for i, p in enumerate(params):
+        shape = p.shape if granularity == "element" else ()
+        e = torch.randn(shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+        plus = _val_after_step(model, opt, snapshot, i, h * e)
+        minus = _val_after_step(model, opt, snapshot, i, -h * e)
+        fd = (plus - minus) / (2 * h)
+        assert fd == pytest.approx(float((predicted[i] * e).sum()), rel=1e-5, abs=1e-10)
+
+
+@pytest.mark.parametrize("granularity", ["group", "tensor", "element"])
+def test_validation_hypergradient_equals_autograd_through_the_pure_step(granularity):
+    model, opt = _frozen_rates("adam", granularity)
+    params = [p.detach().clone() for p in model.parameters()]
+    grads = torch.autograd.grad(_loss(model, TRAIN), list(model.parameters()))
+    st = [opt.state[p] for p in model.parameters()]
+    shape = (lambda p: p.shape) if granularity == "element" else (lambda p: ())
+    leaves = [torch.full(shape(p), 1.3, dtype=torch.float64, requires_grad=True) for p in params]
+    new = adam_hd_step(
+        params, list(grads), [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st], leaves,
+        [s["step"] for s in st], lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+        decoupled_weight_decay=False, hypergrad_lr=0.0, rule="normalized",
+        granularity="tensor" if granularity == "group" else granularity, lr_bounds=(0, math.inf),
+    )  # fmt: skip
+    names = [n for n, _ in model.named_parameters()]
+    out = torch.func.functional_call(model, dict(zip(names, new.params)), (VAL[0],))
+    autograd = torch.autograd.grad(((out - VAL[1]) ** 2).mean(), leaves)
+    _train_step(model, opt)  # the optimizer's own step from the same state
+    for p, q in zip(model.parameters(), new.params):
+        torch.testing.assert_close(p.detach(), q.detach())
+    params = list(model.parameters())
+    val_grads = torch.autograd.grad(_loss(model, VAL), params)
+    directions = opt._last_directions(opt.param_groups[0], params)
+    predicted = [LR * h for h in hypergradient(val_grads, directions, granularity)]
+    if granularity == "group":  # one shared rate: the sum over tensors
+        torch.testing.assert_close(predicted[0], sum(a.sum() for a in autograd))
+    else:
+        for a, b in zip(autograd, predicted):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("granularity", ["group", "tensor", "element"])
+@pytest.mark.parametrize("name", ["adam", "sgd_momentum", "hyperlr_rmsprop"])
+def test_additive_rule_moves_the_rate_by_the_validation_hypergradient(name, granularity):
+    """rule="additive": α ← α + β_val ⟨∇L_val, d_t⟩, i.e. m ← m + β_val ⟨∇L_val, d_t⟩ / lr."""
+    model = _model()
+    beta = 1e-3
+    opt = OPTIMIZERS[name](
+        model.parameters(), hypergrad_lr=0.0, rule="additive", granularity=granularity,
+        validation={"hypergrad_lr": beta},
+    )  # fmt: skip
+    for _ in range(3):
+        _train_step(model, opt)
+    params = list(model.parameters())
+    before = [opt.state[p][RATE_KEY].clone() for p in params]
+    val_grads = torch.autograd.grad(_loss(model, VAL), params)
+    directions = opt._last_directions(opt.param_groups[0], params)
+    dots = [-h for h in hypergradient(val_grads, directions, granularity)]
+    opt.observe_validation(_loss(model, VAL))
+    for p, m0, dot in zip(params, before, dots):
+        torch.testing.assert_close(opt.state[p][RATE_KEY], (m0 + beta * dot / LR).clamp_min(0))
+    assert all(float(opt.state[p][VALIDATION_KEY][2]) == 1 for p in params)
+
+
+def _seek_reference(rates, stats, cosines, options, ceiling):
+    """The seek rule's validation step for settled tensor rates, in Python floats (no tie)."""
+    b1, b2 = options["signal_decay"], options["signal_sq_decay"]
+    out_rates, out_stats = [], []
+    for m, (mu, nu, n), c in zip(rates, stats, cosines):
+        mu, nu, n = b1 * mu + (1 - b1) * c, b2 * nu + (1 - b2) * c * c, n + 1
+        snr = (mu / (1 - b1**n)) / (math.sqrt(nu / (1 - b2**n)) + 1e-8)
+        log_m = min(math.log(m) + options["hypergrad_lr"] * (snr - options["evidence"]), ceiling)
+        out_rates.append(math.exp(log_m))
+        out_stats.append((mu, nu, n))
+    return out_rates, out_stats
+
+
+def test_seek_validation_step_equals_a_float64_reference():
+    model = _model()
+    options = {"hypergrad_lr": 0.2, "evidence": 0.1, "signal_decay": 0.6, "signal_sq_decay": 0.9}
+    # ramp_rate 0: the controller starts settled (no ramp), tie off: rates move independently
+    seek = {"ramp_rate": 0.0, "init_scale": 1.0, "tie": math.inf}
+    opt = metalr.AdamHD(model.parameters(), lr=LR, seek=seek, validation=options)
+    params = list(model.parameters())
+    rates = [1.0] * len(params)
+    stats = [(0.0, 0.0, 0)] * len(params)
+    for t in range(4):
+        _train_step(model, opt, _data(10 + t))
+        rates = [float(opt.state[p][RATE_KEY]) for p in params]  # the training step's move
+        val = _data(20 + t)
+        grads = torch.autograd.grad(_loss(model, val), params)
+        dirs = opt._last_directions(opt.param_groups[0], params)
+        cos = [float((g * d).sum() / (g.norm() * d.norm())) for g, d in zip(grads, dirs)]
+        ceilings = [float(opt.state[p][CONTROLLER_KEY][4]) for p in params]
+        assert all(c == math.inf for c in ceilings)  # settled from the start: no turn, no ceiling
+        rates, stats = _seek_reference(rates, stats, cos, options, math.inf)
+        opt.observe_validation(_loss(model, val))
+        for p, m, s in zip(params, rates, stats):
+            assert float(opt.state[p][RATE_KEY]) == pytest.approx(m, rel=1e-12)
+            torch.testing.assert_close(
+                opt.state[p][VALIDATION_KEY], torch.tensor(s, dtype=torch.float64)
+            )
+
+
+@pytest.mark.parametrize("rule", ["seek", "normalized"])
+def test_rates_fall_when_validation_rises_while_training_falls(rule):
+    """Linear regression whose validation targets disagree with the training ones: every
+    training step lowers the training loss and raises the validation loss."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 8, dtype=torch.float64)
+    w_train, w_val = torch.randn(8, 1, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    model = torch.nn.Linear(8, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(w_val.T)  # start at the validation optimum
+    kw = {"seek": {"ramp_rate": 0.0, "init_scale": 1.0}} if rule == "seek" else {}
+    opt = metalr.AdamHD(model.parameters(), lr=1e-2, rule=rule, **kw)
+    train_losses, val_losses, rates = [], [], []
+    for step in range(1, 61):
+        loss = ((model(x) - x @ w_train) ** 2).mean()
+        train_losses.append(float(loss))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 5 == 0:
+            val_losses.append(float(opt.observe_validation(((model(x) - x @ w_val) ** 2).mean())))
+            rates.append(float(opt.state[model.weight][RATE_KEY]))
+    assert train_losses[-1] < 0.9 * train_losses[0]
+    assert val_losses[-1] > val_losses[0]
+    assert rates[-1] < 0.5 * rates[0], rates
+    assert all(b <= a * (1 + 1e-12) for a, b in zip(rates, rates[1:]))  # never rises
+
+
+def test_observe_validation_leaves_grad_and_weights_alone():
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=LR)
+    _train_step(model, opt)
+    grads = [p.grad.clone() for p in model.parameters()]
+    weights = [p.detach().clone() for p in model.parameters()]
+    out = opt.observe_validation(lambda: _loss(model, VAL))  # a closure works too
+    assert not out.requires_grad and float(out) == pytest.approx(float(_loss(model, VAL)))
+    for p, g, w in zip(model.parameters(), grads, weights):
+        assert torch.equal(p.grad, g) and torch.equal(p.detach(), w)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_non_finite_validation_changes_nothing(bad, where):
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=LR, seek={"ramp_rate": 0.0, "init_scale": 1.0})
+    for _ in range(3):
+        _train_step(model, opt)
+    opt.observe_validation(_loss(model, VAL))
+    before = copy.deepcopy(opt.state_dict())
+    if where == "loss":
+        loss = _loss(model, VAL) + bad
+    else:  # a finite loss whose gradient is not (0 · inf)
+        loss = _loss(model, VAL) + 0 * (model[0].weight.sum() * bad)
+    opt.observe_validation(loss)
+    after = opt.state_dict()
+    for pid, s in before["state"].items():
+        for key, value in s.items():
+            assert torch.equal(after["state"][pid][key], value), key
+    _train_step(model, opt)  # and the run goes on, finite
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd_momentum", "hyperlr_rmsprop"])
+def test_resume_is_bit_exact(name):
+    def run(model, opt, start, stop):
+        for step in range(start, stop):
+            _train_step(model, opt, _data(100 + step))
+            if step % 3 == 0:
+                opt.observe_validation(_loss(model, _data(200 + step)))
+
+    model_a = _model()
+    opt_a = OPTIMIZERS[name](model_a.parameters())
+    run(model_a, opt_a, 0, 20)
+    model_b = _model()
+    opt_b = OPTIMIZERS[name](model_b.parameters())
+    run(model_b, opt_b, 0, 10)
+    saved = (copy.deepcopy(model_b.state_dict()), copy.deepcopy(opt_b.state_dict()))
+    model_c = _model(seed=5)
+    opt_c = OPTIMIZERS[name](model_c.parameters())
+    model_c.load_state_dict(saved[0])
+    opt_c.load_state_dict(saved[1])
+    assert opt_c._follows_validation(opt_c.param_groups[0])
+    run(model_c, opt_c, 10, 20)
+    for p, q in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(model_a.parameters(), model_c.parameters()):
+        for key in (RATE_KEY, VALIDATION_KEY):
+            assert torch.equal(opt_a.state[p][key], opt_c.state[q][key])
+
+
+def test_training_signal_stops_tracking_once_validation_is_observed():
+    """seek, settled: between observations the rate holds (train_weight 0, the default)."""
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=LR, seek={"ramp_rate": 0.0, "init_scale": 1.0})
+    _train_step(model, opt)
+    _train_step(model, opt)
+    moved = float(opt.state[model[0].weight][RATE_KEY])
+    assert moved != 1.0  # the training signal tracks before any observation
+    opt.observe_validation(_loss(model, VAL))
+    held = opt.state[model[0].weight][RATE_KEY].clone()
+    for _ in range(3):
+        _train_step(model, opt)
+    assert torch.equal(opt.state[model[0].weight][RATE_KEY], held)
+
+
+def test_scheduler_and_observations_compose():
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=LR, seek={"ramp_rate": 0.0, "init_scale": 1.0})
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for step in range(6):
+        _train_step(model, opt)
+        sched.step()
+        opt.observe_validation(_loss(model, VAL))
+    eff = opt.effective_lrs()
+    for p in model.parameters():  # effective rate = scheduled lr × the learned multiplier
+        torch.testing.assert_close(eff[p], opt.param_groups[0]["lr"] * opt.state[p][RATE_KEY])
+    assert opt.param_groups[0]["lr"] == pytest.approx(LR / 8)
+
+
+def test_bfloat16_autocast_and_grad_scaler():
+    model = _model().float()
+    opt = metalr.AdamHD(model.parameters(), lr=LR, seek={"ramp_rate": 0.0, "init_scale": 1.0})
+    x, y = (t.float() for t in TRAIN)
+    for _ in range(3):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+    ref = copy.deepcopy(opt.state_dict())
+    xv, yv = (t.float() for t in VAL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        val = ((model(xv) - yv) ** 2).mean()
+    opt.observe_validation(val)
+    rates = [opt.state[p][RATE_KEY].clone() for p in model.parameters()]
+    assert all(torch.isfinite(r) and r != 1.0 for r in rates)
+    # a GradScaler's scale cancels: the same rates as observing the unscaled loss
+    opt.load_state_dict(ref)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        val = ((model(xv) - yv) ** 2).mean()
+    opt.observe_validation(val, scaler=scaler)
+    for p, r in zip(model.parameters(), rates):
+        torch.testing.assert_close(opt.state[p][RATE_KEY], r)
+
+
+def test_compiled_model_and_fused_step():
+    model = _model().float()
+    compiled = torch.compile(model, backend="eager")
+    opt = metalr.AdamHD(model.parameters(), lr=LR, fused=True)
+    x, y = (t.float() for t in TRAIN)
+    xv, yv = (t.float() for t in VAL)
+    eager = _model().float()
+    opt_e = metalr.AdamHD(eager.parameters(), lr=LR)
+    for _ in range(12):
+        for m, o in ((compiled, opt), (eager, opt_e)):
+            o.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            o.step()
+            o.observe_validation(((m(xv) - yv) ** 2).mean())
+    for p, q in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(opt.state[p][RATE_KEY], opt_e.state[q][RATE_KEY])
+        torch.testing.assert_close(p, q)
+
+
+def test_bad_input_is_refused_with_the_argument_named():
+    model = _model()
+    opt = metalr.AdamHD(model.parameters())
+    with pytest.raises(ValueError, match="observe_validation"):
+        opt.observe_validation(1.0)
+    with pytest.raises(ValueError, match="requires grad"):
+        opt.observe_validation(torch.tensor(1.0))
+    with pytest.raises(ValueError, match=r"Invalid validation\['hypergrad_lr'\] value: -1"):
+        metalr.AdamHD(model.parameters(), validation={"hypergrad_lr": -1})
+    with pytest.raises(ValueError, match="Invalid validation key: 'beta'"):
+        metalr.SGDHD(model.parameters(), validation={"beta": 0.1})
+    with pytest.raises(ValueError, match=r"validation\['train_weight'\]"):
+        metalr.HyperLR(torch.optim.SGD(model.parameters(), lr=0.1), validation={"train_weight": 2})
+    assert opt.param_groups[0]["validation"] == VALIDATION_DEFAULTS
+
+
+def test_checkpoint_without_validation_options_loads():
+    """A checkpoint written before issue 11 (no 'validation' in its groups) loads with defaults."""
+    model = _model()
+    opt = metalr.AdamHD(model.parameters())
+    _train_step(model, opt)
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        del g["validation"]
+    fresh = metalr.AdamHD(_model().parameters())
+    fresh.load_state_dict(sd)
+    assert fresh.param_groups[0]["validation"] == VALIDATION_DEFAULTS
+
+
+def test_additive_validation_beta_defaults_to_the_training_one():
+    """The additive β is in rate units: the scale-free default would be meaningless there."""
+    model = _model()
+    assert metalr.AdamHD(model.parameters(), rule="additive").param_groups[0]["validation"][
+        "hypergrad_lr"
+    ] == pytest.approx(1e-7)
+    opt = metalr.SGDHD(model.parameters(), rule="additive", hypergrad_lr=2e-3)
+    assert opt.param_groups[0]["validation"]["hypergrad_lr"] == pytest.approx(2e-3)
+    given = metalr.SGDHD(model.parameters(), rule="additive", validation={"hypergrad_lr": 0.5})
+    assert given.param_groups[0]["validation"]["hypergrad_lr"] == 0.5
+
+
+@pytest.mark.parametrize("rule", ["seek", "normalized", "additive"])
+def test_an_observation_before_the_first_step_changes_nothing(rule):
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=LR, rule=rule)
+    opt.observe_validation(_loss(model, VAL))  # no last direction yet
+    for p in model.parameters():
+        assert float(opt.state[p][VALIDATION_KEY][2]) == 0  # not counted
+        assert float(opt.state[p][RATE_KEY]) == pytest.approx(
+            opt.param_groups[0]["seek"]["init_scale"] if rule == "seek" else 1.0
+        )
