@@ -78,7 +78,7 @@ def test_adam_kernel_float32_close_to_eager(lagged):
     _compare(
         lambda ps: metalr.AdamHD(ps, lr=1e-2, fused=True, lagged=lagged),
         lambda ps: metalr.AdamHD(ps, lr=1e-2, foreach=True, lagged=lagged),
-        rtol=1e-4, atol=1e-6, dtype=torch.float32, steps=8,
+        rtol=1e-4, atol=1e-6, dtype=torch.float32, steps=8, nan_at=4,
     )  # fmt: skip
 
 

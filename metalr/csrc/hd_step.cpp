@@ -13,7 +13,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -141,6 +141,74 @@ void adam_range<float>(float* __restrict p, const float* __restrict gp, float* _
   out[0] = _mm512_reduce_add_ps(gd) + tail[0];
   out[1] = _mm512_reduce_add_ps(gg) + tail[1];
   out[2] = _mm512_reduce_add_ps(dd) + tail[2];
+}
+#endif
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+inline float hsum(__m256 x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(_mm_hadd_ps(s, s));
+}
+
+// float32 with AVX2 + FMA (no AVX-512): as above with 8 lanes; the 12-bit estimates get one
+// Newton step each (~23 bits), and skipped elements are blended back before plain stores.
+template <>
+void adam_range<float>(float* __restrict p, const float* __restrict gp, float* __restrict m,
+                       float* __restrict v, int64_t lo, int64_t hi, const AdamConsts& k,
+                       bool accumulate, bool write, double* out) {
+  const unsigned csr = _mm_getcsr();
+  _mm_setcsr(csr | 0x8040);  // FTZ | DAZ
+  const __m256 pc1 = _mm256_set1_ps(k.pc1), pc2 = _mm256_set1_ps(k.pc2);
+  const __m256 step = _mm256_set1_ps(k.step), c2 = _mm256_set1_ps(k.c2);
+  const __m256 decay = _mm256_set1_ps(k.decay), b2 = _mm256_set1_ps(k.b2);
+  const __m256 w1 = _mm256_set1_ps(1 - k.b1), w2 = _mm256_set1_ps(1 - k.b2);
+  const __m256 e = _mm256_set1_ps(k.eps), l2 = _mm256_set1_ps(k.l2), sign = _mm256_set1_ps(k.sign);
+  const __m256 tiny = _mm256_set1_ps(1e-30f), zero = _mm256_setzero_ps();
+  const __m256 half = _mm256_set1_ps(0.5f), three_halves = _mm256_set1_ps(1.5f);
+  const __m256 two = _mm256_set1_ps(2.0f);
+  __m256 gd = zero, gg = zero, dd = zero;
+  int64_t j = lo;
+  for (; j + 8 <= hi; j += 8) {
+    _mm_prefetch(reinterpret_cast<const char*>(gp + j + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(m + j + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(v + j + kPrefetch), _MM_HINT_T0);
+    if (write) _mm_prefetch(reinterpret_cast<const char*>(p + j + kPrefetch), _MM_HINT_T0);
+    const __m256 g = _mm256_mul_ps(sign, _mm256_loadu_ps(gp + j));
+    const __m256 mj = _mm256_loadu_ps(m + j), vj = _mm256_loadu_ps(v + j);
+    if (accumulate) {
+      const __m256 vs = _mm256_max_ps(vj, tiny);
+      __m256 y = _mm256_rsqrt_ps(vs);  // y ← y (3/2 - v y²/2)
+      y = _mm256_mul_ps(y, _mm256_fnmadd_ps(_mm256_mul_ps(half, vs), _mm256_mul_ps(y, y),
+                                            three_halves));
+      const __m256 x = _mm256_fmadd_ps(_mm256_mul_ps(vj, y), pc2, e);  // ≈ √v·pc2 + ε
+      __m256 r = _mm256_rcp_ps(x);  // r ← r (2 - x r)
+      r = _mm256_mul_ps(r, _mm256_fnmadd_ps(x, r, two));
+      const __m256 d = _mm256_mul_ps(_mm256_mul_ps(mj, pc1), r);
+      gd = _mm256_fmadd_ps(g, d, gd);
+      gg = _mm256_fmadd_ps(g, g, gg);
+      dd = _mm256_fmadd_ps(d, d, dd);
+    }
+    if (write) {
+      const __m256 pj = _mm256_loadu_ps(p + j);
+      const __m256 ge = _mm256_fmadd_ps(l2, pj, g);
+      const __m256 mn = _mm256_fmadd_ps(w1, _mm256_sub_ps(ge, mj), mj);
+      const __m256 vn = _mm256_fmadd_ps(b2, vj, _mm256_mul_ps(w2, _mm256_mul_ps(ge, ge)));
+      const __m256 den = _mm256_fmadd_ps(_mm256_sqrt_ps(vn), c2, e);
+      const __m256 pn = _mm256_sub_ps(_mm256_mul_ps(pj, decay),
+                                      _mm256_div_ps(_mm256_mul_ps(step, mn), den));
+      const __m256 ok = _mm256_cmp_ps(_mm256_sub_ps(g, g), zero, _CMP_EQ_OQ);
+      _mm256_storeu_ps(m + j, _mm256_blendv_ps(mj, mn, ok));
+      _mm256_storeu_ps(v + j, _mm256_blendv_ps(vj, vn, ok));
+      _mm256_storeu_ps(p + j, _mm256_blendv_ps(pj, pn, ok));
+    }
+  }
+  double tail[3];
+  adam_range_generic(p, gp, m, v, j, hi, k, accumulate, write, tail);
+  _mm_setcsr(csr);
+  out[0] = hsum(gd) + tail[0];
+  out[1] = hsum(gg) + tail[1];
+  out[2] = hsum(dd) + tail[2];
 }
 #endif
 
