@@ -3,7 +3,8 @@
 ``experiments/bench_step.py`` rotates ~26 optimizers' states (~2 GB) through the cache, so every
 step there starts from DRAM. This script steps three optimizers only (torch's fused Adam, AdamHD
 ``fused=True`` exact and lagged; ~250 MB, resident in a large L3) and times the kernel's passes
-alone, in shuffled paired rounds, as ratios to torch's fused Adam:
+alone and the rate update that follows them, in shuffled paired rounds, as ratios to torch's
+fused Adam:
 
     python experiments/bench_cpu_kernel.py            # 5M parameters in 20 tensors, 1 thread
 """
@@ -20,6 +21,7 @@ import torch
 import metalr
 from metalr.bench import clone_params, make_shapes, make_tensors
 from metalr.functional import _cpu_kernels
+from metalr.functional._hypergrad import adapt_rates_from_sums
 
 
 def main(rounds: int = 25) -> int:
@@ -45,8 +47,21 @@ def main(rounds: int = 25) -> int:
         return lambda: ext.adam_hd_pass(ps, g, m, v, scalars, 0.9, 0.999, 1e-8, 0.0, False,
                                         accumulate, write)  # fmt: skip
 
+    group = lagged.param_groups[0]
+    rates = [lagged.state[p]["lr_multiplier"].clone() for p in group["params"]]
+    controllers = [lagged.state[p]["hd_controller"].clone() for p in group["params"]]
+    sums = torch.rand(len(ps), 3, dtype=torch.float64)
+
+    def rate_update() -> None:  # the seek rule from the pass's sums (what runs after a pass)
+        adapt_rates_from_sums(
+            rates, sums, [p.numel() for p in ps], lr=group["lr"],
+            hypergrad_lr=group["hypergrad_lr"], rule="seek", granularity="tensor",
+            lr_bounds=group["lr_bounds"], controllers=controllers, seek=group["seek"],
+        )  # fmt: skip
+
     fns = {
         "torch Adam (fused) step": adam.step,
+        "rate update from the sums (seek rule)": rate_update,
         "AdamHD fused exact step": exact.step,
         "AdamHD fused lagged step": lagged.step,
         "kernel: sums pass": kernel(True, False),
