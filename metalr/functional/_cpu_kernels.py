@@ -4,10 +4,11 @@ mode) or two (exact mode), built from ``metalr/csrc/hd_step.cpp`` with
 
 Why C++ and not inductor: inductor does fuse the lagged step into one loop per tensor, but its
 loop measured 1.39× torch's fused Adam without the per-element skip and 1.50× with it (5M
-parameters, one thread); the kernel here measured 1.13× (lagged) in ``experiments/bench_step.py``.
-Its float32 AVX-512 loop estimates ``d_{t-1}`` (which only feeds the sums) with 14-bit reciprocal
-instructions, prefetches ahead and flushes subnormals; other dtypes and CPUs get plain loops the
-compiler vectorises (``-O3 -march=native``). Fixed chunks under ``at::parallel_for`` whose
+parameters, one thread); with the kernel here the lagged step measured 1.13–1.25× in
+``experiments/bench_step.py``.
+Its float32 AVX-512 (or AVX2+FMA) loop estimates ``d_{t-1}`` (which only feeds the sums) with
+reciprocal-estimate instructions, prefetches ahead and flushes subnormals; float64 and other CPUs
+get plain loops the compiler vectorises (``-O3 -march=native``). Fixed chunks under ``at::parallel_for`` whose
 partial sums are added in chunk order: the sums do not depend on the thread count. Numbers in
 ``experiments/results/bench_step_cpu.md``.
 
