@@ -21,6 +21,9 @@ Goals (from the performance issue; "state" compares state bytes with torch Adam'
 * SGDHD (momentum), tensor granularity: ≤ 1.30× torch SGD(momentum, foreach); state = SGD's.
 * The single-tensor paths (``foreach=False``, which ``differentiable=True`` also takes): ≤ 2× the
   same optimizer's ``foreach`` path (their ratio is against that row, named in the "vs" column).
+* Issue 12, the single-pass kernels (``fused=True, lagged=True``): AdamHD group/tensor ≤ 1.30×
+  fused Adam on CPU, ≤ 1.10× on CUDA; SGDHD(momentum) ≤ 1.20× torch SGD(momentum) on CPU,
+  ≤ 1.15× torch's fused SGD on CUDA; state = the torch optimizer's.
 
 Rows with ``fused=True`` appear only when the installed metalr optimizers accept that keyword.
 """
@@ -293,7 +296,46 @@ def make_specs(device: torch.device, fused: bool | None = None) -> list[Spec]:
                     adaptive=True,
                 )
             )
+    if fused is not False and supports_fused(AdamHD) and supports_lagged(AdamHD):
+        specs += _lagged_specs(cuda, adam_hd, sgd_hd, sgd_fused)
     return specs
+
+
+def supports_lagged(cls: type) -> bool:
+    """Whether ``cls`` takes a ``lagged`` keyword (the one-step-lagged rate, issue 12)."""
+    try:
+        return "lagged" in inspect.signature(cls).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _lagged_specs(
+    cuda: bool, adam_hd: Callable[..., Callable], sgd_hd: Callable[..., Callable], sgd_fused: bool
+) -> list[Spec]:
+    """Rows of the single-pass kernels (issue 12 goals: lagged AdamHD ≤ 1.30× fused Adam on the
+    CPU, ≤ 1.10× on CUDA; lagged SGDHD ≤ 1.20× torch SGD(momentum), ≤ 1.15× torch's fused SGD
+    on CUDA; state = the torch optimizer's). The eager lagged rows carry no goal."""
+    adam_goal = 1.10 if cuda else 1.30
+    sgd_goal, sgd_vs = (1.15, "torch SGD(momentum, fused)") if cuda and sgd_fused else (1.20, None)
+    return [
+        Spec(
+            "AdamHD tensor fused lagged", "adam",
+            adam_hd(granularity="tensor", fused=True, lagged=True), adam_goal, 0.0, adaptive=True,
+        ),
+        Spec(
+            "AdamHD group fused lagged", "adam",
+            adam_hd(granularity="group", fused=True, lagged=True), adam_goal, 0.0, adaptive=True,
+        ),
+        Spec(
+            "SGDHD tensor fused lagged", "sgd",
+            sgd_hd(granularity="tensor", fused=True, lagged=True), sgd_goal, 0.0, adaptive=True,
+            vs=sgd_vs,
+        ),
+        Spec("AdamHD tensor lagged", "adam", adam_hd(granularity="tensor", lagged=True),
+             adaptive=True),
+        Spec("SGDHD tensor lagged", "sgd", sgd_hd(granularity="tensor", lagged=True),
+             adaptive=True),
+    ]  # fmt: skip
 
 
 def state_bytes(optimizer: Optimizer) -> int:

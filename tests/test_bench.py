@@ -142,6 +142,12 @@ def test_fused_rows():
         torch.set_num_threads(threads)
     fused = [r for r in result.rows if r.name.startswith(("AdamHD", "SGDHD"))]
     assert fused, result.skipped
+    lagged = {
+        "AdamHD tensor fused lagged",
+        "AdamHD group fused lagged",
+        "SGDHD tensor fused lagged",
+    }
+    assert lagged <= {r.name for r in fused}, result.skipped
     for row in fused:
         assert all(t > 0 for t in row.times_ms), row.name
         assert row.state_ok, (row.name, row.state_ratio)

@@ -84,6 +84,37 @@ def test_cuda_fused_matches_eager():
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["triton-lagged", "triton-exact"])
+@pytest.mark.parametrize("name", ["AdamHD-tensor", "SGDHD-nesterov-group"])
+def test_cuda_triton_kernels_match_eager_without_host_sync(name, mode):
+    """fused=True on CUDA runs metalr's Triton kernels: same numbers as the eager path in the
+    same mode, a NaN gradient handled alike, and no host synchronisation after the first step."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    model = model.cuda()
+    eager_model = copy.deepcopy(model)
+    opt = MAKERS[name](model.parameters(), **MODES[mode][0])
+    eager = MAKERS[name](eager_model.parameters(), **MODES[mode][1])
+    x = torch.randn(32, 16, device="cuda")
+    for i in range(6):
+        for m, o in ((model, opt), (eager_model, eager)):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            if i == 3:
+                next(m.parameters()).grad[0, 0] = float("nan")
+            if i > 1 and o is opt:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                o.step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    eff, eager_eff = opt.effective_lrs(), eager.effective_lrs()
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(eff[p], eager_eff[q], rtol=1e-4, atol=1e-9)
+
+
 @pytest.mark.parametrize("name", ["AdamHD-tensor", "AdamWHD-element", "HyperLR-Adam"])
 def test_cpu_checkpoint_loads_onto_cuda(name):
     torch.manual_seed(0)
@@ -100,8 +131,23 @@ def test_cpu_checkpoint_loads_onto_cuda(name):
     assert all(torch.isfinite(p).all() for p in gpu_model.parameters())
 
 
-@pytest.mark.parametrize("name", ["AdamHD-tensor", "AdamWHD-element", "SGDHD-nesterov-group"])
-def test_whole_training_step_captures_in_a_cuda_graph(name):
+#: (optimizer options, options of the eager run it must equal): the foreach path, and the
+#: Triton kernels of fused=True (one launch lagged, two exact).
+MODES = {
+    "foreach": ({"foreach": True}, {"foreach": True}),
+    "triton-lagged": ({"fused": True, "lagged": True}, {"foreach": True, "lagged": True}),
+    "triton-exact": ({"fused": True}, {"foreach": True}),
+}
+CAPTURE_CASES = [
+    (name, mode)
+    for name in ("AdamHD-tensor", "AdamWHD-element", "SGDHD-nesterov-group")
+    for mode in MODES
+    if mode == "foreach" or "element" not in name
+]
+
+
+@pytest.mark.parametrize(("name", "mode"), CAPTURE_CASES)
+def test_whole_training_step_captures_in_a_cuda_graph(name, mode):
     """No host sync and no host-to-device copy inside step(): forward, backward and step capture
     into one CUDA graph (torch's whole-network recipe) and replays equal eager training."""
     torch.manual_seed(0)
@@ -109,8 +155,8 @@ def test_whole_training_step_captures_in_a_cuda_graph(name):
         torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 2)
     ).cuda()
     eager_model = copy.deepcopy(model)
-    opt = MAKERS[name](model.parameters(), foreach=True)
-    eager_opt = MAKERS[name](eager_model.parameters(), foreach=True)
+    opt = MAKERS[name](model.parameters(), **MODES[mode][0])
+    eager_opt = MAKERS[name](eager_model.parameters(), **MODES[mode][1])
     data = [
         (torch.randn(16, 6, device="cuda"), torch.randn(16, 2, device="cuda")) for _ in range(8)
     ]

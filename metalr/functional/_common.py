@@ -27,6 +27,17 @@ def broadcast_rate(rate: Tensor, param: Tensor) -> Tensor:
     return rate.unsqueeze(-1) if rate.dim() > 0 and param.is_complex() else rate
 
 
+def pow_tensor(base: float, exponent: Tensor) -> Tensor:
+    """``base ** exponent`` with the base as a tensor: under torch.compile a Python float base
+    becomes a symbolic float when schedulers change betas (OneCycleLR), and ``float ** tensor``
+    with a symbolic base computed wrong results on torch 2.13."""
+    if torch.compiler.is_compiling():  # as_tensor specializes the float: correct values
+        base_t = torch.as_tensor(base, dtype=exponent.dtype, device=exponent.device)
+    else:  # a fill kernel, no host-to-device copy: capturable in a CUDA graph
+        base_t = torch.full((), base, dtype=exponent.dtype, device=exponent.device)
+    return torch.pow(base_t, exponent)
+
+
 def negate_if(grads: Sequence[Tensor], flag: bool) -> list[Tensor]:
     return [-g for g in grads] if flag else list(grads)
 
@@ -40,6 +51,13 @@ def safe_sqrt(x: Tensor) -> Tensor:
 def select(keep: Tensor, new: Tensor, old: Tensor) -> Tensor:
     """``new`` where the 0-d flag ``keep`` is true, else ``old`` (a skipped step)."""
     return torch.where(keep, new, old)
+
+
+def element_keep(grad: Tensor, grads_finite: Tensor | None) -> Tensor:
+    """Lagged mode's per-element skip: true where ``grad`` (its real view) is finite, and
+    ``grads_finite`` (the other param groups' flag) holds."""
+    ok = torch.isfinite(as_real_list([grad])[0])
+    return ok if grads_finite is None else ok & grads_finite.to(ok.device)
 
 
 def tracks_grad(*values: object) -> bool:

@@ -1,4 +1,10 @@
-"""The ``fused=True`` path: a rule's single-tensor step compiled by ``torch.compile``.
+"""The ``fused=True`` path: hand-written kernels where they apply, else a rule's single-tensor
+step compiled by ``torch.compile``.
+
+:func:`kernel_backend` picks the kernels: Triton on CUDA (:mod:`metalr.functional._triton_kernels`,
+one launch for the lagged step, two for the exact one), C++ on the CPU
+(:mod:`metalr.functional._cpu_kernels`), both for group/tensor granularity. Element granularity,
+half precision on the CPU, float64 on CUDA and sharded state use the compiled step below.
 
 Inductor turns the pure step into two loops per tensor (one reduction for the hypergradient,
 one elementwise update), C++/OpenMP on CPU and Triton on GPU. The first call compiles
@@ -68,6 +74,25 @@ def _with_scalars_returned(fn: Callable[..., object]) -> Callable[..., tuple[obj
         return fn(*args, **kwargs), clones
 
     return step
+
+
+def kernel_backend(params: Sequence[Tensor], rates: Sequence[Tensor], hyper: dict) -> Any | None:
+    """The module whose ``adam_hd_step`` / ``sgd_hd_step`` takes this fused step, or None.
+
+    Their steps return False (having changed nothing) when they decline at run time (no C++
+    compiler, buffers not created yet): the caller then takes the eager path.
+    """
+    if not params:
+        return None
+    if params[0].device.type == "cuda":
+        try:
+            from metalr.functional import _triton_kernels
+        except ImportError:  # pragma: no cover - torch's CUDA builds ship triton
+            return None
+        return _triton_kernels if _triton_kernels.applies(params, rates, **hyper) else None
+    from metalr.functional import _cpu_kernels
+
+    return _cpu_kernels if _cpu_kernels.applies(params, rates, **hyper) else None
 
 
 def _fused_devices() -> list[str]:

@@ -412,6 +412,20 @@ def seek_signals(
         finite = finite & grads_finite.to(finite.device)
     if shards is not None:
         finite = shards.all(finite)
+    return seek_signals_from_products(sums, g_norms, d_norms, dots, finite, granularity, shards)
+
+
+def seek_signals_from_products(
+    sums: Sequence[Tensor],
+    g_norms: Sequence[Tensor],
+    d_norms: Sequence[Tensor],
+    dots: Sequence[Tensor],
+    finite: Tensor,
+    granularity: str,
+    shards: ShardReducer | None = None,
+) -> SeekSignals:
+    """:func:`seek_signals` from per-tensor ``Σ⟨g,d⟩``, ``‖g‖``, ``‖d‖`` (and, per element,
+    ``g·d`` in ``dots``) and the all-finite flag: what a fused kernel's pass accumulates."""
     ref = sums[0]
     sum_vec, g_vec, d_vec = (_stack(v, ref) for v in (sums, g_norms, d_norms))
     total = torch.stack([sum_vec.sum(), (g_vec * g_vec).sum(), (d_vec * d_vec).sum()])
@@ -423,11 +437,67 @@ def seek_signals(
     if granularity == "element":
         signals = [torch.nan_to_num(torch.sign(d), nan=0.0) for d in dots]
     elif granularity == "group":
-        signals = [group_signal for _ in grads]
+        signals = [group_signal for _ in sums]
     else:
         cos = sum_vec / (g_vec * d_vec).clamp_min(tiny)
         signals = list(torch.nan_to_num(cos, nan=0.0, posinf=0.0, neginf=0.0).unbind(0))
     return SeekSignals(signals, group_signal, finite, active)
+
+
+def adapt_rates_from_sums(
+    rates: Sequence[Tensor],
+    sums: Tensor,
+    sizes: Sequence[int],
+    *,
+    lr: float | Tensor,
+    hypergrad_lr: float | Tensor | Sequence[Tensor],
+    rule: str,
+    granularity: str,
+    lr_bounds: tuple[float, float],
+    grads_finite: Tensor | None = None,
+    controllers: Sequence[Tensor] | None = None,
+    seek: Mapping[str, Any] | None = None,
+) -> RateUpdate:
+    """:func:`adapt_rates` from the sums a fused kernel accumulated in its pass (group/tensor).
+
+    ``sums`` is ``[n, 3]``: per tensor ``Σ Re(g·d)``, ``Σ g²`` and ``Σ d²`` with ``d = d_{t-1}``,
+    in any float dtype. The flag is false when any sum is not finite (a NaN/inf gradient, or a
+    ``Σ g²`` that overflows). The rule's math is the same functions :func:`adapt_rates` calls.
+    """
+    if granularity == "element":
+        raise ValueError("adapt_rates_from_sums takes group/tensor granularity, not 'element'")
+    ref = rates[0]
+    sums = sums.to(device=ref.device, dtype=ref.dtype)
+    finite = torch.isfinite(sums).all()
+    if grads_finite is not None:
+        finite = finite & grads_finite.to(finite.device)
+    dots = list(sums[:, 0].unbind(0))
+    g_norms = list(safe_sqrt(sums[:, 1]).unbind(0))
+    d_norms = list(safe_sqrt(sums[:, 2]).unbind(0))
+    if rule == "seek":
+        if controllers is None or seek is None:
+            raise ValueError("rule='seek' needs controllers and seek constants")
+        if not isinstance(hypergrad_lr, (Tensor, list, tuple)) and hypergrad_lr == 0:
+            same = update_rates(
+                rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=0.0, rule="normalized",
+                granularity=granularity, lr_bounds=lr_bounds,
+            )  # fmt: skip
+            return RateUpdate(same, finite, list(controllers))
+        signals, group_signal, finite, active = seek_signals_from_products(
+            dots, g_norms, d_norms, dots, finite, granularity
+        )
+        new_rates, new_ctrls = seek_update(
+            rates, controllers, signals, group_signal, active, sizes,
+            hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity,
+        )  # fmt: skip
+        new_rates = [clamp_rates(r, lr, lr_bounds) for r in new_rates]
+        return RateUpdate(new_rates, finite, new_ctrls)
+    with_norms = rule == "normalized"
+    new_rates = update_rates(
+        rates, dots, g_norms if with_norms else None, d_norms if with_norms else None, lr=lr,
+        hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity, lr_bounds=lr_bounds,
+    )  # fmt: skip
+    return RateUpdate(new_rates, finite, [])
 
 
 def hypergradient(

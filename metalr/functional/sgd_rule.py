@@ -11,7 +11,12 @@ decay), scheduled rate :math:`\eta_t` = ``group['lr']`` and learned multiplier :
     θ_t = θ_{t-1} - η_t · m · d_t
 
 ``d_{t-1}`` is the momentum buffer before its update for plain momentum (no extra state); plain SGD
-and Nesterov keep it in one buffer, ``prev_direction``. With ``hypergrad_lr=0`` every path equals
+and Nesterov keep it in one buffer, ``prev_direction``.
+
+**Lagged mode** (``lagged=True``, see :mod:`metalr.functional.adam_rule`): ``θ_t = θ_{t-1} - η_t ·
+m_{t-1} · d_t``, and ``m ← rule(m_{t-1}, ⟨g_t, d_{t-1}⟩)`` afterwards, for step t+1: one pass
+over g, b (or the stored direction) and θ. A non-finite gradient element keeps its θ and buffers;
+the multipliers move only when every gradient is finite. With ``hypergrad_lr=0`` every path equals
 ``torch.optim.SGD``.
 
 Faces: :func:`sgd_hd_step` (pure, differentiable, ``vmap``-able) and :func:`sgd_hd` (in place,
@@ -33,6 +38,7 @@ from metalr.functional._common import (
     broadcast_rate,
     commit_update,
     default_foreach,
+    element_keep,
     from_real,
     host_readable,
     negate_if,
@@ -43,7 +49,12 @@ from metalr.functional._common import (
     write_back,
 )
 from metalr.functional._distributed import ShardReducer
-from metalr.functional._fused import as_lr_tensor, check_fused_supported, compiled
+from metalr.functional._fused import (
+    as_lr_tensor,
+    check_fused_supported,
+    compiled,
+    kernel_backend,
+)
 from metalr.functional._hypergrad import RateUpdate, adapt_rates
 
 
@@ -93,8 +104,11 @@ def sgd_hd_step(
     shards: ShardReducer | None = None,
     controllers: Sequence[Tensor] | None = None,
     seek: Mapping[str, Any] | None = None,
+    lagged: bool = False,
 ) -> SGDHDState | tuple[SGDHDState, list[Tensor]]:
     """One SGD-HD step as a pure function: returns new tensors, mutates nothing.
+
+    ``lagged=True``: the one-step-lagged rate (the module docstring; per-element skip).
 
     With ``rule="seek"`` pass the controller vectors (``controllers``, see
     :mod:`metalr.functional._controller`) and the constants ``seek``; the step then returns
@@ -124,19 +138,20 @@ def sgd_hd_step(
         params, grads, momentum_buffers, prev_directions, rates, new_rates
     ):
         p_new, new_buf, d = _sgd_tensor_step(
-            p, g, buf, new_rate, lr=lr, momentum=momentum, dampening=dampening,
-            weight_decay=weight_decay, nesterov=nesterov,
+            p, g, buf, rate if lagged else new_rate, lr=lr, momentum=momentum,
+            dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
         )  # fmt: skip
         p_r = as_real_list([p])[0]
-        out.params.append(from_real(select(finite, p_new, p_r), p))
+        keep = element_keep(g, grads_finite) if lagged else finite
+        out.params.append(from_real(select(keep, p_new, p_r), p))
         if new_buf is not None:
             old_buf = as_real_list([buf])[0] if buf is not None else torch.zeros_like(new_buf)
-            out.momentum_buffers.append(from_real(select(finite, new_buf, old_buf), p))
+            out.momentum_buffers.append(from_real(select(keep, new_buf, old_buf), p))
         else:
             out.momentum_buffers.append(None)
         if keep_direction:
             old = as_real_list([old_dir])[0] if old_dir is not None else torch.zeros_like(d)
-            out.prev_directions.append(from_real(select(finite, d, old), p))
+            out.prev_directions.append(from_real(select(keep, d, old), p))
         else:
             out.prev_directions.append(None)
         out.rates.append(select(finite, new_rate, rate))
@@ -199,6 +214,18 @@ def _single_tensor_sgd_hd(
         and not tracks_grad(params, grads, momentum_buffers, prev_directions, rates, hyper)
     ):
         return _in_place_sgd_hd(params, grads, momentum_buffers, prev_directions, rates, **hyper)
+    return pure_step_in_place(params, grads, momentum_buffers, prev_directions, rates, **hyper)
+
+
+def pure_step_in_place(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor | None],
+    prev_directions: list[Tensor | None],
+    rates: list[Tensor],
+    **hyper,
+) -> SGDHDState:
+    """:func:`sgd_hd_step`, its result copied into the state tensors (new buffers returned)."""
     new = sgd_hd_step(params, grads, momentum_buffers, prev_directions, rates, **hyper)
     if hyper.get("controllers") is not None:
         new, new_controllers = new
@@ -225,17 +252,26 @@ def _in_place_sgd_hd(
     weight_decay: float,
     nesterov: bool,
     maximize: bool = False,
+    lagged: bool = False,
     **adapt,
 ) -> SGDHDState:
     """:func:`sgd_hd_step` in place on the CPU with autograd off (see the caller)."""
+    original_grads = grads
     grads = negate_if(grads, maximize)
     prev = previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
     update = adapt_rates(rates, grads, prev, lr=lr, **adapt)
     del prev
     bufs, dirs = list(momentum_buffers), list(prev_directions)
-    if not bool(update.finite):  # a skipped step: nothing changes
+    if not bool(update.finite):  # a skipped step: nothing changes (lagged: per element)
+        if lagged:  # rare: the pure step's per-element skip, state untouched so far
+            return pure_step_in_place(
+                params, original_grads, momentum_buffers, prev_directions, rates, lr=lr,
+                momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                nesterov=nesterov, maximize=maximize, lagged=True, **adapt,
+            )  # fmt: skip
         return SGDHDState(list(params), bufs, dirs, list(rates))
-    commit_update(rates, adapt.get("controllers"), update, known_finite=True)
+    if not lagged:
+        commit_update(rates, adapt.get("controllers"), update, known_finite=True)
     keep_direction = stores_prev_direction(momentum, nesterov)
     for i, (p, g, rate) in enumerate(zip(params, grads, rates)):
         _, new_buf, d = _sgd_tensor_step(
@@ -248,6 +284,8 @@ def _in_place_sgd_hd(
             if dirs[i] is None:
                 dirs[i] = torch.empty_like(p)
             as_real_list([dirs[i]])[0].copy_(d)
+    if lagged:  # the new multipliers take effect from the next step
+        commit_update(rates, adapt.get("controllers"), update, known_finite=True)
     return SGDHDState(list(params), bufs, dirs, list(rates))
 
 
@@ -272,13 +310,18 @@ def _multi_tensor_sgd_hd(
     shards: ShardReducer | None = None,
     controllers: Sequence[Tensor] | None = None,
     seek: Mapping[str, Any] | None = None,
-) -> SGDHDState:
+    lagged: bool = False,
+) -> SGDHDState | None:
     """In-place ``foreach`` twin of :func:`sgd_hd_step`.
 
-    Returns the (possibly newly created) buffers so the caller can store them in its state.
+    Returns the (possibly newly created) buffers so the caller can store them in its state, or
+    None, having changed nothing, for a lagged step it leaves to the pure step (off the host, or
+    with a non-finite gradient: the per-element skip).
     """
     if not params:
         return SGDHDState([], [], [], [])
+    if lagged and not host_readable(rates[0]):
+        return None
     grads = torch._foreach_neg(grads) if maximize else list(grads)
     prev = previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
     update = adapt_rates(
@@ -291,14 +334,18 @@ def _multi_tensor_sgd_hd(
     p_r = as_real_list(params)
     host = host_readable(rates[0])  # CPU eager: read the flag, run the finite step with scalars
     if host and not bool(finite):
+        if lagged:
+            return None
         return SGDHDState(list(params), list(momentum_buffers), list(prev_directions), list(rates))
     if momentum != 0 and not nesterov and torch_fused_kernel_applies("_fused_sgd_", params, rates):
         return _fused_kernel_update(
             params, grads, momentum_buffers, rates, controllers, update, host,
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            lagged=lagged,
         )  # fmt: skip
     if host:
-        commit_update(rates, controllers, update, known_finite=True)
+        if not lagged:
+            commit_update(rates, controllers, update, known_finite=True)
         keep: float | Tensor = 1.0
         d_r = as_real_list(grads)
         if weight_decay != 0:
@@ -336,6 +383,8 @@ def _multi_tensor_sgd_hd(
         for r, p, d in zip(rates, params, d_r)
     ]
     torch._foreach_addcmul_(p_r, d_r, neg_step)
+    if lagged:  # the new multipliers take effect from the next step (finite: host checked)
+        commit_update(rates, controllers, update, known_finite=True)
     return SGDHDState(list(params), bufs, dirs, list(rates))
 
 
@@ -352,13 +401,15 @@ def _fused_kernel_update(
     momentum: float,
     dampening: float,
     weight_decay: float,
+    lagged: bool = False,
 ) -> SGDHDState:
     """Momentum SGD through ``torch._fused_sgd_``, one call per tensor with ``lr · m`` as a
     tensor lr and ``found_inf`` doing the skip on the device (the previous direction is the
     momentum buffer, so nothing else is stored)."""
     finite = update.finite
     if host:  # finite for sure (the caller returned otherwise)
-        commit_update(rates, controllers, update, known_finite=True)
+        if not lagged:
+            commit_update(rates, controllers, update, known_finite=True)
         found_inf = None
     else:
         commit_update(rates, controllers, update, known_finite=False)
@@ -374,6 +425,8 @@ def _fused_kernel_update(
             maximize=False, is_first_step=first, grad_scale=None,
             found_inf=found_inf.to(p.device) if found_inf is not None else None,
         )  # fmt: skip
+    if lagged:  # host only: finite
+        commit_update(rates, controllers, update, known_finite=True)
     return SGDHDState(list(params), bufs, [None] * len(params), list(rates))
 
 
@@ -404,15 +457,33 @@ def sgd_hd(
     if fused:
         if differentiable or foreach:
             raise RuntimeError("fused=True does not support differentiable=True or foreach=True")
-        hyper["lr"] = as_lr_tensor(hyper["lr"], rates)  # a changing float would recompile
         check_fused_supported(params, "SGDHD")
-        return compiled(_single_tensor_sgd_hd)(
-            params, grads, momentum_buffers, prev_directions, rates, **hyper
-        )
+        backend = kernel_backend(params, rates, hyper)  # Triton (CUDA) or C++ (CPU, lagged)
+        if backend is not None and (hyper.get("lagged") or backend.SGD_EXACT):
+            if backend.sgd_hd_step(
+                params, grads, momentum_buffers, prev_directions, rates, **hyper
+            ):
+                return SGDHDState(
+                    list(params), list(momentum_buffers), list(prev_directions), rates
+                )
+            # declined (the first step: no buffers yet; no C++ compiler): the eager path below
+        else:
+            hyper["lr"] = as_lr_tensor(hyper["lr"], rates)  # a changing float would recompile
+            return compiled(_single_tensor_sgd_hd)(
+                params, grads, momentum_buffers, prev_directions, rates, **hyper
+            )
     if foreach is None:
         foreach = default_foreach(params, differentiable)
     if foreach and differentiable:
         raise RuntimeError("foreach=True does not support differentiable=True")
-    fn = _multi_tensor_sgd_hd if foreach else _single_tensor_sgd_hd
     with sharded_context(params):
-        return fn(params, grads, momentum_buffers, prev_directions, rates, **hyper)
+        if not foreach:
+            return _single_tensor_sgd_hd(
+                params, grads, momentum_buffers, prev_directions, rates, **hyper
+            )
+        out = _multi_tensor_sgd_hd(params, grads, momentum_buffers, prev_directions, rates, **hyper)
+        if out is None:  # a lagged step for the pure step (see _multi_tensor_sgd_hd)
+            out = pure_step_in_place(
+                params, grads, momentum_buffers, prev_directions, rates, **hyper
+            )
+        return out

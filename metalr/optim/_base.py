@@ -37,6 +37,7 @@ HYPER_DEFAULTS: dict[str, Any] = {
     "foreach": None,
     "fused": None,
     "differentiable": False,
+    "lagged": False,
 }
 
 

@@ -25,6 +25,13 @@ def check_nonnegative(name: str, value: float) -> None:
         raise ValueError(f"Invalid {name} value: {value}")
 
 
+def check_flag(name: str, value: object) -> bool:
+    """A keyword flag that must be a real ``bool`` (a truthy string or tensor is refused)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name} value: {value!r}; expected True or False")  # noqa: TRY004
+    return value
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         allowed = ", ".join(repr(c) for c in choices)

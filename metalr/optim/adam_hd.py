@@ -64,10 +64,16 @@ class AdamHD(HypergradOptimizer):
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor implementation; ``None`` picks it unless
             ``differentiable`` (default: None).
-        fused: run the step as one ``torch.compile``'d graph (two fused loops per tensor); the
-            first step compiles (tens of seconds on CPU) (default: None, i.e. off).
+        fused: run the step as hand-written kernels at group/tensor granularity (CUDA: Triton,
+            all tensors in one launch; CPU: C++ built on first use, tens of seconds once per
+            machine), one pass with ``lagged=True`` and two without; otherwise (element
+            granularity, float64 on CUDA, half precision on CPU) one ``torch.compile``'d graph
+            (default: None, i.e. off).
         differentiable: run the step under autograd so weights and rates stay in the graph
             (single-tensor path) (default: False).
+        lagged: apply the rate computed from step t's hypergradient from step t+1 (one pass
+            over the state instead of two; a non-finite gradient element is skipped per element;
+            see :mod:`metalr.functional.adam_rule`) (default: False).
         shard_group: when optimizer state is sharded across ranks (``ZeroRedundancyOptimizer``
             passes it through), the process group whose ranks share each param group: the
             skip decision and group-granularity sums are all-reduced over it (default: None).
@@ -104,6 +110,7 @@ class AdamHD(HypergradOptimizer):
         fused: bool | None = None,
         differentiable: bool = False,
         shard_group: Any = None,
+        lagged: bool = False,
     ) -> None:
         check.check_lr(lr)
         check.check_nonnegative("epsilon", eps)
@@ -121,6 +128,7 @@ class AdamHD(HypergradOptimizer):
             foreach=foreach,
             fused=fused,
             differentiable=differentiable,
+            lagged=check.check_flag("lagged", lagged),
             **check.check_hyper_options(
                 hypergrad_lr,
                 granularity,
@@ -208,7 +216,8 @@ class AdamHD(HypergradOptimizer):
                 hypergrad_lr=self._train_hypergrad_lr(group), rule=group["rule"],
                 granularity=group["granularity"], lr_bounds=group["lr_bounds"],
                 maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
-                differentiable=group["differentiable"], grads_finite=grads_finite,
+                differentiable=group["differentiable"], lagged=group["lagged"],
+                grads_finite=grads_finite,
                 shards=self._shard_reducer(), **self._controller_args(group, params),
             )  # fmt: skip
         return loss

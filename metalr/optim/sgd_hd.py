@@ -47,9 +47,13 @@ class SGDHD(HypergradOptimizer):
         lr_bounds: ``(min, max)`` for every effective rate (default: (0, inf)).
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor implementation (default: None, i.e. unless differentiable).
-        fused: run the step as one ``torch.compile``'d graph; the first step compiles
-            (default: None, i.e. off).
+        fused: hand-written kernels at group/tensor granularity (CUDA: Triton, lagged or
+            exact; CPU: C++, lagged steps), else one ``torch.compile``'d graph; see
+            :class:`metalr.AdamHD` (default: None, i.e. off).
         differentiable: keep weights and rates in the autograd graph (default: False).
+        lagged: apply the rate computed from step t's hypergradient from step t+1 (one pass
+            over the state instead of two; a non-finite gradient element is skipped per element;
+            see :mod:`metalr.functional.adam_rule`) (default: False).
         shard_group: the group of ranks sharding the optimizer state (ZeRO); see
             :class:`metalr.AdamHD` (default: None).
 
@@ -81,6 +85,7 @@ class SGDHD(HypergradOptimizer):
         fused: bool | None = None,
         differentiable: bool = False,
         shard_group: Any = None,
+        lagged: bool = False,
     ) -> None:
         check.check_lr(lr)
         check.check_nonnegative("momentum", momentum)
@@ -97,6 +102,7 @@ class SGDHD(HypergradOptimizer):
             foreach=foreach,
             fused=fused,
             differentiable=differentiable,
+            lagged=check.check_flag("lagged", lagged),
             **check.check_hyper_options(
                 hypergrad_lr,
                 granularity,
@@ -167,7 +173,8 @@ class SGDHD(HypergradOptimizer):
                 hypergrad_lr=self._train_hypergrad_lr(group), rule=group["rule"],
                 granularity=group["granularity"], lr_bounds=group["lr_bounds"],
                 maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
-                differentiable=group["differentiable"], grads_finite=grads_finite,
+                differentiable=group["differentiable"], lagged=group["lagged"],
+                grads_finite=grads_finite,
                 shards=self._shard_reducer(), **self._controller_args(group, params),
             )  # fmt: skip
             keep_dir = stores_prev_direction(group["momentum"], group["nesterov"])

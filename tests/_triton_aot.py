@@ -1,0 +1,58 @@
+"""Compile metalr's Triton kernels for a CUDA target without a GPU (run by tests/test_triton_kernels.py
+in a subprocess without TRITON_INTERPRET): the interpreter does not type-check what the compiler does.
+
+Prints one line per compiled variant; exits non-zero on the first compile error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from metalr.functional import _triton_kernels as K
+
+TABLES = ("numels", "chunk_tensor", "chunk_start", "chunk_slot")
+ADAM = {n: "*i64" for n in ("p_tab", "g_tab", "m_tab", "v_tab", *TABLES)}
+ADAM |= {"steps": "*fp32", "rates": "*fp32", "lr_ptr": "*fp32", "keep_ptr": "*i32",
+         "partials": "*fp32", "max_chunks": "i32", "beta1": "fp32", "beta2": "fp32",
+         "eps": "fp32", "weight_decay": "fp32", "sign": "fp32"}  # fmt: skip
+SGD = {n: "*i64" for n in ("p_tab", "g_tab", "b_tab", "d_tab", *TABLES)}
+SGD |= {"rates": "*fp32", "lr_ptr": "*fp32", "keep_ptr": "*i32", "partials": "*fp32",
+        "max_chunks": "i32", "momentum": "fp32", "dampening": "fp32", "weight_decay": "fp32",
+        "sign": "fp32"}  # fmt: skip
+
+
+def compile_variant(kernel, types: dict[str, str], consts: dict) -> None:
+    signature = {n: "constexpr" if n in consts else types[n] for n in kernel.arg_names}
+    constexprs = {(kernel.arg_names.index(k),): v for k, v in consts.items()}
+    src = ASTSource(kernel, signature, constexprs=constexprs)
+    triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    print(kernel.fn.__name__, consts, flush=True)
+
+
+def main() -> int:
+    for dtype in (tl.float32, tl.bfloat16):
+        modes = (
+            ((True, True), (True, False), (False, True)) if dtype == tl.float32 else ((True, True),)
+        )
+        for acc, write in modes:
+            compile_variant(K._adam_kernel, ADAM, {"DECOUPLED": dtype == tl.bfloat16,
+                            "ACCUMULATE": acc, "WRITE": write, "DTYPE": dtype,
+                            "BLOCK": K.BLOCK})  # fmt: skip
+            for buf, direction, nesterov in ((True, False, False), (False, True, False),
+                                             (True, True, True)):  # fmt: skip
+                compile_variant(K._sgd_kernel, SGD, {"HAS_BUF": buf, "HAS_DIR": direction,
+                                "NESTEROV": nesterov, "ACCUMULATE": acc, "WRITE": write,
+                                "DTYPE": dtype, "BLOCK": K.BLOCK})  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
