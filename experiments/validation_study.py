@@ -14,8 +14,9 @@ three held-out tasks apart:
   the grid picks by final validation loss), which no method saw;
 * for Adam + ReduceLROnPlateau and Adam + early stopping (both need the lr tuned), their
   best-of-grid per task against best-of-grid Adam;
-* goal 2, cost: wall time of a run with the option over the same run without it (cells of both,
-  same seeds; not interleaved: the two grids ran at different times on shared cores).
+* goal 2, cost: not from these records (the grids ran at different times on shared cores), but
+  from the paired, interleaved benchmark ``experiments/bench_validation_cost.py``, whose table
+  (``experiments/results/bench_validation_cost.md``) is appended when it exists.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import argparse
 import json
 import math
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -132,20 +132,6 @@ def tuned_rows(val: dict, test: dict, tasks: list[str]) -> list[list[str]]:
     return rows
 
 
-def cost_rows(recs: list[dict]) -> tuple[list[list[str]], float]:
-    by = defaultdict(dict)
-    for r in recs:
-        if r["optimizer"] in ("adam_hd", "adam_hd_val") and r.get("status") == "ok":
-            by[(r["task"], r["lr"], r["seed"])][r["optimizer"]] = r["wall_time_s"]
-    per_task = defaultdict(list)
-    for (task, _, _), w in by.items():
-        if len(w) == 2:
-            per_task[task].append(w["adam_hd_val"] / w["adam_hd"])
-    rows = [[t, f"{statistics.median(v):.2f}×", str(len(v))] for t, v in sorted(per_task.items())]
-    allr = [x for v in per_task.values() for x in v]
-    return rows, statistics.median(allr) if allr else math.nan
-
-
 def md(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
@@ -158,7 +144,6 @@ def headline(seconds: float | None) -> str:
     study1 = [t for t in tasks if t not in HELDOUT]
     held = [t for t in tasks if t in HELDOUT]
     head = ["method", "final val within 10%", "test within 10%", "worst (val)", "diverged"]
-    cost, overall = cost_rows(recs)
     when = f"{seconds:.0f} s for the cells run now" if seconds else "see the records"
     intro = (
         f"`python experiments/validation_study.py` ({when}; 2-core CPU, 2 workers × 1 "
@@ -175,10 +160,11 @@ def headline(seconds: float | None) -> str:
         "Adam + early stopping",
         "AdamHD + observe_validation",
     ]
+    bench = OUT.parent / "bench_validation_cost.md"
     cost_text = (
-        f"Median wall-time ratio of a run with the option to the same cell without it: "
-        f"**{overall:.2f}×** (not interleaved: see the docstring; "
-        f"`experiments/bench_validation_cost.py` measures it paired)."
+        bench.read_text().split("\n", 2)[2].strip()
+        if bench.is_file()
+        else "Not measured yet: run `python experiments/bench_validation_cost.py`."
     )
     parts = [
         "# Study 9 — rates that watch the validation loss (issue 11)",
@@ -192,7 +178,6 @@ def headline(seconds: float | None) -> str:
         md(tuned_head, tuned_rows(val, test, tasks)),
         "## Cost of the option (every 10 steps, a validation batch of the training batch size)",
         cost_text,
-        md(["task", "median ratio", "pairs"], cost),
     ]
     return "\n\n".join(parts) + "\n"
 
