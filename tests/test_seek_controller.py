@@ -232,3 +232,37 @@ def test_defaults_are_valid_and_complete():
     assert initial_controller(torch.zeros(2), torch.float32, SEEK_DEFAULTS).shape == (
         CONTROLLER_SIZE,
     )
+
+
+@pytest.mark.parametrize("per_tensor_beta", [False, True])
+@pytest.mark.parametrize("track", [1.0, 0.0])
+def test_vector_path_for_scalar_rates_equals_the_per_rate_path(per_tensor_beta, track, monkeypatch):
+    """0-d rates are moved as one stacked vector; bit for bit what the per-rate loop computes."""
+    import metalr.functional._controller as C
+
+    gen = torch.Generator().manual_seed(3)
+    n, seek = 5, {**SEEK, "track": track}
+    sizes = [3, 40, 7, 100, 1]
+    beta = [torch.tensor(0.01 * (i + 1), dtype=torch.float64) for i in range(n)]
+
+    def run(vector: bool):
+        monkeypatch.setattr(C, "_scalar_rates", lambda rates, g: vector)
+        rates = [torch.tensor(0.5 + 0.1 * i, dtype=torch.float64) for i in range(n)]
+        ctrls = [initial_controller(r, torch.float64, seek) for r in rates]
+        out = []
+        for t in range(12):  # ramp, turn, then track
+            sig = [torch.rand((), generator=gen, dtype=torch.float64) * 2 - 1 for _ in range(n)]
+            group = torch.tensor(0.9 if t < 4 else -0.2, dtype=torch.float64)
+            rates, ctrls = seek_update(
+                rates, ctrls, sig, group, torch.tensor(True), sizes,
+                hypergrad_lr=beta if per_tensor_beta else 0.05, seek=seek, granularity="tensor",
+            )  # fmt: skip
+            out.append(torch.stack(rates))
+        return torch.stack(out), torch.stack(ctrls)
+
+    gen.manual_seed(3)
+    vec = run(True)
+    gen.manual_seed(3)
+    loop = run(False)
+    assert torch.equal(vec[0], loop[0]) and torch.equal(vec[1], loop[1])
+    assert not torch.equal(vec[0][0], vec[0][-1])  # the rates did move

@@ -170,7 +170,6 @@ def seek_update(
     """
     if not rates:
         return [], []
-    per_tensor_beta = isinstance(hypergrad_lr, (list, tuple))
     tracking = float(seek.get("track", 1.0))  # the training signal's weight in phase 2
     ctrl = torch.stack([c.to(controllers[0].dtype) for c in controllers])  # [n, K]
     dtype = ctrl.dtype
@@ -209,6 +208,82 @@ def seek_update(
     log_rates = torch.stack([_log_level(r, granularity).to(dtype) for r in rates])
     new_ceiling = torch.where(turn, log_rates + rollback + math.log(seek["headroom"]), ceiling)
 
+    if _scalar_rates(rates, granularity):  # one rate per tensor: the same math on one vector
+        new_rates = _scalar_moves(
+            rates, ramping, ramp_move, track, new_ceiling, act, sizes,
+            hypergrad_lr=hypergrad_lr, tracking=tracking, seek=seek, granularity=granularity,
+        )  # fmt: skip
+    else:
+        new_rates = _per_rate_moves(
+            rates, signals, ramping, ramp_move, track, new_ceiling, act, sizes,
+            hypergrad_lr=hypergrad_lr, tracking=tracking, seek=seek, granularity=granularity,
+        )  # fmt: skip
+    new_ctrl = torch.stack(
+        [new_ramp, new_fast, new_mean, new_sq, new_ceiling, new_count, new_peak], dim=1
+    )
+    new_ctrl = torch.where(act, new_ctrl, ctrl)
+    return new_rates, [c.to(o.dtype) for c, o in zip(new_ctrl.unbind(0), controllers)]
+
+
+def _scalar_rates(rates: Sequence[Tensor], granularity: str) -> bool:
+    """Whether every rate is 0-d, of one dtype and device (group/tensor granularity)."""
+    first = rates[0]
+    return granularity != "element" and all(
+        r.dim() == 0 and r.dtype == first.dtype and r.device == first.device for r in rates
+    )
+
+
+def _scalar_moves(
+    rates: Sequence[Tensor],
+    ramping: Tensor,
+    ramp_move: Tensor,
+    track: Tensor,
+    new_ceiling: Tensor,
+    act: Tensor,
+    sizes: Sequence[int],
+    *,
+    hypergrad_lr: float | Tensor | Sequence[Tensor],
+    tracking: float,
+    seek: Mapping[str, Any],
+    granularity: str,
+) -> list[Tensor]:
+    """:func:`_per_rate_moves` for 0-d rates, as a handful of ops on one stacked vector
+    (element for element the same operations, so the same values)."""
+    rate_vec = torch.stack(list(rates))
+    dtype = rate_vec.dtype
+    if tracking == 0:
+        step = torch.zeros_like(rate_vec)
+    elif isinstance(hypergrad_lr, (list, tuple)):
+        beta = torch.stack([torch.as_tensor(b, dtype=dtype, device=rate_vec.device)
+                            for b in hypergrad_lr])  # fmt: skip
+        step = tracking * beta * track.to(dtype)
+    else:
+        step = tracking * hypergrad_lr * track.to(dtype)
+    move = ramp_move.to(dtype) + torch.where(~ramping, step, torch.zeros_like(step))
+    log_new = torch.minimum(torch.log(rate_vec) + move, new_ceiling.to(dtype))
+    if granularity == "tensor" and len(rates) > 1:
+        log_new = torch.stack(_tie(list(log_new.unbind(0)), sizes, seek["tie"]))
+    return list(torch.where(act, torch.exp(log_new), rate_vec).unbind(0))
+
+
+def _per_rate_moves(
+    rates: Sequence[Tensor],
+    signals: Sequence[Tensor],
+    ramping: Tensor,
+    ramp_move: Tensor,
+    track: Tensor,
+    new_ceiling: Tensor,
+    act: Tensor,
+    sizes: Sequence[int],
+    *,
+    hypergrad_lr: float | Tensor | Sequence[Tensor],
+    tracking: float,
+    seek: Mapping[str, Any],
+    granularity: str,
+) -> list[Tensor]:
+    """New rates, one at a time (per-element rates, or rates of mixed dtypes/devices): the ramp's
+    or the turn's move, the tracking step of settled rates, the ceiling, the tie, the skip."""
+    per_tensor_beta = isinstance(hypergrad_lr, (list, tuple))
     new_rates = []
     moved_logs = []
     for i, rate in enumerate(rates):
@@ -228,12 +303,7 @@ def seek_update(
         moved_logs = _tie(moved_logs, sizes, seek["tie"])
     for rate, log_new in zip(rates, moved_logs):
         new_rates.append(torch.where(act, torch.exp(log_new), rate))
-
-    new_ctrl = torch.stack(
-        [new_ramp, new_fast, new_mean, new_sq, new_ceiling, new_count, new_peak], dim=1
-    )
-    new_ctrl = torch.where(act, new_ctrl, ctrl)
-    return new_rates, [c.to(o.dtype) for c, o in zip(new_ctrl.unbind(0), controllers)]
+    return new_rates
 
 
 def _tensor_signal(signal: Tensor, granularity: str) -> Tensor:
