@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -48,8 +49,8 @@ def score(options: dict[str, float], ref: dict, steps: dict[str, int], size: str
             r = run(name, spec, lr, n, size)
             f = capped_log_ratio(r["final_val_loss"], ref[name]["final"])
             b = capped_log_ratio(r["best_val_loss"], ref[name]["best"])
-            cells.append({"task": name, "lr0": lr, "final_ratio": round(float(torch.tensor(f).exp()), 4),
-                          "best_ratio": round(float(torch.tensor(b).exp()), 4),
+            cells.append({"task": name, "lr0": lr, "final_ratio": round(math.exp(f), 4),
+                          "best_ratio": round(math.exp(b), 4),
                           "test_loss": r["final_test_loss"],
                           "cost": max(f, 0) + 0.5 * max(b, 0)})  # fmt: skip
     return sum(c["cost"] for c in cells) / len(cells), cells

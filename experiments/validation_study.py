@@ -28,11 +28,11 @@ import shutil
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablate_studies import table as mean_table  # mean over seeds, inf if one diverged
 from one_run_goals import HELDOUT, WITHIN
 
 CONFIG = "configs/ablate_study9_validation.yaml"
@@ -80,15 +80,6 @@ def load() -> list[dict]:
         if r.get("status") != "not installed":
             latest[(r["task"], r["optimizer"], r["lr"], r["seed"])] = r
     return list(latest.values())
-
-
-def mean_table(recs: list[dict], key: str) -> dict[tuple, float]:
-    groups = defaultdict(list)
-    for r in recs:
-        v = r.get(key)
-        bad = r.get("status") == "diverged" or v is None or not math.isfinite(v)
-        groups[(r["task"], r["optimizer"], r["lr"])].append(math.inf if bad else float(v))
-    return {k: sum(v) / len(v) for k, v in groups.items()}
 
 
 def _ref(val: dict, test: dict, task: str) -> tuple[float, float]:

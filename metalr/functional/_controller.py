@@ -184,17 +184,9 @@ def seek_update(
     turn = ramping & (new_fast <= seek["turn_threshold"] * new_peak)
     keep_ramping = ramping & ~turn
 
-    tensor_sig = torch.stack(
-        [_tensor_signal(s, granularity).to(device=ctrl.device, dtype=dtype) for s in signals]
+    new_mean, new_sq, new_count, track = _normalised_signal(
+        mean, sq, count, signals, seek, granularity
     )
-    b1, b2 = seek["signal_decay"], seek["signal_sq_decay"]
-    new_count = count + 1
-    new_mean = b1 * mean + (1 - b1) * tensor_sig
-    new_sq = b2 * sq + (1 - b2) * tensor_sig * tensor_sig
-    m_hat = new_mean / (1 - torch.pow(torch.full_like(new_count, b1), new_count))
-    v_hat = new_sq / (1 - torch.pow(torch.full_like(new_count, b2), new_count))
-    # the per-tensor normalised signal (in [-1, 1]) less the evidence it must exceed to climb
-    track = m_hat / (torch.sqrt(v_hat) + 1e-8) - seek["evidence"]
 
     # log-space moves per tensor (the ramp, or the turn's roll-back and cut)
     log_cut = math.log(seek["turn_cut"])
@@ -208,21 +200,67 @@ def seek_update(
     log_rates = torch.stack([_log_level(r, granularity).to(dtype) for r in rates])
     new_ceiling = torch.where(turn, log_rates + rollback + math.log(seek["headroom"]), ceiling)
 
-    if _scalar_rates(rates, granularity):  # one rate per tensor: the same math on one vector
-        new_rates = _scalar_moves(
-            rates, ramping, ramp_move, track, new_ceiling, act, sizes,
-            hypergrad_lr=hypergrad_lr, tracking=tracking, seek=seek, granularity=granularity,
-        )  # fmt: skip
-    else:
-        new_rates = _per_rate_moves(
-            rates, signals, ramping, ramp_move, track, new_ceiling, act, sizes,
-            hypergrad_lr=hypergrad_lr, tracking=tracking, seek=seek, granularity=granularity,
-        )  # fmt: skip
+    new_rates = _move_rates(
+        rates, signals, ramping, ramp_move, track, new_ceiling, act, sizes,
+        hypergrad_lr=hypergrad_lr, tracking=tracking, seek=seek, granularity=granularity,
+    )  # fmt: skip
     new_ctrl = torch.stack(
         [new_ramp, new_fast, new_mean, new_sq, new_ceiling, new_count, new_peak], dim=1
     )
     new_ctrl = torch.where(act, new_ctrl, ctrl)
     return new_rates, [c.to(o.dtype) for c, o in zip(new_ctrl.unbind(0), controllers)]
+
+
+def _normalised_signal(
+    mean: Tensor,
+    sq: Tensor,
+    count: Tensor,
+    signals: Sequence[Tensor],
+    constants: Mapping[str, Any],
+    granularity: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One step of the running averages of the per-tensor signal and the tracking step they give:
+    ``(μ, ν, count, μ̂/√ν̂ − evidence)`` (``constants``: ``signal_decay``, ``signal_sq_decay``,
+    ``evidence``; the seek rule's for the training signal, the validation ones for that)."""
+    sig = torch.stack(
+        [_tensor_signal(s, granularity).to(device=mean.device, dtype=mean.dtype) for s in signals]
+    )
+    b1, b2 = constants["signal_decay"], constants["signal_sq_decay"]
+    new_count = count + 1
+    new_mean = b1 * mean + (1 - b1) * sig
+    new_sq = b2 * sq + (1 - b2) * sig * sig
+    m_hat = new_mean / (1 - torch.pow(torch.full_like(new_count, b1), new_count))
+    v_hat = new_sq / (1 - torch.pow(torch.full_like(new_count, b2), new_count))
+    # the per-tensor normalised signal (in [-1, 1]) less the evidence it must exceed to climb
+    return new_mean, new_sq, new_count, m_hat / (torch.sqrt(v_hat) + 1e-8) - constants["evidence"]
+
+
+def _move_rates(
+    rates: Sequence[Tensor],
+    signals: Sequence[Tensor],
+    ramping: Tensor,
+    ramp_move: Tensor,
+    track: Tensor,
+    new_ceiling: Tensor,
+    act: Tensor,
+    sizes: Sequence[int],
+    *,
+    hypergrad_lr: float | Tensor | Sequence[Tensor],
+    tracking: float,
+    seek: Mapping[str, Any],
+    granularity: str,
+) -> list[Tensor]:
+    """New rates: ``log m + ramp_move`` (+ ``tracking · β · track`` where settled; per element
+    ``β`` times its sign), capped at the ceiling, tied, kept where ``act`` is false."""
+    if _scalar_rates(rates, granularity):  # one rate per tensor: the same math on one vector
+        return _scalar_moves(
+            rates, ramping, ramp_move, track, new_ceiling, act, sizes,
+            hypergrad_lr=hypergrad_lr, tracking=tracking, seek=seek, granularity=granularity,
+        )  # fmt: skip
+    return _per_rate_moves(
+        rates, signals, ramping, ramp_move, track, new_ceiling, act, sizes,
+        hypergrad_lr=hypergrad_lr, tracking=tracking, seek=seek, granularity=granularity,
+    )  # fmt: skip
 
 
 def _scalar_rates(rates: Sequence[Tensor], granularity: str) -> bool:
@@ -357,30 +395,15 @@ def seek_validation_update(
     if not rates:
         return [], []
     st = torch.stack([s.to(stats[0].dtype) for s in stats])  # [n, 3]
-    dtype = st.dtype
     act = active.to(st.device)
-    mean, sq, count = st[:, 0], st[:, 1], st[:, 2]
-    sig = torch.stack([_tensor_signal(s, granularity).to(device=st.device, dtype=dtype)
-                       for s in signals])  # fmt: skip
-    b1, b2 = options["signal_decay"], options["signal_sq_decay"]
-    new_count = count + 1
-    new_mean = b1 * mean + (1 - b1) * sig
-    new_sq = b2 * sq + (1 - b2) * sig * sig
-    m_hat = new_mean / (1 - torch.pow(torch.full_like(new_count, b1), new_count))
-    v_hat = new_sq / (1 - torch.pow(torch.full_like(new_count, b2), new_count))
-    track = m_hat / (torch.sqrt(v_hat) + 1e-8) - options["evidence"]
-    beta = options["hypergrad_lr"]
-    moved_logs = []
-    for i, (rate, ctrl) in enumerate(zip(rates, controllers)):
-        settled = ctrl[RAMP] <= 0
-        if granularity == "element":
-            step = beta * signals[i].to(rate.dtype)
-        else:
-            step = beta * track[i].to(rate.dtype)
-        log_new = torch.log(rate) + torch.where(settled, step, torch.zeros_like(step))
-        moved_logs.append(torch.minimum(log_new, ctrl[CEILING].to(rate.dtype)))
-    if granularity == "tensor" and len(rates) > 1:
-        moved_logs = _tie(moved_logs, sizes, seek["tie"])
-    new_rates = [torch.where(act, torch.exp(lg), r) for r, lg in zip(rates, moved_logs)]
+    new_mean, new_sq, new_count, track = _normalised_signal(
+        st[:, 0], st[:, 1], st[:, 2], signals, options, granularity
+    )
+    ctrl = torch.stack([c.to(st.dtype) for c in controllers])
+    new_rates = _move_rates(
+        rates, signals, ctrl[:, RAMP] > 0, torch.zeros_like(ctrl[:, RAMP]), track,
+        ctrl[:, CEILING], act, sizes, hypergrad_lr=options["hypergrad_lr"], tracking=1.0,
+        seek=seek, granularity=granularity,
+    )  # fmt: skip
     new_st = torch.where(act, torch.stack([new_mean, new_sq, new_count], dim=1), st)
     return new_rates, [n.to(s.dtype) for n, s in zip(new_st.unbind(0), stats)]
