@@ -113,18 +113,40 @@ def resolve_seek(seek: Mapping[str, float] | None) -> dict[str, float]:
 
     Raises ``ValueError`` naming the key and its allowed range (unknown keys are refused).
     """
-    out = dict(SEEK_DEFAULTS)
-    for key, value in (seek or {}).items():
-        if key not in SEEK_DEFAULTS:
-            raise ValueError(f"Invalid seek key: {key!r}; expected one of {sorted(SEEK_DEFAULTS)}")
-        lo, hi, open_lo = _BOUNDS[key]
+    return resolve_constants("seek", SEEK_DEFAULTS, _BOUNDS, seek)
+
+
+#: Constants that are decays: they must stay below 1.
+_DECAYS = ("turn_decay", "signal_decay", "signal_sq_decay")
+
+
+def resolve_constants(
+    kind: str,
+    defaults: Mapping[str, float],
+    bounds: Mapping[str, tuple[float, float, bool]],
+    given: Mapping[str, float] | None,
+    *,
+    finite: bool = False,
+) -> dict[str, float]:
+    """``defaults`` overridden by ``given``, each value checked against ``bounds[key] = (low,
+    high, low is exclusive)`` (decays also below 1; ``finite``: no infinity either). Raises
+    ``ValueError`` naming ``kind[key]`` and its range; unknown keys are refused."""
+    out = dict(defaults)
+    for key, value in (given or {}).items():
+        if key not in defaults:
+            raise ValueError(f"Invalid {kind} key: {key!r}; expected one of {sorted(defaults)}")
+        lo, hi, open_lo = bounds[key]
         v = float(value)
         ok = (lo < v if open_lo else lo <= v) and v <= hi and not math.isnan(v)
-        if key in ("turn_decay", "signal_decay", "signal_sq_decay"):
+        if key in _DECAYS:
             ok = ok and v < 1.0
+        if finite:
+            ok = ok and not math.isinf(v)
         if not ok:
             bracket = "(" if open_lo else "["
-            raise ValueError(f"Invalid seek[{key!r}] value: {value}; expected {bracket}{lo}, {hi}]")
+            raise ValueError(
+                f"Invalid {kind}[{key!r}] value: {value}; expected {bracket}{lo}, {hi}]"
+            )
         out[key] = v
     return out
 

@@ -50,7 +50,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from metalr.functional._controller import seek_validation_update
+from metalr.functional._controller import resolve_constants, seek_validation_update
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import (
     all_finite,
@@ -76,32 +76,18 @@ VALIDATION_DEFAULTS: dict[str, float] = {
     "train_weight": 0.0,
 }
 
-_BOUNDS: dict[str, tuple[float, float]] = {
-    "hypergrad_lr": (0.0, math.inf),
-    "signal_decay": (0.0, 1.0),
-    "signal_sq_decay": (0.0, 1.0),
-    "evidence": (-1.0, 1.0),
-    "train_weight": (0.0, 1.0),
+_BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is exclusive)
+    "hypergrad_lr": (0.0, math.inf, False),
+    "signal_decay": (0.0, 1.0, False),
+    "signal_sq_decay": (0.0, 1.0, False),
+    "evidence": (-1.0, 1.0, False),
+    "train_weight": (0.0, 1.0, False),
 }
 
 
 def resolve_validation(options: Mapping[str, float] | None) -> dict[str, float]:
     """:data:`VALIDATION_DEFAULTS` overridden by ``options``; ``ValueError`` names a bad key."""
-    out = dict(VALIDATION_DEFAULTS)
-    for key, value in (options or {}).items():
-        if key not in VALIDATION_DEFAULTS:
-            raise ValueError(
-                f"Invalid validation key: {key!r}; expected one of {sorted(VALIDATION_DEFAULTS)}"
-            )
-        lo, hi = _BOUNDS[key]
-        v = float(value)
-        ok = lo <= v <= hi and not math.isnan(v) and not math.isinf(v)
-        if key in ("signal_decay", "signal_sq_decay"):
-            ok = ok and v < 1.0
-        if not ok:
-            raise ValueError(f"Invalid validation[{key!r}] value: {value}; expected [{lo}, {hi}]")
-        out[key] = v
-    return out
+    return resolve_constants("validation", VALIDATION_DEFAULTS, _BOUNDS, options, finite=True)
 
 
 def initial_validation_stats(param: Tensor, dtype: torch.dtype) -> Tensor:
