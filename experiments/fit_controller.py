@@ -86,6 +86,8 @@ SPACE = {
     "tie": (2.0, 100.0, True),
     "hypergrad_lr": (1e-3, 0.2, True),
 }
+#: Round 6's two constants (the two-speed ramp), searched with the others fixed (``--base``).
+RAMP_SPACE = {"ramp_fast": (0.1, 1.0, True), "slow_zone": (0.3, 1.0, False)}
 START = {"init_scale": 1e-2, "ramp_rate": 0.1, "ramp_max": 0.5, "turn_threshold": 0.3,
          "turn_cut": 0.3, "headroom": 1.0, "signal_decay": 0.9, "evidence": 0.1,
          "hypergrad_lr": 0.05}  # fmt: skip
@@ -116,21 +118,36 @@ def capped_log_ratio(value: float, ref: float) -> float:
     return min(math.log(value / ref), CAP) if math.isfinite(value) else CAP
 
 
-def score(constants: dict[str, float], ref: dict, steps: dict[str, int], size: str) -> tuple:
+def _run_cell(job: tuple) -> dict[str, Any]:
+    """One cell's run in a worker process (one thread, as in the serial loop)."""
+    torch.set_num_threads(1)
+    return run(*job)
+
+
+def score(
+    constants: dict[str, float], ref: dict, steps: dict[str, int], size: str, workers: int = 1
+) -> tuple:
     seek = {k: v for k, v in constants.items() if k != "hypergrad_lr"}
     spec = {"kind": "adam_hd", "rule": "seek", "seek": seek,
             "hypergrad_lr": constants["hypergrad_lr"]}  # fmt: skip
+    jobs = [(name, spec, lr, n, size) for name, n in steps.items()
+            for lr in (*LR0S, HIGH * ref[name]["lr"])]  # fmt: skip
+    if workers > 1:  # the runs are deterministic: the same values as the serial loop
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_run_cell, jobs))
+    else:
+        results = [run(*job) for job in jobs]
     cells = []
-    for name, n in steps.items():
-        for lr in (*LR0S, HIGH * ref[name]["lr"]):
-            r = run(name, spec, lr, n, size)
-            f = capped_log_ratio(r["final_val_loss"], ref[name]["final"])
-            b = capped_log_ratio(r["best_val_loss"], ref[name]["best"])
-            peak = r["peak_train_ratio"]
-            k = min(math.log(peak / PEAK_GOAL), CAP) if peak and math.isfinite(peak) else CAP
-            cells.append({"task": name, "lr0": lr, "final_ratio": math.exp(f),
-                          "best_ratio": math.exp(b), "peak_train_ratio": peak,
-                          "cost": max(f, 0) + 0.5 * max(b, 0) + 0.5 * max(k, 0)})  # fmt: skip
+    for (name, _, lr, _, _), r in zip(jobs, results):
+        f = capped_log_ratio(r["final_val_loss"], ref[name]["final"])
+        b = capped_log_ratio(r["best_val_loss"], ref[name]["best"])
+        peak = r["peak_train_ratio"]
+        k = min(math.log(peak / PEAK_GOAL), CAP) if peak and math.isfinite(peak) else CAP
+        cells.append({"task": name, "lr0": lr, "final_ratio": math.exp(f),
+                      "best_ratio": math.exp(b), "peak_train_ratio": peak,
+                      "cost": max(f, 0) + 0.5 * max(b, 0) + 0.5 * max(k, 0)})  # fmt: skip
     return sum(c["cost"] for c in cells) / len(cells), cells
 
 
@@ -161,6 +178,14 @@ def main(argv: list[str] | None = None) -> None:
         "'seek', 'beta' and 'score', as exploration_trials.jsonl)",
     )
     parser.add_argument("--top", type=int, default=5, help="trials taken from --enqueue")
+    parser.add_argument("--workers", type=int, default=1, help="processes per trial (default 1)")
+    parser.add_argument(
+        "--base",
+        metavar="JSON",
+        default=None,
+        help="fix every constant at this trial's (a best.json) and search only the two-speed "
+        "ramp's (round 6: ramp_fast, slow_zone)",
+    )
     args = parser.parse_args(argv)
     import optuna
 
@@ -171,20 +196,26 @@ def main(argv: list[str] | None = None) -> None:
     steps = {k: 20 for k in SUITE} if args.smoke else dict(SUITE)
     trials = 2 if args.smoke else args.trials
     ref = reference(out, steps, size)
+    base = json.loads(Path(args.base).read_text())["constants"] if args.base else None
+    space = RAMP_SPACE if base else SPACE
     sampler = optuna.samplers.TPESampler(seed=0, multivariate=True)
     study = optuna.create_study(direction="minimize", sampler=sampler, study_name="seek",
                                 storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True)  # fmt: skip
-    if not study.trials:
+    if not study.trials and base:  # the base itself first: the two-speed ramp switched off
+        study.enqueue_trial({"ramp_fast": base["ramp_max"], "slow_zone": 1.0})
+    elif not study.trials:
         study.enqueue_trial(START)
         for constants in _best_of(args.enqueue, args.top) if args.enqueue else []:
             study.enqueue_trial(constants)
 
     def objective(trial: Any) -> float:
         constants = {
-            k: trial.suggest_float(k, lo, hi, log=log) for k, (lo, hi, log) in SPACE.items()
+            k: trial.suggest_float(k, lo, hi, log=log) for k, (lo, hi, log) in space.items()
         }
+        if base:
+            constants = {**base, **constants}
         tic = time.perf_counter()
-        value, cells = score(constants, ref, steps, size)
+        value, cells = score(constants, ref, steps, size, args.workers)
         with open(out / "trials.jsonl", "a") as f:
             f.write(json.dumps({"trial": trial.number, "objective": value, "constants": constants,
                                 "seconds": time.perf_counter() - tic, "cells": cells}) + "\n")  # fmt: skip
@@ -195,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     remaining = max(0, trials - len(finished))  # enqueued trials are part of the count
     study.optimize(objective, n_trials=remaining)
     best = {"objective": study.best_value, "trial": study.best_trial.number,
-            "constants": study.best_params}  # fmt: skip
+            "constants": {**(base or {}), **study.best_params}}  # fmt: skip
     (out / "best.json").write_text(json.dumps(best, indent=1))
     print(json.dumps(best, indent=1))
 

@@ -20,7 +20,8 @@ from metalr.functional._controller import (
 from metalr.functional._hypergrad import seek_adapt_rates
 
 SEEK = resolve_seek(
-    {"turn_threshold": 0.3, "evidence": 0.1, "headroom": 2.0, "tie": 4.0, "turn_lag": 2.0}
+    {"turn_threshold": 0.3, "evidence": 0.1, "headroom": 2.0, "tie": 4.0, "turn_lag": 2.0,
+     "ramp_rate": 0.05, "ramp_growth": 1.5, "ramp_max": 0.1, "ramp_fast": 0.4, "slow_zone": 0.8}
 )
 
 
@@ -54,7 +55,10 @@ def reference(log_rates, signals, group_signals, sizes, beta, seek):
         centre = sum(w * x for w, x in zip(sizes, new)) / sum(sizes)
         width = math.log(seek["tie"])
         logs = [min(max(x, centre - width), centre + width) for x in new]
-        ramp = min(ramp * seek["ramp_growth"], seek["ramp_max"]) if ramping and not turn else 0.0
+        # the two-speed ramp: up to ramp_fast while far from the edge, ramp_max near it
+        far = fast > seek["slow_zone"] * peak
+        cap = max(seek["ramp_fast"], seek["ramp_max"]) if far else seek["ramp_max"]
+        ramp = min(ramp * seek["ramp_growth"], cap) if ramping and not turn else 0.0
         out.append(list(logs))
     return out
 
@@ -85,7 +89,7 @@ def test_equations_match_a_float64_reference_over_many_steps():
 
 
 def test_ramp_accelerates_geometrically_then_saturates():
-    seek = resolve_seek({"ramp_rate": 0.05, "ramp_growth": 1.3, "ramp_max": 0.4})
+    seek = resolve_seek({"ramp_rate": 0.05, "ramp_growth": 1.3, "ramp_max": 0.4, "slow_zone": 1.0})
     rate = [torch.tensor(1.0, dtype=torch.float64)]
     ctrl = [initial_controller(torch.zeros(3), torch.float64, seek)]
     moves = []
@@ -100,6 +104,26 @@ def test_ramp_accelerates_geometrically_then_saturates():
         expected.append(step)
         step = min(step * seek["ramp_growth"], seek["ramp_max"])
     assert moves == pytest.approx(expected, rel=1e-9)
+
+
+def test_two_speed_ramp_slows_to_ramp_max_near_the_edge():
+    """Far from the edge (F > slow_zone · P) the log-step grows to ramp_fast; once the fast
+    average falls to slow_zone × its peak it is capped at ramp_max (and stays the ramp)."""
+    seek = resolve_seek({"ramp_rate": 0.1, "ramp_growth": 2.0, "ramp_max": 0.1, "ramp_fast": 0.8,
+                         "slow_zone": 0.6, "turn_decay": 0.0, "turn_threshold": 0.1})  # fmt: skip
+    group = [0.8, 0.8, 0.8, 0.8, 0.8, 0.4, 0.4, 0.4]  # F = C (turn_decay 0); 0.4 ≤ 0.6 · 0.8
+    rate = [torch.tensor(1e-6, dtype=torch.float64)]
+    ctrl = [initial_controller(torch.zeros(3), torch.float64, seek)]
+    moves = []
+    for c in group:
+        new, ctrl = seek_update(rate, ctrl, [torch.tensor(c)], torch.tensor(c), torch.tensor(True),
+                                [3], hypergrad_lr=0.01, seek=seek, granularity="tensor")  # fmt: skip
+        moves.append(math.log(float(new[0]) / float(rate[0])))
+        rate = new
+    # ρ: 0.1, 0.2, 0.4, 0.8, 0.8 (far: capped at ramp_fast), then the step after the first
+    # near-edge signal is capped at ramp_max = 0.1
+    assert moves == pytest.approx([0.1, 0.2, 0.4, 0.8, 0.8, 0.8, 0.1, 0.1], rel=1e-9)
+    assert float(ctrl[0][RAMP]) == pytest.approx(0.1)
 
 
 def test_turn_cuts_by_turn_cut_and_caps_at_headroom():

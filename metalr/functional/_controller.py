@@ -86,6 +86,8 @@ SEEK_DEFAULTS: dict[str, float] = {
     "signal_sq_decay": 0.99,
     "evidence": 0.223,
     "tie": 24.7,
+    "ramp_fast": 0.317,
+    "slow_zone": 1.0,
 }
 
 #: The default ``hypergrad_lr`` (β of phase 2) of the "seek" rule, fitted with the constants.
@@ -105,6 +107,8 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "signal_sq_decay": (0.0, 1.0, False),
     "evidence": (0.0, 1.0, False),
     "tie": (1.0, math.inf, False),
+    "ramp_fast": (0.0, math.inf, False),
+    "slow_zone": (0.0, 1.0, False),
 }
 
 
@@ -216,9 +220,14 @@ def seek_update(
     rollback = log_cut - seek["turn_lag"] * ramp
     cut_move = torch.where(turn, rollback, torch.zeros_like(ramp))
     ramp_move = torch.where(keep_ramping, ramp, cut_move)
-    new_ramp = torch.where(
-        keep_ramping, torch.clamp(ramp * seek["ramp_growth"], max=seek["ramp_max"]), 0.0
+    # far from the edge (F above slow_zone · P) the step may grow to ramp_fast; near it, ramp_max
+    far = new_fast > seek["slow_zone"] * new_peak
+    cap = torch.where(
+        far,
+        torch.full_like(ramp, max(seek["ramp_fast"], seek["ramp_max"])),
+        torch.full_like(ramp, seek["ramp_max"]),
     )
+    new_ramp = torch.where(keep_ramping, torch.minimum(ramp * seek["ramp_growth"], cap), 0.0)
     log_rates = torch.stack([_log_level(r, granularity).to(dtype) for r in rates])
     new_ceiling = torch.where(turn, log_rates + rollback + math.log(seek["headroom"]), ceiling)
 
