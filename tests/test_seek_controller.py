@@ -20,8 +20,18 @@ from metalr.functional._controller import (
 from metalr.functional._hypergrad import seek_adapt_rates
 
 SEEK = resolve_seek(
-    {"turn_threshold": 0.3, "evidence": 0.1, "headroom": 2.0, "tie": 4.0, "turn_lag": 2.0,
-     "ramp_rate": 0.05, "ramp_growth": 1.5, "ramp_max": 0.1, "ramp_fast": 0.4, "slow_zone": 0.8}
+    {
+        "turn_threshold": 0.3,
+        "evidence": 0.1,
+        "headroom": 2.0,
+        "tie": 4.0,
+        "turn_lag": 2.0,
+        "ramp_rate": 0.05,
+        "ramp_growth": 1.5,
+        "ramp_max": 0.1,
+        "ramp_fast": 0.4,
+        "slow_zone": 0.8,
+    }
 )
 
 
