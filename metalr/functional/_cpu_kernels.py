@@ -109,7 +109,8 @@ def applies(params: Sequence[Tensor], rates: Sequence[Tensor], granularity: str,
             for p in params
         )
         and all(
-            (r.shape == p.shape and r.dtype == p.dtype and r.is_contiguous()) if element
+            (r.shape == p.shape and r.dtype == p.dtype and r.is_contiguous())
+            if element
             else r.dim() == 0
             for r, p in zip(rates, params)
         )
