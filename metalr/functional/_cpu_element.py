@@ -46,6 +46,8 @@ from metalr.functional._common import safe_sqrt
 from metalr.functional._controller import CEILING, RAMP, seek_update
 from metalr.functional._hypergrad import seek_signals_from_products
 
+_TRUE = torch.tensor(True)
+
 #: Status codes of the C++ pass.
 SKIPPED, WRITTEN, INACTIVE = 0, 1, 2
 
@@ -107,7 +109,7 @@ def adam_hd_element_step(
         sums, status = ext.adam_hd_element_pass(*args, rate_rows(guess), *common, True, True, False)
         if status == SKIPPED:
             return
-        active, turned = _seek_controllers(sums, rates, controllers, beta, seek)
+        active, turned = _seek_controllers(sums, rates, controllers, ramping, beta, seek)
         true = [
             _moves(_rollback(row[RAMP], seek) if turned[i] else row[RAMP], ceiling, tau_beta,
                    ramping[i]) if active else (1.0, 1.0, 1.0, math.inf)
@@ -122,14 +124,17 @@ def adam_hd_element_step(
     torch._foreach_add_(steps, 1)
     if not seeking:
         return
-    active, turned = _seek_controllers(sums, rates, controllers, beta, seek)
-    for i, new_ceiling in enumerate(_ceilings(controllers)):
+    active, turned = _seek_controllers(sums, rates, controllers, ramping, beta, seek)
+    if not any(ramping):
+        return  # settled: the pass knew every move
+    ceilings = _ceilings(controllers)
+    for i, row in enumerate(ctrl):
         # the move the pass applied (ρ, or 0 when it found the step inactive) against the true one
-        applied = ctrl[i][RAMP] if ramping[i] and status == WRITTEN else 0.0
-        true = (_rollback(ctrl[i][RAMP], seek) if turned[i] else ctrl[i][RAMP]) if active else 0.0
+        applied = row[RAMP] if ramping[i] and status == WRITTEN else 0.0
+        true = (_rollback(row[RAMP], seek) if turned[i] else row[RAMP]) if active else 0.0
         if ramping[i] and true != applied:
             _correct(params[i], exp_avgs[i], exp_avg_sqs[i], rates[i], steps[i], lr_f,
-                     true - applied, new_ceiling, beta1, beta2, eps)  # fmt: skip
+                     true - applied, ceilings[i], beta1, beta2, eps)  # fmt: skip
 
 
 def _adam_constants(t: float, lr: float, beta1: float, beta2: float, decay: float) -> list[float]:
@@ -178,6 +183,7 @@ def _seek_controllers(
     sums: Tensor,
     rates: Sequence[Tensor],
     controllers: Sequence[Tensor],
+    ramping: Sequence[bool],
     beta: float,
     seek: Mapping[str, Any],
 ) -> tuple[bool, list[bool]]:
@@ -186,26 +192,26 @@ def _seek_controllers(
     The rule's :func:`seek_update` runs at group granularity on 0-d stand-ins: per tensor the
     mean sign as its signal and the largest old rate as its rate (the element rule reads only
     those two from the per-element tensors); the group cosine and the active flag come from
-    :func:`seek_signals_from_products`. The stand-in rates it returns are not used.
+    :func:`seek_signals_from_products`, given the group's totals ``Σ g·d``, ``‖g‖``, ``‖d‖``.
+    The stand-in rates it returns are not used.
     """
     dtype = rates[0].dtype
     s = sums.to(dtype)
-    dots = list(s[:, 0].unbind(0))
-    g_norms, d_norms = list(safe_sqrt(s[:, 1]).unbind(0)), list(safe_sqrt(s[:, 2]).unbind(0))
+    total = s[:, :3].sum(0)
     _, group_signal, _, active = seek_signals_from_products(
-        dots, g_norms, d_norms, dots, torch.tensor(True), "group"
+        [total[0]], [safe_sqrt(total[1])], [safe_sqrt(total[2])], [total[0]], _TRUE, "group"
     )
     sizes = [r.numel() for r in rates]
-    mean_sign = (sums[:, 3] / torch.tensor(sizes, dtype=torch.float64)).to(dtype)
-    old_ramp = torch.stack(list(controllers))[:, RAMP]
+    mean_sign = (sums[:, 3] / sums.new_tensor(sizes)).to(dtype)
     _, new = seek_update(
         list(s[:, 4].unbind(0)), controllers, list(mean_sign.unbind(0)), group_signal, active,
         sizes, hypergrad_lr=beta, seek=seek, granularity="group",
     )  # fmt: skip
     torch._foreach_copy_(list(controllers), new)
-    new_ramp = torch.stack(new)[:, RAMP]
-    turned = ((old_ramp > 0) & (new_ramp <= 0)).tolist()
-    return bool(active), turned
+    if not any(ramping):
+        return bool(active), [False] * len(rates)
+    new_ramp = torch.stack(new)[:, RAMP].tolist()
+    return bool(active), [r and n <= 0 for r, n in zip(ramping, new_ramp)]
 
 
 def _correct(

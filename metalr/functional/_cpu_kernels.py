@@ -23,7 +23,9 @@ buffer / stored direction (SGD). The rate update from those sums is the rule's o
 * exact: pass 1 only sums (reads g, m, v), the multipliers move (a non-finite sum skips the whole
   step, read on the host as the CPU paths do), pass 2 updates with the new multipliers.
 
-Where the kernel cannot run (no compiler, complex or half-precision tensors, element
+Element granularity (exact Adam-HD step only) is :mod:`metalr.functional._cpu_element`: a scan
+of the gradients, then one pass that also reads and writes the rates. Where the kernels cannot
+run (no compiler, complex or half-precision tensors, lagged or SGD-HD steps at element
 granularity, sharded state) the callers fall back to their other paths; a failed build warns
 once.
 """
