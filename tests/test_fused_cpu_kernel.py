@@ -262,3 +262,22 @@ def test_without_a_compiler_element_fused_takes_the_eager_path(monkeypatch):
     b, _ = _run(_element_eager())
     for p, q in zip(a, b):
         assert torch.equal(p, q)
+
+
+def test_adam_element_kernel_with_two_param_groups(element_calls):
+    """Two groups: the optimizer's all-finite flag (a NaN in the other group skips the step) and
+    the kernel's scan that then only looks for non-zero moments."""
+
+    def groups(make):
+        def build(ps):
+            return make([{"params": ps[:2]}, {"params": ps[2:], "hypergrad_lr": 0.03}])
+
+        return build
+
+    kw = {"lr": 1e-2, "granularity": "element"}
+    _compare(
+        groups(lambda g: metalr.AdamHD(g, fused=True, **kw)),
+        groups(lambda g: metalr.AdamHD(g, foreach=True, **kw)),
+        rtol=1e-9, atol=1e-12, nan_at=3,
+    )  # fmt: skip
+    assert len(element_calls) == 10  # 2 groups x 5 finite steps (the NaN step stops before)

@@ -198,7 +198,7 @@ void element_tensor(T* p, const T* g, T* m, T* v, T* r, int64_t n, const Element
         element_dispatch<T, true, true>(p, g, m, v, r, lo, hi, k, c, o);
       } else if (accumulate) {
         element_dispatch<T, true, false>(p, g, m, v, r, lo, hi, k, c, o);
-      } else {
+      } else if (write) {
         element_dispatch<T, false, true>(p, g, m, v, r, lo, hi, k, c, o);
       }
     }
@@ -248,15 +248,16 @@ void check_like(const at::Tensor& a, const at::Tensor& ref, const char* name) {
               name, " must be a contiguous CPU tensor like its parameter");
 }
 
-// scalars: [n, kCols] float64. scan: sum the gradients first and return status 0 (nothing
-// written) if a sum is not finite; status 1: written with the given constants; status 2: no
-// first moment is non-zero, written with the inactive constants (E = 1, no cap). Without scan
-// the status is 1. Returns (sums [n, kOut] float64, status).
+// scalars: [n, kCols] float64. scan 1: sum the gradients first and return status 0 (nothing
+// written) if a sum is not finite; scan 1 or 2 (gradients known finite): status 2 if no first
+// moment is non-zero, written with the inactive constants (E = 1, no cap); otherwise status 1,
+// written with the given constants. scan 0: status 1. Returns (sums [n, kOut] float64, status).
 std::tuple<at::Tensor, int64_t> adam_hd_element_pass(
     std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
     std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
     std::vector<at::Tensor> rates, at::Tensor scalars, double beta1, double beta2, double eps,
-    double weight_decay, bool maximize, bool additive, bool scan, bool accumulate, bool write) {
+    double weight_decay, bool maximize, bool additive, int64_t scan, bool accumulate,
+    bool write) {
   const int64_t n = params.size();
   auto sums = at::zeros({n, kOut}, at::kDouble);
   auto sc = scalars.contiguous();
@@ -271,14 +272,16 @@ std::tuple<at::Tensor, int64_t> adam_hd_element_pass(
   }
   double* out = sums.data_ptr<double>();
   int64_t status = 1;
-  if (scan) {
+  if (scan != 0) {
     bool moved = false;
     for (int64_t i = 0; i < n; ++i) {
       bool finite = true;
       AT_DISPATCH_FLOATING_TYPES(params[i].scalar_type(), "grad_scan", [&] {
-        const double s = grad_sum<scalar_t>(grads[i].data_ptr<scalar_t>(), grads[i].numel());
-        out[kOut * i + 5] = s;
-        finite = std::isfinite(static_cast<scalar_t>(s));
+        if (scan == 1) {
+          const double s = grad_sum<scalar_t>(grads[i].data_ptr<scalar_t>(), grads[i].numel());
+          out[kOut * i + 5] = s;
+          finite = std::isfinite(static_cast<scalar_t>(s));
+        }
         if (!moved) moved = any_nonzero<scalar_t>(exp_avgs[i].data_ptr<scalar_t>(),
                                                   exp_avgs[i].numel());
       });

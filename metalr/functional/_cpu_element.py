@@ -21,7 +21,8 @@ lose it) or a finite ceiling on a ramping tensor the step takes two passes inste
 then the update with the true constants.
 
 Before writing, a read-only scan sums each gradient: a sum that is not finite skips the whole
-step (the eager path's flag, read on the host as the CPU paths do); the scan also finds whether
+step (the eager path's flag, read on the host as the CPU paths do; with several param groups the
+optimizer has already checked every gradient and the sums are skipped); the scan also finds whether
 any ``d_{t-1}`` can be non-zero (some first moment is): if none, the step is inactive and the
 rates are only clamped. The seek controllers then move through the rule's own
 :func:`metalr.functional._controller.seek_update`, given per tensor the mean sign and the largest
@@ -73,8 +74,18 @@ def adam_hd_element_step(
     maximize: bool = False,
     controllers: Sequence[Tensor] | None = None,
     seek: Mapping[str, Any] | None = None,
+    grads_known_finite: bool = False,
 ) -> None:
-    """The exact element-granularity Adam-HD step through the extension ``ext`` (in place)."""
+    """The exact element-granularity Adam-HD step through the extension ``ext``, in place.
+
+    Per tensor the pass gets ``E[s] = exp(move_s)`` for the signs ``s ∈ {-1, 0, +1}`` and
+    ``cap = exp(ceiling)`` (see the module docstring): normalized ``move_s = β s``; seek, settled
+    ``move_s = τβ s``, ramping ``move_s = ρ`` (the guess that the ramp goes on; corrected after
+    the pass where the controllers say it turned: ``log(turn_cut) - turn_lag · ρ``, or that the
+    step was inactive: 0); additive: ``r + β g·d / lr`` instead. The step counters advance unless
+    the scan skips the step. ``grads_known_finite``: the optimizer already checked every gradient
+    of the step (several param groups): the scan then only looks for a non-zero first moment.
+    """
     lr_f, beta = float(lr), float(hypergrad_lr)
     seeking = rule == "seek" and beta != 0  # β = 0: nothing moves (rates only clamped)
     if rule == "seek" and (controllers is None or seek is None):
@@ -105,20 +116,22 @@ def adam_hd_element_step(
         guess = [(1.0, 1.0, 1.0, math.inf)] * len(params)
     args = (params, grads, exp_avgs, exp_avg_sqs, rates)
     common = (beta1, beta2, eps, coupled, maximize, rule == "additive")
+    scan = 2 if grads_known_finite else 1
     if two_pass:
-        sums, status = ext.adam_hd_element_pass(*args, rate_rows(guess), *common, True, True, False)
+        sums, status = ext.adam_hd_element_pass(*args, rate_rows(guess), *common, scan, True, False)
         if status == SKIPPED:
             return
         active, turned = _seek_controllers(sums, rates, controllers, ramping, beta, seek)
+        # with the new ceilings (a turned tensor's is set from its largest old rate)
         true = [
             _moves(_rollback(row[RAMP], seek) if turned[i] else row[RAMP], ceiling, tau_beta,
                    ramping[i]) if active else (1.0, 1.0, 1.0, math.inf)
             for i, (row, ceiling) in enumerate(zip(ctrl, _ceilings(controllers)))
-        ]  # the new ceilings: a turned tensor's is set from its largest old rate  # fmt: skip
-        ext.adam_hd_element_pass(*args, rate_rows(true), *common, False, False, True)
+        ]  # fmt: skip
+        ext.adam_hd_element_pass(*args, rate_rows(true), *common, 0, False, True)
         torch._foreach_add_(steps, 1)
         return
-    sums, status = ext.adam_hd_element_pass(*args, rate_rows(guess), *common, True, seeking, True)
+    sums, status = ext.adam_hd_element_pass(*args, rate_rows(guess), *common, scan, seeking, True)
     if status == SKIPPED:
         return
     torch._foreach_add_(steps, 1)

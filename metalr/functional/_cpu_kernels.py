@@ -163,6 +163,7 @@ def adam_hd_step(
             beta2=beta2, eps=eps, weight_decay=weight_decay, hypergrad_lr=hypergrad_lr,
             decoupled_weight_decay=decoupled_weight_decay, rule=rule, lr_bounds=lr_bounds,
             maximize=maximize, controllers=controllers, seek=seek,
+            grads_known_finite=grads_finite is not None,  # checked true above
         )  # fmt: skip
         return True
     lr_f = float(lr)
