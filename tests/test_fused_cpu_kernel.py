@@ -132,3 +132,152 @@ def test_without_a_compiler_fused_takes_the_eager_path(monkeypatch, family):
     b, _ = _run(lambda ps: cls(ps, lr=1e-2, foreach=True, lagged=True, **kw))
     for p, q in zip(a, b):
         assert torch.equal(p, q)
+
+
+# Element granularity (exact mode): one pass after a scan of the gradients
+# (metalr/csrc/hd_element.cpp, metalr/functional/_cpu_element.py).
+
+ELEMENT = [
+    {"rule": "seek"},
+    {"rule": "seek", "seek": {"turn_threshold": 0.9}},  # turns at step 3: the corrected guess
+    {"rule": "seek", "seek": {"turn_threshold": 0.9}, "lr_bounds": (1e-5, 10.0)},  # two passes
+    {"rule": "seek", "hypergrad_lr": 0.0},
+    {"rule": "normalized", "hypergrad_lr": 0.05},
+    {"rule": "additive", "hypergrad_lr": 1e-4},
+    {"rule": "normalized", "weight_decay": 0.1, "maximize": True},
+    {"rule": "seek", "weight_decay": 0.1, "decoupled_weight_decay": True},
+    {"rule": "normalized", "lr_bounds": (5e-3, 2e-2)},
+]
+
+
+@pytest.fixture
+def element_calls(monkeypatch):
+    """Counts the element kernel's steps (so a comparison cannot pass on the fallback)."""
+    calls = []
+    step = _cpu_kernels.adam_hd_element_step
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["rule"])
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(_cpu_kernels, "adam_hd_element_step", counted)
+    return calls
+
+
+def _element(**kw):
+    return lambda ps: metalr.AdamHD(ps, lr=1e-2, fused=True, granularity="element", **kw)
+
+
+def _element_eager(**kw):
+    return lambda ps: metalr.AdamHD(ps, lr=1e-2, foreach=True, granularity="element", **kw)
+
+
+@pytest.mark.parametrize("kw", ELEMENT, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_adam_element_kernel_equals_eager_float64(kw, element_calls):
+    opt = _compare(_element(**kw), _element_eager(**kw), rtol=1e-9, atol=1e-12, nan_at=3)
+    assert len(element_calls) == 6  # every step through the kernel (the NaN step skips in it)
+    moved = kw.get("hypergrad_lr") != 0.0
+    start = metalr.functional.SEEK_DEFAULTS["init_scale"] if kw["rule"] == "seek" and moved else 1
+    rates = torch.cat(
+        [opt.state[p]["lr_multiplier"].flatten() for p in opt.param_groups[0]["params"]]
+    )
+    assert bool((rates != start).any()) == moved
+
+
+def test_adam_element_kernel_turns_and_settles(element_calls):
+    """The ramp's turn (after a guessed continuation) and the settled per-element tracking."""
+    opt = _compare(
+        _element(seek={"turn_threshold": 0.9}), _element_eager(seek={"turn_threshold": 0.9}),
+        rtol=1e-9, atol=1e-12, steps=12,
+    )  # fmt: skip
+    for p in opt.param_groups[0]["params"]:
+        ctrl = opt.state[p]["hd_controller"]
+        assert ctrl[0] == 0 and torch.isfinite(ctrl[4])  # settled, with a ceiling
+        if p.numel() > 1:
+            assert opt.state[p]["lr_multiplier"].std() > 0  # per-element tracking moved them
+
+
+@pytest.mark.parametrize("kw", [{"rule": "seek"}, {"rule": "normalized", "hypergrad_lr": 0.05}])
+def test_adam_element_kernel_float32_close_to_eager(kw, element_calls):
+    _compare(
+        _element(**kw), _element_eager(**kw), rtol=1e-4, atol=1e-6, dtype=torch.float32, steps=8,
+        nan_at=4,
+    )  # fmt: skip
+    assert element_calls
+
+
+def test_adam_element_kernel_with_hypergrad_lr_zero_is_torch_adam(element_calls):
+    ours, _ = _run(_element(hypergrad_lr=0.0, rule="normalized"))
+    theirs, _ = _run(lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=False))
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_adam_element_kernel_skips_a_non_finite_step_whole(element_calls):
+    """A NaN in one tensor's gradient leaves every tensor's state as it was (step included)."""
+    params, opt = _run(_element(), steps=3)
+    before = copy.deepcopy(opt.state_dict()["state"])
+    weights = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[-1].grad[0] = float("inf")
+    opt.step()
+    for w, p in zip(weights, params):
+        assert torch.equal(w, p)
+    for key, state in opt.state_dict()["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, before[key][name]), name
+
+
+def test_adam_element_kernel_state_resumes_bit_exactly(element_calls):
+    params, opt = _run(_element(), steps=3)
+    clone = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = _element()(clone)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        for a, b in zip(params, clone):
+            a.grad = torch.randn(a.shape, generator=gen, dtype=a.dtype)
+            b.grad = a.grad.clone()
+        opt.step()
+        resumed.step()
+    for a, b in zip(params, clone):
+        assert torch.equal(a, b)
+        assert torch.equal(opt.state[a]["lr_multiplier"], resumed.state[b]["lr_multiplier"])
+
+
+def test_element_kernel_applies_to_the_exact_adam_step_only():
+    p = [torch.zeros(3)]
+    rates = [torch.ones(3)]
+    adam = {"beta1": 0.9, "lr": 1e-2}
+    assert _cpu_kernels.applies(p, rates, "element", **adam)
+    assert not _cpu_kernels.applies(p, rates, "element", **adam, lagged=True)
+    assert not _cpu_kernels.applies(p, rates, "element", momentum=0.9, lr=1e-2)  # SGD-HD
+    assert not _cpu_kernels.applies(p, [torch.ones(3, dtype=torch.float64)], "element", **adam)
+
+
+def test_without_a_compiler_element_fused_takes_the_eager_path(monkeypatch):
+    monkeypatch.setattr(_cpu_kernels, "load", lambda: None)
+    a, _ = _run(_element())
+    b, _ = _run(_element_eager())
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+
+def test_adam_element_kernel_with_two_param_groups(element_calls):
+    """Two groups: the optimizer's all-finite flag (a NaN in the other group skips the step) and
+    the kernel's scan that then only looks for non-zero moments."""
+
+    def groups(make):
+        def build(ps):
+            return make([{"params": ps[:2]}, {"params": ps[2:], "hypergrad_lr": 0.03}])
+
+        return build
+
+    kw = {"lr": 1e-2, "granularity": "element"}
+    _compare(
+        groups(lambda g: metalr.AdamHD(g, fused=True, **kw)),
+        groups(lambda g: metalr.AdamHD(g, foreach=True, **kw)),
+        rtol=1e-9, atol=1e-12, nan_at=3,
+    )  # fmt: skip
+    assert len(element_calls) == 10  # 2 groups x 5 finite steps (the NaN step stops before)

@@ -365,7 +365,10 @@ at::Tensor sgd_hd_pass(std::vector<at::Tensor> params, std::vector<at::Tensor> g
 
 }  // namespace
 
+void register_element(pybind11::module& m);  // hd_element.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adam_hd_pass", &adam_hd_pass, "Adam-HD pass over many tensors (sums and/or update)");
   m.def("sgd_hd_pass", &sgd_hd_pass, "SGD-HD lagged one-pass step over many tensors");
+  register_element(m);
 }

@@ -23,7 +23,9 @@ buffer / stored direction (SGD). The rate update from those sums is the rule's o
 * exact: pass 1 only sums (reads g, m, v), the multipliers move (a non-finite sum skips the whole
   step, read on the host as the CPU paths do), pass 2 updates with the new multipliers.
 
-Where the kernel cannot run (no compiler, complex or half-precision tensors, element
+Element granularity (exact Adam-HD step only) is :mod:`metalr.functional._cpu_element`: a scan
+of the gradients, then one pass that also reads and writes the rates. Where the kernels cannot
+run (no compiler, complex or half-precision tensors, lagged or SGD-HD steps at element
 granularity, sharded state) the callers fall back to their other paths; a failed build warns
 once.
 """
@@ -42,9 +44,11 @@ import torch
 from torch import Tensor
 
 from metalr.functional._common import commit_update
+from metalr.functional._cpu_element import adam_hd_element_step
 from metalr.functional._hypergrad import adapt_rates_from_sums
 
-_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "hd_step.cpp"
+_SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / name
+            for name in ("hd_step.cpp", "hd_element.cpp")]  # fmt: skip
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
 #: Whether :func:`sgd_hd_step` takes exact steps (the exact SGD step is left to the compiled path).
@@ -59,11 +63,11 @@ def load() -> Any | None:
 
         # -march=native: key the build by this machine's CPU so a shared cache stays correct
         tag = hashlib.sha1(
-            (_SOURCE.read_text() + " ".join(_FLAGS) + _cpu_id()).encode()
+            ("".join(s.read_text() for s in _SOURCES) + " ".join(_FLAGS) + _cpu_id()).encode()
         ).hexdigest()[:12]
         return cpp_extension.load(
             name=f"metalr_hd_step_{tag}",
-            sources=[str(_SOURCE)],
+            sources=[str(s) for s in _SOURCES],
             extra_cflags=_FLAGS,
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -90,9 +94,11 @@ def _cpu_id() -> str:
 def applies(params: Sequence[Tensor], rates: Sequence[Tensor], granularity: str, **hyper) -> bool:
     """Whether the kernel can take this step (it may still be unbuildable: see :func:`load`)."""
     lr = hyper.get("lr")
+    element = granularity == "element"
+    if element and ("beta1" not in hyper or hyper.get("lagged")):
+        return False  # element granularity: the exact Adam-HD step only (_cpu_element)
     return (
         bool(params)
-        and granularity != "element"
         and hyper.get("shards") is None
         and not torch.compiler.is_compiling()
         and not (isinstance(lr, Tensor) and lr.requires_grad)
@@ -104,7 +110,13 @@ def applies(params: Sequence[Tensor], rates: Sequence[Tensor], granularity: str,
             and p.is_contiguous()
             for p in params
         )
-        and all(r.dim() == 0 and r.device.type == "cpu" for r in rates)
+        and all(
+            (r.shape == p.shape and r.dtype == p.dtype and r.is_contiguous())
+            if element
+            else r.dim() == 0
+            for r, p in zip(rates, params)
+        )
+        and all(r.device.type == "cpu" for r in rates)
     )
 
 
@@ -144,8 +156,17 @@ def adam_hd_step(
         return False
     if grads_finite is not None and not bool(grads_finite):
         return True  # another group's gradient is not finite: the whole step is skipped
-    lr_f = float(lr)
     grads = _contiguous(grads, params)
+    if granularity == "element":
+        adam_hd_element_step(
+            ext, params, grads, exp_avgs, exp_avg_sqs, rates, steps, lr=lr, beta1=beta1,
+            beta2=beta2, eps=eps, weight_decay=weight_decay, hypergrad_lr=hypergrad_lr,
+            decoupled_weight_decay=decoupled_weight_decay, rule=rule, lr_bounds=lr_bounds,
+            maximize=maximize, controllers=controllers, seek=seek,
+            grads_known_finite=grads_finite is not None,  # checked true above
+        )  # fmt: skip
+        return True
+    lr_f = float(lr)
     coupled = weight_decay if not decoupled_weight_decay else 0.0
     decay = 1.0 - lr_f * weight_decay if decoupled_weight_decay else 1.0
     ts = [float(s) for s in steps]

@@ -3,8 +3,9 @@ step compiled by ``torch.compile``.
 
 :func:`kernel_backend` picks the kernels: Triton on CUDA (:mod:`metalr.functional._triton_kernels`,
 one launch for the lagged step, two for the exact one), C++ on the CPU
-(:mod:`metalr.functional._cpu_kernels`), both for group/tensor granularity. Element granularity,
-half precision on the CPU, float64 on CUDA and sharded state use the compiled step below.
+(:mod:`metalr.functional._cpu_kernels`), both for group/tensor granularity, and C++ for the exact
+Adam-HD step at element granularity on the CPU. Other element-granularity steps, half precision
+on the CPU, float64 on CUDA and sharded state use the compiled step below.
 
 Inductor turns the pure step into two loops per tensor (one reduction for the hypergradient,
 one elementwise update), C++/OpenMP on CPU and Triton on GPU. The first call compiles

@@ -66,9 +66,10 @@ class AdamHD(HypergradOptimizer):
             ``differentiable`` (default: None).
         fused: run the step as hand-written kernels at group/tensor granularity (CUDA: Triton,
             all tensors in one launch; CPU: C++ built on first use, tens of seconds once per
-            machine), one pass with ``lagged=True`` and two without; otherwise (element
-            granularity, float64 on CUDA, half precision on CPU) one ``torch.compile``'d graph
-            (default: None, i.e. off).
+            machine), one pass with ``lagged=True`` and two without; at element granularity
+            on the CPU the exact step is one C++ pass after a scan of the gradients; otherwise
+            (element granularity on CUDA or lagged, float64 on CUDA, half precision on CPU) one
+            ``torch.compile``'d graph (default: None, i.e. off).
         differentiable: run the step under autograd so weights and rates stay in the graph
             (single-tensor path) (default: False).
         lagged: apply the rate computed from step t's hypergradient from step t+1 (one pass
