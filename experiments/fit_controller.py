@@ -33,14 +33,28 @@ later, so they serve only as starting points):
 * ``trials.jsonl``: the final round, with every term and start: 31 trials (run with
   ``--trials 40``, which then counted the 9 enqueued trials as already done; fixed since). Its
   best, trial 11, is what ships.
+* Round 5 (2026-12-03): the same study continued to 130 trials (``trials.jsonl`` lines 32–130,
+  ``--trials 130 --workers 2``, ~25 min on 2 cores): best 0.609 (trial 104; ``round5_best.json``):
+  a slow ramp (ρ ≤ 0.10), a slow signal average (decay 0.98) and β ≈ 0.1.
+* Round 6: round 5's best with the two-speed ramp (``ramp_fast``, ``slow_zone``) searched alone
+  (``--base round5_best.json --out round6``, 24 trials, ~6 min): best 0.598 (``round6/best.json``).
+* Neither ships. ``experiments/check_controller.py`` (study 1's six tasks × five lr0 on seed 3,
+  which no fit or study uses, against Adam on seed 3) found them *worse* than trial 11 where the
+  suite cannot look: 13/30 (round 6) and 11/30 (round 5) cells within 10% against trial 11's
+  12/30, but animal_cnn from lr0 1e-5 at 8.7× (trial 11: 1.03×): the slow ramp turned at 6e-6
+  on a noisy start and the ceiling (headroom × the turn's level) pinned it there for 500 steps.
+  A one-seed, four-task suite over-fits; results in ``check_seed3.md``.
 
-The best trial of the final round is what ``metalr/functional/_controller.py`` ships. Resume: the Optuna study lives in
-``<out>/study.db``; rerunning continues it.
+Trial 11 of the final round is what ``metalr/functional/_controller.py`` ships. Resume: the Optuna
+study lives in ``<out>/study.db``; rerunning continues it.
 
     R=experiments/results/fit_controller
     python experiments/fit_controller.py --trials 31 --top 8 \
         --enqueue $R/exploration_trials.jsonl,$R/round1_trials.jsonl,$R/round2_trials.jsonl,$R/round3_trials.jsonl
     python experiments/fit_controller.py --trials 100     # from scratch
+    python experiments/fit_controller.py --trials 130 --workers 2          # round 5
+    python experiments/fit_controller.py --trials 24 --workers 2 --base $R/round5_best.json \
+        --out $R/round6                                                     # round 6
     python experiments/fit_controller.py --smoke          # seconds: 2 trials, 20-step runs
 
 Writes ``<out>/trials.jsonl`` (one line per trial: constants, objective, per-cell ratios),

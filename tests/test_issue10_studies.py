@@ -31,6 +31,45 @@ def test_fit_controller_smoke_writes_trials_reference_and_best(tmp_path):
     assert len((tmp_path / "trials.jsonl").read_text().splitlines()) == 2
 
 
+def test_fit_controller_round6_searches_only_the_two_speed_ramp(tmp_path):
+    """``--base``: every constant fixed at a best.json's, only ramp_fast and slow_zone searched;
+    its first trial is the base itself (two-speed ramp off), and ``--workers 2`` gives the
+    serial run's values."""
+    pytest.importorskip("optuna")
+    import fit_controller
+
+    fit_controller.main(["--smoke", "--out", str(tmp_path / "base")])
+    base = json.loads((tmp_path / "base" / "best.json").read_text())
+    base_path = tmp_path / "base" / "best.json"
+    out = tmp_path / "round6"
+    fit_controller.main(["--smoke", "--workers", "2", "--base", str(base_path), "--out", str(out)])
+    trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert len(trials) == 2
+    first = trials[0]["constants"]
+    assert {k: v for k, v in first.items() if k not in fit_controller.RAMP_SPACE} == base[
+        "constants"
+    ]
+    assert first["ramp_fast"] == base["constants"]["ramp_max"] and first["slow_zone"] == 1.0
+    assert trials[0]["objective"] == pytest.approx(base["objective"], rel=1e-12)
+    assert all(
+        {k: v for k, v in t["constants"].items() if k not in fit_controller.RAMP_SPACE}
+        == base["constants"]
+        for t in trials
+    )
+    best = json.loads((out / "best.json").read_text())
+    assert set(best["constants"]) == set(base["constants"]) | set(fit_controller.RAMP_SPACE)
+
+
+def test_check_controller_smoke(tmp_path, capsys):
+    import check_controller
+
+    within = check_controller.main(["--smoke", "--cache", str(tmp_path), "--workers", "1"])
+    text = capsys.readouterr().out
+    assert f"on {within}/30 cells" in text
+    assert all(name in text for name in check_controller.TASKS)
+    assert (tmp_path / "check_adam_reference_smoke_seeds_3.json").is_file()
+
+
 def test_find_rate_study_smoke(tmp_path, capsys):
     import find_rate_study
 

@@ -16,6 +16,14 @@ says "too small" (Rprop's growth)::
 (with the fitted defaults the ramp climbs ×1.33 at the first step, accelerating to ×1.37 a step:
 a decade in about eight steps)
 
+Optionally the ramp has two speeds: while ``F_t > slow_zone · P_t`` (far from the edge, defined
+below) the step may grow to ``ramp_fast`` instead of ``ramp_max``::
+
+    ρ_{t+1} = min(ρ_t · ramp_growth, ramp_fast if F_t > slow_zone · P_t else ramp_max)
+
+(defaults ``slow_zone = 1``: never far, one speed, the fitted ramp above; round 6 of
+``experiments/fit_controller.py`` fitted it but was not adopted, see that script's docstring).
+
 The ramp watches the *group* cosine ``C_t = Σ⟨g, d⟩ / (‖g‖ ‖d‖)`` (all tensors of the param group
 together) through a fast average ``F_t = f F_{t-1} + (1 - f) C_t`` (``f = turn_decay``) and its peak
 ``P_t = max_{s≤t} F_s``. When ``F_t ≤ turn_threshold · P_t`` (successive steps agree less and

@@ -1,0 +1,92 @@
+"""A second-stage check of fitted seek constants on seeds no fit or study has used.
+
+``experiments/fit_controller.py`` fits on one seed (0) of four tasks; study 1 reports seeds 0–2.
+Before a fitted constant set becomes the default, this script runs it on study 1's six tasks ×
+five initial rates with other seeds (default: 3) and scores each cell's final validation loss
+against best-of-grid Adam on the *same* seeds (the same five rates), printing the count within
+10% and the per-cell ratios. Held-out tasks are not run (they stay out of every selection).
+
+    python experiments/check_controller.py                                  # today's defaults
+    python experiments/check_controller.py --constants experiments/results/fit_controller/round6/best.json
+
+~5 minutes per constant set on 2 cores (the Adam reference is cached next to the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {"animal_cnn": 500, "charlm_gru": 500, "digits_logreg": 1000, "digits_mlp": 1000,
+         "fewshot_sinusoid": 100, "mnist1d_mlp": 1000}  # fmt: skip
+LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def _run(job: tuple[str, dict[str, Any], float, int, str, int | None]) -> float:
+    import torch
+
+    from metalr.workbench.runner import train
+    from metalr.workbench.tasks import make_task
+
+    torch.set_num_threads(1)
+    name, spec, lr, seed, size, steps = job
+    steps = steps or TASKS[name]
+    r = train(make_task(name, size, fallback_text=size == "smoke"), spec, lr, seed, steps, log_every=max(1, steps // 20),
+              divergence=1e3, device="cpu")  # fmt: skip
+    return r["final_val_loss"] if r["status"] == "ok" else math.inf
+
+
+def _grid(spec: dict[str, Any], seeds: list[int], workers: int, smoke: bool) -> dict:
+    """Mean final validation loss over ``seeds`` per (task, lr0)."""
+    size, steps = ("smoke", 20) if smoke else ("full", None)
+    jobs = [(t, spec, lr, s, size, steps) for t in TASKS for lr in LRS for s in seeds]
+    with ProcessPoolExecutor(workers) as pool:
+        losses = list(pool.map(_run, jobs))
+    out: dict[tuple[str, float], list[float]] = {}
+    for (t, _, lr, *_), f in zip(jobs, losses):
+        out.setdefault((t, lr), []).append(f)
+    return {k: statistics.mean(v) for k, v in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--constants", default=None, help="a best.json of fit_controller.py")
+    parser.add_argument("--seeds", default="3", help="comma-separated seeds (default 3)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--cache", default=str(ROOT / "experiments/results/fit_controller"))
+    parser.add_argument("--smoke", action="store_true", help="smoke-size tasks, 20 steps")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    spec: dict[str, Any] = {"kind": "adam_hd"}
+    if args.constants:
+        c = json.loads(Path(args.constants).read_text())["constants"]
+        spec = {"kind": "adam_hd", "hypergrad_lr": c["hypergrad_lr"],
+                "seek": {k: v for k, v in c.items() if k != "hypergrad_lr"}}  # fmt: skip
+    tag = "smoke_" if args.smoke else ""
+    cache = Path(args.cache) / f"check_adam_reference_{tag}seeds_{'_'.join(map(str, seeds))}.json"
+    if cache.is_file():
+        ref = json.loads(cache.read_text())
+    else:
+        adam = _grid({"kind": "adam"}, seeds, args.workers, args.smoke)
+        ref = {t: min(adam[(t, lr)] for lr in LRS) for t in TASKS}
+        cache.write_text(json.dumps(ref, indent=1))
+    got = _grid(spec, seeds, args.workers, args.smoke)
+    ratios = {k: v / ref[k[0]] for k, v in got.items()}
+    within = sum(r <= 1.1 for r in ratios.values())
+    print(f"{args.constants or 'defaults'}, seeds {seeds}: final val within 10% of best-of-grid "
+          f"Adam on {within}/{len(ratios)} cells; worst {max(ratios.values()):.2f}")  # fmt: skip
+    print("| task | " + " | ".join(f"lr0 {lr:g}" for lr in LRS) + " |")
+    print("|---|" + "---:|" * len(LRS))
+    for t in TASKS:
+        print(f"| {t} | " + " | ".join(f"{ratios[(t, lr)]:.2f}" for lr in LRS) + " |")
+    return within
+
+
+if __name__ == "__main__":
+    main()
