@@ -35,7 +35,7 @@ Goal (issue 3): ``metalr vmap`` ≥ 3× the meta-tasks/s of learn2learn MetaSGD.
 
 This module times the backends and runs the command line; the backends and their task are in
 :mod:`metalr.meta.bench_backends`, the result records and their Markdown/CSV output in
-:mod:`metalr.meta.bench_results` (every name is re-exported here).
+:mod:`metalr.meta.bench_results` (every public name is re-exported here).
 """
 
 from __future__ import annotations
