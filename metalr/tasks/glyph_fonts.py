@@ -25,7 +25,6 @@ _SPLITS = ("train", "val", "test")
 _SPLIT_FRACTIONS = (0.60, 0.15, 0.25)
 _LETTER_CATEGORIES = frozenset({"Lu", "Ll", "Lt", "Lo"})
 
-
 # Families that are not a writing system of their own, or a second style of a script whose
 # ``Noto{Sans,Serif}<Script>`` font is already used.
 _EXCLUDED_FAMILIES = frozenset(
