@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from metalr.tasks.base import TaskBatch
-from metalr.tasks.glyphs import _check_positive, _choose_classes, _episode, _import_pil
+from metalr.tasks.episodes import _check_positive, _choose_classes, _episode
+from metalr.tasks.glyph_bank import _import_pil
 
 __all__ = ["OmniglotFolder", "OmniglotTasks"]
 
