@@ -228,14 +228,15 @@ def seek_update(
     rollback = log_cut - seek["turn_lag"] * ramp
     cut_move = torch.where(turn, rollback, torch.zeros_like(ramp))
     ramp_move = torch.where(keep_ramping, ramp, cut_move)
-    # far from the edge (F above slow_zone · P) the step may grow to ramp_fast; near it, ramp_max
-    far = new_fast > seek["slow_zone"] * new_peak
-    cap = torch.where(
-        far,
-        torch.full_like(ramp, max(seek["ramp_fast"], seek["ramp_max"])),
-        torch.full_like(ramp, seek["ramp_max"]),
-    )
-    new_ramp = torch.where(keep_ramping, torch.minimum(ramp * seek["ramp_growth"], cap), 0.0)
+    grown = ramp * seek["ramp_growth"]
+    if seek["slow_zone"] < 1 and seek["ramp_fast"] > seek["ramp_max"]:  # the two-speed ramp is on
+        # far from the edge (F above slow_zone · P) the step may grow to ramp_fast; near it, ramp_max
+        far = new_fast > seek["slow_zone"] * new_peak
+        fast_cap = torch.clamp(grown, max=seek["ramp_fast"])
+        grown = torch.where(far, fast_cap, torch.clamp(grown, max=seek["ramp_max"]))
+    else:
+        grown = torch.clamp(grown, max=seek["ramp_max"])
+    new_ramp = torch.where(keep_ramping, grown, 0.0)
     log_rates = torch.stack([_log_level(r, granularity).to(dtype) for r in rates])
     new_ceiling = torch.where(turn, log_rates + rollback + math.log(seek["headroom"]), ceiling)
 
