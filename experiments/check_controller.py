@@ -18,9 +18,12 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # fit_controller
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"animal_cnn": 500, "charlm_gru": 500, "digits_logreg": 1000, "digits_mlp": 1000,
@@ -29,16 +32,13 @@ LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
 def _run(job: tuple[str, dict[str, Any], float, int, str, int | None]) -> float:
+    """One cell's final validation loss (infinite if the run diverged), one thread."""
     import torch
-
-    from metalr.workbench.runner import train
-    from metalr.workbench.tasks import make_task
+    from fit_controller import run
 
     torch.set_num_threads(1)
     name, spec, lr, seed, size, steps = job
-    steps = steps or TASKS[name]
-    r = train(make_task(name, size, fallback_text=size == "smoke"), spec, lr, seed, steps, log_every=max(1, steps // 20),
-              divergence=1e3, device="cpu")  # fmt: skip
+    r = run(name, spec, lr, steps or TASKS[name], size, seed)
     return r["final_val_loss"] if r["status"] == "ok" else math.inf
 
 

@@ -107,9 +107,12 @@ START = {"init_scale": 1e-2, "ramp_rate": 0.1, "ramp_max": 0.5, "turn_threshold"
          "hypergrad_lr": 0.05}  # fmt: skip
 
 
-def run(task_name: str, spec: dict[str, Any], lr: float, steps: int, size: str) -> dict[str, Any]:
-    task = make_task(task_name, size)
-    return train(task, spec, lr, 0, steps, log_every=max(1, steps // 20), divergence=1e3,
+def run(
+    task_name: str, spec: dict[str, Any], lr: float, steps: int, size: str, seed: int = 0
+) -> dict[str, Any]:
+    """One full-length CPU run (``experiments/check_controller.py`` runs the same on other seeds)."""
+    task = make_task(task_name, size, fallback_text=size == "smoke")
+    return train(task, spec, lr, seed, steps, log_every=max(1, steps // 20), divergence=1e3,
                  device="cpu")  # fmt: skip
 
 
