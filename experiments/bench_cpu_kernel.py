@@ -21,7 +21,7 @@ import torch
 import metalr
 from metalr.bench import clone_params, make_shapes, make_tensors
 from metalr.functional import _cpu_kernels
-from metalr.functional._hypergrad import adapt_rates_from_sums
+from metalr.functional._from_sums import adapt_rates_from_sums
 
 
 def main(rounds: int = 25) -> int:

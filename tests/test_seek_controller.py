@@ -16,6 +16,7 @@ from metalr.functional._controller import (
     initial_controller,
     resolve_seek,
     seek_update,
+    seek_update_stacked,
 )
 from metalr.functional._hypergrad import seek_adapt_rates
 
@@ -300,3 +301,42 @@ def test_vector_path_for_scalar_rates_equals_the_per_rate_path(per_tensor_beta, 
     loop = run(False)
     assert torch.equal(vec[0], loop[0]) and torch.equal(vec[1], loop[1])
     assert not torch.equal(vec[0][0], vec[0][-1])  # the rates did move
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "group"])
+@pytest.mark.parametrize("per_tensor_beta", [False, True])
+def test_stacked_update_equals_the_list_update(granularity, per_tensor_beta):
+    """seek_update_stacked (a fused step's bookkeeping) is seek_update on stacked vectors: bit for
+    bit the same rates and controllers through the ramp, the turn and tracking, and a skip."""
+    gen = torch.Generator().manual_seed(5)
+    n, sizes = 4, [30, 2, 500, 9]
+    betas = [torch.tensor(0.02 * (i + 1), dtype=torch.float64) for i in range(n)]
+    beta_list = betas if per_tensor_beta else 0.05
+    beta_vec = torch.stack(betas) if per_tensor_beta else 0.05
+    rates = [torch.tensor(0.3 + 0.2 * i, dtype=torch.float64) for i in range(n)]
+    ctrls = [initial_controller(r, torch.float64, SEEK) for r in rates]
+    rate_vec, ctrl_mat = torch.stack(rates), torch.stack(ctrls)
+    for t in range(14):
+        sig = torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1
+        group = torch.tensor(0.8 if t < 5 else -0.3, dtype=torch.float64)
+        active = torch.tensor(t != 7)  # one skipped step
+        signals = [group] * n if granularity == "group" else list(sig.unbind(0))
+        rates, ctrls = seek_update(
+            rates, ctrls, signals, group, active, sizes, hypergrad_lr=beta_list, seek=SEEK,
+            granularity=granularity,
+        )  # fmt: skip
+        rate_vec, ctrl_mat = seek_update_stacked(
+            rate_vec, ctrl_mat, group.expand(n) if granularity == "group" else sig, group, active,
+            sizes, hypergrad_lr=beta_vec, seek=SEEK, granularity=granularity,
+        )  # fmt: skip
+        assert torch.equal(rate_vec, torch.stack(rates)), f"rates, step {t + 1}"
+        assert torch.equal(ctrl_mat, torch.stack(ctrls)), f"controllers, step {t + 1}"
+    assert float(ctrl_mat[0, RAMP]) == 0 and math.isfinite(float(ctrl_mat[0, CEILING]))
+
+
+def test_stacked_update_refuses_element_granularity():
+    with pytest.raises(ValueError, match="element"):
+        seek_update_stacked(
+            torch.ones(2), torch.zeros(2, CONTROLLER_SIZE), torch.zeros(2), torch.tensor(0.0),
+            torch.tensor(True), [1, 1], hypergrad_lr=0.1, seek=SEEK, granularity="element",
+        )  # fmt: skip

@@ -1,9 +1,11 @@
-"""Small tensor helpers shared by the update rules (complex views, safe sqrt, write-back)."""
+"""Small tensor helpers shared by the update rules (complex views, safe sqrt, write-back) and the
+validation of a rule's named constants."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -173,3 +175,38 @@ def torch_fused_kernel_applies(
             for p in params
         )
     )
+
+
+#: Constants that are decays: they must stay below 1.
+_DECAYS = ("turn_decay", "signal_decay", "signal_sq_decay")
+
+
+def resolve_constants(
+    kind: str,
+    defaults: Mapping[str, float],
+    bounds: Mapping[str, tuple[float, float, bool]],
+    given: Mapping[str, float] | None,
+    *,
+    finite: bool = False,
+) -> dict[str, float]:
+    """``defaults`` overridden by ``given``, each value checked against ``bounds[key] = (low,
+    high, low is exclusive)`` (decays also below 1; ``finite``: no infinity either). Raises
+    ``ValueError`` naming ``kind[key]`` and its range; unknown keys are refused."""
+    out = dict(defaults)
+    for key, value in (given or {}).items():
+        if key not in defaults:
+            raise ValueError(f"Invalid {kind} key: {key!r}; expected one of {sorted(defaults)}")
+        lo, hi, open_lo = bounds[key]
+        v = float(value)
+        ok = (lo < v if open_lo else lo <= v) and v <= hi and not math.isnan(v)
+        if key in _DECAYS:
+            ok = ok and v < 1.0
+        if finite:
+            ok = ok and not math.isinf(v)
+        if not ok:
+            bracket = "(" if open_lo else "["
+            raise ValueError(
+                f"Invalid {kind}[{key!r}] value: {value}; expected {bracket}{lo}, {hi}]"
+            )
+        out[key] = v
+    return out

@@ -66,12 +66,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from metalr.functional._common import full_value
+from metalr.functional._common import full_value, resolve_constants
 
 #: Entries of a controller vector.
 RAMP, FAST, MEAN, SQ, CEILING, COUNT, PEAK = range(7)
@@ -128,41 +128,6 @@ def resolve_seek(seek: Mapping[str, float] | None) -> dict[str, float]:
     return resolve_constants("seek", SEEK_DEFAULTS, _BOUNDS, seek)
 
 
-#: Constants that are decays: they must stay below 1.
-_DECAYS = ("turn_decay", "signal_decay", "signal_sq_decay")
-
-
-def resolve_constants(
-    kind: str,
-    defaults: Mapping[str, float],
-    bounds: Mapping[str, tuple[float, float, bool]],
-    given: Mapping[str, float] | None,
-    *,
-    finite: bool = False,
-) -> dict[str, float]:
-    """``defaults`` overridden by ``given``, each value checked against ``bounds[key] = (low,
-    high, low is exclusive)`` (decays also below 1; ``finite``: no infinity either). Raises
-    ``ValueError`` naming ``kind[key]`` and its range; unknown keys are refused."""
-    out = dict(defaults)
-    for key, value in (given or {}).items():
-        if key not in defaults:
-            raise ValueError(f"Invalid {kind} key: {key!r}; expected one of {sorted(defaults)}")
-        lo, hi, open_lo = bounds[key]
-        v = float(value)
-        ok = (lo < v if open_lo else lo <= v) and v <= hi and not math.isnan(v)
-        if key in _DECAYS:
-            ok = ok and v < 1.0
-        if finite:
-            ok = ok and not math.isinf(v)
-        if not ok:
-            bracket = "(" if open_lo else "["
-            raise ValueError(
-                f"Invalid {kind}[{key!r}] value: {value}; expected {bracket}{lo}, {hi}]"
-            )
-        out[key] = v
-    return out
-
-
 def initial_controller(param: Tensor, dtype: torch.dtype, seek: Mapping[str, float]) -> Tensor:
     """A fresh controller vector for ``param``: ramping at ``ramp_rate``, no ceiling yet."""
     c = torch.zeros(CONTROLLER_SIZE, dtype=dtype, device=param.device)
@@ -204,11 +169,74 @@ def seek_update(
     """
     if not rates:
         return [], []
-    tracking = float(seek.get("track", 1.0))  # the training signal's weight in phase 2
     ctrl = torch.stack([c.to(controllers[0].dtype) for c in controllers])  # [n, K]
     dtype = ctrl.dtype
-    g_sig = group_signal.to(device=ctrl.device, dtype=dtype)
+    sig = torch.stack(
+        [_tensor_signal(s, granularity).to(device=ctrl.device, dtype=dtype) for s in signals]
+    )
+    log_levels = torch.stack([_log_level(r, granularity).to(dtype) for r in rates])
+    step = _controller_step(ctrl, sig, group_signal, log_levels, seek)
     act = active.to(ctrl.device)
+    new_rates = _move_rates(
+        rates, signals, step.ramping, step.ramp_move, step.track, step.ceiling, act, sizes,
+        hypergrad_lr=hypergrad_lr, tracking=float(seek.get("track", 1.0)), seek=seek,
+        granularity=granularity,
+    )  # fmt: skip
+    new_ctrl = torch.where(act, step.controllers, ctrl)
+    return new_rates, [c.to(o.dtype) for c, o in zip(new_ctrl.unbind(0), controllers)]
+
+
+def seek_update_stacked(
+    rates: Tensor,
+    controllers: Tensor,
+    signals: Tensor,
+    group_signal: Tensor,
+    active: Tensor,
+    sizes: Sequence[int],
+    *,
+    hypergrad_lr: float | Tensor,
+    seek: Mapping[str, Any],
+    granularity: str,
+) -> tuple[Tensor, Tensor]:
+    """:func:`seek_update` for one rate per tensor, stacked: ``rates`` and ``signals`` are
+    ``[n]``, ``controllers`` ``[n, CONTROLLER_SIZE]`` (all of one dtype and device); returns the
+    new ``(rates, controllers)`` stacked the same way. The same operations as the list form,
+    without a stack and an unbind per tensor (a fused step's bookkeeping)."""
+    if granularity == "element":
+        raise ValueError("seek_update_stacked takes group/tensor granularity, not 'element'")
+    step = _controller_step(controllers, signals, group_signal, torch.log(rates), seek)
+    act = active.to(controllers.device)
+    new_rates = _vector_moves(
+        rates, step.ramping, step.ramp_move, step.track, step.ceiling, act, sizes,
+        hypergrad_lr=hypergrad_lr, tracking=float(seek.get("track", 1.0)), seek=seek,
+        granularity=granularity,
+    )  # fmt: skip
+    return new_rates, torch.where(act, step.controllers, controllers)
+
+
+class _ControllerStep(NamedTuple):
+    """One step of the controllers (before the skip): their new values, which tensors were
+    ramping, the ramp's (or the turn's) log-move, the tracking signal and the new ceilings."""
+
+    controllers: Tensor
+    ramping: Tensor
+    ramp_move: Tensor
+    track: Tensor
+    ceiling: Tensor
+
+
+def _controller_step(
+    ctrl: Tensor,
+    signals: Tensor,
+    group_signal: Tensor,
+    log_levels: Tensor,
+    seek: Mapping[str, Any],
+) -> _ControllerStep:
+    """The ramp, the turn and the signal's running averages for stacked controllers ``[n, K]``,
+    given each tensor's signal ``[n]``, the group cosine and each tensor's log-level ``[n]``
+    (the level a turn sets the ceiling from)."""
+    dtype = ctrl.dtype
+    g_sig = group_signal.to(device=ctrl.device, dtype=dtype)
     ramp, fast, peak = ctrl[:, RAMP], ctrl[:, FAST], ctrl[:, PEAK]
     mean, sq, ceiling, count = ctrl[:, MEAN], ctrl[:, SQ], ctrl[:, CEILING], ctrl[:, COUNT]
 
@@ -218,9 +246,7 @@ def seek_update(
     turn = ramping & (new_fast <= seek["turn_threshold"] * new_peak)
     keep_ramping = ramping & ~turn
 
-    new_mean, new_sq, new_count, track = _normalised_signal(
-        mean, sq, count, signals, seek, granularity
-    )
+    new_mean, new_sq, new_count, track = _normalised_signal(mean, sq, count, signals, seek)
 
     # log-space moves per tensor (the ramp, or the turn's roll-back and cut)
     log_cut = math.log(seek["turn_cut"])
@@ -237,34 +263,26 @@ def seek_update(
     else:
         grown = torch.clamp(grown, max=seek["ramp_max"])
     new_ramp = torch.where(keep_ramping, grown, 0.0)
-    log_rates = torch.stack([_log_level(r, granularity).to(dtype) for r in rates])
-    new_ceiling = torch.where(turn, log_rates + rollback + math.log(seek["headroom"]), ceiling)
-
-    new_rates = _move_rates(
-        rates, signals, ramping, ramp_move, track, new_ceiling, act, sizes,
-        hypergrad_lr=hypergrad_lr, tracking=tracking, seek=seek, granularity=granularity,
-    )  # fmt: skip
+    new_ceiling = torch.where(
+        turn, log_levels.to(dtype) + rollback + math.log(seek["headroom"]), ceiling
+    )
     new_ctrl = torch.stack(
         [new_ramp, new_fast, new_mean, new_sq, new_ceiling, new_count, new_peak], dim=1
     )
-    new_ctrl = torch.where(act, new_ctrl, ctrl)
-    return new_rates, [c.to(o.dtype) for c, o in zip(new_ctrl.unbind(0), controllers)]
+    return _ControllerStep(new_ctrl, ramping, ramp_move, track, new_ceiling)
 
 
 def _normalised_signal(
     mean: Tensor,
     sq: Tensor,
     count: Tensor,
-    signals: Sequence[Tensor],
+    sig: Tensor,
     constants: Mapping[str, Any],
-    granularity: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One step of the running averages of the per-tensor signal and the tracking step they give:
     ``(μ, ν, count, μ̂/√ν̂ − evidence)`` (``constants``: ``signal_decay``, ``signal_sq_decay``,
-    ``evidence``; the seek rule's for the training signal, the validation ones for that)."""
-    sig = torch.stack(
-        [_tensor_signal(s, granularity).to(device=mean.device, dtype=mean.dtype) for s in signals]
-    )
+    ``evidence``; the seek rule's for the training signal, the validation ones for that), from
+    the per-tensor signals ``sig`` ``[n]`` (per element: their mean, :func:`_tensor_signal`)."""
     b1, b2 = constants["signal_decay"], constants["signal_sq_decay"]
     new_count = count + 1
     new_mean = b1 * mean + (1 - b1) * sig
@@ -328,20 +346,43 @@ def _scalar_moves(
     """:func:`_per_rate_moves` for 0-d rates, as a handful of ops on one stacked vector
     (element for element the same operations, so the same values)."""
     rate_vec = torch.stack(list(rates))
+    if isinstance(hypergrad_lr, (list, tuple)):
+        hypergrad_lr = torch.stack(
+            [torch.as_tensor(b, dtype=rate_vec.dtype, device=rate_vec.device) for b in hypergrad_lr]
+        )
+    new = _vector_moves(
+        rate_vec, ramping, ramp_move, track, new_ceiling, act, sizes,
+        hypergrad_lr=hypergrad_lr, tracking=tracking, seek=seek, granularity=granularity,
+    )  # fmt: skip
+    return list(new.unbind(0))
+
+
+def _vector_moves(
+    rate_vec: Tensor,
+    ramping: Tensor,
+    ramp_move: Tensor,
+    track: Tensor,
+    new_ceiling: Tensor,
+    act: Tensor,
+    sizes: Sequence[int],
+    *,
+    hypergrad_lr: float | Tensor,
+    tracking: float,
+    seek: Mapping[str, Any],
+    granularity: str,
+) -> Tensor:
+    """New stacked 0-d rates ``[n]``: :func:`_move_rates` on one vector (``hypergrad_lr`` a
+    number, a 0-d tensor or one ``β`` per rate ``[n]``)."""
     dtype = rate_vec.dtype
     if tracking == 0:
         step = torch.zeros_like(rate_vec)
-    elif isinstance(hypergrad_lr, (list, tuple)):
-        beta = torch.stack([torch.as_tensor(b, dtype=dtype, device=rate_vec.device)
-                            for b in hypergrad_lr])  # fmt: skip
-        step = tracking * beta * track.to(dtype)
     else:
         step = tracking * hypergrad_lr * track.to(dtype)
     move = ramp_move.to(dtype) + torch.where(~ramping, step, torch.zeros_like(step))
     log_new = torch.minimum(torch.log(rate_vec) + move, new_ceiling.to(dtype))
-    if granularity == "tensor" and len(rates) > 1:
+    if granularity == "tensor" and len(sizes) > 1:
         log_new = torch.stack(_tie(list(log_new.unbind(0)), sizes, seek["tie"]))
-    return list(torch.where(act, torch.exp(log_new), rate_vec).unbind(0))
+    return torch.where(act, torch.exp(log_new), rate_vec)
 
 
 def _per_rate_moves(
@@ -436,8 +477,11 @@ def seek_validation_update(
         return [], []
     st = torch.stack([s.to(stats[0].dtype) for s in stats])  # [n, 3]
     act = active.to(st.device)
+    sig = torch.stack(
+        [_tensor_signal(s, granularity).to(device=st.device, dtype=st.dtype) for s in signals]
+    )
     new_mean, new_sq, new_count, track = _normalised_signal(
-        st[:, 0], st[:, 1], st[:, 2], signals, options, granularity
+        st[:, 0], st[:, 1], st[:, 2], sig, options
     )
     ctrl = torch.stack([c.to(st.dtype) for c in controllers])
     new_rates = _move_rates(

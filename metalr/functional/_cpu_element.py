@@ -44,8 +44,8 @@ import torch
 from torch import Tensor
 
 from metalr.functional._common import safe_sqrt
-from metalr.functional._controller import CEILING, RAMP, seek_update
-from metalr.functional._hypergrad import seek_signals_from_products
+from metalr.functional._controller import CEILING, RAMP, seek_update_stacked
+from metalr.functional._hypergrad import group_signal_from_norms
 
 _TRUE = torch.tensor(True)
 
@@ -202,28 +202,28 @@ def _seek_controllers(
 ) -> tuple[bool, list[bool]]:
     """Move the controllers in place from the pass's sums; returns ``(active, turned)``.
 
-    The rule's :func:`seek_update` runs at group granularity on 0-d stand-ins: per tensor the
+    The rule's :func:`seek_update_stacked` runs at group granularity on stand-ins: per tensor the
     mean sign as its signal and the largest old rate as its rate (the element rule reads only
     those two from the per-element tensors); the group cosine and the active flag come from
-    :func:`seek_signals_from_products`, given the group's totals ``Σ g·d``, ``‖g‖``, ``‖d‖``.
+    :func:`group_signal_from_norms`, given the group's totals ``Σ g·d``, ``‖g‖``, ``‖d‖``.
     The stand-in rates it returns are not used.
     """
-    dtype = rates[0].dtype
-    s = sums.to(dtype)
+    ctrl = torch.stack(list(controllers))
+    s = sums.to(ctrl.dtype)
     total = s[:, :3].sum(0)
-    _, group_signal, _, active = seek_signals_from_products(
-        [total[0]], [safe_sqrt(total[1])], [safe_sqrt(total[2])], [total[0]], _TRUE, "group"
+    group_signal, active = group_signal_from_norms(
+        total[0:1], safe_sqrt(total[1:2]), safe_sqrt(total[2:3]), _TRUE, None
     )
     sizes = [r.numel() for r in rates]
-    mean_sign = (sums[:, 3] / sums.new_tensor(sizes)).to(dtype)
-    _, new = seek_update(
-        list(s[:, 4].unbind(0)), controllers, list(mean_sign.unbind(0)), group_signal, active,
-        sizes, hypergrad_lr=beta, seek=seek, granularity="group",
+    mean_sign = (sums[:, 3] / sums.new_tensor(sizes)).to(ctrl.dtype)
+    _, new_ctrl = seek_update_stacked(
+        s[:, 4], ctrl, mean_sign, group_signal, active, sizes, hypergrad_lr=beta, seek=seek,
+        granularity="group",
     )  # fmt: skip
-    torch._foreach_copy_(list(controllers), new)
+    torch._foreach_copy_(list(controllers), list(new_ctrl.unbind(0)))
     if not any(ramping):
         return bool(active), [False] * len(rates)
-    new_ramp = torch.stack(new)[:, RAMP].tolist()
+    new_ramp = new_ctrl[:, RAMP].tolist()
     return bool(active), [r and n <= 0 for r, n in zip(ramping, new_ramp)]
 
 

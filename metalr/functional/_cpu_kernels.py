@@ -16,7 +16,7 @@ Per tensor the pass accumulates ``(Σ g·d_{t-1}, Σ g², Σ d_{t-1}²)`` in flo
 ``maximize`` and before weight decay (what the rules read), and ``d_{t-1}`` recomputed from the
 moments it is reading (Adam: ``m̂/(√v̂+ε)`` at step t-1, floored at 1) or read from the momentum
 buffer / stored direction (SGD). The rate update from those sums is the rule's own math
-(:func:`metalr.functional._hypergrad.adapt_rates_from_sums`), run after the pass:
+(:func:`metalr.functional._from_sums.adapt_rates_from_sums`), run after the pass:
 
 * lagged: one pass updates θ, m, v with the multipliers from before the step (per-element skip
   of non-finite gradients), then the multipliers move for step t+1;
@@ -45,7 +45,7 @@ from torch import Tensor
 
 from metalr.functional._common import commit_update
 from metalr.functional._cpu_element import adam_hd_element_step
-from metalr.functional._hypergrad import adapt_rates_from_sums
+from metalr.functional._from_sums import adapt_rates_from_sums
 
 _SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / name
             for name in ("hd_step.cpp", "hd_element.cpp")]  # fmt: skip

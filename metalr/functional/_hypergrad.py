@@ -428,76 +428,33 @@ def seek_signals_from_products(
     ``g·d`` in ``dots``) and the all-finite flag: what a fused kernel's pass accumulates."""
     ref = sums[0]
     sum_vec, g_vec, d_vec = (_stack(v, ref) for v in (sums, g_norms, d_norms))
-    total = torch.stack([sum_vec.sum(), (g_vec * g_vec).sum(), (d_vec * d_vec).sum()])
-    total = shards.sum(total) if shards is not None else total
-    tiny = torch.finfo(total.dtype).tiny
-    group_signal = total[0] / (safe_sqrt(total[1]) * safe_sqrt(total[2])).clamp_min(tiny)
-    group_signal = torch.nan_to_num(group_signal, nan=0.0, posinf=0.0, neginf=0.0)
-    active = finite & (total[2] > 0)
+    group_signal, active = group_signal_from_norms(sum_vec, g_vec, d_vec, finite, shards)
     if granularity == "element":
         signals = [torch.nan_to_num(torch.sign(d), nan=0.0) for d in dots]
     elif granularity == "group":
         signals = [group_signal for _ in sums]
     else:
-        cos = sum_vec / (g_vec * d_vec).clamp_min(tiny)
-        signals = list(torch.nan_to_num(cos, nan=0.0, posinf=0.0, neginf=0.0).unbind(0))
+        signals = list(tensor_cosines(sum_vec, g_vec, d_vec).unbind(0))
     return SeekSignals(signals, group_signal, finite, active)
 
 
-def adapt_rates_from_sums(
-    rates: Sequence[Tensor],
-    sums: Tensor,
-    sizes: Sequence[int],
-    *,
-    lr: float | Tensor,
-    hypergrad_lr: float | Tensor | Sequence[Tensor],
-    rule: str,
-    granularity: str,
-    lr_bounds: tuple[float, float],
-    grads_finite: Tensor | None = None,
-    controllers: Sequence[Tensor] | None = None,
-    seek: Mapping[str, Any] | None = None,
-) -> RateUpdate:
-    """:func:`adapt_rates` from the sums a fused kernel accumulated in its pass (group/tensor).
+def group_signal_from_norms(
+    sum_vec: Tensor, g_vec: Tensor, d_vec: Tensor, finite: Tensor, shards: ShardReducer | None
+) -> tuple[Tensor, Tensor]:
+    """The group cosine ``Σ⟨g, d⟩ / (‖g‖ ‖d‖)`` from per-tensor ``Σ⟨g,d⟩``, ``‖g‖``, ``‖d‖``
+    (``[n]`` each; summed over ranks with ``shards``) and the flag to act on it."""
+    total = torch.stack([sum_vec.sum(), (g_vec * g_vec).sum(), (d_vec * d_vec).sum()])
+    total = shards.sum(total) if shards is not None else total
+    tiny = torch.finfo(total.dtype).tiny
+    group_signal = total[0] / (safe_sqrt(total[1]) * safe_sqrt(total[2])).clamp_min(tiny)
+    group_signal = torch.nan_to_num(group_signal, nan=0.0, posinf=0.0, neginf=0.0)
+    return group_signal, finite & (total[2] > 0)
 
-    ``sums`` is ``[n, 3]``: per tensor ``Σ Re(g·d)``, ``Σ g²`` and ``Σ d²`` with ``d = d_{t-1}``,
-    in any float dtype. The flag is false when any sum is not finite (a NaN/inf gradient, or a
-    ``Σ g²`` that overflows). The rule's math is the same functions :func:`adapt_rates` calls.
-    """
-    if granularity == "element":
-        raise ValueError("adapt_rates_from_sums takes group/tensor granularity, not 'element'")
-    ref = rates[0]
-    sums = sums.to(device=ref.device, dtype=ref.dtype)
-    finite = torch.isfinite(sums).all()
-    if grads_finite is not None:
-        finite = finite & grads_finite.to(finite.device)
-    dots = list(sums[:, 0].unbind(0))
-    g_norms = list(safe_sqrt(sums[:, 1]).unbind(0))
-    d_norms = list(safe_sqrt(sums[:, 2]).unbind(0))
-    if rule == "seek":
-        if controllers is None or seek is None:
-            raise ValueError("rule='seek' needs controllers and seek constants")
-        if not isinstance(hypergrad_lr, (Tensor, list, tuple)) and hypergrad_lr == 0:
-            same = update_rates(
-                rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=0.0, rule="normalized",
-                granularity=granularity, lr_bounds=lr_bounds,
-            )  # fmt: skip
-            return RateUpdate(same, finite, list(controllers))
-        signals, group_signal, finite, active = seek_signals_from_products(
-            dots, g_norms, d_norms, dots, finite, granularity
-        )
-        new_rates, new_ctrls = seek_update(
-            rates, controllers, signals, group_signal, active, sizes,
-            hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity,
-        )  # fmt: skip
-        new_rates = [clamp_rates(r, lr, lr_bounds) for r in new_rates]
-        return RateUpdate(new_rates, finite, new_ctrls)
-    with_norms = rule == "normalized"
-    new_rates = update_rates(
-        rates, dots, g_norms if with_norms else None, d_norms if with_norms else None, lr=lr,
-        hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity, lr_bounds=lr_bounds,
-    )  # fmt: skip
-    return RateUpdate(new_rates, finite, [])
+
+def tensor_cosines(sum_vec: Tensor, g_vec: Tensor, d_vec: Tensor) -> Tensor:
+    """Each tensor's cosine ``Σ⟨g,d⟩ / (‖g‖ ‖d‖)`` (``[n]``; 0 where undefined)."""
+    cos = sum_vec / (g_vec * d_vec).clamp_min(torch.finfo(sum_vec.dtype).tiny)
+    return torch.nan_to_num(cos, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def hypergradient(

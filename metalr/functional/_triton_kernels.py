@@ -9,7 +9,7 @@ program accumulates, over its chunk, ``(Σ g·d_{t-1}, Σ g², Σ d_{t-1}²)`` (
 registers from the moments it reads) and writes them to its own slot of a ``[tensors, chunks, 3]``
 buffer; a ``sum`` over the chunk axis finishes the reduction (two stages, no atomics: the sums do
 not depend on scheduling). The rate update from those sums is the rule's own math
-(:func:`metalr.functional._hypergrad.adapt_rates_from_sums`), a few small tensor ops:
+(:func:`metalr.functional._from_sums.adapt_rates_from_sums`), a few small tensor ops:
 
 * lagged: **one launch** reads g, m, v, θ once and writes m, v, θ once with the multipliers from
   before the step (an element whose gradient is not finite keeps its values), then the
@@ -39,7 +39,7 @@ import triton.language as tl
 from torch import Tensor
 
 from metalr.functional._common import commit_update
-from metalr.functional._hypergrad import adapt_rates_from_sums
+from metalr.functional._from_sums import adapt_rates_from_sums
 
 #: Whether :func:`sgd_hd_step` takes exact steps (two launches, like the Adam step).
 SGD_EXACT = True

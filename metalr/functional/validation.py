@@ -50,7 +50,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from metalr.functional._controller import resolve_constants, seek_validation_update
+from metalr.functional._common import resolve_constants
+from metalr.functional._controller import seek_validation_update
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import (
     all_finite,
