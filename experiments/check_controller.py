@@ -8,6 +8,9 @@ against best-of-grid Adam on the *same* seeds (the same five rates), printing th
 
     python experiments/check_controller.py                                  # today's defaults
     python experiments/check_controller.py --constants experiments/results/fit_controller/round6/best.json
+    python experiments/check_controller.py --optimizer sgd [--constants ...]   # SGDHD vs SGD
+
+``--optimizer sgd`` checks SGDHD (momentum 0.9) against best-of-grid SGD (momentum 0.9) instead.
 
 ~5 minutes per constant set on 2 cores (the Adam reference is cached next to the output).
 """
@@ -61,26 +64,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--cache", default=str(ROOT / "experiments/results/fit_controller"))
     parser.add_argument("--smoke", action="store_true", help="smoke-size tasks, 20 steps")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
+                        help="AdamHD vs Adam (default) or SGDHD vs SGD, momentum 0.9")  # fmt: skip
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    spec: dict[str, Any] = {"kind": "adam_hd"}
+    from fit_controller import OPTIMIZERS
+
+    torch_spec, spec = OPTIMIZERS[args.optimizer]
     if args.constants:
         c = json.loads(Path(args.constants).read_text())["constants"]
-        spec = {"kind": "adam_hd", "hypergrad_lr": c["hypergrad_lr"],
+        spec = {**spec, "hypergrad_lr": c["hypergrad_lr"],
                 "seek": {k: v for k, v in c.items() if k != "hypergrad_lr"}}  # fmt: skip
     tag = "smoke_" if args.smoke else ""
-    cache = Path(args.cache) / f"check_adam_reference_{tag}seeds_{'_'.join(map(str, seeds))}.json"
+    name = f"check_{args.optimizer}_reference_{tag}seeds_{'_'.join(map(str, seeds))}.json"
+    cache = Path(args.cache) / name
     if cache.is_file():
         ref = json.loads(cache.read_text())
     else:
-        adam = _grid({"kind": "adam"}, seeds, args.workers, args.smoke)
-        ref = {t: min(adam[(t, lr)] for lr in LRS) for t in TASKS}
+        grid = _grid(torch_spec, seeds, args.workers, args.smoke)
+        ref = {t: min(grid[(t, lr)] for lr in LRS) for t in TASKS}
         cache.write_text(json.dumps(ref, indent=1))
     got = _grid(spec, seeds, args.workers, args.smoke)
     ratios = {k: v / ref[k[0]] for k, v in got.items()}
     within = sum(r <= 1.1 for r in ratios.values())
     print(f"{args.constants or 'defaults'}, seeds {seeds}: final val within 10% of best-of-grid "
-          f"Adam on {within}/{len(ratios)} cells; worst {max(ratios.values()):.2f}")  # fmt: skip
+          f"{args.optimizer} on {within}/{len(ratios)} cells; worst {max(ratios.values()):.2f}")  # fmt: skip
     print("| task | " + " | ".join(f"lr0 {lr:g}" for lr in LRS) + " |")
     print("|---|" + "---:|" * len(LRS))
     for t in TASKS:

@@ -102,6 +102,34 @@ SPACE = {
 }
 #: Round 6's two constants (the two-speed ramp), searched with the others fixed (``--base``).
 RAMP_SPACE = {"ramp_fast": (0.1, 1.0, True), "slow_zone": (0.3, 1.0, False)}
+#: Round 7 (``--space resume``): the re-opened ramp and the constants it interacts with.
+RESUME_SPACE = {
+    "resume_window": (5.0, 200.0, True),
+    "resume_level": (0.2, 0.95, False),
+    "turn_threshold": (0.0, 0.6, False),
+    "turn_cut": (0.1, 0.9, True),
+    "headroom": (1.5, 20.0, True),
+    "evidence": (0.0, 0.4, False),
+    "hypergrad_lr": (0.005, 0.2, True),
+}
+#: Round 8 (``--optimizer sgd --space settle``): where the rate settles after the turn.
+SETTLE_SPACE = {
+    "turn_threshold": (0.0, 0.6, False),
+    "turn_cut": (0.1, 0.95, True),
+    "headroom": (1.5, 20.0, True),
+    "evidence": (0.0, 0.4, False),
+    "signal_decay": (0.5, 0.99, False),
+    "ramp_max": (0.05, 0.6, True),
+    "hypergrad_lr": (0.002, 0.2, True),
+}
+SPACES = {"full": SPACE, "ramp": RAMP_SPACE, "resume": RESUME_SPACE, "settle": SETTLE_SPACE}
+#: The optimizer whose constants are fitted → (its torch reference's spec, its own spec).
+OPTIMIZERS = {
+    "adam": ({"kind": "adam"}, {"kind": "adam_hd"}),
+    "sgd": ({"kind": "sgd", "momentum": 0.9}, {"kind": "sgd_hd", "momentum": 0.9}),
+}
+#: Study 1's CNN (``--with-cnn``, round 7): the slow ramp's premature turn shows only there.
+CNN = {"animal_cnn": 500}
 START = {"init_scale": 1e-2, "ramp_rate": 0.1, "ramp_max": 0.5, "turn_threshold": 0.3,
          "turn_cut": 0.3, "headroom": 1.0, "signal_decay": 0.9, "evidence": 0.1,
          "hypergrad_lr": 0.05}  # fmt: skip
@@ -116,19 +144,37 @@ def run(
                  device="cpu")  # fmt: skip
 
 
-def reference(out: Path, steps: dict[str, int], size: str) -> dict[str, dict[str, float]]:
-    """Best-of-grid Adam per task (cached in ``reference.json``)."""
+def reference(
+    out: Path, steps: dict[str, int], size: str, optimizer: str = "adam", workers: int = 1
+) -> dict[str, dict[str, float]]:
+    """Best-of-grid Adam (or SGD with momentum 0.9, ``optimizer="sgd"``) per task (cached in
+    ``reference.json``; tasks it lacks are added)."""
     path = out / "reference.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    ref: dict[str, dict[str, float]] = {}
-    for name, n in steps.items():
-        runs = [(lr, run(name, {"kind": "adam"}, lr, n, size)) for lr in REFERENCE_GRID]
+    ref: dict[str, dict[str, float]] = json.loads(path.read_text()) if path.is_file() else {}
+    missing = [name for name in steps if name not in ref]
+    if not missing:
+        return ref
+    spec = OPTIMIZERS[optimizer][0]
+    jobs = [(name, spec, lr, steps[name], size) for name in missing for lr in REFERENCE_GRID]
+    results = _run_all(jobs, workers)
+    for name in missing:
+        runs = [(job[2], r) for job, r in zip(jobs, results) if job[0] == name]
         lr, best = min(runs, key=lambda r: r[1]["final_val_loss"])
         ref[name] = {"final": best["final_val_loss"], "lr": lr,
                      "best": min(r["best_val_loss"] for _, r in runs)}  # fmt: skip
     path.write_text(json.dumps(ref, indent=1))
     return ref
+
+
+def _run_all(jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
+    """``run(*job)`` for every job, in ``workers`` processes (the runs are deterministic: the
+    same values as the serial loop)."""
+    if workers > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            return list(pool.map(_run_cell, jobs))
+    return [run(*job) for job in jobs]
 
 
 def capped_log_ratio(value: float, ref: float) -> float:
@@ -142,20 +188,19 @@ def _run_cell(job: tuple) -> dict[str, Any]:
 
 
 def score(
-    constants: dict[str, float], ref: dict, steps: dict[str, int], size: str, workers: int = 1
+    constants: dict[str, float],
+    ref: dict,
+    steps: dict[str, int],
+    size: str,
+    workers: int = 1,
+    optimizer: str = "adam",
 ) -> tuple:
     seek = {k: v for k, v in constants.items() if k != "hypergrad_lr"}
-    spec = {"kind": "adam_hd", "rule": "seek", "seek": seek,
+    spec = {**OPTIMIZERS[optimizer][1], "rule": "seek", "seek": seek,
             "hypergrad_lr": constants["hypergrad_lr"]}  # fmt: skip
     jobs = [(name, spec, lr, n, size) for name, n in steps.items()
             for lr in (*LR0S, HIGH * ref[name]["lr"])]  # fmt: skip
-    if workers > 1:  # the runs are deterministic: the same values as the serial loop
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(pool.map(_run_cell, jobs))
-    else:
-        results = [run(*job) for job in jobs]
+    results = _run_all(jobs, workers)
     cells = []
     for (name, _, lr, _, _), r in zip(jobs, results):
         f = capped_log_ratio(r["final_val_loss"], ref[name]["final"])
@@ -200,8 +245,24 @@ def main(argv: list[str] | None = None) -> None:
         "--base",
         metavar="JSON",
         default=None,
-        help="fix every constant at this trial's (a best.json) and search only the two-speed "
-        "ramp's (round 6: ramp_fast, slow_zone)",
+        help="fix every constant at this trial's (a best.json) and search only --space's",
+    )
+    parser.add_argument(
+        "--space",
+        choices=sorted(SPACES),
+        default=None,
+        help="constants searched: full (13, the default without --base), ramp (round 6's two-speed "
+        "ramp, the default with --base), resume (round 7: the re-opened ramp and 5 others)",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=sorted(OPTIMIZERS),
+        default="adam",
+        help="fit AdamHD's constants against Adam (default) or SGDHD's (momentum 0.9) against "
+        "SGD with momentum 0.9 (round 8)",
+    )
+    parser.add_argument(
+        "--with-cnn", action="store_true", help="add animal_cnn (500 steps) to the suite (round 7)"
     )
     args = parser.parse_args(argv)
     import optuna
@@ -210,16 +271,19 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     size = "smoke" if args.smoke else "full"
-    steps = {k: 20 for k in SUITE} if args.smoke else dict(SUITE)
+    suite = {**SUITE, **CNN} if args.with_cnn else dict(SUITE)
+    steps = {k: 20 for k in suite} if args.smoke else suite
     trials = 2 if args.smoke else args.trials
-    ref = reference(out, steps, size)
+    ref = reference(out, steps, size, args.optimizer, args.workers)
     base = json.loads(Path(args.base).read_text())["constants"] if args.base else None
-    space = RAMP_SPACE if base else SPACE
+    space = SPACES[args.space] if args.space else (RAMP_SPACE if base else SPACE)
     sampler = optuna.samplers.TPESampler(seed=0, multivariate=True)
     study = optuna.create_study(direction="minimize", sampler=sampler, study_name="seek",
                                 storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True)  # fmt: skip
-    if not study.trials and base:  # the base itself first: the two-speed ramp switched off
-        study.enqueue_trial({"ramp_fast": base["ramp_max"], "slow_zone": 1.0})
+    if not study.trials and base:  # the base itself first: the searched mechanism switched off
+        off = {"ramp_fast": base["ramp_max"], "slow_zone": 1.0, "resume_window": space.get(
+            "resume_window", (0.0,))[0], "resume_level": 0.95}  # fmt: skip
+        study.enqueue_trial({k: base.get(k, off.get(k)) for k in space if k in base or k in off})
     elif not study.trials:
         study.enqueue_trial(START)
         for constants in _best_of(args.enqueue, args.top) if args.enqueue else []:
@@ -232,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         if base:
             constants = {**base, **constants}
         tic = time.perf_counter()
-        value, cells = score(constants, ref, steps, size, args.workers)
+        value, cells = score(constants, ref, steps, size, args.workers, args.optimizer)
         with open(out / "trials.jsonl", "a") as f:
             f.write(json.dumps({"trial": trial.number, "objective": value, "constants": constants,
                                 "seconds": time.perf_counter() - tic, "cells": cells}) + "\n")  # fmt: skip

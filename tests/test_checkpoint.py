@@ -109,3 +109,39 @@ def test_checkpoint_without_later_flags_loads_with_defaults(name):
     _steps(reference, ref_opt, n=3, seed=1)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+SEEK_MAKERS = {
+    "SGDHD": lambda p: metalr.SGDHD(p, lr=0.05, momentum=0.9),
+    "AdamHD": lambda p: metalr.AdamHD(p, lr=1e-2),
+    "HyperLR": lambda p: metalr.HyperLR(torch.optim.Adam(p, lr=1e-2)),
+}
+
+
+@pytest.mark.parametrize("name", list(SEEK_MAKERS))
+def test_checkpoint_with_a_shorter_seek_controller_loads_and_resumes_exactly(name):
+    """Controllers saved before the 8th entry (steps since the first turn) existed have 7: they
+    load padded with 0 (never turned for the re-opened ramp, which is off by default) and the
+    run continues exactly as from the full checkpoint."""
+    from metalr.functional._controller import CONTROLLER_SIZE
+    from metalr.optim._base import CONTROLLER_KEY
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = SEEK_MAKERS[name](model.parameters())
+    _steps(model, opt, n=30)
+    old = copy.deepcopy(opt.state_dict())
+    for state in old["state"].values():
+        state[CONTROLLER_KEY] = state[CONTROLLER_KEY][:7].clone()
+    reference = copy.deepcopy(model)
+    ref_opt = SEEK_MAKERS[name](reference.parameters())
+    ref_opt.load_state_dict(opt.state_dict())
+    new = SEEK_MAKERS[name](model.parameters())
+    new.load_state_dict(old)
+    for p in model.parameters():
+        ctrl = new.state[p][CONTROLLER_KEY]
+        assert ctrl.numel() == CONTROLLER_SIZE == 8 and float(ctrl[7]) == 0.0
+    _steps(model, new, n=5, seed=1)
+    _steps(reference, ref_opt, n=5, seed=1)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

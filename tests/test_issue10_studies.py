@@ -60,6 +60,38 @@ def test_fit_controller_round6_searches_only_the_two_speed_ramp(tmp_path):
     assert set(best["constants"]) == set(base["constants"]) | set(fit_controller.RAMP_SPACE)
 
 
+def test_fit_controller_sgd_round_with_cnn_searches_the_settle_space(tmp_path):
+    """``--optimizer sgd --with-cnn --space settle``: SGDHD (momentum 0.9) against an SGD
+    reference, the CNN in the suite, only the settle constants searched from the base."""
+    pytest.importorskip("optuna")
+    import fit_controller
+
+    fit_controller.main(["--smoke", "--out", str(tmp_path / "base")])
+    base_path = tmp_path / "base" / "best.json"
+    base = json.loads(base_path.read_text())["constants"]
+    out = tmp_path / "sgd"
+    fit_controller.main(["--smoke", "--optimizer", "sgd", "--with-cnn", "--space", "settle",
+                         "--base", str(base_path), "--out", str(out)])  # fmt: skip
+    reference = json.loads((out / "reference.json").read_text())
+    assert set(reference) == set(fit_controller.SUITE) | {"animal_cnn"}
+    trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    assert len(trials) == 2 and len(trials[0]["cells"]) == 3 * len(reference)
+    assert trials[0]["constants"] == base  # the base first: nothing moved
+    fixed = set(base) - set(fit_controller.SETTLE_SPACE)
+    assert all(t["constants"][k] == base[k] for t in trials for k in fixed)
+    assert trials[1]["constants"] != base
+
+
+def test_check_controller_sgd_smoke(tmp_path, capsys):
+    import check_controller
+
+    within = check_controller.main(
+        ["--smoke", "--optimizer", "sgd", "--cache", str(tmp_path), "--workers", "1"]
+    )
+    assert f"sgd on {within}/30 cells" in capsys.readouterr().out
+    assert (tmp_path / "check_sgd_reference_smoke_seeds_3.json").is_file()
+
+
 def test_check_controller_smoke(tmp_path, capsys):
     import check_controller
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -39,7 +40,7 @@ SEEK = resolve_seek(
 def reference(log_rates, signals, group_signals, sizes, beta, seek):
     """The module docstring's equations, one scalar at a time, in Python floats."""
     n = len(log_rates)
-    ramp, fast, peak = seek["ramp_rate"], 0.0, 0.0
+    ramp, fast, peak, since = seek["ramp_rate"], 0.0, 0.0, 0
     mean, sq, ceiling = [0.0] * n, [0.0] * n, [math.inf] * n
     logs = list(log_rates)
     out = []
@@ -49,6 +50,14 @@ def reference(log_rates, signals, group_signals, sizes, beta, seek):
         if ramping:
             peak = max(peak, fast)
         turn = ramping and fast <= seek["turn_threshold"] * peak
+        # the re-opened ramp: within resume_window steps of the first turn, back above the level
+        resume = (
+            not ramping and 0 < since <= seek["resume_window"]
+            and fast >= seek["resume_level"] * peak
+        )  # fmt: skip
+        since = since + 1 if since > 0 or turn else since
+        if resume:
+            ceiling = [math.inf] * n
         new = []
         for i in range(n):
             b1, b2 = seek["signal_decay"], seek["signal_sq_decay"]
@@ -70,6 +79,7 @@ def reference(log_rates, signals, group_signals, sizes, beta, seek):
         far = fast > seek["slow_zone"] * peak
         cap = max(seek["ramp_fast"], seek["ramp_max"]) if far else seek["ramp_max"]
         ramp = min(ramp * seek["ramp_growth"], cap) if ramping and not turn else 0.0
+        ramp = seek["ramp_rate"] if resume else ramp
         out.append(list(logs))
     return out
 
@@ -340,3 +350,28 @@ def test_stacked_update_refuses_element_granularity():
             torch.ones(2), torch.zeros(2, CONTROLLER_SIZE), torch.zeros(2), torch.tensor(0.0),
             torch.tensor(True), [1, 1], hypergrad_lr=0.1, seek=SEEK, granularity="element",
         )  # fmt: skip
+
+
+def test_reopened_ramp_matches_the_reference_and_ramps_again():
+    """A turn whose signal recovers within resume_window steps re-opens the ramp (no ceiling)
+    until the next turn; later recoveries do nothing. Against the float64 reference."""
+    seek = resolve_seek({**SEEK, "resume_window": 12, "resume_level": 0.6, "turn_decay": 0.0})
+    sizes, steps, beta = [10, 50], 50, 0.05
+    # agree, dip (a turn at step 6), recover (re-opened), dip again (a second turn), recover late
+    group = [0.8] * 5 + [0.1] * 2 + [0.7] * 6 + [0.0] * 3 + [0.3] * 14 + [0.8] * 20
+    signals = [[0.5 * c, -0.2 + c] for c in group]
+    expected = reference([math.log(0.01)] * 2, signals, group, sizes, beta, seek)
+    rates = [torch.full((), 0.01, dtype=torch.float64) for _ in sizes]
+    ctrls = [initial_controller(torch.zeros(s), torch.float64, seek) for s in sizes]
+    ramps = []
+    for t in range(steps):
+        rates, ctrls = seek_update(
+            rates, ctrls, [torch.tensor(x, dtype=torch.float64) for x in signals[t]],
+            torch.tensor(group[t], dtype=torch.float64), torch.tensor(True), sizes,
+            hypergrad_lr=beta, seek=seek, granularity="tensor",
+        )  # fmt: skip
+        assert [math.log(float(r)) for r in rates] == pytest.approx(expected[t], rel=1e-9, abs=1e-9)
+        ramps.append(float(ctrls[0][RAMP]))
+    assert ramps[5] == 0 and ramps[7] > 0, "turned at step 6, re-opened at step 8"
+    assert ramps[-1] == 0 and math.isfinite(float(ctrls[0][CEILING])), "settled for good"
+    assert sum(1 for a, b in itertools.pairwise(ramps) if a == 0 and b > 0) == 1, "one re-opening"

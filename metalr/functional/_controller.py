@@ -34,6 +34,15 @@ disagree) the ramp ends and every multiplier is cut::
 
 (the average sees the turn a few steps late: ``turn_lag`` ramp steps are rolled back first).
 
+Optionally a turn can be taken back (AdaLRS-style: a decision the signal contradicts is undone).
+Within ``resume_window`` steps of the first turn, a settled tensor whose fast average is back
+above ``resume_level · P`` (the dip was minibatch noise, as on a CNN whose loss has not moved yet
+at a tiny rate) ramps again from ``ramp_rate`` with no ceiling, until the next turn::
+
+    if 0 < s_t ≤ resume_window and F_t ≥ resume_level · P_t:   ρ ← ramp_rate,  ceiling ← +∞
+
+(``s_t``: steps since the first turn, 0 before it; defaults ``resume_window = 0``: never).
+
 **Phase 2, track.** Each rate follows its own signal ``c_t`` (the tensor's cosine; the group's
 for ``granularity="group"``; the sign of ``g·d`` per element), normalised by its running scale
 (Adam on the log-rate, as in gdtuo's stacked optimizers and MetaOptimize), so a consistent signal
@@ -50,7 +59,7 @@ At tensor granularity the rates of one group are then tied within a factor ``tie
 size-weighted geometric mean (a tensor's rate cannot drift decades away from the rest).
 
 State: one small vector per parameter tensor (``CONTROLLER_SIZE`` entries: ramp step, fast
-average, μ, ν, ceiling, count, peak), in ``optimizer.state[p]['hd_controller']``. Per-element rates add
+average, μ, ν, ceiling, count, peak, steps since the first turn), in ``optimizer.state[p]['hd_controller']``. Per-element rates add
 no state beyond the rate buffer. A step whose gradients are not finite, or that has no previous
 direction yet (``‖d_{t-1}‖ = 0``, the first step), leaves rates and controller untouched.
 
@@ -74,8 +83,8 @@ from torch import Tensor
 from metalr.functional._common import full_value, resolve_constants
 
 #: Entries of a controller vector.
-RAMP, FAST, MEAN, SQ, CEILING, COUNT, PEAK = range(7)
-CONTROLLER_SIZE = 7
+RAMP, FAST, MEAN, SQ, CEILING, COUNT, PEAK, SINCE = range(8)
+CONTROLLER_SIZE = 8
 
 #: Fitted constants of the "seek" rule: trial 11 of ``experiments/fit_controller.py`` (objective
 #: 0.712; ``experiments/results/fit_controller/best.json``), to 3 significant digits.
@@ -96,6 +105,8 @@ SEEK_DEFAULTS: dict[str, float] = {
     "tie": 24.7,
     "ramp_fast": 0.317,
     "slow_zone": 1.0,
+    "resume_window": 0.0,
+    "resume_level": 1.0,
 }
 
 #: The default ``hypergrad_lr`` (β of phase 2) of the "seek" rule, fitted with the constants.
@@ -117,6 +128,8 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "tie": (1.0, math.inf, False),
     "ramp_fast": (0.0, math.inf, False),
     "slow_zone": (0.0, 1.0, False),
+    "resume_window": (0.0, math.inf, False),
+    "resume_level": (0.0, 1.0, False),
 }
 
 
@@ -245,6 +258,14 @@ def _controller_step(
     new_peak = torch.where(ramping, torch.maximum(peak, new_fast), peak)
     turn = ramping & (new_fast <= seek["turn_threshold"] * new_peak)
     keep_ramping = ramping & ~turn
+    # steps since the first turn (0 before it); within resume_window of it, a settled tensor
+    # whose fast average is back above resume_level x the peak takes the turn for noise: ramp again
+    since = ctrl[:, SINCE]
+    resume = (
+        ~ramping & (since > 0) & (since <= seek["resume_window"])
+        & (new_fast >= seek["resume_level"] * peak)
+    )  # fmt: skip
+    new_since = torch.where((since > 0) | turn, since + 1, since)
 
     new_mean, new_sq, new_count, track = _normalised_signal(mean, sq, count, signals, seek)
 
@@ -262,12 +283,13 @@ def _controller_step(
         grown = torch.where(far, fast_cap, torch.clamp(grown, max=seek["ramp_max"]))
     else:
         grown = torch.clamp(grown, max=seek["ramp_max"])
-    new_ramp = torch.where(keep_ramping, grown, 0.0)
+    new_ramp = torch.where(keep_ramping, grown, seek["ramp_rate"] * resume.to(dtype))
     new_ceiling = torch.where(
         turn, log_levels.to(dtype) + rollback + math.log(seek["headroom"]), ceiling
     )
+    new_ceiling = torch.where(resume, math.inf, new_ceiling)
     new_ctrl = torch.stack(
-        [new_ramp, new_fast, new_mean, new_sq, new_ceiling, new_count, new_peak], dim=1
+        [new_ramp, new_fast, new_mean, new_sq, new_ceiling, new_count, new_peak, new_since], dim=1
     )
     return _ControllerStep(new_ctrl, ramping, ramp_move, track, new_ceiling)
 

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from metalr.functional._common import commit_rates
-from metalr.functional._controller import SEEK_DEFAULTS, initial_controller
+from metalr.functional._controller import CONTROLLER_SIZE, SEEK_DEFAULTS, initial_controller
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
 from metalr.functional.validation import (
@@ -297,7 +297,11 @@ class HypergradOptimizer(Optimizer):
                 if not isinstance(value, Tensor):
                     continue
                 dtype = torch.float32 if key == "step" else rate_dtype(p)
-                self.state[p][key] = value.to(device=p.device, dtype=dtype).clone()
+                value = value.to(device=p.device, dtype=dtype).clone()
+                if key == CONTROLLER_KEY and value.numel() < CONTROLLER_SIZE:
+                    # a checkpoint from before the controller's later entries: those start at 0
+                    value = torch.cat([value, value.new_zeros(CONTROLLER_SIZE - value.numel())])
+                self.state[p][key] = value
 
     def _migrated(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with the options a torch.optim checkpoint lacks filled from our groups.
