@@ -38,7 +38,14 @@ later, so they serve only as starting points):
   a slow ramp (ρ ≤ 0.10), a slow signal average (decay 0.98) and β ≈ 0.1.
 * Round 6: round 5's best with the two-speed ramp (``ramp_fast``, ``slow_zone``) searched alone
   (``--base round5_best.json --out round6``, 24 trials, ~6 min): best 0.598 (``round6/best.json``).
-* Neither ships. ``experiments/check_controller.py`` (study 1's six tasks × five lr0 on seed 3,
+* Round 7: round 6's best with the re-opened ramp (``resume_window``, ``resume_level``) and five
+  constants it interacts with, the CNN added to the suite (``--base round6/best.json --space
+  resume --with-cnn --out round7``, 40 trials, ~45 min on 2 shared cores): best 0.516 (trial 33)
+  against the base's 0.621 on that suite. Seed-3 check: 11/30 (defaults 12/30); not adopted.
+* Round 8: SGD-HD's own constants (``--optimizer sgd --with-cnn --space settle --base best.json
+  --out round8_sgd``): SGD-HD (momentum 0.9) against best-of-grid SGD (momentum 0.9) on the same
+  suite, from trial 11 (the shipped constants). ROUND8_DOC
+* Neither of rounds 5 and 6 ships. ``experiments/check_controller.py`` (study 1's six tasks × five lr0 on seed 3,
   which no fit or study uses, against Adam on seed 3) found them *worse* than trial 11 where the
   suite cannot look: 13/30 (round 6) and 11/30 (round 5) cells within 10% against trial 11's
   12/30, but animal_cnn from lr0 1e-5 at 8.7× (trial 11: 1.03×): the slow ramp turned at 6e-6

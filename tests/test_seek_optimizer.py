@@ -152,3 +152,22 @@ def test_old_rule_checkpoint_keeps_its_rule():
     new = metalr.AdamHD(model.parameters(), lr=1e-3)
     new.load_state_dict(state)
     assert new.param_groups[0]["rule"] == "normalized"
+
+
+def test_each_optimizer_family_gets_its_own_fitted_defaults(monkeypatch):
+    """SGDHD reads the "sgd" family's seek constants and β, AdamHD/AdamWHD/HyperLR the "adam"
+    family's; an explicit seek override is completed from the optimizer's own family."""
+    from metalr.functional import _controller as C
+
+    sgd_constants = {**C.SEEK_DEFAULTS, "headroom": 3.25}
+    monkeypatch.setitem(C.FAMILIES, "sgd", (sgd_constants, 0.0425))
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    sgd = metalr.SGDHD(p, lr=0.1, momentum=0.9)
+    assert sgd.param_groups[0]["seek"]["headroom"] == 3.25
+    assert sgd.param_groups[0]["hypergrad_lr"] == 0.0425
+    partial = metalr.SGDHD(p, lr=0.1, seek={"evidence": 0.3})
+    assert partial.param_groups[0]["seek"]["headroom"] == 3.25
+    assert partial.param_groups[0]["seek"]["evidence"] == 0.3
+    for adam in (metalr.AdamHD(p), metalr.AdamWHD(p), metalr.HyperLR(torch.optim.Adam(p))):
+        assert adam.param_groups[0]["seek"]["headroom"] == C.SEEK_DEFAULTS["headroom"]
+        assert adam.param_groups[0]["hypergrad_lr"] == C.DEFAULT_SEEK_HYPERGRAD_LR

@@ -112,6 +112,17 @@ SEEK_DEFAULTS: dict[str, float] = {
 #: The default ``hypergrad_lr`` (β of phase 2) of the "seek" rule, fitted with the constants.
 DEFAULT_SEEK_HYPERGRAD_LR = 0.015
 
+#: SGDHD's constants and β: the same as AdamHD's (trial 11) until a fit against SGD replaces them
+#: (``experiments/fit_controller.py --optimizer sgd``).
+SGD_SEEK_DEFAULTS: dict[str, float] = dict(SEEK_DEFAULTS)
+DEFAULT_SGD_SEEK_HYPERGRAD_LR = DEFAULT_SEEK_HYPERGRAD_LR
+
+#: The optimizer families with their own fitted constants: family → (constants, β).
+FAMILIES: dict[str, tuple[dict[str, float], float]] = {
+    "adam": (SEEK_DEFAULTS, DEFAULT_SEEK_HYPERGRAD_LR),
+    "sgd": (SGD_SEEK_DEFAULTS, DEFAULT_SGD_SEEK_HYPERGRAD_LR),
+}
+
 _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is exclusive)
     "init_scale": (0.0, math.inf, True),
     "ramp_rate": (0.0, math.inf, False),
@@ -133,12 +144,13 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
 }
 
 
-def resolve_seek(seek: Mapping[str, float] | None) -> dict[str, float]:
-    """The full constant set: :data:`SEEK_DEFAULTS` overridden by ``seek``, validated.
+def resolve_seek(seek: Mapping[str, float] | None, family: str = "adam") -> dict[str, float]:
+    """The full constant set: the family's defaults (:data:`SEEK_DEFAULTS` for Adam-HD/AdamW-HD
+    and HyperLR, :data:`SGD_SEEK_DEFAULTS` for SGD-HD) overridden by ``seek``, validated.
 
     Raises ``ValueError`` naming the key and its allowed range (unknown keys are refused).
     """
-    return resolve_constants("seek", SEEK_DEFAULTS, _BOUNDS, seek)
+    return resolve_constants("seek", FAMILIES[family][0], _BOUNDS, seek)
 
 
 def initial_controller(param: Tensor, dtype: torch.dtype, seek: Mapping[str, float]) -> Tensor:

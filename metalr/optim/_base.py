@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from metalr.functional._common import commit_rates
-from metalr.functional._controller import CONTROLLER_SIZE, SEEK_DEFAULTS, initial_controller
+from metalr.functional._controller import CONTROLLER_SIZE, FAMILIES, initial_controller
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
 from metalr.functional.validation import (
@@ -48,12 +48,16 @@ class HypergradOptimizer(Optimizer):
     LR schedulers (which write ``group['lr']``) compose with the adaptation instead of erasing it.
     """
 
+    #: Whose fitted seek constants are the defaults (``FAMILIES`` of
+    #: :mod:`metalr.functional._controller`): Adam's unless a subclass says otherwise.
+    seek_family = "adam"
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in HYPER_DEFAULTS.items():
                 group.setdefault(key, value)
-            group.setdefault("seek", dict(SEEK_DEFAULTS))
+            group.setdefault("seek", dict(FAMILIES[self.seek_family][0]))
             group.setdefault("validation", dict(VALIDATION_DEFAULTS))
             for p in group["params"]:
                 p_state = self.state.get(p, {})

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from metalr.functional._controller import DEFAULT_SEEK_HYPERGRAD_LR, resolve_seek
+from metalr.functional._controller import FAMILIES, resolve_seek
 from metalr.functional._hypergrad import DEFAULT_NORMALIZED_HYPERGRAD_LR, GRANULARITIES, RULES
 from metalr.functional.validation import resolve_validation
 
@@ -39,14 +39,15 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 def resolve_hypergrad_lr(
-    hypergrad_lr: float | None, rule: str, additive_default: float | None
+    hypergrad_lr: float | None, rule: str, additive_default: float | None, family: str = "adam"
 ) -> float:
-    """The rule's default when ``None``; otherwise a finite number >= 0."""
+    """The rule's default when ``None`` (the seek rule's: the optimizer family's fitted β);
+    otherwise a finite number >= 0."""
     if hypergrad_lr is None:
         if rule == "normalized":
             return DEFAULT_NORMALIZED_HYPERGRAD_LR
         if rule == "seek":
-            return DEFAULT_SEEK_HYPERGRAD_LR
+            return FAMILIES[family][1]
         if additive_default is None:
             raise ValueError(
                 "Invalid hypergrad_lr value: None; rule='additive' needs an explicit "
@@ -84,8 +85,10 @@ def check_hyper_options(
     additive_default: float | None,
     seek: Mapping[str, float] | None = None,
     validation: Mapping[str, float] | None = None,
+    family: str = "adam",
 ) -> dict[str, Any]:
-    """Validate the hypergradient options and return them with defaults resolved.
+    """Validate the hypergradient options and return them with defaults resolved (``family``:
+    whose fitted seek constants are the defaults, ``"adam"`` or ``"sgd"``).
 
     ``seek`` (constants of the ``"seek"`` rule overriding its fitted defaults) is stored in
     every group, completed; it is refused for the other rules, which do not read it.
@@ -97,11 +100,11 @@ def check_hyper_options(
     if seek is not None and rule != "seek":
         raise ValueError(f"Invalid seek: {dict(seek)!r}; only rule='seek' takes seek constants")
     return {
-        "hypergrad_lr": resolve_hypergrad_lr(hypergrad_lr, rule, additive_default),
+        "hypergrad_lr": resolve_hypergrad_lr(hypergrad_lr, rule, additive_default, family),
         "granularity": granularity,
         "rule": rule,
         "lr_bounds": check_lr_bounds(lr_bounds),
-        "seek": resolve_seek(seek),
+        "seek": resolve_seek(seek, family),
         "validation": _validation_options(validation, rule, hypergrad_lr, additive_default),
     }
 

@@ -65,6 +65,10 @@ class SGDHD(HypergradOptimizer):
         >>> scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100)
     """
 
+    #: Whose fitted seek constants are this optimizer's defaults (``FAMILIES`` of
+    #: :mod:`metalr.functional._controller`).
+    seek_family = "sgd"
+
     def __init__(
         self,
         params: ParamsT,
@@ -111,6 +115,7 @@ class SGDHD(HypergradOptimizer):
                 ADDITIVE_DEFAULT_HYPERGRAD_LR,
                 seek,
                 validation,
+                family=self.seek_family,
             ),
         )
         super().__init__(params, defaults)
