@@ -44,7 +44,10 @@ later, so they serve only as starting points):
   against the base's 0.621 on that suite. Seed-3 check: 11/30 (defaults 12/30); not adopted.
 * Round 8: SGD-HD's own constants (``--optimizer sgd --with-cnn --space settle --base best.json
   --out round8_sgd``): SGD-HD (momentum 0.9) against best-of-grid SGD (momentum 0.9) on the same
-  suite, from trial 11 (the shipped constants). ROUND8_DOC
+  suite, from trial 11 (AdamHD's constants), 36 trials (~45 min on 2 shared cores): best 0.420
+  (trial 24) against 0.446. Seed-3 check (``check_controller.py --optimizer sgd``): 19/30 cells
+  within 10% of best-of-grid SGD against 17/30 (worst 3.47 against 2.78): **adopted as SGD-HD's
+  own defaults** (``SGD_SEEK_DEFAULTS``).
 * Neither of rounds 5 and 6 ships. ``experiments/check_controller.py`` (study 1's six tasks × five lr0 on seed 3,
   which no fit or study uses, against Adam on seed 3) found them *worse* than trial 11 where the
   suite cannot look: 13/30 (round 6) and 11/30 (round 5) cells within 10% against trial 11's
@@ -52,7 +55,8 @@ later, so they serve only as starting points):
   on a noisy start and the ceiling (headroom × the turn's level) pinned it there for 500 steps.
   A one-seed, four-task suite over-fits; results in ``check_seed3.md``.
 
-Trial 11 of the final round is what ``metalr/functional/_controller.py`` ships. Resume: the Optuna
+Trial 11 of the final round is what ``metalr/functional/_controller.py`` ships for AdamHD/AdamWHD
+and HyperLR; round 8's trial 24 for SGD-HD. Resume: the Optuna
 study lives in ``<out>/study.db``; rerunning continues it.
 
     R=experiments/results/fit_controller
@@ -62,6 +66,10 @@ study lives in ``<out>/study.db``; rerunning continues it.
     python experiments/fit_controller.py --trials 130 --workers 2          # round 5
     python experiments/fit_controller.py --trials 24 --workers 2 --base $R/round5_best.json \
         --out $R/round6                                                     # round 6
+    python experiments/fit_controller.py --base $R/round6/best.json --space resume --with-cnn \
+        --trials 40 --workers 2 --out $R/round7                             # round 7
+    python experiments/fit_controller.py --optimizer sgd --with-cnn --space settle \
+        --base $R/best.json --trials 36 --workers 2 --out $R/round8_sgd     # round 8 (SGD-HD)
     python experiments/fit_controller.py --smoke          # seconds: 2 trials, 20-step runs
 
 Writes ``<out>/trials.jsonl`` (one line per trial: constants, objective, per-cell ratios),

@@ -17,6 +17,7 @@ import torch
 
 import metalr
 from metalr.functional import SEEK_DEFAULTS, initial_controller, initial_rate
+from metalr.functional._controller import DEFAULT_SGD_SEEK_HYPERGRAD_LR, SGD_SEEK_DEFAULTS
 from metalr.functional._hypergrad import adapt_rates
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
@@ -33,10 +34,10 @@ def _weights(dtype=torch.float64) -> list[torch.Tensor]:
     return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) for s in SHAPES]
 
 
-def _rule_state(params, rule, granularity, hypergrad_lr):
-    init = SEEK_DEFAULTS["init_scale"] if rule == "seek" and hypergrad_lr != 0 else 1.0
+def _rule_state(params, rule, granularity, hypergrad_lr, seek=SEEK_DEFAULTS):
+    init = seek["init_scale"] if rule == "seek" and hypergrad_lr != 0 else 1.0
     rates = [initial_rate(p, granularity, init) for p in params]
-    ctrls = [initial_controller(p, p.dtype, SEEK_DEFAULTS) for p in params]
+    ctrls = [initial_controller(p, p.dtype, seek) for p in params]
     return rates, (ctrls if rule == "seek" else None)
 
 
@@ -81,10 +82,10 @@ def sgd_reference(steps, *, lr, momentum, rule, granularity, hypergrad_lr):
     params = _weights()
     buf = [torch.zeros_like(p) for p in params]  # b_0 = 0 and b_1 = g_1: the same here
     prev_dir = [torch.zeros_like(p) for p in params]
-    rates, ctrls = _rule_state(params, rule, granularity, hypergrad_lr)
+    rates, ctrls = _rule_state(params, rule, granularity, hypergrad_lr, SGD_SEEK_DEFAULTS)
     for t in range(1, steps + 1):
         grads = _grads(t)
-        extra = {"controllers": ctrls, "seek": SEEK_DEFAULTS} if ctrls is not None else {}
+        extra = {"controllers": ctrls, "seek": SGD_SEEK_DEFAULTS} if ctrls is not None else {}
         d_prev = buf if momentum else prev_dir
         update = adapt_rates(
             rates, grads, d_prev, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
@@ -171,7 +172,7 @@ def test_adam_lagged_weight_decay_matches_reference(decoupled):
 @pytest.mark.parametrize(("rule", "granularity", "beta"), CASES[:4] + CASES[6:7])
 def test_sgd_lagged_matches_reference(rule, granularity, beta, momentum, path):
     lr = 1e-2
-    hyper = beta if beta is not None else metalr.functional.DEFAULT_SEEK_HYPERGRAD_LR
+    hyper = beta if beta is not None else DEFAULT_SGD_SEEK_HYPERGRAD_LR
     ref_params, ref_rates = sgd_reference(
         7, lr=lr, momentum=momentum, rule=rule, granularity=granularity, hypergrad_lr=hyper
     )

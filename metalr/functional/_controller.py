@@ -66,7 +66,8 @@ direction yet (``‖d_{t-1}‖ = 0``, the first step), leaves rates and controll
 The constants (:data:`SEEK_DEFAULTS`) were fitted by Bayesian search over full-length training
 runs of a training suite of tasks × initial rates (``experiments/fit_controller.py``; the
 held-out tasks of :mod:`metalr.workbench.heldout_tasks` were never used). ``β`` is the group's
-``hypergrad_lr``.
+``hypergrad_lr``. SGD-HD has its own set (:data:`SGD_SEEK_DEFAULTS`, fitted the same way against
+SGD with momentum 0.9); AdamHD, AdamWHD and HyperLR use :data:`SEEK_DEFAULTS`.
 
 Everything here is pure (``torch.where``, no Python branches on tensor values, no host sync).
 """
@@ -112,10 +113,21 @@ SEEK_DEFAULTS: dict[str, float] = {
 #: The default ``hypergrad_lr`` (β of phase 2) of the "seek" rule, fitted with the constants.
 DEFAULT_SEEK_HYPERGRAD_LR = 0.015
 
-#: SGDHD's constants and β: the same as AdamHD's (trial 11) until a fit against SGD replaces them
-#: (``experiments/fit_controller.py --optimizer sgd``).
-SGD_SEEK_DEFAULTS: dict[str, float] = dict(SEEK_DEFAULTS)
-DEFAULT_SGD_SEEK_HYPERGRAD_LR = DEFAULT_SEEK_HYPERGRAD_LR
+#: SGDHD's constants: round 8 of ``experiments/fit_controller.py`` (``--optimizer sgd``: SGD-HD with
+#: momentum 0.9 against best-of-grid SGD with momentum 0.9, the CNN in the suite; trial 24,
+#: objective 0.420 against 0.446 for AdamHD's constants; ``round8_sgd/best.json``), to 3
+#: significant digits: a later turn (0.0941 × the peak), a deeper cut (0.299) and a faster
+#: signal average. The ramp's constants are AdamHD's.
+SGD_SEEK_DEFAULTS: dict[str, float] = {
+    **SEEK_DEFAULTS,
+    "ramp_max": 0.306,
+    "turn_threshold": 0.0941,
+    "turn_cut": 0.299,
+    "headroom": 4.69,
+    "signal_decay": 0.600,
+    "evidence": 0.187,
+}
+DEFAULT_SGD_SEEK_HYPERGRAD_LR = 0.0106
 
 #: The optimizer families with their own fitted constants: family → (constants, β).
 FAMILIES: dict[str, tuple[dict[str, float], float]] = {

@@ -34,14 +34,15 @@ class SGDHD(HypergradOptimizer):
         weight_decay: L2 penalty added to the gradient (default: 0).
         nesterov: Nesterov momentum (default: False).
         hypergrad_lr: β of the rate update; ``None`` picks the rule's default
-            (seek: its fitted tracking step; normalized: 0.02; additive: 1e-3 as in the paper);
+            (seek: its fitted tracking step, ``DEFAULT_SGD_SEEK_HYPERGRAD_LR``; normalized: 0.02; additive: 1e-3 as in the paper);
             0 turns the adaptation off (default: None).
         granularity: ``"group"``, ``"tensor"`` or ``"element"`` (default: "tensor"; see
             :class:`metalr.AdamHD` for why).
         rule: ``"seek"`` (ramp to the scale, then track; see :class:`metalr.AdamHD`),
             ``"normalized"`` (scale-free, positive) or ``"additive"`` (the paper's)
             (default: "seek").
-        seek: constants of the seek rule overriding its fitted defaults (default: None).
+        seek: constants of the seek rule overriding its fitted defaults, SGD-HD's own
+            (``SGD_SEEK_DEFAULTS``, fitted against SGD with momentum 0.9) (default: None).
         validation: constants of the validation signal (:meth:`observe_validation`) overriding
             its defaults (default: None).
         lr_bounds: ``(min, max)`` for every effective rate (default: (0, inf)).
