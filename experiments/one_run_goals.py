@@ -127,6 +127,8 @@ def headline(table: Callable[[str], dict], seconds_note: str = "") -> str:
     held = [x for x in tasks if x in HELDOUT]
     opts = {"adam_hd": "AdamHD (seek, defaults)", "adam_hd_normalized": "AdamHD (normalized)",
             "adam": "Adam (each lr0 ÷ best of grid)"}  # fmt: skip
+    if any(k[1] == "adam_hd_round7" for k in t):  # a fitted candidate, reported beside
+        opts = {**opts, "adam_hd_round7": "AdamHD (fit round 7 candidate, not the default)"}
     out = ["## Study 1: one run, any learning rate (issue 10)\n", seconds_note,
            ("Each cell: AdamHD started at lr0, final (and best) validation loss, mean over "
             "seeds, ÷ the best-of-grid Adam's on the same task.\n"),
@@ -148,7 +150,8 @@ def headline(table: Callable[[str], dict], seconds_note: str = "") -> str:
         out.append(f"\nAdamHD's mean rank {means['adam_hd']:.2f} is "
                    f"{'the best' if better else 'not the best'} of the six.\n")  # fmt: skip
     out.append("\n### Per cell: final ratio (best ratio), ✗ = final not within 10%\n\n"
-               + cell_table(t, early, tasks, {"adam_hd": "seek", "adam_hd_normalized": "normalized"}))  # fmt: skip
+               + cell_table(t, early, tasks, {"adam_hd": "seek", "adam_hd_normalized": "normalized",
+                                              **{k: "round 7" for k in opts if k == "adam_hd_round7"}}))  # fmt: skip
     return "\n".join(out)
 
 
