@@ -81,88 +81,34 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from metalr.functional._common import full_value, resolve_constants
+from metalr.functional._common import full_value
+from metalr.functional._seek_constants import (
+    DEFAULT_SEEK_HYPERGRAD_LR,
+    DEFAULT_SGD_SEEK_HYPERGRAD_LR,
+    FAMILIES,
+    SEEK_DEFAULTS,
+    SGD_SEEK_DEFAULTS,
+    resolve_seek,
+)  # re-exported: the rule's fitted constants
 
 #: Entries of a controller vector.
 RAMP, FAST, MEAN, SQ, CEILING, COUNT, PEAK, SINCE = range(8)
 CONTROLLER_SIZE = 8
 
-#: Fitted constants of the "seek" rule: trial 11 of ``experiments/fit_controller.py`` (objective
-#: 0.712; ``experiments/results/fit_controller/best.json``), to 3 significant digits.
-#: ``signal_sq_decay`` was not searched.
-SEEK_DEFAULTS: dict[str, float] = {
-    "init_scale": 0.00732,
-    "ramp_rate": 0.288,
-    "ramp_growth": 1.07,
-    "ramp_max": 0.317,
-    "turn_decay": 0.19,
-    "turn_threshold": 0.232,
-    "turn_cut": 0.421,
-    "turn_lag": 0.63,
-    "headroom": 5.13,
-    "signal_decay": 0.611,
-    "signal_sq_decay": 0.99,
-    "evidence": 0.223,
-    "tie": 24.7,
-    "ramp_fast": 0.317,
-    "slow_zone": 1.0,
-    "resume_window": 0.0,
-    "resume_level": 1.0,
-}
-
-#: The default ``hypergrad_lr`` (β of phase 2) of the "seek" rule, fitted with the constants.
-DEFAULT_SEEK_HYPERGRAD_LR = 0.015
-
-#: SGDHD's constants: round 8 of ``experiments/fit_controller.py`` (``--optimizer sgd``: SGD-HD with
-#: momentum 0.9 against best-of-grid SGD with momentum 0.9, the CNN in the suite; trial 24,
-#: objective 0.420 against 0.446 for AdamHD's constants; ``round8_sgd/best.json``), to 3
-#: significant digits: a later turn (0.0941 × the peak), a deeper cut (0.299) and a faster
-#: signal average. The ramp's constants are AdamHD's.
-SGD_SEEK_DEFAULTS: dict[str, float] = {
-    **SEEK_DEFAULTS,
-    "ramp_max": 0.306,
-    "turn_threshold": 0.0941,
-    "turn_cut": 0.299,
-    "headroom": 4.69,
-    "signal_decay": 0.600,
-    "evidence": 0.187,
-}
-DEFAULT_SGD_SEEK_HYPERGRAD_LR = 0.0106
-
-#: The optimizer families with their own fitted constants: family → (constants, β).
-FAMILIES: dict[str, tuple[dict[str, float], float]] = {
-    "adam": (SEEK_DEFAULTS, DEFAULT_SEEK_HYPERGRAD_LR),
-    "sgd": (SGD_SEEK_DEFAULTS, DEFAULT_SGD_SEEK_HYPERGRAD_LR),
-}
-
-_BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is exclusive)
-    "init_scale": (0.0, math.inf, True),
-    "ramp_rate": (0.0, math.inf, False),
-    "ramp_growth": (1.0, math.inf, False),
-    "ramp_max": (0.0, math.inf, False),
-    "turn_decay": (0.0, 1.0, False),
-    "turn_threshold": (-1.0, 1.0, False),
-    "turn_cut": (0.0, 1.0, True),
-    "turn_lag": (0.0, 20.0, False),
-    "headroom": (1.0, math.inf, False),
-    "signal_decay": (0.0, 1.0, False),
-    "signal_sq_decay": (0.0, 1.0, False),
-    "evidence": (0.0, 1.0, False),
-    "tie": (1.0, math.inf, False),
-    "ramp_fast": (0.0, math.inf, False),
-    "slow_zone": (0.0, 1.0, False),
-    "resume_window": (0.0, math.inf, False),
-    "resume_level": (0.0, 1.0, False),
-}
-
-
-def resolve_seek(seek: Mapping[str, float] | None, family: str = "adam") -> dict[str, float]:
-    """The full constant set: the family's defaults (:data:`SEEK_DEFAULTS` for Adam-HD/AdamW-HD
-    and HyperLR, :data:`SGD_SEEK_DEFAULTS` for SGD-HD) overridden by ``seek``, validated.
-
-    Raises ``ValueError`` naming the key and its allowed range (unknown keys are refused).
-    """
-    return resolve_constants("seek", FAMILIES[family][0], _BOUNDS, seek)
+__all__ = [
+    "CONTROLLER_SIZE",
+    "DEFAULT_SEEK_HYPERGRAD_LR",
+    "DEFAULT_SGD_SEEK_HYPERGRAD_LR",
+    "FAMILIES",
+    "SEEK_DEFAULTS",
+    "SGD_SEEK_DEFAULTS",
+    "initial_controller",
+    "resolve_seek",
+    "seek_update",
+    "seek_update_stacked",
+    "seek_validation_update",
+    "settled_controller",
+]
 
 
 def initial_controller(param: Tensor, dtype: torch.dtype, seek: Mapping[str, float]) -> Tensor:
