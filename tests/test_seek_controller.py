@@ -335,10 +335,17 @@ def test_stacked_update_equals_the_list_update(granularity, per_tensor_beta):
             rates, ctrls, signals, group, active, sizes, hypergrad_lr=beta_list, seek=SEEK,
             granularity=granularity,
         )  # fmt: skip
+        prev_rates, prev_ctrl = rate_vec, ctrl_mat
         rate_vec, ctrl_mat = seek_update_stacked(
             rate_vec, ctrl_mat, group.expand(n) if granularity == "group" else sig, group, active,
             sizes, hypergrad_lr=beta_vec, seek=SEEK, granularity=granularity,
         )  # fmt: skip
+        if per_tensor_beta:  # one β per rate given as a list: stacked inside, the same values
+            from_list, _ = seek_update_stacked(
+                prev_rates, prev_ctrl, group.expand(n) if granularity == "group" else sig, group,
+                active, sizes, hypergrad_lr=betas, seek=SEEK, granularity=granularity,
+            )  # fmt: skip
+            assert torch.equal(from_list, rate_vec)
         assert torch.equal(rate_vec, torch.stack(rates)), f"rates, step {t + 1}"
         assert torch.equal(ctrl_mat, torch.stack(ctrls)), f"controllers, step {t + 1}"
     assert float(ctrl_mat[0, RAMP]) == 0 and math.isfinite(float(ctrl_mat[0, CEILING]))

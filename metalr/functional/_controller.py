@@ -177,22 +177,23 @@ def seek_update_stacked(
     active: Tensor,
     sizes: Sequence[int],
     *,
-    hypergrad_lr: float | Tensor,
+    hypergrad_lr: float | Tensor | Sequence[Tensor],
     seek: Mapping[str, Any],
     granularity: str,
 ) -> tuple[Tensor, Tensor]:
     """:func:`seek_update` for one rate per tensor, stacked: ``rates`` and ``signals`` are
     ``[n]``, ``controllers`` ``[n, CONTROLLER_SIZE]`` (all of one dtype and device); returns the
     new ``(rates, controllers)`` stacked the same way. The same operations as the list form,
-    without a stack and an unbind per tensor (a fused step's bookkeeping)."""
+    without a stack and an unbind per tensor (a fused step's bookkeeping). ``hypergrad_lr``: a
+    number, a tensor, or one ``β`` per rate."""
     if granularity == "element":
         raise ValueError("seek_update_stacked takes group/tensor granularity, not 'element'")
     step = _controller_step(controllers, signals, group_signal, torch.log(rates), seek)
     act = active.to(controllers.device)
     new_rates = _vector_moves(
         rates, step.ramping, step.ramp_move, step.track, step.ceiling, act, sizes,
-        hypergrad_lr=hypergrad_lr, tracking=float(seek.get("track", 1.0)), seek=seek,
-        granularity=granularity,
+        hypergrad_lr=_beta_vector(hypergrad_lr, rates), tracking=float(seek.get("track", 1.0)),
+        seek=seek, granularity=granularity,
     )  # fmt: skip
     return new_rates, torch.where(act, step.controllers, controllers)
 
@@ -231,11 +232,12 @@ def _controller_step(
     # steps since the first turn (0 before it); within resume_window of it, a settled tensor
     # whose fast average is back above resume_level x the peak takes the turn for noise: ramp again
     since = ctrl[:, SINCE]
+    new_since = torch.where((since > 0) | turn, since + 1, since)
+    resuming = seek["resume_window"] > 0  # the re-opened ramp is on (no extra ops when off)
     resume = (
         ~ramping & (since > 0) & (since <= seek["resume_window"])
         & (new_fast >= seek["resume_level"] * peak)
-    )  # fmt: skip
-    new_since = torch.where((since > 0) | turn, since + 1, since)
+    ) if resuming else None  # fmt: skip
 
     new_mean, new_sq, new_count, track = _normalised_signal(mean, sq, count, signals, seek)
 
@@ -253,11 +255,13 @@ def _controller_step(
         grown = torch.where(far, fast_cap, torch.clamp(grown, max=seek["ramp_max"]))
     else:
         grown = torch.clamp(grown, max=seek["ramp_max"])
-    new_ramp = torch.where(keep_ramping, grown, seek["ramp_rate"] * resume.to(dtype))
+    restart = seek["ramp_rate"] * resume.to(dtype) if resume is not None else 0.0
+    new_ramp = torch.where(keep_ramping, grown, restart)
     new_ceiling = torch.where(
         turn, log_levels.to(dtype) + rollback + math.log(seek["headroom"]), ceiling
     )
-    new_ceiling = torch.where(resume, math.inf, new_ceiling)
+    if resume is not None:
+        new_ceiling = torch.where(resume, math.inf, new_ceiling)
     new_ctrl = torch.stack(
         [new_ramp, new_fast, new_mean, new_sq, new_ceiling, new_count, new_peak, new_since], dim=1
     )
@@ -338,15 +342,22 @@ def _scalar_moves(
     """:func:`_per_rate_moves` for 0-d rates, as a handful of ops on one stacked vector
     (element for element the same operations, so the same values)."""
     rate_vec = torch.stack(list(rates))
-    if isinstance(hypergrad_lr, (list, tuple)):
-        hypergrad_lr = torch.stack(
-            [torch.as_tensor(b, dtype=rate_vec.dtype, device=rate_vec.device) for b in hypergrad_lr]
-        )
     new = _vector_moves(
         rate_vec, ramping, ramp_move, track, new_ceiling, act, sizes,
-        hypergrad_lr=hypergrad_lr, tracking=tracking, seek=seek, granularity=granularity,
+        hypergrad_lr=_beta_vector(hypergrad_lr, rate_vec), tracking=tracking, seek=seek,
+        granularity=granularity,
     )  # fmt: skip
     return list(new.unbind(0))
+
+
+def _beta_vector(hypergrad_lr: float | Tensor | Sequence[Tensor], like: Tensor) -> float | Tensor:
+    """``hypergrad_lr`` as :func:`_vector_moves` takes it: one ``β`` per rate stacked into a
+    vector of ``like``'s dtype and device; a number or a tensor as it is."""
+    if isinstance(hypergrad_lr, (list, tuple)):
+        return torch.stack(
+            [torch.as_tensor(b, dtype=like.dtype, device=like.device) for b in hypergrad_lr]
+        )
+    return hypergrad_lr
 
 
 def _vector_moves(

@@ -102,10 +102,6 @@ def _seek_from_sums(
     else:
         signal_vec = tensor_cosines(sum_vec, g_vec, d_vec)
     ctrl = torch.stack(list(controllers))
-    if isinstance(hypergrad_lr, (list, tuple)):
-        hypergrad_lr = torch.stack(
-            [torch.as_tensor(b, dtype=ctrl.dtype, device=ctrl.device) for b in hypergrad_lr]
-        )
     rate_vec, new_ctrl = seek_update_stacked(
         torch.stack(list(rates)), ctrl, signal_vec.to(ctrl.dtype), group_signal, active, sizes,
         hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity,
