@@ -10,16 +10,25 @@ Procedure (fixed before it was run):
   training steps (the recommended frequency): ``validation_data: {every: 10, batch: 128}``.
 * **Objective** (minimised): the mean over cells of
   ``max(0, log(final / ref_final)) + ½ max(0, log(best / ref_best))`` (log-ratios capped at 2).
+* **Selection** (added on 2026-12-03, when round 7's seek constants made the grid's best keep
+  the training signal at full weight): the lowest objective among the settings under which the
+  rates fall in a constructed overfitting case (:func:`falls_when_overfitting`, the behaviour
+  ``tests/test_validation_signal.py`` requires of the defaults); ``best.json`` names it.
 * **Search:** the full grid ``hypergrad_lr ∈ {0.03, 0.1, 0.3}`` × ``evidence ∈ {0, 0.2, 0.4}``
   × ``train_weight ∈ {0, 1}`` (``signal_decay`` 0.7, ``signal_sq_decay`` 0.95 fixed): 18
   settings × 8 cells. A grid, not a Bayesian search: three constants, and every setting is
   reported.
 
-    python experiments/choose_validation.py            # ~15 CPU-min; writes <out>/grid.jsonl
+    python experiments/choose_validation.py            # ~4 CPU-min; writes <out>/grid.jsonl
     python experiments/choose_validation.py --smoke    # seconds
 
 Appends one line per setting to ``<out>/grid.jsonl`` (rerunning skips settings already there)
-and writes ``<out>/best.json``; default ``<out>``: ``experiments/results/choose_validation``.
+and writes ``<out>/best.json`` (with the objective of the same cells without the signal);
+default ``<out>``: ``experiments/results/choose_validation``. The AdamHD under the signal is the
+default of the day: ``grid.jsonl`` at the top level was chosen with trial 11's seek constants,
+``round7/`` with round 7's (the defaults since 2026-12-03):
+
+    python experiments/choose_validation.py --out experiments/results/choose_validation/round7
 """
 
 from __future__ import annotations
@@ -41,8 +50,40 @@ GRID = {"hypergrad_lr": (0.03, 0.1, 0.3), "evidence": (0.0, 0.2, 0.4), "train_we
 STREAM = {"every": 10}  # batch: the task's training batch (128 here; fewshot: its 100-point split)
 
 
-def score(options: dict[str, float], ref: dict, steps: dict[str, int], size: str) -> tuple:
-    spec = {"kind": "adam_hd", "validation": options, "validation_data": STREAM}
+def falls_when_overfitting(options: dict[str, float]) -> bool:
+    """The behaviour the option exists for, on a constructed case: linear regression whose
+    validation targets disagree with the training ones (every training step lowers the training
+    loss and raises the validation loss), AdamHD (seek, settled from the start) observing the
+    validation loss every 5 steps for 60 steps: does the rate, read after each observation, never
+    rise and end below half its first reading?"""
+    import metalr
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, dtype=torch.float64, generator=gen)
+    w_train = torch.randn(8, 1, dtype=torch.float64, generator=gen)
+    w_val = torch.randn(8, 1, dtype=torch.float64, generator=gen)
+    model = torch.nn.Linear(8, 1, bias=False).double()
+    with torch.no_grad():
+        model.weight.copy_(w_val.T)  # start at the validation optimum
+    opt = metalr.AdamHD(model.parameters(), lr=1e-2, seek={"ramp_rate": 0.0, "init_scale": 1.0},
+                        validation=options)  # fmt: skip
+    rates = []
+    for step in range(1, 61):
+        opt.zero_grad()
+        ((model(x) - x @ w_train) ** 2).mean().backward()
+        opt.step()
+        if step % 5 == 0:
+            opt.observe_validation(((model(x) - x @ w_val) ** 2).mean())
+            rates.append(float(opt.state[model.weight]["lr_multiplier"]))
+    never_rises = all(b <= a * (1 + 1e-12) for a, b in itertools.pairwise(rates))
+    return never_rises and rates[-1] < 0.5 * rates[0]
+
+
+def score(options: dict[str, float] | None, ref: dict, steps: dict[str, int], size: str) -> tuple:
+    """The objective and per-cell results of one setting; ``None``: AdamHD without the signal."""
+    spec = {"kind": "adam_hd"}
+    if options is not None:
+        spec.update(validation=options, validation_data=STREAM)
     cells = []
     for name, n in steps.items():
         for lr in LR0S:
@@ -79,14 +120,24 @@ def main(argv: list[str] | None = None) -> None:
         tic = time.perf_counter()
         value, cells = score(options, ref, steps, size)
         row = {"options": options, "objective": value, "seconds": time.perf_counter() - tic,
-               "cells": cells}  # fmt: skip
+               "falls_when_overfitting": falls_when_overfitting(options), "cells": cells}  # fmt: skip
         done[key] = row
         with open(log, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{key} objective {value:.4f} ({row['seconds']:.0f} s)", flush=True)
-    best = min(done.values(), key=lambda r: r["objective"])
-    (out / "best.json").write_text(json.dumps({"options": best["options"],
-                                               "objective": best["objective"]}, indent=1))  # fmt: skip
+    for row in done.values():  # rows written before the check existed
+        row.setdefault("falls_when_overfitting", falls_when_overfitting(row["options"]))
+    eligible = [r for r in done.values() if r["falls_when_overfitting"]] or list(done.values())
+    best = min(eligible, key=lambda r: r["objective"])
+    without, _ = score(None, ref, steps, size)  # the same cells without the signal, for scale
+    print(f"without the signal: objective {without:.4f}", flush=True)
+    overall = min(done.values(), key=lambda r: r["objective"])
+    (out / "best.json").write_text(json.dumps({
+        "options": best["options"], "objective": best["objective"],
+        "objective_without_signal": without,
+        "overall_best": {"options": overall["options"], "objective": overall["objective"],
+                         "falls_when_overfitting": overall["falls_when_overfitting"]},
+    }, indent=1))  # fmt: skip
     print(json.dumps(best["options"]))
 
 

@@ -127,8 +127,6 @@ def headline(table: Callable[[str], dict], seconds_note: str = "") -> str:
     held = [x for x in tasks if x in HELDOUT]
     opts = {"adam_hd": "AdamHD (seek, defaults)", "adam_hd_normalized": "AdamHD (normalized)",
             "adam": "Adam (each lr0 ÷ best of grid)"}  # fmt: skip
-    if any(k[1] == "adam_hd_round7" for k in t):  # a fitted candidate, reported beside
-        opts = {**opts, "adam_hd_round7": "AdamHD (fit round 7 candidate, not the default)"}
     out = ["## Study 1: one run, any learning rate (issue 10)\n", seconds_note,
            ("Each cell: AdamHD started at lr0, final (and best) validation loss, mean over "
             "seeds, ÷ the best-of-grid Adam's on the same task.\n"),
@@ -149,9 +147,10 @@ def headline(table: Callable[[str], dict], seconds_note: str = "") -> str:
         better = all(means["adam_hd"] < m for p, m in means.items() if p != "adam_hd")
         out.append(f"\nAdamHD's mean rank {means['adam_hd']:.2f} is "
                    f"{'the best' if better else 'not the best'} of the six.\n")  # fmt: skip
-    out.append("\n### Per cell: final ratio (best ratio), ✗ = final not within 10%\n\n"
-               + cell_table(t, early, tasks, {"adam_hd": "seek", "adam_hd_normalized": "normalized",
-                                              **{k: "round 7" for k in opts if k == "adam_hd_round7"}}))  # fmt: skip
+    out.append(
+        "\n### Per cell: final ratio (best ratio), ✗ = final not within 10%\n\n"
+        + cell_table(t, early, tasks, {"adam_hd": "seek", "adam_hd_normalized": "normalized"})
+    )
     return "\n".join(out)
 
 
@@ -161,6 +160,8 @@ def headline6(table: Callable[[str], dict]) -> str:
     variants = {"adam_hd": "seek (defaults)", "no_ramp": "no ramp (start at lr0, track)",
                 "no_cut": "no cut at the turn", "no_evidence": "no evidence threshold",
                 "no_ceiling": "no ceiling", "no_tie": "no tie between tensors",
+                "one_speed": "one-speed ramp (no fast phase)",
+                "no_resume": "no re-opened ramp (a turn is final)",
                 "normalized": "normalized rule (previous default)"}  # fmt: skip
     return ("## Study 6: what each part of the seek rule contributes\n\n"
             f"Goal test of study 1 on {', '.join(tasks)} (all lr0, mean over seeds).\n\n"

@@ -4,6 +4,7 @@ and study 9's headline from a few records."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -26,9 +27,20 @@ def test_choose_validation_smoke_writes_the_grid_and_resumes(tmp_path, capsys):
     assert len(rows) == 2
     assert all(len(r["cells"]) == 2 * len(choose_validation.SUITE) for r in rows)
     best = json.loads((tmp_path / "best.json").read_text())
-    assert best["objective"] == min(r["objective"] for r in rows)
+    eligible = [r for r in rows if r["falls_when_overfitting"]] or rows
+    assert best["objective"] == min(r["objective"] for r in eligible)
+    assert best["overall_best"]["objective"] == min(r["objective"] for r in rows)
+    assert math.isfinite(best["objective_without_signal"]) and best["objective_without_signal"] >= 0
     choose_validation.main(["--smoke", "--out", str(tmp_path)])  # resumes: nothing rerun
     assert len((tmp_path / "grid.jsonl").read_text().splitlines()) == 2
+
+
+def test_the_overfitting_check_tells_the_validation_signal_from_the_training_one():
+    import choose_validation
+
+    assert choose_validation.falls_when_overfitting({"train_weight": 0.0})
+    # the training signal at full weight outweighs a weak validation one: the rate rises
+    assert not choose_validation.falls_when_overfitting({"train_weight": 1.0, "hypergrad_lr": 0.03})
 
 
 def test_cost_benchmark_prints_a_paired_table(capsys):

@@ -148,7 +148,9 @@ def test_two_speed_ramp_slows_to_ramp_max_near_the_edge():
 
 
 def test_turn_cuts_by_turn_cut_and_caps_at_headroom():
-    seek = resolve_seek({"turn_cut": 0.1, "headroom": 3.0, "turn_threshold": 0.0, "turn_lag": 0.0})
+    # the re-opened ramp off: a strong signal after the turn would take the ceiling away
+    seek = resolve_seek({"turn_cut": 0.1, "headroom": 3.0, "turn_threshold": 0.0, "turn_lag": 0.0,
+                         "resume_window": 0.0})  # fmt: skip
     rate = [torch.tensor(1.0, dtype=torch.float64)]
     ctrl = [initial_controller(torch.zeros(3), torch.float64, seek)]
     step = {"hypergrad_lr": 1.0, "seek": seek, "granularity": "tensor"}

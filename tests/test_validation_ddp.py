@@ -49,12 +49,13 @@ def _model() -> nn.Module:
 
 def _optimizer(kind: str, rule: str, granularity: str, params) -> torch.optim.Optimizer:
     params = list(params)
-    # A seek rule that turns at once, so that it reaches the tracking phase the validation drives.
+    # A seek rule that turns at once and for good (no re-opened ramp), so that it reaches the
+    # tracking phase the validation drives.
     hyper: dict[str, Any] = {"rule": rule, "granularity": granularity}
     if rule == "additive":  # its β is in rate units: the validation one too (default 0.1)
         hyper.update(hypergrad_lr=1e-3, validation={"hypergrad_lr": 1e-3})
     if rule == "seek":
-        hyper["seek"] = {"init_scale": 0.5, "turn_threshold": 0.99}
+        hyper["seek"] = {"init_scale": 0.5, "turn_threshold": 0.99, "resume_window": 0.0}
     if kind == "SGDHD":
         return metalr.SGDHD(params, lr=0.05, momentum=0.9, **hyper)
     if kind == "AdamHD":

@@ -291,9 +291,10 @@ def test_resume_is_bit_exact(name):
 
 
 def test_training_signal_stops_tracking_once_validation_is_observed():
-    """seek, settled: between observations the rate holds (train_weight 0, the default)."""
+    """seek, settled, train_weight 0: between observations the rate holds."""
     model = _model()
-    opt = metalr.AdamHD(model.parameters(), lr=LR, seek={"ramp_rate": 0.0, "init_scale": 1.0})
+    opt = metalr.AdamHD(model.parameters(), lr=LR, seek={"ramp_rate": 0.0, "init_scale": 1.0},
+                        validation={"train_weight": 0.0})  # fmt: skip
     _train_step(model, opt)
     _train_step(model, opt)
     moved = float(opt.state[model[0].weight][RATE_KEY])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from metalr.cli import main
-from metalr.functional._controller import SEEK_DEFAULTS
+from metalr.functional._controller import SGD_SEEK_DEFAULTS
 from metalr.workbench import executors as E
 from metalr.workbench import read_records, resolve_study, run_study
 from metalr.workbench import runner as R
@@ -304,7 +304,7 @@ def test_ray_interrupt_cancels_pending_and_resumes(tmp_path, ray_local, monkeypa
     assert {json.loads(line)["id"] for line in lines} == {c["id"] for c in R.expand(cfg)}
 
 
-INIT_SCALE = SEEK_DEFAULTS["init_scale"]
+INIT_SCALE = SGD_SEEK_DEFAULTS["init_scale"]  # the curves below are SGD-HD's
 
 
 def test_curves_hold_each_layers_effective_lr_for_metalr_optimizers(tmp_path):

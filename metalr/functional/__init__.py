@@ -28,6 +28,7 @@ from metalr.functional._hypergrad import (
     seek_adapt_rates,
     update_rates,
 )
+from metalr.functional._seek_constants import TRIAL11_SEEK, TRIAL11_SEEK_HYPERGRAD_LR
 from metalr.functional.adam_rule import AdamHDState, adam_direction, adam_hd, adam_hd_step
 from metalr.functional.sgd_rule import SGDHDState, sgd_hd, sgd_hd_step
 
@@ -42,6 +43,8 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/test_public
     "SEEK_DEFAULTS",
     "SGDHDState",
     "SGD_SEEK_DEFAULTS",
+    "TRIAL11_SEEK",
+    "TRIAL11_SEEK_HYPERGRAD_LR",
     "adam_direction",
     "adam_hd",
     "adam_hd_step",

@@ -13,16 +13,17 @@ says "too small" (Rprop's growth)::
 
     log m ← log m + ρ_t,        ρ_{t+1} = min(ρ_t · ramp_growth, ramp_max),   ρ_1 = ramp_rate
 
-(with the fitted defaults the ramp climbs ×1.33 at the first step, accelerating to ×1.37 a step:
-a decade in about eight steps)
+(with the fitted defaults, ``ramp_rate`` 0.311 and ``ramp_growth`` 1.12, the first step climbs
+×1.37; the two speeds below then hold it at ×1.32 a step far from the edge, a decade in about
+eight steps, and ×1.11 near it)
 
 Optionally the ramp has two speeds: while ``F_t > slow_zone · P_t`` (far from the edge, defined
 below) the step may grow to ``ramp_fast`` instead of ``ramp_max``::
 
     ρ_{t+1} = min(ρ_t · ramp_growth, ramp_fast if F_t > slow_zone · P_t else ramp_max)
 
-(defaults ``slow_zone = 1``: never far, one speed, the fitted ramp above; round 6 of
-``experiments/fit_controller.py`` fitted it but was not adopted, see that script's docstring).
+(defaults: ``ramp_fast`` 0.274 while ``F_t > 0.924 P_t``, else ``ramp_max`` 0.100; fitted in round 7
+of ``experiments/fit_controller.py``; ``slow_zone = 1`` is one speed, the ramp of the first fit).
 
 The ramp watches the *group* cosine ``C_t = Σ⟨g, d⟩ / (‖g‖ ‖d‖)`` (all tensors of the param group
 together) through a fast average ``F_t = f F_{t-1} + (1 - f) C_t`` (``f = turn_decay``) and its peak
@@ -41,7 +42,8 @@ at a tiny rate) ramps again from ``ramp_rate`` with no ceiling, until the next t
 
     if 0 < s_t ≤ resume_window and F_t ≥ resume_level · P_t:   ρ ← ramp_rate,  ceiling ← +∞
 
-(``s_t``: steps since the first turn, 0 before it; defaults ``resume_window = 0``: never).
+(``s_t``: steps since the first turn, 0 before it; AdamHD's defaults: within 45 steps, back
+above 0.80 of the peak; SGD-HD's ``resume_window = 0``: never).
 
 **Phase 2, track.** Each rate follows its own signal ``c_t`` (the tensor's cosine; the group's
 for ``granularity="group"``; the sign of ``g·d`` per element), normalised by its running scale

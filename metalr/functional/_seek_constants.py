@@ -13,10 +13,39 @@ from collections.abc import Mapping
 
 from metalr.functional._common import resolve_constants
 
-#: Fitted constants of the "seek" rule: trial 11 of ``experiments/fit_controller.py`` (objective
-#: 0.712; ``experiments/results/fit_controller/best.json``), to 3 significant digits.
-#: ``signal_sq_decay`` was not searched.
+#: Fitted constants of the "seek" rule: round 7 of ``experiments/fit_controller.py`` (trial 33,
+#: objective 0.516; ``experiments/results/fit_controller/round7/best.json``), to 4 significant
+#: digits. Round 7 searched the two-speed ramp (``ramp_fast``, ``slow_zone``) and the re-opened ramp
+#: (``resume_window``, ``resume_level``) from round 6's constants with the CNN in the suite; it
+#: replaced trial 11 of the first fit by the rule fixed before the check: more cells within 10% of
+#: best-of-grid Adam on seeds 4-6 of study 1's six tasks (14/30 against 12/30;
+#: ``experiments/check_controller.py --seeds 4,5,6``). ``signal_sq_decay`` was not searched.
 SEEK_DEFAULTS: dict[str, float] = {
+    "init_scale": 0.004469,
+    "ramp_rate": 0.3112,
+    "ramp_growth": 1.121,
+    "ramp_max": 0.1001,
+    "turn_decay": 0.09723,
+    "turn_threshold": 0.3269,
+    "turn_cut": 0.603,
+    "turn_lag": 1.173,
+    "headroom": 14.4,
+    "signal_decay": 0.9791,
+    "signal_sq_decay": 0.99,
+    "evidence": 0.1324,
+    "tie": 37.63,
+    "ramp_fast": 0.2739,
+    "slow_zone": 0.9242,
+    "resume_window": 45.37,
+    "resume_level": 0.8006,
+}
+
+#: The default ``hypergrad_lr`` (β of phase 2) of the "seek" rule, fitted with the constants.
+DEFAULT_SEEK_HYPERGRAD_LR = 0.04043
+
+#: The first fit's best (trial 11, objective 0.712; ``fit_controller/best.json``), to 3
+#: significant digits: AdamHD's defaults until round 7, and the base of SGD-HD's set below.
+TRIAL11_SEEK: dict[str, float] = {
     "init_scale": 0.00732,
     "ramp_rate": 0.288,
     "ramp_growth": 1.07,
@@ -35,17 +64,15 @@ SEEK_DEFAULTS: dict[str, float] = {
     "resume_window": 0.0,
     "resume_level": 1.0,
 }
-
-#: The default ``hypergrad_lr`` (β of phase 2) of the "seek" rule, fitted with the constants.
-DEFAULT_SEEK_HYPERGRAD_LR = 0.015
+TRIAL11_SEEK_HYPERGRAD_LR = 0.015
 
 #: SGDHD's constants: round 8 of ``experiments/fit_controller.py`` (``--optimizer sgd``: SGD-HD with
 #: momentum 0.9 against best-of-grid SGD with momentum 0.9, the CNN in the suite; trial 24,
-#: objective 0.420 against 0.446 for AdamHD's constants; ``round8_sgd/best.json``), to 3
+#: objective 0.420 against 0.446 for trial 11's constants; ``round8_sgd/best.json``), to 3
 #: significant digits: a later turn (0.0941 × the peak), a deeper cut (0.299) and a faster
-#: signal average. The ramp's constants are AdamHD's.
+#: signal average. The ramp's constants are trial 11's.
 SGD_SEEK_DEFAULTS: dict[str, float] = {
-    **SEEK_DEFAULTS,
+    **TRIAL11_SEEK,
     "ramp_max": 0.306,
     "turn_threshold": 0.0941,
     "turn_cut": 0.299,

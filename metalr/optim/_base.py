@@ -138,8 +138,9 @@ class HypergradOptimizer(Optimizer):
         Call it every ``k`` training steps (after ``step()``) with the loss of a validation
         minibatch, computed with autograd on (a tensor, or a closure returning one). From the
         first call on, the param groups' rates follow the validation signal
-        ``∂L_val(θ_t)/∂α_t = -⟨∇L_val(θ_t), d_t⟩`` instead of the training one
-        (:mod:`metalr.functional.validation` has the equations; the seek rule's ramp still runs
+        ``∂L_val(θ_t)/∂α_t = -⟨∇L_val(θ_t), d_t⟩`` at each call, beside the training one
+        scaled by ``validation['train_weight']`` (default 1; 0: instead of it;
+        :mod:`metalr.functional.validation` has the equations; the seek rule's ramp still runs
         on the training signal). A non-finite loss or gradient changes nothing.
 
         Args:
