@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import metalr
-from metalr._benchtools import markdown_table, output_paths, quantile, write_csv
+from metalr._benchtools import emit, markdown_table, quantile, write_csv
 
 REFERENCE = "torch AdamW (fused)"
 
@@ -135,12 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = run(args.repeats, args.warmup, args.seed, log=lambda msg: print(msg, flush=True))
     columns = ["optimizer", "train step ms (median)", "IQR ms", f"ratio vs {REFERENCE}"]
     text = "\n".join(markdown_table(columns, "lrrr", rows)) + "\n"
-    print(text, end="")
-    if args.output:
-        md, csv_path = output_paths(args.output)
-        md.write_text(text)
-        write_csv(csv_path, ["optimizer", "median_ms", "iqr_ms", "ratio"], rows)
-        print(f"wrote {md} and {csv_path}")
+    fields = ["optimizer", "median_ms", "iqr_ms", "ratio"]
+    emit(text, args.output, lambda path: write_csv(path, fields, rows))
     return 0
 
 

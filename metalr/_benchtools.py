@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 
@@ -52,3 +52,17 @@ def output_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
     if p.suffix in (".md", ".csv"):
         p = p.with_suffix("")
     return p.with_name(p.name + ".md"), p.with_name(p.name + ".csv")
+
+
+def emit(
+    text: str, output: str | os.PathLike[str] | None, write_csv_to: Callable[[Path], None]
+) -> None:
+    """Print a benchmark's markdown ``text``; with ``output``, also write it to ``output.md`` and
+    let ``write_csv_to`` write ``output.csv`` (see :func:`output_paths`)."""
+    print(text, end="")
+    if output:
+        md, csv_path = output_paths(output)
+        md.parent.mkdir(parents=True, exist_ok=True)
+        md.write_text(text)
+        write_csv_to(csv_path)
+        print(f"wrote {md} and {csv_path}")

@@ -44,7 +44,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.optim import Optimizer
 
-from metalr._benchtools import output_paths
+from metalr._benchtools import emit
 
 # Re-exported: these names lived here before the split and stay importable from this module
 # (``_torch_fused_ok`` too: the tests use it).
@@ -300,14 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         log=None if args.quiet else (lambda msg: print(msg, flush=True)),
     )
-    text = format_markdown(result)
-    print(text, end="")
-    if args.output:
-        md, csv_path = output_paths(args.output)
-        md.parent.mkdir(parents=True, exist_ok=True)
-        md.write_text(text)
-        write_csv(result, csv_path)
-        print(f"wrote {md} and {csv_path}")
+    emit(format_markdown(result), args.output, lambda path: write_csv(result, path))
     return 0
 
 

@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from metalr._benchtools import output_paths
+from metalr._benchtools import emit
 
 # Re-exported: these names lived here before the split and stay importable from this module.
 from metalr.meta.bench_backends import (  # noqa: F401
@@ -272,14 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         backends=args.backends, check_gradients=not args.no_check, seed=args.seed,
         log=None if args.quiet else (lambda msg: print(msg, flush=True)),
     )  # fmt: skip
-    text = format_markdown(result)
-    print(text, end="")
-    if args.output:
-        md, csv_path = output_paths(args.output)
-        md.parent.mkdir(parents=True, exist_ok=True)
-        md.write_text(text)
-        write_csv(result, csv_path)
-        print(f"wrote {md} and {csv_path}")
+    emit(format_markdown(result), args.output, lambda path: write_csv(result, path))
     return 0
 
 
