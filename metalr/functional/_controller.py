@@ -162,11 +162,9 @@ def seek_update(
     log_levels = torch.stack([_log_level(r, granularity).to(dtype) for r in rates])
     step = _controller_step(ctrl, sig, group_signal, log_levels, seek)
     act = active.to(ctrl.device)
-    new_rates = _move_rates(
-        rates, signals, step.ramping, step.ramp_move, step.track, step.ceiling, act, sizes,
-        hypergrad_lr=hypergrad_lr, tracking=float(seek.get("track", 1.0)), seek=seek,
-        granularity=granularity,
-    )  # fmt: skip
+    move = _RateMove(step.ramping, step.ramp_move, step.track, step.ceiling, act)
+    options = _MoveOptions(sizes, hypergrad_lr, float(seek.get("track", 1.0)), seek, granularity)
+    new_rates = _move_rates(rates, signals, move, options)
     new_ctrl = torch.where(act, step.controllers, ctrl)
     return new_rates, [c.to(o.dtype) for c, o in zip(new_ctrl.unbind(0), controllers)]
 
@@ -192,11 +190,10 @@ def seek_update_stacked(
         raise ValueError("seek_update_stacked takes group/tensor granularity, not 'element'")
     step = _controller_step(controllers, signals, group_signal, torch.log(rates), seek)
     act = active.to(controllers.device)
-    new_rates = _vector_moves(
-        rates, step.ramping, step.ramp_move, step.track, step.ceiling, act, sizes,
-        hypergrad_lr=_beta_vector(hypergrad_lr, rates), tracking=float(seek.get("track", 1.0)),
-        seek=seek, granularity=granularity,
-    )  # fmt: skip
+    move = _RateMove(step.ramping, step.ramp_move, step.track, step.ceiling, act)
+    beta = _beta_vector(hypergrad_lr, rates)
+    options = _MoveOptions(sizes, beta, float(seek.get("track", 1.0)), seek, granularity)
+    new_rates = _vector_moves(rates, move, options)
     return new_rates, torch.where(act, step.controllers, controllers)
 
 
@@ -291,32 +288,37 @@ def _normalised_signal(
     return new_mean, new_sq, new_count, m_hat / (torch.sqrt(v_hat) + 1e-8) - constants["evidence"]
 
 
+class _RateMove(NamedTuple):
+    """What the controllers decided for this step, one entry per rate (stacked ``[n]``): which
+    rates still ramp, the ramp's (or the turn's) log-move, the tracking signal, the new ceilings,
+    and whether the step is active (a skipped step keeps every rate)."""
+
+    ramping: Tensor
+    ramp_move: Tensor
+    track: Tensor
+    ceiling: Tensor
+    act: Tensor
+
+
+class _MoveOptions(NamedTuple):
+    """How the rates move: tensor sizes (the tie's weights), ``β`` (a number, a tensor, or one per
+    rate), the weight of the tracking step (0: settled rates hold), the constants, granularity."""
+
+    sizes: Sequence[int]
+    hypergrad_lr: float | Tensor | Sequence[Tensor]
+    tracking: float
+    seek: Mapping[str, Any]
+    granularity: str
+
+
 def _move_rates(
-    rates: Sequence[Tensor],
-    signals: Sequence[Tensor],
-    ramping: Tensor,
-    ramp_move: Tensor,
-    track: Tensor,
-    new_ceiling: Tensor,
-    act: Tensor,
-    sizes: Sequence[int],
-    *,
-    hypergrad_lr: float | Tensor | Sequence[Tensor],
-    tracking: float,
-    seek: Mapping[str, Any],
-    granularity: str,
+    rates: Sequence[Tensor], signals: Sequence[Tensor], move: _RateMove, options: _MoveOptions
 ) -> list[Tensor]:
     """New rates: ``log m + ramp_move`` (+ ``tracking · β · track`` where settled; per element
-    ``β`` times its sign), capped at the ceiling, tied, kept where ``act`` is false."""
-    if _scalar_rates(rates, granularity):  # one rate per tensor: the same math on one vector
-        return _scalar_moves(
-            rates, ramping, ramp_move, track, new_ceiling, act, sizes,
-            hypergrad_lr=hypergrad_lr, tracking=tracking, seek=seek, granularity=granularity,
-        )  # fmt: skip
-    return _per_rate_moves(
-        rates, signals, ramping, ramp_move, track, new_ceiling, act, sizes,
-        hypergrad_lr=hypergrad_lr, tracking=tracking, seek=seek, granularity=granularity,
-    )  # fmt: skip
+    ``β`` times its sign), capped at the ceiling, tied, kept where the step is not active."""
+    if _scalar_rates(rates, options.granularity):  # one rate per tensor: one vector's math
+        return _scalar_moves(rates, move, options)
+    return _per_rate_moves(rates, signals, move, options)
 
 
 def _scalar_rates(rates: Sequence[Tensor], granularity: str) -> bool:
@@ -327,29 +329,12 @@ def _scalar_rates(rates: Sequence[Tensor], granularity: str) -> bool:
     )
 
 
-def _scalar_moves(
-    rates: Sequence[Tensor],
-    ramping: Tensor,
-    ramp_move: Tensor,
-    track: Tensor,
-    new_ceiling: Tensor,
-    act: Tensor,
-    sizes: Sequence[int],
-    *,
-    hypergrad_lr: float | Tensor | Sequence[Tensor],
-    tracking: float,
-    seek: Mapping[str, Any],
-    granularity: str,
-) -> list[Tensor]:
+def _scalar_moves(rates: Sequence[Tensor], move: _RateMove, options: _MoveOptions) -> list[Tensor]:
     """:func:`_per_rate_moves` for 0-d rates, as a handful of ops on one stacked vector
     (element for element the same operations, so the same values)."""
     rate_vec = torch.stack(list(rates))
-    new = _vector_moves(
-        rate_vec, ramping, ramp_move, track, new_ceiling, act, sizes,
-        hypergrad_lr=_beta_vector(hypergrad_lr, rate_vec), tracking=tracking, seek=seek,
-        granularity=granularity,
-    )  # fmt: skip
-    return list(new.unbind(0))
+    beta = _beta_vector(options.hypergrad_lr, rate_vec)
+    return list(_vector_moves(rate_vec, move, options._replace(hypergrad_lr=beta)).unbind(0))
 
 
 def _beta_vector(hypergrad_lr: float | Tensor | Sequence[Tensor], like: Tensor) -> float | Tensor:
@@ -362,72 +347,52 @@ def _beta_vector(hypergrad_lr: float | Tensor | Sequence[Tensor], like: Tensor) 
     return hypergrad_lr
 
 
-def _vector_moves(
-    rate_vec: Tensor,
-    ramping: Tensor,
-    ramp_move: Tensor,
-    track: Tensor,
-    new_ceiling: Tensor,
-    act: Tensor,
-    sizes: Sequence[int],
-    *,
-    hypergrad_lr: float | Tensor,
-    tracking: float,
-    seek: Mapping[str, Any],
-    granularity: str,
-) -> Tensor:
+def _vector_moves(rate_vec: Tensor, move: _RateMove, options: _MoveOptions) -> Tensor:
     """New stacked 0-d rates ``[n]``: :func:`_move_rates` on one vector (``hypergrad_lr`` a
     number, a 0-d tensor or one ``β`` per rate ``[n]``)."""
     dtype = rate_vec.dtype
-    if tracking == 0:
+    if options.tracking == 0:
         step = torch.zeros_like(rate_vec)
     else:
-        step = tracking * hypergrad_lr * track.to(dtype)
-    move = ramp_move.to(dtype) + torch.where(~ramping, step, torch.zeros_like(step))
-    log_new = torch.minimum(torch.log(rate_vec) + move, new_ceiling.to(dtype))
-    if granularity == "tensor" and len(sizes) > 1:
-        log_new = torch.stack(_tie(list(log_new.unbind(0)), sizes, seek["tie"]))
-    return torch.where(act, torch.exp(log_new), rate_vec)
+        step = options.tracking * options.hypergrad_lr * move.track.to(dtype)
+    log_move = move.ramp_move.to(dtype) + torch.where(~move.ramping, step, torch.zeros_like(step))
+    log_new = torch.minimum(torch.log(rate_vec) + log_move, move.ceiling.to(dtype))
+    if options.granularity == "tensor" and len(options.sizes) > 1:
+        log_new = torch.stack(_tie(list(log_new.unbind(0)), options.sizes, options.seek["tie"]))
+    return torch.where(move.act, torch.exp(log_new), rate_vec)
 
 
 def _per_rate_moves(
-    rates: Sequence[Tensor],
-    signals: Sequence[Tensor],
-    ramping: Tensor,
-    ramp_move: Tensor,
-    track: Tensor,
-    new_ceiling: Tensor,
-    act: Tensor,
-    sizes: Sequence[int],
-    *,
-    hypergrad_lr: float | Tensor | Sequence[Tensor],
-    tracking: float,
-    seek: Mapping[str, Any],
-    granularity: str,
+    rates: Sequence[Tensor], signals: Sequence[Tensor], move: _RateMove, options: _MoveOptions
 ) -> list[Tensor]:
     """New rates, one at a time (per-element rates, or rates of mixed dtypes/devices): the ramp's
     or the turn's move, the tracking step of settled rates, the ceiling, the tie, the skip."""
+    hypergrad_lr, tracking, granularity = (
+        options.hypergrad_lr,
+        options.tracking,
+        options.granularity,
+    )
     per_tensor_beta = isinstance(hypergrad_lr, (list, tuple))
-    new_rates = []
     moved_logs = []
     for i, rate in enumerate(rates):
         beta = hypergrad_lr[i] if per_tensor_beta else hypergrad_lr
-        settled = ~ramping[i]
         if tracking == 0:  # only the validation signal moves settled rates (observe_validation)
             step = torch.zeros((), dtype=rate.dtype, device=rate.device)
         elif granularity == "element":
             step = tracking * beta * signals[i].to(rate.dtype)
         else:
-            step = tracking * beta * track[i].to(rate.dtype)
-        move = ramp_move[i].to(rate.dtype) + torch.where(settled, step, torch.zeros_like(step))
-        log_new = torch.log(rate) + move
-        log_new = torch.minimum(log_new, new_ceiling[i].to(rate.dtype))
+            step = tracking * beta * move.track[i].to(rate.dtype)
+        settled = ~move.ramping[i]
+        log_move = move.ramp_move[i].to(rate.dtype) + torch.where(
+            settled, step, torch.zeros_like(step)
+        )
+        log_new = torch.minimum(torch.log(rate) + log_move, move.ceiling[i].to(rate.dtype))
         moved_logs.append(log_new)
     if granularity == "tensor" and len(rates) > 1:
-        moved_logs = _tie(moved_logs, sizes, seek["tie"])
-    for rate, log_new in zip(rates, moved_logs):
-        new_rates.append(torch.where(act, torch.exp(log_new), rate))
-    return new_rates
+        moved_logs = _tie(moved_logs, options.sizes, options.seek["tie"])
+    return [
+        torch.where(move.act, torch.exp(log_new), rate) for rate, log_new in zip(rates, moved_logs)
+    ]
 
 
 def _tensor_signal(signal: Tensor, granularity: str) -> Tensor:
@@ -489,10 +454,10 @@ def seek_validation_update(
         st[:, 0], st[:, 1], st[:, 2], sig, options
     )
     ctrl = torch.stack([c.to(st.dtype) for c in controllers])
-    new_rates = _move_rates(
-        rates, signals, ctrl[:, RAMP] > 0, torch.zeros_like(ctrl[:, RAMP]), track,
-        ctrl[:, CEILING], act, sizes, hypergrad_lr=options["hypergrad_lr"], tracking=1.0,
-        seek=seek, granularity=granularity,
-    )  # fmt: skip
+    move = _RateMove(
+        ctrl[:, RAMP] > 0, torch.zeros_like(ctrl[:, RAMP]), track, ctrl[:, CEILING], act
+    )
+    moves = _MoveOptions(sizes, options["hypergrad_lr"], 1.0, seek, granularity)
+    new_rates = _move_rates(rates, signals, move, moves)
     new_st = torch.where(act, torch.stack([new_mean, new_sq, new_count], dim=1), st)
     return new_rates, [n.to(s.dtype) for n, s in zip(new_st.unbind(0), stats)]
