@@ -1,0 +1,56 @@
+"""The shipped seek constants are the committed fits' best trials, rounded as documented: AdamHD's
+(round 7, 4 significant digits), trial 11 (3), SGD-HD's (round 8 over trial 11, 3). A constant
+edited by hand, or a best.json rewritten without the defaults, fails here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from metalr.functional import (
+    DEFAULT_SEEK_HYPERGRAD_LR,
+    DEFAULT_SGD_SEEK_HYPERGRAD_LR,
+    SEEK_DEFAULTS,
+    SGD_SEEK_DEFAULTS,
+    TRIAL11_SEEK,
+    TRIAL11_SEEK_HYPERGRAD_LR,
+)
+
+FITS = Path(__file__).resolve().parents[1] / "experiments/results/fit_controller"
+NOT_SEARCHED = {"signal_sq_decay": 0.99}
+OFF = {"ramp_fast": None, "slow_zone": 1.0, "resume_window": 0.0, "resume_level": 1.0}
+
+
+def _rounded(x: float, digits: int) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def _fitted(name: str) -> dict[str, float]:
+    return json.loads((FITS / name).read_text())["constants"]
+
+
+@pytest.mark.parametrize(
+    ("shipped", "beta", "fit", "digits"),
+    [
+        (SEEK_DEFAULTS, DEFAULT_SEEK_HYPERGRAD_LR, "round7/best.json", 4),
+        (TRIAL11_SEEK, TRIAL11_SEEK_HYPERGRAD_LR, "best.json", 3),
+        (SGD_SEEK_DEFAULTS, DEFAULT_SGD_SEEK_HYPERGRAD_LR, "round8_sgd/best.json", 3),
+    ],
+    ids=["adam-round7", "trial11", "sgd-round8"],
+)
+def test_shipped_constants_are_the_fits_best_rounded(shipped, beta, fit, digits):
+    fitted = _fitted(fit)
+    assert beta == _rounded(fitted.pop("hypergrad_lr"), digits)
+    for key, value in fitted.items():
+        assert shipped[key] == _rounded(value, digits), key
+    for key, value in shipped.items():  # the rest: not searched, or the mechanism switched off
+        if key in fitted:
+            continue
+        if key in NOT_SEARCHED:
+            assert value == NOT_SEARCHED[key], key
+        elif OFF[key] is None:  # ramp_fast is unused while slow_zone is 1
+            assert shipped["slow_zone"] == 1.0, key
+        else:
+            assert value == OFF[key], key
