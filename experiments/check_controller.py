@@ -68,16 +68,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="AdamHD vs Adam (default) or SGDHD vs SGD, momentum 0.9")  # fmt: skip
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
-    from fit_controller import OPTIMIZERS
-
-    from metalr.functional import TRIAL11_SEEK
+    from fit_controller import OPTIMIZERS, seek_spec
 
     torch_spec, spec = OPTIMIZERS[args.optimizer]
-    if args.constants:
-        c = json.loads(Path(args.constants).read_text())["constants"]
-        # keys a best.json lacks are trial 11's, as in the fit that wrote it (fit_controller.score)
-        seek = {**TRIAL11_SEEK, **{k: v for k, v in c.items() if k != "hypergrad_lr"}}
-        spec = {**spec, "hypergrad_lr": c["hypergrad_lr"], "seek": seek}
+    if args.constants:  # keys a best.json lacks are trial 11's, as in the fit that wrote it
+        spec = seek_spec(json.loads(Path(args.constants).read_text())["constants"], args.optimizer)
     tag = "smoke_" if args.smoke else ""
     name = f"check_{args.optimizer}_reference_{tag}seeds_{'_'.join(map(str, seeds))}.json"
     cache = Path(args.cache) / name

@@ -210,6 +210,15 @@ def _run_cell(job: tuple) -> dict[str, Any]:
     return run(*job)
 
 
+def seek_spec(constants: dict[str, float], optimizer: str = "adam") -> dict[str, Any]:
+    """The workbench spec of the fitted optimizer with ``constants`` (β as ``hypergrad_lr``).
+    Constants neither searched nor in ``--base`` are trial 11's (one speed, no re-opened ramp:
+    what every round ran with), not the shipped defaults, so each round stays reproducible."""
+    seek = {**TRIAL11_SEEK, **{k: v for k, v in constants.items() if k != "hypergrad_lr"}}
+    return {**OPTIMIZERS[optimizer][1], "rule": "seek", "seek": seek,
+            "hypergrad_lr": constants["hypergrad_lr"]}  # fmt: skip
+
+
 def score(
     constants: dict[str, float],
     ref: dict,
@@ -218,11 +227,7 @@ def score(
     workers: int = 1,
     optimizer: str = "adam",
 ) -> tuple:
-    # constants neither searched nor in --base are trial 11's (one speed, no re-opened ramp: what
-    # every round ran with), not the shipped defaults, so each round stays reproducible
-    seek = {**TRIAL11_SEEK, **{k: v for k, v in constants.items() if k != "hypergrad_lr"}}
-    spec = {**OPTIMIZERS[optimizer][1], "rule": "seek", "seek": seek,
-            "hypergrad_lr": constants["hypergrad_lr"]}  # fmt: skip
+    spec = seek_spec(constants, optimizer)
     jobs = [(name, spec, lr, n, size) for name, n in steps.items()
             for lr in (*LR0S, HIGH * ref[name]["lr"])]  # fmt: skip
     results = _run_all(jobs, workers)

@@ -162,9 +162,8 @@ def seek_update(
     log_levels = torch.stack([_log_level(r, granularity).to(dtype) for r in rates])
     step = _controller_step(ctrl, sig, group_signal, log_levels, seek)
     act = active.to(ctrl.device)
-    move = _RateMove(step.ramping, step.ramp_move, step.track, step.ceiling, act)
     options = _MoveOptions(sizes, hypergrad_lr, float(seek.get("track", 1.0)), seek, granularity)
-    new_rates = _move_rates(rates, signals, move, options)
+    new_rates = _move_rates(rates, signals, step.rate_move(act), options)
     new_ctrl = torch.where(act, step.controllers, ctrl)
     return new_rates, [c.to(o.dtype) for c, o in zip(new_ctrl.unbind(0), controllers)]
 
@@ -190,10 +189,9 @@ def seek_update_stacked(
         raise ValueError("seek_update_stacked takes group/tensor granularity, not 'element'")
     step = _controller_step(controllers, signals, group_signal, torch.log(rates), seek)
     act = active.to(controllers.device)
-    move = _RateMove(step.ramping, step.ramp_move, step.track, step.ceiling, act)
     beta = _beta_vector(hypergrad_lr, rates)
     options = _MoveOptions(sizes, beta, float(seek.get("track", 1.0)), seek, granularity)
-    new_rates = _vector_moves(rates, move, options)
+    new_rates = _vector_moves(rates, step.rate_move(act), options)
     return new_rates, torch.where(act, step.controllers, controllers)
 
 
@@ -206,6 +204,10 @@ class _ControllerStep(NamedTuple):
     ramp_move: Tensor
     track: Tensor
     ceiling: Tensor
+
+    def rate_move(self, act: Tensor) -> _RateMove:
+        """The rates' part of the step, with ``act`` (whether the step is active)."""
+        return _RateMove(self.ramping, self.ramp_move, self.track, self.ceiling, act)
 
 
 def _controller_step(
@@ -457,7 +459,7 @@ def seek_validation_update(
     move = _RateMove(
         ctrl[:, RAMP] > 0, torch.zeros_like(ctrl[:, RAMP]), track, ctrl[:, CEILING], act
     )
-    moves = _MoveOptions(sizes, options["hypergrad_lr"], 1.0, seek, granularity)
-    new_rates = _move_rates(rates, signals, move, moves)
+    move_options = _MoveOptions(sizes, options["hypergrad_lr"], 1.0, seek, granularity)
+    new_rates = _move_rates(rates, signals, move, move_options)
     new_st = torch.where(act, torch.stack([new_mean, new_sq, new_count], dim=1), st)
     return new_rates, [n.to(s.dtype) for n, s in zip(new_st.unbind(0), stats)]
