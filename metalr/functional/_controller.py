@@ -94,8 +94,8 @@ from metalr.functional._seek_constants import (
 )  # re-exported: the rule's fitted constants
 
 #: Entries of a controller vector.
-RAMP, FAST, MEAN, SQ, CEILING, COUNT, PEAK, SINCE = range(8)
-CONTROLLER_SIZE = 8
+RAMP, FAST, MEAN, SQ, CEILING, COUNT, PEAK, SINCE, SLOW, SLOW_PEAK = range(10)
+CONTROLLER_SIZE = 10
 
 __all__ = [
     "CONTROLLER_SIZE",
@@ -249,9 +249,15 @@ def _controller_step(
     cut_move = torch.where(turn, rollback, torch.zeros_like(ramp))
     ramp_move = torch.where(keep_ramping, ramp, cut_move)
     grown = ramp * seek["ramp_growth"]
+    slow, slow_peak = ctrl[:, SLOW], ctrl[:, SLOW_PEAK]
     if seek["slow_zone"] < 1 and seek["ramp_fast"] > seek["ramp_max"]:  # the two-speed ramp is on
         # far from the edge (F above slow_zone · P) the step may grow to ramp_fast; near it, ramp_max
-        far = new_fast > seek["slow_zone"] * new_peak
+        if seek["far_decay"] > 0:  # the test on a slower average S and its peak Q instead
+            slow = seek["far_decay"] * slow + (1 - seek["far_decay"]) * g_sig
+            slow_peak = torch.where(ramping, torch.maximum(slow_peak, slow), slow_peak)
+            far = slow > seek["slow_zone"] * slow_peak
+        else:
+            far = new_fast > seek["slow_zone"] * new_peak
         fast_cap = torch.clamp(grown, max=seek["ramp_fast"])
         grown = torch.where(far, fast_cap, torch.clamp(grown, max=seek["ramp_max"]))
     else:
@@ -264,8 +270,9 @@ def _controller_step(
     if resume is not None:
         new_ceiling = torch.where(resume, math.inf, new_ceiling)
     new_ctrl = torch.stack(
-        [new_ramp, new_fast, new_mean, new_sq, new_ceiling, new_count, new_peak, new_since], dim=1
-    )
+        [new_ramp, new_fast, new_mean, new_sq, new_ceiling, new_count, new_peak, new_since,
+         slow, slow_peak], dim=1,
+    )  # fmt: skip
     return _ControllerStep(new_ctrl, ramping, ramp_move, track, new_ceiling)
 
 

@@ -38,6 +38,7 @@ SEEK_DEFAULTS: dict[str, float] = {
     "slow_zone": 0.9242,
     "resume_window": 45.37,
     "resume_level": 0.8006,
+    "far_decay": 0.0,
 }
 
 #: The default ``hypergrad_lr`` (β of phase 2) of the "seek" rule, fitted with the constants.
@@ -63,6 +64,7 @@ TRIAL11_SEEK: dict[str, float] = {
     "slow_zone": 1.0,
     "resume_window": 0.0,
     "resume_level": 1.0,
+    "far_decay": 0.0,
 }
 TRIAL11_SEEK_HYPERGRAD_LR = 0.015
 
@@ -106,6 +108,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "slow_zone": (0.0, 1.0, False),
     "resume_window": (0.0, math.inf, False),
     "resume_level": (0.0, 1.0, False),
+    "far_decay": (0.0, 1.0, False),
 }
 
 
