@@ -41,14 +41,17 @@ def reference(log_rates, signals, group_signals, sizes, beta, seek):
     """The module docstring's equations, one scalar at a time, in Python floats."""
     n = len(log_rates)
     ramp, fast, peak, since = seek["ramp_rate"], 0.0, 0.0, 0
+    slow, slow_peak = 0.0, 0.0  # the far test's own average (far_decay > 0) and its peak
     mean, sq, ceiling = [0.0] * n, [0.0] * n, [math.inf] * n
     logs = list(log_rates)
     out = []
     for t, (sig, C) in enumerate(zip(signals, group_signals), start=1):
         fast = seek["turn_decay"] * fast + (1 - seek["turn_decay"]) * C
+        slow = seek["far_decay"] * slow + (1 - seek["far_decay"]) * C
         ramping = ramp > 0
         if ramping:
             peak = max(peak, fast)
+            slow_peak = max(slow_peak, slow)
         turn = ramping and fast <= seek["turn_threshold"] * peak
         # the re-opened ramp: within resume_window steps of the first turn, back above the level
         resume = (
@@ -76,7 +79,10 @@ def reference(log_rates, signals, group_signals, sizes, beta, seek):
         width = math.log(seek["tie"])
         logs = [min(max(x, centre - width), centre + width) for x in new]
         # the two-speed ramp: up to ramp_fast while far from the edge, ramp_max near it
-        far = fast > seek["slow_zone"] * peak
+        if seek["far_decay"] > 0:  # the test on the slower average S and its peak Q
+            far = slow > seek["slow_zone"] * slow_peak
+        else:
+            far = fast > seek["slow_zone"] * peak
         cap = max(seek["ramp_fast"], seek["ramp_max"]) if far else seek["ramp_max"]
         ramp = min(ramp * seek["ramp_growth"], cap) if ramping and not turn else 0.0
         ramp = seek["ramp_rate"] if resume else ramp
@@ -84,7 +90,9 @@ def reference(log_rates, signals, group_signals, sizes, beta, seek):
     return out
 
 
-def test_equations_match_a_float64_reference_over_many_steps():
+@pytest.mark.parametrize("far_decay", [0.0, 0.7])
+def test_equations_match_a_float64_reference_over_many_steps(far_decay):
+    seek = {**SEEK, "far_decay": far_decay}
     rng = random.Random(0)
     sizes = [100, 10, 1000]
     steps = 60
@@ -92,16 +100,16 @@ def test_equations_match_a_float64_reference_over_many_steps():
     group = [0.5 - 0.04 * t + rng.gauss(0, 0.05) for t in range(steps)]
     signals = [[rng.uniform(-1, 1) * 0.5 + 0.5 * group[t] for _ in sizes] for t in range(steps)]
     beta = 0.05
-    expected = reference([math.log(0.01)] * 3, signals, group, sizes, beta, SEEK)
+    expected = reference([math.log(0.01)] * 3, signals, group, sizes, beta, seek)
 
     rates = [torch.full((), 0.01, dtype=torch.float64) for _ in sizes]
-    ctrls = [initial_controller(torch.zeros(s, dtype=torch.float64), torch.float64, SEEK)
+    ctrls = [initial_controller(torch.zeros(s, dtype=torch.float64), torch.float64, seek)
              for s in sizes]  # fmt: skip
     for t in range(steps):
         sig = [torch.tensor(x, dtype=torch.float64) for x in signals[t]]
         rates, ctrls = seek_update(
             rates, ctrls, sig, torch.tensor(group[t], dtype=torch.float64), torch.tensor(True),
-            sizes, hypergrad_lr=beta, seek=SEEK, granularity="tensor",
+            sizes, hypergrad_lr=beta, seek=seek, granularity="tensor",
         )  # fmt: skip
         got = [math.log(float(r)) for r in rates]
         assert got == pytest.approx(expected[t], rel=1e-9, abs=1e-9), f"step {t + 1}"
@@ -145,6 +153,32 @@ def test_two_speed_ramp_slows_to_ramp_max_near_the_edge():
     # near-edge signal is capped at ramp_max = 0.1
     assert moves == pytest.approx([0.1, 0.2, 0.4, 0.8, 0.8, 0.8, 0.1, 0.1], rel=1e-9)
     assert float(ctrl[0][RAMP]) == pytest.approx(0.1)
+
+
+def test_far_test_on_a_slower_average_keeps_a_noisy_ramp_fast():
+    """Under minibatch noise (a group cosine of 0.5 ± 0.15, no turn) the fast average's running
+    peak is a noise maximum, so F rarely stays within slow_zone of it and the ramp runs mostly
+    at ramp_max; the slower average (far_decay 0.9) and its peak keep it at ramp_fast."""
+    rng = random.Random(1)
+    group = [0.5 + rng.gauss(0, 0.15) for _ in range(60)]
+
+    def fast_steps(far_decay: float) -> int:
+        seek = resolve_seek({"ramp_rate": 0.3, "ramp_growth": 1.0, "ramp_max": 0.1,
+                             "ramp_fast": 0.3, "slow_zone": 0.9, "turn_decay": 0.1,
+                             "turn_threshold": -1.0, "far_decay": far_decay})  # fmt: skip
+        rate = [torch.tensor(1e-9, dtype=torch.float64)]
+        ctrl = [initial_controller(torch.zeros(3), torch.float64, seek)]
+        count = 0
+        for c in group:
+            new, ctrl = seek_update(rate, ctrl, [torch.tensor(c)], torch.tensor(c),
+                                    torch.tensor(True), [3], hypergrad_lr=0.01, seek=seek,
+                                    granularity="tensor")  # fmt: skip
+            count += math.log(float(new[0]) / float(rate[0])) > 0.2
+            rate = new
+        return count
+
+    assert fast_steps(0.0) < 25
+    assert fast_steps(0.9) > 50
 
 
 def test_turn_cuts_by_turn_cut_and_caps_at_headroom():

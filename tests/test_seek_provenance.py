@@ -20,7 +20,13 @@ from metalr.functional import (
 
 FITS = Path(__file__).resolve().parents[1] / "experiments/results/fit_controller"
 NOT_SEARCHED = {"signal_sq_decay": 0.99}
-OFF = {"ramp_fast": None, "slow_zone": 1.0, "resume_window": 0.0, "resume_level": 1.0}
+OFF = {
+    "ramp_fast": None,
+    "slow_zone": 1.0,
+    "resume_window": 0.0,
+    "resume_level": 1.0,
+    "far_decay": 0.0,
+}
 
 
 def _rounded(x: float, digits: int) -> float:

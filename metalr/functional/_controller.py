@@ -25,6 +25,13 @@ below) the step may grow to ``ramp_fast`` instead of ``ramp_max``::
 (defaults: ``ramp_fast`` 0.274 while ``F_t > 0.924 P_t``, else ``ramp_max`` 0.100; fitted in round 7
 of ``experiments/fit_controller.py``; ``slow_zone = 1`` is one speed, the ramp of the first fit).
 
+With ``far_decay > 0`` the far test reads its own, slower average of the group cosine and that
+average's peak instead (``F`` decays fast so that the turn is seen early, and the running peak of a
+fast, noisy average is a noise maximum: ``F`` then seldom stays within ``slow_zone`` of it and the
+ramp runs at its slow speed far from the edge)::
+
+    S_t = far_decay · S_{t-1} + (1 - far_decay) · C_t,    Q_t = max_{s≤t} S_s,    far: S_t > slow_zone · Q_t
+
 The ramp watches the *group* cosine ``C_t = Σ⟨g, d⟩ / (‖g‖ ‖d‖)`` (all tensors of the param group
 together) through a fast average ``F_t = f F_{t-1} + (1 - f) C_t`` (``f = turn_decay``) and its peak
 ``P_t = max_{s≤t} F_s``. When ``F_t ≤ turn_threshold · P_t`` (successive steps agree less and
@@ -61,7 +68,8 @@ At tensor granularity the rates of one group are then tied within a factor ``tie
 size-weighted geometric mean (a tensor's rate cannot drift decades away from the rest).
 
 State: one small vector per parameter tensor (``CONTROLLER_SIZE`` entries: ramp step, fast
-average, μ, ν, ceiling, count, peak, steps since the first turn), in ``optimizer.state[p]['hd_controller']``. Per-element rates add
+average, μ, ν, ceiling, count, peak, steps since the first turn, the far test's average and its
+peak), in ``optimizer.state[p]['hd_controller']``. Per-element rates add
 no state beyond the rate buffer. A step whose gradients are not finite, or that has no previous
 direction yet (``‖d_{t-1}‖ = 0``, the first step), leaves rates and controller untouched.
 
