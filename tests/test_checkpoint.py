@@ -123,8 +123,8 @@ SEEK_MAKERS = {
 def test_checkpoint_with_a_shorter_seek_controller_loads_and_resumes_exactly(name, saved_size):
     """Controllers saved before an entry existed are shorter — 7 entries before the steps since
     the first turn, 8 before the far test's slower average and its peak: they load padded with
-    0 (never turned, for the re-opened ramp; no slower average, which the default far test does
-    not read) and the run continues exactly as from the full checkpoint."""
+    0 (never turned, for the re-opened ramp; the far test's average starting afresh) and the run
+    continues exactly as from the full checkpoint with those entries at 0."""
     from metalr.functional._controller import CONTROLLER_SIZE
     from metalr.optim._base import CONTROLLER_KEY
 
@@ -135,9 +135,12 @@ def test_checkpoint_with_a_shorter_seek_controller_loads_and_resumes_exactly(nam
     old = copy.deepcopy(opt.state_dict())
     for state in old["state"].values():
         state[CONTROLLER_KEY] = state[CONTROLLER_KEY][:saved_size].clone()
+    full = copy.deepcopy(opt.state_dict())
+    for state in full["state"].values():
+        state[CONTROLLER_KEY][saved_size:] = 0.0
     reference = copy.deepcopy(model)
     ref_opt = SEEK_MAKERS[name](reference.parameters())
-    ref_opt.load_state_dict(opt.state_dict())
+    ref_opt.load_state_dict(full)
     new = SEEK_MAKERS[name](model.parameters())
     new.load_state_dict(old)
     for p in model.parameters():

@@ -1,5 +1,5 @@
 """The shipped seek constants are the committed fits' best trials, rounded as documented: AdamHD's
-(round 7, 4 significant digits), trial 11 (3), SGD-HD's (round 8 over trial 11, 3). A constant
+(round 9, 4 significant digits), round 7 (4), trial 11 (3), SGD-HD's (round 8 over trial 11, 3). A constant
 edited by hand, or a best.json rewritten without the defaults, fails here."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 from metalr.functional import (
     DEFAULT_SEEK_HYPERGRAD_LR,
     DEFAULT_SGD_SEEK_HYPERGRAD_LR,
+    ROUND7_SEEK,
     SEEK_DEFAULTS,
     SGD_SEEK_DEFAULTS,
     TRIAL11_SEEK,
@@ -40,11 +41,12 @@ def _fitted(name: str) -> dict[str, float]:
 @pytest.mark.parametrize(
     ("shipped", "beta", "fit", "digits"),
     [
-        (SEEK_DEFAULTS, DEFAULT_SEEK_HYPERGRAD_LR, "round7/best.json", 4),
+        (SEEK_DEFAULTS, DEFAULT_SEEK_HYPERGRAD_LR, "round9/best.json", 4),
+        (ROUND7_SEEK, DEFAULT_SEEK_HYPERGRAD_LR, "round7/best.json", 4),
         (TRIAL11_SEEK, TRIAL11_SEEK_HYPERGRAD_LR, "best.json", 3),
         (SGD_SEEK_DEFAULTS, DEFAULT_SGD_SEEK_HYPERGRAD_LR, "round8_sgd/best.json", 3),
     ],
-    ids=["adam-round7", "trial11", "sgd-round8"],
+    ids=["adam-round9", "round7", "trial11", "sgd-round8"],
 )
 def test_shipped_constants_are_the_fits_best_rounded(shipped, beta, fit, digits):
     fitted = _fitted(fit)

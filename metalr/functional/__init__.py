@@ -28,7 +28,11 @@ from metalr.functional._hypergrad import (
     seek_adapt_rates,
     update_rates,
 )
-from metalr.functional._seek_constants import TRIAL11_SEEK, TRIAL11_SEEK_HYPERGRAD_LR
+from metalr.functional._seek_constants import (
+    ROUND7_SEEK,
+    TRIAL11_SEEK,
+    TRIAL11_SEEK_HYPERGRAD_LR,
+)
 from metalr.functional.adam_rule import AdamHDState, adam_direction, adam_hd, adam_hd_step
 from metalr.functional.sgd_rule import SGDHDState, sgd_hd, sgd_hd_step
 
@@ -39,6 +43,7 @@ __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/test_public
     "DEFAULT_SEEK_HYPERGRAD_LR",
     "DEFAULT_SGD_SEEK_HYPERGRAD_LR",
     "GRANULARITIES",
+    "ROUND7_SEEK",
     "RULES",
     "SEEK_DEFAULTS",
     "SGDHDState",
