@@ -62,7 +62,12 @@ later, so they serve only as starting points):
   is round 7 itself (``far_decay`` 0). **Rule fixed before the run:** round 9's best replaces
   round 7 if, on seeds 10-12 (``check_controller.py --seeds 10,11,12``, used by no fit, study or
   check before), it has at least as many cells within 10% of best-of-grid Adam as round 7 (a
-  tie goes to round 9, which the objective also scores for goal 4).
+  tie goes to round 9, which the objective also scores for goal 4). Result (30 trials, ~25 min
+  on 2 cores): best 0.481 (trial 12: ``far_decay`` 0.132, the far test barely slower) against
+  round 7's 0.493; every trial with a slow far average (``far_decay`` 0.5-0.9) found the rate
+  from 1e-4× in 34-69 steps but scored 0.70-0.91, losing digits_mlp (up to 5×) and few-shot.
+  Check on seeds 10-12: **15/30 against 14/30** (worst 1.79 against 1.82): **adopted** as
+  AdamHD's defaults (``SEEK_DEFAULTS``; round 7 kept as ``ROUND7_SEEK``).
 * Rounds 5 and 6 do not ship. ``experiments/check_controller.py`` (study 1's six tasks × five lr0 on seed 3,
   which no fit or study uses, against Adam on seed 3) found them *worse* than trial 11 where the
   suite cannot look: 13/30 (round 6) and 11/30 (round 5) cells within 10% against trial 11's
@@ -70,8 +75,8 @@ later, so they serve only as starting points):
   on a noisy start and the ceiling (headroom × the turn's level) pinned it there for 500 steps.
   A one-seed, four-task suite over-fits; results in ``check_seed3.md``.
 
-Round 7's trial 33 is what ``metalr/functional/_seek_constants.py`` ships for AdamHD/AdamWHD
-and HyperLR; round 8's trial 24 for SGD-HD. Resume: the Optuna
+Round 9's trial 12 is what ``metalr/functional/_seek_constants.py`` ships for AdamHD/AdamWHD
+and HyperLR (round 7's trial 33 before it); round 8's trial 24 for SGD-HD. Resume: the Optuna
 study lives in ``<out>/study.db``; rerunning continues it.
 
     R=experiments/results/fit_controller
