@@ -26,9 +26,10 @@ Appends one line per setting to ``<out>/grid.jsonl`` (rerunning skips settings a
 and writes ``<out>/best.json`` (with the objective of the same cells without the signal);
 default ``<out>``: ``experiments/results/choose_validation``. The AdamHD under the signal is the
 default of the day: ``grid.jsonl`` at the top level was chosen with trial 11's seek constants,
-``round7/`` with round 7's (the defaults since 2026-12-03):
+``round7/`` with round 7's (the defaults from 2026-12-03), ``round9/`` with round 9's (the
+defaults since 2026-12-04; the same setting chosen):
 
-    python experiments/choose_validation.py --out experiments/results/choose_validation/round7
+    python experiments/choose_validation.py --out experiments/results/choose_validation/round9
 """
 
 from __future__ import annotations

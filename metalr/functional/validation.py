@@ -72,7 +72,7 @@ VALIDATION_SIZE = 3
 #: Chosen by ``experiments/choose_validation.py`` with the seek rule's defaults of the day: the
 #: grid's best setting under which the rates fall in a constructed overfitting case (its
 #: ``falls_when_overfitting``, the behaviour ``tests/test_validation_signal.py`` requires). With
-#: round 7's seek constants (since 2026-12-03): β_val 0.3, evidence 0.2 and the training signal
+#: round 7's seek constants (the defaults 2026-12-03 to 12-04): β_val 0.3, evidence 0.2 and the training signal
 #: kept at full weight (objective 0.577 on its 8 cells, where the seek rule without the
 #: validation signal scores 0.591; every setting that replaces the training signal scores
 #: 0.645-0.804; the grid's overall best, 0.568, lets the rates rise in the constructed case;
