@@ -50,7 +50,7 @@ from metalr._benchtools import emit
 # (``_torch_fused_ok`` too: the tests use it).
 from metalr.bench_results import (  # noqa: F401
     COLUMNS,
-    STATE_RTOL,
+    PER_TENSOR_STATE_BYTES,
     BenchResult,
     Row,
     format_markdown,
@@ -233,6 +233,7 @@ def run_benchmark(
                 state_goal=spec.state_goal,
                 multiplier=multiplier_range(optimizers[spec.name], lr) if spec.adaptive else None,
                 goal_vs=spec.vs,
+                tensors=len(shapes),
             )
         )
     return BenchResult(
