@@ -155,8 +155,9 @@ def test_old_rule_checkpoint_keeps_its_rule():
 
 
 def test_each_optimizer_family_gets_its_own_fitted_defaults(monkeypatch):
-    """SGDHD reads the "sgd" family's seek constants and β, AdamHD/AdamWHD/HyperLR the "adam"
-    family's; an explicit seek override is completed from the optimizer's own family."""
+    """SGDHD and HyperLR wrapping torch's SGD read the "sgd" family's seek constants and β;
+    AdamHD/AdamWHD and HyperLR wrapping anything else the "adam" family's; an explicit seek
+    override is completed from the optimizer's own family."""
     from metalr.functional import _controller as C
 
     sgd_constants = {**C.SEEK_DEFAULTS, "headroom": 3.25}
@@ -168,6 +169,30 @@ def test_each_optimizer_family_gets_its_own_fitted_defaults(monkeypatch):
     partial = metalr.SGDHD(p, lr=0.1, seek={"evidence": 0.3})
     assert partial.param_groups[0]["seek"]["headroom"] == 3.25
     assert partial.param_groups[0]["seek"]["evidence"] == 0.3
-    for adam in (metalr.AdamHD(p), metalr.AdamWHD(p), metalr.HyperLR(torch.optim.Adam(p))):
+    for adam in (metalr.AdamHD(p), metalr.AdamWHD(p), metalr.HyperLR(torch.optim.Adam(p)),
+                 metalr.HyperLR(torch.optim.RMSprop(p))):  # fmt: skip
         assert adam.param_groups[0]["seek"]["headroom"] == C.SEEK_DEFAULTS["headroom"]
         assert adam.param_groups[0]["hypergrad_lr"] == C.DEFAULT_SEEK_HYPERGRAD_LR
+    for base in (torch.optim.SGD(p, lr=0.1), torch.optim.SGD(p, lr=0.1, momentum=0.9)):
+        wrapped = metalr.HyperLR(base, seek={"evidence": 0.3})
+        assert wrapped.param_groups[0]["seek"]["headroom"] == 3.25
+        assert wrapped.param_groups[0]["seek"]["evidence"] == 0.3
+        assert wrapped.param_groups[0]["hypergrad_lr"] == 0.0425
+
+
+def test_hyperlr_keeps_its_family_through_pickle_and_state_dict():
+    """A pickled or reloaded HyperLR(SGD) still fills missing constants from SGD-HD's set."""
+    import pickle
+
+    from metalr.functional import SGD_SEEK_DEFAULTS
+
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    opt = metalr.HyperLR(torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    assert opt.param_groups[0]["seek"] == SGD_SEEK_DEFAULTS
+    clone = pickle.loads(pickle.dumps(opt))
+    assert clone.seek_family == "sgd"
+    state = opt.state_dict()
+    del state["param_groups"][0]["seek"]  # a checkpoint saved before the group kept it
+    fresh = metalr.HyperLR(torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    fresh.load_state_dict(state)
+    assert fresh.param_groups[0]["seek"] == SGD_SEEK_DEFAULTS

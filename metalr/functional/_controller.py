@@ -82,7 +82,8 @@ The constants (:data:`SEEK_DEFAULTS`) were fitted by Bayesian search over full-l
 runs of a training suite of tasks × initial rates (``experiments/fit_controller.py``; the
 held-out tasks of :mod:`metalr.workbench.heldout_tasks` were never used). ``β`` is the group's
 ``hypergrad_lr``. SGD-HD has its own set (:data:`SGD_SEEK_DEFAULTS`, fitted the same way against
-SGD with momentum 0.9); AdamHD, AdamWHD and HyperLR use :data:`SEEK_DEFAULTS`.
+SGD with momentum 0.9; HyperLR wrapping ``torch.optim.SGD`` uses it too); AdamHD, AdamWHD and
+HyperLR wrapping anything else use :data:`SEEK_DEFAULTS`.
 
 Everything here is pure (``torch.where``, no Python branches on tensor values, no host sync).
 """

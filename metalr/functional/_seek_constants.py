@@ -1,6 +1,7 @@
 """The seek rule's fitted constants, per optimizer family, and their validation.
 
-:data:`SEEK_DEFAULTS` (AdamHD, AdamWHD, HyperLR) and :data:`SGD_SEEK_DEFAULTS` (SGD-HD) come from
+:data:`SEEK_DEFAULTS` (AdamHD, AdamWHD, HyperLR) and :data:`SGD_SEEK_DEFAULTS` (SGD-HD, and HyperLR
+wrapping ``torch.optim.SGD``) come from
 ``experiments/fit_controller.py``; :func:`resolve_seek` completes a user's ``seek={...}`` from the
 family's set and checks every value against its allowed range. The equations that read them are
 in :mod:`metalr.functional._controller`.
@@ -129,7 +130,8 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
 
 def resolve_seek(seek: Mapping[str, float] | None, family: str = "adam") -> dict[str, float]:
     """The full constant set: the family's defaults (:data:`SEEK_DEFAULTS` for Adam-HD/AdamW-HD
-    and HyperLR, :data:`SGD_SEEK_DEFAULTS` for SGD-HD) overridden by ``seek``, validated.
+    and HyperLR, :data:`SGD_SEEK_DEFAULTS` for SGD-HD and HyperLR over SGD) overridden by
+    ``seek``, validated.
 
     Raises ``ValueError`` naming the key and its allowed range (unknown keys are refused).
     """
