@@ -67,10 +67,19 @@ def effective_rate(opt: metalr.AdamHD) -> float:
     return math.exp(sum(l * n for l, n in zip(logs, sizes)) / sum(sizes))
 
 
-def run(task_name: str, size: str, lr0: float, seed: int, steps: int) -> dict:
+def run(
+    task_name: str, size: str, lr0: float, seed: int, steps: int, spec: dict | None = None
+) -> dict:
+    """Per step, the effective rate and the minibatch loss of AdamHD at defaults (or of the
+    workbench optimizer ``spec``) started at ``lr0``."""
     task = make_task(task_name, size, fallback_text=size == "smoke")
     model = task.model(seed)
-    opt = metalr.AdamHD(model.parameters(), lr=lr0)
+    if spec is None:
+        opt = metalr.AdamHD(model.parameters(), lr=lr0)
+    else:
+        from metalr.workbench.optimizers import build_for_model
+
+        opt = build_for_model(spec, model, lr0, task)
     nxt = task.batches(seed)
     rates, losses = [], []
     for _ in range(steps):

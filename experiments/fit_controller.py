@@ -226,24 +226,29 @@ def reference(
 
 
 def _run_all(jobs: list[tuple], workers: int) -> list[dict[str, Any]]:
-    """``run(*job)`` for every job, in ``workers`` processes (the runs are deterministic: the
-    same values as the serial loop)."""
+    """``run(*job)`` for every job (the runs are deterministic: the same values in any order)."""
+    return _map(run, jobs, workers)
+
+
+def _map(fn: Any, jobs: list[tuple], workers: int) -> list[Any]:
+    """``fn(*job)`` for every job, in ``workers`` processes of one thread each, or serially."""
     if workers > 1:
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(workers) as pool:
-            return list(pool.map(_run_cell, jobs))
-    return [run(*job) for job in jobs]
+            return list(pool.map(_one_thread, [(fn, job) for job in jobs]))
+    return [fn(*job) for job in jobs]
+
+
+def _one_thread(item: tuple) -> Any:
+    """A worker's call of ``_map`` (one thread, as in the serial loop)."""
+    torch.set_num_threads(1)
+    fn, job = item
+    return fn(*job)
 
 
 def capped_log_ratio(value: float, ref: float) -> float:
     return min(math.log(value / ref), CAP) if math.isfinite(value) else CAP
-
-
-def _run_cell(job: tuple) -> dict[str, Any]:
-    """One cell's run in a worker process (one thread, as in the serial loop)."""
-    torch.set_num_threads(1)
-    return run(*job)
 
 
 def seek_spec(constants: dict[str, float], optimizer: str = "adam") -> dict[str, Any]:
@@ -287,45 +292,19 @@ def steps_to_rate(
 ) -> int | None:
     """From ``SPEED_START · r_star``, the first step whose effective rate (size-weighted geometric
     mean, as ``find_rate_study.py`` measures it) is within 2× of ``r_star``; None if none is."""
-    from find_rate_study import effective_rate, steps_to_within
+    from find_rate_study import run as rate_run
+    from find_rate_study import steps_to_within
 
-    from metalr.workbench import optimizers as O
-
-    task = make_task(task_name, size, fallback_text=size == "smoke")
-    model = task.model(0)
-    opt = O.build_for_model(spec, model, SPEED_START * r_star, task)
-    nxt = task.batches(0)
-    rates = []
-    for _ in range(steps):
-        x, y = nxt()
-        loss = task.loss(model(x), y)
-        if not math.isfinite(float(loss)):
-            break
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        rates.append(effective_rate(opt))
+    rates = rate_run(task_name, size, SPEED_START * r_star, 0, steps, spec)["rates"]
     return steps_to_within(rates, r_star)
-
-
-def _speed_cell(job: tuple) -> int | None:
-    torch.set_num_threads(1)
-    return steps_to_rate(*job)
 
 
 def speed_cells(spec: dict[str, Any], ref: dict, steps: dict[str, int], size: str,
                 workers: int) -> list[dict[str, Any]]:  # fmt: skip
     """The ``--speed`` cells of one trial: steps to the rate per task and their cost."""
     jobs = [(name, spec, ref[name]["lr"], min(SPEED_STEPS, n), size) for name, n in steps.items()]
-    if workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(workers) as pool:
-            found = list(pool.map(_speed_cell, jobs))
-    else:
-        found = [steps_to_rate(*job) for job in jobs]
     cells = []
-    for (name, *_), n in zip(jobs, found):
+    for (name, *_), n in zip(jobs, _map(steps_to_rate, jobs, workers)):
         k = CAP if n is None else min(max(0.0, math.log(n / SPEED_GOAL)), CAP)
         cells.append({"task": name, "start": SPEED_START, "steps_to_rate": n, "cost": 0.5 * k})
     return cells

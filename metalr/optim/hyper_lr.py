@@ -86,10 +86,7 @@ class HyperLR(HypergradOptimizer):
             )
         if any("lr" not in g for g in optimizer.param_groups):
             raise ValueError("HyperLR needs an optimizer whose param groups have an 'lr' entry")
-        # SGD (with or without momentum) reads SGD-HD's fitted seek constants, every other
-        # optimizer Adam-HD's (measured: HyperLR(SGD, momentum 0.9) with Adam's constants 6/12
-        # cells of the seed-3 check within 10% of best-of-grid SGD, with SGD-HD's 8/12)
-        self.seek_family = "sgd" if isinstance(optimizer, torch.optim.SGD) else "adam"
+        self.seek_family = _seek_family(optimizer)
         self._hyper = check.check_hyper_options(
             hypergrad_lr, granularity, rule, lr_bounds, None, seek, validation, self.seek_family
         )
@@ -126,8 +123,7 @@ class HyperLR(HypergradOptimizer):
         if not loading:  # unpickling
             self.optimizer = state.pop("optimizer")
             self._hyper = state.pop("_hyper")
-            family = "sgd" if isinstance(self.optimizer, torch.optim.SGD) else "adam"
-            self.seek_family = state.pop("seek_family", family)
+            self.seek_family = state.pop("seek_family", None) or _seek_family(self.optimizer)
         super().__setstate__(state)
         self._wrapping = False
         if loading:
@@ -276,3 +272,11 @@ def _inverse(lr: float | Tensor) -> float | Tensor:
     if isinstance(lr, Tensor):
         return torch.where(lr > 0, 1.0 / lr, 0.0)
     return 1.0 / lr if lr > 0 else 0.0
+
+
+def _seek_family(optimizer: Optimizer) -> str:
+    """Whose fitted seek constants a wrapped optimizer reads: SGD-HD's for ``torch.optim.SGD``
+    (with or without momentum), Adam-HD's for every other (measured: HyperLR(SGD, momentum 0.9)
+    with Adam's constants 6/12 cells of the seed-3 check within 10% of best-of-grid SGD, with
+    SGD-HD's 8/12)."""
+    return "sgd" if isinstance(optimizer, torch.optim.SGD) else "adam"
