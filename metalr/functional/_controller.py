@@ -90,6 +90,7 @@ Everything here is pure (``torch.where``, no Python branches on tensor values, n
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -381,7 +382,7 @@ def _vector_moves(rate_vec: Tensor, move: _RateMove, options: _MoveOptions) -> T
     log_move = move.ramp_move.to(dtype) + torch.where(~move.ramping, step, torch.zeros_like(step))
     log_new = torch.minimum(torch.log(rate_vec) + log_move, move.ceiling.to(dtype))
     if options.granularity == "tensor" and len(options.sizes) > 1:
-        log_new = torch.stack(_tie(list(log_new.unbind(0)), options.sizes, options.seek["tie"]))
+        log_new = _tie_vector(log_new, options.sizes, options.seek["tie"])
     return torch.where(move.act, torch.exp(log_new), rate_vec)
 
 
@@ -440,6 +441,32 @@ def _tie(log_rates: list[Tensor], sizes: Sequence[int], tie: float) -> list[Tens
     centre = sum(x * (n / total) for x, n in zip(log_rates, sizes))
     width = math.log(tie)
     return list(torch.clamp(stacked, min=centre - width, max=centre + width).unbind(0))
+
+
+def _tie_vector(log_rates: Tensor, sizes: Sequence[int], tie: float) -> Tensor:
+    """:func:`_tie` on stacked 0-d log-rates ``[n]`` (one dtype and device): a weighted sum and
+    one clamp instead of an op per tensor."""
+    if math.isinf(tie):
+        return log_rates
+    centre = (log_rates * _size_weights(tuple(sizes), log_rates.dtype, log_rates.device)).sum()
+    width = math.log(tie)
+    return torch.clamp(log_rates, min=centre - width, max=centre + width)
+
+
+def _size_weights(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``n_i / Σ n`` as a tensor: built once per (sizes, dtype, device) and kept, so that a
+    step does no host-to-device copy (a constant of the graph where traced)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor([n / sum(sizes) for n in sizes], dtype=dtype, device=device)
+    return _cached_size_weights(sizes, dtype, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_size_weights(
+    sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    total = sum(sizes)
+    return torch.tensor([n / total for n in sizes], dtype=dtype, device=device)
 
 
 def seek_validation_update(

@@ -44,10 +44,9 @@ import torch
 from torch import Tensor
 
 from metalr.functional._common import safe_sqrt
+from metalr.functional._compiled import compiled
 from metalr.functional._controller import CEILING, RAMP, seek_update_stacked
 from metalr.functional._hypergrad import group_signal_from_norms
-
-_TRUE = torch.tensor(True)
 
 #: Status codes of the C++ pass.
 SKIPPED, WRITTEN, INACTIVE = 0, 1, 2
@@ -208,23 +207,38 @@ def _seek_controllers(
     :func:`group_signal_from_norms`, given the group's totals ``Σ g·d``, ``‖g‖``, ``‖d‖``.
     The stand-in rates it returns are not used.
     """
-    ctrl = torch.stack(list(controllers))
-    s = sums.to(ctrl.dtype)
-    total = s[:, :3].sum(0)
-    group_signal, active = group_signal_from_norms(
-        total[0:1], safe_sqrt(total[1:2]), safe_sqrt(total[2:3]), _TRUE, None
+    new_ctrl, active = _element_controllers(
+        sums, torch.stack(list(controllers)), beta, sizes=tuple(r.numel() for r in rates), seek=seek
     )
-    sizes = [r.numel() for r in rates]
-    mean_sign = (sums[:, 3] / sums.new_tensor(sizes)).to(ctrl.dtype)
-    _, new_ctrl = seek_update_stacked(
-        s[:, 4], ctrl, mean_sign, group_signal, active, sizes, hypergrad_lr=beta, seek=seek,
-        granularity="group",
-    )  # fmt: skip
     torch._foreach_copy_(list(controllers), list(new_ctrl.unbind(0)))
     if not any(ramping):
         return bool(active), [False] * len(rates)
     new_ramp = new_ctrl[:, RAMP].tolist()
     return bool(active), [r and n <= 0 for r, n in zip(ramping, new_ramp)]
+
+
+@compiled
+def _element_controllers(
+    sums: Tensor, ctrl: Tensor, beta: float, *, sizes: tuple[int, ...], seek: Mapping[str, Any]
+) -> tuple[Tensor, Tensor]:
+    """The new stacked controllers ``[n, K]`` and the step's active flag from the pass's sums
+    (:func:`_seek_controllers`; pure tensor ops, traced into one graph by
+    :func:`metalr.functional._compiled.compiled`)."""
+    s = sums.to(ctrl.dtype)
+    total = s[:, :3].sum(0)
+    group_signal, active = group_signal_from_norms(
+        total[0:1],
+        safe_sqrt(total[1:2]),
+        safe_sqrt(total[2:3]),
+        torch.ones((), dtype=torch.bool),
+        None,
+    )
+    mean_sign = (sums[:, 3] / sums.new_tensor(sizes)).to(ctrl.dtype)
+    _, new_ctrl = seek_update_stacked(
+        s[:, 4], ctrl, mean_sign, group_signal, active, sizes, hypergrad_lr=beta, seek=seek,
+        granularity="group",
+    )  # fmt: skip
+    return new_ctrl, active
 
 
 def _correct(

@@ -169,16 +169,14 @@ def adam_hd_step(
     lr_f = float(lr)
     coupled = weight_decay if not decoupled_weight_decay else 0.0
     decay = 1.0 - lr_f * weight_decay if decoupled_weight_decay else 1.0
-    ts = [float(s) for s in steps]
+    ts = torch.stack(steps).tolist()
+    per_count = {t: _bias_corrections(t, beta1, beta2) for t in set(ts)}  # usually one count
 
     def scalars(rate_values: Sequence[float]) -> Tensor:
         rows = []
         for t, r in zip(ts, rate_values):
-            prev = max(t, 1.0)
-            rows.append([
-                1 / (1 - beta1**prev), (1 - beta2**prev) ** -0.5,
-                lr_f * r / (1 - beta1 ** (t + 1)), (1 - beta2 ** (t + 1)) ** -0.5, decay,
-            ])  # fmt: skip
+            pc1, pc2, c1, c2 = per_count[t]
+            rows.append([pc1, pc2, lr_f * r / c1, c2, decay])
         return torch.tensor(rows, dtype=torch.float64)
 
     def rate_update(sums: Tensor):
@@ -188,7 +186,7 @@ def adam_hd_step(
             seek=seek,
         )  # fmt: skip
 
-    old = scalars([float(r) for r in rates])
+    old = scalars(torch.stack(rates).tolist())
     common = (beta1, beta2, eps, coupled, maximize)
     if lagged:
         sums = ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, old, *common, True, True)
@@ -200,10 +198,20 @@ def adam_hd_step(
     if not bool(update.finite):
         return True  # a skipped step: nothing changes
     commit_update(rates, controllers, update, known_finite=True)
-    new = scalars([float(r) for r in rates])
+    new = scalars(torch.stack(rates).tolist())
     ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, new, *common, False, True)
     torch._foreach_add_(steps, 1)
     return True
+
+
+def _bias_corrections(t: float, beta1: float, beta2: float) -> tuple[float, float, float, float]:
+    """``(1/(1-β1^{t-1}), 1/√(1-β2^{t-1}), 1-β1^t, 1/√(1-β2^t))`` for a tensor that has taken
+    ``t`` steps (the step being taken is ``t+1``; ``t-1`` means ``max(t, 1)``)."""
+    prev = max(t, 1.0)
+    return (
+        1 / (1 - beta1**prev), (1 - beta2**prev) ** -0.5,
+        1 - beta1 ** (t + 1), (1 - beta2 ** (t + 1)) ** -0.5,
+    )  # fmt: skip
 
 
 def sgd_hd_step(

@@ -10,6 +10,7 @@ rule on stacked ``[n]`` vectors, so the bookkeeping after the pass is a fixed ha
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor
 
 from metalr.functional._common import safe_sqrt
-from metalr.functional._controller import seek_update_stacked
+from metalr.functional._compiled import compiled
+from metalr.functional._controller import _beta_vector, seek_update_stacked
 from metalr.functional._hypergrad import (
     RateUpdate,
     clamp_rates,
@@ -51,23 +53,25 @@ def adapt_rates_from_sums(
         raise ValueError("adapt_rates_from_sums takes group/tensor granularity, not 'element'")
     ref = rates[0]
     sums = sums.to(device=ref.device, dtype=ref.dtype)
-    finite = torch.isfinite(sums).all()
     if grads_finite is not None:
-        finite = finite & grads_finite.to(finite.device)
+        grads_finite = grads_finite.to(ref.device)
     if rule == "seek":
         if controllers is None or seek is None:
             raise ValueError("rule='seek' needs controllers and seek constants")
-        if not isinstance(hypergrad_lr, (Tensor, list, tuple)) and hypergrad_lr == 0:
-            same = update_rates(
-                rates, list(sums[:, 0].unbind(0)), list(safe_sqrt(sums[:, 1]).unbind(0)),
-                list(safe_sqrt(sums[:, 2]).unbind(0)), lr=lr, hypergrad_lr=0.0,
-                rule="normalized", granularity=granularity, lr_bounds=lr_bounds,
+        if isinstance(hypergrad_lr, (Tensor, list, tuple)) or hypergrad_lr != 0:
+            return _seek_from_sums(
+                rates, controllers, sums, grads_finite, sizes, lr=lr, hypergrad_lr=hypergrad_lr,
+                granularity=granularity, lr_bounds=lr_bounds, seek=seek,
             )  # fmt: skip
-            return RateUpdate(same, finite, list(controllers))
-        return _seek_from_sums(
-            rates, controllers, sums, finite, sizes, lr=lr, hypergrad_lr=hypergrad_lr,
-            granularity=granularity, lr_bounds=lr_bounds, seek=seek,
+        # β = 0: nothing moves; the rates are only clamped, the controllers kept
+        finite = _finite(sums, grads_finite)
+        same = update_rates(
+            rates, list(sums[:, 0].unbind(0)), list(safe_sqrt(sums[:, 1]).unbind(0)),
+            list(safe_sqrt(sums[:, 2]).unbind(0)), lr=lr, hypergrad_lr=0.0,
+            rule="normalized", granularity=granularity, lr_bounds=lr_bounds,
         )  # fmt: skip
+        return RateUpdate(same, finite, list(controllers))
+    finite = _finite(sums, grads_finite)
     dots = list(sums[:, 0].unbind(0))
     g_norms = list(safe_sqrt(sums[:, 1]).unbind(0))
     d_norms = list(safe_sqrt(sums[:, 2]).unbind(0))
@@ -79,11 +83,17 @@ def adapt_rates_from_sums(
     return RateUpdate(new_rates, finite, [])
 
 
+def _finite(sums: Tensor, grads_finite: Tensor | None) -> Tensor:
+    """The step's flag: every sum finite (and every gradient, where the optimizer checked)."""
+    finite = torch.isfinite(sums).all()
+    return finite if grads_finite is None else finite & grads_finite
+
+
 def _seek_from_sums(
     rates: Sequence[Tensor],
     controllers: Sequence[Tensor],
     sums: Tensor,
-    finite: Tensor,
+    grads_finite: Tensor | None,
     sizes: Sequence[int],
     *,
     lr: float | Tensor,
@@ -94,17 +104,44 @@ def _seek_from_sums(
 ) -> RateUpdate:
     """The seek rule from a kernel's ``[n, 3]`` sums, on stacked vectors: the same operations as
     :func:`seek_signals_from_products` + :func:`seek_update`, without a stack and an unbind per
-    tensor (a fused step's bookkeeping is a handful of ops on ``[n]`` vectors)."""
+    tensor (a fused step's bookkeeping is one compiled graph on ``[n]`` vectors)."""
+    rate_vec = torch.stack(list(rates))
+    new_vec, new_ctrl, finite = seek_from_sums_stacked(
+        rate_vec, torch.stack(list(controllers)), sums, grads_finite,
+        _beta_vector(hypergrad_lr, rate_vec), sizes=tuple(sizes), seek=seek,
+        granularity=granularity,
+    )  # fmt: skip
+    if lr_bounds[0] > 0 or lr_bounds[1] < math.inf:  # (a skipped step keeps the rates unclamped)
+        new_vec = torch.where(finite, clamp_rates(new_vec, lr, lr_bounds), rate_vec)
+    return RateUpdate(list(new_vec.unbind(0)), finite, list(new_ctrl.unbind(0)))
+
+
+@compiled
+def seek_from_sums_stacked(
+    rate_vec: Tensor,
+    ctrl: Tensor,
+    sums: Tensor,
+    grads_finite: Tensor | None,
+    hypergrad_lr: float | Tensor,
+    *,
+    sizes: tuple[int, ...],
+    seek: Mapping[str, Any],
+    granularity: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """New stacked rates ``[n]`` (before the clamp to ``lr_bounds``), controllers ``[n, K]`` and
+    the step's flag from a kernel's ``[n, 3]`` sums: the flag (every sum finite, and
+    ``grads_finite``), the group cosine (:func:`group_signal_from_norms`), each tensor's cosine,
+    then :func:`seek_update_stacked`; where the step is skipped, the old values. Pure tensor ops,
+    traced into one graph by :func:`metalr.functional._compiled.compiled`."""
+    finite = _finite(sums, grads_finite)
     sum_vec, g_vec, d_vec = sums[:, 0], safe_sqrt(sums[:, 1]), safe_sqrt(sums[:, 2])
     group_signal, active = group_signal_from_norms(sum_vec, g_vec, d_vec, finite, None)
     if granularity == "group":
-        signal_vec = group_signal.expand(len(rates))
+        signal_vec = group_signal.expand(rate_vec.shape[0])
     else:
         signal_vec = tensor_cosines(sum_vec, g_vec, d_vec)
-    ctrl = torch.stack(list(controllers))
-    rate_vec, new_ctrl = seek_update_stacked(
-        torch.stack(list(rates)), ctrl, signal_vec.to(ctrl.dtype), group_signal, active, sizes,
+    new_vec, new_ctrl = seek_update_stacked(
+        rate_vec, ctrl, signal_vec.to(ctrl.dtype), group_signal, active, sizes,
         hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity,
     )  # fmt: skip
-    rate_vec = clamp_rates(rate_vec, lr, lr_bounds)
-    return RateUpdate(list(rate_vec.unbind(0)), finite, list(new_ctrl.unbind(0)))
+    return new_vec, new_ctrl, finite
