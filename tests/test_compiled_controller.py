@@ -153,3 +153,28 @@ def test_vector_tie_equals_the_list_tie_and_keeps_its_weights():
     assert _size_weights(SIZES, torch.float64, logs.device) is first
     torch.testing.assert_close(first.sum(), torch.tensor(1.0, dtype=torch.float64))
     assert torch.equal(_tie_vector(logs, SIZES, float("inf")), logs)
+
+
+def test_configurations_past_the_recompile_limit_run_eagerly_the_rest_stay_compiled():
+    """Each set of constants is its own graph; past dynamo's recompile_limit the new sets run
+    eagerly (one warning), and the sets already compiled keep their graphs."""
+    limit = torch._dynamo.config.recompile_limit
+
+    def scaled(x: torch.Tensor, constants: dict) -> torch.Tensor:
+        return x * constants["a"] + 1
+
+    wrapped = _compiled.compiled(scaled)
+    torch._dynamo.reset()
+    counters.clear()
+    x = torch.arange(4.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = [wrapped(x, {"a": float(i)}) for i in range(limit + 3)]
+    for i, out in enumerate(outputs):
+        assert torch.equal(out, x * i + 1)
+    assert sum("more configurations" in str(w.message) for w in caught) == 1
+    assert counters["stats"]["unique_graphs"] == limit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(wrapped(x, {"a": 2.0}), x * 2 + 1)  # still its compiled graph
+    assert counters["stats"]["unique_graphs"] == limit

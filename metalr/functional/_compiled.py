@@ -11,10 +11,13 @@ the CPU. There is no second copy of the math: :func:`compiled` compiles the rule
 functions.
 
 The first call of each function compiles it (seconds; inductor keeps an on-disk cache for later
-processes). New shapes or constants recompile once, then the changed sizes are traced as
-dynamic. Where compiling fails (no C++ compiler for inductor's CPU code, an unsupported
-platform) the function warns once and runs eagerly from then on, with the same values to
-rounding. ``METALR_COMPILE_CONTROLLER=0`` in the environment keeps every call eager.
+processes). Shapes and constants are specialised (``dynamic=False``: the constants steer Python
+branches of the rule); a scheduler changing ``lr`` does not recompile (``lr`` is applied
+outside). Each set of constants, sizes and dtypes is its own graph; past dynamo's
+``recompile_limit`` (8) new sets run eagerly (one warning) and the compiled ones stay compiled.
+Where compiling fails (no C++ compiler for inductor's CPU code, an unsupported platform) the
+function warns once and runs eagerly from then on, with the same values to rounding.
+``METALR_COMPILE_CONTROLLER=0`` in the environment keeps every call eager.
 """
 
 from __future__ import annotations
@@ -32,6 +35,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: Environment switch: "0" runs the bookkeeping eagerly (op by op).
 ENV_SWITCH = "METALR_COMPILE_CONTROLLER"
 
+try:  # raised (fullgraph=True) when a call needs more graphs than dynamo's recompile_limit
+    from torch._dynamo.exc import FailOnRecompileLimitHit as _RECOMPILE_LIMIT
+except ImportError:  # pragma: no cover - older/newer torch: treated as any compiler failure
+    _RECOMPILE_LIMIT = ()  # type: ignore[assignment]
+
+
+def _recompile_limit() -> object:
+    import torch._dynamo.config
+
+    return getattr(torch._dynamo.config, "recompile_limit", "its limit")
+
 
 def enabled() -> bool:
     """Whether the bookkeeping is compiled (``METALR_COMPILE_CONTROLLER`` is not ``"0"``)."""
@@ -42,7 +56,7 @@ def compiled(fn: F) -> F:
     """``fn`` (pure, tensor ops only, no host sync) through ``torch.compile``, with ``fn`` itself
     as the fallback when compiling is switched off, fails, or is already under way (inside a
     caller's own ``torch.compile`` the call is traced inline)."""
-    state: dict[str, Any] = {"compiled": None, "failed": False}
+    state: dict[str, Any] = {"compiled": None, "failed": False, "limit_warned": False}
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -52,6 +66,17 @@ def compiled(fn: F) -> F:
             state["compiled"] = torch.compile(fn, fullgraph=True, dynamic=False)
         try:
             return state["compiled"](*args, **kwargs)
+        except _RECOMPILE_LIMIT:  # more configurations than dynamo keeps: this one runs eagerly
+            if not state["limit_warned"]:
+                state["limit_warned"] = True
+                warnings.warn(
+                    f"metalr: {fn.__name__} met more configurations (constants, sizes, dtypes) "
+                    f"than torch._dynamo keeps compiled ({_recompile_limit()}); new ones run "
+                    "eagerly (same values, slower)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            return fn(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - any compiler failure: run eagerly instead
             state["failed"] = True
             warnings.warn(

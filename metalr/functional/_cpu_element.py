@@ -98,7 +98,8 @@ def adam_hd_element_step(
     decay = 1.0 - lr_f * weight_decay if decoupled_weight_decay else 1.0
     coupled = weight_decay if not decoupled_weight_decay else 0.0
     ts = torch.stack(steps).tolist()
-    adam = [_adam_constants(t, lr_f, beta1, beta2, decay) for t in ts]
+    per_count = {t: _adam_constants(t, lr_f, beta1, beta2, decay) for t in set(ts)}
+    adam = [per_count[t] for t in ts]  # usually one step count for every tensor
     clamp = _clamp_bounds(lr_f, lr_bounds)
     tau_beta = float(seek.get("track", 1.0)) * beta if seeking else beta
 
