@@ -5,7 +5,8 @@ A kernel (C++ on the CPU, :mod:`metalr.functional._cpu_kernels`; Triton on CUDA,
 returns, per tensor, ``Σ Re(g·d)``, ``Σ g²`` and ``Σ d²``. :func:`adapt_rates_from_sums` turns
 those into the new multipliers with the same rule functions the eager path calls
 (:mod:`metalr.functional._hypergrad`, :mod:`metalr.functional._controller`); for the ``"seek"``
-rule on stacked ``[n]`` vectors, so the bookkeeping after the pass is a fixed handful of ops.
+rule on stacked ``[n]`` vectors, traced into one ``torch.compile`` graph
+(:mod:`metalr.functional._compiled`), so the bookkeeping after the pass is one kernel.
 """
 
 from __future__ import annotations
