@@ -77,7 +77,11 @@ later, so they serve only as starting points):
   10-12 (``check_controller.py --optimizer sgd --seeds 10,11,12``, which no SGD fit, study or
   check has used), it has at least as many cells within 10% of best-of-grid SGD (momentum 0.9)
   as round 8 (a tie goes to round 10, which the objective also scores for goal 4); if adopted,
-  study 1's SGD-HD cells are rerun and reported whatever they show.
+  study 1's SGD-HD cells are rerun and reported whatever they show. Result (30 trials, ~30 min
+  on 2 cores): best 0.273 (trial 21: turn_cut 0.57, headroom 9.6, β 0.0044) against round 8's
+  0.365, through few-shot and the speed cells (86 steps to the rate against never on few-shot)
+  while mnist1d lost 20-36%. Check on seeds 10-12: **10/30 against round 8's 20/30** (mnist1d
+  1.21-1.28 at every lr0, charlm 1.09-1.15): **not adopted**; round 8 stays SGD-HD's default.
 * Rounds 5 and 6 do not ship. ``experiments/check_controller.py`` (study 1's six tasks × five lr0 on seed 3,
   which no fit or study uses, against Adam on seed 3) found them *worse* than trial 11 where the
   suite cannot look: 13/30 (round 6) and 11/30 (round 5) cells within 10% against trial 11's
