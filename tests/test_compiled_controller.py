@@ -10,17 +10,10 @@ import torch
 from torch._dynamo.utils import counters
 
 from metalr.functional import _compiled
-from metalr.functional._controller import (
-    CEILING,
-    RAMP,
-    _size_weights,
-    _tie,
-    _tie_vector,
-    initial_controller,
-    resolve_seek,
-)
+from metalr.functional._controller import CEILING, RAMP, initial_controller, resolve_seek
 from metalr.functional._cpu_element import _element_controllers
 from metalr.functional._from_sums import seek_from_sums_stacked
+from metalr.functional._tie import _size_weights, tie_list, tie_vector
 
 SEEK = resolve_seek(None)
 SIZES = (300, 20, 5000, 90, 7)
@@ -145,14 +138,14 @@ def test_vector_tie_equals_the_list_tie_and_keeps_its_weights():
     built once per (sizes, dtype, device): no tensor is made from host data in later steps."""
     gen = torch.Generator().manual_seed(4)
     logs = torch.randn(len(SIZES), generator=gen, dtype=torch.float64) * 3
-    tied = _tie_vector(logs, SIZES, 4.0)
-    torch.testing.assert_close(tied, torch.stack(_tie(list(logs.unbind(0)), SIZES, 4.0)))
+    tied = tie_vector(logs, SIZES, 4.0)
+    torch.testing.assert_close(tied, torch.stack(tie_list(list(logs.unbind(0)), SIZES, 4.0)))
     assert float(tied.max() - tied.min()) <= 2 * torch.log(torch.tensor(4.0)).item() + 1e-12
     assert not torch.equal(tied, logs)  # the clamp did bind
     first = _size_weights(SIZES, torch.float64, logs.device)
     assert _size_weights(SIZES, torch.float64, logs.device) is first
     torch.testing.assert_close(first.sum(), torch.tensor(1.0, dtype=torch.float64))
-    assert torch.equal(_tie_vector(logs, SIZES, float("inf")), logs)
+    assert torch.equal(tie_vector(logs, SIZES, float("inf")), logs)
 
 
 def test_configurations_past_the_recompile_limit_run_eagerly_the_rest_stay_compiled():

@@ -90,7 +90,6 @@ Everything here is pure (``torch.where``, no Python branches on tensor values, n
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -107,6 +106,7 @@ from metalr.functional._seek_constants import (
     SGD_SEEK_DEFAULTS,
     resolve_seek,
 )  # re-exported: the rule's fitted constants
+from metalr.functional._tie import tie_list, tie_vector
 
 #: Entries of a controller vector.
 RAMP, FAST, MEAN, SQ, CEILING, COUNT, PEAK, SINCE, SLOW, SLOW_PEAK = range(10)
@@ -382,7 +382,7 @@ def _vector_moves(rate_vec: Tensor, move: _RateMove, options: _MoveOptions) -> T
     log_move = move.ramp_move.to(dtype) + torch.where(~move.ramping, step, torch.zeros_like(step))
     log_new = torch.minimum(torch.log(rate_vec) + log_move, move.ceiling.to(dtype))
     if options.granularity == "tensor" and len(options.sizes) > 1:
-        log_new = _tie_vector(log_new, options.sizes, options.seek["tie"])
+        log_new = tie_vector(log_new, options.sizes, options.seek["tie"])
     return torch.where(move.act, torch.exp(log_new), rate_vec)
 
 
@@ -413,7 +413,7 @@ def _per_rate_moves(
         log_new = torch.minimum(torch.log(rate) + log_move, move.ceiling[i].to(rate.dtype))
         moved_logs.append(log_new)
     if granularity == "tensor" and len(rates) > 1:
-        moved_logs = _tie(moved_logs, options.sizes, options.seek["tie"])
+        moved_logs = tie_list(moved_logs, options.sizes, options.seek["tie"])
     return [
         torch.where(move.act, torch.exp(log_new), rate) for rate, log_new in zip(rates, moved_logs)
     ]
@@ -430,43 +430,6 @@ def _log_level(rate: Tensor, granularity: str) -> Tensor:
     if granularity == "element" and rate.dim() > 0:
         return torch.log(full_value(rate.amax()))
     return torch.log(rate)
-
-
-def _tie(log_rates: list[Tensor], sizes: Sequence[int], tie: float) -> list[Tensor]:
-    """Clamp 0-d log-rates into ``[ℓ̄ - log tie, ℓ̄ + log tie]``, ``ℓ̄`` their size-weighted mean."""
-    if math.isinf(tie):
-        return log_rates
-    stacked = torch.stack(log_rates)
-    total = sum(sizes)  # Python weights: no host-to-device copy inside the step
-    centre = sum(x * (n / total) for x, n in zip(log_rates, sizes))
-    width = math.log(tie)
-    return list(torch.clamp(stacked, min=centre - width, max=centre + width).unbind(0))
-
-
-def _tie_vector(log_rates: Tensor, sizes: Sequence[int], tie: float) -> Tensor:
-    """:func:`_tie` on stacked 0-d log-rates ``[n]`` (one dtype and device): a weighted sum and
-    one clamp instead of an op per tensor."""
-    if math.isinf(tie):
-        return log_rates
-    centre = (log_rates * _size_weights(tuple(sizes), log_rates.dtype, log_rates.device)).sum()
-    width = math.log(tie)
-    return torch.clamp(log_rates, min=centre - width, max=centre + width)
-
-
-def _size_weights(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``n_i / Σ n`` as a tensor: built once per (sizes, dtype, device) and kept, so that a
-    step does no host-to-device copy (a constant of the graph where traced)."""
-    if torch.compiler.is_compiling():
-        return torch.tensor([n / sum(sizes) for n in sizes], dtype=dtype, device=device)
-    return _cached_size_weights(sizes, dtype, device)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_size_weights(
-    sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    total = sum(sizes)
-    return torch.tensor([n / total for n in sizes], dtype=dtype, device=device)
 
 
 def seek_validation_update(
