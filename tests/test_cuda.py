@@ -195,6 +195,28 @@ def test_whole_training_step_captures_in_a_cuda_graph(name, mode):
         torch.testing.assert_close(eff[p], eager_eff[q], rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("mode", ["triton-lagged", "triton-exact"])
+def test_triton_step_bookkeeping_is_one_compiled_graph_under_a_scheduler(mode):
+    """On CUDA the seek rule's bookkeeping after the Triton pass is one compiled graph (one
+    kernel instead of ~100 launches), built once and kept while a scheduler changes lr."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
+    model = model.cuda()
+    opt = MAKERS["AdamHD-tensor"](model.parameters(), **MODES[mode][0])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20)
+    x, y = torch.randn(16, 8, device="cuda"), torch.randn(16, 2, device="cuda")
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(20):
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step()
+        sched.step()
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_workbench_study_on_cuda_matches_cpu(tmp_path):
     """``metalr ablate device=cuda``: data, model and optimizer on the GPU; the records say so and
     the losses match the CPU run's."""
