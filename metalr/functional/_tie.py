@@ -4,13 +4,12 @@ within a factor ``tie`` of their size-weighted geometric mean::
     ℓ̄ = Σ_i (n_i / Σ n) log m_i,        log m_i ← clamp(log m_i, ℓ̄ − log tie, ℓ̄ + log tie)
 
 (``n_i``: elements of tensor ``i``), so that no tensor's rate drifts decades away from the rest.
-:func:`tie_vector` works on the stacked rates of one dtype and device (one weighted sum, one
-clamp); :func:`tie_list` on 0-d log-rates that may differ in dtype or device.
+:func:`tie_vector` works on the stacked rates of one dtype and device, :func:`tie_list` on 0-d
+log-rates that may differ in dtype or device; both sum the centre in the same order.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
@@ -32,26 +31,13 @@ def tie_list(log_rates: list[Tensor], sizes: Sequence[int], tie: float) -> list[
 
 
 def tie_vector(log_rates: Tensor, sizes: Sequence[int], tie: float) -> Tensor:
-    """:func:`tie_list` on stacked 0-d log-rates ``[n]`` (one dtype and device): a weighted sum and
-    one clamp instead of an op per tensor."""
+    """:func:`tie_list` on stacked 0-d log-rates ``[n]`` (one dtype and device): one clamp of the
+    vector. The centre is summed in :func:`tie_list`'s order (tensor by tensor, Python weights:
+    no host-to-device copy), so eager steps give its values bit for bit and the studies'
+    records reproduce; traced (:mod:`metalr.functional._compiled`) the sum is part of one loop."""
     if math.isinf(tie):
         return log_rates
-    centre = (log_rates * _size_weights(tuple(sizes), log_rates.dtype, log_rates.device)).sum()
+    total = sum(sizes)
+    centre = sum(log_rates[i] * (n / total) for i, n in enumerate(sizes))
     width = math.log(tie)
     return torch.clamp(log_rates, min=centre - width, max=centre + width)
-
-
-def _size_weights(sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``n_i / Σ n`` as a tensor: built once per (sizes, dtype, device) and kept, so that a
-    step does no host-to-device copy (a constant of the graph where traced)."""
-    if torch.compiler.is_compiling():
-        return torch.tensor([n / sum(sizes) for n in sizes], dtype=dtype, device=device)
-    return _cached_size_weights(sizes, dtype, device)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_size_weights(
-    sizes: tuple[int, ...], dtype: torch.dtype, device: torch.device
-) -> Tensor:
-    total = sum(sizes)
-    return torch.tensor([n / total for n in sizes], dtype=dtype, device=device)
