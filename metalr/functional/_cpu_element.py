@@ -150,14 +150,22 @@ def adam_hd_element_step(
                      true - applied, ceilings[i], beta1, beta2, eps)  # fmt: skip
 
 
+def bias_corrections(t: float, beta1: float, beta2: float) -> tuple[float, float, float, float]:
+    """``(1/(1-β1^{t-1}), 1/√(1-β2^{t-1}), 1-β1^t, 1/√(1-β2^t))`` for a tensor that has taken
+    ``t`` steps (the step being taken is ``t+1``; ``t-1`` means ``max(t, 1)``): the Adam
+    constants of both CPU kernels' rows (:mod:`metalr.functional._cpu_kernels` too)."""
+    prev = max(t, 1.0)
+    return (
+        1 / (1 - beta1**prev), (1 - beta2**prev) ** -0.5,
+        1 - beta1 ** (t + 1), (1 - beta2 ** (t + 1)) ** -0.5,
+    )  # fmt: skip
+
+
 def _adam_constants(t: float, lr: float, beta1: float, beta2: float, decay: float) -> list[float]:
     """``[1/(1-β1^{t-1}), 1/√(1-β2^{t-1}), lr/(1-β1^t), 1/√(1-β2^t), decay]`` for a tensor that
-    has taken ``t`` steps (the step being taken is ``t+1``; ``t-1`` means ``max(t, 1)``)."""
-    prev = max(t, 1.0)
-    return [
-        1 / (1 - beta1**prev), (1 - beta2**prev) ** -0.5,
-        lr / (1 - beta1 ** (t + 1)), (1 - beta2 ** (t + 1)) ** -0.5, decay,
-    ]  # fmt: skip
+    has taken ``t`` steps (:func:`bias_corrections`)."""
+    pc1, pc2, c1, c2 = bias_corrections(t, beta1, beta2)
+    return [pc1, pc2, lr / c1, c2, decay]
 
 
 def _clamp_bounds(lr: float, lr_bounds: tuple[float, float]) -> list[float]:

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from metalr.functional._common import commit_update
-from metalr.functional._cpu_element import adam_hd_element_step
+from metalr.functional._cpu_element import adam_hd_element_step, bias_corrections
 from metalr.functional._from_sums import adapt_rates_from_sums
 
 _SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / name
@@ -170,7 +170,7 @@ def adam_hd_step(
     coupled = weight_decay if not decoupled_weight_decay else 0.0
     decay = 1.0 - lr_f * weight_decay if decoupled_weight_decay else 1.0
     ts = torch.stack(steps).tolist()
-    per_count = {t: _bias_corrections(t, beta1, beta2) for t in set(ts)}  # usually one count
+    per_count = {t: bias_corrections(t, beta1, beta2) for t in set(ts)}  # usually one count
 
     def scalars(rate_values: Sequence[float]) -> Tensor:
         rows = []
@@ -202,16 +202,6 @@ def adam_hd_step(
     ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, new, *common, False, True)
     torch._foreach_add_(steps, 1)
     return True
-
-
-def _bias_corrections(t: float, beta1: float, beta2: float) -> tuple[float, float, float, float]:
-    """``(1/(1-β1^{t-1}), 1/√(1-β2^{t-1}), 1-β1^t, 1/√(1-β2^t))`` for a tensor that has taken
-    ``t`` steps (the step being taken is ``t+1``; ``t-1`` means ``max(t, 1)``)."""
-    prev = max(t, 1.0)
-    return (
-        1 / (1 - beta1**prev), (1 - beta2**prev) ** -0.5,
-        1 - beta1 ** (t + 1), (1 - beta2 ** (t + 1)) ** -0.5,
-    )  # fmt: skip
 
 
 def sgd_hd_step(
