@@ -42,6 +42,7 @@ SEEK_DEFAULTS: dict[str, float] = {
     "resume_window": 45.37,
     "resume_level": 0.8006,
     "far_decay": 0.1317,
+    "init_floor": 0.0,
 }
 
 #: Round 7's best (trial 33, objective 0.516; ``round7/best.json``), to 4 significant digits:
@@ -55,6 +56,7 @@ ROUND7_SEEK: dict[str, float] = {
     "ramp_fast": 0.2739,
     "slow_zone": 0.9242,
     "far_decay": 0.0,
+    "init_floor": 0.0,
 }
 
 #: The default ``hypergrad_lr`` (β of phase 2) of the "seek" rule, fitted with the constants.
@@ -81,6 +83,7 @@ TRIAL11_SEEK: dict[str, float] = {
     "resume_window": 0.0,
     "resume_level": 1.0,
     "far_decay": 0.0,
+    "init_floor": 0.0,
 }
 TRIAL11_SEEK_HYPERGRAD_LR = 0.015
 
@@ -125,6 +128,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "resume_window": (0.0, math.inf, False),
     "resume_level": (0.0, 1.0, False),
     "far_decay": (0.0, 1.0, False),
+    "init_floor": (0.0, math.inf, False),
 }
 
 

@@ -334,13 +334,24 @@ class HypergradOptimizer(Optimizer):
 
 
 def initial_multiplier(group: dict[str, Any]) -> float:
-    """A fresh multiplier's value: ``seek['init_scale']`` for an active ``"seek"`` rule (its
-    ramp starts below the given lr), else 1.0."""
+    """A fresh multiplier's value: 1.0, or for an active ``"seek"`` rule the start of its ramp,
+
+        m_0 = max(init_scale, init_floor / lr)        (init_floor / lr only while lr > 0)
+
+    so that the effective rate starts at ``max(init_scale · lr, init_floor)``: below a sensible
+    ``lr``, and never below ``init_floor`` however small the hint (``lr`` is read when the state
+    is created: a tensor ``lr`` is read once, on the first step)."""
     hypergrad_lr = group.get("hypergrad_lr", 0)
     active = isinstance(hypergrad_lr, (Tensor, list, tuple)) or hypergrad_lr != 0
-    if group.get("rule") == "seek" and active:
-        return float(group["seek"]["init_scale"])
-    return 1.0
+    if group.get("rule") != "seek" or not active:
+        return 1.0
+    start = float(group["seek"]["init_scale"])
+    floor = float(group["seek"].get("init_floor", 0.0))  # absent from checkpoints before it
+    if floor > 0:
+        lr = float(group["lr"])
+        if lr > 0:
+            start = max(start, floor / lr)
+    return start
 
 
 def scalar_lr(lr: float | Tensor) -> float | Tensor:
