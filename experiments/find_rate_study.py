@@ -85,7 +85,7 @@ def run(
     for _ in range(steps):
         x, y = nxt()
         loss = task.loss(model(x), y)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             break
         opt.zero_grad()
