@@ -30,6 +30,20 @@ default of the day: ``grid.jsonl`` at the top level was chosen with trial 11's s
 defaults since 2026-12-04; the same setting chosen):
 
     python experiments/choose_validation.py --out experiments/results/choose_validation/round9
+
+Round 11 (2026-12-04; fixed before the run): study 9 found the option *costing* cells (17/30
+within 10% against 23/30 without it) — on tasks that do not overfit, a validation signal with a
+positive evidence threshold pulls the rates below where the training signal keeps them. A
+``climb`` constant (the fraction of the validation update's moves *up* that is kept) makes the
+signal a brake at 0. The grid adds :data:`BRAKE_GRID` (9 settings, ``climb`` 0) to the 18
+above, with the seek constants of the day (round 11's, if its ``init_floor`` is adopted), and
+the selection rule is unchanged (lowest objective among the settings under which the rates fall
+in the constructed case)::
+
+    python experiments/choose_validation.py --brake --out experiments/results/choose_validation/round11
+
+(A development run of :data:`BRAKE_GRID` with round 9's seek constants, not kept, scored 0.611
+at β_val 0.3, evidence 0 against 0.633 without the signal and 0.650 for the chosen setting.)
 """
 
 from __future__ import annotations
@@ -48,6 +62,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fit_controller import LR0S, ROOT, SUITE, capped_log_ratio, reference, run
 
 GRID = {"hypergrad_lr": (0.03, 0.1, 0.3), "evidence": (0.0, 0.2, 0.4), "train_weight": (0.0, 1.0)}
+#: Round 11 (``--brake``): the validation signal as a brake (``climb`` 0: it never raises a
+#: rate), the training signal kept, over the step size and the threshold below which it brakes.
+BRAKE_GRID = {"hypergrad_lr": (0.1, 0.3, 1.0), "evidence": (-0.2, 0.0, 0.2),
+              "train_weight": (1.0,), "climb": (0.0,)}  # fmt: skip
 STREAM = {"every": 10}  # batch: the task's training batch (128 here; fewshot: its 100-point split)
 
 
@@ -102,7 +120,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(ROOT / "experiments/results/choose_validation"))
     parser.add_argument("--smoke", action="store_true", help="2 settings of 20-step smoke runs")
+    parser.add_argument("--grid", default=None, metavar="JSON",
+                        help='another grid, e.g. \'{"climb": [0], "evidence": [-0.2, 0]}\' '
+                        "(keys it lacks keep their defaults)")  # fmt: skip
+    parser.add_argument("--brake", action="store_true",
+                        help="also the climb-0 settings of BRAKE_GRID (round 11)")  # fmt: skip
     args = parser.parse_args(argv)
+    grids = [json.loads(args.grid)] if args.grid else [GRID, *([BRAKE_GRID] if args.brake else [])]
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     log = out / "grid.jsonl"
     done = {json.dumps(json.loads(l)["options"], sort_keys=True): json.loads(l)
             for l in log.read_text().splitlines()} if log.is_file() else {}  # fmt: skip
-    settings = [dict(zip(GRID, values)) for values in itertools.product(*GRID.values())]
+    settings = [dict(zip(grid, values)) for grid in grids
+                for values in itertools.product(*grid.values())]  # fmt: skip
     for options in settings[:2] if args.smoke else settings:
         key = json.dumps(options, sort_keys=True)
         if key in done:

@@ -196,3 +196,37 @@ def test_hyperlr_keeps_its_family_through_pickle_and_state_dict():
     fresh = metalr.HyperLR(torch.optim.SGD(p, lr=0.1, momentum=0.9))
     fresh.load_state_dict(state)
     assert fresh.param_groups[0]["seek"] == SGD_SEEK_DEFAULTS
+
+
+@pytest.mark.parametrize(
+    ("lr", "floor", "expected"),
+    [
+        (1e-3, 0.0, 0.004),
+        (1e-3, 1e-6, 0.004),
+        (1e-6, 1e-6, 1.0),
+        (1e-8, 1e-6, 100.0),
+        (0.0, 1e-6, 0.004),
+    ],
+)
+def test_the_ramp_starts_at_the_larger_of_init_scale_times_lr_and_init_floor(lr, floor, expected):
+    """m_0 = max(init_scale, init_floor / lr): the effective rate starts at
+    max(init_scale · lr, init_floor); lr 0 (a warm-up's first value) keeps init_scale."""
+    model = nn.Linear(3, 2)
+    opt = metalr.AdamHD(model.parameters(), lr=lr, seek={"init_scale": 0.004, "init_floor": floor})
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    for p in model.parameters():
+        # the first step has no previous direction: the ramp moves the multiplier from step 2
+        assert opt.state[p]["lr_multiplier"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_init_floor_reads_a_tensor_lr_and_refuses_a_negative_floor():
+    model = nn.Linear(3, 2)
+    opt = metalr.AdamHD(model.parameters(), lr=torch.tensor(1e-8),
+                        seek={"init_scale": 0.004, "init_floor": 1e-6})  # fmt: skip
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    for r in opt.effective_lrs().values():
+        assert r.item() == pytest.approx(1e-6, rel=1e-6)
+    with pytest.raises(ValueError, match="init_floor"):
+        metalr.AdamHD(model.parameters(), seek={"init_floor": -1.0})

@@ -167,21 +167,27 @@ def _seek_reference(rates, stats, cosines, options, ceiling):
     for m, (mu, nu, n), c in zip(rates, stats, cosines):
         mu, nu, n = b1 * mu + (1 - b1) * c, b2 * nu + (1 - b2) * c * c, n + 1
         snr = (mu / (1 - b1**n)) / (math.sqrt(nu / (1 - b2**n)) + 1e-8)
-        log_m = min(math.log(m) + options["hypergrad_lr"] * (snr - options["evidence"]), ceiling)
+        track = snr - options["evidence"]
+        if track > 0:  # a move up is scaled by climb (1: kept, 0: the signal only holds back)
+            track *= options.get("climb", 1.0)
+        log_m = min(math.log(m) + options["hypergrad_lr"] * track, ceiling)
         out_rates.append(math.exp(log_m))
         out_stats.append((mu, nu, n))
     return out_rates, out_stats
 
 
-def test_seek_validation_step_equals_a_float64_reference():
+@pytest.mark.parametrize("climb", [1.0, 0.5, 0.0])
+def test_seek_validation_step_equals_a_float64_reference(climb):
     model = _model()
-    options = {"hypergrad_lr": 0.2, "evidence": 0.1, "signal_decay": 0.6, "signal_sq_decay": 0.9}
+    options = {"hypergrad_lr": 0.2, "evidence": -0.3, "signal_decay": 0.6,
+               "signal_sq_decay": 0.9, "climb": climb}  # fmt: skip
     # ramp_rate 0: the controller starts settled (no ramp), tie off: rates move independently
     seek = {"ramp_rate": 0.0, "init_scale": 1.0, "tie": math.inf}
     opt = metalr.AdamHD(model.parameters(), lr=LR, seek=seek, validation=options)
     params = list(model.parameters())
     rates = [1.0] * len(params)
     stats = [(0.0, 0.0, 0)] * len(params)
+    scaled = 0  # observations where climb changed a rate's move
     for t in range(4):
         _train_step(model, opt, _data(10 + t))
         rates = [float(opt.state[p][RATE_KEY]) for p in params]  # the training step's move
@@ -191,13 +197,16 @@ def test_seek_validation_step_equals_a_float64_reference():
         cos = [float((g * d).sum() / (g.norm() * d.norm())) for g, d in zip(grads, dirs)]
         ceilings = [float(opt.state[p][CONTROLLER_KEY][4]) for p in params]
         assert all(c == math.inf for c in ceilings)  # settled from the start: no turn, no ceiling
+        kept, _ = _seek_reference(rates, stats, cos, {**options, "climb": 1.0}, math.inf)
         rates, stats = _seek_reference(rates, stats, cos, options, math.inf)
+        scaled += sum(abs(a - b) > 1e-9 * a for a, b in zip(kept, rates))
         opt.observe_validation(_loss(model, val))
         for p, m, s in zip(params, rates, stats):
             assert float(opt.state[p][RATE_KEY]) == pytest.approx(m, rel=1e-12)
             torch.testing.assert_close(
                 opt.state[p][VALIDATION_KEY], torch.tensor(s, dtype=torch.float64)
             )
+    assert (scaled > 0) == (climb != 1.0)  # the case has moves up, which climb scales
 
 
 @pytest.mark.parametrize("rule", ["seek", "normalized"])
@@ -226,6 +235,33 @@ def test_rates_fall_when_validation_rises_while_training_falls(rule):
     assert val_losses[-1] > val_losses[0]
     assert rates[-1] < 0.5 * rates[0], rates
     assert all(b <= a * (1 + 1e-12) for a, b in itertools.pairwise(rates))  # never rises
+
+
+@pytest.mark.parametrize("climb", [1.0, 0.0])
+@pytest.mark.parametrize("rule", ["seek", "normalized", "additive"])
+def test_climb_zero_lets_the_validation_signal_only_hold_rates_back(rule, climb):
+    """Validation data from the training distribution (its gradient agrees with the steps):
+    with climb 1 some observations raise a rate; with climb 0 none does."""
+    torch.manual_seed(0)
+    x, w = torch.randn(256, 8, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    y = x @ w + 0.1 * torch.randn(256, 1, dtype=torch.float64)
+    model = torch.nn.Linear(8, 1).double()
+    kw = {"seek": {"ramp_rate": 0.0, "init_scale": 1.0}} if rule == "seek" else {}
+    beta = {"additive": {"hypergrad_lr": 1e-4}}.get(rule, {})
+    opt = metalr.AdamHD(model.parameters(), lr=1e-3, rule=rule, validation={"climb": climb,
+                        "evidence": -0.5, **beta}, **kw)  # fmt: skip
+    rises = 0
+    for step in range(1, 41):
+        idx = torch.randint(0, 192, (32,))
+        opt.zero_grad()
+        ((model(x[idx]) - y[idx]) ** 2).mean().backward()
+        opt.step()
+        if step % 4 == 0:
+            before = [opt.state[p][RATE_KEY].clone() for p in model.parameters()]
+            opt.observe_validation(((model(x[192:]) - y[192:]) ** 2).mean())
+            after = [opt.state[p][RATE_KEY] for p in model.parameters()]
+            rises += sum(int((a > b).any()) for a, b in zip(after, before))
+    assert (rises > 0) == (climb == 1.0), rises
 
 
 def test_observe_validation_leaves_grad_and_weights_alone():

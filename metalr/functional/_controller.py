@@ -466,6 +466,9 @@ def seek_validation_update(
     new_mean, new_sq, new_count, track = _normalised_signal(
         st[:, 0], st[:, 1], st[:, 2], sig, options
     )
+    climb = options.get("climb", 1.0)  # absent from checkpoints before it: 1, every move kept
+    if climb != 1.0:  # a validation signal that may only (or mostly) hold rates back
+        track = torch.where(track > 0, climb * track, track)
     ctrl = torch.stack([c.to(st.dtype) for c in controllers])
     move = _RateMove(
         ctrl[:, RAMP] > 0, torch.zeros_like(ctrl[:, RAMP]), track, ctrl[:, CEILING], act

@@ -29,7 +29,12 @@ signal replaces the training one):
   settled rates hold still. At tensor granularity rates are tied as in the training phase.
 * ``rule="normalized"``: ``log m ← log m + β_val · c^val``; ``rule="additive"``:
   ``α ← α + β_val ⟨∇L_val, d_t⟩`` — each the rule's own update with the validation gradient,
-  applied at the observations only. The additive β has the units of the rate (it is not
+  applied at the observations only.
+* ``climb`` (in [0, 1]) scales the moves *up* of the validation update (the seek rule's
+  ``β_val (μ̂/√ν̂ − evidence)`` where positive; the other rules' rises of ``log m`` or ``α``);
+  moves down are kept whole. 1 (the default): the signal raises and lowers the rates alike;
+  0: it only holds them back, the training signal alone raises them — a brake that watches
+  the validation loss and otherwise leaves the training signal's tracking as it is. The additive β has the units of the rate (it is not
   scale-free), so its ``β_val`` defaults to the group's own ``hypergrad_lr``, not to
   :data:`VALIDATION_DEFAULTS`.
 
@@ -85,6 +90,7 @@ VALIDATION_DEFAULTS: dict[str, float] = {
     "signal_sq_decay": 0.95,
     "evidence": 0.2,
     "train_weight": 1.0,
+    "climb": 1.0,
 }
 
 _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is exclusive)
@@ -93,6 +99,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "signal_sq_decay": (0.0, 1.0, False),
     "evidence": (-1.0, 1.0, False),
     "train_weight": (0.0, 1.0, False),
+    "climb": (0.0, 1.0, False),
 }
 
 
@@ -166,9 +173,21 @@ def validation_adapt_rates(
         rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=options["hypergrad_lr"], rule=rule,
         granularity=granularity, lr_bounds=lr_bounds, shards=shards,
     )  # fmt: skip
+    climb = options.get("climb", 1.0)
+    if climb != 1.0:
+        moved = [_scale_rises(n, r, climb, rule) for n, r in zip(moved, rates)]
     new_rates = [torch.where(finite.to(r.device), n, r) for n, r in zip(moved, rates)]
     new_stats = [torch.where(finite.to(s.device), s + _count_one(s), s) for s in stats]
     return ValidationUpdate(new_rates, finite, new_stats)
+
+
+def _scale_rises(new: Tensor, old: Tensor, climb: float, rule: str) -> Tensor:
+    """A rise of the rate scaled by ``climb`` (normalized: its log-move; additive: its move)."""
+    if rule == "normalized":
+        scaled = old * torch.pow(new / old.clamp_min(torch.finfo(old.dtype).tiny), climb)
+    else:
+        scaled = old + climb * (new - old)
+    return torch.where(new > old, scaled, new)
 
 
 def _count_one(stats: Tensor) -> Tensor:
