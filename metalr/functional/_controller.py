@@ -7,9 +7,11 @@ keeps the same hypergradient (Baydin et al. 2018: ``∂L(θ_t)/∂α_{t-1} = -�
 reads it in two phases, like an online learning-rate range test (Smith 2017) that the
 hypergradient itself stops:
 
-**Phase 1, ramp.** Every multiplier starts at ``init_scale`` (below the user's ``lr``, which is a
-hint, not a sentence) and grows geometrically, with a log-step that accelerates while the signal
-says "too small" (Rprop's growth)::
+**Phase 1, ramp.** Every multiplier starts at ``m_0 = max(init_scale, init_floor / lr)`` (below
+the user's ``lr``, which is a hint, not a sentence; with ``init_floor > 0`` the effective rate
+starts at ``init_floor`` at least, so a hint decades too small costs no ramp steps below it) and
+grows geometrically, with a log-step that accelerates while the signal says "too small"
+(Rprop's growth)::
 
     log m ← log m + ρ_t,        ρ_{t+1} = min(ρ_t · ramp_growth, ramp_max),   ρ_1 = ramp_rate
 
