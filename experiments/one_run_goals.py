@@ -163,6 +163,7 @@ def headline6(table: Callable[[str], dict]) -> str:
                 "one_speed": "one-speed ramp (no fast phase)",
                 "no_resume": "no re-opened ramp (a turn is final)",
                 "far_on_fast": "far test on the turn's fast average (round 7's)",
+                "no_floor": "no floor under the ramp's start (round 9's start)",
                 "normalized": "normalized rule (previous default)"}  # fmt: skip
     return ("## Study 6: what each part of the seek rule contributes\n\n"
             f"Goal test of study 1 on {', '.join(tasks)} (all lr0, mean over seeds).\n\n"

@@ -348,7 +348,8 @@ def _check_hf_adaptation(opt, records, initial: float, final: float, steps: int 
     assert final < initial
     mult = multipliers(opt)
     assert all(torch.isfinite(m).all() for m in mult)
-    m0 = initial_multiplier(opt.param_groups[0])  # seek: its ramp starts at init_scale
+    # seek: its ramp starts at max(init_scale, init_floor / lr) with the lr of the first step
+    m0 = initial_multiplier({**opt.param_groups[0], "lr": records[0][0][0]})
     assert sum(bool((m != m0).all()) for m in mult) == len(mult)  # every tensor adapted
     # The multipliers carry over from step to step although group['lr'] is rewritten each step:
     # they are never reset (after step 1, which has no previous direction), and keep moving.

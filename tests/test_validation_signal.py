@@ -415,6 +415,8 @@ def test_bad_input_is_refused_with_the_argument_named():
         metalr.SGDHD(model.parameters(), validation={"beta": 0.1})
     with pytest.raises(ValueError, match=r"validation\['train_weight'\]"):
         metalr.HyperLR(torch.optim.SGD(model.parameters(), lr=0.1), validation={"train_weight": 2})
+    with pytest.raises(ValueError, match=r"validation\['climb'\]"):
+        metalr.AdamHD(model.parameters(), validation={"climb": 1.5})
     assert opt.param_groups[0]["validation"] == VALIDATION_DEFAULTS
 
 
