@@ -10,7 +10,7 @@ import torch
 
 from metalr.functional._controller import FAMILIES, resolve_seek
 from metalr.functional._hypergrad import DEFAULT_NORMALIZED_HYPERGRAD_LR, GRANULARITIES, RULES
-from metalr.functional.validation import resolve_validation
+from metalr.functional.validation import PLAIN_RULE_VALIDATION_DEFAULTS, resolve_validation
 
 
 def check_lr(lr: Any) -> None:
@@ -115,9 +115,13 @@ def _validation_options(
     hypergrad_lr: float | None,
     additive_default: float | None,
 ) -> dict[str, float]:
-    """The validation constants; the additive rule's β (in rate units) defaults to the training
-    one, since the scale-free default would be meaningless there."""
+    """The validation constants: :data:`VALIDATION_DEFAULTS` for the seek rule; the other rules
+    default to their own update up and down (:data:`PLAIN_RULE_VALIDATION_DEFAULTS`), and the
+    additive rule's β (in rate units) to the training one, since the scale-free default would
+    be meaningless there."""
     options = dict(validation or {})
-    if rule == "additive" and "hypergrad_lr" not in options:
+    if rule != "seek":
+        options = {**PLAIN_RULE_VALIDATION_DEFAULTS, **options}
+    if rule == "additive" and "hypergrad_lr" not in (validation or {}):
         options["hypergrad_lr"] = resolve_hypergrad_lr(hypergrad_lr, rule, additive_default)
     return resolve_validation(options)
