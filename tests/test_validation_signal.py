@@ -160,14 +160,20 @@ def test_additive_rule_moves_the_rate_by_the_validation_hypergradient(name, gran
     assert all(float(opt.state[p][VALIDATION_KEY][2]) == 1 for p in params)
 
 
-def _seek_reference(rates, stats, cosines, options, ceiling):
-    """The seek rule's validation step for settled tensor rates, in Python floats (no tie)."""
+def _snr(mu, nu, n, b1, b2):
+    return (mu / (1 - b1**n)) / (math.sqrt(nu / (1 - b2**n)) + 1e-8) if n > 0 else 0.0
+
+
+def _seek_reference(rates, stats, cosines, options, ceiling, train_snrs=None):
+    """The seek rule's validation step for settled tensor rates, in Python floats (no tie);
+    ``train_snrs``: the training signal's μ̂/√ν̂ per tensor (read with ``gap``)."""
     b1, b2 = options["signal_decay"], options["signal_sq_decay"]
     out_rates, out_stats = [], []
-    for m, (mu, nu, n), c in zip(rates, stats, cosines):
+    for i, (m, (mu, nu, n), c) in enumerate(zip(rates, stats, cosines)):
         mu, nu, n = b1 * mu + (1 - b1) * c, b2 * nu + (1 - b2) * c * c, n + 1
-        snr = (mu / (1 - b1**n)) / (math.sqrt(nu / (1 - b2**n)) + 1e-8)
-        track = snr - options["evidence"]
+        track = _snr(mu, nu, n, b1, b2) - options["evidence"]
+        if options.get("gap", 0.0):  # less agreement than on the training data
+            track -= options["gap"] * train_snrs[i]
         if track > 0:  # a move up is scaled by climb (1: kept, 0: the signal only holds back)
             track *= options.get("climb", 1.0)
         log_m = min(math.log(m) + options["hypergrad_lr"] * track, ceiling)
@@ -176,18 +182,19 @@ def _seek_reference(rates, stats, cosines, options, ceiling):
     return out_rates, out_stats
 
 
-@pytest.mark.parametrize("climb", [1.0, 0.5, 0.0])
-def test_seek_validation_step_equals_a_float64_reference(climb):
+@pytest.mark.parametrize(("climb", "gap"), [(1.0, 0.0), (0.5, 0.0), (0.0, 0.0), (1.0, 1.0),
+                                            (0.0, 0.5)])  # fmt: skip
+def test_seek_validation_step_equals_a_float64_reference(climb, gap):
     model = _model()
     options = {"hypergrad_lr": 0.2, "evidence": -0.3, "signal_decay": 0.6,
-               "signal_sq_decay": 0.9, "climb": climb}  # fmt: skip
+               "signal_sq_decay": 0.9, "climb": climb, "gap": gap}  # fmt: skip
     # ramp_rate 0: the controller starts settled (no ramp), tie off: rates move independently
     seek = {"ramp_rate": 0.0, "init_scale": 1.0, "tie": math.inf}
     opt = metalr.AdamHD(model.parameters(), lr=LR, seek=seek, validation=options)
     params = list(model.parameters())
     rates = [1.0] * len(params)
     stats = [(0.0, 0.0, 0)] * len(params)
-    scaled = 0  # observations where climb changed a rate's move
+    scaled = trained = 0  # observations where climb changed a rate's move / gap had a signal
     for t in range(4):
         _train_step(model, opt, _data(10 + t))
         rates = [float(opt.state[p][RATE_KEY]) for p in params]  # the training step's move
@@ -197,8 +204,13 @@ def test_seek_validation_step_equals_a_float64_reference(climb):
         cos = [float((g * d).sum() / (g.norm() * d.norm())) for g, d in zip(grads, dirs)]
         ceilings = [float(opt.state[p][CONTROLLER_KEY][4]) for p in params]
         assert all(c == math.inf for c in ceilings)  # settled from the start: no turn, no ceiling
-        kept, _ = _seek_reference(rates, stats, cos, {**options, "climb": 1.0}, math.inf)
-        rates, stats = _seek_reference(rates, stats, cos, options, math.inf)
+        seek = opt.param_groups[0]["seek"]
+        train = [_snr(*opt.state[p][CONTROLLER_KEY][2:4].tolist(),
+                      float(opt.state[p][CONTROLLER_KEY][5]), seek["signal_decay"],
+                      seek["signal_sq_decay"]) for p in params]  # fmt: skip
+        trained += sum(abs(t) > 0.01 for t in train)  # observations the gap term reads
+        kept, _ = _seek_reference(rates, stats, cos, {**options, "climb": 1.0}, math.inf, train)
+        rates, stats = _seek_reference(rates, stats, cos, options, math.inf, train)
         scaled += sum(abs(a - b) > 1e-9 * a for a, b in zip(kept, rates))
         opt.observe_validation(_loss(model, val))
         for p, m, s in zip(params, rates, stats):
@@ -207,6 +219,7 @@ def test_seek_validation_step_equals_a_float64_reference(climb):
                 opt.state[p][VALIDATION_KEY], torch.tensor(s, dtype=torch.float64)
             )
     assert (scaled > 0) == (climb != 1.0)  # the case has moves up, which climb scales
+    assert trained > 0
 
 
 @pytest.mark.parametrize("rule", ["seek", "normalized"])

@@ -314,6 +314,18 @@ def _normalised_signal(
     return new_mean, new_sq, new_count, m_hat / (torch.sqrt(v_hat) + 1e-8) - constants["evidence"]
 
 
+def _training_snr(ctrl: Tensor, seek: Mapping[str, Any]) -> Tensor:
+    """The training signal's ``μ̂/√ν̂`` per tensor ``[n]`` from the stacked controllers (0 before
+    its first step), as :func:`_normalised_signal` computes it."""
+    b1, b2 = seek["signal_decay"], seek["signal_sq_decay"]
+    count = ctrl[:, COUNT]
+    seen = count > 0
+    one = torch.ones_like(count)
+    m_hat = ctrl[:, MEAN] / torch.where(seen, 1 - torch.pow(torch.full_like(count, b1), count), one)
+    v_hat = ctrl[:, SQ] / torch.where(seen, 1 - torch.pow(torch.full_like(count, b2), count), one)
+    return torch.where(seen, m_hat / (torch.sqrt(v_hat) + 1e-8), torch.zeros_like(count))
+
+
 class _RateMove(NamedTuple):
     """What the controllers decided for this step, one entry per rate (stacked ``[n]``): which
     rates still ramp, the ramp's (or the turn's) log-move, the tracking signal, the new ceilings,
@@ -468,10 +480,13 @@ def seek_validation_update(
     new_mean, new_sq, new_count, track = _normalised_signal(
         st[:, 0], st[:, 1], st[:, 2], sig, options
     )
+    ctrl = torch.stack([c.to(st.dtype) for c in controllers])
+    gap = options.get("gap", 0.0)  # absent from checkpoints before it: 0, the signal alone
+    if gap != 0.0:  # how much less the validation data agree with the steps than the training data
+        track = track - gap * _training_snr(ctrl, seek)
     climb = options.get("climb", 1.0)  # absent from checkpoints before it: 1, every move kept
     if climb != 1.0:  # a validation signal that may only (or mostly) hold rates back
         track = torch.where(track > 0, climb * track, track)
-    ctrl = torch.stack([c.to(st.dtype) for c in controllers])
     move = _RateMove(
         ctrl[:, RAMP] > 0, torch.zeros_like(ctrl[:, RAMP]), track, ctrl[:, CEILING], act
     )

@@ -97,6 +97,7 @@ VALIDATION_DEFAULTS: dict[str, float] = {
     "evidence": -0.2,
     "train_weight": 1.0,
     "climb": 0.0,
+    "gap": 0.0,
 }
 
 #: What the other rules take where the caller does not say: their own update with the
@@ -111,6 +112,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "evidence": (-1.0, 1.0, False),
     "train_weight": (0.0, 1.0, False),
     "climb": (0.0, 1.0, False),
+    "gap": (0.0, 1.0, False),
 }
 
 
