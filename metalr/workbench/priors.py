@@ -139,7 +139,18 @@ def cache_path(task: str, size: str, rule: str) -> Path:
         from metalr.workbench.transfer_priors import cache_key
 
         key = {"format": FORMAT, "task": task, "size": size, **cache_key(task, size, rule)}
+    # the inner optimizers' default constants shape the prior too: a change to them must not
+    # be masked by a prior cached under the old ones (it was, for the seek rule's rounds 7-11)
+    key["inner_defaults"] = _inner_defaults()
     return cache_dir() / "priors" / f"{task}-{size}-{rule}-{config_sha256(key)[:16]}.pt"
+
+
+def _inner_defaults() -> dict[str, Any]:
+    from metalr.functional._seek_constants import FAMILIES
+    from metalr.functional.validation import VALIDATION_DEFAULTS
+
+    return {"seek": {f: [dict(c), b] for f, (c, b) in FAMILIES.items()},
+            "validation": dict(VALIDATION_DEFAULTS)}  # fmt: skip
 
 
 @functools.lru_cache(maxsize=16)
