@@ -183,9 +183,8 @@ def main(argv: list[str] | None = None) -> None:
         row.setdefault("falls_when_overfitting", falls_when_overfitting(row["options"]))
     eligible = [r for r in done.values() if r["falls_when_overfitting"]] or list(done.values())
     best = min(eligible, key=lambda r: r["objective"])
-    without, _ = score(
-        None, ref, steps, size, args.workers
-    )  # the same cells without the signal, for scale
+    # the same cells without the signal, for scale
+    without, _ = score(None, ref, steps, size, args.workers)
     print(f"without the signal: objective {without:.4f}", flush=True)
     overall = min(done.values(), key=lambda r: r["objective"])
     (out / "best.json").write_text(json.dumps({

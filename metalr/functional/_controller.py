@@ -308,22 +308,26 @@ def _normalised_signal(
     new_count = count + 1
     new_mean = b1 * mean + (1 - b1) * sig
     new_sq = b2 * sq + (1 - b2) * sig * sig
-    m_hat = new_mean / (1 - torch.pow(torch.full_like(new_count, b1), new_count))
-    v_hat = new_sq / (1 - torch.pow(torch.full_like(new_count, b2), new_count))
     # the per-tensor normalised signal (in [-1, 1]) less the evidence it must exceed to climb
-    return new_mean, new_sq, new_count, m_hat / (torch.sqrt(v_hat) + 1e-8) - constants["evidence"]
+    snr = _bias_corrected_snr(new_mean, new_sq, new_count, b1, b2)
+    return new_mean, new_sq, new_count, snr - constants["evidence"]
+
+
+def _bias_corrected_snr(mean: Tensor, sq: Tensor, count: Tensor, b1: float, b2: float) -> Tensor:
+    """``μ̂/(√ν̂ + 1e-8)`` of running averages with decays ``b1``, ``b2`` after ``count ≥ 1``
+    updates (Adam's bias correction)."""
+    m_hat = mean / (1 - torch.pow(torch.full_like(count, b1), count))
+    v_hat = sq / (1 - torch.pow(torch.full_like(count, b2), count))
+    return m_hat / (torch.sqrt(v_hat) + 1e-8)
 
 
 def _training_snr(ctrl: Tensor, seek: Mapping[str, Any]) -> Tensor:
     """The training signal's ``μ̂/√ν̂`` per tensor ``[n]`` from the stacked controllers (0 before
-    its first step), as :func:`_normalised_signal` computes it."""
-    b1, b2 = seek["signal_decay"], seek["signal_sq_decay"]
+    its first step; the count is clamped there so that no branch divides by zero)."""
     count = ctrl[:, COUNT]
-    seen = count > 0
-    one = torch.ones_like(count)
-    m_hat = ctrl[:, MEAN] / torch.where(seen, 1 - torch.pow(torch.full_like(count, b1), count), one)
-    v_hat = ctrl[:, SQ] / torch.where(seen, 1 - torch.pow(torch.full_like(count, b2), count), one)
-    return torch.where(seen, m_hat / (torch.sqrt(v_hat) + 1e-8), torch.zeros_like(count))
+    snr = _bias_corrected_snr(ctrl[:, MEAN], ctrl[:, SQ], count.clamp_min(1),
+                              seek["signal_decay"], seek["signal_sq_decay"])  # fmt: skip
+    return torch.where(count > 0, snr, torch.zeros_like(count))
 
 
 class _RateMove(NamedTuple):

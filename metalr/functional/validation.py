@@ -29,9 +29,12 @@ signal replaces the training one):
   settled rates hold still. At tensor granularity rates are tied as in the training phase.
 * ``rule="normalized"``: ``log m ← log m + β_val · c^val``; ``rule="additive"``:
   ``α ← α + β_val ⟨∇L_val, d_t⟩`` — each the rule's own update with the validation gradient,
-  applied at the observations only.
-* ``climb`` (in [0, 1]; the seek rule's default 0, the other rules' 1) scales the moves *up* of the validation update (the seek rule's
-  ``β_val (μ̂/√ν̂ − evidence)`` where positive; the other rules' rises of ``log m`` or ``α``);
+  applied at the observations only. The additive β has the units of the rate (it is not
+  scale-free), so its ``β_val`` defaults to the group's own ``hypergrad_lr``, not to
+  :data:`VALIDATION_DEFAULTS`.
+* ``climb`` (in [0, 1]; the seek rule's default 0, the other rules' 1) scales the moves *up*
+  of the validation update (the seek rule's ``β_val (μ̂/√ν̂ − evidence)`` where positive; the
+  other rules' rises of ``log m`` or ``α``);
   moves down are kept whole. 1: the signal raises and lowers the rates alike; 0: it only holds
   them back, the training signal alone raises them — a brake that watches the validation loss
   and otherwise leaves the training signal's tracking as it is.
@@ -44,9 +47,7 @@ signal replaces the training one):
   so at ``gap`` 1 the signal is how much *less* the validation data agree with the steps than
   the training data do (a generalisation gap) rather than whether one step raised the
   validation loss, which at the edge of stability it does as often as it raises the training
-  loss. The additive β has the units of the rate (it is not
-  scale-free), so its ``β_val`` defaults to the group's own ``hypergrad_lr``, not to
-  :data:`VALIDATION_DEFAULTS`.
+  loss.
 
 A validation loss or gradient that is not finite is skipped: nothing changes. The statistics
 ``(μ, ν, count)`` are one small vector per parameter tensor (``VALIDATION_SIZE`` entries), in
