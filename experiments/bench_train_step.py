@@ -5,9 +5,13 @@ in training: a nanoGPT-style character model (4 blocks, width 256, 4 heads, cont
 ~3.3M parameters) takes a full step with each optimizer on its own copy of the model, on a fixed
 batch. Same protocol as bench_step: warm-up rounds, then rounds in a shuffled order, each step
 timed alone; the ratio is the median over rounds of t / t(torch AdamW fused) in the same round.
+On CUDA the model is GPT-2-small-sized (12 blocks, width 768, 12 heads, context 256, batch 16,
+~85M parameters), the forward pass runs under bf16 autocast (float32 weights and optimizer
+state, as mixed-precision training does), and each step is timed between two device syncs.
 
     python experiments/bench_train_step.py                        # CPU, 1 thread, ~1 minute
     python experiments/bench_train_step.py --repeats 20 --output experiments/results/bench_train_step_cpu
+    python experiments/bench_train_step.py --device cuda --output experiments/results/bench_train_step_cuda
 """
 
 from __future__ import annotations
@@ -76,26 +80,44 @@ def optimizers() -> dict[str, Callable[[Sequence[nn.Parameter]], torch.optim.Opt
     }  # fmt: skip
 
 
-def run(repeats: int, warmup: int, seed: int, log: Callable[[str], None]) -> list[list[str]]:
+#: Model and batch per device type: (width, depth, heads, context, batch).
+SIZES = {"cpu": (256, 4, 4, 128, 8), "cuda": (768, 12, 12, 256, 16)}
+
+
+def run(
+    repeats: int, warmup: int, seed: int, log: Callable[[str], None], device: str = "cpu"
+) -> list[list[str]]:
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    width, depth, heads, context, batch = SIZES["cuda" if cuda else "cpu"]
     torch.manual_seed(seed)
-    base = TinyGPT()
+    base = TinyGPT(width=width, depth=depth, heads=heads, context=context).to(dev)
     n_params = sum(p.numel() for p in base.parameters())
     gen = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, 256, (8, 128), generator=gen)
-    targets = torch.randint(0, 256, (8, 128), generator=gen)
+    idx = torch.randint(0, 256, (batch, context), generator=gen).to(dev)
+    targets = torch.randint(0, 256, (batch, context), generator=gen).to(dev)
     runs = {}
     for name, make in optimizers().items():
         model = copy.deepcopy(base)
         runs[name] = (model, make(list(model.parameters())))
-    log(f"{len(runs)} optimizers, {n_params:,} parameters, batch 8×128, "
-        f"{torch.get_num_threads()} thread(s)")  # fmt: skip
+    threads = f"{torch.get_num_threads()} thread(s)"
+    where = f"{torch.cuda.get_device_name(dev)}, bf16 autocast" if cuda else threads
+    log(f"{len(runs)} optimizers, {n_params:,} parameters, batch {batch}×{context}, {where}")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(dev)
 
     def train_step(name: str) -> float:
         model, opt = runs[name]
+        sync()
         t0 = time.perf_counter_ns()
         opt.zero_grad(set_to_none=True)
-        model(idx, targets).backward()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(idx, targets)
+        loss.backward()
         opt.step()
+        sync()
         return (time.perf_counter_ns() - t0) / 1e6
 
     order = list(runs)
@@ -129,10 +151,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="warm-up rounds (default: 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     parser.add_argument("--output", default=None, metavar="PATH", help="write PATH.md, PATH.csv")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rows = run(args.repeats, args.warmup, args.seed, log=lambda msg: print(msg, flush=True))
+    log = lambda msg: print(msg, flush=True)
+    rows = run(args.repeats, args.warmup, args.seed, log=log, device=args.device)
     columns = ["optimizer", "train step ms (median)", "IQR ms", f"ratio vs {REFERENCE}"]
     text = "\n".join(markdown_table(columns, "lrrr", rows)) + "\n"
     fields = ["optimizer", "median_ms", "iqr_ms", "ratio"]

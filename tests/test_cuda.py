@@ -84,7 +84,7 @@ def test_cuda_fused_matches_eager():
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["triton-lagged", "triton-exact"])
+@pytest.mark.parametrize("mode", ["triton-lagged", "triton-exact", "default"])
 @pytest.mark.parametrize("name", ["AdamHD-tensor", "SGDHD-nesterov-group"])
 def test_cuda_triton_kernels_match_eager_without_host_sync(name, mode):
     """fused=True on CUDA runs metalr's Triton kernels: same numbers as the eager path in the
@@ -131,10 +131,12 @@ def test_cpu_checkpoint_loads_onto_cuda(name):
     assert all(torch.isfinite(p).all() for p in gpu_model.parameters())
 
 
-#: (optimizer options, options of the eager run it must equal): the foreach path, and the
-#: Triton kernels of fused=True (one launch lagged, two exact).
+#: (optimizer options, options of the eager run it must equal): the foreach path, the
+#: Triton kernels of fused=True (one launch lagged, two exact), and the default (fused=None:
+#: the exact kernels on CUDA where they apply, else the foreach path).
 MODES = {
     "foreach": ({"foreach": True}, {"foreach": True}),
+    "default": ({}, {"foreach": True}),
     "triton-lagged": ({"fused": True, "lagged": True}, {"foreach": True, "lagged": True}),
     "triton-exact": ({"fused": True}, {"foreach": True}),
 }
@@ -142,7 +144,7 @@ CAPTURE_CASES = [
     (name, mode)
     for name in ("AdamHD-tensor", "AdamWHD-element", "SGDHD-nesterov-group")
     for mode in MODES
-    if mode == "foreach" or "element" not in name
+    if mode in ("foreach", "default") or "element" not in name
 ]
 
 
@@ -215,6 +217,22 @@ def test_triton_step_bookkeeping_is_one_compiled_graph_under_a_scheduler(mode):
         opt.step()
         sched.step()
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_default_step_on_cuda_runs_the_triton_kernels_on_one_state_buffer():
+    """fused=None on CUDA takes the Triton kernels (the eager path costs ~20 launches per
+    tensor) and keeps the seek rule's state as rows of one buffer per kind."""
+    from metalr.functional import _fused
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 2))
+    model = model.cuda()
+    opt = metalr.AdamWHD(model.parameters(), lr=1e-2)
+    _run(model, opt, torch.randn(16, 8, device="cuda"), torch.randn(16, 2, device="cuda"), 3)
+    assert _fused._AUTO["ran"] and not _fused._AUTO["failed"]
+    for key in ("lr_multiplier", "hd_controller", "step"):
+        storages = {opt.state[p][key].untyped_storage().data_ptr() for p in model.parameters()}
+        assert len(storages) == 1, key
 
 
 def test_workbench_study_on_cuda_matches_cpu(tmp_path):

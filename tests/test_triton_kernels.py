@@ -9,6 +9,7 @@ Small tensors keep the interpreter fast (a few seconds for the file).
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -121,8 +122,98 @@ def test_exact_kernel_skips_a_non_finite_step_on_the_device():
 def test_tables_are_built_once_for_the_same_tensors():
     _triton_kernels._TABLE_CACHE.clear()
     _run(lambda ps: metalr.AdamHD(ps, lr=1e-2, fused=True, lagged=True), steps=3)
-    # grads are new tensors each step here, so each step may add an entry, but never more
-    assert 1 <= len(_triton_kernels._TABLE_CACHE) <= 3
+    kinds = [key[1] for key in _triton_kernels._TABLE_CACHE]
+    # one chunk table (same sizes every step); address tables for θ, m, v once each, and for
+    # the gradients (new tensors every step here) at most one per step
+    assert kinds.count("chunks") == 1
+    assert 4 <= kinds.count("pointers") <= 3 + 3
+
+
+def test_seek_state_lives_in_one_buffer_that_resumes_bit_exactly():
+    """The kernels step the seek rule's state as rows of one buffer (no per-tensor stack and
+    copy): each state tensor stays the object in ``optimizer.state``, now a row of it; a
+    checkpoint loaded into a new optimizer (new tensors, moved into a new buffer on its first
+    step) continues exactly as the uninterrupted run."""
+    make = lambda ps: metalr.AdamHD(ps, lr=1e-2, fused=True, lagged=True)
+    params, opt = _run(make, steps=3, seed=1)
+    first = params[0]
+    for key in ("lr_multiplier", "hd_controller", "step"):
+        storages = {opt.state[p][key].untyped_storage().data_ptr() for p in params}
+        assert len(storages) == 1, key
+    held = opt.state[first]["lr_multiplier"]
+    saved = copy.deepcopy(opt.state_dict())
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = make(copies)
+    resumed.load_state_dict(saved)
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        for p, q in zip(params, copies):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        resumed.step()
+    assert held is opt.state[first]["lr_multiplier"]  # the same object, updated in place
+    for p, q in zip(params, copies):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            assert torch.equal(resumed.state[q][key], value), key
+
+
+def test_rows_of_shares_one_buffer_and_declines_mixed_lists():
+    from metalr.functional._flat_state import rows_of
+
+    scalars = [torch.tensor(float(i)) for i in range(4)]
+    buffer = rows_of(scalars)
+    assert torch.equal(buffer, torch.arange(4.0))
+    buffer.mul_(3)  # writes through to the tensors, and back
+    scalars[1].add_(1)
+    assert [float(t) for t in scalars] == [0.0, 4.0, 6.0, 9.0]
+    assert rows_of(scalars) is buffer
+    vectors = [torch.randn(5) for _ in range(3)]
+    assert torch.equal(rows_of(vectors)[2], vectors[2])
+    assert rows_of([torch.zeros(2), torch.zeros(3)]) is None
+    assert rows_of([torch.zeros(()), torch.zeros((), dtype=torch.float64)]) is None
+    assert rows_of([torch.zeros((), requires_grad=True)]) is None
+
+
+def test_default_path_takes_the_kernels_where_fused_none_applies(monkeypatch):
+    """fused=None on a device in AUTO_FUSED_DEVICES (CUDA; the CPU here, through the
+    interpreter) takes the kernels: the same numbers as fused=True; foreach=True, element
+    granularity or METALR_DEFAULT_FUSED=0 keep the eager path."""
+    monkeypatch.setattr(_fused, "AUTO_FUSED_DEVICES", frozenset({"cpu", "cuda"}))
+    calls = []
+    real = _triton_kernels.adam_hd_step
+    monkeypatch.setattr(
+        _triton_kernels, "adam_hd_step", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    a, _ = _run(lambda ps: metalr.AdamHD(ps, lr=1e-2), nan_at=2)
+    assert len(calls) == 5
+    b, _ = _run(lambda ps: metalr.AdamHD(ps, lr=1e-2, fused=True), nan_at=2)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    calls.clear()
+    _run(lambda ps: metalr.AdamHD(ps, lr=1e-2, foreach=True))
+    _run(lambda ps: metalr.AdamHD(ps, lr=1e-2, granularity="element"))
+    monkeypatch.setenv("METALR_DEFAULT_FUSED", "0")
+    _run(lambda ps: metalr.AdamHD(ps, lr=1e-2))
+    assert calls == []
+
+
+def test_default_path_falls_back_to_eager_when_the_kernels_fail_on_first_use(monkeypatch):
+    monkeypatch.setattr(_fused, "AUTO_FUSED_DEVICES", frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(_fused, "_AUTO", {"ran": False, "failed": False})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(_triton_kernels, "adam_hd_step", broken)
+    with pytest.warns(RuntimeWarning, match="no kernel for this GPU"):
+        a, _ = _run(lambda ps: metalr.AdamHD(ps, lr=1e-2))
+    b, _ = _run(lambda ps: metalr.AdamHD(ps, lr=1e-2, foreach=True))
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)  # every step eager: nothing applied twice
+    with pytest.raises(RuntimeError, match="no kernel"):  # fused=True shows the error
+        _run(lambda ps: metalr.AdamHD(ps, lr=1e-2, fused=True))
 
 
 def test_kernels_compile_for_a_cuda_target():

@@ -45,7 +45,13 @@ from torch import Tensor
 
 from metalr.functional._common import commit_update
 from metalr.functional._cpu_element import adam_hd_element_step, bias_corrections
-from metalr.functional._from_sums import adapt_rates_from_sums
+from metalr.functional._flat_state import rows_of
+from metalr.functional._from_sums import (
+    adapt_rates_from_sums,
+    commit_rows,
+    seek_rows,
+    seek_vectors_from_sums,
+)
 
 _SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / name
             for name in ("hd_step.cpp", "hd_element.cpp")]  # fmt: skip
@@ -169,7 +175,8 @@ def adam_hd_step(
     lr_f = float(lr)
     coupled = weight_decay if not decoupled_weight_decay else 0.0
     decay = 1.0 - lr_f * weight_decay if decoupled_weight_decay else 1.0
-    ts = torch.stack(steps).tolist()
+    step_buf = rows_of(steps)  # the counters as one buffer (no stack per step)
+    ts = (step_buf if step_buf is not None else torch.stack(steps)).tolist()
     per_count = {t: bias_corrections(t, beta1, beta2) for t in set(ts)}  # usually one count
 
     def scalars(rate_values: Sequence[float]) -> Tensor:
@@ -179,28 +186,47 @@ def adam_hd_step(
             rows.append([pc1, pc2, lr_f * r / c1, c2, decay])
         return torch.tensor(rows, dtype=torch.float64)
 
+    sizes = [p.numel() for p in params]
+    state = seek_rows(rates, controllers, rule, hypergrad_lr)
+
     def rate_update(sums: Tensor):
+        if state is not None:  # the seek rule on its state's buffers
+            return seek_vectors_from_sums(
+                state[0], state[1], sums, None, sizes, lr=lr, hypergrad_lr=hypergrad_lr,
+                granularity=granularity, lr_bounds=lr_bounds, seek=seek,
+            )  # fmt: skip
         return adapt_rates_from_sums(
-            rates, sums, [p.numel() for p in params], lr=lr, hypergrad_lr=hypergrad_lr,
-            rule=rule, granularity=granularity, lr_bounds=lr_bounds, controllers=controllers,
-            seek=seek,
+            rates, sums, sizes, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
+            granularity=granularity, lr_bounds=lr_bounds, controllers=controllers, seek=seek,
         )  # fmt: skip
 
-    old = scalars(torch.stack(rates).tolist())
+    def commit(update, known_finite: bool) -> None:
+        if state is not None:
+            commit_rows(state, update, None, None)
+        else:
+            commit_update(rates, controllers, update, known_finite=known_finite)
+
+    def advance_steps() -> None:
+        if step_buf is not None:
+            step_buf.add_(1)
+        else:
+            torch._foreach_add_(steps, 1)
+
+    old = scalars((state[0] if state is not None else torch.stack(rates)).tolist())
     common = (beta1, beta2, eps, coupled, maximize)
     if lagged:
         sums = ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, old, *common, True, True)
-        torch._foreach_add_(steps, 1)
-        commit_update(rates, controllers, rate_update(sums), known_finite=False)
+        advance_steps()
+        commit(rate_update(sums), known_finite=False)
         return True
     sums = ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, old, *common, True, False)
     update = rate_update(sums)
-    if not bool(update.finite):
+    if not bool(update[1] if state is None else update[2]):
         return True  # a skipped step: nothing changes
-    commit_update(rates, controllers, update, known_finite=True)
-    new = scalars(torch.stack(rates).tolist())
+    commit(update, known_finite=True)
+    new = scalars((state[0] if state is not None else torch.stack(rates)).tolist())
     ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, new, *common, False, True)
-    torch._foreach_add_(steps, 1)
+    advance_steps()
     return True
 
 
@@ -250,8 +276,17 @@ def sgd_hd_step(
         params, _contiguous(grads, params), bufs, prevs, step, momentum, dampening,
         weight_decay, nesterov, maximize,
     )  # fmt: skip
+    state = seek_rows(rates, controllers, rule, hypergrad_lr)
+    sizes = [p.numel() for p in params]
+    if state is not None:  # the seek rule on its state's buffers
+        new = seek_vectors_from_sums(
+            state[0], state[1], sums, None, sizes, lr=lr, hypergrad_lr=hypergrad_lr,
+            granularity=granularity, lr_bounds=lr_bounds, seek=seek,
+        )  # fmt: skip
+        commit_rows(state, new, None, None)
+        return True
     update = adapt_rates_from_sums(
-        rates, sums, [p.numel() for p in params], lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
+        rates, sums, sizes, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
         granularity=granularity, lr_bounds=lr_bounds, controllers=controllers, seek=seek,
     )  # fmt: skip
     commit_update(rates, controllers, update, known_finite=False)

@@ -21,6 +21,7 @@ from torch import Tensor
 from metalr.functional._common import safe_sqrt
 from metalr.functional._compiled import compiled
 from metalr.functional._controller import _beta_vector, seek_update_stacked
+from metalr.functional._flat_state import rows_of
 from metalr.functional._hypergrad import (
     RateUpdate,
     clamp_rates,
@@ -103,18 +104,75 @@ def _seek_from_sums(
     lr_bounds: tuple[float, float],
     seek: Mapping[str, Any],
 ) -> RateUpdate:
-    """The seek rule from a kernel's ``[n, 3]`` sums, on stacked vectors: the same operations as
-    :func:`seek_signals_from_products` + :func:`seek_update`, without a stack and an unbind per
-    tensor (a fused step's bookkeeping is one compiled graph on ``[n]`` vectors)."""
-    rate_vec = torch.stack(list(rates))
+    """The seek rule from a kernel's ``[n, 3]`` sums for lists of 0-d rates and ``[K]``
+    controllers: :func:`seek_vectors_from_sums` on their stacks, unbound again."""
+    new_vec, new_ctrl, finite = seek_vectors_from_sums(
+        torch.stack(list(rates)), torch.stack(list(controllers)), sums, grads_finite, sizes,
+        lr=lr, hypergrad_lr=hypergrad_lr, granularity=granularity, lr_bounds=lr_bounds, seek=seek,
+    )  # fmt: skip
+    return RateUpdate(list(new_vec.unbind(0)), finite, list(new_ctrl.unbind(0)))
+
+
+def seek_vectors_from_sums(
+    rate_vec: Tensor,
+    ctrl: Tensor,
+    sums: Tensor,
+    grads_finite: Tensor | None,
+    sizes: Sequence[int],
+    *,
+    lr: float | Tensor,
+    hypergrad_lr: float | Tensor | Sequence[Tensor],
+    granularity: str,
+    lr_bounds: tuple[float, float],
+    seek: Mapping[str, Any],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The seek rule on stacked state: rates ``[n]`` and controllers ``[n, K]`` from a kernel's
+    ``[n, 3]`` sums; returns the new ``(rates, controllers, flag)``. Where the step is skipped
+    (flag false) the old controllers come back, and the old rates where ``lr_bounds`` clamp
+    (callers gate the rates on the flag). The same operations as :func:`seek_signals_from_products`
+    + :func:`seek_update`, without a stack and an unbind per tensor (a fused step's bookkeeping
+    is one compiled graph on ``[n]`` vectors)."""
+    sums = sums.to(device=rate_vec.device, dtype=rate_vec.dtype)
+    if grads_finite is not None:
+        grads_finite = grads_finite.to(rate_vec.device)
     new_vec, new_ctrl, finite = seek_from_sums_stacked(
-        rate_vec, torch.stack(list(controllers)), sums, grads_finite,
-        _beta_vector(hypergrad_lr, rate_vec), sizes=tuple(sizes), seek=seek,
-        granularity=granularity,
+        rate_vec, ctrl, sums, grads_finite, _beta_vector(hypergrad_lr, rate_vec),
+        sizes=tuple(sizes), seek=seek, granularity=granularity,
     )  # fmt: skip
     if lr_bounds[0] > 0 or lr_bounds[1] < math.inf:  # (a skipped step keeps the rates unclamped)
         new_vec = torch.where(finite, clamp_rates(new_vec, lr, lr_bounds), rate_vec)
-    return RateUpdate(list(new_vec.unbind(0)), finite, list(new_ctrl.unbind(0)))
+    return new_vec, new_ctrl, finite
+
+
+def seek_rows(
+    rates: Sequence[Tensor], controllers: Sequence[Tensor] | None, rule: str, hypergrad_lr: Any
+) -> tuple[Tensor, Tensor] | None:
+    """The seek rule's state as two buffers (rates ``[n]``, controllers ``[n, K]``; see
+    :mod:`metalr.functional._flat_state`), or None: another rule, β = 0 or per-rate β, or state
+    that cannot share a buffer (the list path then stacks and unbinds)."""
+    if rule != "seek" or not controllers or isinstance(hypergrad_lr, (Tensor, list, tuple)):
+        return None
+    if hypergrad_lr == 0:
+        return None
+    rate_buf, ctrl_buf = rows_of(rates), rows_of(controllers)
+    if rate_buf is None or ctrl_buf is None or rate_buf.device != ctrl_buf.device:
+        return None
+    return rate_buf, ctrl_buf
+
+
+def commit_rows(
+    rows: tuple[Tensor, Tensor],
+    new: tuple[Tensor, Tensor, Tensor],
+    step_buf: Tensor | None,
+    count: Tensor,
+) -> None:
+    """Write a step's new rates (kept where the flag is false) and controllers into their
+    buffers, and add ``count`` (the step's flag, 0 or 1) to the step counters."""
+    (rate_buf, ctrl_buf), (new_vec, new_ctrl, finite) = rows, new
+    rate_buf.copy_(torch.where(finite, new_vec, rate_buf))
+    ctrl_buf.copy_(new_ctrl)
+    if step_buf is not None:
+        step_buf.add_(count.to(step_buf.dtype))
 
 
 @compiled

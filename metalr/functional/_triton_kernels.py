@@ -29,7 +29,6 @@ always go through it here): the tests check them against the eager path without 
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,7 +38,13 @@ import triton.language as tl
 from torch import Tensor
 
 from metalr.functional._common import commit_update
-from metalr.functional._from_sums import adapt_rates_from_sums
+from metalr.functional._flat_state import rows_of
+from metalr.functional._from_sums import (
+    adapt_rates_from_sums,
+    commit_rows,
+    seek_rows,
+    seek_vectors_from_sums,
+)
 
 #: Whether :func:`sgd_hd_step` takes exact steps (two launches, like the Adam step).
 SGD_EXACT = True
@@ -165,50 +170,92 @@ def _launcher(kernel: Any, device: torch.device) -> Any:
     return _interpreted(kernel) if device.type == "cpu" else kernel
 
 
+def _device_ints(values: Tensor | list[int], device: torch.device, keep: list[Tensor]) -> Tensor:
+    """A host int64 table on ``device``. On CUDA the copy is from pinned memory (asynchronous and
+    capturable, unlike a pageable copy); the pinned source goes into ``keep`` (a CUDA graph
+    re-reads it on every replay)."""
+    host = values if isinstance(values, Tensor) else torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    host = host.pin_memory()
+    keep.append(host)
+    return host.to(device, non_blocking=True)
+
+
+class _Chunks:
+    """The chunk table of a list of tensor sizes: for each chunk of ``BLOCK`` elements its
+    tensor, start offset and slot (index within its tensor), built with vector ops, once."""
+
+    def __init__(self, numels: tuple[int, ...], device: torch.device) -> None:
+        self._host: list[Tensor] = []
+        sizes = torch.tensor(numels, dtype=torch.int64)
+        per_tensor = (sizes + BLOCK - 1) // BLOCK
+        chunk_tensor = torch.repeat_interleave(torch.arange(len(numels)), per_tensor)
+        first = torch.cumsum(per_tensor, 0) - per_tensor
+        chunk_slot = torch.arange(int(per_tensor.sum())) - first[chunk_tensor]
+        self.numels = _device_ints(sizes, device, self._host)
+        self.chunk_tensor = _device_ints(chunk_tensor, device, self._host)
+        self.chunk_start = _device_ints(chunk_slot * BLOCK, device, self._host)
+        self.chunk_slot = _device_ints(chunk_slot, device, self._host)
+        self.n_chunks = int(chunk_tensor.numel())
+        self.max_chunks = int(per_tensor.max())
+        self.sizes = numels
+
+
+class _Pointers:
+    """The address table of one list of tensors."""
+
+    def __init__(self, tensors: Sequence[Tensor], device: torch.device) -> None:
+        self._host: list[Tensor] = []
+        self.table = _device_ints([t.data_ptr() for t in tensors], device, self._host)
+
+
 class _Tables:
-    """Pointer and chunk tables of one list of tensors (device int64 tensors), built once."""
+    """A step's tables: the chunk table (by sizes) and one address table per tensor list."""
 
-    def __init__(self, tensors: Sequence[Sequence[Tensor]], device: torch.device) -> None:
-        numels = [t.numel() for t in tensors[0]]
-        chunks = [(i, s, j) for i, n in enumerate(numels) for j, s in enumerate(range(0, n, BLOCK))]
-        self._host: list[Tensor] = []  # pinned sources of the copies (a CUDA graph re-reads them)
-
-        def as_dev(values: list[int]) -> Tensor:
-            host = torch.tensor(values, dtype=torch.int64)
-            if device.type != "cuda":
-                return host.to(device)
-            host = host.pin_memory()  # asynchronous and capturable, unlike a pageable copy
-            self._host.append(host)
-            return host.to(device, non_blocking=True)
-
-        self.pointers = [as_dev([t.data_ptr() for t in ts]) for ts in tensors]
-        self.numels = as_dev(numels)
-        self.chunk_tensor = as_dev([c[0] for c in chunks])
-        self.chunk_start = as_dev([c[1] for c in chunks])
-        self.chunk_slot = as_dev([c[2] for c in chunks])
-        self.n_chunks = len(chunks)
-        self.max_chunks = max(math.ceil(n / BLOCK) for n in numels)
+    def __init__(self, chunks: _Chunks, pointers: list[_Pointers]) -> None:
+        self.pointers = [p.table for p in pointers]
+        self.numels, self.n_chunks, self.max_chunks = (
+            chunks.numels,
+            chunks.n_chunks,
+            chunks.max_chunks,
+        )
+        self.chunk_tensor, self.chunk_start = chunks.chunk_tensor, chunks.chunk_start
+        self.chunk_slot, self.sizes = chunks.chunk_slot, chunks.sizes
 
 
-_TABLE_CACHE: dict[tuple, _Tables] = {}
-#: Tables built while a CUDA graph was being captured: the graph reads them, so they stay.
-_CAPTURED: dict[tuple, _Tables] = {}
+#: Tables by key: (device, sizes) for chunk tables, (device, addresses) for address tables.
+#: Bounded (gradients may be re-allocated at new addresses every step); tables built while a
+#: CUDA graph was being captured go to ``_CAPTURED`` and stay (the graph reads them).
+_TABLE_CACHE: dict[tuple, Any] = {}
+_CAPTURED: dict[tuple, Any] = {}
 
 
-def _tables(tensors: Sequence[Sequence[Tensor]]) -> _Tables:
-    key = tuple((t.data_ptr(), t.numel()) for ts in tensors for t in ts)
+def _cached(key: tuple, build: Any) -> Any:
     found = _TABLE_CACHE.get(key) or _CAPTURED.get(key)
     if found is not None:
         return found
-    device = tensors[0][0].device
-    tables = _Tables(tensors, device)
+    made = build()
+    device = key[0]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        _CAPTURED[key] = tables
+        _CAPTURED[key] = made
     else:
-        if len(_TABLE_CACHE) >= 64:  # gradients re-allocated every step: bounded
+        if len(_TABLE_CACHE) >= 256:
             _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
-        _TABLE_CACHE[key] = tables
-    return tables
+        _TABLE_CACHE[key] = made
+    return made
+
+
+def _tables(tensors: Sequence[Sequence[Tensor]]) -> _Tables:
+    """The chunk table of ``tensors[0]``'s sizes and an address table per list (each cached)."""
+    device = tensors[0][0].device
+    numels = tuple(t.numel() for t in tensors[0])
+    chunks = _cached((device, "chunks", numels), lambda: _Chunks(numels, device))
+    pointers = []
+    for ts in tensors:
+        key = (device, "pointers", *(t.data_ptr() for t in ts))
+        pointers.append(_cached(key, lambda ts=ts: _Pointers(ts, device)))
+    return _Tables(chunks, pointers)
 
 
 def applies(params: Sequence[Tensor], rates: Sequence[Tensor], granularity: str, **hyper) -> bool:
@@ -247,10 +294,81 @@ def _keep(grads_finite: Tensor | None, device: torch.device) -> Tensor:
     return grads_finite.to(device=device, dtype=torch.int32)
 
 
-def _finish(rates, controllers, update, steps, count: Tensor | None) -> None:
-    commit_update(rates, controllers, update, known_finite=False)
-    if steps is not None:
-        torch._foreach_add_(steps, count.to(torch.float32) if count is not None else 1.0)
+def _add_steps(steps: list[Tensor], count: Tensor | None) -> None:
+    """Add the step's flag (``count``: 0 or 1 on the device; None: 1) to each step counter."""
+    if count is None:
+        torch._foreach_add_(steps, 1.0)
+    else:  # the list overload: the 0-d-tensor-scalar overload reads the scalar on the host
+        increment = count.to(steps[0].dtype)  # (a sync, and illegal under CUDA-graph capture)
+        torch._foreach_add_(steps, [increment] * len(steps))
+
+
+def _step_vector(steps: Sequence[Tensor], device: torch.device) -> tuple[Tensor, bool]:
+    """The step counters as one ``[n]`` tensor on ``device``, and whether it is their own
+    buffer (written in place) rather than a stacked copy."""
+    buf = rows_of(steps)
+    if buf is not None and buf.device == device:
+        return buf, True
+    return torch.stack([s.to(device=device, dtype=torch.float32) for s in steps]), False
+
+
+def _passes(
+    launch: Any,
+    rates: list[Tensor],
+    controllers: Sequence[Tensor] | None,
+    partials: Tensor,
+    tabs: _Tables,
+    keep: Tensor,
+    lagged: bool,
+    step_buf: Tensor | None,
+    **rule_args: Any,
+) -> Tensor:
+    """Run a step's launches and its rate update; returns the step's flag (0/1, for the step
+    counters; those in ``step_buf`` are already advanced). ``launch(rates, flag, accumulate,
+    write)`` runs the kernel. Lagged: one launch with the old rates, then the update. Exact: a
+    sums-only launch, the update, then the writing launch with the new rates, gated by the new
+    flag. The seek rule works on its state's buffers (:func:`~metalr.functional._from_sums.seek_rows`); other rules (and
+    state that cannot share a buffer) on stacked copies of the lists."""
+    rows = seek_rows(rates, controllers, rule_args["rule"], rule_args["hypergrad_lr"])
+    if rows is not None:
+
+        def update() -> tuple[Tensor, Tensor, Tensor]:
+            return seek_vectors_from_sums(
+                rows[0], rows[1], partials.sum(1), rule_args["grads_finite"], tabs.sizes,
+                lr=rule_args["lr"], hypergrad_lr=rule_args["hypergrad_lr"],
+                granularity=rule_args["granularity"], lr_bounds=rule_args["lr_bounds"],
+                seek=rule_args["seek"],
+            )  # fmt: skip
+
+        launch(rows[0], keep, True, lagged)
+        if lagged:
+            commit_rows(rows, update(), step_buf, keep)
+            return keep
+        new = update()
+        flag = new[2].to(torch.int32)
+        launch(new[0], flag, False, True)
+        commit_rows(rows, new, step_buf, flag)
+        return flag
+
+    def rate_update() -> Any:
+        return adapt_rates_from_sums(
+            rates, partials.sum(1), tabs.sizes, controllers=controllers, **rule_args
+        )
+
+    device = partials.device
+    launch(torch.stack([r.to(device=device, dtype=torch.float32) for r in rates]), keep, True,
+           lagged)  # fmt: skip
+    if lagged:
+        flag, result = keep, rate_update()
+    else:
+        result = rate_update()
+        flag = result.finite.to(torch.int32)
+        new_rates = torch.stack([r.to(device=device, dtype=torch.float32) for r in result.rates])
+        launch(new_rates, flag, False, True)
+    commit_update(rates, controllers, result, known_finite=False)
+    if step_buf is not None:
+        step_buf.add_(flag.to(step_buf.dtype))
+    return flag
 
 
 def adam_hd_step(
@@ -284,7 +402,7 @@ def adam_hd_step(
     tabs = _tables([params, grads, exp_avgs, exp_avg_sqs])
     n = len(params)
     partials = torch.zeros(n, tabs.max_chunks, 3, dtype=torch.float32, device=device)
-    step_vec = torch.stack([s.to(device=device, dtype=torch.float32) for s in steps])
+    step_vec, own_steps = _step_vector(steps, device)
     lr_t = _device_scalar(lr, device)
     keep = _keep(grads_finite, device)
     kernel = _launcher(_adam_kernel, device)
@@ -297,24 +415,13 @@ def adam_hd_step(
             ACCUMULATE=accumulate, WRITE=write, DTYPE=_DTYPES[params[0].dtype], BLOCK=BLOCK,
         )  # fmt: skip
 
-    def rate_update():
-        return adapt_rates_from_sums(
-            rates, partials.sum(1), [p.numel() for p in params], lr=lr,
-            hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity, lr_bounds=lr_bounds,
-            grads_finite=grads_finite, controllers=controllers, seek=seek,
-        )  # fmt: skip
-
-    old_rates = torch.stack([r.to(device=device, dtype=torch.float32) for r in rates])
-    if lagged:
-        launch(old_rates, keep, accumulate=True, write=True)
-        _finish(rates, controllers, rate_update(), steps, keep)
-        return True
-    launch(old_rates, keep, accumulate=True, write=False)
-    update = rate_update()
-    finite = update.finite.to(torch.int32)
-    new_rates = torch.stack([r.to(device=device, dtype=torch.float32) for r in update.rates])
-    launch(new_rates, finite, accumulate=False, write=True)
-    _finish(rates, controllers, update, steps, finite)
+    count = _passes(
+        launch, rates, controllers, partials, tabs, keep, lagged, step_vec if own_steps else None,
+        lr=lr, hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity,
+        lr_bounds=lr_bounds, grads_finite=grads_finite, seek=seek,
+    )  # fmt: skip
+    if not own_steps:
+        _add_steps(steps, count)
     return True
 
 
@@ -367,21 +474,9 @@ def sgd_hd_step(
             DTYPE=_DTYPES[params[0].dtype], BLOCK=BLOCK,
         )  # fmt: skip
 
-    def rate_update():
-        return adapt_rates_from_sums(
-            rates, partials.sum(1), [p.numel() for p in params], lr=lr,
-            hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity, lr_bounds=lr_bounds,
-            grads_finite=grads_finite, controllers=controllers, seek=seek,
-        )  # fmt: skip
-
-    old_rates = torch.stack([r.to(device=device, dtype=torch.float32) for r in rates])
-    if lagged:
-        launch(old_rates, keep, accumulate=True, write=True)
-        _finish(rates, controllers, rate_update(), None, None)
-        return True
-    launch(old_rates, keep, accumulate=True, write=False)
-    update = rate_update()
-    new_rates = torch.stack([r.to(device=device, dtype=torch.float32) for r in update.rates])
-    launch(new_rates, update.finite.to(torch.int32), accumulate=False, write=True)
-    _finish(rates, controllers, update, None, None)
+    _passes(
+        launch, rates, controllers, partials, tabs, keep, lagged, None, lr=lr,
+        hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity, lr_bounds=lr_bounds,
+        grads_finite=grads_finite, seek=seek,
+    )  # fmt: skip
     return True

@@ -73,6 +73,7 @@ from metalr.functional._fused import (
     check_fused_supported,
     compiled,
     kernel_backend,
+    run_default_kernels,
 )
 from metalr.functional._hypergrad import adapt_rates
 
@@ -382,6 +383,13 @@ def adam_hd(
             return compiled(_single_tensor_adam_hd)(
                 params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper
             )
+    if fused is None and run_default_kernels(
+        params, rates, hyper, foreach, differentiable,
+        lambda backend: backend.adam_hd_step(
+            params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper
+        ),
+    ):  # fmt: skip
+        return None
     if foreach is None:
         foreach = default_foreach(params, differentiable)
     if foreach and differentiable:

@@ -54,6 +54,7 @@ from metalr.functional._fused import (
     check_fused_supported,
     compiled,
     kernel_backend,
+    run_default_kernels,
 )
 from metalr.functional._hypergrad import RateUpdate, adapt_rates
 
@@ -472,6 +473,13 @@ def sgd_hd(
             return compiled(_single_tensor_sgd_hd)(
                 params, grads, momentum_buffers, prev_directions, rates, **hyper
             )
+    if fused is None and run_default_kernels(
+        params, rates, hyper, foreach, differentiable,
+        lambda backend: (hyper.get("lagged") or backend.SGD_EXACT) and backend.sgd_hd_step(
+            params, grads, momentum_buffers, prev_directions, rates, **hyper
+        ),
+    ):  # fmt: skip
+        return SGDHDState(list(params), list(momentum_buffers), list(prev_directions), rates)
     if foreach is None:
         foreach = default_foreach(params, differentiable)
     if foreach and differentiable:
