@@ -8,7 +8,8 @@
 # torch/triton (their versions are printed first). Logs and tables land in $OUT:
 #   env.txt, pytest_cuda.log, bench_step_cuda.{md,csv}, bench_train_step_cuda.{md,csv},
 #   profile_cuda.txt (experiments/profile_step.py), logs.txt (the benchmarks' own output)
-# Limits (seconds) can be overridden: TESTS_S, STEP_S, TRAIN_S, PROFILE_S; set one to 0 to skip
+# Limits (seconds) can be overridden: TESTS_S, STEP_S, AB_S (off by default: the kernels at
+# their pre-2026-12-04 launch shape, for an A/B), TRAIN_S, PROFILE_S; set one to 0 to skip
 # that part. BENCH_ONLY passes --only to bench_step, BENCH_ARGS more arguments (--repeats 20).
 set -u
 OUT=${OUT:-/tmp/metalr_gpu}
@@ -31,6 +32,11 @@ echo "== bench_step (cuda)" | tee -a "$OUT/logs.txt"
 [ "${STEP_S:-200}" = 0 ] || timeout "${STEP_S:-200}" $PY experiments/bench_step.py --device cuda \
   --quiet ${BENCH_ONLY:+--only $BENCH_ONLY} ${BENCH_ARGS:-} --output "$OUT/bench_step_cuda" >>"$OUT/logs.txt" 2>&1
 echo "rc=$?"; tail -34 "$OUT/logs.txt"
+
+echo "== bench_step (cuda), the Triton kernels at the old launch shape (2048 x 4 warps)" | tee -a "$OUT/logs.txt"
+[ "${AB_S:-0}" = 0 ] || METALR_TRITON_BLOCK=2048 METALR_TRITON_WARPS=4 timeout "${AB_S}" $PY \
+  experiments/bench_step.py --device cuda --quiet --only fused lagged ${BENCH_ARGS:-} >>"$OUT/logs.txt" 2>&1
+echo "rc=$?"
 
 echo "== bench_train_step (cuda)" | tee -a "$OUT/logs.txt"
 [ "${TRAIN_S:-120}" = 0 ] || timeout "${TRAIN_S:-120}" $PY experiments/bench_train_step.py \

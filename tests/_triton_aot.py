@@ -1,13 +1,17 @@
 """Compile metalr's Triton kernels for a CUDA target without a GPU (run by tests/test_triton_kernels.py
 in a subprocess without TRITON_INTERPRET): the interpreter does not type-check what the compiler does.
 
-Prints one line per compiled variant; exits non-zero on the first compile error.
+Prints one line per compiled variant with its registers per thread and spill bytes (``ptxas -v``
+on the PTX, the ptxas in triton's wheel); exits non-zero on the first compile error.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
@@ -29,12 +33,31 @@ SGD |= {"rates": "*fp32", "lr_ptr": "*fp32", "keep_ptr": "*i32", "partials": "*f
         "sign": "fp32"}  # fmt: skip
 
 
+def registers(ptx: str) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) of ``ptx`` for sm_90, from ``ptxas -v``."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        done = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", f.name, "-o",
+                               os.devnull], capture_output=True, text=True, check=True)  # fmt: skip
+    finally:
+        os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", done.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", done.stderr)
+    return int(regs.group(1)), int(spills.group(1)) if spills else 0
+
+
 def compile_variant(kernel, types: dict[str, str], consts: dict) -> None:
     signature = {n: "constexpr" if n in consts else types[n] for n in kernel.arg_names}
     constexprs = {(kernel.arg_names.index(k),): v for k, v in consts.items()}
     src = ASTSource(kernel, signature, constexprs=constexprs)
-    triton.compile(src, target=GPUTarget("cuda", 90, 32))
-    print(kernel.fn.__name__, consts, flush=True)
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": K.NUM_WARPS}
+    )
+    regs, spills = registers(compiled.asm["ptx"])
+    print(kernel.fn.__name__, consts, f"registers={regs} spills={spills}", flush=True)
 
 
 def main() -> int:

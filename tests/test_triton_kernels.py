@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,7 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # conftest sets it when there is 
 
 from metalr.functional import _fused, _triton_kernels
 
-# 2 chunks for the first tensor (BLOCK = 2048), a partial chunk, a scalar-sized tensor
+# several chunks for the first tensor (BLOCK = 1024), a partial chunk, a scalar-sized tensor
 SHAPES = ((50, 60), (129,), (7, 3), (1,))
 
 
@@ -232,4 +233,10 @@ def test_kernels_compile_for_a_cuda_target():
         check=False, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert len(done.stdout.splitlines()) == 16  # every variant compiled
+    lines = done.stdout.splitlines()
+    assert len(lines) == 16  # every variant compiled
+    # Occupancy: ≤ 64 registers per thread lets 4 programs of 8 warps share an SM (50%); the
+    # first GPU run (2048 × 4 warps, 211 registers) ran 2.5× slower than torch's fused AdamW.
+    for line in lines:
+        regs, spills = map(int, re.search(r"registers=(\d+) spills=(\d+)", line).groups())
+        assert regs <= 64 and spills == 0, line

@@ -29,6 +29,7 @@ always go through it here): the tests check them against the eager path without 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,7 +50,14 @@ from metalr.functional._from_sums import (
 #: Whether :func:`sgd_hd_step` takes exact steps (two launches, like the Adam step).
 SGD_EXACT = True
 
-BLOCK = 2048
+#: Elements per program and warps per program: 1024 × 8 warps is 4 float32 per thread (one
+#: 16-byte load per stream). At 2048 × 4 warps (before 2026-12-04) the lagged Adam kernel used
+#: 211 registers per thread (ptxas, sm_90): 12% occupancy, and on an H200 it ran 2.5× slower than
+#: torch's fused AdamW over the same bytes (1.75 vs 0.69 ms for 85M parameters); at 1024 × 8 every
+#: variant needs ≤ 48 (tests/test_triton_kernels.py checks ≤ 64 and no spills). The environment
+#: variables are for measuring other shapes on a GPU (experiments/gpu_check.sh), not for users.
+BLOCK = int(os.environ.get("METALR_TRITON_BLOCK", "1024"))
+NUM_WARPS = int(os.environ.get("METALR_TRITON_WARPS", "8"))
 #: Parameter dtypes the kernels take (they compute in float32; float64 goes to inductor).
 _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -413,6 +421,7 @@ def adam_hd_step(
             step_vec, rate_vec, lr_t, keep_flag, partials, tabs.max_chunks, beta1, beta2, eps,
             weight_decay, -1.0 if maximize else 1.0, DECOUPLED=decoupled_weight_decay,
             ACCUMULATE=accumulate, WRITE=write, DTYPE=_DTYPES[params[0].dtype], BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
         )  # fmt: skip
 
     count = _passes(
@@ -471,7 +480,7 @@ def sgd_hd_step(
             rate_vec, lr_t, keep_flag, partials, tabs.max_chunks, momentum, dampening,
             weight_decay, -1.0 if maximize else 1.0, HAS_BUF=has_buf, HAS_DIR=has_dir,
             NESTEROV=nesterov, ACCUMULATE=accumulate, WRITE=write,
-            DTYPE=_DTYPES[params[0].dtype], BLOCK=BLOCK,
+            DTYPE=_DTYPES[params[0].dtype], BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
 
     _passes(

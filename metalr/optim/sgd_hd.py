@@ -50,7 +50,8 @@ class SGDHD(HypergradOptimizer):
         foreach: use the multi-tensor implementation (default: None, i.e. unless differentiable).
         fused: hand-written kernels at group/tensor granularity (CUDA: Triton, lagged or
             exact; CPU: C++, lagged steps), else one ``torch.compile``'d graph; see
-            :class:`metalr.AdamHD` (default: None, i.e. off).
+            :class:`metalr.AdamHD` (default: None: on CUDA the Triton kernels where they
+            apply and ``foreach`` is not set, elsewhere off).
         differentiable: keep weights and rates in the autograd graph (default: False).
         lagged: apply the rate computed from step t's hypergradient from step t+1 (one pass
             over the state instead of two; a non-finite gradient element is skipped per element;
