@@ -61,10 +61,12 @@ def adapt_rates_from_sums(
         if controllers is None or seek is None:
             raise ValueError("rule='seek' needs controllers and seek constants")
         if isinstance(hypergrad_lr, (Tensor, list, tuple)) or hypergrad_lr != 0:
-            return _seek_from_sums(
-                rates, controllers, sums, grads_finite, sizes, lr=lr, hypergrad_lr=hypergrad_lr,
-                granularity=granularity, lr_bounds=lr_bounds, seek=seek,
+            new_vec, new_ctrl, finite = seek_vectors_from_sums(
+                torch.stack(list(rates)), torch.stack(list(controllers)), sums, grads_finite,
+                sizes, lr=lr, hypergrad_lr=hypergrad_lr, granularity=granularity,
+                lr_bounds=lr_bounds, seek=seek,
             )  # fmt: skip
+            return RateUpdate(list(new_vec.unbind(0)), finite, list(new_ctrl.unbind(0)))
         # β = 0: nothing moves; the rates are only clamped, the controllers kept
         finite = _finite(sums, grads_finite)
         same = update_rates(
@@ -89,28 +91,6 @@ def _finite(sums: Tensor, grads_finite: Tensor | None) -> Tensor:
     """The step's flag: every sum finite (and every gradient, where the optimizer checked)."""
     finite = torch.isfinite(sums).all()
     return finite if grads_finite is None else finite & grads_finite
-
-
-def _seek_from_sums(
-    rates: Sequence[Tensor],
-    controllers: Sequence[Tensor],
-    sums: Tensor,
-    grads_finite: Tensor | None,
-    sizes: Sequence[int],
-    *,
-    lr: float | Tensor,
-    hypergrad_lr: float | Tensor | Sequence[Tensor],
-    granularity: str,
-    lr_bounds: tuple[float, float],
-    seek: Mapping[str, Any],
-) -> RateUpdate:
-    """The seek rule from a kernel's ``[n, 3]`` sums for lists of 0-d rates and ``[K]``
-    controllers: :func:`seek_vectors_from_sums` on their stacks, unbound again."""
-    new_vec, new_ctrl, finite = seek_vectors_from_sums(
-        torch.stack(list(rates)), torch.stack(list(controllers)), sums, grads_finite, sizes,
-        lr=lr, hypergrad_lr=hypergrad_lr, granularity=granularity, lr_bounds=lr_bounds, seek=seek,
-    )  # fmt: skip
-    return RateUpdate(list(new_vec.unbind(0)), finite, list(new_ctrl.unbind(0)))
 
 
 def seek_vectors_from_sums(
