@@ -338,6 +338,8 @@ def _passes(
     flag. The seek rule works on its state's buffers (:func:`~metalr.functional._from_sums.seek_rows`); other rules (and
     state that cannot share a buffer) on stacked copies of the lists."""
     rows = seek_rows(rates, controllers, rule_args["rule"], rule_args["hypergrad_lr"])
+    if rows is not None and rows[0].device != partials.device:
+        rows = None  # state on another device (the kernels read it in place): the list path
     if rows is not None:
 
         def update() -> tuple[Tensor, Tensor, Tensor]:
