@@ -160,6 +160,31 @@ def test_seek_state_lives_in_one_buffer_that_resumes_bit_exactly():
             assert torch.equal(resumed.state[q][key], value), key
 
 
+@pytest.mark.parametrize("lagged", [True, False], ids=["lagged", "exact"])
+def test_kernels_equal_eager_when_a_parameter_skips_some_steps(lagged):
+    """A parameter without a gradient on some steps makes the step's state lists shorter (their
+    tensors move to another buffer); the full list must not come back from its stale buffer."""
+
+    def run(make):
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+        opt = make(params)
+        for t in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            if t in (2, 3):
+                params[1].grad = None
+            opt.step()
+        return params, opt
+
+    a, opt_a = run(lambda ps: metalr.AdamHD(ps, lr=1e-2, fused=True, lagged=lagged))
+    b, opt_b = run(lambda ps: metalr.AdamHD(ps, lr=1e-2, foreach=True, lagged=lagged))
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-5, atol=1e-6)
+        for key, value in opt_b.state[q].items():
+            torch.testing.assert_close(opt_a.state[p][key], value, rtol=2e-5, atol=1e-6)
+
+
 def test_rows_of_shares_one_buffer_and_declines_mixed_lists():
     from metalr.functional._flat_state import rows_of
 
@@ -173,6 +198,15 @@ def test_rows_of_shares_one_buffer_and_declines_mixed_lists():
     vectors = [torch.randn(5) for _ in range(3)]
     assert torch.equal(rows_of(vectors)[2], vectors[2])
     assert rows_of([torch.zeros(2), torch.zeros(3)]) is None
+    # a shorter list (a parameter without a gradient this step) moves its tensors elsewhere;
+    # the full list must then be moved again, not served from its stale buffer
+    shorter = rows_of(scalars[:2])
+    shorter.add_(1)
+    again = rows_of(scalars)
+    assert again is not buffer
+    assert [float(t) for t in scalars] == again.tolist() == [1.0, 5.0, 6.0, 9.0]
+    again.zero_()
+    assert all(float(t) == 0 for t in scalars)
     assert rows_of([torch.zeros(()), torch.zeros((), dtype=torch.float64)]) is None
     assert rows_of([torch.zeros((), requires_grad=True)]) is None
 

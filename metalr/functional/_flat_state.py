@@ -13,7 +13,9 @@ steps, ``effective_lrs()``, checkpoints) sees the same values through the tensor
 
 The buffer is found again by the identities of the tensors (the cache holds them, so an identity
 cannot be reused while its entry lives). When a list changes (``load_state_dict`` puts new
-tensors in the state) the new tensors are moved into a new buffer on the next step. Under
+tensors in the state; a parameter without a gradient leaves a step's list shorter) the new list
+is moved into a new buffer, and a list whose tensors moved elsewhere is moved again when it next
+comes. Under
 CUDA-graph capture nothing is moved (``None``: callers take their list path); a graph captured
 after the warm-up steps reads the buffer that the warm-up made.
 """
@@ -29,7 +31,18 @@ from torch import Tensor
 #: (identities of the tensors) -> (the tensors, their buffer). Bounded: an optimizer that went
 #: away leaves its small state alive only until 64 newer lists have been seen.
 _ROWS: OrderedDict[tuple[int, ...], tuple[list[Tensor], Tensor]] = OrderedDict()
+#: identity of a moved tensor -> the key of the entry whose buffer holds it. A tensor moved into
+#: a new buffer (another list holding it: a parameter without a gradient on some steps makes the
+#: lists differ) invalidates the entry of its old one.
+_OWNER: dict[int, tuple[int, ...]] = {}
 _LIMIT = 64
+
+
+def _forget(key: tuple[int, ...]) -> None:
+    tensors, _ = _ROWS.pop(key)
+    for t in tensors:
+        if _OWNER.get(id(t)) == key:
+            del _OWNER[id(t)]
 
 
 def rows_of(tensors: Sequence[Tensor]) -> Tensor | None:
@@ -55,6 +68,8 @@ def rows_of(tensors: Sequence[Tensor]) -> Tensor | None:
         return None
     if first.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
+    for old_key in {_OWNER[k] for k in key if k in _OWNER}:
+        _forget(old_key)  # its buffer no longer holds all of its tensors
     with torch.no_grad():
         buffer = torch.stack([t.detach() for t in tensors])
         storage, row = buffer.untyped_storage(), first.numel()
@@ -62,6 +77,7 @@ def rows_of(tensors: Sequence[Tensor]) -> Tensor | None:
         for i, t in enumerate(tensors):
             t.set_(storage, i * row, t.shape, strides)
     _ROWS[key] = (list(tensors), buffer)
+    _OWNER.update(dict.fromkeys(key, key))
     if len(_ROWS) > _LIMIT:
-        _ROWS.popitem(last=False)
+        _forget(next(iter(_ROWS)))
     return buffer
