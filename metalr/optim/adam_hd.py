@@ -177,7 +177,7 @@ class AdamHD(HypergradOptimizer):
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
-            rates.append(self._rate(p, group))
+            rates.append(self._rate(p, group, state))
             steps.append(state["step"])
             has_complex |= p.is_complex()
         return has_complex

@@ -148,7 +148,7 @@ class SGDHD(HypergradOptimizer):
             grads.append(p.grad)
             bufs.append(state.get("momentum_buffer"))
             dirs.append(state.get("prev_direction"))
-            rates.append(self._rate(p, group))
+            rates.append(self._rate(p, group, state))
             has_complex |= p.is_complex()
         return has_complex
 
