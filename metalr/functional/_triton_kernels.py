@@ -19,8 +19,11 @@ not depend on scheduling). The rate update from those sums is the rule's own mat
 
 Nothing is read back to the host (step counters, rates, ``lr`` and the flags are read by the
 kernels from device memory) and every launch has a fixed shape, so a step can be captured in a
-CUDA graph. The tables are cached per list of tensor addresses (built once; under capture the
-addresses are those of the warm-up step).
+CUDA graph. The chunk table is cached by the tensors' sizes and each address table by its list's
+addresses (gradients re-allocated every step only add a small address table; under capture the
+addresses are those of the warm-up step). The seek rule's rates, controllers and step counts are
+read and written as rows of one buffer each (:mod:`metalr.functional._flat_state`), so the
+bookkeeping around the launches is a handful of ops, not several per tensor.
 
 Triton's interpreter runs the same kernels on CPU tensors (``TRITON_INTERPRET=1``; CPU tensors
 always go through it here): the tests check them against the eager path without a GPU.
