@@ -187,7 +187,7 @@ def adam_hd_step(
         return torch.tensor(rows, dtype=torch.float64)
 
     sizes = [p.numel() for p in params]
-    state = seek_rows(rates, controllers, rule, hypergrad_lr)
+    state = seek_rows(rates, controllers, rule, hypergrad_lr, params[0].device)
 
     def rate_update(sums: Tensor):
         if state is not None:  # the seek rule on its state's buffers
@@ -202,7 +202,7 @@ def adam_hd_step(
 
     def commit(update, known_finite: bool) -> None:
         if state is not None:
-            commit_rows(state, update, None, None)
+            commit_rows(state, update)
         else:
             commit_update(rates, controllers, update, known_finite=known_finite)
 
@@ -221,7 +221,8 @@ def adam_hd_step(
         return True
     sums = ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, old, *common, True, False)
     update = rate_update(sums)
-    if not bool(update[1] if state is None else update[2]):
+    finite = update.finite if state is None else update[2]  # (RateUpdate / seek vectors)
+    if not bool(finite):
         return True  # a skipped step: nothing changes
     commit(update, known_finite=True)
     new = scalars((state[0] if state is not None else torch.stack(rates)).tolist())
@@ -276,14 +277,14 @@ def sgd_hd_step(
         params, _contiguous(grads, params), bufs, prevs, step, momentum, dampening,
         weight_decay, nesterov, maximize,
     )  # fmt: skip
-    state = seek_rows(rates, controllers, rule, hypergrad_lr)
+    state = seek_rows(rates, controllers, rule, hypergrad_lr, params[0].device)
     sizes = [p.numel() for p in params]
     if state is not None:  # the seek rule on its state's buffers
         new = seek_vectors_from_sums(
             state[0], state[1], sums, None, sizes, lr=lr, hypergrad_lr=hypergrad_lr,
             granularity=granularity, lr_bounds=lr_bounds, seek=seek,
         )  # fmt: skip
-        commit_rows(state, new, None, None)
+        commit_rows(state, new)
         return True
     update = adapt_rates_from_sums(
         rates, sums, sizes, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,

@@ -15,9 +15,8 @@ The buffer is found again by the identities of the tensors (the cache holds them
 cannot be reused while its entry lives). When a list changes (``load_state_dict`` puts new
 tensors in the state; a parameter without a gradient leaves a step's list shorter) the new list
 is moved into a new buffer, and a list whose tensors moved elsewhere is moved again when it next
-comes. Under
-CUDA-graph capture nothing is moved (``None``: callers take their list path); a graph captured
-after the warm-up steps reads the buffer that the warm-up made.
+comes. Under CUDA-graph capture nothing is moved (``None``: callers take their list path); a
+graph captured after the warm-up steps reads the buffer that the warm-up made.
 """
 
 from __future__ import annotations

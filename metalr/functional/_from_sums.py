@@ -125,34 +125,32 @@ def seek_vectors_from_sums(
 
 
 def seek_rows(
-    rates: Sequence[Tensor], controllers: Sequence[Tensor] | None, rule: str, hypergrad_lr: Any
+    rates: Sequence[Tensor],
+    controllers: Sequence[Tensor] | None,
+    rule: str,
+    hypergrad_lr: Any,
+    device: torch.device,
 ) -> tuple[Tensor, Tensor] | None:
-    """The seek rule's state as two buffers (rates ``[n]``, controllers ``[n, K]``; see
-    :mod:`metalr.functional._flat_state`), or None: another rule, β = 0 or per-rate β, or state
-    that cannot share a buffer (the list path then stacks and unbinds)."""
+    """The seek rule's state as two buffers on ``device`` (rates ``[n]``, controllers
+    ``[n, K]``; see :mod:`metalr.functional._flat_state`), or None: another rule, β = 0 or
+    per-rate β, or state that cannot share a buffer there (the list path then stacks, moves
+    and unbinds)."""
     if rule != "seek" or not controllers or isinstance(hypergrad_lr, (Tensor, list, tuple)):
         return None
     if hypergrad_lr == 0:
         return None
     rate_buf, ctrl_buf = rows_of(rates), rows_of(controllers)
-    if rate_buf is None or ctrl_buf is None or rate_buf.device != ctrl_buf.device:
+    if rate_buf is None or ctrl_buf is None or not rate_buf.device == ctrl_buf.device == device:
         return None
     return rate_buf, ctrl_buf
 
 
-def commit_rows(
-    rows: tuple[Tensor, Tensor],
-    new: tuple[Tensor, Tensor, Tensor],
-    step_buf: Tensor | None,
-    count: Tensor,
-) -> None:
-    """Write a step's new rates (kept where the flag is false) and controllers into their
-    buffers, and add ``count`` (the step's flag, 0 or 1) to the step counters."""
+def commit_rows(rows: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor, Tensor]) -> None:
+    """Write a step's new rates (kept where the flag is false) and controllers (already
+    gated by :func:`seek_vectors_from_sums`) into their buffers."""
     (rate_buf, ctrl_buf), (new_vec, new_ctrl, finite) = rows, new
     rate_buf.copy_(torch.where(finite, new_vec, rate_buf))
     ctrl_buf.copy_(new_ctrl)
-    if step_buf is not None:
-        step_buf.add_(count.to(step_buf.dtype))
 
 
 @compiled

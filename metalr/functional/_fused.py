@@ -150,7 +150,7 @@ def run_default_kernels(
             stacklevel=3,
         )
         return False
-    _AUTO["ran"] = _AUTO["ran"] or taken
+    _AUTO["ran"] = taken
     return taken
 
 

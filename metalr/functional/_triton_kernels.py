@@ -221,20 +221,6 @@ class _Pointers:
         self.table = _device_ints([t.data_ptr() for t in tensors], device, self._host)
 
 
-class _Tables:
-    """A step's tables: the chunk table (by sizes) and one address table per tensor list."""
-
-    def __init__(self, chunks: _Chunks, pointers: list[_Pointers]) -> None:
-        self.pointers = [p.table for p in pointers]
-        self.numels, self.n_chunks, self.max_chunks = (
-            chunks.numels,
-            chunks.n_chunks,
-            chunks.max_chunks,
-        )
-        self.chunk_tensor, self.chunk_start = chunks.chunk_tensor, chunks.chunk_start
-        self.chunk_slot, self.sizes = chunks.chunk_slot, chunks.sizes
-
-
 #: Tables by key: (device, sizes) for chunk tables, (device, addresses) for address tables.
 #: Bounded (gradients may be re-allocated at new addresses every step); tables built while a
 #: CUDA graph was being captured go to ``_CAPTURED`` and stay (the graph reads them).
@@ -257,7 +243,7 @@ def _cached(key: tuple, build: Any) -> Any:
     return made
 
 
-def _tables(tensors: Sequence[Sequence[Tensor]]) -> _Tables:
+def _tables(tensors: Sequence[Sequence[Tensor]]) -> tuple[_Chunks, list[Tensor]]:
     """The chunk table of ``tensors[0]``'s sizes and an address table per list (each cached)."""
     device = tensors[0][0].device
     numels = tuple(t.numel() for t in tensors[0])
@@ -265,8 +251,8 @@ def _tables(tensors: Sequence[Sequence[Tensor]]) -> _Tables:
     pointers = []
     for ts in tensors:
         key = (device, "pointers", *(t.data_ptr() for t in ts))
-        pointers.append(_cached(key, lambda ts=ts: _Pointers(ts, device)))
-    return _Tables(chunks, pointers)
+        pointers.append(_cached(key, lambda ts=ts: _Pointers(ts, device)).table)
+    return chunks, pointers
 
 
 def applies(params: Sequence[Tensor], rates: Sequence[Tensor], granularity: str, **hyper) -> bool:
@@ -305,13 +291,14 @@ def _keep(grads_finite: Tensor | None, device: torch.device) -> Tensor:
     return grads_finite.to(device=device, dtype=torch.int32)
 
 
-def _add_steps(steps: list[Tensor], count: Tensor | None) -> None:
-    """Add the step's flag (``count``: 0 or 1 on the device; None: 1) to each step counter."""
-    if count is None:
-        torch._foreach_add_(steps, 1.0)
+def _add_steps(steps: list[Tensor], step_buf: Tensor | None, count: Tensor) -> None:
+    """Add the step's flag (``count``: 0 or 1 on the device) to each step counter: to their
+    buffer ``step_buf`` where they share one, else one by one."""
+    increment = count.to(steps[0].dtype)
+    if step_buf is not None:
+        step_buf.add_(increment)
     else:  # the list overload: the 0-d-tensor-scalar overload reads the scalar on the host
-        increment = count.to(steps[0].dtype)  # (a sync, and illegal under CUDA-graph capture)
-        torch._foreach_add_(steps, [increment] * len(steps))
+        torch._foreach_add_(steps, [increment] * len(steps))  # (a sync, illegal under capture)
 
 
 def _step_vector(steps: Sequence[Tensor], device: torch.device) -> tuple[Tensor, bool]:
@@ -328,26 +315,25 @@ def _passes(
     rates: list[Tensor],
     controllers: Sequence[Tensor] | None,
     partials: Tensor,
-    tabs: _Tables,
+    sizes: Sequence[int],
     keep: Tensor,
     lagged: bool,
-    step_buf: Tensor | None,
     **rule_args: Any,
 ) -> Tensor:
     """Run a step's launches and its rate update; returns the step's flag (0/1, for the step
-    counters; those in ``step_buf`` are already advanced). ``launch(rates, flag, accumulate,
-    write)`` runs the kernel. Lagged: one launch with the old rates, then the update. Exact: a
-    sums-only launch, the update, then the writing launch with the new rates, gated by the new
-    flag. The seek rule works on its state's buffers (:func:`~metalr.functional._from_sums.seek_rows`); other rules (and
-    state that cannot share a buffer) on stacked copies of the lists."""
-    rows = seek_rows(rates, controllers, rule_args["rule"], rule_args["hypergrad_lr"])
-    if rows is not None and rows[0].device != partials.device:
-        rows = None  # state on another device (the kernels read it in place): the list path
+    counters). ``launch(rates, flag, accumulate, write)`` runs the kernel. Lagged: one launch
+    with the old rates, then the update. Exact: a sums-only launch, the update, then the
+    writing launch with the new rates, gated by the new flag. The seek rule works on its
+    state's buffers (:func:`~metalr.functional._from_sums.seek_rows`); other rules (and state
+    that cannot share a buffer) on stacked copies of the lists."""
+    rows = seek_rows(
+        rates, controllers, rule_args["rule"], rule_args["hypergrad_lr"], partials.device
+    )
     if rows is not None:
 
         def update() -> tuple[Tensor, Tensor, Tensor]:
             return seek_vectors_from_sums(
-                rows[0], rows[1], partials.sum(1), rule_args["grads_finite"], tabs.sizes,
+                rows[0], rows[1], partials.sum(1), rule_args["grads_finite"], sizes,
                 lr=rule_args["lr"], hypergrad_lr=rule_args["hypergrad_lr"],
                 granularity=rule_args["granularity"], lr_bounds=rule_args["lr_bounds"],
                 seek=rule_args["seek"],
@@ -355,17 +341,17 @@ def _passes(
 
         launch(rows[0], keep, True, lagged)
         if lagged:
-            commit_rows(rows, update(), step_buf, keep)
+            commit_rows(rows, update())
             return keep
         new = update()
         flag = new[2].to(torch.int32)
         launch(new[0], flag, False, True)
-        commit_rows(rows, new, step_buf, flag)
+        commit_rows(rows, new)
         return flag
 
     def rate_update() -> Any:
         return adapt_rates_from_sums(
-            rates, partials.sum(1), tabs.sizes, controllers=controllers, **rule_args
+            rates, partials.sum(1), sizes, controllers=controllers, **rule_args
         )
 
     device = partials.device
@@ -379,8 +365,6 @@ def _passes(
         new_rates = torch.stack([r.to(device=device, dtype=torch.float32) for r in result.rates])
         launch(new_rates, flag, False, True)
     commit_update(rates, controllers, result, known_finite=False)
-    if step_buf is not None:
-        step_buf.add_(flag.to(step_buf.dtype))
     return flag
 
 
@@ -412,30 +396,28 @@ def adam_hd_step(
     """The Adam-HD step in one launch (lagged) or two (exact); see the module docstring."""
     device = params[0].device
     grads = [g.contiguous() for g in grads]
-    tabs = _tables([params, grads, exp_avgs, exp_avg_sqs])
-    n = len(params)
-    partials = torch.zeros(n, tabs.max_chunks, 3, dtype=torch.float32, device=device)
+    chunks, pointers = _tables([params, grads, exp_avgs, exp_avg_sqs])
+    partials = torch.zeros(len(params), chunks.max_chunks, 3, dtype=torch.float32, device=device)
     step_vec, own_steps = _step_vector(steps, device)
     lr_t = _device_scalar(lr, device)
     keep = _keep(grads_finite, device)
     kernel = _launcher(_adam_kernel, device)
 
     def launch(rate_vec: Tensor, keep_flag: Tensor, accumulate: bool, write: bool) -> None:
-        kernel[(tabs.n_chunks,)](
-            *tabs.pointers, tabs.numels, tabs.chunk_tensor, tabs.chunk_start, tabs.chunk_slot,
-            step_vec, rate_vec, lr_t, keep_flag, partials, tabs.max_chunks, beta1, beta2, eps,
+        kernel[(chunks.n_chunks,)](
+            *pointers, chunks.numels, chunks.chunk_tensor, chunks.chunk_start, chunks.chunk_slot,
+            step_vec, rate_vec, lr_t, keep_flag, partials, chunks.max_chunks, beta1, beta2, eps,
             weight_decay, -1.0 if maximize else 1.0, DECOUPLED=decoupled_weight_decay,
             ACCUMULATE=accumulate, WRITE=write, DTYPE=_DTYPES[params[0].dtype], BLOCK=BLOCK,
             num_warps=NUM_WARPS,
         )  # fmt: skip
 
     count = _passes(
-        launch, rates, controllers, partials, tabs, keep, lagged, step_vec if own_steps else None,
-        lr=lr, hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity,
-        lr_bounds=lr_bounds, grads_finite=grads_finite, seek=seek,
+        launch, rates, controllers, partials, chunks.sizes, keep, lagged, lr=lr,
+        hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity, lr_bounds=lr_bounds,
+        grads_finite=grads_finite, seek=seek,
     )  # fmt: skip
-    if not own_steps:
-        _add_steps(steps, count)
+    _add_steps(steps, step_vec if own_steps else None, count)
     return True
 
 
@@ -473,23 +455,23 @@ def sgd_hd_step(
     grads = [g.contiguous() for g in grads]
     bufs = list(momentum_buffers) if has_buf else list(params)  # placeholders, never read
     dirs = list(prev_directions) if has_dir else list(params)
-    tabs = _tables([params, grads, bufs, dirs])
-    partials = torch.zeros(len(params), tabs.max_chunks, 3, dtype=torch.float32, device=device)
+    chunks, pointers = _tables([params, grads, bufs, dirs])
+    partials = torch.zeros(len(params), chunks.max_chunks, 3, dtype=torch.float32, device=device)
     lr_t = _device_scalar(lr, device)
     keep = _keep(grads_finite, device)
     kernel = _launcher(_sgd_kernel, device)
 
     def launch(rate_vec: Tensor, keep_flag: Tensor, accumulate: bool, write: bool) -> None:
-        kernel[(tabs.n_chunks,)](
-            *tabs.pointers, tabs.numels, tabs.chunk_tensor, tabs.chunk_start, tabs.chunk_slot,
-            rate_vec, lr_t, keep_flag, partials, tabs.max_chunks, momentum, dampening,
+        kernel[(chunks.n_chunks,)](
+            *pointers, chunks.numels, chunks.chunk_tensor, chunks.chunk_start, chunks.chunk_slot,
+            rate_vec, lr_t, keep_flag, partials, chunks.max_chunks, momentum, dampening,
             weight_decay, -1.0 if maximize else 1.0, HAS_BUF=has_buf, HAS_DIR=has_dir,
             NESTEROV=nesterov, ACCUMULATE=accumulate, WRITE=write,
             DTYPE=_DTYPES[params[0].dtype], BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
 
     _passes(
-        launch, rates, controllers, partials, tabs, keep, lagged, None, lr=lr,
+        launch, rates, controllers, partials, chunks.sizes, keep, lagged, lr=lr,
         hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity, lr_bounds=lr_bounds,
         grads_finite=grads_finite, seek=seek,
     )  # fmt: skip
