@@ -275,3 +275,19 @@ def test_adam_element_kernel_with_two_param_groups(element_calls):
         rtol=1e-9, atol=1e-12, nan_at=3,
     )  # fmt: skip
     assert len(element_calls) == 10  # 2 groups x 5 finite steps (the NaN step stops before)
+
+
+def test_prefetch_distance_follows_the_cpu_vendor_and_the_override(monkeypatch):
+    monkeypatch.delenv("METALR_CPU_PREFETCH", raising=False)
+    monkeypatch.setattr(_cpu_kernels, "_cpu_vendor", lambda: "AuthenticAMD")
+    assert _cpu_kernels.prefetch_distance() == 64
+    monkeypatch.setattr(_cpu_kernels, "_cpu_vendor", lambda: "GenuineIntel")
+    assert _cpu_kernels.prefetch_distance() == 256
+    monkeypatch.setattr(_cpu_kernels, "_cpu_vendor", lambda: "")
+    assert _cpu_kernels.prefetch_distance() == _cpu_kernels.DEFAULT_PREFETCH == 256
+    monkeypatch.setenv("METALR_CPU_PREFETCH", "128")
+    assert _cpu_kernels.prefetch_distance() == 128
+    for bad in ("0", "-4", "far"):
+        monkeypatch.setenv("METALR_CPU_PREFETCH", bad)
+        with pytest.raises(ValueError, match="METALR_CPU_PREFETCH must be a positive integer"):
+            _cpu_kernels.prefetch_distance()

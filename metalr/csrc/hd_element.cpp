@@ -33,6 +33,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifndef METALR_PREFETCH
+#define METALR_PREFETCH 256
+#endif
+
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;
@@ -104,7 +108,7 @@ template <bool ACC, bool WRITE>
 void element_sign_avx512(float* __restrict p, const float* __restrict gp, float* __restrict m,
                          float* __restrict v, float* __restrict r, int64_t lo, int64_t hi,
                          const ElementConsts& k, const Common& c, double* out) {
-  constexpr int64_t ahead = 256;  // elements prefetched ahead (1 KiB)
+  constexpr int64_t ahead = METALR_PREFETCH;  // elements prefetched ahead (see hd_step.cpp)
   const __m512 pc1 = _mm512_set1_ps(k.pc1), pc2 = _mm512_set1_ps(k.pc2);
   const __m512 lr_c1 = _mm512_set1_ps(k.lr_c1), c2 = _mm512_set1_ps(k.c2);
   const __m512 decay = _mm512_set1_ps(k.decay), b2 = _mm512_set1_ps(c.b2);

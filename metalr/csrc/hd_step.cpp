@@ -23,7 +23,13 @@
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;
-constexpr int64_t kPrefetch = 256;  // elements ahead (prefetching past the end never faults)
+// Elements prefetched ahead (prefetching past the end never faults). The build sets it per CPU
+// vendor (metalr/functional/_cpu_kernels.py): in paired runs 256 (1 KiB) was best on a Xeon, 64
+// (256 B) on an AMD EPYC, where 256 made the exact passes 1.2x slower.
+#ifndef METALR_PREFETCH
+#define METALR_PREFETCH 256
+#endif
+constexpr int64_t kPrefetch = METALR_PREFETCH;
 
 template <typename T>
 inline bool finite(T x) { return (x - x) == T(0); }  // false for NaN and ±inf; vectorizes
@@ -105,8 +111,8 @@ void adam_range<float>(float* __restrict p, const float* __restrict gp, float* _
   __m512 gd = zero, gg = zero, dd = zero;
   int64_t j = lo;
   for (; j + 16 <= hi; j += 16) {
-    // software prefetch 1 KiB ahead: the passes ran 1.4-1.8x faster than with the hardware
-    // prefetchers alone in paired runs on a shared Xeon (4 KiB ahead was slower for writes)
+    // software prefetch kPrefetch elements ahead: on a shared Xeon 1 KiB ahead made the passes
+    // 1.4-1.8x faster than the hardware prefetchers alone (4 KiB ahead was slower for writes)
     _mm_prefetch(reinterpret_cast<const char*>(gp + j + kPrefetch), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(m + j + kPrefetch), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(v + j + kPrefetch), _MM_HINT_T0);

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import platform
 import warnings
 from collections.abc import Mapping, Sequence
@@ -57,6 +58,13 @@ _SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / name
             for name in ("hd_step.cpp", "hd_element.cpp")]  # fmt: skip
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 
+#: Elements the float32 loops prefetch ahead, per CPU vendor: measured best in paired runs
+#: (``experiments/results/bench_step_cpu_issue12/prefetch_ab.md``): 256 (1 KiB) on a Xeon, 64
+#: (256 B) on an AMD EPYC, where 256 made the exact passes ~1.2× slower. ``METALR_CPU_PREFETCH``
+#: overrides it (a separate build per value).
+PREFETCH_BY_VENDOR = {"GenuineIntel": 256, "AuthenticAMD": 64}
+DEFAULT_PREFETCH = 256
+
 #: Whether :func:`sgd_hd_step` takes exact steps (the exact SGD step is left to the compiled path).
 SGD_EXACT = False
 
@@ -68,13 +76,14 @@ def load() -> Any | None:
         from torch.utils import cpp_extension
 
         # -march=native: key the build by this machine's CPU so a shared cache stays correct
+        flags = [*_FLAGS, f"-DMETALR_PREFETCH={prefetch_distance()}"]
         tag = hashlib.sha1(
-            ("".join(s.read_text() for s in _SOURCES) + " ".join(_FLAGS) + _cpu_id()).encode()
+            ("".join(s.read_text() for s in _SOURCES) + " ".join(flags) + _cpu_id()).encode()
         ).hexdigest()[:12]
         return cpp_extension.load(
             name=f"metalr_hd_step_{tag}",
             sources=[str(s) for s in _SOURCES],
-            extra_cflags=_FLAGS,
+            extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -86,6 +95,27 @@ def load() -> Any | None:
             stacklevel=3,
         )
         return None
+
+
+def prefetch_distance() -> int:
+    """Elements ahead that the float32 loops prefetch: ``METALR_CPU_PREFETCH`` if set (a positive
+    integer), else :data:`PREFETCH_BY_VENDOR` for this CPU's vendor, else 256."""
+    override = os.environ.get("METALR_CPU_PREFETCH")
+    if override:
+        if not override.isdigit() or int(override) <= 0:
+            raise ValueError(f"METALR_CPU_PREFETCH must be a positive integer, got {override!r}")
+        return int(override)
+    return PREFETCH_BY_VENDOR.get(_cpu_vendor(), DEFAULT_PREFETCH)
+
+
+def _cpu_vendor() -> str:
+    """``vendor_id`` of /proc/cpuinfo ('' where there is none)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    line = next((x for x in info.splitlines() if x.startswith("vendor_id")), "")
+    return line.partition(":")[2].strip()
 
 
 def _cpu_id() -> str:
