@@ -291,3 +291,62 @@ def test_prefetch_distance_follows_the_cpu_vendor_and_the_override(monkeypatch):
         monkeypatch.setenv("METALR_CPU_PREFETCH", bad)
         with pytest.raises(ValueError, match="METALR_CPU_PREFETCH must be a positive integer"):
             _cpu_kernels.prefetch_distance()
+
+
+class _Counting:
+    """The extension with a count of each entry point's calls."""
+
+    def __init__(self, ext):
+        self._ext, self.calls = ext, {}
+
+    def __getattr__(self, name):
+        attr = getattr(self._ext, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*args):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return attr(*args)
+
+        return counted
+
+
+SPLIT = [
+    {"rule": "seek"},
+    {"rule": "seek", "granularity": "group", "maximize": True},
+    {
+        "rule": "normalized",
+        "hypergrad_lr": 0.05,
+        "weight_decay": 0.1,
+        "decoupled_weight_decay": True,
+    },
+    {"rule": "additive", "hypergrad_lr": 1e-4},
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("kw", SPLIT, ids=lambda kw: "-".join(str(v) for v in kw.values()))
+def test_exact_split_passes_equal_the_two_passes_bit_for_bit(monkeypatch, kw, dtype):
+    """The exact step's split passes (scan, moments + sums, then θ) compute the same operations
+    as adam_hd_pass's two passes: bit-equal parameters and state, a NaN step skipped whole."""
+    ext = _Counting(_cpu_kernels.load())
+    if dtype == torch.float32 and not ext.split_float32:
+        pytest.skip("no AVX-512 here: float32 keeps the two passes")
+    monkeypatch.setattr(_cpu_kernels, "load", lambda: ext)
+    make = lambda ps: metalr.AdamHD(ps, lr=1e-2, fused=True, **kw)
+    split, opt_split = _run(make, steps=7, dtype=dtype, nan_at=3)
+    assert ext.calls == {"adam_hd_split": 2 * 7 - 1}  # the NaN step: its scan only
+    monkeypatch.setattr(_cpu_kernels, "SPLIT_EXACT", False)
+    two, opt_two = _run(make, steps=7, dtype=dtype, nan_at=3)
+    assert ext.calls["adam_hd_pass"] == 2 * 7 - 1
+    for p, q in zip(split, two):
+        assert torch.equal(p, q)
+        for key, value in opt_two.state[q].items():
+            assert torch.equal(opt_split.state[p][key], value), key
+
+
+def test_exact_step_with_coupled_weight_decay_keeps_the_two_passes(monkeypatch):
+    ext = _Counting(_cpu_kernels.load())
+    monkeypatch.setattr(_cpu_kernels, "load", lambda: ext)
+    _run(lambda ps: metalr.AdamHD(ps, lr=1e-2, fused=True, weight_decay=0.1), steps=3)
+    assert ext.calls == {"adam_hd_pass": 2 * 3}

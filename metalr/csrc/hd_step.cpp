@@ -233,6 +233,177 @@ void adam_tensor(scalar_t* p, const scalar_t* g, scalar_t* m, scalar_t* v, int64
     for (int i = 0; i < 3; ++i) out[i] += partial[3 * c + i];
 }
 
+// The exact mode split at the moments (no coupled weight decay): stage 1 reads g, m, v, sums
+// (Σ g·d_{t-1}, Σ g², Σ d²) exactly as adam_range's first pass and writes m_t, v_t; stage 2 reads
+// m_t, v_t, θ and writes θ. 5 + 4 streams instead of 3 + 7: the update's second read of g goes.
+// Stage 1 writes every element (the caller has checked the gradients first: scan_range).
+template <typename T>
+void moments_range_generic(const T* __restrict gp, T* __restrict m, T* __restrict v, int64_t lo,
+                           int64_t hi, const AdamConsts& k, double* out) {
+  const T pc1 = k.pc1, pc2 = k.pc2, b2 = k.b2, w1 = 1 - k.b1, w2 = 1 - k.b2, e = k.eps;
+  const T sign = k.sign;
+  T gd = 0, gg = 0, dd = 0;
+#pragma omp simd reduction(+ : gd, gg, dd)
+  for (int64_t j = lo; j < hi; ++j) {
+    const T g = sign * gp[j], mj = m[j], vj = v[j];
+    const T d = mj * pc1 / (std::sqrt(vj) * pc2 + e);
+    gd += g * d; gg += g * g; dd += d * d;
+    m[j] = mj + w1 * (g - mj);
+    v[j] = b2 * vj + w2 * g * g;
+  }
+  out[0] = gd; out[1] = gg; out[2] = dd;
+}
+
+template <typename T>
+void params_range_generic(T* __restrict p, const T* __restrict m, const T* __restrict v,
+                          int64_t lo, int64_t hi, const AdamConsts& k) {
+  const T step = k.step, c2 = k.c2, decay = k.decay, e = k.eps;
+#pragma omp simd
+  for (int64_t j = lo; j < hi; ++j) p[j] = p[j] * decay - step * m[j] / (std::sqrt(v[j]) * c2 + e);
+}
+
+// Σ g² over [lo, hi) as adam_range accumulates it (the same lanes and order: the same value)
+template <typename T>
+void scan_range_generic(const T* __restrict gp, int64_t lo, int64_t hi, double* out) {
+  T gg = 0;
+#pragma omp simd reduction(+ : gg)
+  for (int64_t j = lo; j < hi; ++j) gg += gp[j] * gp[j];
+  out[0] = gg;
+}
+
+template <typename T>
+void moments_range(const T* gp, T* m, T* v, int64_t lo, int64_t hi, const AdamConsts& k,
+                   double* out) {
+  moments_range_generic(gp, m, v, lo, hi, k, out);
+}
+template <typename T>
+void params_range(T* p, const T* m, const T* v, int64_t lo, int64_t hi, const AdamConsts& k) {
+  params_range_generic(p, m, v, lo, hi, k);
+}
+template <typename T>
+void scan_range(const T* gp, int64_t lo, int64_t hi, double* out) {
+  scan_range_generic(gp, lo, hi, out);
+}
+
+#if defined(__AVX512F__)
+template <>
+void moments_range<float>(const float* __restrict gp, float* __restrict m, float* __restrict v,
+                          int64_t lo, int64_t hi, const AdamConsts& k, double* out) {
+  const unsigned csr = _mm_getcsr();
+  _mm_setcsr(csr | 0x8040);  // FTZ | DAZ, as adam_range
+  const __m512 pc1 = _mm512_set1_ps(k.pc1), pc2 = _mm512_set1_ps(k.pc2);
+  const __m512 b2 = _mm512_set1_ps(k.b2), w1 = _mm512_set1_ps(1 - k.b1);
+  const __m512 w2 = _mm512_set1_ps(1 - k.b2), e = _mm512_set1_ps(k.eps);
+  const __m512 sign = _mm512_set1_ps(k.sign);
+  const __m512 tiny = _mm512_set1_ps(1e-30f), zero = _mm512_setzero_ps();
+  __m512 gd = zero, gg = zero, dd = zero;
+  int64_t j = lo;
+  for (; j + 16 <= hi; j += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(gp + j + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(m + j + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(v + j + kPrefetch), _MM_HINT_T0);
+    const __m512 g = _mm512_mul_ps(sign, _mm512_loadu_ps(gp + j));
+    const __m512 mj = _mm512_loadu_ps(m + j), vj = _mm512_loadu_ps(v + j);
+    const __m512 sq = _mm512_mul_ps(vj, _mm512_rsqrt14_ps(_mm512_max_ps(vj, tiny)));  // ≈ √v
+    const __m512 d = _mm512_mul_ps(_mm512_mul_ps(mj, pc1),
+                                   _mm512_rcp14_ps(_mm512_fmadd_ps(sq, pc2, e)));
+    gd = _mm512_fmadd_ps(g, d, gd);
+    gg = _mm512_fmadd_ps(g, g, gg);
+    dd = _mm512_fmadd_ps(d, d, dd);
+    _mm512_storeu_ps(m + j, _mm512_fmadd_ps(w1, _mm512_sub_ps(g, mj), mj));
+    _mm512_storeu_ps(v + j, _mm512_fmadd_ps(b2, vj, _mm512_mul_ps(w2, _mm512_mul_ps(g, g))));
+  }
+  double tail[3];
+  moments_range_generic(gp, m, v, j, hi, k, tail);
+  _mm_setcsr(csr);
+  out[0] = _mm512_reduce_add_ps(gd) + tail[0];
+  out[1] = _mm512_reduce_add_ps(gg) + tail[1];
+  out[2] = _mm512_reduce_add_ps(dd) + tail[2];
+}
+
+template <>
+void params_range<float>(float* __restrict p, const float* __restrict m,
+                         const float* __restrict v, int64_t lo, int64_t hi, const AdamConsts& k) {
+  const unsigned csr = _mm_getcsr();
+  _mm_setcsr(csr | 0x8040);
+  const __m512 step = _mm512_set1_ps(k.step), c2 = _mm512_set1_ps(k.c2);
+  const __m512 decay = _mm512_set1_ps(k.decay), e = _mm512_set1_ps(k.eps);
+  int64_t j = lo;
+  for (; j + 16 <= hi; j += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(p + j + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(m + j + kPrefetch), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(v + j + kPrefetch), _MM_HINT_T0);
+    const __m512 pj = _mm512_loadu_ps(p + j), mn = _mm512_loadu_ps(m + j);
+    const __m512 den = _mm512_fmadd_ps(_mm512_sqrt_ps(_mm512_loadu_ps(v + j)), c2, e);
+    _mm512_storeu_ps(p + j, _mm512_sub_ps(_mm512_mul_ps(pj, decay),
+                                          _mm512_div_ps(_mm512_mul_ps(step, mn), den)));
+  }
+  params_range_generic(p, m, v, j, hi, k);
+  _mm_setcsr(csr);
+}
+
+template <>
+void scan_range<float>(const float* __restrict gp, int64_t lo, int64_t hi, double* out) {
+  __m512 gg = _mm512_setzero_ps();
+  int64_t j = lo;
+  for (; j + 16 <= hi; j += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(gp + j + kPrefetch), _MM_HINT_T0);
+    const __m512 g = _mm512_loadu_ps(gp + j);
+    gg = _mm512_fmadd_ps(g, g, gg);
+  }
+  double tail[1];
+  scan_range_generic(gp, j, hi, tail);
+  out[0] = _mm512_reduce_add_ps(gg) + tail[0];
+}
+#endif
+
+// Whether the split passes have a vectorised float32 loop here (else the two passes stay).
+constexpr bool kSplitFloat32 =
+#if defined(__AVX512F__)
+    true;
+#else
+    false;
+#endif
+
+// stage 1 for one tensor: Σ g² first when `scan` (returns false, nothing written, if it is not
+// finite), then the moments and the sums; stage 2: θ.
+template <typename scalar_t>
+bool split_scan(const scalar_t* g, int64_t n) {
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> partial(n_chunks, 0.0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      scan_range<scalar_t>(g, c * kChunk, std::min(n, (c + 1) * kChunk), partial.data() + c);
+  });
+  double total = 0;
+  for (double x : partial) total += x;
+  return std::isfinite(static_cast<scalar_t>(total));  // as the sums are read: in the dtype
+}
+
+template <typename scalar_t>
+void split_moments(const scalar_t* g, scalar_t* m, scalar_t* v, int64_t n, const AdamConsts& k,
+                   double* out) {
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
+  std::vector<double> partial(3 * n_chunks, 0.0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      moments_range<scalar_t>(g, m, v, c * kChunk, std::min(n, (c + 1) * kChunk), k,
+                              partial.data() + 3 * c);
+  });
+  for (int64_t c = 0; c < n_chunks; ++c)
+    for (int i = 0; i < 3; ++i) out[i] += partial[3 * c + i];
+}
+
+template <typename scalar_t>
+void split_params(scalar_t* p, const scalar_t* m, const scalar_t* v, int64_t n,
+                  const AdamConsts& k) {
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      params_range<scalar_t>(p, m, v, c * kChunk, std::min(n, (c + 1) * kChunk), k);
+  });
+}
+
 struct SgdConsts {
   double step, momentum, dampening, l2, sign;
   bool nesterov;
@@ -342,6 +513,52 @@ at::Tensor adam_hd_pass(std::vector<at::Tensor> params, std::vector<at::Tensor> 
   return sums;
 }
 
+// The exact mode in split passes (callers: no coupled weight decay). stage 1: with `scan`, Σ g²
+// of every tensor first — status 0 (nothing written) if one is not finite; then the moments
+// and the sums [n, 3] (status 1). stage 2: θ from the moments with scalars [n, 5] (see
+// adam_hd_pass). Returns (sums, status).
+std::tuple<at::Tensor, int64_t> adam_hd_split(
+    std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
+    std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs, at::Tensor scalars,
+    double beta1, double beta2, double eps, bool maximize, int64_t stage, bool scan) {
+  const int64_t n = params.size();
+  auto sums = at::zeros({n, 3}, at::kDouble);
+  auto sc = scalars.contiguous();
+  TORCH_CHECK(sc.scalar_type() == at::kDouble && sc.numel() == 5 * n, "scalars must be [n, 5]");
+  TORCH_CHECK(stage == 1 || stage == 2, "stage must be 1 or 2");
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(params[i].is_contiguous(), "params must be contiguous");
+    check_same(grads[i], params[i], "grad");
+    check_same(exp_avgs[i], params[i], "exp_avg");
+    check_same(exp_avg_sqs[i], params[i], "exp_avg_sq");
+  }
+  if (stage == 1 && scan) {
+    for (int64_t i = 0; i < n; ++i) {
+      bool finite = true;
+      AT_DISPATCH_FLOATING_TYPES(params[i].scalar_type(), "adam_hd_scan", [&] {
+        finite = split_scan<scalar_t>(grads[i].data_ptr<scalar_t>(), grads[i].numel());
+      });
+      if (!finite) return {sums, 0};
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const double* s = sc.data_ptr<double>() + 5 * i;
+    const AdamConsts k{s[0], s[1], s[2], s[3], s[4], beta1, beta2, eps, 0.0,
+                       maximize ? -1.0 : 1.0};
+    AT_DISPATCH_FLOATING_TYPES(params[i].scalar_type(), "adam_hd_split", [&] {
+      if (stage == 1) {
+        split_moments<scalar_t>(grads[i].data_ptr<scalar_t>(), exp_avgs[i].data_ptr<scalar_t>(),
+                                exp_avg_sqs[i].data_ptr<scalar_t>(), params[i].numel(), k,
+                                sums.data_ptr<double>() + 3 * i);
+      } else {
+        split_params<scalar_t>(params[i].data_ptr<scalar_t>(), exp_avgs[i].data_ptr<scalar_t>(),
+                               exp_avg_sqs[i].data_ptr<scalar_t>(), params[i].numel(), k);
+      }
+    });
+  }
+  return {sums, 1};
+}
+
 // steps: [n] float64 (lr · m per tensor); bufs/prevs: empty lists when unused
 at::Tensor sgd_hd_pass(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                        std::vector<at::Tensor> bufs, std::vector<at::Tensor> prevs,
@@ -376,5 +593,8 @@ void register_element(pybind11::module& m);  // hd_element.cpp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("adam_hd_pass", &adam_hd_pass, "Adam-HD pass over many tensors (sums and/or update)");
   m.def("sgd_hd_pass", &sgd_hd_pass, "SGD-HD lagged one-pass step over many tensors");
+  m.def("adam_hd_split", &adam_hd_split,
+        "Adam-HD exact step split at the moments (stage 1: scan, moments, sums; stage 2: params)");
+  m.attr("split_float32") = kSplitFloat32;
   register_element(m);
 }
