@@ -68,10 +68,6 @@ DEFAULT_PREFETCH = 256
 #: Whether :func:`sgd_hd_step` takes exact steps (the exact SGD step is left to the compiled path).
 SGD_EXACT = False
 
-#: Whether the exact Adam-HD step may take the split passes (:func:`_split_applies`); False keeps
-#: the two passes of ``adam_hd_pass`` (the tests compare both).
-SPLIT_EXACT = True
-
 
 @functools.cache
 def load() -> Any | None:
@@ -253,22 +249,6 @@ def adam_hd_step(
         advance_steps()
         commit(rate_update(sums), known_finite=False)
         return True
-    if _split_applies(ext, params, coupled):
-        # scan Σ g², then the moments with the sums; θ after the rates moved (see _split_applies)
-        sums, status = ext.adam_hd_split(
-            params, grads, exp_avgs, exp_avg_sqs, old, beta1, beta2, eps, maximize, 1, True
-        )
-        if status == 0:
-            return True  # a gradient is not finite: nothing written, the step skipped
-        update = rate_update(sums)
-        finite = update.finite if state is None else update[2]
-        if bool(finite):  # (false only if Σ g·d or Σ d² overflowed while Σ g² did not)
-            commit(update, known_finite=True)
-        new = scalars((state[0] if state is not None else torch.stack(rates)).tolist())
-        ext.adam_hd_split(params, grads, exp_avgs, exp_avg_sqs, new, beta1, beta2, eps,
-                          maximize, 2, False)  # fmt: skip
-        advance_steps()
-        return True
     sums = ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, old, *common, True, False)
     update = rate_update(sums)
     finite = update.finite if state is None else update[2]  # (RateUpdate / seek vectors)
@@ -279,22 +259,6 @@ def adam_hd_step(
     ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, new, *common, False, True)
     advance_steps()
     return True
-
-
-def _split_applies(ext: Any, params: Sequence[Tensor], coupled: float) -> bool:
-    """Whether the exact step takes the split passes: stage 1 reads g, m, v, writes m_t, v_t and
-    sums; stage 2 reads m_t, v_t, θ and writes θ (5 + 4 streams of the parameters' size against
-    3 + 7 for the two passes of ``adam_hd_pass``: the update's second read of g goes; before
-    stage 1 a read-only scan of g checks Σ g² so that nothing is written on a non-finite step).
-    Needs no coupled weight decay (m_t would need θ) and a vectorised loop for float32
-    (AVX-512; float64 always). The values equal the two passes' (the same operations)."""
-    return (
-        SPLIT_EXACT
-        and coupled == 0.0
-        and hasattr(ext, "adam_hd_split")
-        and all(p.dtype == torch.float64 or (p.dtype == torch.float32 and ext.split_float32)
-                for p in params)
-    )  # fmt: skip
 
 
 def sgd_hd_step(
