@@ -319,7 +319,7 @@ def test_defaults_are_valid_and_complete():
 @pytest.mark.parametrize("track", [1.0, 0.0])
 def test_vector_path_for_scalar_rates_equals_the_per_rate_path(per_tensor_beta, track, monkeypatch):
     """0-d rates are moved as one stacked vector; bit for bit what the per-rate loop computes."""
-    import metalr.functional._controller as C
+    import metalr.functional._rate_moves as moves
 
     gen = torch.Generator().manual_seed(3)
     n, seek = 5, {**SEEK, "track": track}
@@ -327,7 +327,7 @@ def test_vector_path_for_scalar_rates_equals_the_per_rate_path(per_tensor_beta, 
     beta = [torch.tensor(0.01 * (i + 1), dtype=torch.float64) for i in range(n)]
 
     def run(vector: bool):
-        monkeypatch.setattr(C, "_scalar_rates", lambda rates, g: vector)
+        monkeypatch.setattr(moves, "_scalar_rates", lambda rates, g: vector)
         rates = [torch.tensor(0.5 + 0.1 * i, dtype=torch.float64) for i in range(n)]
         ctrls = [initial_controller(r, torch.float64, seek) for r in rates]
         out = []

@@ -87,7 +87,8 @@ held-out tasks of :mod:`metalr.workbench.heldout_tasks` were never used). ``β``
 SGD with momentum 0.9; HyperLR wrapping ``torch.optim.SGD`` uses it too); AdamHD, AdamWHD and
 HyperLR wrapping anything else use :data:`SEEK_DEFAULTS`.
 
-Everything here is pure (``torch.where``, no Python branches on tensor values, no host sync).
+How the decided moves reach the rates (the ceiling, the tie, the skip) is
+:mod:`metalr.functional._rate_moves`. Everything here is pure (``torch.where``, no Python branches on tensor values, no host sync).
 """
 
 from __future__ import annotations
@@ -99,7 +100,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from metalr.functional._common import full_value
+from metalr.functional._rate_moves import (
+    MoveOptions,
+    RateMove,
+    beta_vector,
+    log_level,
+    move_rates,
+    tensor_signal,
+    vector_moves,
+)
 from metalr.functional._seek_constants import (
     DEFAULT_SEEK_HYPERGRAD_LR,
     DEFAULT_SGD_SEEK_HYPERGRAD_LR,
@@ -108,7 +117,6 @@ from metalr.functional._seek_constants import (
     SGD_SEEK_DEFAULTS,
     resolve_seek,
 )  # re-exported: the rule's fitted constants
-from metalr.functional._tie import tie_list, tie_vector
 
 #: Entries of a controller vector.
 RAMP, FAST, MEAN, SQ, CEILING, COUNT, PEAK, SINCE, SLOW, SLOW_PEAK = range(10)
@@ -174,13 +182,13 @@ def seek_update(
     ctrl = torch.stack([c.to(controllers[0].dtype) for c in controllers])  # [n, K]
     dtype = ctrl.dtype
     sig = torch.stack(
-        [_tensor_signal(s, granularity).to(device=ctrl.device, dtype=dtype) for s in signals]
+        [tensor_signal(s, granularity).to(device=ctrl.device, dtype=dtype) for s in signals]
     )
-    log_levels = torch.stack([_log_level(r, granularity).to(dtype) for r in rates])
+    log_levels = torch.stack([log_level(r, granularity).to(dtype) for r in rates])
     step = _controller_step(ctrl, sig, group_signal, log_levels, seek)
     act = active.to(ctrl.device)
-    options = _MoveOptions(sizes, hypergrad_lr, float(seek.get("track", 1.0)), seek, granularity)
-    new_rates = _move_rates(rates, signals, step.rate_move(act), options)
+    options = MoveOptions(sizes, hypergrad_lr, float(seek.get("track", 1.0)), seek, granularity)
+    new_rates = move_rates(rates, signals, step.rate_move(act), options)
     new_ctrl = torch.where(act, step.controllers, ctrl)
     return new_rates, [c.to(o.dtype) for c, o in zip(new_ctrl.unbind(0), controllers)]
 
@@ -206,9 +214,9 @@ def seek_update_stacked(
         raise ValueError("seek_update_stacked takes group/tensor granularity, not 'element'")
     step = _controller_step(controllers, signals, group_signal, torch.log(rates), seek)
     act = active.to(controllers.device)
-    beta = _beta_vector(hypergrad_lr, rates)
-    options = _MoveOptions(sizes, beta, float(seek.get("track", 1.0)), seek, granularity)
-    new_rates = _vector_moves(rates, step.rate_move(act), options)
+    beta = beta_vector(hypergrad_lr, rates)
+    options = MoveOptions(sizes, beta, float(seek.get("track", 1.0)), seek, granularity)
+    new_rates = vector_moves(rates, step.rate_move(act), options)
     return new_rates, torch.where(act, step.controllers, controllers)
 
 
@@ -222,9 +230,9 @@ class _ControllerStep(NamedTuple):
     track: Tensor
     ceiling: Tensor
 
-    def rate_move(self, act: Tensor) -> _RateMove:
+    def rate_move(self, act: Tensor) -> RateMove:
         """The rates' part of the step, with ``act`` (whether the step is active)."""
-        return _RateMove(self.ramping, self.ramp_move, self.track, self.ceiling, act)
+        return RateMove(self.ramping, self.ramp_move, self.track, self.ceiling, act)
 
 
 def _controller_step(
@@ -303,7 +311,7 @@ def _normalised_signal(
     """One step of the running averages of the per-tensor signal and the tracking step they give:
     ``(μ, ν, count, μ̂/√ν̂ − evidence)`` (``constants``: ``signal_decay``, ``signal_sq_decay``,
     ``evidence``; the seek rule's for the training signal, the validation ones for that), from
-    the per-tensor signals ``sig`` ``[n]`` (per element: their mean, :func:`_tensor_signal`)."""
+    the per-tensor signals ``sig`` ``[n]`` (per element: their mean, :func:`tensor_signal`)."""
     b1, b2 = constants["signal_decay"], constants["signal_sq_decay"]
     new_count = count + 1
     new_mean = b1 * mean + (1 - b1) * sig
@@ -328,126 +336,6 @@ def _training_snr(ctrl: Tensor, seek: Mapping[str, Any]) -> Tensor:
     snr = _bias_corrected_snr(ctrl[:, MEAN], ctrl[:, SQ], count.clamp_min(1),
                               seek["signal_decay"], seek["signal_sq_decay"])  # fmt: skip
     return torch.where(count > 0, snr, torch.zeros_like(count))
-
-
-class _RateMove(NamedTuple):
-    """What the controllers decided for this step, one entry per rate (stacked ``[n]``): which
-    rates still ramp, the ramp's (or the turn's) log-move, the tracking signal, the new ceilings,
-    and whether the step is active (a skipped step keeps every rate)."""
-
-    ramping: Tensor
-    ramp_move: Tensor
-    track: Tensor
-    ceiling: Tensor
-    act: Tensor
-
-
-class _MoveOptions(NamedTuple):
-    """How the rates move: tensor sizes (the tie's weights), ``β`` (a number, a tensor, or one per
-    rate), the weight of the tracking step (0: settled rates hold), the constants, granularity."""
-
-    sizes: Sequence[int]
-    hypergrad_lr: float | Tensor | Sequence[Tensor]
-    tracking: float
-    seek: Mapping[str, Any]
-    granularity: str
-
-
-def _move_rates(
-    rates: Sequence[Tensor], signals: Sequence[Tensor], move: _RateMove, options: _MoveOptions
-) -> list[Tensor]:
-    """New rates: ``log m + ramp_move`` (+ ``tracking · β · track`` where settled; per element
-    ``β`` times its sign), capped at the ceiling, tied, kept where the step is not active."""
-    if _scalar_rates(rates, options.granularity):  # one rate per tensor: one vector's math
-        return _scalar_moves(rates, move, options)
-    return _per_rate_moves(rates, signals, move, options)
-
-
-def _scalar_rates(rates: Sequence[Tensor], granularity: str) -> bool:
-    """Whether every rate is 0-d, of one dtype and device (group/tensor granularity)."""
-    first = rates[0]
-    return granularity != "element" and all(
-        r.dim() == 0 and r.dtype == first.dtype and r.device == first.device for r in rates
-    )
-
-
-def _scalar_moves(rates: Sequence[Tensor], move: _RateMove, options: _MoveOptions) -> list[Tensor]:
-    """:func:`_per_rate_moves` for 0-d rates, as a handful of ops on one stacked vector
-    (element for element the same operations, so the same values)."""
-    rate_vec = torch.stack(list(rates))
-    beta = _beta_vector(options.hypergrad_lr, rate_vec)
-    return list(_vector_moves(rate_vec, move, options._replace(hypergrad_lr=beta)).unbind(0))
-
-
-def _beta_vector(hypergrad_lr: float | Tensor | Sequence[Tensor], like: Tensor) -> float | Tensor:
-    """``hypergrad_lr`` as :func:`_vector_moves` takes it: one ``β`` per rate stacked into a
-    vector of ``like``'s dtype and device; a number or a tensor as it is."""
-    if isinstance(hypergrad_lr, (list, tuple)):
-        return torch.stack(
-            [torch.as_tensor(b, dtype=like.dtype, device=like.device) for b in hypergrad_lr]
-        )
-    return hypergrad_lr
-
-
-def _vector_moves(rate_vec: Tensor, move: _RateMove, options: _MoveOptions) -> Tensor:
-    """New stacked 0-d rates ``[n]``: :func:`_move_rates` on one vector (``hypergrad_lr`` a
-    number, a 0-d tensor or one ``β`` per rate ``[n]``)."""
-    dtype = rate_vec.dtype
-    if options.tracking == 0:
-        step = torch.zeros_like(rate_vec)
-    else:
-        step = options.tracking * options.hypergrad_lr * move.track.to(dtype)
-    log_move = move.ramp_move.to(dtype) + torch.where(~move.ramping, step, torch.zeros_like(step))
-    log_new = torch.minimum(torch.log(rate_vec) + log_move, move.ceiling.to(dtype))
-    if options.granularity == "tensor" and len(options.sizes) > 1:
-        log_new = tie_vector(log_new, options.sizes, options.seek["tie"])
-    return torch.where(move.act, torch.exp(log_new), rate_vec)
-
-
-def _per_rate_moves(
-    rates: Sequence[Tensor], signals: Sequence[Tensor], move: _RateMove, options: _MoveOptions
-) -> list[Tensor]:
-    """New rates, one at a time (per-element rates, or rates of mixed dtypes/devices): the ramp's
-    or the turn's move, the tracking step of settled rates, the ceiling, the tie, the skip."""
-    hypergrad_lr, tracking, granularity = (
-        options.hypergrad_lr,
-        options.tracking,
-        options.granularity,
-    )
-    per_tensor_beta = isinstance(hypergrad_lr, (list, tuple))
-    moved_logs = []
-    for i, rate in enumerate(rates):
-        beta = hypergrad_lr[i] if per_tensor_beta else hypergrad_lr
-        if tracking == 0:  # only the validation signal moves settled rates (observe_validation)
-            step = torch.zeros((), dtype=rate.dtype, device=rate.device)
-        elif granularity == "element":
-            step = tracking * beta * signals[i].to(rate.dtype)
-        else:
-            step = tracking * beta * move.track[i].to(rate.dtype)
-        settled = ~move.ramping[i]
-        log_move = move.ramp_move[i].to(rate.dtype) + torch.where(
-            settled, step, torch.zeros_like(step)
-        )
-        log_new = torch.minimum(torch.log(rate) + log_move, move.ceiling[i].to(rate.dtype))
-        moved_logs.append(log_new)
-    if granularity == "tensor" and len(rates) > 1:
-        moved_logs = tie_list(moved_logs, options.sizes, options.seek["tie"])
-    return [
-        torch.where(move.act, torch.exp(log_new), rate) for rate, log_new in zip(rates, moved_logs)
-    ]
-
-
-def _tensor_signal(signal: Tensor, granularity: str) -> Tensor:
-    """The 0-d signal a tensor's running averages follow (elements: their mean sign, over every
-    rank for a sharded tensor)."""
-    return full_value(signal.mean()) if granularity == "element" and signal.dim() > 0 else signal
-
-
-def _log_level(rate: Tensor, granularity: str) -> Tensor:
-    """The log-rate a tensor's ceiling is measured from (elements: their largest)."""
-    if granularity == "element" and rate.dim() > 0:
-        return torch.log(full_value(rate.amax()))
-    return torch.log(rate)
 
 
 def seek_validation_update(
@@ -479,7 +367,7 @@ def seek_validation_update(
     st = torch.stack([s.to(stats[0].dtype) for s in stats])  # [n, 3]
     act = active.to(st.device)
     sig = torch.stack(
-        [_tensor_signal(s, granularity).to(device=st.device, dtype=st.dtype) for s in signals]
+        [tensor_signal(s, granularity).to(device=st.device, dtype=st.dtype) for s in signals]
     )
     new_mean, new_sq, new_count, track = _normalised_signal(
         st[:, 0], st[:, 1], st[:, 2], sig, options
@@ -491,10 +379,10 @@ def seek_validation_update(
     climb = options.get("climb", 1.0)  # absent from checkpoints before it: 1, every move kept
     if climb != 1.0:  # a validation signal that may only (or mostly) hold rates back
         track = torch.where(track > 0, climb * track, track)
-    move = _RateMove(
+    move = RateMove(
         ctrl[:, RAMP] > 0, torch.zeros_like(ctrl[:, RAMP]), track, ctrl[:, CEILING], act
     )
-    move_options = _MoveOptions(sizes, options["hypergrad_lr"], 1.0, seek, granularity)
-    new_rates = _move_rates(rates, signals, move, move_options)
+    move_options = MoveOptions(sizes, options["hypergrad_lr"], 1.0, seek, granularity)
+    new_rates = move_rates(rates, signals, move, move_options)
     new_st = torch.where(act, torch.stack([new_mean, new_sq, new_count], dim=1), st)
     return new_rates, [n.to(s.dtype) for n, s in zip(new_st.unbind(0), stats)]

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from metalr.functional._common import safe_sqrt
 from metalr.functional._compiled import compiled
-from metalr.functional._controller import _beta_vector, seek_update_stacked
+from metalr.functional._controller import seek_update_stacked
 from metalr.functional._flat_state import rows_of
 from metalr.functional._hypergrad import (
     RateUpdate,
@@ -29,6 +29,7 @@ from metalr.functional._hypergrad import (
     tensor_cosines,
     update_rates,
 )
+from metalr.functional._rate_moves import beta_vector
 
 
 def adapt_rates_from_sums(
@@ -116,7 +117,7 @@ def seek_vectors_from_sums(
     if grads_finite is not None:
         grads_finite = grads_finite.to(rate_vec.device)
     new_vec, new_ctrl, finite = seek_from_sums_stacked(
-        rate_vec, ctrl, sums, grads_finite, _beta_vector(hypergrad_lr, rate_vec),
+        rate_vec, ctrl, sums, grads_finite, beta_vector(hypergrad_lr, rate_vec),
         sizes=tuple(sizes), seek=seek, granularity=granularity,
     )  # fmt: skip
     if lr_bounds[0] > 0 or lr_bounds[1] < math.inf:  # (a skipped step keeps the rates unclamped)
