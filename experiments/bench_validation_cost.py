@@ -2,7 +2,7 @@
 
 Paired and interleaved (the cores are shared): for each task and repeat, one training run of
 AdamHD at defaults without the option and one with it (a validation batch of the training batch
-size every 10 steps, as in study 9), in alternating order; the ratio of each pair's times, and
+size every 10 steps as in study 9, or every ``--every`` steps), in alternating order; the ratio of each pair's times, and
 the median over repeats. Also the same for Adam + ReduceLROnPlateau (a validation forward pass
 only) against plain Adam, for scale.
 
@@ -26,13 +26,17 @@ from metalr.workbench.tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"animal_cnn": 500, "charlm_gru": 500, "fewshot_sinusoid": 100, "pysrc_transformer": 400}
-STREAM = {"every": 10}
-PAIRS = {
-    "AdamHD + observe_validation ÷ AdamHD": (
-        {"kind": "adam_hd"}, {"kind": "adam_hd", "validation_data": STREAM}),
-    "Adam + ReduceLROnPlateau ÷ Adam": (
-        {"kind": "adam"}, {"kind": "adam", "validation_data": STREAM, "plateau": {}}),
-}  # fmt: skip
+
+
+def pairs(every: int) -> dict[str, tuple[dict, dict]]:
+    """(without, with) the validation stream of one batch every ``every`` steps."""
+    stream = {"every": every}
+    return {
+        "AdamHD + observe_validation ÷ AdamHD": (
+            {"kind": "adam_hd"}, {"kind": "adam_hd", "validation_data": stream}),
+        "Adam + ReduceLROnPlateau ÷ Adam": (
+            {"kind": "adam"}, {"kind": "adam", "validation_data": stream, "plateau": {}}),
+    }  # fmt: skip
 
 
 def timed(task, spec, steps: int) -> float:
@@ -46,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="digits_mlp,mnist1d_mlp,animal_cnn,pysrc_transformer")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="smoke-size tasks, 20 steps")
-    parser.add_argument("--out", default=str(ROOT / "experiments/results/bench_validation_cost.md"))
+    parser.add_argument("--every", type=int, default=10, help="steps between validation batches")
+    parser.add_argument("--out", default=None,
+                        help="default experiments/results/bench_validation_cost.md (every 10) "
+                             "or bench_validation_cost_every{N}.md")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     size = "smoke" if args.smoke else "full"
@@ -55,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         task = make_task(name, size, fallback_text=args.smoke)
         steps = 20 if args.smoke else STEPS.get(name, 1000)
         timed(task, {"kind": "adam_hd"}, min(steps, 20))  # warm-up (caches, allocator)
-        for label, (base, option) in PAIRS.items():
+        for label, (base, option) in pairs(args.every).items():
             ratios = []
             for r in range(args.repeats):
                 order = (base, option) if r % 2 == 0 else (option, base)
@@ -64,13 +71,16 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, label, statistics.median(ratios), min(ratios), max(ratios)))
     lines = ["| task | ratio | median | min | max |", "|---|---|---|---|---|"]
     lines += [f"| {t} | {lab} | **{m:.3f}×** | {lo:.3f} | {hi:.3f} |" for t, lab, m, lo, hi in rows]
-    text = (f"# Cost of the validation stream (every {STREAM['every']} steps, a batch of the "
+    every = "" if args.every == 10 else f" --every {args.every}"
+    text = (f"# Cost of the validation stream (every {args.every} steps, a batch of the "
             f"training batch size)\n\n`python experiments/bench_validation_cost.py --repeats "
-            f"{args.repeats}` (1 thread, {size} tasks, paired and interleaved)\n\n"
+            f"{args.repeats}{every}` (1 thread, {size} tasks, paired and interleaved)\n\n"
             + "\n".join(lines) + "\n")  # fmt: skip
     print(text)
     if not args.smoke:
-        Path(args.out).write_text(text)
+        name = "" if args.every == 10 else f"_every{args.every}"
+        out = args.out or ROOT / f"experiments/results/bench_validation_cost{name}.md"
+        Path(out).write_text(text)
     return 0
 
 

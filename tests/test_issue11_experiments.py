@@ -47,11 +47,16 @@ def test_cost_benchmark_prints_a_paired_table(capsys):
     import bench_validation_cost
 
     assert (
-        bench_validation_cost.main(["--smoke", "--repeats", "2", "--tasks", "digits_logreg"]) == 0
+        bench_validation_cost.main(
+            ["--smoke", "--repeats", "2", "--tasks", "digits_logreg", "--every", "5"]
+        )
+        == 0
     )
     out = capsys.readouterr().out
-    for label in bench_validation_cost.PAIRS:
+    assert "every 5 steps" in out and "--every 5" in out
+    for label, (base, option) in bench_validation_cost.pairs(5).items():
         assert f"| digits_logreg | {label} |" in out
+        assert option["validation_data"] == {"every": 5} and "validation_data" not in base
 
 
 def test_study9_headline_compares_against_best_of_grid_adam(tmp_path, monkeypatch):
