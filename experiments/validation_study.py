@@ -158,6 +158,12 @@ def headline(seconds: float | None) -> str:
         if bench.is_file()
         else "Not measured yet: run `python experiments/bench_validation_cost.py`."
     )
+    bench20 = OUT.parent / "bench_validation_cost_every20.md"
+    cost20 = (
+        bench20.read_text().split("\n", 2)[2].strip()
+        if bench20.is_file()
+        else "Not measured yet: run `python experiments/bench_validation_cost.py --every 20`."
+    )
     parts = [
         "# Study 9 — rates that watch the validation loss (issue 11)",
         intro,
@@ -170,6 +176,8 @@ def headline(seconds: float | None) -> str:
         md(tuned_head, tuned_rows(val, test, tasks)),
         "## Cost of the option (every 10 steps, a validation batch of the training batch size)",
         cost_text,
+        "## Cost at every 20 steps (the recommended frequency since 2026-12-04)",
+        cost20,
     ]
     return "\n\n".join(parts) + "\n"
 

@@ -56,7 +56,8 @@ validation signal, so a resumed run stays in the mode it was in.
 
 The constants (:data:`VALIDATION_DEFAULTS`, overridable with ``validation={...}`` on every
 optimizer) were chosen on the training suite of ``experiments/fit_controller.py`` at one
-observation every 10 steps (``experiments/choose_validation.py``).
+observation every 10 steps (``experiments/choose_validation.py``); the recommended frequency
+is every 20 (:data:`RECOMMENDED_EVERY`).
 """
 
 from __future__ import annotations
@@ -82,6 +83,14 @@ from metalr.functional._hypergrad import (
 #: Entries of a validation-statistics vector: running mean, mean square, observation count.
 VAL_MEAN, VAL_SQ, VAL_COUNT = range(3)
 VALIDATION_SIZE = 3
+
+#: The recommended frequency: one validation batch (of the training batch size) every 20
+#: optimizer steps. Adopted 2026-12-04 by a rule fixed before study 9's run at 20 (at least as
+#: many cells within 10% of best-of-grid Adam as at 10, on study 1's tasks and on the held-out
+#: ones): 23/30 and 6/15 against 22/30 and 6/15, at half the validation cost
+#: (``experiments/results/bench_validation_cost_every20.md``). The constants below were chosen
+#: at every 10.
+RECOMMENDED_EVERY = 20
 
 #: β_val per observation, the running averages' decays, the evidence threshold and the weight
 #: the training signal keeps in phase 2 once a group follows the validation signal (0: none).

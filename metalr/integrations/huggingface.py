@@ -15,7 +15,7 @@ To let the rates follow a held-out loss (``optimizer.observe_validation``), add 
 :class:`ObserveValidationCallback`: every ``k`` steps it observes the loss of one batch of the eval
 dataset, computed as the Trainer computes its losses::
 
-    add_observe_validation_callback(trainer, every_n_steps=10)
+    add_observe_validation_callback(trainer, every_n_steps=20)
 
 Importing this module imports ``transformers``; ``import metalr`` never does.
 """
@@ -28,6 +28,7 @@ from typing import Any
 
 from torch import Tensor
 
+from metalr.functional.validation import RECOMMENDED_EVERY
 from metalr.integrations._observe import (
     BatchCycle,
     as_loss,
@@ -136,7 +137,8 @@ class ObserveValidationCallback(TrainerCallback):
 
     Args:
         trainer: the ``transformers.Trainer`` whose optimizer observes.
-        every_n_steps: observe after every this many optimizer steps (default: 10).
+        every_n_steps: observe after every this many optimizer steps (default: 20, the
+            recommended frequency).
         eval_dataset: a dataset, or the key of one in the Trainer's ``eval_dataset`` dict
             (default: None, i.e. the Trainer's ``eval_dataset``).
         dataloader: batches to use instead (any iterable of input dicts; default: None).
@@ -152,14 +154,14 @@ class ObserveValidationCallback(TrainerCallback):
     Example:
         >>> trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
         ...                   optimizers=(metalr.AdamWHD(model.parameters(), lr=3e-4), None))
-        >>> add_observe_validation_callback(trainer, every_n_steps=10)
+        >>> add_observe_validation_callback(trainer, every_n_steps=20)
         >>> trainer.train()
     """
 
     def __init__(
         self,
         trainer: Any,
-        every_n_steps: int = 10,
+        every_n_steps: int = RECOMMENDED_EVERY,
         *,
         eval_dataset: Any = None,
         dataloader: Iterable[Any] | None = None,
@@ -230,12 +232,12 @@ class ObserveValidationCallback(TrainerCallback):
 
 
 def add_observe_validation_callback(
-    trainer: Any, every_n_steps: int = 10, **kwargs: Any
+    trainer: Any, every_n_steps: int = RECOMMENDED_EVERY, **kwargs: Any
 ) -> ObserveValidationCallback:
     """Build an :class:`ObserveValidationCallback` for ``trainer`` and register it.
 
     Example:
-        >>> callback = add_observe_validation_callback(trainer, every_n_steps=10)
+        >>> callback = add_observe_validation_callback(trainer, every_n_steps=20)
         >>> trainer.train()
         >>> callback.observations  # = trainer.state.global_step // 10
     """

@@ -14,7 +14,7 @@ To let the rates follow a held-out loss (``optimizer.observe_validation``), add
 :class:`ObserveValidation`: every ``k`` training steps it draws a validation batch and observes the
 loss your module computes on it (a ``validation_loss(batch)`` method by default)::
 
-    trainer = L.Trainer(callbacks=[ObserveValidation(every_n_steps=10)], ...)
+    trainer = L.Trainer(callbacks=[ObserveValidation(every_n_steps=20)], ...)
 
 Importing this module imports Lightning (``lightning.pytorch``, else ``pytorch_lightning``);
 ``import metalr`` never does.
@@ -27,6 +27,7 @@ from typing import Any
 
 from torch import Tensor
 
+from metalr.functional.validation import RECOMMENDED_EVERY
 from metalr.integrations._observe import (
     BatchCycle,
     as_loss,
@@ -174,7 +175,8 @@ class ObserveValidation(Callback):
     strategies (FSDP, DeepSpeed) are not.
 
     Args:
-        every_n_steps: observe after every this many optimizer steps (default: 10).
+        every_n_steps: observe after every this many optimizer steps (default: 20, the
+            recommended frequency).
         loss_fn: the name of a method of the ``LightningModule`` called as ``method(batch)``, or
             a function called as ``loss_fn(pl_module, batch)`` (an unbound method such as
             ``MyModule.shared_loss`` works too); it returns the loss tensor, or a dict with
@@ -197,13 +199,13 @@ class ObserveValidation(Callback):
         ...         return self.validation_loss(batch)
         ...     def configure_optimizers(self):
         ...         return metalr.AdamHD(self.parameters(), lr=1e-3)
-        >>> trainer = L.Trainer(callbacks=[ObserveValidation(every_n_steps=10)])
+        >>> trainer = L.Trainer(callbacks=[ObserveValidation(every_n_steps=20)])
         >>> trainer.fit(Model(), train_loader, val_loader)
     """
 
     def __init__(
         self,
-        every_n_steps: int = 10,
+        every_n_steps: int = RECOMMENDED_EVERY,
         loss_fn: str | Callable[[Any, Any], Tensor | Mapping[str, Tensor]] = "validation_loss",
         dataloader: Iterable[Any] | None = None,
         *,

@@ -168,7 +168,7 @@ class HypergradOptimizer(Optimizer):
 
         Example:
             >>> optimizer.step()
-            >>> if step % 10 == 0:
+            >>> if step % 20 == 0:  # the recommended frequency (RECOMMENDED_EVERY)
             ...     xv, yv = next(val_batches)
             ...     optimizer.observe_validation(F.cross_entropy(model(xv), yv))
         """
