@@ -114,12 +114,12 @@ def test_observe_validation_snippet_runs_and_moves_the_rates() -> None:
 
     code = readme_snippet("## Rates that watch the validation loss")
     torch.manual_seed(0)
-    x, y = torch.randn(96, 5), torch.randint(0, 3, (96,))
+    x, y = torch.randn(160, 5), torch.randint(0, 3, (160,))
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     namespace = {"torch": torch, "F": F, "itertools": itertools, "metalr": metalr, "model": model,
-                 "train_loader": DataLoader(TensorDataset(x[:64], y[:64]), batch_size=4),
-                 "val_loader": DataLoader(TensorDataset(x[64:], y[64:]), batch_size=8)}  # fmt: skip
+                 "train_loader": DataLoader(TensorDataset(x[:128], y[:128]), batch_size=4),
+                 "val_loader": DataLoader(TensorDataset(x[128:], y[128:]), batch_size=8)}  # fmt: skip
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
     opt = namespace["optimizer"]
     counts = {float(opt.state[p][VALIDATION_KEY][2]) for p in model.parameters()}
-    assert counts == {1.0}  # 16 training steps: one observation (step 10) with a last direction
+    assert counts == {1.0}  # 32 training steps: one observation (step 20) with a last direction
