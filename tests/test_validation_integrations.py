@@ -248,6 +248,10 @@ def test_lightning_observe_validation_errors(tmp_path) -> None:
 
     with pytest.raises(ValueError, match="every_n_steps"):
         ObserveValidation(every_n_steps=0)
+    # the default is the recommended frequency (study 9: one validation batch every 20 steps)
+    from metalr.functional.validation import RECOMMENDED_EVERY
+
+    assert ObserveValidation().every_n_steps == RECOMMENDED_EVERY == 20
     train, val = _loaders()
     with pytest.raises(TypeError, match="needs a metalr optimizer.*Adam"):
         _trainer(L, tmp_path, callbacks=[ObserveValidation()]).fit(
@@ -378,3 +382,6 @@ def test_hf_observe_validation_errors(tmp_path) -> None:
     add_observe_validation_callback(no_eval, every_n_steps=1)
     with pytest.raises(ValueError, match="needs validation data"):
         no_eval.train()
+    from metalr.functional.validation import RECOMMENDED_EVERY
+
+    assert add_observe_validation_callback(trainer).every_n_steps == RECOMMENDED_EVERY == 20
