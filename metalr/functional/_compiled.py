@@ -35,6 +35,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 #: Environment switch: "0" runs the bookkeeping eagerly (op by op).
 ENV_SWITCH = "METALR_COMPILE_CONTROLLER"
 
+#: Inductor options of these graphs: no size/stride asserts in the generated call (the shapes
+#: are specialised, ``dynamic=False``, and dynamo's guards already check every input's sizes
+#: and strides). With cold caches, after a kernel pass, the call measured ~40-80 µs less of
+#: ~390-460 µs (20 tensors, CPU, three alternating runs).
+_OPTIONS = {"size_asserts": False}
+
 try:  # raised (fullgraph=True) when a call needs more graphs than dynamo's recompile_limit
     from torch._dynamo.exc import FailOnRecompileLimitHit as _RECOMPILE_LIMIT
 except ImportError:  # pragma: no cover - older/newer torch: treated as any compiler failure
@@ -63,7 +69,7 @@ def compiled(fn: F) -> F:
         if state["failed"] or not enabled() or torch.compiler.is_compiling():
             return fn(*args, **kwargs)
         if state["compiled"] is None:
-            state["compiled"] = torch.compile(fn, fullgraph=True, dynamic=False)
+            state["compiled"] = torch.compile(fn, fullgraph=True, dynamic=False, options=_OPTIONS)
         try:
             return state["compiled"](*args, **kwargs)
         except _RECOMPILE_LIMIT:  # more configurations than dynamo keeps: this one runs eagerly
