@@ -110,21 +110,29 @@ def prefetch_distance() -> int:
 
 def _cpu_vendor() -> str:
     """``vendor_id`` of /proc/cpuinfo ('' where there is none)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    line = next((x for x in info.splitlines() if x.startswith("vendor_id")), "")
-    return line.partition(":")[2].strip()
+    return (_cpuinfo_line("vendor_id") or "").partition(":")[2].strip()
 
 
 def _cpu_id() -> str:
+    flags = _cpuinfo_line("flags")
+    return platform.machine() + (flags if flags is not None else platform.processor())
+
+
+def _cpuinfo_line(prefix: str) -> str | None:
+    """The first line of /proc/cpuinfo that starts with ``prefix`` ('' if none; None where the
+    file cannot be read)."""
+    info = _cpuinfo()
+    if info is None:
+        return None
+    return next((line for line in info.splitlines() if line.startswith(prefix)), "")
+
+
+@functools.cache
+def _cpuinfo() -> str | None:
     try:
-        info = Path("/proc/cpuinfo").read_text()
-        flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
-        return platform.machine() + flags
+        return Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.machine() + platform.processor()
+        return None
 
 
 def applies(params: Sequence[Tensor], rates: Sequence[Tensor], granularity: str, **hyper) -> bool:
