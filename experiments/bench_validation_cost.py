@@ -2,8 +2,8 @@
 
 Paired and interleaved (the cores are shared): for each task and repeat, one training run of
 AdamHD at defaults without the option and one with it (a validation batch of the training batch
-size every 10 steps as in study 9, or every ``--every`` steps), in alternating order; the ratio of each pair's times, and
-the median over repeats. Also the same for Adam + ReduceLROnPlateau (a validation forward pass
+size every 10 steps as in study 9, or every ``--every`` steps), in alternating order; the ratio
+of each pair's times, and the median over repeats. Also the same for Adam + ReduceLROnPlateau (a validation forward pass
 only) against plain Adam, for scale.
 
     python experiments/bench_validation_cost.py             # ~3 min on one core
@@ -26,6 +26,13 @@ from metalr.workbench.tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"animal_cnn": 500, "charlm_gru": 500, "fewshot_sinusoid": 100, "pysrc_transformer": 400}
+
+
+def results_path(every: int, results: Path = ROOT / "experiments/results") -> Path:
+    """The file in ``results`` that holds the table of a stream every ``every`` steps (every 10:
+    the original file)."""
+    name = "" if every == 10 else f"_every{every}"
+    return results / f"bench_validation_cost{name}.md"
 
 
 def pairs(every: int) -> dict[str, tuple[dict, dict]]:
@@ -78,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             + "\n".join(lines) + "\n")  # fmt: skip
     print(text)
     if not args.smoke:
-        name = "" if args.every == 10 else f"_every{args.every}"
-        out = args.out or ROOT / f"experiments/results/bench_validation_cost{name}.md"
-        Path(out).write_text(text)
+        Path(args.out or results_path(args.every)).write_text(text)
     return 0
 
 

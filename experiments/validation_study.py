@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablate_studies import table as mean_table  # mean over seeds, inf if one diverged
+from bench_validation_cost import results_path
 from one_run_goals import HELDOUT, WITHIN
 
 CONFIG = "configs/ablate_study9_validation.yaml"
@@ -129,6 +130,16 @@ def md(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
 
 
+def _cost_table(every: int) -> str:
+    """The table of ``experiments/bench_validation_cost.py --every N`` (its file without the
+    title line), or how to make it."""
+    bench = results_path(every, OUT.parent)
+    if not bench.is_file():
+        flag = "" if every == 10 else f" --every {every}"
+        return f"Not measured yet: run `python experiments/bench_validation_cost.py{flag}`."
+    return bench.read_text().split("\n", 2)[2].strip()
+
+
 def headline(seconds: float | None) -> str:
     recs = load()
     val, test = mean_table(recs, "final_val_loss"), mean_table(recs, "final_test_loss")
@@ -152,18 +163,6 @@ def headline(seconds: float | None) -> str:
         "Adam + early stopping",
         "AdamHD + observe_validation",
     ]
-    bench = OUT.parent / "bench_validation_cost.md"
-    cost_text = (
-        bench.read_text().split("\n", 2)[2].strip()
-        if bench.is_file()
-        else "Not measured yet: run `python experiments/bench_validation_cost.py`."
-    )
-    bench20 = OUT.parent / "bench_validation_cost_every20.md"
-    cost20 = (
-        bench20.read_text().split("\n", 2)[2].strip()
-        if bench20.is_file()
-        else "Not measured yet: run `python experiments/bench_validation_cost.py --every 20`."
-    )
     parts = [
         "# Study 9 — rates that watch the validation loss (issue 11)",
         intro,
@@ -175,9 +174,9 @@ def headline(seconds: float | None) -> str:
         "## Tuned per task: best-of-grid, ratio to best-of-grid Adam (val / test)",
         md(tuned_head, tuned_rows(val, test, tasks)),
         "## Cost of the option (every 10 steps, a validation batch of the training batch size)",
-        cost_text,
+        _cost_table(10),
         "## Cost at every 20 steps (the recommended frequency since 2026-12-04)",
-        cost20,
+        _cost_table(20),
     ]
     return "\n\n".join(parts) + "\n"
 
