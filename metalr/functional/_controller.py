@@ -88,7 +88,8 @@ SGD with momentum 0.9; HyperLR wrapping ``torch.optim.SGD`` uses it too); AdamHD
 HyperLR wrapping anything else use :data:`SEEK_DEFAULTS`.
 
 How the decided moves reach the rates (the ceiling, the tie, the skip) is
-:mod:`metalr.functional._rate_moves`. Everything here is pure (``torch.where``, no Python branches on tensor values, no host sync).
+:mod:`metalr.functional._rate_moves`. Everything here is pure (``torch.where``, no Python
+branches on tensor values, no host sync).
 """
 
 from __future__ import annotations

@@ -239,7 +239,7 @@ def add_observe_validation_callback(
     Example:
         >>> callback = add_observe_validation_callback(trainer, every_n_steps=20)
         >>> trainer.train()
-        >>> callback.observations  # = trainer.state.global_step // 10
+        >>> callback.observations  # = trainer.state.global_step // 20
     """
     callback = ObserveValidationCallback(trainer, every_n_steps, **kwargs)
     trainer.add_callback(callback)
