@@ -40,11 +40,12 @@ def main(rounds: int = 25) -> int:
     g = [p.grad for p in ps]
     m = [exact.state[p]["exp_avg"] for p in ps]
     v = [exact.state[p]["exp_avg_sq"] for p in ps]
-    scalars = torch.tensor([[1.0, 1.0, 1e-3, 1.0, 1.0]] * len(ps), dtype=torch.float64)
+    scalars = torch.tensor([[1.0, 1.0, 1e-3, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    multipliers = torch.ones(len(ps), dtype=torch.float64)
 
     def kernel(accumulate: bool, write: bool):
         # the passes rewrite the exact optimizer's state: they are timed, not checked
-        return lambda: ext.adam_hd_pass(ps, g, m, v, scalars, 0.9, 0.999, 1e-8, 0.0, False,
+        return lambda: ext.adam_hd_pass(ps, g, m, v, scalars, multipliers, 0.9, 0.999, 1e-8, 0.0, False,
                                         accumulate, write)  # fmt: skip
 
     group = lagged.param_groups[0]

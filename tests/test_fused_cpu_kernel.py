@@ -291,3 +291,59 @@ def test_prefetch_distance_follows_the_cpu_vendor_and_the_override(monkeypatch):
         monkeypatch.setenv("METALR_CPU_PREFETCH", bad)
         with pytest.raises(ValueError, match="METALR_CPU_PREFETCH must be a positive integer"):
             _cpu_kernels.prefetch_distance()
+
+
+@pytest.mark.parametrize("lagged", [True, False], ids=["lagged", "exact"])
+def test_adam_kernel_with_step_counts_that_differ_between_tensors(lagged):
+    """A parameter without a gradient on some steps falls behind in its step count: the kernel
+    then takes one row of Adam constants per tensor (else one row for all) and must still
+    equal the eager path."""
+
+    def run(fused):
+        gen = torch.Generator().manual_seed(3)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64))
+                  for s in SHAPES]  # fmt: skip
+        opt = metalr.AdamHD(params, lr=1e-2, fused=fused, lagged=lagged and fused)
+        for t in range(6):
+            for i, p in enumerate(params):
+                grad = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                p.grad = None if (i == 1 and t in (1, 2)) else grad
+            opt.step()
+        return params, opt
+
+    (a, opt_a), (b, opt_b) = run(True), run(False)
+    assert [int(opt_a.state[p]["step"]) for p in a] == [6, 4, 6, 6]
+    if lagged:  # the lagged rate is a different update: only the counts are compared
+        return
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(opt_a.state[p]["lr_multiplier"],
+                                   opt_b.state[q]["lr_multiplier"], rtol=1e-12, atol=1e-14)  # fmt: skip
+
+
+def test_adam_pass_checks_every_tensor_before_writing():
+    """A malformed state tensor anywhere in the list is refused before any tensor is written
+    (the write pass runs last to first: a late check would leave a half-applied step)."""
+    ext = _cpu_kernels.load()
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(8, generator=gen, dtype=torch.float64) for _ in range(3)]
+    grads = [torch.randn(8, generator=gen, dtype=torch.float64) for _ in range(3)]
+    m = [torch.randn(8, generator=gen, dtype=torch.float64) for _ in range(3)]
+    v = [torch.rand(8, generator=gen, dtype=torch.float64) for _ in range(3)]
+    constants = torch.tensor([[1.0, 1.0, 1e-2, 0.1, 1.0, 1.0]], dtype=torch.float64)
+    rates = torch.ones(3, dtype=torch.float64)
+    before = [p.clone() for p in params]
+    for bad in (0, 2):
+        broken = list(m)
+        broken[bad] = torch.zeros(7, dtype=torch.float64)
+        with pytest.raises(RuntimeError, match="exp_avg"):
+            ext.adam_hd_pass(params, grads, broken, v, constants, rates, 0.9, 0.999, 1e-8, 0.0,
+                             False, False, True)  # fmt: skip
+        assert all(torch.equal(p, q) for p, q in zip(params, before))
+    # one row for all tensors equals the same row repeated per tensor
+    one, per = [p.clone() for p in params], [p.clone() for p in params]
+    for target, rows in ((one, constants), (per, constants.repeat(3, 1))):
+        ext.adam_hd_pass(target, grads, [t.clone() for t in m], [t.clone() for t in v], rows,
+                         rates, 0.9, 0.999, 1e-8, 0.0, False, False, True)  # fmt: skip
+    assert all(torch.equal(p, q) for p, q in zip(one, per))
+    assert not torch.equal(one[0], before[0])

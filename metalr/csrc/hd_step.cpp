@@ -315,23 +315,38 @@ void check_same(const at::Tensor& a, const at::Tensor& ref, const char* name) {
               name, " must be a contiguous CPU tensor like its parameter");
 }
 
-// scalars: [n, 5] float64 (see adam_tensor); returns sums [n, 3] float64 (zeros unless accumulate)
+// scalars: [n, 6] or, for all tensors alike, [1, 6] float64 rows (pc1, pc2, lr, 1-β1^t, c2,
+// decay); rates: [n], the multipliers m (any floating dtype), so that step = lr·m/(1-β1^t) is
+// formed here in double, in that order. Returns sums [n, 3] float64 (zeros unless accumulate).
 at::Tensor adam_hd_pass(std::vector<at::Tensor> params, std::vector<at::Tensor> grads,
                         std::vector<at::Tensor> exp_avgs, std::vector<at::Tensor> exp_avg_sqs,
-                        at::Tensor scalars, double beta1, double beta2, double eps,
-                        double weight_decay, bool maximize, bool accumulate, bool write) {
+                        at::Tensor scalars, at::Tensor rates, double beta1, double beta2,
+                        double eps, double weight_decay, bool maximize, bool accumulate,
+                        bool write) {
   const int64_t n = params.size();
   auto sums = at::zeros({n, 3}, at::kDouble);
   auto sc = scalars.contiguous();
-  TORCH_CHECK(sc.scalar_type() == at::kDouble && sc.numel() == 5 * n, "scalars must be [n, 5]");
-  for (int64_t i = 0; i < n; ++i) {
+  TORCH_CHECK(sc.scalar_type() == at::kDouble && (sc.numel() == 6 * n || sc.numel() == 6),
+              "scalars must be [n, 6] or [1, 6] float64");
+  auto mult = rates.to(at::kDouble).contiguous();
+  TORCH_CHECK(mult.numel() == n, "rates must hold one multiplier per tensor");
+  const int64_t row_stride = sc.numel() == 6 ? 0 : 6;
+  for (int64_t i = 0; i < n; ++i) {  // every check before the first write
+    check_same(grads[i], params[i], "grad");
+    check_same(exp_avgs[i], params[i], "exp_avg");
+    check_same(exp_avg_sqs[i], params[i], "exp_avg_sq");
+    TORCH_CHECK(params[i].is_contiguous(), "params must be contiguous");
+  }
+  // The exact step's write pass (write, no sums) follows a sums pass that read g, m, v first
+  // to last: it runs last to first, so it starts on the tensors still in the cache. The order
+  // changes no value (each tensor's sums and update are its own).
+  const bool last_first = write && !accumulate;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = last_first ? n - 1 - j : j;
     auto& p = params[i];
-    check_same(grads[i], p, "grad");
-    check_same(exp_avgs[i], p, "exp_avg");
-    check_same(exp_avg_sqs[i], p, "exp_avg_sq");
-    TORCH_CHECK(p.is_contiguous(), "params must be contiguous");
-    const double* s = sc.data_ptr<double>() + 5 * i;
-    const AdamConsts k{s[0], s[1], s[2], s[3], s[4], beta1, beta2, eps, weight_decay,
+    const double* s = sc.data_ptr<double>() + row_stride * i;
+    const double step = s[2] * mult.data_ptr<double>()[i] / s[3];
+    const AdamConsts k{s[0], s[1], step, s[4], s[5], beta1, beta2, eps, weight_decay,
                        maximize ? -1.0 : 1.0};
     AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "adam_hd_pass", [&] {
       adam_tensor<scalar_t>(p.data_ptr<scalar_t>(), grads[i].data_ptr<scalar_t>(),

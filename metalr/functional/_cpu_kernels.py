@@ -21,7 +21,13 @@ buffer / stored direction (SGD). The rate update from those sums is the rule's o
 * lagged: one pass updates θ, m, v with the multipliers from before the step (per-element skip
   of non-finite gradients), then the multipliers move for step t+1;
 * exact: pass 1 only sums (reads g, m, v), the multipliers move (a non-finite sum skips the whole
-  step, read on the host as the CPU paths do), pass 2 updates with the new multipliers.
+  step, read on the host as the CPU paths do), pass 2 updates with the new multipliers. Pass 2
+  runs over the tensors last to first, so it starts on the g, m, v that pass 1 read last and
+  that are still in the cache (same values; 0.97× the step's time, 60 interleaved pairs on
+  an AMD EPYC, ``experiments/results/bench_step_cpu_issue12/write_order.md``).
+
+The kernel reads the multipliers from their buffer (no host copy) and one row of Adam constants
+for all tensors (one per tensor only when their step counts differ).
 
 Element granularity (exact Adam-HD step only) is :mod:`metalr.functional._cpu_element`: a scan
 of the gradients, then one pass that also reads and writes the rates. Where the kernels cannot
@@ -215,14 +221,13 @@ def adam_hd_step(
     decay = 1.0 - lr_f * weight_decay if decoupled_weight_decay else 1.0
     step_buf = rows_of(steps)  # the counters as one buffer (no stack per step)
     ts = (step_buf if step_buf is not None else torch.stack(steps)).tolist()
-    per_count = {t: bias_corrections(t, beta1, beta2) for t in set(ts)}  # usually one count
-
-    def scalars(rate_values: Sequence[float]) -> Tensor:
-        rows = []
-        for t, r in zip(ts, rate_values):
-            pc1, pc2, c1, c2 = per_count[t]
-            rows.append([pc1, pc2, lr_f * r / c1, c2, decay])
-        return torch.tensor(rows, dtype=torch.float64)
+    # the kernel's rows (pc1, pc2, lr, 1-β1^t, c2, decay): one for all when the counts agree
+    counts = ts if len(set(ts)) > 1 else ts[:1]
+    constants = torch.tensor(
+        [[pc1, pc2, lr_f, c1, c2, decay]
+         for pc1, pc2, c1, c2 in (bias_corrections(t, beta1, beta2) for t in counts)],
+        dtype=torch.float64,
+    )  # fmt: skip
 
     sizes = [p.numel() for p in params]
     state = seek_rows(rates, controllers, rule, hypergrad_lr, params[0].device)
@@ -250,21 +255,25 @@ def adam_hd_step(
         else:
             torch._foreach_add_(steps, 1)
 
-    old = scalars((state[0] if state is not None else torch.stack(rates)).tolist())
+    def multipliers() -> Tensor:  # the rate buffer itself where the state has one
+        return state[0] if state is not None else torch.stack(rates)
+
     common = (beta1, beta2, eps, coupled, maximize)
     if lagged:
-        sums = ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, old, *common, True, True)
+        sums = ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, constants, multipliers(),
+                                *common, True, True)  # fmt: skip
         advance_steps()
         commit(rate_update(sums), known_finite=False)
         return True
-    sums = ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, old, *common, True, False)
+    sums = ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, constants, multipliers(),
+                            *common, True, False)  # fmt: skip
     update = rate_update(sums)
     finite = update.finite if state is None else update[2]  # (RateUpdate / seek vectors)
     if not bool(finite):
         return True  # a skipped step: nothing changes
     commit(update, known_finite=True)
-    new = scalars((state[0] if state is not None else torch.stack(rates)).tolist())
-    ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, new, *common, False, True)
+    ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, constants, multipliers(), *common,
+                     False, True)  # fmt: skip
     advance_steps()
     return True
 
