@@ -28,18 +28,21 @@ from pathlib import Path
 import torch
 
 import metalr
-import metalr.functional as functional
+from metalr import functional
 from metalr.functional import _cpu_kernels as today
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout  # fmt: skip
+
+
 def _at(rev: str, path: str, out: Path) -> Path:
+    """``path`` as it is at ``rev``, written into ``out``."""
     target = out / Path(path).name
-    target.write_text(
-        subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True, capture_output=True,
-                       text=True).stdout  # fmt: skip
-    )
+    target.write_text(_git("show", f"{rev}:{path}"))
     return target
 
 
@@ -49,8 +52,7 @@ def load_base(rev: str, out: Path):
 
     sources = [_at(rev, f"metalr/csrc/{name}", out) for name in ("hd_step.cpp", "hd_element.cpp")]
     flags = [*today._FLAGS, f"-DMETALR_PREFETCH={today.prefetch_distance()}"]
-    tag = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
-                         capture_output=True, text=True).stdout.strip()  # fmt: skip
+    tag = _git("rev-parse", "--short", rev).strip()
     ext = cpp_extension.load(name=f"metalr_ab_base_{tag}", sources=[str(s) for s in sources],
                              extra_cflags=flags, extra_ldflags=["-fopenmp"])  # fmt: skip
     spec = importlib.util.spec_from_file_location(
