@@ -9,6 +9,11 @@ against best-of-grid Adam on the *same* seeds (the same five rates), printing th
     python experiments/check_controller.py                                  # today's defaults
     python experiments/check_controller.py --constants experiments/results/fit_controller/round6/best.json
     python experiments/check_controller.py --optimizer sgd [--constants ...]   # SGDHD vs SGD
+    python experiments/check_controller.py --seeds 25,26,27 --out a.json        # per-seed losses
+
+``--out`` keeps every seed's loss, so that two constant sets run on the same seeds can be compared
+cell by cell and seed by seed (``experiments/compare_checks.py``) instead of by their counts, which
+move by ±6 of 30 cells between seed sets at fixed constants.
 
 ``--optimizer sgd`` checks SGDHD (momentum 0.9) against best-of-grid SGD (momentum 0.9) instead.
 
@@ -46,7 +51,7 @@ def _run(job: tuple[str, dict[str, Any], float, int, str, int | None]) -> float:
 
 
 def _grid(spec: dict[str, Any], seeds: list[int], workers: int, smoke: bool) -> dict:
-    """Mean final validation loss over ``seeds`` per (task, lr0)."""
+    """Final validation loss per (task, lr0): one per seed, in the order of ``seeds``."""
     size, steps = ("smoke", 20) if smoke else ("full", None)
     jobs = [(t, spec, lr, s, size, steps) for t in TASKS for lr in LRS for s in seeds]
     with ProcessPoolExecutor(workers) as pool:
@@ -54,7 +59,20 @@ def _grid(spec: dict[str, Any], seeds: list[int], workers: int, smoke: bool) -> 
     out: dict[tuple[str, float], list[float]] = {}
     for (t, _, lr, *_), f in zip(jobs, losses):
         out.setdefault((t, lr), []).append(f)
-    return {k: statistics.mean(v) for k, v in out.items()}
+    return out
+
+
+def _means(grid: dict) -> dict:
+    return {k: statistics.mean(v) for k, v in grid.items()}
+
+
+def write_losses(path: Path, per_seed: dict, ref: dict, seeds: list[int], args: Any) -> None:
+    """The run's per-seed losses as JSON (``experiments/compare_checks.py`` pairs two of them)."""
+    path.write_text(json.dumps({
+        "optimizer": args.optimizer, "constants": args.constants or "defaults", "seeds": seeds,
+        "smoke": args.smoke, "reference": ref,
+        "losses": {f"{t}|{lr:g}": v for (t, lr), v in per_seed.items()},
+    }, indent=1))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="smoke-size tasks, 20 steps")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam",
                         help="AdamHD vs Adam (default) or SGDHD vs SGD, momentum 0.9")  # fmt: skip
+    parser.add_argument("--out", default=None,
+                        help="also write the per-seed losses to this JSON file")  # fmt: skip
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     from fit_controller import OPTIMIZERS, seek_spec
@@ -79,11 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     if cache.is_file():
         ref = json.loads(cache.read_text())
     else:
-        grid = _grid(torch_spec, seeds, args.workers, args.smoke)
+        grid = _means(_grid(torch_spec, seeds, args.workers, args.smoke))
         ref = {t: min(grid[(t, lr)] for lr in LRS) for t in TASKS}
         cache.write_text(json.dumps(ref, indent=1))
-    got = _grid(spec, seeds, args.workers, args.smoke)
-    ratios = {k: v / ref[k[0]] for k, v in got.items()}
+    per_seed = _grid(spec, seeds, args.workers, args.smoke)
+    if args.out:
+        write_losses(Path(args.out), per_seed, ref, seeds, args)
+    ratios = {k: v / ref[k[0]] for k, v in _means(per_seed).items()}
     within = sum(r <= 1.1 for r in ratios.values())
     print(f"{args.constants or 'defaults'}, seeds {seeds}: final val within 10% of best-of-grid "
           f"{args.optimizer} on {within}/{len(ratios)} cells; worst {max(ratios.values()):.2f}")  # fmt: skip

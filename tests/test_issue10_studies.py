@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -94,12 +96,49 @@ def test_check_controller_sgd_smoke(tmp_path, capsys):
 
 def test_check_controller_smoke(tmp_path, capsys):
     import check_controller
+    import compare_checks
 
-    within = check_controller.main(["--smoke", "--cache", str(tmp_path), "--workers", "1"])
+    out = tmp_path / "defaults.json"
+    args = ["--smoke", "--cache", str(tmp_path), "--workers", "1", "--out", str(out)]
+    within = check_controller.main(args)
     text = capsys.readouterr().out
     assert f"on {within}/30 cells" in text
     assert all(name in text for name in check_controller.TASKS)
     assert (tmp_path / "check_adam_reference_smoke_seeds_3.json").is_file()
+    run = json.loads(out.read_text())
+    assert run["seeds"] == [3] and len(run["losses"]) == 30
+    assert all(len(v) == 1 for v in run["losses"].values())
+    assert compare_checks.within(run) == within
+    # the same run against itself: no difference, every cell tied
+    report = compare_checks.report(run, run)
+    assert "mean log-ratio B/A: +0.0000" in report and "B lower in 0/30" in report
+
+
+def _check_run(losses, seeds=(0, 1, 2), ref=1.0):
+    return {"optimizer": "adam", "constants": "x", "seeds": list(seeds), "smoke": False,
+            "reference": {"t": ref, "u": ref},
+            "losses": {f"{t}|{lr:g}": list(v) for (t, lr), v in losses.items()}}  # fmt: skip
+
+
+def test_compare_checks_pairs_seeds_and_bootstraps_over_them():
+    import compare_checks
+
+    a = _check_run({("t", 1e-3): [1.0, 1.0, 1.0], ("u", 1e-3): [2.0, 2.0, 2.0]})
+    b = _check_run({("t", 1e-3): [0.5, 1.0, 2.0], ("u", 1e-3): [1.0, 1.0, 1.0]})
+    d = compare_checks.paired(a, b)
+    assert d["t|0.001"] == pytest.approx([math.log(0.5), 0.0, math.log(2.0)])
+    mean, lo, hi = compare_checks.seed_bootstrap(d, draws=500)
+    assert mean == pytest.approx(
+        statistics.fmean([math.log(0.5), 0, math.log(2), *[math.log(0.5)] * 3])
+    )
+    assert lo <= mean <= hi and lo < hi
+    assert compare_checks.within(a) == 1 and compare_checks.within(b) == 1  # t: 1.0 and 1.17
+    # a diverged run against a finite one counts as 100x; both diverged: no difference
+    assert compare_checks.log_ratio(1.0, math.inf) == pytest.approx(math.log(100))
+    assert compare_checks.log_ratio(math.inf, 1.0) == pytest.approx(-math.log(100))
+    assert compare_checks.log_ratio(math.inf, math.nan) == 0.0
+    with pytest.raises(ValueError, match="seeds"):
+        compare_checks.paired(a, _check_run({("t", 1e-3): [1.0]}, seeds=(0,)))
 
 
 def test_find_rate_study_smoke(tmp_path, capsys):
