@@ -23,8 +23,8 @@ buffer / stored direction (SGD). The rate update from those sums is the rule's o
 * exact: pass 1 only sums (reads g, m, v), the multipliers move (a non-finite sum skips the whole
   step, read on the host as the CPU paths do), pass 2 updates with the new multipliers. Pass 2
   runs over the tensors last to first, so it starts on the g, m, v that pass 1 read last and
-  that are still in the cache (same values; 0.95× the step's time, 150 paired rounds on an AMD
-  EPYC, ``experiments/results/bench_step_cpu_issue12/write_order.md``).
+  that are still in the cache (same values; 0.95–0.99× the step's time in paired rounds on an
+  AMD EPYC, ``experiments/results/bench_step_cpu_issue12/write_order.md``).
 
 The kernel reads the multipliers from their buffer (no host copy) and one row of Adam constants
 for all tensors (one per tensor only when their step counts differ).
