@@ -34,27 +34,20 @@ from metalr.functional import _cpu_kernels as today
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True,
-                          text=True).stdout  # fmt: skip
-
-
 def _at(rev: str, path: str, out: Path) -> Path:
     """``path`` as it is at ``rev``, written into ``out``."""
     target = out / Path(path).name
-    target.write_text(_git("show", f"{rev}:{path}"))
+    shown = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=ROOT, check=True,
+                           capture_output=True, text=True)  # fmt: skip
+    target.write_text(shown.stdout)
     return target
 
 
 def load_base(rev: str, out: Path):
-    """The base revision's ``_cpu_kernels`` module, bound to a build of its C++ sources."""
-    from torch.utils import cpp_extension
-
-    sources = [_at(rev, f"metalr/csrc/{name}", out) for name in ("hd_step.cpp", "hd_element.cpp")]
-    flags = [*today._FLAGS, f"-DMETALR_PREFETCH={today.prefetch_distance()}"]
-    tag = _git("rev-parse", "--short", rev).strip()
-    ext = cpp_extension.load(name=f"metalr_ab_base_{tag}", sources=[str(s) for s in sources],
-                             extra_cflags=flags, extra_ldflags=["-fopenmp"])  # fmt: skip
+    """The base revision's ``_cpu_kernels`` module, bound to a build of its C++ sources (with
+    today's flags, :func:`metalr.functional._cpu_kernels.build`)."""
+    sources = [_at(rev, f"metalr/csrc/{s.name}", out) for s in today._SOURCES]
+    ext = today.build(sources, prefix="metalr_ab_base")
     spec = importlib.util.spec_from_file_location(
         "metalr.functional._cpu_kernels_base", _at(rev, "metalr/functional/_cpu_kernels.py", out)
     )

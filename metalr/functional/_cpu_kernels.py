@@ -75,24 +75,33 @@ DEFAULT_PREFETCH = 256
 SGD_EXACT = False
 
 
+def build(sources: Sequence[Path], prefix: str = "metalr_hd_step") -> Any:
+    """Build (or load from torch's extension cache) the kernels from ``sources`` with this
+    machine's flags, as the module ``{prefix}_{tag}``; ``tag`` hashes the sources, the flags
+    and the CPU, so that a changed source or another machine gets its own build. Raises where
+    the build fails. (:func:`load` builds ``metalr/csrc``; ``experiments/ab_cpu_kernels.py``
+    builds another revision's sources the same way.)"""
+    from torch.utils import cpp_extension
+
+    # -march=native: key the build by this machine's CPU so a shared cache stays correct
+    flags = [*_FLAGS, f"-DMETALR_PREFETCH={prefetch_distance()}"]
+    tag = hashlib.sha1(
+        ("".join(s.read_text() for s in sources) + " ".join(flags) + _cpu_id()).encode()
+    ).hexdigest()[:12]
+    return cpp_extension.load(
+        name=f"{prefix}_{tag}",
+        sources=[str(s) for s in sources],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
+
+
 @functools.cache
 def load() -> Any | None:
     """The compiled extension, or None (with one warning) when it cannot be built."""
     try:
-        from torch.utils import cpp_extension
-
-        # -march=native: key the build by this machine's CPU so a shared cache stays correct
-        flags = [*_FLAGS, f"-DMETALR_PREFETCH={prefetch_distance()}"]
-        tag = hashlib.sha1(
-            ("".join(s.read_text() for s in _SOURCES) + " ".join(flags) + _cpu_id()).encode()
-        ).hexdigest()[:12]
-        return cpp_extension.load(
-            name=f"metalr_hd_step_{tag}",
-            sources=[str(s) for s in _SOURCES],
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
+        return build(_SOURCES)
     except Exception as exc:  # noqa: BLE001 - any build failure means "use the other paths"
         warnings.warn(
             f"metalr: the fused CPU kernel could not be built ({type(exc).__name__}: {exc}); "
