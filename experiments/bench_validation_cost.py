@@ -3,8 +3,8 @@
 Paired and interleaved (the cores are shared): for each task and repeat, one training run of
 AdamHD at defaults without the option and one with it (a validation batch of the training batch
 size every 10 steps as in study 9, or every ``--every`` steps), in alternating order; the ratio
-of each pair's times, and the median over repeats. Also the same for Adam + ReduceLROnPlateau (a validation forward pass
-only) against plain Adam, for scale.
+of each pair's times, and the median over repeats. Also the same for Adam + ReduceLROnPlateau
+(a validation forward pass only) against plain Adam, for scale.
 
     python experiments/bench_validation_cost.py             # ~3 min on one core
     python experiments/bench_validation_cost.py --repeats 1 --tasks digits_logreg --smoke
@@ -28,10 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"animal_cnn": 500, "charlm_gru": 500, "fewshot_sinusoid": 100, "pysrc_transformer": 400}
 
 
+#: Steps between validation batches without ``--every`` (study 9's first frequency).
+DEFAULT_EVERY = 10
+
+
+def every_flag(every: int) -> str:
+    """The command-line flag that selects ``every`` ('' for the default)."""
+    return "" if every == DEFAULT_EVERY else f" --every {every}"
+
+
 def results_path(every: int, results: Path = ROOT / "experiments/results") -> Path:
-    """The file in ``results`` that holds the table of a stream every ``every`` steps (every 10:
-    the original file)."""
-    name = "" if every == 10 else f"_every{every}"
+    """The file in ``results`` that holds the table of a stream every ``every`` steps (the
+    default's: the original file)."""
+    name = "" if every == DEFAULT_EVERY else f"_every{every}"
     return results / f"bench_validation_cost{name}.md"
 
 
@@ -57,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="digits_mlp,mnist1d_mlp,animal_cnn,pysrc_transformer")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="smoke-size tasks, 20 steps")
-    parser.add_argument("--every", type=int, default=10, help="steps between validation batches")
+    parser.add_argument("--every", type=int, default=DEFAULT_EVERY,
+                        help="steps between validation batches")  # fmt: skip
     parser.add_argument("--out", default=None,
                         help="default experiments/results/bench_validation_cost.md (every 10) "
                              "or bench_validation_cost_every{N}.md")  # fmt: skip
@@ -78,10 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, label, statistics.median(ratios), min(ratios), max(ratios)))
     lines = ["| task | ratio | median | min | max |", "|---|---|---|---|---|"]
     lines += [f"| {t} | {lab} | **{m:.3f}×** | {lo:.3f} | {hi:.3f} |" for t, lab, m, lo, hi in rows]
-    every = "" if args.every == 10 else f" --every {args.every}"
     text = (f"# Cost of the validation stream (every {args.every} steps, a batch of the "
             f"training batch size)\n\n`python experiments/bench_validation_cost.py --repeats "
-            f"{args.repeats}{every}` (1 thread, {size} tasks, paired and interleaved)\n\n"
+            f"{args.repeats}{every_flag(args.every)}` (1 thread, {size} tasks, paired and interleaved)\n\n"
             + "\n".join(lines) + "\n")  # fmt: skip
     print(text)
     if not args.smoke:

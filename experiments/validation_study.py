@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablate_studies import table as mean_table  # mean over seeds, inf if one diverged
-from bench_validation_cost import results_path
+from bench_validation_cost import every_flag, results_path
 from one_run_goals import HELDOUT, WITHIN
 
 CONFIG = "configs/ablate_study9_validation.yaml"
@@ -135,8 +135,8 @@ def _cost_table(every: int) -> str:
     title line), or how to make it."""
     bench = results_path(every, OUT.parent)
     if not bench.is_file():
-        flag = "" if every == 10 else f" --every {every}"
-        return f"Not measured yet: run `python experiments/bench_validation_cost.py{flag}`."
+        command = f"python experiments/bench_validation_cost.py{every_flag(every)}"
+        return f"Not measured yet: run `{command}`."
     return bench.read_text().split("\n", 2)[2].strip()
 
 
