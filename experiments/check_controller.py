@@ -27,11 +27,13 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # fit_controller
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # fit_controller, one_run_goals
+from one_run_goals import WITHIN
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"animal_cnn": 500, "charlm_gru": 500, "digits_logreg": 1000, "digits_mlp": 1000,
@@ -64,6 +66,11 @@ def _grid(spec: dict[str, Any], seeds: list[int], workers: int, smoke: bool) -> 
 
 def _means(grid: dict) -> dict:
     return {k: statistics.mean(v) for k, v in grid.items()}
+
+
+def count_within(ratios: Iterable[float]) -> int:
+    """Cells whose ratio to the reference is within study 1's margin (10%)."""
+    return sum(r <= 1 + WITHIN for r in ratios)
 
 
 def write_losses(path: Path, per_seed: dict, ref: dict, seeds: list[int], args: Any) -> None:
@@ -106,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         write_losses(Path(args.out), per_seed, ref, seeds, args)
     ratios = {k: v / ref[k[0]] for k, v in _means(per_seed).items()}
-    within = sum(r <= 1.1 for r in ratios.values())
+    within = count_within(ratios.values())
     print(f"{args.constants or 'defaults'}, seeds {seeds}: final val within 10% of best-of-grid "
           f"{args.optimizer} on {within}/{len(ratios)} cells; worst {max(ratios.values()):.2f}")  # fmt: skip
     print("| task | " + " | ".join(f"lr0 {lr:g}" for lr in LRS) + " |")

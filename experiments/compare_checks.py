@@ -29,6 +29,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from check_controller import count_within
+
 CAP = math.log(100.0)  # a diverged run against a finite one: 100x
 
 
@@ -67,10 +69,10 @@ def seed_bootstrap(d: dict[str, list[float]], draws: int = 2000, seed: int = 0) 
 
 
 def within(run: dict[str, Any]) -> int:
-    """Cells whose seed-mean loss is within 10% of the run's best-of-grid reference."""
-    return sum(
-        statistics.fmean(v) <= 1.1 * run["reference"][k.split("|")[0]]
-        for k, v in run["losses"].items()
+    """Cells whose seed-mean loss is within 10% of the run's best-of-grid reference (counted as
+    ``check_controller.py`` counts them)."""
+    return count_within(
+        statistics.mean(v) / run["reference"][k.split("|")[0]] for k, v in run["losses"].items()
     )
 
 
