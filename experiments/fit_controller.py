@@ -207,8 +207,17 @@ FAR_SPACE = {
     "turn_lag": (0.0, 4.0, False),
     "headroom": (1.5, 20.0, True),
 }
+#: ``--space gate``: the gradient norm's gate on the tracking phase (``vanish``: no climb once the
+#: group's gradient norm has fallen below this fraction of its peak; ``vanish_fall``: and a fall;
+#: ``noise_hold``: the evidence handed back while the norm is near its peak) with the evidence.
+GATE_SPACE = {
+    "vanish": (0.003, 0.5, True),
+    "vanish_fall": (0.0, 2.0, False),
+    "noise_hold": (0.0, 1.0, False),
+    "evidence": (0.0, 0.4, False),
+}
 SPACES = {"full": SPACE, "ramp": RAMP_SPACE, "resume": RESUME_SPACE, "settle": SETTLE_SPACE,
-          "far": FAR_SPACE}  # fmt: skip
+          "far": FAR_SPACE, "gate": GATE_SPACE}  # fmt: skip
 #: ``--speed`` (round 9; issue 10's goal 4): per task a run from ``SPEED_START`` × its best Adam
 #: rate for ``SPEED_STEPS`` steps (fewer if its budget is shorter); the steps until the effective
 #: rate is within 2× of that rate cost ``½ max(0, log(steps / SPEED_GOAL))`` (capped at 2; never: 2).
@@ -421,7 +430,8 @@ def main(argv: list[str] | None = None) -> None:
                                 storage=f"sqlite:///{out / 'study.db'}", load_if_exists=True)  # fmt: skip
     if not study.trials and base:  # the base itself first: the searched mechanism switched off
         off = {"ramp_fast": base["ramp_max"], "slow_zone": 1.0, "resume_window": space.get(
-            "resume_window", (0.0,))[0], "resume_level": 0.95, "far_decay": 0.0}  # fmt: skip
+            "resume_window", (0.0,))[0], "resume_level": 0.95, "far_decay": 0.0,
+            "vanish": space.get("vanish", (0.0,))[0], "vanish_fall": 0.0, "noise_hold": 0.0}  # fmt: skip
         study.enqueue_trial({k: base.get(k, off.get(k)) for k in space if k in base or k in off})
     elif not study.trials:
         study.enqueue_trial(START)

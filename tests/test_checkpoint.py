@@ -118,13 +118,14 @@ SEEK_MAKERS = {
 }
 
 
-@pytest.mark.parametrize("saved_size", [7, 8])
+@pytest.mark.parametrize("saved_size", [7, 8, 10])
 @pytest.mark.parametrize("name", list(SEEK_MAKERS))
 def test_checkpoint_with_a_shorter_seek_controller_loads_and_resumes_exactly(name, saved_size):
     """Controllers saved before an entry existed are shorter — 7 entries before the steps since
-    the first turn, 8 before the far test's slower average and its peak: they load padded with
-    0 (never turned, for the re-opened ramp; the far test's average starting afresh) and the run
-    continues exactly as from the full checkpoint with those entries at 0."""
+    the first turn, 8 before the far test's slower average and its peak, 10 before the
+    vanished-gradient gate's average and peak: they load padded with 0 (never turned, for the
+    re-opened ramp; the averages starting afresh) and the run continues exactly as from the full
+    checkpoint with those entries at 0."""
     from metalr.functional._controller import CONTROLLER_SIZE
     from metalr.optim._base import CONTROLLER_KEY
 
@@ -145,8 +146,8 @@ def test_checkpoint_with_a_shorter_seek_controller_loads_and_resumes_exactly(nam
     new.load_state_dict(old)
     for p in model.parameters():
         ctrl = new.state[p][CONTROLLER_KEY]
-        assert ctrl.numel() == CONTROLLER_SIZE == 10
-        assert torch.equal(ctrl[saved_size:], torch.zeros(10 - saved_size, dtype=ctrl.dtype))
+        assert ctrl.numel() == CONTROLLER_SIZE == 12
+        assert torch.equal(ctrl[saved_size:], torch.zeros(12 - saved_size, dtype=ctrl.dtype))
     _steps(model, new, n=5, seed=1)
     _steps(reference, ref_opt, n=5, seed=1)
     for p, q in zip(model.parameters(), reference.parameters()):

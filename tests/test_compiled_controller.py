@@ -16,6 +16,7 @@ from metalr.functional._from_sums import seek_from_sums_stacked
 from metalr.functional._tie import tie_list, tie_vector
 
 SEEK = resolve_seek(None)
+GATED = resolve_seek({"vanish": 0.9, "vanish_decay": 0.5})  # the gradient gate closes often
 SIZES = (300, 20, 5000, 90, 7)
 
 
@@ -34,17 +35,17 @@ def _sums(t: int, n: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Ten
     return torch.stack([dots, g2, d2], dim=1).to(dtype)
 
 
-def _tensor_run(fn, dtype: torch.dtype, granularity: str, steps: int = 30):
+def _tensor_run(fn, dtype: torch.dtype, granularity: str, steps: int = 30, seek=SEEK):
     gen = torch.Generator().manual_seed(11)
     n = len(SIZES)
     rates = torch.full((n,), 0.5, dtype=dtype)
-    ctrl = torch.stack([initial_controller(rates[0], dtype, SEEK) for _ in range(n)])
+    ctrl = torch.stack([initial_controller(rates[0], dtype, seek) for _ in range(n)])
     history = []
     for t in range(steps):
         sums = _sums(t, n, gen, dtype)
         grads_finite = torch.tensor(t != 20)  # the optimizer's own flag skips step 20
         rates, ctrl, finite = fn(
-            rates, ctrl, sums, grads_finite, 0.05, sizes=SIZES, seek=SEEK, granularity=granularity
+            rates, ctrl, sums, grads_finite, 0.05, sizes=SIZES, seek=seek, granularity=granularity
         )
         assert bool(finite) == (t not in (15, 20))
         history.append(torch.cat([rates, ctrl.flatten()]))
@@ -67,17 +68,18 @@ def _element_run(fn, dtype: torch.dtype, steps: int = 30):
     return torch.stack(history), ctrl
 
 
+@pytest.mark.parametrize("seek", [SEEK, GATED], ids=["defaults", "gradient-gate"])
 @pytest.mark.parametrize("granularity", ["tensor", "group"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_compiled_bookkeeping_equals_the_eager_functions(granularity, dtype):
+def test_compiled_bookkeeping_equals_the_eager_functions(granularity, dtype, seek):
     """Through the ramp, the turn, tracking, an inactive first step, a NaN step and a step the
     optimizer's flag skips: the compiled
     graph gives the eager functions' values (to rounding: inductor's exp/log), one graph, no
     recompiles over the run."""
     torch._dynamo.reset()
     counters.clear()
-    compiled, _ = _tensor_run(seek_from_sums_stacked, dtype, granularity)
-    eager, eager_ctrl = _tensor_run(seek_from_sums_stacked.eager, dtype, granularity)
+    compiled, _ = _tensor_run(seek_from_sums_stacked, dtype, granularity, seek=seek)
+    eager, eager_ctrl = _tensor_run(seek_from_sums_stacked.eager, dtype, granularity, seek=seek)
     assert counters["stats"]["unique_graphs"] == 1
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(compiled, eager, rtol=tol, atol=tol)

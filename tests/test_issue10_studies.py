@@ -84,6 +84,28 @@ def test_fit_controller_sgd_round_with_cnn_searches_the_settle_space(tmp_path):
     assert trials[1]["constants"] != base
 
 
+def test_fit_controller_gate_space_starts_from_the_base_with_the_gate_nearly_off(tmp_path):
+    """``--space gate``: the gradient norm's gate searched from a base that lacks it; the first
+    trial is the base with the gate at its weakest (``vanish`` at the space's floor, no fall, no
+    hold), the constants outside the space stay the base's."""
+    pytest.importorskip("optuna")
+    import fit_controller
+
+    fit_controller.main(["--smoke", "--out", str(tmp_path / "base")])
+    base_path = tmp_path / "base" / "best.json"
+    base = json.loads(base_path.read_text())["constants"]
+    out = tmp_path / "gate"
+    fit_controller.main(["--smoke", "--space", "gate", "--base", str(base_path), "--out", str(out)])
+    trials = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    first = trials[0]["constants"]
+    assert first["vanish"] == fit_controller.GATE_SPACE["vanish"][0]
+    assert first["vanish_fall"] == 0.0 and first["noise_hold"] == 0.0
+    assert first["evidence"] == base["evidence"]
+    fixed = set(base) - set(fit_controller.GATE_SPACE)
+    assert all(t["constants"][k] == base[k] for t in trials for k in fixed)
+    assert trials[1]["constants"]["vanish"] != first["vanish"]
+
+
 def test_check_controller_sgd_smoke(tmp_path, capsys):
     import check_controller
 

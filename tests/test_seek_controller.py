@@ -12,6 +12,8 @@ import torch
 from metalr.functional._controller import (
     CEILING,
     CONTROLLER_SIZE,
+    GRAD,
+    GRAD_PEAK,
     RAMP,
     SEEK_DEFAULTS,
     initial_controller,
@@ -37,10 +39,12 @@ SEEK = resolve_seek(
 )
 
 
-def reference(log_rates, signals, group_signals, sizes, beta, seek):
-    """The module docstring's equations, one scalar at a time, in Python floats."""
+def reference(log_rates, signals, group_signals, sizes, beta, seek, grad_norms=None):
+    """The module docstring's equations, one scalar at a time, in Python floats
+    (``grad_norms``: the group's gradient norm per step, for the vanished-gradient gate)."""
     n = len(log_rates)
     ramp, fast, peak, since = seek["ramp_rate"], 0.0, 0.0, 0
+    grad_avg, grad_peak = 0.0, 0.0  # the vanished-gradient gate's average and its peak
     slow, slow_peak = 0.0, 0.0  # the far test's own average (far_decay > 0) and its peak
     mean, sq, ceiling = [0.0] * n, [0.0] * n, [math.inf] * n
     logs = list(log_rates)
@@ -61,6 +65,15 @@ def reference(log_rates, signals, group_signals, sizes, beta, seek):
         since = since + 1 if since > 0 or turn else since
         if resume:
             ceiling = [math.inf] * n
+        vanished, hold = False, 0.0
+        if grad_norms is not None and (seek["vanish"] > 0 or seek["noise_hold"] > 0):
+            grad_avg = (
+                seek["vanish_decay"] * grad_avg + (1 - seek["vanish_decay"]) * grad_norms[t - 1]
+            )
+            grad_peak = max(grad_peak, grad_avg)
+            level = grad_avg / grad_peak if grad_peak > 0 else 1.0
+            vanished = level < seek["vanish"]
+            hold = seek["noise_hold"] * seek["evidence"] * level  # evidence handed back
         new = []
         for i in range(n):
             b1, b2 = seek["signal_decay"], seek["signal_sq_decay"]
@@ -73,7 +86,10 @@ def reference(log_rates, signals, group_signals, sizes, beta, seek):
                 x = logs[i] + math.log(seek["turn_cut"]) - seek["turn_lag"] * ramp
                 ceiling[i] = x + math.log(seek["headroom"])
             else:
-                x = logs[i] + beta * (m_hat / (math.sqrt(v_hat) + 1e-8) - seek["evidence"])
+                track = m_hat / (math.sqrt(v_hat) + 1e-8) - seek["evidence"] + hold
+                if vanished:
+                    track = min(track, 0.0) - seek["vanish_fall"] * seek["evidence"]
+                x = logs[i] + beta * track
             new.append(min(x, ceiling[i]))
         centre = sum(w * x for w, x in zip(sizes, new)) / sum(sizes)
         width = math.log(seek["tie"])
@@ -418,3 +434,105 @@ def test_reopened_ramp_matches_the_reference_and_ramps_again():
     assert ramps[5] == 0 and ramps[7] > 0, "turned at step 6, re-opened at step 8"
     assert ramps[-1] == 0 and math.isfinite(float(ctrls[0][CEILING])), "settled for good"
     assert sum(1 for a, b in itertools.pairwise(ramps) if a == 0 and b > 0) == 1, "one re-opening"
+
+
+@pytest.mark.parametrize(("noise_hold", "fall"), [(0.0, 0.0), (1.0, 0.0), (0.0, 2.0)])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_vanished_gradient_gate_matches_the_reference_and_stops_the_climb(
+    stacked, noise_hold, fall
+):
+    """With ``vanish`` > 0, once the running average of the group's gradient norm falls below
+    ``vanish`` × its peak, settled rates may fall but not climb, however consistent the signal
+    (an interpolated training loss); ``noise_hold`` hands the evidence back in proportion to
+    the average over its peak. Against the float64 reference, list and stacked forms."""
+    seek = resolve_seek(
+        {**SEEK, "vanish": 0.05, "vanish_decay": 0.8, "headroom": 1e6, "noise_hold": noise_hold,
+         "vanish_fall": fall}
+    )  # fmt: skip
+    sizes, steps, beta = [10, 50], 80, 0.05
+    # a ramp that turns, then a consistent positive signal (the rate would climb) while the
+    # gradient norm decays a thousandfold
+    group = [0.8] * 6 + [0.0] * 4 + [0.6] * (steps - 10)
+    signals = [[0.9 * c, c] for c in group]
+    norms = [1.0 if t < 10 else 0.9 ** (t - 10) for t in range(steps)]
+    expected = reference([math.log(0.01)] * 2, signals, group, sizes, beta, seek, norms)
+    free = reference([math.log(0.01)] * 2, signals, group, sizes, beta, {**seek, "vanish": 0.0})
+    rates = [torch.full((), 0.01, dtype=torch.float64) for _ in sizes]
+    ctrls = [initial_controller(torch.zeros(s), torch.float64, seek) for s in sizes]
+    for t in range(steps):
+        sig = [torch.tensor(x, dtype=torch.float64) for x in signals[t]]
+        args = (torch.tensor(group[t], dtype=torch.float64), torch.tensor(True), sizes)
+        norm = torch.tensor(norms[t], dtype=torch.float64)
+        if stacked:
+            vec, mat = seek_update_stacked(
+                torch.stack(rates), torch.stack(ctrls), torch.stack(sig), *args,
+                hypergrad_lr=beta, seek=seek, granularity="tensor", grad_norm=norm,
+            )  # fmt: skip
+            rates, ctrls = list(vec.unbind(0)), list(mat.unbind(0))
+        else:
+            rates, ctrls = seek_update(
+                rates, ctrls, sig, *args, hypergrad_lr=beta, seek=seek, granularity="tensor",
+                grad_norm=norm,
+            )  # fmt: skip
+        assert [math.log(float(r)) for r in rates] == pytest.approx(expected[t], rel=1e-9, abs=1e-9)
+    gated = [row[0] for row in expected]
+    averages = _running(norms, 0.8)
+    closed = next(t for t, a in enumerate(averages) if a < 0.05 * max(averages[: t + 1]))
+    assert 30 < closed < steps - 20
+    moves = [b - a for a, b in itertools.pairwise(gated[closed:])]
+    assert all(m <= 1e-12 for m in moves), "no climb once closed"
+    if fall:  # the collapsed gradient anneals at least at fall · β · evidence a step
+        assert all(m <= -fall * beta * seek["evidence"] + 1e-12 for m in moves)
+    assert free[-1][0] > gated[-1] + 1.0, "without the gate the rate climbs on"
+    assert float(ctrls[0][GRAD_PEAK]) == pytest.approx(max(averages), rel=1e-12)
+    assert float(ctrls[0][GRAD]) == pytest.approx(averages[-1], rel=1e-9)
+
+
+def _running(values, decay):
+    avg, out = 0.0, []
+    for v in values:
+        avg = decay * avg + (1 - decay) * v
+        out.append(avg)
+    return out
+
+
+def test_vanished_gradient_gate_off_leaves_its_entries_and_the_rates():
+    """``vanish`` 0 (the default) or no gradient norm: the gate's entries stay 0 and the rates
+    are those of the rule without it."""
+    seek = resolve_seek({**SEEK, "vanish": 0.0})
+    rates = [torch.full((), 0.01, dtype=torch.float64) for _ in range(2)]
+    ctrls = [initial_controller(torch.zeros(3), torch.float64, seek) for _ in range(2)]
+    common = {"hypergrad_lr": 0.05, "seek": seek, "granularity": "tensor"}
+    sig = [torch.tensor(0.5, dtype=torch.float64)] * 2
+    args = (torch.tensor(0.5, dtype=torch.float64), torch.tensor(True), [3, 3])
+    a_rates, a_ctrls = seek_update(rates, ctrls, sig, *args, **common, grad_norm=torch.tensor(2.0))
+    b_rates, b_ctrls = seek_update(rates, ctrls, sig, *args, **common)
+    for a, b in zip(a_rates + a_ctrls, b_rates + b_ctrls):
+        assert torch.equal(a, b)
+    assert float(a_ctrls[0][GRAD]) == 0 and float(a_ctrls[0][GRAD_PEAK]) == 0
+
+
+def test_noise_hold_keeps_a_noisy_rate_while_the_gradient_is_at_its_peak():
+    """A signal that is pure noise (SNR 0) anneals the settled rate by β·evidence a step; with
+    ``noise_hold`` 1 and the gradient norm at its peak the evidence is handed back: the rate
+    holds; as the norm falls to half its peak, half the evidence comes back. Float64 reference."""
+    seek = resolve_seek({**SEEK, "noise_hold": 1.0, "vanish_decay": 0.0, "resume_window": 0})
+    sizes, beta = [10], 0.05
+    group = [0.8] * 6 + [0.0] * 4 + [0.0] * 40
+    signals = [[0.0] for _ in group]  # SNR 0 once settled
+    for norms, expected_move in (([1.0] * 50, 0.0), ([1.0] * 10 + [0.5] * 40, -0.5)):
+        expected = reference([math.log(0.01)], signals, group, sizes, beta, seek, norms)
+        rates = [torch.full((), 0.01, dtype=torch.float64)]
+        ctrls = [initial_controller(torch.zeros(10), torch.float64, seek)]
+        logs = []
+        for t, (sig, c, norm) in enumerate(zip(signals, group, norms)):
+            rates, ctrls = seek_update(
+                rates, ctrls, [torch.tensor(sig[0], dtype=torch.float64)],
+                torch.tensor(c, dtype=torch.float64), torch.tensor(True), sizes,
+                hypergrad_lr=beta, seek=seek, granularity="tensor",
+                grad_norm=torch.tensor(norm, dtype=torch.float64),
+            )  # fmt: skip
+            logs.append(math.log(float(rates[0])))
+            assert logs[-1] == pytest.approx(expected[t][0], rel=1e-9, abs=1e-9)
+        moves = [b - a for a, b in itertools.pairwise(logs[20:])]
+        assert moves == pytest.approx([expected_move * beta * seek["evidence"]] * len(moves))

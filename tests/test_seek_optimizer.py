@@ -244,3 +244,30 @@ def test_a_hint_far_below_the_floor_costs_no_ramp_steps():
     assert 3e-3 < _mean_rate(opt) < 0.1
     assert _mean_rate(no_floor) < 1e-5
     assert loss < 0.5 * loss_no_floor  # measured 0.22 against 0.85
+
+
+@pytest.mark.parametrize("name", ["AdamHD", "SGDHD"])
+def test_vanished_gradient_gate_stops_the_climb_once_the_data_are_fitted(name):
+    """Separable data, full batch: once the training loss is interpolated the gradient norm
+    collapses while successive gradients keep agreeing, so the rates climb on (the logits grow);
+    with the gradient gate on (``vanish``), the settled rates stop climbing there."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 8, generator=g)
+    y = (x @ torch.randn(8, generator=g) > 0).long()
+
+    def rates_after(vanish: float, steps: int = 400) -> list[float]:
+        torch.manual_seed(0)
+        model = nn.Linear(8, 2)
+        opt = MAKERS[name](model.parameters(), 1e-2, seek={"vanish": vanish})
+        path = []
+        for _ in range(steps):
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            path.append(max(float(opt.state[p]["lr_multiplier"]) for p in model.parameters()))
+        return path
+
+    free, gated = rates_after(0.0), rates_after(0.05)
+    assert free[-1] > 3 * gated[-1], (free[-1], gated[-1])
+    assert gated[-1] <= max(gated[200:]) and gated[-1] <= gated[200] * 1.0001

@@ -71,13 +71,26 @@ moves it at ``β`` per step and noise barely moves it::
 while successive steps agree by more than ``evidence``, and falls at up to ``β · evidence`` per
 step when the signal is noise (the annealing a fixed rate lacks).
 
+Optionally the group's gradient norm gates the tracking step (off with ``vanish`` and
+``noise_hold`` at 0). ``G_t`` is a running average of ``‖g_t‖`` (decay ``vanish_decay``) and
+``H_t`` its peak; ``noise_hold`` hands the evidence back while the gradient is near its peak (a
+model still learning holds its rate on a noisy signal instead of annealing it), and ``vanish``
+removes the climbs once the gradient has collapsed (an interpolated training loss, where a
+consistent signal asks for a rate the validation loss does not want)::
+
+    track ← μ̂_t/√ν̂_t − evidence · (1 − noise_hold · G_t/H_t)
+    track ← min(track, 0) − vanish_fall · evidence   where G_t < vanish · H_t
+
+(``vanish_fall`` > 0: a collapsed gradient also anneals the rate, as noise would.) The tracking
+step of per-element rates is their sign, which neither term reads.
+
 At tensor granularity the rates of one group are then tied within a factor ``tie`` of their
 size-weighted geometric mean (a tensor's rate cannot drift decades away from the rest).
 
 State: one small vector per parameter tensor (``CONTROLLER_SIZE`` entries: ramp step, fast
 average, μ, ν, ceiling, count, peak, steps since the first turn, the far test's average and its
-peak), in ``optimizer.state[p]['hd_controller']``. Per-element rates add
-no state beyond the rate buffer. A step whose gradients are not finite, or that has no previous
+peak, the gradient norm's average and its peak), in ``optimizer.state[p]['hd_controller']``.
+Per-element rates add no state beyond the rate buffer. A step whose gradients are not finite, or that has no previous
 direction yet (``‖d_{t-1}‖ = 0``, the first step), leaves rates and controller untouched.
 
 The constants (:data:`SEEK_DEFAULTS`) were fitted by Bayesian search over full-length training
@@ -120,8 +133,8 @@ from metalr.functional._seek_constants import (
 )  # re-exported: the rule's fitted constants
 
 #: Entries of a controller vector.
-RAMP, FAST, MEAN, SQ, CEILING, COUNT, PEAK, SINCE, SLOW, SLOW_PEAK = range(10)
-CONTROLLER_SIZE = 10
+RAMP, FAST, MEAN, SQ, CEILING, COUNT, PEAK, SINCE, SLOW, SLOW_PEAK, GRAD, GRAD_PEAK = range(12)
+CONTROLLER_SIZE = 12
 
 __all__ = [
     "CONTROLLER_SIZE",
@@ -167,6 +180,7 @@ def seek_update(
     hypergrad_lr: float | Tensor | Sequence[Tensor],
     seek: Mapping[str, Any],
     granularity: str,
+    grad_norm: Tensor | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """New multipliers and controller vectors of one param group (pure).
 
@@ -176,7 +190,9 @@ def seek_update(
     tensor ``i`` (weights of the tie's mean). ``seek["track"]`` (optional, default 1): the weight
     of the training signal in phase 2, lowered once the rates also follow the validation signal
     (:func:`seek_validation_update`; 0: settled rates move only at validation observations).
-    The ramp and the turn always run on the training signal.
+    The ramp and the turn always run on the training signal. ``grad_norm``: the group's
+    gradient norm ``‖g_t‖`` (0-d), read by the gradient gate (``vanish``, ``noise_hold``); None
+    leaves the gate's averages as they are (and the gate off this step).
     """
     if not rates:
         return [], []
@@ -186,7 +202,7 @@ def seek_update(
         [tensor_signal(s, granularity).to(device=ctrl.device, dtype=dtype) for s in signals]
     )
     log_levels = torch.stack([log_level(r, granularity).to(dtype) for r in rates])
-    step = _controller_step(ctrl, sig, group_signal, log_levels, seek)
+    step = _controller_step(ctrl, sig, group_signal, log_levels, seek, grad_norm)
     act = active.to(ctrl.device)
     options = MoveOptions(sizes, hypergrad_lr, float(seek.get("track", 1.0)), seek, granularity)
     new_rates = move_rates(rates, signals, step.rate_move(act), options)
@@ -205,6 +221,7 @@ def seek_update_stacked(
     hypergrad_lr: float | Tensor | Sequence[Tensor],
     seek: Mapping[str, Any],
     granularity: str,
+    grad_norm: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`seek_update` for one rate per tensor, stacked: ``rates`` and ``signals`` are
     ``[n]``, ``controllers`` ``[n, CONTROLLER_SIZE]`` (all of one dtype and device); returns the
@@ -213,7 +230,7 @@ def seek_update_stacked(
     number, a tensor, or one ``β`` per rate."""
     if granularity == "element":
         raise ValueError("seek_update_stacked takes group/tensor granularity, not 'element'")
-    step = _controller_step(controllers, signals, group_signal, torch.log(rates), seek)
+    step = _controller_step(controllers, signals, group_signal, torch.log(rates), seek, grad_norm)
     act = active.to(controllers.device)
     beta = beta_vector(hypergrad_lr, rates)
     options = MoveOptions(sizes, beta, float(seek.get("track", 1.0)), seek, granularity)
@@ -242,10 +259,11 @@ def _controller_step(
     group_signal: Tensor,
     log_levels: Tensor,
     seek: Mapping[str, Any],
+    grad_norm: Tensor | None = None,
 ) -> _ControllerStep:
     """The ramp, the turn and the signal's running averages for stacked controllers ``[n, K]``,
-    given each tensor's signal ``[n]``, the group cosine and each tensor's log-level ``[n]``
-    (the level a turn sets the ceiling from)."""
+    given each tensor's signal ``[n]``, the group cosine, each tensor's log-level ``[n]``
+    (the level a turn sets the ceiling from) and the group's gradient norm (0-d, or None)."""
     dtype = ctrl.dtype
     g_sig = group_signal.to(device=ctrl.device, dtype=dtype)
     ramp, fast, peak = ctrl[:, RAMP], ctrl[:, FAST], ctrl[:, PEAK]
@@ -267,6 +285,10 @@ def _controller_step(
     ) if resuming else None  # fmt: skip
 
     new_mean, new_sq, new_count, track = _normalised_signal(mean, sq, count, signals, seek)
+    grad_avg, grad_peak = ctrl[:, GRAD], ctrl[:, GRAD_PEAK]
+    gated = seek["vanish"] > 0 or seek["noise_hold"] > 0
+    if gated and grad_norm is not None:  # the gradient norm's gate is on
+        grad_avg, grad_peak, track = _gradient_gate(grad_avg, grad_peak, grad_norm, track, seek)
 
     # log-space moves per tensor (the ramp, or the turn's roll-back and cut)
     log_cut = math.log(seek["turn_cut"])
@@ -297,9 +319,36 @@ def _controller_step(
         new_ceiling = torch.where(resume, math.inf, new_ceiling)
     new_ctrl = torch.stack(
         [new_ramp, new_fast, new_mean, new_sq, new_ceiling, new_count, new_peak, new_since,
-         slow, slow_peak], dim=1,
+         slow, slow_peak, grad_avg, grad_peak], dim=1,
     )  # fmt: skip
     return _ControllerStep(new_ctrl, ramping, ramp_move, track, new_ceiling)
+
+
+def _gradient_gate(
+    grad_avg: Tensor, grad_peak: Tensor, grad_norm: Tensor, track: Tensor, seek: Mapping[str, Any]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What the group's gradient norm does to the tracking step: its running average ``G`` and
+    peak ``H``, and the step with (``noise_hold``) the evidence handed back in proportion to
+    ``G/H`` — while the gradient is still near its peak (the model is still learning) a noisy
+    signal holds the rate instead of annealing it — and (``vanish``) its climbs removed once ``G``
+    has fallen below ``vanish`` × ``H`` (the training loss is interpolated: a consistent signal
+    there asks for a rate the validation loss does not want)::
+
+        G_t = vanish_decay · G_{t-1} + (1 − vanish_decay) · ‖g_t‖,    H_t = max_{s≤t} G_s
+        track ← track + noise_hold · evidence · G_t / H_t
+        track ← min(track, 0) − vanish_fall · evidence   where G_t < vanish · H_t
+    """
+    decay = seek["vanish_decay"]
+    g = grad_norm.to(device=grad_avg.device, dtype=grad_avg.dtype)
+    new_avg = decay * grad_avg + (1 - decay) * g
+    new_peak = torch.maximum(grad_peak, new_avg)
+    level = torch.where(new_peak > 0, new_avg / new_peak.clamp_min(1e-30), torch.ones_like(new_avg))
+    if seek["noise_hold"] > 0:
+        track = track + seek["noise_hold"] * seek["evidence"] * level
+    if seek["vanish"] > 0:
+        collapsed = track.clamp_max(0) - seek["vanish_fall"] * seek["evidence"]
+        track = torch.where(level < seek["vanish"], collapsed, track)
+    return new_avg, new_peak, track
 
 
 def _normalised_signal(

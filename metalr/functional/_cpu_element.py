@@ -235,7 +235,7 @@ def _element_controllers(
     :func:`metalr.functional._compiled.compiled`)."""
     s = sums.to(ctrl.dtype)
     total = s[:, :3].sum(0)
-    group_signal, active = group_signal_from_norms(
+    group_signal, active, grad_norm = group_signal_from_norms(
         total[0:1],
         safe_sqrt(total[1:2]),
         safe_sqrt(total[2:3]),
@@ -245,7 +245,7 @@ def _element_controllers(
     mean_sign = (sums[:, 3] / sums.new_tensor(sizes)).to(ctrl.dtype)
     _, new_ctrl = seek_update_stacked(
         s[:, 4], ctrl, mean_sign, group_signal, active, sizes, hypergrad_lr=beta, seek=seek,
-        granularity="group",
+        granularity="group", grad_norm=grad_norm,
     )  # fmt: skip
     return new_ctrl, active
 

@@ -173,13 +173,13 @@ def seek_from_sums_stacked(
     traced into one graph by :func:`metalr.functional._compiled.compiled`."""
     finite = _finite(sums, grads_finite)
     sum_vec, g_vec, d_vec = sums[:, 0], safe_sqrt(sums[:, 1]), safe_sqrt(sums[:, 2])
-    group_signal, active = group_signal_from_norms(sum_vec, g_vec, d_vec, finite, None)
+    group_signal, active, grad_norm = group_signal_from_norms(sum_vec, g_vec, d_vec, finite, None)
     if granularity == "group":
         signal_vec = group_signal.expand(rate_vec.shape[0])
     else:
         signal_vec = tensor_cosines(sum_vec, g_vec, d_vec)
     new_vec, new_ctrl = seek_update_stacked(
         rate_vec, ctrl, signal_vec.to(ctrl.dtype), group_signal, active, sizes,
-        hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity,
+        hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity, grad_norm=grad_norm,
     )  # fmt: skip
     return new_vec, new_ctrl, finite

@@ -362,13 +362,13 @@ def seek_adapt_rates(
     tensors, and over ranks with ``shards``) drives the ramp, each rate's own cosine (sign per
     element) the tracking phase (:func:`metalr.functional._controller.seek_update`).
     """
-    signals, group_signal, finite, active = seek_signals(
+    signals, group_signal, finite, active, grad_norm = seek_signals(
         grads, directions, granularity, grads_finite=grads_finite, shards=shards
     )
     sizes = [g.numel() for g in grads]
     new_rates, new_ctrls = seek_update(
         rates, controllers, signals, group_signal, active, sizes,
-        hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity,
+        hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity, grad_norm=grad_norm,
     )  # fmt: skip
     new_rates = [clamp_rates(r, lr, lr_bounds) for r in new_rates]
     return new_rates, finite, new_ctrls
@@ -376,12 +376,14 @@ def seek_adapt_rates(
 
 class SeekSignals(NamedTuple):
     """What the seek rule reads from one gradient (training or validation) and the last
-    directions: each rate's signal, the group cosine, the all-finite flag and whether to act."""
+    directions: each rate's signal, the group cosine, the all-finite flag, whether to act, and
+    the group's gradient norm ``‖g‖`` (the vanished-gradient gate's input)."""
 
     signals: list[Tensor]
     group_signal: Tensor
     finite: Tensor
     active: Tensor
+    grad_norm: Tensor
 
 
 def seek_signals(
@@ -428,27 +430,28 @@ def seek_signals_from_products(
     ``g·d`` in ``dots``) and the all-finite flag: what a fused kernel's pass accumulates."""
     ref = sums[0]
     sum_vec, g_vec, d_vec = (_stack(v, ref) for v in (sums, g_norms, d_norms))
-    group_signal, active = group_signal_from_norms(sum_vec, g_vec, d_vec, finite, shards)
+    group_signal, active, grad_norm = group_signal_from_norms(sum_vec, g_vec, d_vec, finite, shards)
     if granularity == "element":
         signals = [torch.nan_to_num(torch.sign(d), nan=0.0) for d in dots]
     elif granularity == "group":
         signals = [group_signal for _ in sums]
     else:
         signals = list(tensor_cosines(sum_vec, g_vec, d_vec).unbind(0))
-    return SeekSignals(signals, group_signal, finite, active)
+    return SeekSignals(signals, group_signal, finite, active, grad_norm)
 
 
 def group_signal_from_norms(
     sum_vec: Tensor, g_vec: Tensor, d_vec: Tensor, finite: Tensor, shards: ShardReducer | None
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """The group cosine ``Σ⟨g, d⟩ / (‖g‖ ‖d‖)`` from per-tensor ``Σ⟨g,d⟩``, ``‖g‖``, ``‖d‖``
-    (``[n]`` each; summed over ranks with ``shards``) and the flag to act on it."""
+    (``[n]`` each; summed over ranks with ``shards``), the flag to act on it, and the group's
+    gradient norm ``‖g‖`` (0-d)."""
     total = torch.stack([sum_vec.sum(), (g_vec * g_vec).sum(), (d_vec * d_vec).sum()])
     total = shards.sum(total) if shards is not None else total
     tiny = torch.finfo(total.dtype).tiny
     group_signal = total[0] / (safe_sqrt(total[1]) * safe_sqrt(total[2])).clamp_min(tiny)
     group_signal = torch.nan_to_num(group_signal, nan=0.0, posinf=0.0, neginf=0.0)
-    return group_signal, finite & (total[2] > 0)
+    return group_signal, finite & (total[2] > 0), safe_sqrt(total[1])
 
 
 def tensor_cosines(sum_vec: Tensor, g_vec: Tensor, d_vec: Tensor) -> Tensor:

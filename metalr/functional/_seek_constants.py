@@ -46,6 +46,10 @@ SEEK_DEFAULTS: dict[str, float] = {
     "resume_level": 0.8006,
     "far_decay": 0.1317,
     "init_floor": 1e-6,
+    "vanish": 0.0,
+    "vanish_decay": 0.9,
+    "noise_hold": 0.0,
+    "vanish_fall": 0.0,
 }
 
 #: Round 7's best (trial 33, objective 0.516; ``round7/best.json``), to 4 significant digits:
@@ -87,6 +91,10 @@ TRIAL11_SEEK: dict[str, float] = {
     "resume_level": 1.0,
     "far_decay": 0.0,
     "init_floor": 0.0,
+    "vanish": 0.0,
+    "vanish_decay": 0.9,
+    "noise_hold": 0.0,
+    "vanish_fall": 0.0,
 }
 TRIAL11_SEEK_HYPERGRAD_LR = 0.015
 
@@ -132,6 +140,10 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "resume_level": (0.0, 1.0, False),
     "far_decay": (0.0, 1.0, False),
     "init_floor": (0.0, math.inf, False),
+    "vanish": (0.0, 1.0, False),
+    "vanish_decay": (0.0, 1.0, False),
+    "noise_hold": (0.0, 1.0, False),
+    "vanish_fall": (0.0, 10.0, False),
 }
 
 

@@ -184,7 +184,7 @@ def validation_adapt_rates(
     if rule == "seek":
         if controllers is None or seek is None:
             raise ValueError("rule='seek' needs controllers and seek constants")
-        signals, _, finite, active = seek_signals(
+        signals, _, finite, active, _ = seek_signals(
             val_grads, directions, granularity, grads_finite=grads_finite, shards=shards
         )
         new_rates, new_stats = seek_validation_update(
