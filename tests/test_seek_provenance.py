@@ -20,7 +20,7 @@ from metalr.functional import (
 )
 
 FITS = Path(__file__).resolve().parents[1] / "experiments/results/fit_controller"
-NOT_SEARCHED = {"signal_sq_decay": 0.99}
+NOT_SEARCHED = {"signal_sq_decay": 0.99, "vanish_decay": 0.9}
 OFF = {
     "ramp_fast": None,
     "slow_zone": 1.0,
@@ -28,6 +28,9 @@ OFF = {
     "resume_level": 1.0,
     "far_decay": 0.0,
     "init_floor": 0.0,
+    "vanish": 0.0,
+    "noise_hold": 0.0,
+    "vanish_fall": 0.0,
 }
 
 
