@@ -1,6 +1,8 @@
 """The shipped seek constants are the committed fits' best trials, rounded as documented: AdamHD's
-(round 9 with round 11's floor: round 11's grid's best, 4 significant digits), round 7 (4), trial 11 (3), SGD-HD's (round 8 over trial 11, 3). A constant
-edited by hand, or a best.json rewritten without the defaults, fails here."""
+(round 9 with round 11's floor and the gradient gate: the adopted candidate of
+``fit_controller/gate/``, whose other constants are round 11's grid's best, 4 significant
+digits), round 7 (4), trial 11 (3), SGD-HD's (round 8 over trial 11, 3). A constant edited by
+hand, or a best.json rewritten without the defaults, fails here."""
 
 from __future__ import annotations
 
@@ -45,12 +47,12 @@ def _fitted(name: str) -> dict[str, float]:
 @pytest.mark.parametrize(
     ("shipped", "beta", "fit", "digits"),
     [
-        (SEEK_DEFAULTS, DEFAULT_SEEK_HYPERGRAD_LR, "round11_floor/best.json", 4),
+        (SEEK_DEFAULTS, DEFAULT_SEEK_HYPERGRAD_LR, "gate/candidate2.json", 4),
         (ROUND7_SEEK, DEFAULT_SEEK_HYPERGRAD_LR, "round7/best.json", 4),
         (TRIAL11_SEEK, TRIAL11_SEEK_HYPERGRAD_LR, "best.json", 3),
         (SGD_SEEK_DEFAULTS, DEFAULT_SGD_SEEK_HYPERGRAD_LR, "round8_sgd/best.json", 3),
     ],
-    ids=["adam-round11", "round7", "trial11", "sgd-round8"],
+    ids=["adam-gate", "round7", "trial11", "sgd-round8"],
 )
 def test_shipped_constants_are_the_fits_best_rounded(shipped, beta, fit, digits):
     fitted = _fitted(fit)
@@ -66,3 +68,12 @@ def test_shipped_constants_are_the_fits_best_rounded(shipped, beta, fit, digits)
             assert shipped["slow_zone"] == 1.0, key
         else:
             assert value == OFF[key], key
+
+
+def test_the_gate_candidate_carries_round_11s_constants():
+    """The adopted gate candidate is round 11's set (rounded as shipped) plus the gate."""
+    candidate, round11 = _fitted("gate/candidate2.json"), _fitted("round11_floor/best.json")
+    gate = {"vanish": 0.01, "vanish_fall": 1.0, "vanish_decay": 0.9, "noise_hold": 0.0}
+    assert {k: candidate[k] for k in gate} == gate
+    for key, value in round11.items():
+        assert candidate[key] == _rounded(value, 4), key
