@@ -90,8 +90,9 @@ size-weighted geometric mean (a tensor's rate cannot drift decades away from the
 State: one small vector per parameter tensor (``CONTROLLER_SIZE`` entries: ramp step, fast
 average, μ, ν, ceiling, count, peak, steps since the first turn, the far test's average and its
 peak, the gradient norm's average and its peak), in ``optimizer.state[p]['hd_controller']``.
-Per-element rates add no state beyond the rate buffer. A step whose gradients are not finite, or that has no previous
-direction yet (``‖d_{t-1}‖ = 0``, the first step), leaves rates and controller untouched.
+Per-element rates add no state beyond the rate buffer. A step whose gradients are not finite,
+or that has no previous direction yet (``‖d_{t-1}‖ = 0``, the first step), leaves rates and
+controller untouched.
 
 The constants (:data:`SEEK_DEFAULTS`) were fitted by Bayesian search over full-length training
 runs of a training suite of tasks × initial rates (``experiments/fit_controller.py``; the

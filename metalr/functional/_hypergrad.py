@@ -377,7 +377,7 @@ def seek_adapt_rates(
 class SeekSignals(NamedTuple):
     """What the seek rule reads from one gradient (training or validation) and the last
     directions: each rate's signal, the group cosine, the all-finite flag, whether to act, and
-    the group's gradient norm ``‖g‖`` (the vanished-gradient gate's input)."""
+    the group's gradient norm ``‖g‖`` (the gradient gate's input)."""
 
     signals: list[Tensor]
     group_signal: Tensor
