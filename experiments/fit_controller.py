@@ -209,11 +209,12 @@ FAR_SPACE = {
 }
 #: ``--space gate``: the gradient norm's gate on the tracking phase (``vanish``: no climb once the
 #: group's gradient norm has fallen below this fraction of its peak; ``vanish_fall``: and a fall;
-#: ``noise_hold``: the evidence handed back while the norm is near its peak) with the evidence.
+#: ``noise_hold``: the evidence handed back while the norm is near its peak, slowing a fall, never
+#: adding a climb) with the evidence.
 GATE_SPACE = {
     "vanish": (0.003, 0.5, True),
     "vanish_fall": (0.0, 2.0, False),
-    "noise_hold": (0.0, 1.0, False),
+    "noise_hold": (0.0, 4.0, False),
     "evidence": (0.0, 0.4, False),
 }
 SPACES = {"full": SPACE, "ramp": RAMP_SPACE, "resume": RESUME_SPACE, "settle": SETTLE_SPACE,

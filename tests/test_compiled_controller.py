@@ -16,7 +16,8 @@ from metalr.functional._from_sums import seek_from_sums_stacked
 from metalr.functional._tie import tie_list, tie_vector
 
 SEEK = resolve_seek(None)
-GATED = resolve_seek({"vanish": 0.9, "vanish_decay": 0.5})  # the gradient gate closes often
+# the gradient gate closes often; the noise hold acts while it is open
+GATED = resolve_seek({"vanish": 0.9, "vanish_decay": 0.5, "noise_hold": 1.5})
 SIZES = (300, 20, 5000, 90, 7)
 
 

@@ -57,7 +57,7 @@ ADAM = [
     {"rule": "additive", "granularity": "group", "hypergrad_lr": 1e-4},
     {"rule": "normalized", "weight_decay": 0.1, "maximize": True},
     {"rule": "seek", "weight_decay": 0.1, "decoupled_weight_decay": True},
-    {"rule": "seek", "seek": {"vanish": 0.9, "vanish_decay": 0.5}},  # the gradient gate closes
+    {"rule": "seek", "seek": {"vanish": 0.9, "vanish_decay": 0.5, "noise_hold": 1.5}},  # gate, hold
 ]
 
 
@@ -150,7 +150,7 @@ ELEMENT = [
     {"rule": "seek", "seek": {"turn_threshold": 0.9}},  # turns at step 3: the corrected guess
     {"rule": "seek", "seek": {"turn_threshold": 0.9}, "lr_bounds": (1e-5, 10.0)},  # two passes
     {"rule": "seek", "hypergrad_lr": 0.0},
-    {"rule": "seek", "seek": {"vanish": 0.9, "vanish_decay": 0.5}},  # the gradient gate closes
+    {"rule": "seek", "seek": {"vanish": 0.9, "vanish_decay": 0.5, "noise_hold": 1.5}},  # gate, hold
     {"rule": "normalized", "hypergrad_lr": 0.05},
     {"rule": "additive", "hypergrad_lr": 1e-4},
     {"rule": "normalized", "weight_decay": 0.1, "maximize": True},

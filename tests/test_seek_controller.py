@@ -86,7 +86,9 @@ def reference(log_rates, signals, group_signals, sizes, beta, seek, grad_norms=N
                 x = logs[i] + math.log(seek["turn_cut"]) - seek["turn_lag"] * ramp
                 ceiling[i] = x + math.log(seek["headroom"])
             else:
-                track = m_hat / (math.sqrt(v_hat) + 1e-8) - seek["evidence"] + hold
+                track = m_hat / (math.sqrt(v_hat) + 1e-8) - seek["evidence"]
+                if track < 0:  # the hold slows a fall; it never turns one into a climb
+                    track = min(track + hold, 0.0)
                 if vanished:
                     track = min(track, 0.0) - seek["vanish_fall"] * seek["evidence"]
                 x = logs[i] + beta * track
@@ -536,3 +538,41 @@ def test_noise_hold_keeps_a_noisy_rate_while_the_gradient_is_at_its_peak():
             assert logs[-1] == pytest.approx(expected[t][0], rel=1e-9, abs=1e-9)
         moves = [b - a for a, b in itertools.pairwise(logs[20:])]
         assert moves == pytest.approx([expected_move * beta * seek["evidence"]] * len(moves))
+
+
+@pytest.mark.parametrize("snr_signal", [0.02, 0.6])
+def test_noise_hold_slows_a_fall_but_never_adds_a_climb(snr_signal):
+    """The hold is capped: a noisy signal whose tracking step is below 0 (SNR ≈ 0.04 < evidence)
+    falls more slowly with ``noise_hold`` 0.5 and stands still with 5 (never climbs), and a
+    consistent one (SNR ≈ 0.77 > evidence: the rate climbs) climbs exactly as without the hold.
+    Every path against the float64 reference."""
+    base = {**SEEK, "vanish_decay": 0.0, "resume_window": 0, "headroom": 1e6}
+    group = [0.8] * 6 + [0.0] * 4 + [0.0] * 40
+    # a small offset under alternating noise: SNR ≈ offset / √(offset² + 0.25)
+    signals = [[snr_signal + (0.5 if t % 2 else -0.5)] for t in range(len(group))]
+    paths = {}
+    for hold in (0.0, 0.5, 5.0):
+        seek = resolve_seek({**base, "noise_hold": hold})
+        rates = [torch.full((), 0.01, dtype=torch.float64)]
+        ctrls = [initial_controller(torch.zeros(10), torch.float64, seek)]
+        logs = []
+        for sig, c in zip(signals, group):
+            rates, ctrls = seek_update(
+                rates, ctrls, [torch.tensor(sig[0], dtype=torch.float64)],
+                torch.tensor(c, dtype=torch.float64), torch.tensor(True), [10],
+                hypergrad_lr=0.05, seek=seek, granularity="tensor",
+                grad_norm=torch.tensor(1.0, dtype=torch.float64),
+            )  # fmt: skip
+            logs.append(math.log(float(rates[0])))
+        paths[hold] = logs
+        expected = reference([math.log(0.01)], signals, group, [10], 0.05, seek, [1.0] * 50)
+        assert logs == pytest.approx([row[0] for row in expected], rel=1e-9, abs=1e-9)
+    free, held, strong = (
+        [b - a for a, b in itertools.pairwise(paths[h][20:])] for h in (0.0, 0.5, 5.0)
+    )
+    if snr_signal < 0.1:  # noise: the rule anneals; the hold slows it, never past a standstill
+        assert all(f < h <= 0 for f, h in zip(free, held)) and sum(held) < 0
+        assert all(abs(m) <= 1e-15 for m in strong)
+    else:  # the signal climbs: no hold changes that
+        assert paths[0.5] == paths[0.0] and paths[5.0] == paths[0.0]
+        assert min(free) > 0

@@ -74,12 +74,14 @@ step when the signal is noise (the annealing a fixed rate lacks).
 Optionally the group's gradient norm gates the tracking step (off with ``vanish`` and
 ``noise_hold`` at 0). ``G_t`` is a running average of ``‖g_t‖`` (decay ``vanish_decay``) and
 ``H_t`` its peak; ``noise_hold`` hands the evidence back while the gradient is near its peak (a
-model still learning holds its rate on a noisy signal instead of annealing it), and ``vanish``
-removes the climbs once the gradient has collapsed (an interpolated training loss, where a
-consistent signal asks for a rate the validation loss does not want)::
+model still learning holds its rate on a noisy signal instead of annealing it; the hold slows a
+fall, at most to a standstill, and never adds a climb), and ``vanish`` removes the climbs once
+the gradient has collapsed (an interpolated training loss, where a consistent signal asks for a
+rate the validation loss does not want)::
 
-    track ← μ̂_t/√ν̂_t − evidence · (1 − noise_hold · G_t/H_t)
-    track ← min(track, 0) − vanish_fall · evidence   where G_t < vanish · H_t
+    track ← μ̂_t/√ν̂_t − evidence
+    track ← min(track + noise_hold · evidence · G_t/H_t, 0)   where track < 0
+    track ← min(track, 0) − vanish_fall · evidence            where G_t < vanish · H_t
 
 (``vanish_fall`` > 0: a collapsed gradient also anneals the rate, as noise would.) The tracking
 step of per-element rates is their sign, which neither term reads.
@@ -331,21 +333,23 @@ def _gradient_gate(
     """What the group's gradient norm does to the tracking step: its running average ``G`` and
     peak ``H``, and the step with (``noise_hold``) the evidence handed back in proportion to
     ``G/H`` — while the gradient is still near its peak (the model is still learning) a noisy
-    signal holds the rate instead of annealing it — and (``vanish``) its climbs removed once ``G``
-    has fallen below ``vanish`` × ``H`` (the training loss is interpolated: a consistent signal
-    there asks for a rate the validation loss does not want)::
+    signal holds the rate instead of annealing it; the hold slows a fall, at most to a
+    standstill, and leaves a climb as it is — and (``vanish``) its climbs removed once ``G`` has
+    fallen below ``vanish`` × ``H`` (the training loss is interpolated: a consistent signal there
+    asks for a rate the validation loss does not want)::
 
         G_t = vanish_decay · G_{t-1} + (1 − vanish_decay) · ‖g_t‖,    H_t = max_{s≤t} G_s
-        track ← track + noise_hold · evidence · G_t / H_t
-        track ← min(track, 0) − vanish_fall · evidence   where G_t < vanish · H_t
+        track ← min(track + noise_hold · evidence · G_t / H_t, 0)   where track < 0
+        track ← min(track, 0) − vanish_fall · evidence               where G_t < vanish · H_t
     """
     decay = seek["vanish_decay"]
     g = grad_norm.to(device=grad_avg.device, dtype=grad_avg.dtype)
     new_avg = decay * grad_avg + (1 - decay) * g
     new_peak = torch.maximum(grad_peak, new_avg)
     level = torch.where(new_peak > 0, new_avg / new_peak.clamp_min(1e-30), torch.ones_like(new_avg))
-    if seek["noise_hold"] > 0:
-        track = track + seek["noise_hold"] * seek["evidence"] * level
+    if seek["noise_hold"] > 0:  # slows a fall, never turns it into a climb
+        held = (track + seek["noise_hold"] * seek["evidence"] * level).clamp_max(0)
+        track = torch.where(track < 0, held, track)
     if seek["vanish"] > 0:
         collapsed = track.clamp_max(0) - seek["vanish_fall"] * seek["evidence"]
         track = torch.where(level < seek["vanish"], collapsed, track)

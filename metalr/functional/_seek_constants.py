@@ -150,7 +150,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "init_floor": (0.0, math.inf, False),
     "vanish": (0.0, 1.0, False),
     "vanish_decay": (0.0, 1.0, False),
-    "noise_hold": (0.0, 1.0, False),
+    "noise_hold": (0.0, 10.0, False),
     "vanish_fall": (0.0, 10.0, False),
 }
 
