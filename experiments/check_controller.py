@@ -77,6 +77,7 @@ def write_losses(path: Path, per_seed: dict, ref: dict, seeds: list[int], args: 
     """The run's per-seed losses as JSON (``experiments/compare_checks.py`` pairs two of them)."""
     path.write_text(json.dumps({
         "optimizer": args.optimizer, "constants": args.constants or "defaults", "seeds": seeds,
+        "spec": json.loads(args.spec) if args.spec else None,
         "smoke": args.smoke, "reference": ref,
         "losses": {f"{t}|{lr:g}": v for (t, lr), v in per_seed.items()},
     }, indent=1))  # fmt: skip
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="AdamHD vs Adam (default) or SGDHD vs SGD, momentum 0.9")  # fmt: skip
     parser.add_argument("--out", default=None,
                         help="also write the per-seed losses to this JSON file")  # fmt: skip
+    parser.add_argument("--spec", default=None,
+                        help="JSON merged into the checked optimizer's spec, e.g. "
+                             "'{\"validation_data\": {\"every\": 20}}' (not the reference's)")  # fmt: skip
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     from fit_controller import OPTIMIZERS, seek_spec
@@ -100,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     torch_spec, spec = OPTIMIZERS[args.optimizer]
     if args.constants:  # keys a best.json lacks are trial 11's, as in the fit that wrote it
         spec = seek_spec(json.loads(Path(args.constants).read_text())["constants"], args.optimizer)
+    if args.spec:
+        spec = {**spec, **json.loads(args.spec)}
     tag = "smoke_" if args.smoke else ""
     name = f"check_{args.optimizer}_reference_{tag}seeds_{'_'.join(map(str, seeds))}.json"
     cache = Path(args.cache) / name

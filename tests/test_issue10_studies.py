@@ -134,6 +134,14 @@ def test_check_controller_smoke(tmp_path, capsys):
     # the same run against itself: no difference, every cell tied
     report = compare_checks.report(run, run)
     assert "mean log-ratio B/A: +0.0000" in report and "B lower in 0/30" in report
+    # --spec merges into the checked optimizer's spec (here: the previous default rule)
+    spec = {"rule": "normalized"}
+    out_val = tmp_path / "val.json"
+    check_controller.main([*args[:-1], str(out_val), "--spec", json.dumps(spec)])
+    watched = json.loads(out_val.read_text())
+    assert watched["spec"] == spec and run["spec"] is None
+    assert watched["reference"] == run["reference"]  # the reference is plain Adam's, cached
+    assert watched["losses"] != run["losses"]
 
 
 def _check_run(losses, seeds=(0, 1, 2), ref=1.0):

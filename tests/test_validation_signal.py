@@ -430,6 +430,9 @@ def test_bad_input_is_refused_with_the_argument_named():
         metalr.HyperLR(torch.optim.SGD(model.parameters(), lr=0.1), validation={"train_weight": 2})
     with pytest.raises(ValueError, match=r"validation\['climb'\]"):
         metalr.AdamHD(model.parameters(), validation={"climb": 1.5})
+    for bad in (-0.5, 11.0):
+        with pytest.raises(ValueError, match=r"validation\['noise_hold'\]"):
+            metalr.AdamHD(model.parameters(), validation={"noise_hold": bad})
     assert opt.param_groups[0]["validation"] == VALIDATION_DEFAULTS
 
 
@@ -468,3 +471,60 @@ def test_an_observation_before_the_first_step_changes_nothing(rule):
         assert float(opt.state[p][RATE_KEY]) == pytest.approx(
             opt.param_groups[0]["seek"]["init_scale"] if rule == "seek" else 1.0
         )
+
+
+def _hold_run(seek: dict, validation: dict, observe_from: int, steps: int = 40, hold_from=None):
+    """A settled seek AdamHD (no ramp) on a noisy regression: the rates after each step, with a
+    validation observation every 5 steps from ``observe_from`` on (``hold_from``: the step
+    after which the seek set's own ``noise_hold`` is set to 2)."""
+    torch.manual_seed(3)
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=LR, seek={"ramp_rate": 0.0, "init_scale": 1.0,
+                        **seek}, validation=validation)  # fmt: skip
+    g = torch.Generator().manual_seed(7)
+    rates = []
+    for t in range(1, steps + 1):
+        x = torch.randn(8, 4, generator=g, dtype=torch.float64)
+        _train_step(model, opt, (x, torch.randn(8, 2, generator=g, dtype=torch.float64)))
+        if t >= observe_from and t % 5 == 0:
+            opt.observe_validation(_loss(model, VAL))
+        if t == hold_from:
+            opt.param_groups[0]["seek"]["noise_hold"] = 2.0
+        rates.append([float(opt.state[p][RATE_KEY]) for p in model.parameters()])
+    return rates
+
+
+def test_validation_noise_hold_is_the_seek_hold_while_the_validation_signal_is_followed():
+    """``validation={"noise_hold": h}``: before the first observation the rule runs with the seek
+    set's own hold (here none), from it on exactly as with the seek set's ``noise_hold`` at
+    ``h``; the larger of the two wins; the hold slows the anneal (the rates end higher)."""
+    hold = {"noise_hold": 2.0}
+    plain = _hold_run({}, {}, observe_from=20)
+    via_validation = _hold_run({}, hold, observe_from=20)
+    via_seek = _hold_run({}, {}, observe_from=20, hold_from=20)  # the seek set's, from step 21
+    # the seek set's 2 against the validation option's 1: the larger holds
+    larger_seek = _hold_run({}, {"noise_hold": 1.0}, observe_from=20, hold_from=20)
+    assert via_validation[:20] == plain[:20]  # no observation yet: the seek set's hold (0)
+    assert via_validation == via_seek and larger_seek == via_seek
+    assert _hold_run({}, {"noise_hold": 1.0}, observe_from=20) != via_seek
+    never = _hold_run({}, hold, observe_from=10_000)  # never observed: the option does nothing
+    assert never == _hold_run({}, {}, observe_from=10_000)
+    # where the rule anneals after step 20, the held rates fall less
+    annealed = [i for i, (a, b) in enumerate(zip(plain[-1], plain[19])) if a < b]
+    assert annealed and all(via_validation[-1][i] > plain[-1][i] for i in annealed)
+
+
+def test_checkpoint_without_the_validation_noise_hold_resumes_without_it():
+    """A checkpoint from before the option (its validation options lack ``noise_hold``) resumes
+    as it ran: no hold."""
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=LR, seek={"ramp_rate": 0.0, "init_scale": 1.0})
+    _train_step(model, opt)
+    opt.observe_validation(_loss(model, VAL))
+    sd = copy.deepcopy(opt.state_dict())
+    for group in sd["param_groups"]:
+        del group["validation"]["noise_hold"]
+    resumed = metalr.AdamHD(model.parameters(), lr=LR)
+    resumed.load_state_dict(sd)
+    assert "noise_hold" not in resumed.param_groups[0]["validation"]
+    assert resumed._controller_args(resumed.param_groups[0], [])["seek"]["noise_hold"] == 0.0

@@ -49,6 +49,14 @@ signal replaces the training one):
   validation loss, which at the edge of stability it does as often as it raises the training
   loss.
 
+* ``noise_hold`` (in [0, 10], seek rule only; default 0) is the seek rule's ``noise_hold`` (the
+  gradient gate's hold: while the group's gradient norm is near its peak, a noisy training
+  signal slows its anneal instead of driving it, never adding a climb) while the group follows
+  the validation signal, if larger than the seek set's own: with the validation signal as the
+  brake, the training signal's anneal need not stop a model that is still learning::
+
+      track ← min(track + noise_hold · evidence · G_t/H_t, 0)   where track < 0
+
 A validation loss or gradient that is not finite is skipped: nothing changes. The statistics
 ``(μ, ν, count)`` are one small vector per parameter tensor (``VALIDATION_SIZE`` entries), in
 ``optimizer.state[p]['hd_validation']``; their presence is what switches a group to the
@@ -122,6 +130,7 @@ VALIDATION_DEFAULTS: dict[str, float] = {
     "train_weight": 1.0,
     "climb": 0.0,
     "gap": 0.0,
+    "noise_hold": 0.0,
 }
 
 #: What the other rules take where the caller does not say: their own update with the
@@ -137,6 +146,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "train_weight": (0.0, 1.0, False),
     "climb": (0.0, 1.0, False),
     "gap": (0.0, 1.0, False),
+    "noise_hold": (0.0, 10.0, False),
 }
 
 

@@ -105,13 +105,19 @@ class HypergradOptimizer(Optimizer):
         """``controllers`` and ``seek`` for the rule of ``group`` (empty unless ``"seek"``).
 
         Once the group follows the validation signal the controller keeps ramping and turning
-        on the training signal but stops tracking it (``seek["track"] = False``).
+        on the training signal, tracks it with the weight ``validation["train_weight"]``
+        (``seek["track"]``), and holds a noisy training signal's anneal by the larger of the
+        seek set's ``noise_hold`` and ``validation["noise_hold"]`` (the validation signal is the
+        brake then).
         """
         if group["rule"] != "seek":
             return {}
         seek = group["seek"]
         if self._follows_validation(group):
-            seek = {**seek, "track": group["validation"]["train_weight"]}
+            validation = group["validation"]
+            seek = {**seek, "track": validation["train_weight"]}
+            hold = validation.get("noise_hold", 0.0)  # absent from checkpoints before it: 0
+            seek["noise_hold"] = max(seek.get("noise_hold", 0.0), hold)
         controllers = []
         for p in params:
             controller = self.state[p].get(CONTROLLER_KEY)
