@@ -41,6 +41,7 @@ CONFIGS = {
     6: "configs/ablate_study6_seek_components.yaml",
     7: "configs/ablate_study7_transfer.yaml",
     8: "configs/ablate_study8_batch_size.yaml",
+    10: "configs/ablate_study10_lr_shock.yaml",
 }
 RESULTS = ROOT / "experiments" / "results"
 CURVES_LIMIT = 5 * 2**20  # drop per-step curve folders beyond ~5 MB in total
@@ -265,6 +266,53 @@ def headline8() -> str:
     return transfer_batch_studies.headline8(recs, folder)
 
 
+def headline10() -> str:
+    """Study 10: each method with and without the x100 shock at 40% of the run."""
+    recs = records(10)
+    t, peak = table(recs), table(recs, "peak_train_ratio")
+    seeds = defaultdict(list)
+    for r in recs:
+        v = r.get("final_val_loss")
+        seeds[(r["task"], r["optimizer"])].append(v if v is not None else math.inf)
+    tasks = sorted({k[0] for k in t})
+    methods = ["adam", "adam_hd", "adam_hd_guard"]
+    rows, ratios = [], defaultdict(list)
+    for task in tasks:
+        for m in methods:
+            calm, shocked = t[(task, m, 1e-3)], t[(task, f"{m}_shock", 1e-3)]
+            ratio = shocked / calm if math.isfinite(shocked) else math.inf
+            ratios[m].append(ratio)
+            diverged = sum(not math.isfinite(v) for v in seeds[(task, f"{m}_shock")])
+            rows.append([task, m, fmt(calm), fmt(shocked), f"{ratio:.2f}",
+                         f"{peak[(task, f'{m}_shock', 1e-3)]:.3g}",
+                         f"{peak[(task, m, 1e-3)]:.3g}", diverged])  # fmt: skip
+    summary = []
+    for m in methods:
+        finite = [r for r in ratios[m] if math.isfinite(r)]
+        geo = math.exp(sum(map(math.log, finite)) / len(finite)) if finite else math.inf
+        summary.append([m, f"{geo:.2f}", len(ratios[m]) - len(finite)])
+    return (
+        "## Study 10: a x100 learning-rate shock at 40% of the run\n\n"
+        "Final validation loss (mean over seeds 0-2) without and with the shock, their ratio, "
+        "and the largest minibatch training loss ÷ the first (with / without the shock).\n\n"
+        + md(["method", "geo-mean shocked ÷ calm (tasks)", "tasks with a diverged seed"], summary)
+        + "\n"
+        + md(
+            [
+                "task",
+                "method",
+                "final val",
+                "final val, shocked",
+                "shocked ÷ calm",
+                "peak train ÷ first, shocked",
+                "calm",
+                "diverged seeds (shocked)",
+            ],
+            rows,
+        )
+    )
+
+
 HEADLINES = {
     1: headline1,
     2: headline2,
@@ -274,6 +322,7 @@ HEADLINES = {
     6: headline6,
     7: headline7,
     8: headline8,
+    10: headline10,
 }
 
 

@@ -440,3 +440,39 @@ def test_demo_runs_are_the_default_studys_digits_mlp_runs(capsys):
     assert main(["demo", "--steps", "2", "--seeds", "1"]) == 0
     out = capsys.readouterr().out
     assert "1078 train / 359 validation examples" in out and "default study" in out
+
+
+def test_shock_schedule_and_a_guarded_optimizer_reading_the_loss(tmp_path, monkeypatch):
+    """``schedule: shock`` multiplies the rate from ``at`` of the run on; a spec with
+    ``spike_guard`` steps with a closure returning the loss, so the guard sees every loss."""
+    import torch
+
+    import metalr
+    from metalr.workbench import optimizers as O
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = O.build_schedule({"kind": "sgd", "schedule": "shock",
+                              "schedule_args": {"at": 0.3, "factor": 50.0}}, opt, 10)  # fmt: skip
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1.0] * 3 + [50.0] * 7)
+
+    summaries = []
+    step = metalr.AdamHD.step
+
+    def recording_step(self, closure=None):
+        out = step(self, closure)
+        summaries.append(self.spike_summary())
+        return out
+
+    monkeypatch.setattr(metalr.AdamHD, "step", recording_step)
+    cfg = _study(tmp_path, steps=30, lrs=[0.01], seeds=[0], optimizers={
+        "guarded": {"kind": "adam_hd", "spike_guard": {"warmup": 5.0}, "schedule": "shock",
+                    "schedule_args": {"at": 0.5, "factor": 1e4}}})  # fmt: skip
+    records = run_study(cfg, quiet=True)
+    assert records[0]["status"] in ("ok", "diverged")
+    assert summaries[-1][0]["losses"] == len(summaries)  # every step's loss reached the guard
+    assert summaries[-1][0]["spikes"] >= 1  # the x1e4 shock was seen

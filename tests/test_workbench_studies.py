@@ -12,7 +12,10 @@ from metalr.workbench import load_study, read_records
 from metalr.workbench.runner import expand
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDIES = sorted(p.name for p in (ROOT / "configs").glob("ablate_study*.yaml"))
+STUDIES = sorted(
+    (p.name for p in (ROOT / "configs").glob("ablate_study*.yaml")),
+    key=lambda name: int(name.split("_")[1].removeprefix("study")),  # study10 after study9
+)
 
 
 @pytest.fixture(autouse=True)

@@ -210,3 +210,15 @@ def resolve_constants(
             )
         out[key] = v
     return out
+
+
+def scalar_lr(lr: float | Tensor) -> float | Tensor:
+    """``group['lr']`` as the update rules take it: a number or a 0-d tensor.
+
+    Like torch.optim, metalr accepts a one-element tensor ``lr`` of any shape (``[1]``,
+    ``[1, 1]``); the rules read it through a 0-d view so it broadcasts as a scalar (and stays in
+    the autograd graph when it requires grad).
+    """
+    if isinstance(lr, Tensor) and lr.dim() > 0:
+        return lr.reshape(())
+    return lr

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metalr.functional._common import commit_rates
+from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._controller import CONTROLLER_SIZE, FAMILIES, initial_controller
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
@@ -19,14 +19,8 @@ from metalr.functional.validation import (
     initial_validation_stats,
     validation_adapt_rates,
 )
-
-#: Key of the learned multiplier in ``optimizer.state[p]``.
-RATE_KEY = "lr_multiplier"
-#: Key of the ``"seek"`` rule's controller vector in ``optimizer.state[p]``.
-CONTROLLER_KEY = "hd_controller"
-#: Key of the validation statistics in ``optimizer.state[p]`` (present once a group observed a
-#: validation loss: its rates then follow the validation signal).
-VALIDATION_KEY = "hd_validation"
+from metalr.optim._spike import SpikeGuarded
+from metalr.optim._state_keys import CONTROLLER_KEY, RATE_KEY, VALIDATION_KEY
 
 #: Defaults for flags added after the first release; ``__setstate__`` fills them into old groups.
 HYPER_DEFAULTS: dict[str, Any] = {
@@ -38,10 +32,11 @@ HYPER_DEFAULTS: dict[str, Any] = {
     "fused": None,
     "differentiable": False,
     "lagged": False,
+    "spike_guard": None,
 }
 
 
-class HypergradOptimizer(Optimizer):
+class HypergradOptimizer(SpikeGuarded, Optimizer):
     """Base class: keeps one learned multiplier per group, tensor or element in ``state[p]``.
 
     The effective rate of a parameter is ``group['lr'] * state[p]['lr_multiplier']``, so torch's
@@ -368,18 +363,6 @@ def initial_multiplier(group: dict[str, Any]) -> float:
         if lr > 0:
             start = max(start, floor / lr)
     return start
-
-
-def scalar_lr(lr: float | Tensor) -> float | Tensor:
-    """``group['lr']`` as the update rules take it: a number or a 0-d tensor.
-
-    Like torch.optim, metalr accepts a one-element tensor ``lr`` of any shape (``[1]``,
-    ``[1, 1]``); the rules read it through a 0-d view so it broadcasts as a scalar (and stays in
-    the autograd graph when it requires grad).
-    """
-    if isinstance(lr, Tensor) and lr.dim() > 0:
-        return lr.reshape(())
-    return lr
 
 
 def _refuse_dtensor(params: list[Tensor]) -> None:

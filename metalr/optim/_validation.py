@@ -10,6 +10,7 @@ import torch
 
 from metalr.functional._controller import FAMILIES, resolve_seek
 from metalr.functional._hypergrad import DEFAULT_NORMALIZED_HYPERGRAD_LR, GRANULARITIES, RULES
+from metalr.functional.spike_guard import resolve_spike_guard
 from metalr.functional.validation import PLAIN_RULE_VALIDATION_DEFAULTS, resolve_validation
 
 
@@ -86,6 +87,7 @@ def check_hyper_options(
     seek: Mapping[str, float] | None = None,
     validation: Mapping[str, float] | None = None,
     family: str = "adam",
+    spike_guard: bool | Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Validate the hypergradient options and return them with defaults resolved (``family``:
     whose fitted seek constants are the defaults, ``"adam"`` or ``"sgd"``).
@@ -93,7 +95,8 @@ def check_hyper_options(
     ``seek`` (constants of the ``"seek"`` rule overriding its fitted defaults) is stored in
     every group, completed; it is refused for the other rules, which do not read it.
     ``validation`` (constants of the validation signal, :mod:`metalr.functional.validation`)
-    is stored the same way, for every rule.
+    is stored the same way, for every rule, and so is ``spike_guard`` (None when off; the
+    constants of :mod:`metalr.functional.spike_guard` when on).
     """
     check_choice("granularity", granularity, GRANULARITIES)
     check_choice("rule", rule, RULES)
@@ -106,6 +109,7 @@ def check_hyper_options(
         "lr_bounds": check_lr_bounds(lr_bounds),
         "seek": resolve_seek(seek, family),
         "validation": _validation_options(validation, rule, hypergrad_lr, additive_default),
+        "spike_guard": resolve_spike_guard(spike_guard),
     }
 
 

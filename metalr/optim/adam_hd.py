@@ -82,6 +82,11 @@ class AdamHD(HypergradOptimizer):
         shard_group: when optimizer state is sharded across ranks (``ZeroRedundancyOptimizer``
             passes it through), the process group whose ranks share each param group: the
             skip decision and group-granularity sums are all-reduced over it (default: None).
+        spike_guard: when ``step(closure)`` returns the loss, cut the rates (and end a seek
+            ramp) before a step whose loss jumps above its running mean by ``sigmas`` running
+            standard deviations; ``True`` for the defaults, a dict to override them, e.g.
+            ``{"sigmas": 3.0, "cut": 0.5}``; see :mod:`metalr.functional.spike_guard`
+            (default: None, off).
 
     Example:
         >>> model = torch.nn.Linear(10, 1)
@@ -116,6 +121,7 @@ class AdamHD(HypergradOptimizer):
         differentiable: bool = False,
         shard_group: Any = None,
         lagged: bool = False,
+        spike_guard: bool | Mapping[str, float] | None = None,
     ) -> None:
         check.check_lr(lr)
         check.check_nonnegative("epsilon", eps)
@@ -142,6 +148,7 @@ class AdamHD(HypergradOptimizer):
                 ADDITIVE_DEFAULT_HYPERGRAD_LR,
                 seek,
                 validation,
+                spike_guard=spike_guard,
             ),
         )
         super().__init__(params, defaults)
@@ -203,6 +210,7 @@ class AdamHD(HypergradOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            self._guard_spike(loss)
         grads_finite = self._grads_finite()
         for group in self.param_groups:
             params: list[Tensor] = []

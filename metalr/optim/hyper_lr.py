@@ -46,6 +46,8 @@ class HyperLR(HypergradOptimizer):
         validation: constants of the validation signal (:meth:`observe_validation`) overriding
             its defaults (default: None).
         lr_bounds: ``(min, max)`` for every effective rate ``lr × m`` (default: (0, inf)).
+        spike_guard: cut the rates before a step whose closure's loss spikes; see
+            :class:`metalr.AdamHD` (default: None, off).
 
     State: per parameter the multiplier and one buffer (the previous direction, also used as
     the snapshot of the weights during the inner step). ``state_dict()`` holds HyperLR's state
@@ -77,6 +79,7 @@ class HyperLR(HypergradOptimizer):
         seek: Mapping[str, float] | None = None,
         validation: Mapping[str, float] | None = None,
         lr_bounds: tuple[float, float] = (0.0, float("inf")),
+        spike_guard: bool | Mapping[str, float] | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
@@ -88,7 +91,15 @@ class HyperLR(HypergradOptimizer):
             raise ValueError("HyperLR needs an optimizer whose param groups have an 'lr' entry")
         self.seek_family = _seek_family(optimizer)
         self._hyper = check.check_hyper_options(
-            hypergrad_lr, granularity, rule, lr_bounds, None, seek, validation, self.seek_family
+            hypergrad_lr,
+            granularity,
+            rule,
+            lr_bounds,
+            None,
+            seek,
+            validation,
+            self.seek_family,
+            spike_guard,
         )
         self.optimizer = optimizer
         self._wrapping = True
@@ -143,6 +154,7 @@ class HyperLR(HypergradOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            self._guard_spike(loss)
         pending = []
         grads_finite = self._grads_finite()
         for group in self.param_groups:

@@ -58,6 +58,8 @@ class SGDHD(HypergradOptimizer):
             see :mod:`metalr.functional.adam_rule`) (default: False).
         shard_group: the group of ranks sharding the optimizer state (ZeRO); see
             :class:`metalr.AdamHD` (default: None).
+        spike_guard: cut the rates before a step whose closure's loss spikes; see
+            :class:`metalr.AdamHD` (default: None, off).
 
     State: ``momentum_buffer`` as torch.optim.SGD when ``momentum > 0``; plain SGD and Nesterov
     also keep the previous direction (``prev_direction``) because the hypergradient needs it.
@@ -92,6 +94,7 @@ class SGDHD(HypergradOptimizer):
         differentiable: bool = False,
         shard_group: Any = None,
         lagged: bool = False,
+        spike_guard: bool | Mapping[str, float] | None = None,
     ) -> None:
         check.check_lr(lr)
         check.check_nonnegative("momentum", momentum)
@@ -118,6 +121,7 @@ class SGDHD(HypergradOptimizer):
                 seek,
                 validation,
                 family=self.seek_family,
+                spike_guard=spike_guard,
             ),
         )
         super().__init__(params, defaults)
@@ -165,6 +169,7 @@ class SGDHD(HypergradOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            self._guard_spike(loss)
         grads_finite = self._grads_finite()
         for group in self.param_groups:
             params: list[Tensor] = []

@@ -82,7 +82,7 @@ PEERS = {
 SEARCHED = ("range_test_adam", "tuned_adam")
 KINDS = (*TORCH, *METALR, "hyperlr", *PEERS, *SEARCHED)
 SCHEDULES = ("none", "step", "exponential", "polynomial", "cosine", "warmup_cosine", "cyclic",
-             "onecycle", "linear_warmup")  # fmt: skip
+             "onecycle", "linear_warmup", "shock")  # fmt: skip
 META_KEYS = {"kind", "schedule", "schedule_args", "base", "base_args",  # not constructor kwargs
              "search", "trials", "lr_range", "trial_steps", "range_test",
              "prior", "prior_weights", "hypergrad_warmup",
@@ -219,6 +219,9 @@ def build_schedule(spec: dict[str, Any], opt: torch.optim.Optimizer, steps: int)
         half = max(1, steps // (2 * take("cycles", 4)))
         sched = S.CyclicLR(opt, base_lr=lr * take("base_factor", 0.1), max_lr=lr, step_size_up=half,
                            mode="triangular", cycle_momentum=False)  # fmt: skip
+    elif name == "shock":  # lr × factor for good from `at` of the run (a bad restart, a typo)
+        start, factor = int(take("at", 0.4) * steps), take("factor", 100.0)
+        sched = S.LambdaLR(opt, lambda t: factor if t >= start else 1.0)
     elif name == "onecycle":
         sched = S.OneCycleLR(opt, max_lr=opt.param_groups[0]["lr"], total_steps=steps + 1,
                              pct_start=take("pct_start", 0.3))  # fmt: skip

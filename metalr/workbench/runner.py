@@ -108,6 +108,8 @@ def train(task: Task, spec: dict[str, Any], lr: float | None, seed: int, steps: 
     set_beta = O.build_hypergrad_warmup(spec, opt)
     watcher = build_watcher(spec, task, seed, opt, model)
     nxt = task.batches(seed)
+    # a guarded optimizer reads the step's loss from a closure (gradients already computed)
+    guarded = bool(spec.get("spike_guard"))
     curves: dict[str, list] = {k: [] for k in ("step", "train_loss", "val_loss", "lr_min",
                                                "lr_mean", "lr_max")}  # fmt: skip
     window: list[float] = []
@@ -152,7 +154,10 @@ def train(task: Task, spec: dict[str, Any], lr: float | None, seed: int, steps: 
             loss.backward()
             if set_beta is not None:
                 set_beta(step)
-            opt.step()
+            if guarded:
+                opt.step(lambda loss=loss: loss)
+            else:
+                opt.step()
             if sched is not None:
                 sched.step()
             stop = watcher is not None and watcher.after_step(step)

@@ -1,0 +1,113 @@
+"""The loss-spike guard's plumbing for metalr's optimizers (the math:
+:mod:`metalr.functional.spike_guard`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metalr.functional._common import commit_rates, scalar_lr
+from metalr.functional._hypergrad import clamp_rates, rate_dtype
+from metalr.functional.spike_guard import (
+    COUNT,
+    MEAN,
+    SPIKES,
+    VAR,
+    initial_spike_stats,
+    spike_cut,
+    spike_guard_update,
+)
+from metalr.optim._state_keys import RATE_KEY, SPIKE_KEY
+
+
+class SpikeGuarded:
+    """Mixin of :class:`metalr.optim._base.HypergradOptimizer`: the guard that a closure's loss
+    drives (``spike_guard=`` of every metalr optimizer). It reads ``param_groups``, ``state``,
+    ``_controller`` and ``_shard_group`` of the optimizer it is mixed into."""
+
+    param_groups: list[dict[str, Any]]
+    state: Any
+
+    def _guard_spike(self, loss: Any) -> None:
+        """The loss-spike guard (:mod:`metalr.functional.spike_guard`) for the loss a closure
+        returned: update each guarded group's statistics and, on a spike, cut its rates (and
+        turn its ramping seek controllers) before the step's update. Nothing without a loss or
+        a guarded group; no host read. Under ``torch.distributed`` with more than one rank the
+        loss is averaged over the ranks first (the shard group's, else the default group), so
+        every rank takes the same decision."""
+        groups = [g for g in self.param_groups if g.get("spike_guard") and g["params"]]
+        if loss is None or not groups:
+            return
+        value = self._spike_loss(loss, groups[0]["params"][0].device)
+        with torch.no_grad():
+            for group in groups:
+                self._guard_group(group, value)
+
+    def _spike_loss(self, loss: Any, device: torch.device) -> Tensor:
+        """The closure's loss as a detached 0-d tensor on ``device``, averaged over the ranks."""
+        if isinstance(loss, Tensor) and loss.numel() == 1:
+            value = loss.detach().reshape(()).to(device)
+        elif isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            value = torch.tensor(float(loss), device=device)
+        else:
+            raise ValueError(
+                "Invalid closure result for spike_guard: expected the loss as a number or a "
+                f"one-element tensor, got {loss!r}"
+            )
+        return _mean_over_ranks(value, getattr(self, "_shard_group", None))
+
+    def _guard_group(self, group: dict[str, Any], loss: Tensor) -> None:
+        anchor = group["params"][0]
+        state = self.state[anchor]
+        if SPIKE_KEY not in state:
+            state[SPIKE_KEY] = initial_spike_stats(anchor.device, rate_dtype(anchor))
+        stats = state[SPIKE_KEY]
+        options = group["spike_guard"]
+        new_stats, spike = spike_guard_update(stats, loss, options)
+        stats.copy_(new_stats)
+        params = [p for p in group["params"] if RATE_KEY in self.state.get(p, ())]
+        if not params:
+            return
+        rates = [self.state[p][RATE_KEY] for p in params]
+        controllers = None
+        if group["rule"] == "seek":
+            controllers = [self._controller(p, group) for p in params]
+        new_rates, new_controllers = spike_cut(rates, controllers, spike, options, group["seek"])
+        lr = scalar_lr(group["lr"])
+        new_rates = [clamp_rates(r, lr, group["lr_bounds"]) for r in new_rates]
+        commit_rates(rates, new_rates, spike, known_finite=False)
+        if controllers is not None and new_controllers is not None:
+            torch._foreach_copy_(controllers, new_controllers)  # unchanged without a spike
+
+    @torch.no_grad()
+    def spike_summary(self) -> list[dict[str, float]]:
+        """Per guarded param group that has seen a loss: the guard's running mean and standard
+        deviation of the loss, the losses seen and the spikes that cut its rates (reads the
+        statistics back to the host: call it between steps, e.g. for logging)."""
+        out = []
+        for group in self.param_groups:
+            if not group.get("spike_guard") or not group["params"]:
+                continue
+            stats = self.state.get(group["params"][0], {}).get(SPIKE_KEY)
+            if stats is None:
+                continue
+            values = stats.double().cpu()
+            out.append({"mean": float(values[MEAN]), "std": float(values[VAR].sqrt()),
+                        "losses": int(values[COUNT]), "spikes": int(values[SPIKES])})  # fmt: skip
+        return out
+
+
+def _mean_over_ranks(value: Tensor, process_group: Any) -> Tensor:
+    """``value`` averaged over the ranks of ``process_group`` (the default group for None) when
+    ``torch.distributed`` runs with more than one rank there; else ``value`` itself."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    if dist.get_world_size(process_group) < 2:
+        return value
+    total = value.clone()
+    dist.all_reduce(total, group=process_group)
+    return total / dist.get_world_size(process_group)

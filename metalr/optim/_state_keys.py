@@ -1,0 +1,12 @@
+"""Where metalr's optimizers keep their own entries in ``optimizer.state[p]``."""
+
+#: Key of the learned multiplier in ``optimizer.state[p]``.
+RATE_KEY = "lr_multiplier"
+#: Key of the ``"seek"`` rule's controller vector in ``optimizer.state[p]``.
+CONTROLLER_KEY = "hd_controller"
+#: Key of the validation statistics in ``optimizer.state[p]`` (present once a group observed a
+#: validation loss: its rates then follow the validation signal).
+VALIDATION_KEY = "hd_validation"
+#: Key of the loss-spike guard's statistics in ``optimizer.state[p]`` (``p``: the group's first
+#: parameter; present once a guarded group has seen a loss from ``step(closure)``).
+SPIKE_KEY = "hd_spike_guard"
