@@ -65,8 +65,10 @@ def run(n: int) -> float:
 
 
 # ------------------------------------------------------------------------------------ headlines
-def records(n: int) -> list[dict]:
-    path = RESULTS / f"ablate_study{n}" / "records.jsonl"
+def records(n: int | Path) -> list[dict]:
+    """The latest record of each (task, optimizer, lr, seed) of study ``n`` (or of a folder)."""
+    folder = n if isinstance(n, Path) else RESULTS / f"ablate_study{n}"
+    path = folder / "records.jsonl"
     latest = {}
     for line in path.read_text().splitlines():
         r = json.loads(line)
@@ -266,9 +268,10 @@ def headline8() -> str:
     return transfer_batch_studies.headline8(recs, folder)
 
 
-def headline10() -> str:
-    """Study 10: each method with and without the x100 shock at 40% of the run."""
-    recs = records(10)
+def headline10(folder: Path | None = None) -> str:
+    """Study 10: each method with and without the x100 shock at 40% of the run (``folder``: a
+    rerun of its config on other seeds, ``out=...``)."""
+    recs = records(folder or 10)
     t, peak = table(recs), table(recs, "peak_train_ratio")
     seeds = defaultdict(list)
     for r in recs:

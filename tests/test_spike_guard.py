@@ -63,42 +63,55 @@ def _closure(model, opt, step: int, spike_at: int | None = SPIKE_AT):
     return closure
 
 
-def _reference_stats(losses: list[float], sigmas: float, decay: float, warmup: float):
-    """Hand-written float64 running mean/variance and z-test (the module's equations)."""
-    mean = var = 0.0
+def _reference_stats(losses, lrs, sigmas: float, cut: float, decay: float, warmup: float):
+    """Hand-written float64 running mean/variance, z-test and rolled-back factor (the module's
+    equations)."""
+    mean = var = last = calm = 0.0
     count = 0
-    flags = []
-    for loss in losses:
+    factors = []
+    for loss, lr in zip(losses, lrs):
         if not math.isfinite(loss):
-            flags.append(False)
+            factors.append(1.0)
             continue
         delta = loss - mean
-        flags.append(count >= warmup and delta > sigmas * math.sqrt(var))
+        spike = count >= warmup and delta > sigmas * math.sqrt(var)
+        factors.append(min(cut, calm / lr if calm > 0 else cut) if spike else 1.0)
         if count == 0:
             mean, var = loss, 0.0
         else:
             mean, var = mean + (1 - decay) * delta, decay * (var + (1 - decay) * delta * delta)
+        if spike:
+            mean, calm = loss, lr
+        elif last > 0:
+            calm = last
+        last = lr
         count += 1
-    return mean, var, count, flags
+    return mean, var, count, last, calm, factors
 
 
 def test_statistics_and_spikes_equal_a_float64_reference():
     g = torch.Generator().manual_seed(0)
     losses = 2.0 * torch.exp(-torch.arange(60) / 20.0) + 0.05 * torch.rand(60, generator=g)
     losses = losses.tolist()
-    losses[30] += 3.0  # a spike
+    losses[30] += 3.0  # a spike at a steady rate: halved
     losses[40] = float("nan")  # not finite: ignored
     losses[41] = float("inf")
+    losses[50] += 5.0  # a spike after the scheduled rate jumped x40 at step 49: rolled back
+    lrs = [0.01] * 49 + [0.4] * 11
     options = {"sigmas": 3.0, "cut": 0.5, "decay": 0.9, "warmup": 10.0}
     stats = initial_spike_stats("cpu", torch.float64)
-    flags = []
-    for loss in losses:
-        stats, spike = spike_guard_update(stats, torch.tensor(loss, dtype=torch.float64), options)
-        flags.append(bool(spike))
-    mean, var, count, ref_flags = _reference_stats(losses, 3.0, 0.9, 10.0)
-    assert flags == ref_flags
-    assert flags[30] and sum(flags) == 1
-    assert stats.tolist() == pytest.approx([mean, var, count, 1.0], rel=1e-12, abs=0)
+    factors = []
+    for loss, lr in zip(losses, lrs):
+        stats, factor = spike_guard_update(
+            stats, torch.tensor(loss, dtype=torch.float64), lr, options
+        )
+        factors.append(factor.item())
+    mean, var, count, last, calm, ref = _reference_stats(losses, lrs, 3.0, 0.5, 0.9, 10.0)
+    assert factors == pytest.approx(ref, rel=1e-12)
+    assert factors[30] == 0.5 and factors[50] == pytest.approx(0.01 / 0.4)
+    assert sum(f < 1 for f in factors) == 2
+    assert stats.tolist() == pytest.approx([mean, var, count, 2.0, last, calm], rel=1e-12, abs=0)
+    assert (last, calm) == (0.4, 0.4)  # step 51's calm loss followed an update at 0.4
 
 
 def test_no_spike_during_warmup_or_on_a_falling_loss():
@@ -106,12 +119,31 @@ def test_no_spike_during_warmup_or_on_a_falling_loss():
     stats = initial_spike_stats("cpu", torch.float64)
     for t in range(200):  # a noisy, steadily falling loss: never a spike
         loss = 1.0 / (1 + t) + 0.001 * math.sin(t)
-        stats, spike = spike_guard_update(stats, torch.tensor(loss, dtype=torch.float64), options)
-        assert not bool(spike)
+        stats, factor = spike_guard_update(
+            stats, torch.tensor(loss, dtype=torch.float64), 0.1, options
+        )
+        assert factor.item() == 1.0
     fresh = initial_spike_stats("cpu", torch.float64)
     for loss in (1.0, 1.0, 1.0, 1e6):  # a jump inside the warm-up does not count
-        fresh, spike = spike_guard_update(fresh, torch.tensor(loss, dtype=torch.float64), options)
-        assert not bool(spike)
+        fresh, factor = spike_guard_update(
+            fresh, torch.tensor(loss, dtype=torch.float64), 0.1, options
+        )
+        assert factor.item() == 1.0
+
+
+def test_a_lasting_jump_costs_one_cut_and_an_escalation_more():
+    options = resolve_spike_guard(True)
+    g = torch.Generator().manual_seed(3)
+    noise = (0.02 * torch.randn(120, generator=g, dtype=torch.float64)).tolist()
+    level = [1.0] * 40 + [10.0] * 40 + [10.0 + 5 * k for k in range(40)]
+    stats = initial_spike_stats("cpu", torch.float64)
+    cuts = []
+    for t, (base, eps) in enumerate(zip(level, noise)):
+        stats, factor = spike_guard_update(stats, torch.tensor(base + eps), 1e-3, options)
+        if factor.item() < 1:
+            cuts.append(t)
+    assert cuts[0] == 40 and all(t >= 80 for t in cuts[1:])  # the jump once; then the climb
+    assert len(cuts) >= 2
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -128,8 +160,8 @@ def test_a_spike_cuts_the_rates_before_the_update_and_nothing_else(name):
             rates = [twin.state[p][RATE_KEY] for p in params]
             ctrls = ([twin.state[p][CONTROLLER_KEY] for p in params]
                      if group["rule"] == "seek" else None)  # fmt: skip
-            new_rates, new_ctrls = spike_cut(rates, ctrls, torch.tensor(True),
-                                             SPIKE_GUARD_DEFAULTS, group["seek"])  # fmt: skip
+            half = torch.tensor(SPIKE_GUARD_DEFAULTS["cut"], dtype=torch.float64)
+            new_rates, new_ctrls = spike_cut(rates, ctrls, half, group["seek"])
             for r, n in zip(rates, new_rates):
                 r.copy_(n)
             for c, n in zip(ctrls or [], new_ctrls or []):
@@ -147,15 +179,15 @@ def test_a_spike_cuts_the_rates_before_the_update_and_nothing_else(name):
     assert all(torch.all(b > 0) for b in before)
 
 
-def test_spike_cut_halves_the_rates_and_turns_a_ramp_for_good():
+def test_spike_cut_scales_the_rates_and_turns_a_ramp_for_good():
     seek = metalr.functional.SEEK_DEFAULTS
     rates = [torch.tensor(0.2, dtype=torch.float64), torch.tensor([0.1, 0.4], dtype=torch.float64)]
     ramping = torch.zeros(12, dtype=torch.float64)
     ramping[RAMP], ramping[CEILING] = 0.3, math.inf
     settled = torch.zeros(12, dtype=torch.float64)
     settled[RAMP], settled[CEILING], settled[SINCE] = 0.0, math.log(5.0), 3.0
-    options = {**SPIKE_GUARD_DEFAULTS, "cut": 0.25}
-    new_rates, new_ctrls = spike_cut(rates, [ramping, settled], torch.tensor(True), options, seek)
+    quarter = torch.tensor(0.25, dtype=torch.float64)
+    new_rates, new_ctrls = spike_cut(rates, [ramping, settled], quarter, seek)
     assert new_rates[0].item() == pytest.approx(0.05)
     assert new_rates[1].tolist() == pytest.approx([0.025, 0.1])
     window = math.floor(seek["resume_window"]) + 1
@@ -164,8 +196,8 @@ def test_spike_cut_halves_the_rates_and_turns_a_ramp_for_good():
     assert new_ctrls[0][SINCE] == window  # past the re-opened ramp's window
     assert new_ctrls[1][CEILING].item() == pytest.approx(math.log(5.0))  # settled: kept
     assert new_ctrls[1][SINCE] == window
-    same_rates, same_ctrls = spike_cut(rates, [ramping, settled], torch.tensor(False), options,
-                                       seek)  # fmt: skip
+    one = torch.tensor(1.0, dtype=torch.float64)
+    same_rates, same_ctrls = spike_cut(rates, [ramping, settled], one, seek)
     assert all(torch.equal(a, b) for a, b in zip(same_rates, rates))
     assert torch.equal(same_ctrls[0], ramping) and torch.equal(same_ctrls[1], settled)
 
@@ -252,13 +284,13 @@ def test_bad_input_is_refused_with_the_argument_named():
     assert metalr.AdamHD(params, spike_guard=False).param_groups[0]["spike_guard"] is None
 
 
-def test_a_learning_rate_shock_is_absorbed_with_a_lower_peak():
+def test_a_learning_rate_shock_is_rolled_back():
     """A scheduler that multiplies the rate by 300 for good at step 150 (a bad restart): the
     hypergradient alone barely moves the rate (a saturated network sends back little signal:
-    6.1 -> 5.9 by the end); the guard cuts it three times while the loss escalates (6.1 -> 0.8),
-    the loss's peak is ~10x lower, and the run ends no worse."""
+    6.1 -> 5.9 by the end, the loss peaks at ~8e3); the guard's first spike brings the effective
+    rate back to the calm one (0.02), the loss peaks at ~10 and the run ends ~10x lower."""
 
-    def run(guard: bool) -> tuple[float, float]:
+    def run(guard: bool) -> tuple[list[float], list[float]]:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(),
                                     torch.nn.Linear(32, 1))  # fmt: skip
@@ -266,7 +298,7 @@ def test_a_learning_rate_shock_is_absorbed_with_a_lower_peak():
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 300.0 if t >= 150 else 1.0)
         g = torch.Generator().manual_seed(1)
         w = torch.randn(8, 1, generator=g)
-        losses = []
+        losses, rates = [], []
         for _ in range(300):
             x = torch.randn(64, 8, generator=g)
             y = torch.tanh(x @ w) + 0.05 * torch.randn(64, 1, generator=g)
@@ -278,10 +310,34 @@ def test_a_learning_rate_shock_is_absorbed_with_a_lower_peak():
                 return loss
 
             losses.append(float(opt.step(closure).detach()))
+            rates.append(opt.lr_summary()[0]["mean"])
             sched.step()
-        return max(losses[150:]), sum(losses[-20:]) / 20
+        return losses, rates
 
-    guarded_peak, guarded_end = run(True)
-    plain_peak, plain_end = run(False)
-    assert guarded_peak < 0.2 * plain_peak
-    assert guarded_end <= 1.05 * plain_end
+    guarded, guarded_rates = run(True)
+    plain, plain_rates = run(False)
+    assert guarded[:151] == plain[:151]  # the same run until the first shocked loss
+    calm = plain_rates[149]
+    assert plain_rates[-1] > 100 * calm  # the hypergradient alone never undoes it
+    assert all(r < 2 * calm for r in guarded_rates[151:160])  # rolled back at once
+    assert max(guarded[150:]) < 0.01 * max(plain[150:])
+    assert sum(guarded[-20:]) < 0.5 * sum(plain[-20:])
+
+
+def test_statistics_saved_before_the_rolled_back_rate_load_padded():
+    """Four-entry statistics (before the rolled-back rate) resume padded with zeros (no calm
+    rate known, so a spike would halve the rates) until calm losses set it."""
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=0.02, spike_guard=True)
+    for step in range(SPIKE_AT - 3):
+        opt.step(_closure(model, opt, step))
+    sd = opt.state_dict()
+    sd["state"][0][SPIKE_KEY] = sd["state"][0][SPIKE_KEY][:4].clone()
+    resumed_model = copy.deepcopy(model)
+    resumed = metalr.AdamHD(resumed_model.parameters(), lr=0.02, spike_guard=True)
+    resumed.load_state_dict(sd)
+    for step in range(SPIKE_AT - 3, SPIKE_AT):
+        resumed.step(_closure(resumed_model, resumed, step))
+    stats = resumed.state[next(resumed_model.parameters())][SPIKE_KEY]
+    assert stats.numel() == 6 and stats[5].item() == pytest.approx(0.02)  # calm since the resume
+    assert resumed.spike_summary()[0]["spikes"] == 0

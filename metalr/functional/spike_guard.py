@@ -13,20 +13,25 @@ guard keeps an exponentially weighted mean ``μ`` and variance ``σ²`` of it an
 
 (a one-sided z-test, free of the loss's scale and offset). Then, before the step's update,
 
-* every rate multiplier is multiplied by ``cut`` (the step uses the cut rates);
+* every rate multiplier is multiplied by ``min(cut, lr_calm / lr_t)``: halved (``cut``), or,
+  when the scheduled ``lr`` has jumped since the last calm loss (``lr_calm``: the ``lr`` of the
+  update that led to it), brought back to the effective rate that was calm — a failed increase
+  rolled back, as AdaLRS does (a warm restart, a resumed run at the wrong ``lr``, a typo in a
+  schedule); the step uses the cut rates;
 * with ``rule="seek"`` a tensor still ramping turns there (its ramp ends, its ceiling becomes
   ``headroom`` × the cut level, as at the controller's own turn), and no tensor takes a turn
   back through the re-opened ramp (steps since the turn are set past ``resume_window``).
 
-The statistics then take the loss in, spike or not (a lasting change of level is absorbed after
-one cut instead of cutting every step)::
+The statistics then take the loss in; a spike re-centres the mean at its level (a lasting change
+of level costs one cut; only a further escalation cuts again)::
 
-    μ_t = μ_{t−1} + (1 − decay) δ_t,     σ²_t = decay · (σ²_{t−1} + (1 − decay) δ_t²)
+    μ_t = μ_{t−1} + (1 − decay) δ_t   (a spike: μ_t = L_t),     σ²_t = decay · (σ²_{t−1} + (1 − decay) δ_t²)
 
-(the first loss sets ``μ`` and ``σ² = 0``). A loss that is not finite changes nothing (a NaN
-gradient skips the step already). The statistics ``(μ, σ², count, spikes)`` are one small vector
-per param group (:data:`SPIKE_STATS_SIZE` entries), in the state of the group's first parameter
-(``optimizer.state[p]['hd_spike_guard']``), so ``state_dict()`` resumes them.
+(the first loss sets ``μ`` and ``σ² = 0``); a calm loss sets ``lr_calm`` to the ``lr`` of the
+previous step, a spike to this step's (the cut rates have absorbed the jump). A loss that is not finite changes nothing (a NaN gradient skips the step
+already). The statistics ``(μ, σ², count, spikes, lr of the last step, lr_calm)`` are one small
+vector per param group (:data:`SPIKE_STATS_SIZE` entries), in the state of the group's first
+parameter (``optimizer.state[p]['hd_spike_guard']``), so ``state_dict()`` resumes them.
 
 The defaults (:data:`SPIKE_GUARD_DEFAULTS`) are reasoned, not fitted: a 4σ rise is rare for
 minibatch noise yet far below a divergence; halving is Rprop's fall; 20 losses of warm-up and a
@@ -68,9 +73,10 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {
     "decay": (0.0, 1.0, False),
     "warmup": (1.0, math.inf, False),
 }
-#: Entries of the statistics vector: running mean, running variance, losses seen, spikes.
-MEAN, VAR, COUNT, SPIKES = range(4)
-SPIKE_STATS_SIZE = 4
+#: Entries of the statistics vector: running mean, running variance, losses seen, spikes, the
+#: scheduled lr of the last step, the lr of the last update whose loss was calm (0: none yet).
+MEAN, VAR, COUNT, SPIKES, LAST_LR, CALM_LR = range(6)
+SPIKE_STATS_SIZE = 6
 
 
 def resolve_spike_guard(options: bool | Mapping[str, float] | None) -> dict[str, float] | None:
@@ -99,36 +105,56 @@ def initial_spike_stats(device: torch.device | str, dtype: torch.dtype) -> Tenso
     return torch.zeros(SPIKE_STATS_SIZE, dtype=dtype, device=device)
 
 
+def padded_spike_stats(stats: Tensor) -> Tensor:
+    """Statistics saved with fewer entries (before the rolled-back rate) completed with zeros
+    (no calm rate known: the next spike cuts by ``cut``)."""
+    if stats.numel() >= SPIKE_STATS_SIZE:
+        return stats
+    return torch.cat([stats, stats.new_zeros(SPIKE_STATS_SIZE - stats.numel())])
+
+
 def spike_guard_update(
-    stats: Tensor, loss: Tensor, options: Mapping[str, float]
+    stats: Tensor, loss: Tensor, lr: float | Tensor, options: Mapping[str, float]
 ) -> tuple[Tensor, Tensor]:
-    """``(new statistics, spike)`` after observing ``loss`` (0-d): whether it is a spike, and the
-    running mean and variance with it taken in (unchanged for a loss that is not finite)."""
+    """``(new statistics, factor)`` after observing ``loss`` (0-d) at a step whose scheduled rate
+    is ``lr``: the factor the rates take (1 without a spike, else ``min(cut, lr_calm / lr)``),
+    and the statistics with the loss taken in (unchanged for a loss that is not finite)."""
     loss = loss.detach().to(device=stats.device, dtype=stats.dtype).reshape(())
-    mean, var, count, spikes = stats.unbind(0)
+    if isinstance(lr, Tensor):
+        lr_now = lr.detach().to(device=stats.device, dtype=stats.dtype).reshape(())
+    else:
+        lr_now = torch.tensor(float(lr), device=stats.device, dtype=stats.dtype)
+    mean, var, count, spikes, last_lr, calm_lr = stats.unbind(0)
     finite = torch.isfinite(loss)
     delta = loss - mean
     spike = finite & (count >= options["warmup"]) & (delta > options["sigmas"] * torch.sqrt(var))
+    cut = torch.full_like(loss, options["cut"])
+    back = torch.where((calm_lr > 0) & (lr_now > 0), calm_lr / lr_now.clamp_min(1e-38), cut)
+    factor = torch.where(spike, torch.minimum(cut, back), torch.ones_like(cut))
     decay = options["decay"]
     first = count == 0
-    new_mean = torch.where(first, loss, mean + (1 - decay) * delta)
+    # a spike re-centres the mean at the new level (only a further escalation cuts again)
+    new_mean = torch.where(first | spike, loss, mean + (1 - decay) * delta)
     new_var = torch.where(first, torch.zeros_like(var), decay * (var + (1 - decay) * delta * delta))
-    new = torch.stack([new_mean, new_var, count + 1, spikes + spike.to(stats.dtype)])
-    return torch.where(finite, new, stats), spike
+    # the cut rates absorb a jump of the scheduled lr: the calm lr is this step's from now on
+    new_calm = torch.where(spike, lr_now, torch.where(last_lr > 0, last_lr, calm_lr))
+    new = torch.stack([new_mean, new_var, count + 1, spikes + spike.to(stats.dtype), lr_now,
+                       new_calm])  # fmt: skip
+    return torch.where(finite, new, stats), factor
 
 
 def spike_cut(
     rates: Sequence[Tensor],
     controllers: Sequence[Tensor] | None,
-    spike: Tensor,
-    options: Mapping[str, float],
+    factor: Tensor,
     seek: Mapping[str, Any] | None = None,
 ) -> tuple[list[Tensor], list[Tensor] | None]:
-    """Rates (and seek controllers) after a step's guard decision ``spike`` (0-d bool): every
-    rate times ``cut`` and, for the seek rule, the ramping tensors turned (ramp step 0, ceiling
-    ``log(cut level) + log(headroom)``) and every tensor's steps since the turn set past
-    ``resume_window`` (a spike's turn is not taken back); all unchanged without a spike."""
-    factor = torch.where(spike, options["cut"], 1.0)
+    """Rates (and seek controllers) after a step's guard decision ``factor`` (0-d; below 1 on a
+    spike): every rate times ``factor`` and, on a spike, for the seek rule, the ramping tensors
+    turned (ramp step 0, ceiling ``log(cut level) + log(headroom)``) and every tensor's steps
+    since the turn set past ``resume_window`` (a spike's turn is not taken back); all unchanged
+    without a spike."""
+    spike = factor < 1
     new_rates = [r * factor.to(device=r.device, dtype=r.dtype) for r in rates]
     if controllers is None:
         return new_rates, None

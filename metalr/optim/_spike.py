@@ -16,6 +16,7 @@ from metalr.functional.spike_guard import (
     SPIKES,
     VAR,
     initial_spike_stats,
+    padded_spike_stats,
     spike_cut,
     spike_guard_update,
 )
@@ -63,9 +64,9 @@ class SpikeGuarded:
         state = self.state[anchor]
         if SPIKE_KEY not in state:
             state[SPIKE_KEY] = initial_spike_stats(anchor.device, rate_dtype(anchor))
-        stats = state[SPIKE_KEY]
-        options = group["spike_guard"]
-        new_stats, spike = spike_guard_update(stats, loss, options)
+        stats = state[SPIKE_KEY] = padded_spike_stats(state[SPIKE_KEY])
+        lr = scalar_lr(group["lr"])
+        new_stats, factor = spike_guard_update(stats, loss, lr, group["spike_guard"])
         stats.copy_(new_stats)
         params = [p for p in group["params"] if RATE_KEY in self.state.get(p, ())]
         if not params:
@@ -74,10 +75,9 @@ class SpikeGuarded:
         controllers = None
         if group["rule"] == "seek":
             controllers = [self._controller(p, group) for p in params]
-        new_rates, new_controllers = spike_cut(rates, controllers, spike, options, group["seek"])
-        lr = scalar_lr(group["lr"])
+        new_rates, new_controllers = spike_cut(rates, controllers, factor, group["seek"])
         new_rates = [clamp_rates(r, lr, group["lr_bounds"]) for r in new_rates]
-        commit_rates(rates, new_rates, spike, known_finite=False)
+        commit_rates(rates, new_rates, factor < 1, known_finite=False)
         if controllers is not None and new_controllers is not None:
             torch._foreach_copy_(controllers, new_controllers)  # unchanged without a spike
 
