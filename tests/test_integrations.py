@@ -157,6 +157,39 @@ def test_lightning_fit_adapts(tmp_path, scheduler) -> None:
         assert opt.param_groups[0]["lr"] == sched.get_last_lr()[0] != 1e-2
 
 
+def test_lightning_closure_feeds_the_spike_guard(tmp_path) -> None:
+    """Lightning steps with a closure that returns the training loss: the guard sees every one
+    (the same value as the module's own loss) with no change to the training loop."""
+    L = _lightning()
+    L.seed_everything(0, verbose=False)
+    seen: list[float] = []
+
+    class Guarded(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.mse_loss(self.net(x), y)
+            seen.append(float(loss.detach()))
+            return loss
+
+        def configure_optimizers(self):
+            return metalr.AdamHD(self.parameters(), lr=1e-2, spike_guard={"warmup": 3.0})
+
+    module = Guarded()
+    trainer = _trainer(L, tmp_path, max_epochs=2)
+    trainer.fit(module, _loader())
+    summary = unwrap_optimizer(trainer.optimizers[0]).spike_summary()
+    assert summary[0]["losses"] == len(seen) == 10
+    mean = seen[0]
+    for loss in seen[1:]:  # the guard's running mean (no spike in this run)
+        mean += (1 - 0.95) * (loss - mean)
+    assert summary[0]["mean"] == pytest.approx(mean, rel=1e-5)
+    assert summary[0]["spikes"] == 0
+
+
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 @pytest.mark.parametrize("scheduler", [None, "onecycle"])
 def test_lightning_checkpoint_resume_exact(tmp_path, scheduler) -> None:
