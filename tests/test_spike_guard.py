@@ -341,3 +341,20 @@ def test_statistics_saved_before_the_rolled_back_rate_load_padded():
     stats = resumed.state[next(resumed_model.parameters())][SPIKE_KEY]
     assert stats.numel() == 6 and stats[5].item() == pytest.approx(0.02)  # calm since the resume
     assert resumed.spike_summary()[0]["spikes"] == 0
+
+
+def test_observe_loss_equals_stepping_with_the_closure():
+    """``observe_loss(loss)`` between ``backward()`` and ``step()`` is the closure path."""
+    closure_model, observe_model = _model(), _model()
+    by_closure = metalr.AdamHD(closure_model.parameters(), lr=0.02, spike_guard=True)
+    by_observe = metalr.AdamHD(observe_model.parameters(), lr=0.02, spike_guard=True)
+    for step in range(SPIKE_AT + 5):
+        by_closure.step(_closure(closure_model, by_closure, step))
+        loss = _closure(observe_model, by_observe, step)()
+        by_observe.observe_loss(loss)
+        by_observe.step()
+    for p, q in zip(closure_model.parameters(), observe_model.parameters()):
+        assert torch.equal(p, q)
+    assert by_observe.spike_summary() == by_closure.spike_summary()
+    assert by_observe.spike_summary()[0]["spikes"] == 1
+    metalr.AdamHD(_model().parameters()).observe_loss(1.0)  # unguarded: nothing happens

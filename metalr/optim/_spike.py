@@ -46,6 +46,19 @@ class SpikeGuarded:
             for group in groups:
                 self._guard_group(group, value)
 
+    def observe_loss(self, loss: Tensor | float) -> None:
+        """Hand the loss of the step about to be taken to the spike guard (``spike_guard=``),
+        for loops that do not step with a closure — a ``GradScaler`` loop, the transformers
+        Trainer's — with the same effect as ``step(closure)`` returning it: call it after
+        ``backward()`` and before ``step()``. Nothing if no param group is guarded.
+
+        Example:
+            >>> scaler.scale(loss).backward()
+            >>> optimizer.observe_loss(loss)
+            >>> scaler.step(optimizer)
+        """
+        self._guard_spike(loss)
+
     def _spike_loss(self, loss: Any, device: torch.device) -> Tensor:
         """The closure's loss as a detached 0-d tensor on ``device``, averaged over the ranks."""
         if isinstance(loss, Tensor) and loss.numel() == 1:
