@@ -392,6 +392,45 @@ def _check_hf_adaptation(opt, records, initial: float, final: float, steps: int 
     assert_effective_is_lr_times_multiplier(opt)
 
 
+def test_hf_trainer_spike_guard_callback_hands_over_each_steps_loss(tmp_path) -> None:
+    """With gradient accumulation the guard sees one loss per optimizer step: the sum of the
+    micro-batch losses ``training_step`` returned (the Trainer's logged loss)."""
+    transformers = _transformers()
+    from metalr.integrations.huggingface import add_spike_guard_callback
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1,
+                                     n_head=2)  # fmt: skip
+    model = transformers.GPT2LMHeadModel(config)
+    opt = metalr.AdamWHD(model.parameters(), lr=3e-3, spike_guard={"warmup": 3.0})
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=10, per_device_train_batch_size=4,
+        gradient_accumulation_steps=2, report_to=[], save_strategy="no", use_cpu=True,
+        disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_TokenData(),
+                                   optimizers=(opt, None))  # fmt: skip
+    callback = add_spike_guard_callback(trainer)
+    micro: list[float] = []
+    inner = trainer.training_step
+
+    def recording(*a, **kw):
+        loss = inner(*a, **kw)
+        micro.append(float(loss.detach()))
+        return loss
+
+    trainer.training_step = recording
+    trainer.train()
+    assert callback.observed == trainer.state.global_step == 10 and len(micro) == 20
+    per_step = [micro[i] + micro[i + 1] for i in range(0, 20, 2)]
+    mean = per_step[0]
+    for loss in per_step[1:]:
+        mean += (1 - 0.95) * (loss - mean)
+    summary = opt.spike_summary()[0]
+    assert summary["losses"] == 10 and summary["spikes"] == 0
+    assert summary["mean"] == pytest.approx(mean, rel=1e-5)
+
+
 def test_hf_trainer_with_own_scheduler(tmp_path) -> None:
     """``optimizers=(opt, OneCycleLR)``: the Trainer steps our scheduler, which overwrites lr."""
     trainer, opt, records, initial, final = _hf_run(

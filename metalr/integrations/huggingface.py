@@ -17,6 +17,12 @@ dataset, computed as the Trainer computes its losses::
 
     add_observe_validation_callback(trainer, every_n_steps=20)
 
+The Trainer steps its optimizer without a closure, so a metalr optimizer's loss-spike guard
+(``spike_guard=True``) would see no loss; :func:`add_spike_guard_callback` hands it each step's
+training loss::
+
+    add_spike_guard_callback(trainer)
+
 Importing this module imports ``transformers``; ``import metalr`` never does.
 """
 
@@ -50,8 +56,10 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
 __all__ = [
     "EffectiveLRCallback",
     "ObserveValidationCallback",
+    "SpikeGuardCallback",
     "add_effective_lr_callback",
     "add_observe_validation_callback",
+    "add_spike_guard_callback",
 ]
 
 
@@ -242,5 +250,52 @@ def add_observe_validation_callback(
         >>> callback.observations  # = trainer.state.global_step // 20
     """
     callback = ObserveValidationCallback(trainer, every_n_steps, **kwargs)
+    trainer.add_callback(callback)
+    return callback
+
+
+class SpikeGuardCallback(TrainerCallback):
+    """Hand each optimizer step's training loss to the metalr optimizer's loss-spike guard
+    (``spike_guard=``; the Trainer calls ``optimizer.step()`` without a closure).
+
+    ``trainer.training_step`` is wrapped so that what it returns (the loss the Trainer logs, per
+    micro-batch) is summed over the step's micro-batches; ``on_pre_optimizer_step`` (after the
+    gradient clipping, before the step) passes the sum to ``optimizer.observe_loss``. Under DDP
+    the guard averages it over the ranks. ``observed`` counts the losses handed over.
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self.observed = 0
+        self._loss: Tensor | None = None
+        step = trainer.training_step
+
+        def training_step(*args: Any, **kwargs: Any) -> Tensor:
+            loss = step(*args, **kwargs)
+            value = loss.detach()
+            self._loss = value if self._loss is None else self._loss + value
+            return loss
+
+        trainer.training_step = training_step
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._loss is None:
+            return
+        for optimizer in hypergrad_optimizers([kwargs["optimizer"]], type(self).__name__):
+            optimizer.observe_loss(self._loss)
+        self._loss = None
+        self.observed += 1
+
+
+def add_spike_guard_callback(trainer: Any) -> SpikeGuardCallback:
+    """Build a :class:`SpikeGuardCallback` for ``trainer`` and register it.
+
+    Example:
+        >>> optimizer = metalr.AdamWHD(model.parameters(), lr=3e-4, spike_guard=True)
+        >>> trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(optimizer, None))
+        >>> callback = add_spike_guard_callback(trainer)
+        >>> trainer.train()
+        >>> optimizer.spike_summary()  # running mean and std of the loss, spikes
+    """
+    callback = SpikeGuardCallback(trainer)
     trainer.add_callback(callback)
     return callback
