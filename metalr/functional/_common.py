@@ -178,7 +178,7 @@ def torch_fused_kernel_applies(
 
 
 #: Constants that are decays: they must stay below 1.
-_DECAYS = ("turn_decay", "signal_decay", "signal_sq_decay")
+_DECAYS = ("turn_decay", "signal_decay", "signal_sq_decay", "decay")
 
 
 def resolve_constants(
@@ -205,8 +205,9 @@ def resolve_constants(
             ok = ok and not math.isinf(v)
         if not ok:
             bracket = "(" if open_lo else "["
+            close = ")" if key in _DECAYS else "]"
             raise ValueError(
-                f"Invalid {kind}[{key!r}] value: {value}; expected {bracket}{lo}, {hi}]"
+                f"Invalid {kind}[{key!r}] value: {value}; expected {bracket}{lo}, {hi}{close}"
             )
         out[key] = v
     return out

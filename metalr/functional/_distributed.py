@@ -10,6 +10,8 @@ Per-tensor and per-element quantities need nothing under ZeRO (each tensor lives
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -54,3 +56,22 @@ def _collective_device(process_group: dist.ProcessGroup | None) -> torch.device:
     if dist.get_backend(process_group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def average_over_ranks(grads: list[Tensor], process_group: Any) -> None:
+    """Average ``grads`` in place over the ranks of ``process_group``: ``"auto"`` the default
+    group when ``torch.distributed`` is initialized (else nothing), ``None`` nothing, or a group
+    (``observe_validation``'s gradients, the spike guard's loss)."""
+    if process_group is None or not grads:
+        return
+    if not (dist.is_available() and dist.is_initialized()):
+        if process_group == "auto":
+            return
+        raise ValueError("process_group given but torch.distributed is not initialized")
+    group = None if process_group == "auto" else process_group
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    for g in grads:  # one collective per tensor: any dtype, complex included
+        dist.all_reduce(g, group=group)
+        g.div_(world)

@@ -92,12 +92,7 @@ def resolve_spike_guard(options: bool | Mapping[str, float] | None) -> dict[str,
             f"Invalid spike_guard: {options!r}; expected None, True, False or a dict of "
             f"{sorted(SPIKE_GUARD_DEFAULTS)}"
         )
-    resolved = resolve_constants("spike_guard", SPIKE_GUARD_DEFAULTS, _BOUNDS, options,
-                                 finite=True)  # fmt: skip
-    if resolved["decay"] >= 1.0:
-        raise ValueError(f"Invalid spike_guard['decay'] value: {resolved['decay']}; "
-                         "expected [0.0, 1.0)")  # fmt: skip
-    return resolved
+    return resolve_constants("spike_guard", SPIKE_GUARD_DEFAULTS, _BOUNDS, options, finite=True)
 
 
 def initial_spike_stats(device: torch.device | str, dtype: torch.dtype) -> Tensor:
@@ -160,16 +155,15 @@ def spike_cut(
         return new_rates, None
     if seek is None:
         raise ValueError("spike_cut needs the seek constants with controllers")
-    new_controllers = []
-    for rate, ctrl in zip(new_rates, controllers):
-        hit = spike.to(ctrl.device)
-        ramping = hit & (ctrl[RAMP] > 0)
-        ceiling = log_level(rate, "element" if rate.dim() > 0 else "tensor").to(ctrl.dtype)
-        new = ctrl.clone()
-        new[RAMP] = torch.where(ramping, torch.zeros_like(ctrl[RAMP]), ctrl[RAMP])
-        new[CEILING] = torch.where(ramping, ceiling + math.log(seek["headroom"]), ctrl[CEILING])
-        past_window = torch.maximum(ctrl[SINCE], torch.full_like(ctrl[SINCE],
-                                    math.floor(seek["resume_window"]) + 1.0))  # fmt: skip
-        new[SINCE] = torch.where(hit, past_window, ctrl[SINCE])
-        new_controllers.append(new)
-    return new_rates, new_controllers
+    ctrl = torch.stack([c.to(controllers[0].dtype) for c in controllers])  # [n, K]
+    hit = spike.to(ctrl.device)
+    ramping = hit & (ctrl[:, RAMP] > 0)
+    levels = torch.stack(  # each tensor's log-level after the cut (elements: their largest)
+        [log_level(r, "element").to(device=ctrl.device, dtype=ctrl.dtype) for r in new_rates]
+    )
+    new = ctrl.clone()
+    new[:, RAMP] = torch.where(ramping, torch.zeros_like(ctrl[:, RAMP]), ctrl[:, RAMP])
+    new[:, CEILING] = torch.where(ramping, levels + math.log(seek["headroom"]), ctrl[:, CEILING])
+    past_window = ctrl[:, SINCE].clamp_min(math.floor(seek["resume_window"]) + 1.0)
+    new[:, SINCE] = torch.where(hit, past_window, ctrl[:, SINCE])
+    return new_rates, [n.to(c.dtype) for n, c in zip(new.unbind(0), controllers)]

@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._controller import CONTROLLER_SIZE, FAMILIES, initial_controller
-from metalr.functional._distributed import ShardReducer
+from metalr.functional._distributed import ShardReducer, average_over_ranks
 from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
 from metalr.functional.validation import (
     VALIDATION_DEFAULTS,
@@ -196,7 +196,7 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
         if scaler is not None:
             torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
-        _average_over_ranks(grads, process_group)
+        average_over_ranks(grads, process_group)
         loss_finite = torch.isfinite(loss.detach().reshape(()))
         with torch.no_grad():
             start = 0
@@ -371,25 +371,6 @@ def _refuse_dtensor(params: list[Tensor]) -> None:
             "observe_validation does not support sharded (FSDP2 / DTensor) parameters yet; "
             "use DDP (replicated parameters), where the validation gradient is averaged"
         )
-
-
-def _average_over_ranks(grads: list[Tensor], process_group: Any) -> None:
-    """Average ``grads`` in place over the ranks of ``process_group`` (see observe_validation)."""
-    if process_group is None or not grads:
-        return
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        if process_group == "auto":
-            return
-        raise ValueError("process_group given but torch.distributed is not initialized")
-    group = None if process_group == "auto" else process_group
-    world = dist.get_world_size(group)
-    if world == 1:
-        return
-    for g in grads:  # one collective per tensor: any dtype, complex included
-        dist.all_reduce(g, group=group)
-        g.div_(world)
 
 
 def check_sparse(param: Tensor, name: str) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from metalr.functional._common import commit_rates, scalar_lr
+from metalr.functional._distributed import average_over_ranks
 from metalr.functional._hypergrad import clamp_rates, rate_dtype
 from metalr.functional.spike_guard import (
     COUNT,
@@ -70,7 +71,10 @@ class SpikeGuarded:
                 "Invalid closure result for spike_guard: expected the loss as a number or a "
                 f"one-element tensor, got {loss!r}"
             )
-        return _mean_over_ranks(value, getattr(self, "_shard_group", None))
+        shard_group = getattr(self, "_shard_group", None)
+        value = value.clone()  # averaged in place: never the caller's tensor
+        average_over_ranks([value], "auto" if shard_group is None else shard_group)
+        return value
 
     def _guard_group(self, group: dict[str, Any], loss: Tensor) -> None:
         anchor = group["params"][0]
@@ -110,17 +114,3 @@ class SpikeGuarded:
             out.append({"mean": float(values[MEAN]), "std": float(values[VAR].sqrt()),
                         "losses": int(values[COUNT]), "spikes": int(values[SPIKES])})  # fmt: skip
         return out
-
-
-def _mean_over_ranks(value: Tensor, process_group: Any) -> Tensor:
-    """``value`` averaged over the ranks of ``process_group`` (the default group for None) when
-    ``torch.distributed`` runs with more than one rank there; else ``value`` itself."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
-    if dist.get_world_size(process_group) < 2:
-        return value
-    total = value.clone()
-    dist.all_reduce(total, group=process_group)
-    return total / dist.get_world_size(process_group)

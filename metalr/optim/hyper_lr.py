@@ -99,7 +99,7 @@ class HyperLR(HypergradOptimizer):
             seek,
             validation,
             self.seek_family,
-            spike_guard,
+            spike_guard=spike_guard,
         )
         self.optimizer = optimizer
         self._wrapping = True
