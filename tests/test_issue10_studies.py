@@ -192,3 +192,33 @@ def test_steps_to_within_and_best_rates(tmp_path):
     rows.append({"task": "a", "optimizer": "adam_hd", "lr": 1e-1, "seed": 0, "final_val_loss": 0.1})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert find_rate_study.best_adam_rates(path) == {"a": 1e-2}
+
+
+def test_reference_noise_report_counts_triples_against_their_own_best_of_grid():
+    import reference_noise as rn
+
+    assert rn.parse_seeds("3-5,9") == [3, 4, 5, 9]
+    seeds = list(range(6))  # two triples
+    lrs = rn.LRS
+    losses = {}
+    for s in seeds:
+        for i, lr in enumerate(lrs):
+            # adam: lr index 2 is best (1.0) on every seed, except that triple 2's index 3 wins
+            base = 1.0 if i == 2 else 2.0
+            if i == 3 and s >= 3:
+                base = 0.8
+            losses[rn.key("adam", lr, s)] = base
+            # the HD row: 1.05 everywhere (within 10% of 1.0, not of 0.8); inf at the largest lr
+            losses[rn.key("adam_hd", lr, s)] = math.inf if lr == lrs[-1] else 1.05
+    table = rn.report(losses, ["adam", "adam_hd"], seeds, "t")
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table.splitlines()
+            if line.startswith("| adam")}  # fmt: skip
+    # over all six seeds the best fixed rate is index 2 (mean 1.0; index 3: 1.4)
+    assert "best fixed rate of adam: 0.001 (mean 1)" in table
+    # adam at 1e-3: within 10% of triple 1's best (1.0), not of triple 2's (0.8)
+    assert rows[("adam", "0.001")].endswith("| 1/2 |")
+    assert rows[("adam_hd", "0.001")].endswith("| 1/2 |")
+    assert "| 1.05 (1.05-1.05) |" in rows[("adam_hd", "0.001")]
+    assert "inf" in rows[("adam_hd", f"{lrs[-1]:g}")] and rows[("adam_hd", "0.1")].endswith("0/2 |")
+    with pytest.raises(ValueError, match="--seeds"):
+        rn.main(["--seeds", "1,2"])
