@@ -296,3 +296,49 @@ def state_tensors(opt: torch.optim.Optimizer) -> list[tuple[int, str, Tensor]]:
 
 def snapshot(opt: torch.optim.Optimizer) -> dict[tuple[int, str], Tensor]:
     return {(i, k): v.detach().clone() for i, k, v in state_tensors(opt)}
+
+
+# Shared by the conformance tests (test_conformance*.py)
+
+
+def build(cfg: OptimConfig, problem: Problem | None = None, **kwargs: Any):
+    """The MLP problem and ``cfg``'s optimizer over it, as three param groups."""
+    problem = mlp_problem() if problem is None else problem
+    lr = kwargs.get("lr") or cfg.lr()
+    return problem, cfg.make(param_groups(problem.params, lr), **kwargs)
+
+
+def assert_trees_equal(a: Any, b: Any, path: str = "root") -> None:
+    """Structural equality with bit-exact tensors (for state dicts)."""
+    if isinstance(a, Tensor):
+        assert isinstance(b, Tensor), path
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for key in a:
+            assert_trees_equal(a[key], b[key], f"{path}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_trees_equal(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), path
+    else:
+        assert a == b, path
+
+
+def assert_all_equal(xs: list[Tensor], ys: list[Tensor]) -> None:
+    assert len(xs) == len(ys)
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        assert x.dtype == y.dtype and x.shape == y.shape, i
+        assert torch.equal(x, y), f"tensor {i} differs: max |Δ| = {(x - y).abs().max().item()}"
+
+
+def same_tensors(xs: list[Tensor], ys: list[Tensor]) -> bool:
+    return len(xs) == len(ys) and all(x is y for x, y in zip(xs, ys, strict=True))
+
+
+def adapted(opt: torch.optim.Optimizer) -> bool:
+    """Some multiplier moved away from 1 (the adaptation did something)."""
+    return any(not torch.all(r == 1) for r in rates(opt))
