@@ -16,6 +16,7 @@ the torch optimizer and its HD version at every grid rate on ``N`` seeds and rep
     python experiments/reference_noise.py --task fewshot_sinusoid --seeds 100-159
     python experiments/reference_noise.py --task fewshot_sinusoid --seeds 100-159 --optimizer sgd
     python experiments/reference_noise.py --task digits_mlp --seeds 100-129
+    python experiments/reference_noise.py --task diabetes_mlp --seeds 100-111   # a held-out task
 
 Results (JSON of every run's loss, and a Markdown table) go to
 ``experiments/results/reference_noise/<task>_<optimizer>``; runs already in the JSON are not
@@ -39,6 +40,8 @@ from check_controller import LRS, TASKS
 from one_run_goals import WITHIN
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Study 1's budgets: its six tasks (``check_controller.TASKS``) and the three held-out ones.
+STEPS = {**TASKS, "pysrc_transformer": 400, "animal_autoencoder": 1000, "diabetes_mlp": 1000}
 OPTIMIZERS = {
     "adam": ({"kind": "adam"}, {"kind": "adam_hd"}),
     "sgd": ({"kind": "sgd", "momentum": 0.9}, {"kind": "sgd_hd", "momentum": 0.9}),
@@ -91,7 +94,7 @@ def report(losses: dict[str, float], rows: Sequence[str], seeds: list[int], task
     refs = [min(mean_of(losses, ref_name, lr, t) for lr in LRS) for t in triples]
     lines = [
         (
-            f"{task}: {len(seeds)} seeds ({seeds[0]}-{seeds[-1]}), {TASKS.get(task, '?')} steps; "
+            f"{task}: {len(seeds)} seeds ({seeds[0]}-{seeds[-1]}), {STEPS.get(task, '?')} steps; "
             f"best fixed rate of {ref_name}: {best_lr:g} (mean {ref:.4g}). Ratio: the row's "
             f"{len(seeds)}-seed mean ÷ that mean (95% paired bootstrap interval over seeds); "
             f"triples: of {len(triples)} disjoint 3-seed sets, how many put the row within "
@@ -126,7 +129,7 @@ def report(losses: dict[str, float], rows: Sequence[str], seeds: list[int], task
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", default="fewshot_sinusoid", choices=sorted(TASKS))
+    parser.add_argument("--task", default="fewshot_sinusoid", choices=sorted(STEPS))
     parser.add_argument("--seeds", default="100-159", help="e.g. 100-159 or 1,2,3")
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
     parser.add_argument("--workers", type=int, default=2)
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in seeds
         if key(name, lr, s) not in losses
     ]
-    steps = TASKS[args.task]
+    steps = STEPS[args.task]
     with ProcessPoolExecutor(args.workers) as pool:
         runs = [(args.task, spec, lr, s, steps) for _, spec, lr, s in jobs]
         for (name, _, lr, s), loss in zip(jobs, pool.map(_run, runs, chunksize=4)):
