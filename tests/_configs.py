@@ -342,3 +342,13 @@ def same_tensors(xs: list[Tensor], ys: list[Tensor]) -> bool:
 def adapted(opt: torch.optim.Optimizer) -> bool:
     """Some multiplier moved away from 1 (the adaptation did something)."""
     return any(not torch.all(r == 1) for r in rates(opt))
+
+
+def assert_same_trajectory(params_a, opt_a, params_b, opt_b, *, rtol: float, atol: float) -> None:
+    """Two runs agree: parameters to ``(rtol, atol)``, multipliers to ``rtol``; and the first
+    one's multipliers moved (the comparison exercised the adaptation)."""
+    for x, y in zip(params_a, params_b, strict=True):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol)
+    for x, y in zip(rates(opt_a), rates(opt_b), strict=True):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=0)
+    assert adapted(opt_a)

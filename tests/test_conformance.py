@@ -23,6 +23,7 @@ from _configs import (
     adapted,
     all_params,
     assert_all_equal,
+    assert_same_trajectory,
     assert_trees_equal,
     build,
     mlp_problem,
@@ -365,11 +366,7 @@ def test_maximize_is_minimizing_the_negation(cfg: OptimConfig) -> None:
     pb_, b = build(cfg, maximize=True)
     train(a, pa.loss, 8)
     train(b, lambda ps, k: -pb_.loss(ps, k), 8, params=pb_.params)
-    for x, y in zip(pa.params, pb_.params, strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
-    for x, y in zip(rates(a), rates(b), strict=True):
-        torch.testing.assert_close(x, y, rtol=1e-12, atol=0)
-    assert adapted(a)
+    assert_same_trajectory(pa.params, a, pb_.params, b, rtol=1e-12, atol=1e-14)
 
 
 # ------------------------------------------------------------------------------------------

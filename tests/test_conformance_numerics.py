@@ -1,11 +1,6 @@
-"""Table-driven conformance checks, part 2: dtypes, complex parameters, non-finite gradients,
-``lr_bounds``, ``hypergrad_lr = 0`` against ``torch.optim``, sparse gradients (part 1, the
-``torch.optim.Optimizer`` contract, is ``test_conformance.py``).
-
-Each test is parametrized over the table (``CONFIGS``: SGDHD plain/momentum/Nesterov/weight
-decay, AdamHD, AdamWHD, and HyperLR around SGD/Adam/RMSprop/Adagrad, each × granularity × rule),
-in the spirit of torch's ``OptimizerInfo`` tests and optax's shared optimizer harness.
-"""
+"""Table-driven conformance checks, part 2 (part 1, the ``torch.optim.Optimizer`` contract, and
+the table's description are ``test_conformance.py``): dtypes, complex parameters, non-finite
+gradients, ``lr_bounds``, ``hypergrad_lr = 0`` against ``torch.optim``, sparse gradients."""
 
 from __future__ import annotations
 
@@ -25,6 +20,7 @@ from _configs import (
     adapted,
     all_params,
     assert_all_equal,
+    assert_same_trajectory,
     assert_trees_equal,
     build,
     mlp_problem,
@@ -305,11 +301,7 @@ def test_hyperlr_matches_native_optimizer(cfg: OptimConfig) -> None:
     pn, n = build(native)
     train(w, pw.loss, 15)
     train(n, pn.loss, 15)
-    for a, b in zip(pw.params, pn.params, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
-    for a, b in zip(rates(w), rates(n), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=0)
-    assert adapted(w)
+    assert_same_trajectory(pw.params, w, pn.params, n, rtol=1e-9, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------
