@@ -46,7 +46,7 @@ from torch import Tensor
 from metalr.functional._common import safe_sqrt
 from metalr.functional._compiled import compiled
 from metalr.functional._controller import CEILING, RAMP, seek_update_stacked
-from metalr.functional._flat_state import rows_of
+from metalr.functional._flat_state import add_to_rows, rows_or_stack, write_rows
 from metalr.functional._hypergrad import group_signal_from_norms
 
 #: Status codes of the C++ pass.
@@ -91,7 +91,7 @@ def adam_hd_element_step(
     if rule == "seek" and (controllers is None or seek is None):
         raise ValueError("rule='seek' needs controllers and seek constants")
     # the controllers and step counters as rows of one buffer each (no stack per step)
-    ctrl_rows = _rows(controllers) if seeking else None
+    ctrl_rows = rows_or_stack(controllers) if seeking else None
     ctrl = ctrl_rows[0].tolist() if ctrl_rows is not None else None
     ramping = [row[RAMP] > 0 for row in ctrl] if ctrl is not None else [False] * len(params)
     bounded = lr_bounds[0] > 0 or lr_bounds[1] < math.inf
@@ -100,7 +100,7 @@ def adam_hd_element_step(
     )
     decay = 1.0 - lr_f * weight_decay if decoupled_weight_decay else 1.0
     coupled = weight_decay if not decoupled_weight_decay else 0.0
-    step_rows = _rows(steps)
+    step_rows = rows_or_stack(steps)
     ts = step_rows[0].tolist()
     per_count = {t: _adam_constants(t, lr_f, beta1, beta2, decay) for t in set(ts)}
     adam = [per_count[t] for t in ts]  # usually one step count for every tensor
@@ -134,12 +134,12 @@ def adam_hd_element_step(
             for i, (row, ceiling) in enumerate(zip(ctrl, new_ctrl[:, CEILING].tolist()))
         ]  # fmt: skip
         ext.adam_hd_element_pass(*args, rate_rows(true), *common, 0, False, True)
-        _advance(steps, step_rows)
+        add_to_rows(steps, step_rows, 1)
         return
     sums, status = ext.adam_hd_element_pass(*args, rate_rows(guess), *common, scan, seeking, True)
     if status == SKIPPED:
         return
-    _advance(steps, step_rows)
+    add_to_rows(steps, step_rows, 1)
     if not seeking:
         return
     active, turned, new_ctrl = _seek_controllers(sums, rates, controllers, ctrl_rows, ramping, beta,
@@ -202,32 +202,6 @@ def _rollback(ramp: float, seek: Mapping[str, Any]) -> float:
     return math.log(seek["turn_cut"]) - seek["turn_lag"] * ramp
 
 
-def _rows(tensors: Sequence[Tensor]) -> tuple[Tensor, bool]:
-    """``(buffer, shared)``: ``tensors`` as the rows of their own buffer (:func:`rows_of`, moved
-    there once, so that writing the buffer writes them; ``shared`` True) or, where they cannot
-    share one, a stacked copy (False)."""
-    buf = rows_of(tensors)
-    return (buf, True) if buf is not None else (torch.stack(list(tensors)), False)
-
-
-def _write_rows(tensors: Sequence[Tensor], rows: tuple[Tensor, bool], new: Tensor) -> None:
-    """Write ``new`` ``[n, ...]`` into ``tensors`` (one copy where they share ``rows``' buffer)."""
-    buf, shared = rows
-    if shared:
-        buf.copy_(new)
-    else:
-        torch._foreach_copy_(list(tensors), list(new.unbind(0)))
-
-
-def _advance(steps: Sequence[Tensor], rows: tuple[Tensor, bool]) -> None:
-    """Count one more step in every counter of ``steps`` (:func:`_rows` of them)."""
-    buf, shared = rows
-    if shared:
-        buf.add_(1)
-    else:
-        torch._foreach_add_(list(steps), 1)
-
-
 def _seek_controllers(
     sums: Tensor,
     rates: Sequence[Tensor],
@@ -238,7 +212,7 @@ def _seek_controllers(
     seek: Mapping[str, Any],
 ) -> tuple[bool, list[bool], Tensor]:
     """Move the controllers in place from the pass's sums (``ctrl_rows``: them as the rows of one
-    buffer, :func:`_rows`); returns ``(active, turned, new controllers [n, K])``.
+    buffer, :func:`~metalr.functional._flat_state.rows_or_stack`); returns ``(active, turned, new controllers [n, K])``.
 
     The rule's :func:`seek_update_stacked` runs at group granularity on stand-ins: per tensor the
     mean sign as its signal and the largest old rate as its rate (the element rule reads only
@@ -249,7 +223,7 @@ def _seek_controllers(
     new_ctrl, active = _element_controllers(
         sums, ctrl_rows[0], beta, sizes=tuple(r.numel() for r in rates), seek=seek
     )
-    _write_rows(controllers, ctrl_rows, new_ctrl)
+    write_rows(controllers, ctrl_rows, new_ctrl)
     if not any(ramping):
         return bool(active), [False] * len(rates), new_ctrl
     new_ramp = new_ctrl[:, RAMP].tolist()

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from metalr.functional._common import commit_update
 from metalr.functional._cpu_element import adam_hd_element_step, bias_corrections
-from metalr.functional._flat_state import rows_of
+from metalr.functional._flat_state import add_to_rows, rows_or_stack
 from metalr.functional._from_sums import (
     adapt_rates_from_sums,
     commit_rows,
@@ -228,8 +228,8 @@ def adam_hd_step(
     lr_f = float(lr)
     coupled = weight_decay if not decoupled_weight_decay else 0.0
     decay = 1.0 - lr_f * weight_decay if decoupled_weight_decay else 1.0
-    step_buf = rows_of(steps)  # the counters as one buffer (no stack per step)
-    ts = (step_buf if step_buf is not None else torch.stack(steps)).tolist()
+    step_rows = rows_or_stack(steps)  # the counters as one buffer (no stack per step)
+    ts = step_rows[0].tolist()
     # the kernel's rows (pc1, pc2, lr, 1-β1^t, c2, decay): one for all when the counts agree
     counts = ts if len(set(ts)) > 1 else ts[:1]
     constants = torch.tensor(
@@ -258,12 +258,6 @@ def adam_hd_step(
         else:
             commit_update(rates, controllers, update, known_finite=known_finite)
 
-    def advance_steps() -> None:
-        if step_buf is not None:
-            step_buf.add_(1)
-        else:
-            torch._foreach_add_(steps, 1)
-
     def multipliers() -> Tensor:  # the rate buffer itself where the state has one
         return state[0] if state is not None else torch.stack(rates)
 
@@ -271,7 +265,7 @@ def adam_hd_step(
     if lagged:
         sums = ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, constants, multipliers(),
                                 *common, True, True)  # fmt: skip
-        advance_steps()
+        add_to_rows(steps, step_rows, 1)
         commit(rate_update(sums), known_finite=False)
         return True
     sums = ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, constants, multipliers(),
@@ -283,7 +277,7 @@ def adam_hd_step(
     commit(update, known_finite=True)
     ext.adam_hd_pass(params, grads, exp_avgs, exp_avg_sqs, constants, multipliers(), *common,
                      False, True)  # fmt: skip
-    advance_steps()
+    add_to_rows(steps, step_rows, 1)
     return True
 
 

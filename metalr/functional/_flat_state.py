@@ -80,3 +80,41 @@ def rows_of(tensors: Sequence[Tensor]) -> Tensor | None:
     if len(_ROWS) > _LIMIT:
         _forget(next(iter(_ROWS)))
     return buffer
+
+
+def rows_or_stack(
+    tensors: Sequence[Tensor],
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Tensor, bool]:
+    """``(rows, shared)``: the tensors' own buffer (:func:`rows_of`; ``shared`` True: writing
+    it writes them) where they have one (on ``device``, if given), else a stacked copy (converted
+    to ``device``/``dtype`` where given; False)."""
+    buf = rows_of(tensors)
+    if buf is not None and (device is None or buf.device == device):
+        return buf, True
+    return torch.stack([t.to(device=device, dtype=dtype) for t in tensors]), False
+
+
+def write_rows(tensors: Sequence[Tensor], rows: tuple[Tensor, bool], new: Tensor) -> None:
+    """Write ``new`` (``[n, ...]``) into ``tensors``: one copy into their buffer where ``rows``
+    (:func:`rows_or_stack`) is it, else row by row."""
+    buf, shared = rows
+    if shared:
+        buf.copy_(new)
+    else:
+        torch._foreach_copy_(list(tensors), list(new.unbind(0)))
+
+
+def add_to_rows(
+    tensors: Sequence[Tensor], rows: tuple[Tensor, bool], increment: float | Tensor
+) -> None:
+    """Add ``increment`` to every tensor (the step counters): in one op where ``rows``
+    (:func:`rows_or_stack`) is their buffer, else one by one through the list overload, which
+    does not read a 0-d tensor ``increment`` on the host (a sync, illegal under CUDA-graph
+    capture)."""
+    buf, shared = rows
+    if shared:
+        buf.add_(increment)
+    else:
+        torch._foreach_add_(list(tensors), [increment] * len(tensors))

@@ -42,7 +42,7 @@ import triton.language as tl
 from torch import Tensor
 
 from metalr.functional._common import commit_update
-from metalr.functional._flat_state import rows_of
+from metalr.functional._flat_state import add_to_rows, rows_or_stack
 from metalr.functional._from_sums import (
     adapt_rates_from_sums,
     commit_rows,
@@ -291,25 +291,6 @@ def _keep(grads_finite: Tensor | None, device: torch.device) -> Tensor:
     return grads_finite.to(device=device, dtype=torch.int32)
 
 
-def _add_steps(steps: list[Tensor], step_buf: Tensor | None, count: Tensor) -> None:
-    """Add the step's flag (``count``: 0 or 1 on the device) to each step counter: to their
-    buffer ``step_buf`` where they share one, else one by one."""
-    increment = count.to(steps[0].dtype)
-    if step_buf is not None:
-        step_buf.add_(increment)
-    else:  # the list overload: the 0-d-tensor-scalar overload reads the scalar on the host
-        torch._foreach_add_(steps, [increment] * len(steps))  # (a sync, illegal under capture)
-
-
-def _step_vector(steps: Sequence[Tensor], device: torch.device) -> tuple[Tensor, bool]:
-    """The step counters as one ``[n]`` tensor on ``device``, and whether it is their own
-    buffer (written in place) rather than a stacked copy."""
-    buf = rows_of(steps)
-    if buf is not None and buf.device == device:
-        return buf, True
-    return torch.stack([s.to(device=device, dtype=torch.float32) for s in steps]), False
-
-
 def _passes(
     launch: Any,
     rates: list[Tensor],
@@ -398,7 +379,8 @@ def adam_hd_step(
     grads = [g.contiguous() for g in grads]
     chunks, pointers = _tables([params, grads, exp_avgs, exp_avg_sqs])
     partials = torch.zeros(len(params), chunks.max_chunks, 3, dtype=torch.float32, device=device)
-    step_vec, own_steps = _step_vector(steps, device)
+    step_rows = rows_or_stack(steps, device, torch.float32)
+    step_vec = step_rows[0]
     lr_t = _device_scalar(lr, device)
     keep = _keep(grads_finite, device)
     kernel = _launcher(_adam_kernel, device)
@@ -417,7 +399,7 @@ def adam_hd_step(
         hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity, lr_bounds=lr_bounds,
         grads_finite=grads_finite, seek=seek,
     )  # fmt: skip
-    _add_steps(steps, step_vec if own_steps else None, count)
+    add_to_rows(steps, step_rows, count.to(steps[0].dtype))
     return True
 
 
