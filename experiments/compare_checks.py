@@ -26,6 +26,7 @@ import json
 import math
 import random
 import statistics
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +59,25 @@ def paired(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list[float]]:
 
 def seed_bootstrap(d: dict[str, list[float]], draws: int = 2000, seed: int = 0) -> tuple:
     """Mean of ``d`` and its 95% percentile interval, resampling whole seeds."""
-    n = len(next(iter(d.values())))
-    rng = random.Random(seed)
+    seeds = list(range(len(next(iter(d.values())))))
 
-    def mean_over(idx: list[int]) -> float:
+    def mean_over(idx: Sequence[int]) -> float:
         return statistics.fmean(v[i] for v in d.values() for i in idx)
 
-    means = sorted(mean_over([rng.randrange(n) for _ in range(n)]) for _ in range(draws))
-    return mean_over(list(range(n))), means[int(0.025 * draws)], means[int(0.975 * draws) - 1]
+    lo, hi = bootstrap_interval(seeds, mean_over, random.Random(seed), draws)
+    return mean_over(seeds), lo, hi
+
+
+def bootstrap_interval(
+    seeds: Sequence[int],
+    stat: Callable[[list[int]], float],
+    rng: random.Random,
+    draws: int = 2000,
+) -> tuple[float, float]:
+    """95% percentile interval of ``stat`` over ``draws`` resamples of ``seeds`` (with
+    replacement, whole seeds)."""
+    values = sorted(stat([rng.choice(seeds) for _ in seeds]) for _ in range(draws))
+    return values[int(0.025 * draws)], values[int(0.975 * draws) - 1]
 
 
 def within(run: dict[str, Any]) -> int:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fit_controller, check_controller
 from check_controller import LRS, TASKS
+from compare_checks import bootstrap_interval
 from one_run_goals import WITHIN
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +47,6 @@ OPTIMIZERS = {
     "adam": ({"kind": "adam"}, {"kind": "adam_hd"}),
     "sgd": ({"kind": "sgd", "momentum": 0.9}, {"kind": "sgd_hd", "momentum": 0.9}),
 }
-BOOTSTRAP = 2000
 
 
 def _run(job: tuple[str, dict, float, int, int]) -> float:
@@ -70,14 +70,6 @@ def parse_seeds(text: str) -> list[int]:
 
 def key(name: str, lr: float, seed: int) -> str:
     return f"{name}|{lr:g}|{seed}"
-
-
-def bootstrap_interval(
-    seeds: Sequence[int], stat, rng: random.Random, n: int = BOOTSTRAP
-) -> tuple[float, float]:
-    """95% percentile interval of ``stat(resampled seeds)`` (seeds resampled with replacement)."""
-    draws = sorted(stat([rng.choice(seeds) for _ in seeds]) for _ in range(n))
-    return draws[int(0.025 * n)], draws[int(0.975 * n) - 1]
 
 
 def mean_of(losses: dict[str, float], name: str, lr: float, seeds: Sequence[int]) -> float:
