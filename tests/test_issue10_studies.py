@@ -222,3 +222,42 @@ def test_reference_noise_report_counts_triples_against_their_own_best_of_grid():
     assert "inf" in rows[("adam_hd", f"{lrs[-1]:g}")] and rows[("adam_hd", "0.1")].endswith("0/2 |")
     with pytest.raises(ValueError, match="--seeds"):
         rn.main(["--seeds", "1,2"])
+
+
+def test_signal_agreement_probe_reads_cosines_without_changing_the_run():
+    import signal_agreement as sa
+    from fit_controller import run
+
+    spec = {"kind": "adam_hd"}
+    rows, result = sa.probe("digits_mlp", spec, 1e-3, 0, 12, size="smoke")
+    plain = run("digits_mlp", spec, 1e-3, 12, "smoke", 0)
+    assert result["final_val_loss"] == plain["final_val_loss"]  # the probe does not perturb it
+    assert [r["step"] for r in rows] == list(range(2, 13))
+    assert all(-1 <= r["c_train"] <= 1 and -1 <= r["c_val"] <= 1 for r in rows)
+    first = rows[0]  # the averages start from 0 with weight 1 - DECAY
+    assert first["train"] == pytest.approx((1 - sa.DECAY) * first["c_train"])
+    # at a tiny rate successive full-batch-like steps agree: the ramp's first cosines are positive
+    assert first["c_train"] > 0.1
+
+
+def test_seek_many_seeds_ratio_is_the_variant_mean_over_the_best_fixed_rate_on_those_seeds():
+    import random
+
+    import seek_many_seeds as sm
+    from reference_noise import LRS, key
+
+    seeds = [0, 1, 2, 3]
+    reference = {key("adam", lr, s): (1.0 + s if lr == LRS[2] else 3.0 + s) for lr in LRS
+                 for s in seeds}  # fmt: skip
+    runs = {s: 1.2 * (1.0 + s) for s in seeds}
+    ratio, lo, hi = sm.ratios(reference, runs, seeds, random.Random(0))
+    assert ratio == pytest.approx(1.2) and lo == pytest.approx(1.2) and hi == pytest.approx(1.2)
+    text = sm.table({"v": {"t": (1.2, 1.1, 1.3)}, "w": {"t": (1.05, 1.0, 1.1)}}, 1e-3)
+    assert "| v | 1.200 (1.10-1.30) | 1.200 | 0/1 |" in text
+    assert "| w | 1.050 (1.00-1.10) | 1.050 | 1/1 |" in text
+    with pytest.raises(ValueError, match="--lr"):
+        sm.main(["--lr", "3e-3"])
+    with pytest.raises(ValueError, match="--variant"):
+        sm.main(
+            ["--variant", "no-equals-sign", "--tasks", "digits_logreg", "--out", "/nonexistent"]
+        )
