@@ -13,7 +13,7 @@ Procedure (fixed before it was run):
 * **Selection** (added on 2026-12-03, when round 7's seek constants made the grid's best keep
   the training signal at full weight): the lowest objective among the settings under which the
   rates fall in a constructed overfitting case (:func:`falls_when_overfitting`, the behaviour
-  ``tests/test_validation_signal.py`` requires of the defaults); ``best.json`` names it.
+  ``tests/test_validation_behaviour.py`` requires of the defaults); ``best.json`` names it.
 * **Search:** the full grid ``hypergrad_lr ∈ {0.03, 0.1, 0.3}`` × ``evidence ∈ {0, 0.2, 0.4}``
   × ``train_weight ∈ {0, 1}`` (``signal_decay`` 0.7, ``signal_sq_decay`` 0.95 fixed): 18
   settings × 8 cells. A grid, not a Bayesian search: three constants, and every setting is

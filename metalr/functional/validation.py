@@ -104,7 +104,7 @@ RECOMMENDED_EVERY = 20
 #: the training signal keeps in phase 2 once a group follows the validation signal (0: none).
 #: Chosen by ``experiments/choose_validation.py`` with the seek rule's defaults of the day: the
 #: grid's best setting under which the rates fall in a constructed overfitting case (its
-#: ``falls_when_overfitting``, the behaviour ``tests/test_validation_signal.py`` requires). With
+#: ``falls_when_overfitting``, the behaviour ``tests/test_validation_behaviour.py`` requires). With
 #: round 7's seek constants (the defaults 2026-12-03 to 12-04): β_val 0.3, evidence 0.2 and the training signal
 #: kept at full weight (objective 0.577 on its 8 cells, where the seek rule without the
 #: validation signal scores 0.591; every setting that replaces the training signal scores
