@@ -61,7 +61,13 @@ def _batch_gradient(task: Any, model: torch.nn.Module, params: list[torch.Tensor
 
 
 def probe(
-    task_name: str, spec: dict[str, Any], lr: float, seed: int, steps: int, size: str = "full"
+    task_name: str,
+    spec: dict[str, Any],
+    lr: float,
+    seed: int,
+    steps: int,
+    size: str = "full",
+    batch: int = VAL_BATCH,
 ) -> tuple[list[dict[str, float]], dict[str, Any]]:
     """One run of ``spec``; per step from the second: raw and smoothed training and validation
     cosines with the last step, and the mean effective rate; and the run's result (the probe
@@ -74,8 +80,8 @@ def probe(
         opt = build(spec, model, lr, task)
         params = [p for g in opt.param_groups for p in g["params"]]
         splits = task.splits(seed)
-        xt, yt = (t[:VAL_BATCH] for t in splits[0])  # a training batch of the validation's size
-        xv, yv = (t[:VAL_BATCH] for t in splits[1])
+        xt, yt = (t[:batch] for t in splits[0])  # a training batch of the validation's size
+        xv, yv = (t[:batch] for t in splits[1])
         inner, last = opt.step, {"theta": None}
 
         def step(*args: Any, **kwargs: Any) -> Any:
@@ -125,9 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--size", default="full", choices=["smoke", "full"])
+    parser.add_argument("--batch", type=int, default=VAL_BATCH,
+                        help="examples of the fixed training and validation batches")  # fmt: skip
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    rows, _ = probe(args.task, json.loads(args.spec), args.lr, args.seed, args.steps, args.size)
+    rows, _ = probe(args.task, json.loads(args.spec), args.lr, args.seed, args.steps, args.size,
+                    args.batch)  # fmt: skip
     print(f"{args.task}, {args.spec}, lr0 {args.lr:g}, seed {args.seed} (averages, decay {DECAY})")
     print("| step | c_train (minibatch) | c_train (big batch) | c_val | c_val / c_train (big) "
           "| mean effective rate |")  # fmt: skip
