@@ -41,6 +41,8 @@ from compare_checks import bootstrap_interval
 from one_run_goals import WITHIN
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Where each task's runs (``<task>_<optimizer>.json``) and table (``.md``) go by default.
+RESULTS = ROOT / "experiments/results/reference_noise"
 #: Study 1's budgets: its six tasks (``check_controller.TASKS``) and the three held-out ones.
 STEPS = {**TASKS, "pysrc_transformer": 400, "animal_autoencoder": 1000, "diabetes_mlp": 1000}
 OPTIMIZERS = {
@@ -133,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = parse_seeds(args.seeds)
     if len(seeds) < 3:
         raise ValueError(f"Invalid --seeds: {args.seeds!r}; expected at least 3 seeds")
-    stem = Path(args.out or ROOT / "experiments/results/reference_noise" /
-                f"{args.task}_{args.optimizer}")  # fmt: skip
+    stem = Path(args.out or RESULTS / f"{args.task}_{args.optimizer}")
     stem.parent.mkdir(parents=True, exist_ok=True)
     path = stem.with_suffix(".json")
     losses: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}

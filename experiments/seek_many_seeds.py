@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # reference_noise, compare_checks
 from compare_checks import bootstrap_interval
 from one_run_goals import WITHIN
-from reference_noise import LRS, STEPS, _run, key, parse_seeds
+from reference_noise import LRS, RESULTS, STEPS, _run, key, mean_of, parse_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "experiments/results/seek_many_seeds"
@@ -63,11 +63,10 @@ def ratios(
     """The runs' mean ÷ the best fixed rate's mean over ``seeds`` (the rate chosen on these seeds),
     with its 95% paired bootstrap interval. ``reference``: ``key("adam", lr, seed)`` → loss;
     ``runs``: seed → loss."""
-    best = min(LRS, key=lambda lr: statistics.mean(reference[key("adam", lr, s)] for s in seeds))
+    best = min(LRS, key=lambda lr: mean_of(reference, "adam", lr, seeds))
 
     def stat(sample: Sequence[int]) -> float:
-        ref = statistics.mean(reference[key("adam", best, s)] for s in sample)
-        return statistics.mean(runs[s] for s in sample) / ref
+        return statistics.mean(runs[s] for s in sample) / mean_of(reference, "adam", best, sample)
 
     lo, hi = bootstrap_interval(list(seeds), stat, rng)
     return stat(seeds), lo, hi
@@ -117,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cache_path = args.out / "runs.json"
     cache: dict[str, float] = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    refs = {}
-    for task in tasks:  # reference_noise's cache: the Adam grid and the default AdamHD row
-        path = ROOT / "experiments/results/reference_noise" / f"{task}_adam.json"
-        refs[task] = json.loads(path.read_text()) if path.is_file() else {}
+    # reference_noise's cache: the Adam grid and the default AdamHD row
+    ref_paths = {task: RESULTS / f"{task}_adam.json" for task in tasks}
+    refs = {task: json.loads(path.read_text()) if path.is_file() else {}
+            for task, path in ref_paths.items()}  # fmt: skip
     jobs = []
     for task in tasks:
         for s in parse_seeds(SEEDS[task]):
@@ -140,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             if where == "var":
                 cache_path.write_text(json.dumps(cache, indent=0, sort_keys=True))
     for task in {job[1] for job in jobs if job[0] == "ref"}:  # keep what was added
-        path = ROOT / "experiments/results/reference_noise" / f"{task}_adam.json"
-        path.write_text(json.dumps(refs[task], indent=0, sort_keys=True))
+        ref_paths[task].write_text(json.dumps(refs[task], indent=0, sort_keys=True))
     rng = random.Random(0)
     rows: dict[str, dict[str, tuple[float, float, float]]] = {}
     for name, seek in {"shipped defaults": None, **variants}.items():

@@ -82,10 +82,11 @@ def probe(
         splits = task.splits(seed)
         xt, yt = (t[:batch] for t in splits[0])  # a training batch of the validation's size
         xv, yv = (t[:batch] for t in splits[1])
-        inner, last = opt.step, {"theta": None}
+        inner, last = opt.step, {"theta": None, "calls": 0}
 
         def step(*args: Any, **kwargs: Any) -> Any:
             theta = [p.detach().clone() for p in params]
+            last["calls"] += 1  # this call takes step number last["calls"]
             if last["theta"] is not None:
                 d = _flat([a - b for a, b in zip(last["theta"], theta)])
                 g = _flat([p.grad for p in params])
@@ -102,7 +103,7 @@ def probe(
                     prev = rows[-1] if rows else {"train": 0.0, "val": 0.0, "big": 0.0}
                     c_t, c_v, c_b = _cosine(g, d), _cosine(g_val, d), _cosine(g_big, d)
                     rows.append({
-                        "step": len(rows) + 2, "c_train": c_t, "c_val": c_v, "c_big": c_b,
+                        "step": last["calls"], "c_train": c_t, "c_val": c_v, "c_big": c_b,
                         "train": DECAY * prev["train"] + (1 - DECAY) * c_t,
                         "val": DECAY * prev["val"] + (1 - DECAY) * c_v,
                         "big": DECAY * prev["big"] + (1 - DECAY) * c_b,
