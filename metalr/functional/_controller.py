@@ -134,6 +134,13 @@ from metalr.functional._seek_constants import (
     SGD_SEEK_DEFAULTS,
     resolve_seek,
 )  # re-exported: the rule's fitted constants
+from metalr.functional._validation_state import (
+    LEVEL,
+    LOSS_AVG,
+    completed_validation_stats,
+    held_rates,
+    loss_trend,
+)
 
 #: Entries of a controller vector.
 RAMP, FAST, MEAN, SQ, CEILING, COUNT, PEAK, SINCE, SLOW, SLOW_PEAK, GRAD, GRAD_PEAK = range(12)
@@ -404,6 +411,7 @@ def seek_validation_update(
     options: Mapping[str, float],
     seek: Mapping[str, Any],
     granularity: str,
+    loss: Tensor | None = None,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """New multipliers and validation statistics after one validation observation (pure).
 
@@ -416,10 +424,16 @@ def seek_validation_update(
 
     Rates still ramping (phase 1 runs on the training signal) hold still; their statistics are
     updated. At tensor granularity the rates are tied as in :func:`seek_update`.
+
+    With ``options["hold"] = P > 0`` and the validation ``loss`` given, the move starts from the
+    rates the hold leaves (:func:`~metalr.functional._validation_state.held_rates`): while the loss's running average has reached a
+    new best within the last ``P`` observations, a settled rate is brought back up to its level
+    after the previous observation (the training signal's anneal since then is undone), and once
+    it has not, it is multiplied by ``plateau_cut``.
     """
     if not rates:
         return [], []
-    st = torch.stack([s.to(stats[0].dtype) for s in stats])  # [n, 3]
+    st = torch.stack([completed_validation_stats(s.to(stats[0].dtype)) for s in stats])  # [n, 8]
     act = active.to(st.device)
     sig = torch.stack(
         [tensor_signal(s, granularity).to(device=st.device, dtype=st.dtype) for s in signals]
@@ -428,6 +442,12 @@ def seek_validation_update(
         st[:, 0], st[:, 1], st[:, 2], sig, options
     )
     ctrl = torch.stack([c.to(st.dtype) for c in controllers])
+    settled = ctrl[:, RAMP] <= 0
+    loss_stats = st[:, LOSS_AVG:LEVEL]
+    if loss is not None:
+        loss_stats, holding = loss_trend(loss_stats, loss, options)
+        if options.get("hold", 0.0) > 0:  # absent from checkpoints before it: off
+            rates = held_rates(rates, st[:, LEVEL], settled & act, holding, options, granularity)
     gap = options.get("gap", 0.0)  # absent from checkpoints before it: 0, the signal alone
     if gap != 0.0:  # how much less the validation data agree with the steps than the training data
         track = track - gap * _training_snr(ctrl, seek)
@@ -439,5 +459,9 @@ def seek_validation_update(
     )
     move_options = MoveOptions(sizes, options["hypergrad_lr"], 1.0, seek, granularity)
     new_rates = move_rates(rates, signals, move, move_options)
-    new_st = torch.where(act, torch.stack([new_mean, new_sq, new_count], dim=1), st)
+    levels = torch.stack([log_level(r, granularity).to(st.dtype) for r in new_rates])
+    levels = torch.where(settled, levels, torch.full_like(levels, -math.inf))
+    fresh = torch.cat([torch.stack([new_mean, new_sq, new_count], dim=1), loss_stats,
+                       levels[:, None]], dim=1)  # fmt: skip
+    new_st = torch.where(act, fresh, st)
     return new_rates, [n.to(s.dtype) for n, s in zip(new_st.unbind(0), stats)]

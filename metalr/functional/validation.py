@@ -87,10 +87,19 @@ from metalr.functional._hypergrad import (
     seek_signals,
     update_rates,
 )
-
-#: Entries of a validation-statistics vector: running mean, mean square, observation count.
-VAL_MEAN, VAL_SQ, VAL_COUNT = range(3)
-VALIDATION_SIZE = 3
+from metalr.functional._validation_state import (  # noqa: F401 (re-exported)
+    LEVEL,
+    LOSS_AVG,
+    LOSS_BEST,
+    LOSS_COUNT,
+    LOSS_SINCE,
+    VAL_COUNT,
+    VAL_MEAN,
+    VAL_SQ,
+    VALIDATION_SIZE,
+    completed_validation_stats,
+    initial_validation_stats,
+)
 
 #: The recommended frequency: one validation batch (of the training batch size) every 20
 #: optimizer steps. Adopted 2026-12-04 by a rule fixed before study 9's run at 20 (at least as
@@ -131,6 +140,9 @@ VALIDATION_DEFAULTS: dict[str, float] = {
     "climb": 0.0,
     "gap": 0.0,
     "noise_hold": 0.0,
+    "hold": 0.0,
+    "loss_decay": 0.5,
+    "plateau_cut": 1.0,
 }
 
 #: What the other rules take where the caller does not say: their own update with the
@@ -147,17 +159,15 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "climb": (0.0, 1.0, False),
     "gap": (0.0, 1.0, False),
     "noise_hold": (0.0, 10.0, False),
+    "hold": (0.0, 1000.0, False),
+    "loss_decay": (0.0, 1.0, False),
+    "plateau_cut": (0.0, 1.0, True),
 }
 
 
 def resolve_validation(options: Mapping[str, float] | None) -> dict[str, float]:
     """:data:`VALIDATION_DEFAULTS` overridden by ``options``; ``ValueError`` names a bad key."""
     return resolve_constants("validation", VALIDATION_DEFAULTS, _BOUNDS, options, finite=True)
-
-
-def initial_validation_stats(param: Tensor, dtype: torch.dtype) -> Tensor:
-    """Fresh statistics for ``param``: no observation yet."""
-    return torch.zeros(VALIDATION_SIZE, dtype=dtype, device=param.device)
 
 
 class ValidationUpdate(NamedTuple):
@@ -184,12 +194,15 @@ def validation_adapt_rates(
     seek: Mapping[str, Any] | None = None,
     grads_finite: Tensor | None = None,
     shards: ShardReducer | None = None,
+    loss: Tensor | None = None,
 ) -> ValidationUpdate:
     """The rates after one validation observation (pure; equations in the module docstring).
 
     ``val_grads``: ``∇L_val(θ_t)`` per parameter; ``directions``: the last step's ``d_t``.
     ``controllers``/``seek``: the seek rule's (read for the phase and the ceiling, unchanged).
     ``grads_finite``: and-ed into the flag (e.g. whether the validation loss itself is finite).
+    ``loss``: the validation loss (0-d; the seek rule's hold reads it; None: the loss statistics
+    stay as they are and nothing is held).
     """
     if rule == "seek":
         if controllers is None or seek is None:
@@ -199,7 +212,7 @@ def validation_adapt_rates(
         )
         new_rates, new_stats = seek_validation_update(
             rates, controllers, stats, signals, active, [g.numel() for g in val_grads],
-            options=options, seek=seek, granularity=granularity,
+            options=options, seek=seek, granularity=granularity, loss=loss,
         )  # fmt: skip
         new_rates = [clamp_rates(r, lr, lr_bounds) for r in new_rates]
         return ValidationUpdate(new_rates, finite, new_stats)

@@ -16,6 +16,7 @@ from metalr.functional._distributed import ShardReducer, average_over_ranks
 from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
 from metalr.functional.validation import (
     VALIDATION_DEFAULTS,
+    completed_validation_stats,
     initial_validation_stats,
     validation_adapt_rates,
 )
@@ -196,18 +197,24 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
         if scaler is not None:
             torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
-        average_over_ranks(grads, process_group)
-        loss_finite = torch.isfinite(loss.detach().reshape(()))
+        value = loss.detach().reshape(()).clone()
+        average_over_ranks(grads + [value], process_group)  # the hold reads the mean loss
+        loss_finite = torch.isfinite(value)
         with torch.no_grad():
             start = 0
             for group, ps in groups:
                 group_grads, start = grads[start : start + len(ps)], start + len(ps)
                 if ps:
-                    self._observe_group(group, ps, group_grads, loss_finite)
+                    self._observe_group(group, ps, group_grads, loss_finite, value)
         return loss.detach()
 
     def _observe_group(
-        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], finite: Tensor
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        finite: Tensor,
+        loss: Tensor,
     ) -> None:
         rates = [self._rate(p, group) for p in params]
         stats = []
@@ -224,7 +231,7 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
             rates, stats, grads, directions, lr=scalar_lr(group["lr"]), rule=group["rule"],
             granularity=group["granularity"], lr_bounds=group["lr_bounds"],
             options=group["validation"], controllers=args.get("controllers"),
-            seek=args.get("seek"), grads_finite=finite, shards=self._shard_reducer(),
+            seek=args.get("seek"), grads_finite=finite, shards=self._shard_reducer(), loss=loss,
         )  # fmt: skip
         commit_rates(rates, update.rates, update.finite, known_finite=False)
         torch._foreach_copy_(stats, update.stats)  # already gated by the flag
@@ -317,6 +324,8 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
                 if key == CONTROLLER_KEY and value.numel() < CONTROLLER_SIZE:
                     # a checkpoint from before the controller's later entries: those start at 0
                     value = torch.cat([value, value.new_zeros(CONTROLLER_SIZE - value.numel())])
+                if key == VALIDATION_KEY:  # a checkpoint from before the hold: no loss trend yet
+                    value = completed_validation_stats(value)
                 self.state[p][key] = value
 
     def _migrated(self, state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,88 @@
+"""The validation statistics (``optimizer.state[p]['hd_validation']``) and the hold (pure).
+
+One small vector per parameter tensor: the validation cosine's running averages (the
+validation signal's, :func:`metalr.functional._controller.seek_validation_update`), the
+validation loss's trend and the tensor's rate level after the last observation — what the
+seek rule's hold (``validation={"hold": P, "plateau_cut": c}``) reads: :func:`loss_trend` and
+:func:`held_rates`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from metalr.functional._rate_moves import log_level
+
+#: Entries of a validation-statistics vector: the validation cosine's running mean, mean square
+#: and observation count; the validation loss's running average, its best, the observations
+#: since that best and the losses counted (the hold's); the tensor's log-rate level after the
+#: last observation (``-inf``: none yet, or the tensor was still ramping).
+VAL_MEAN, VAL_SQ, VAL_COUNT, LOSS_AVG, LOSS_BEST, LOSS_SINCE, LOSS_COUNT, LEVEL = range(8)
+VALIDATION_SIZE = 8
+
+
+def initial_validation_stats(param: Tensor, dtype: torch.dtype) -> Tensor:
+    """Fresh statistics for ``param``: no observation yet (no best loss, no level)."""
+    stats = torch.zeros(VALIDATION_SIZE, dtype=dtype, device=param.device)
+    stats[LOSS_BEST] = math.inf
+    stats[LEVEL] = -math.inf
+    return stats
+
+
+def completed_validation_stats(stats: Tensor) -> Tensor:
+    """``stats`` from a checkpoint of before the hold (3 entries), completed with fresh loss
+    statistics and no level; a full vector as it is."""
+    if stats.numel() >= VALIDATION_SIZE:
+        return stats
+    fresh = initial_validation_stats(stats, stats.dtype)
+    return torch.cat([stats, fresh[stats.numel() :]])
+
+
+def loss_trend(
+    loss_stats: Tensor, loss: Tensor, options: Mapping[str, float]
+) -> tuple[Tensor, Tensor]:
+    """The validation loss's running average ``A``, its best ``B``, the observations since that
+    best ``s`` and the count ``n`` (stacked ``[n_tensors, 4]``, the same in every row) after one
+    observation ``v``, and whether the hold holds (``s < hold``)::
+
+        A ← v if n = 0 else δ A + (1 − δ) v,    B ← min(B, A),    s ← 0 if A < B_old else s + 1
+
+    (``δ = loss_decay``)."""
+    avg, best, since, count = loss_stats.unbind(1)
+    v = loss.detach().to(device=avg.device, dtype=avg.dtype).reshape(())
+    decay = options.get("loss_decay", 0.5)
+    new_avg = torch.where(count > 0, decay * avg + (1 - decay) * v, v.expand_as(avg))
+    improved = new_avg < best
+    new_best = torch.minimum(best, new_avg)
+    new_since = torch.where(improved, torch.zeros_like(since), since + 1)
+    holding = new_since < options.get("hold", 0.0)
+    return torch.stack([new_avg, new_best, new_since, count + 1], dim=1), holding
+
+
+def held_rates(
+    rates: Sequence[Tensor],
+    levels: Tensor,
+    settled: Tensor,
+    holding: Tensor,
+    options: Mapping[str, float],
+    granularity: str,
+) -> list[Tensor]:
+    """The rates the hold leaves before the validation move: a settled rate below its level
+    ``ℓ`` after the last observation is brought back up to it while the loss improves (per
+    element: all of the tensor's rates by the one factor that brings their largest back), and
+    multiplied by ``plateau_cut`` once it has not improved for ``hold`` observations::
+
+        log m ← log m + max(0, ℓ − log m)     (holding; ℓ = -inf: no level yet, no move)
+        log m ← log m + log(plateau_cut)       (not holding)
+    """
+    now = torch.stack([log_level(r, granularity).to(levels.dtype) for r in rates])
+    back = (levels - now).clamp_min(0)
+    back = torch.where(torch.isfinite(back), back, torch.zeros_like(back))
+    cut = math.log(options.get("plateau_cut", 1.0))
+    shift = torch.where(holding, back, torch.full_like(back, cut))
+    shift = torch.where(settled, shift, torch.zeros_like(shift))
+    return [r * torch.exp(s).to(r.dtype) for r, s in zip(rates, shift.unbind(0))]
