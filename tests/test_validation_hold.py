@@ -111,7 +111,7 @@ def test_rates_keep_their_level_while_the_validation_loss_improves(granularity):
     can rise)."""
     falling = [1.0, 0.9, 0.8, 0.7, 0.6]
     held = _rate_path({"hold": 2, "hypergrad_lr": 0.0}, granularity, falling)
-    free = _rate_path({"hypergrad_lr": 0.0}, granularity, falling)
+    free = _rate_path({"hold": 0, "hypergrad_lr": 0.0}, granularity, falling)
     assert held[0] == pytest.approx(free[0], rel=1e-12)  # nothing to hold at the first observation
     for before, after in itertools.pairwise(held):
         assert all(a >= b * (1 - 1e-12) for a, b in zip(after, before))
@@ -128,7 +128,7 @@ def test_rates_are_cut_once_the_validation_loss_stops_improving():
     observation multiplies the rates by ``plateau_cut`` (beside the training signal's anneal)."""
     rising = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9]  # averages 1, .75, .675 (the best), .6875, .744, .822
     cut = _rate_path({"hold": 2, "plateau_cut": 0.5, "hypergrad_lr": 0.0}, losses=rising)
-    kept = _rate_path({"hold": 2, "hypergrad_lr": 0.0}, losses=rising)
+    kept = _rate_path({"hold": 2, "plateau_cut": 1.0, "hypergrad_lr": 0.0}, losses=rising)
     assert cut[3] == pytest.approx(kept[3], rel=1e-12)  # one observation without a best: held
     for t in (4, 5):
         for a, b, a0, b0 in zip(cut[t], kept[t], cut[t - 1], kept[t - 1]):

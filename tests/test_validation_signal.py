@@ -147,7 +147,7 @@ def _seek_reference(rates, stats, cosines, options, ceiling, train_snrs=None):
 def test_seek_validation_step_equals_a_float64_reference(climb, gap):
     model = _model()
     options = {"hypergrad_lr": 0.2, "evidence": -0.3, "signal_decay": 0.6,
-               "signal_sq_decay": 0.9, "climb": climb, "gap": gap}  # fmt: skip
+               "signal_sq_decay": 0.9, "climb": climb, "gap": gap, "hold": 0}  # fmt: skip
     # ramp_rate 0: the controller starts settled (no ramp), tie off: rates move independently
     seek = {"ramp_rate": 0.0, "init_scale": 1.0, "tie": math.inf}
     opt = metalr.AdamHD(model.parameters(), lr=LR, seek=seek, validation=options)
