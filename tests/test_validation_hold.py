@@ -36,27 +36,29 @@ def _observe(opt, model, target: float, batch=VAL) -> None:
     opt.observe_validation(raw * (target / float(raw.detach())))
 
 
-def _hold_reference(rates, levels, trend, value, options):
-    """The hold in Python floats: the loss trend ``(A, B, s, n)`` after ``value`` and the rates
-    (per tensor) the validation move starts from."""
-    avg, best, since, count = trend
+def _hold_reference(rates, levels, trend, value, step, options):
+    """The hold in Python floats: the loss trend ``(A, B, t_B, n)`` after ``value`` at training
+    step ``step`` (active steps counted) and the rates (per tensor) the validation move starts
+    from."""
+    avg, best, best_step, count = trend
     d = options["loss_decay"]
     avg = value if count == 0 else d * avg + (1 - d) * value
-    since = 0 if avg < best else since + 1
+    best_step = step if avg < best else best_step
     best = min(best, avg)
-    holding = since < options["hold"]
+    holding = step - best_step < options["hold"]
     held = []
     for m, level in zip(rates, levels):
         if holding:
             held.append(max(m, math.exp(level)) if level > -math.inf else m)
         else:
             held.append(m * options["plateau_cut"])
-    return held, (avg, best, since, count + 1)
+    return held, (avg, best, best_step, count + 1)
 
 
 @pytest.mark.parametrize("cut", [1.0, 0.5])
 def test_hold_equals_a_float64_reference(cut):
-    options = {"hold": 2, "plateau_cut": cut, "loss_decay": 0.5, "hypergrad_lr": 0.3,
+    # 3 training steps between observations: a patience of 6 steps is two observations
+    options = {"hold": 6, "plateau_cut": cut, "loss_decay": 0.5, "hypergrad_lr": 0.3,
                "signal_decay": 0.7, "signal_sq_decay": 0.95, "evidence": -0.2, "climb": 0.0}  # fmt: skip
     model = _model()
     opt = metalr.AdamHD(model.parameters(), lr=LR, seek=SETTLED_ANNEALING, validation=options)
@@ -72,7 +74,8 @@ def test_hold_equals_a_float64_reference(cut):
         grads = torch.autograd.grad(_loss(model, VAL), params)
         dirs = opt._last_directions(opt.param_groups[0], params)
         cos = [float((g * d).sum() / (g.norm() * d.norm())) for g, d in zip(grads, dirs)]
-        held, trend = _hold_reference(rates, levels, trend, value, options)
+        active_steps = 3 * (t + 1) - 1  # the first step has no last direction: not counted
+        held, trend = _hold_reference(rates, levels, trend, value, active_steps, options)
         restored += sum(h > r * (1 + 1e-9) for h, r in zip(held, rates))
         cut_seen += sum(h < r * (1 - 1e-9) for h, r in zip(held, rates))
         new_rates, stats = _seek_reference(held, stats, cos, options, math.inf)
@@ -110,7 +113,7 @@ def test_rates_keep_their_level_while_the_validation_loss_improves(granularity):
     they fall further at every observation (per-element rates follow their own signs, which
     can rise)."""
     falling = [1.0, 0.9, 0.8, 0.7, 0.6]
-    held = _rate_path({"hold": 2, "hypergrad_lr": 0.0}, granularity, falling)
+    held = _rate_path({"hold": 6, "hypergrad_lr": 0.0}, granularity, falling)
     free = _rate_path({"hold": 0, "hypergrad_lr": 0.0}, granularity, falling)
     assert held[0] == pytest.approx(free[0], rel=1e-12)  # nothing to hold at the first observation
     for before, after in itertools.pairwise(held):
@@ -124,11 +127,12 @@ def test_rates_keep_their_level_while_the_validation_loss_improves(granularity):
 
 
 def test_rates_are_cut_once_the_validation_loss_stops_improving():
-    """After ``hold`` observations without a new best of the loss's running average, each
-    observation multiplies the rates by ``plateau_cut`` (beside the training signal's anneal)."""
+    """Once ``hold`` training steps (here two observations) have passed without a new best of the
+    loss's running average, each observation multiplies the rates by ``plateau_cut`` (beside
+    the training signal's anneal)."""
     rising = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9]  # averages 1, .75, .675 (the best), .6875, .744, .822
-    cut = _rate_path({"hold": 2, "plateau_cut": 0.5, "hypergrad_lr": 0.0}, losses=rising)
-    kept = _rate_path({"hold": 2, "plateau_cut": 1.0, "hypergrad_lr": 0.0}, losses=rising)
+    cut = _rate_path({"hold": 6, "plateau_cut": 0.5, "hypergrad_lr": 0.0}, losses=rising)
+    kept = _rate_path({"hold": 6, "plateau_cut": 1.0, "hypergrad_lr": 0.0}, losses=rising)
     assert cut[3] == pytest.approx(kept[3], rel=1e-12)  # one observation without a best: held
     for t in (4, 5):
         for a, b, a0, b0 in zip(cut[t], kept[t], cut[t - 1], kept[t - 1]):
@@ -138,7 +142,7 @@ def test_rates_are_cut_once_the_validation_loss_stops_improving():
 
 
 def test_hold_resumes_bit_exactly_and_skips_a_non_finite_loss():
-    options = {"hold": 2, "plateau_cut": 0.5}
+    options = {"hold": 2, "plateau_cut": 0.5}  # 2 steps: one observation (one step apart here)
     model = _model()
     opt = metalr.AdamHD(model.parameters(), lr=LR, seek=SETTLED_ANNEALING, validation=options)
     for t, value in enumerate(LOSSES[:5]):

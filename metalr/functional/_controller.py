@@ -426,8 +426,9 @@ def seek_validation_update(
     updated. At tensor granularity the rates are tied as in :func:`seek_update`.
 
     With ``options["hold"] = P > 0`` and the validation ``loss`` given, the move starts from the
-    rates the hold leaves (:func:`~metalr.functional._validation_state.held_rates`): while the loss's running average has reached a
-    new best within the last ``P`` observations, a settled rate is brought back up to its level
+    rates the hold leaves (:func:`~metalr.functional._validation_state.held_rates`): while the
+    loss's running average has reached a new best within the last ``P`` training steps (the
+    controllers' count), a settled rate is brought back up to its level
     after the previous observation (the training signal's anneal since then is undone), and once
     it has not, it is multiplied by ``plateau_cut``.
     """
@@ -445,7 +446,7 @@ def seek_validation_update(
     settled = ctrl[:, RAMP] <= 0
     loss_stats = st[:, LOSS_AVG:LEVEL]
     if loss is not None:
-        loss_stats, holding = loss_trend(loss_stats, loss, options)
+        loss_stats, holding = loss_trend(loss_stats, loss, ctrl[:, COUNT], options)
         if options.get("hold", 0.0) > 0:  # absent from checkpoints before it: off
             rates = held_rates(rates, st[:, LEVEL], settled & act, holding, options, granularity)
     gap = options.get("gap", 0.0)  # absent from checkpoints before it: 0, the signal alone

@@ -18,10 +18,10 @@ from torch import Tensor
 from metalr.functional._rate_moves import log_level
 
 #: Entries of a validation-statistics vector: the validation cosine's running mean, mean square
-#: and observation count; the validation loss's running average, its best, the observations
-#: since that best and the losses counted (the hold's); the tensor's log-rate level after the
-#: last observation (``-inf``: none yet, or the tensor was still ramping).
-VAL_MEAN, VAL_SQ, VAL_COUNT, LOSS_AVG, LOSS_BEST, LOSS_SINCE, LOSS_COUNT, LEVEL = range(8)
+#: and observation count; the validation loss's running average, its best, the training step
+#: (the controller's count) of that best and the losses counted (the hold's); the tensor's
+#: log-rate level after the last observation (``-inf``: none yet, or the tensor was still ramping).
+VAL_MEAN, VAL_SQ, VAL_COUNT, LOSS_AVG, LOSS_BEST, BEST_STEP, LOSS_COUNT, LEVEL = range(8)
 VALIDATION_SIZE = 8
 
 
@@ -43,24 +43,27 @@ def completed_validation_stats(stats: Tensor) -> Tensor:
 
 
 def loss_trend(
-    loss_stats: Tensor, loss: Tensor, options: Mapping[str, float]
+    loss_stats: Tensor, loss: Tensor, step: Tensor, options: Mapping[str, float]
 ) -> tuple[Tensor, Tensor]:
-    """The validation loss's running average ``A``, its best ``B``, the observations since that
-    best ``s`` and the count ``n`` (stacked ``[n_tensors, 4]``, the same in every row) after one
-    observation ``v``, and whether the hold holds (``s < hold``)::
+    """The validation loss's running average ``A``, its best ``B``, the training step ``t_B`` of
+    that best and the count ``n`` (stacked ``[n_tensors, 4]``) after one observation ``v`` at
+    training step ``t`` (``step``: the controllers' count of active steps, ``[n_tensors]``), and
+    whether the hold holds (``t − t_B < hold``: a new best within the last ``hold`` steps)::
 
-        A ← v if n = 0 else δ A + (1 − δ) v,    B ← min(B, A),    s ← 0 if A < B_old else s + 1
+        A ← v if n = 0 else δ A + (1 − δ) v,    B ← min(B, A),    t_B ← t if A < B_old
 
-    (``δ = loss_decay``)."""
-    avg, best, since, count = loss_stats.unbind(1)
+    (``δ = loss_decay``). Counting steps, not observations, keeps the hold's patience the same
+    whatever the observation frequency."""
+    avg, best, best_step, count = loss_stats.unbind(1)
     v = loss.detach().to(device=avg.device, dtype=avg.dtype).reshape(())
+    step = step.to(device=avg.device, dtype=avg.dtype)
     decay = options.get("loss_decay", 0.5)
     new_avg = torch.where(count > 0, decay * avg + (1 - decay) * v, v.expand_as(avg))
     improved = new_avg < best
     new_best = torch.minimum(best, new_avg)
-    new_since = torch.where(improved, torch.zeros_like(since), since + 1)
-    holding = new_since < options.get("hold", 0.0)
-    return torch.stack([new_avg, new_best, new_since, count + 1], dim=1), holding
+    new_best_step = torch.where(improved, step, best_step)
+    holding = step - new_best_step < options.get("hold", 0.0)
+    return torch.stack([new_avg, new_best, new_best_step, count + 1], dim=1), holding
 
 
 def held_rates(
@@ -74,7 +77,7 @@ def held_rates(
     """The rates the hold leaves before the validation move: a settled rate below its level
     ``ℓ`` after the last observation is brought back up to it while the loss improves (per
     element: all of the tensor's rates by the one factor that brings their largest back), and
-    multiplied by ``plateau_cut`` once it has not improved for ``hold`` observations::
+    multiplied by ``plateau_cut`` once it has not improved for ``hold`` training steps::
 
         log m ← log m + max(0, ℓ − log m)     (holding; ℓ = -inf: no level yet, no move)
         log m ← log m + log(plateau_cut)       (not holding)

@@ -57,7 +57,7 @@ signal replaces the training one):
 
       track ← min(track + noise_hold · evidence · G_t/H_t, 0)   where track < 0
 
-* ``hold`` (``P`` in [0, 1000], seek rule only; default 2; 0: off), ``loss_decay`` (δ, default
+* ``hold`` (``P`` training steps, ≥ 0, seek rule only; default 40; 0: off), ``loss_decay`` (δ, default
   0.5) and ``plateau_cut`` (``c`` in (0, 1], default 0.5) read the validation *loss* itself, not its
   gradient. The training signal anneals a rate whenever successive steps disagree, which on a
   model still improving on held-out data stops it early (an autoencoder's rate falls from
@@ -65,17 +65,19 @@ signal replaces the training one):
   running average ``A ← δ A + (1 − δ) v`` and its best ``B`` decide, at each observation, before
   the validation move::
 
-      while A reached a new best within the last P observations:
+      while A reached a new best within the last P training steps:
           log m ← max(log m, ℓ)            (ℓ: the rate's level after the previous observation)
-      after P observations without one:
+      after P steps without one:
           log m ← log m + log c
 
   so a model that still improves on the validation data keeps its rate (the anneal since the
   last observation is undone, as a fixed rate would keep it), and one that has stopped falls
   by ``c`` at each observation (``ReduceLROnPlateau`` inside the rule). Only settled rates are
   held (the ramp and the turn are the training signal's); per element, the tensor's rates move
-  by the one factor that brings their largest back. Under DDP the loss is averaged over the
-  ranks with the gradient. (Functions: :mod:`metalr.functional._validation_state`.)
+  by the one factor that brings their largest back. The patience counts training steps (the
+  controller's count), not observations, so it means the same at any observation frequency
+  (40 steps: two observations at the recommended every 20). Under DDP the loss is averaged over
+  the ranks with the gradient. (Functions: :mod:`metalr.functional._validation_state`.)
 
 A validation loss or gradient that is not finite is skipped: nothing changes. The statistics
 (the signal's ``μ, ν, count``; the loss's ``A, B``, observations since ``B``, count; the level
@@ -109,11 +111,11 @@ from metalr.functional._hypergrad import (
     update_rates,
 )
 from metalr.functional._validation_state import (  # noqa: F401 (re-exported)
+    BEST_STEP,
     LEVEL,
     LOSS_AVG,
     LOSS_BEST,
     LOSS_COUNT,
-    LOSS_SINCE,
     VAL_COUNT,
     VAL_MEAN,
     VAL_SQ,
@@ -151,9 +153,9 @@ RECOMMENDED_EVERY = 20
 #: Round 12 (``.../round12``, ``--gap``: animal_cnn added to the suite after study 9 showed the
 #: brake costing it) chose β_val 0.3 with the same evidence and ``climb`` (0.544; ``gap`` 1 lost
 #: in every pairing, 0.617-0.833, though it helped digits_mlp) — and every setting scored above
-#: the 0.523 of no signal on that suite. The hold (``hold`` 2, ``loss_decay`` 0.5,
-#: ``plateau_cut`` 0.5; 2026-12-05) was chosen on a development grid of study 1's six tasks (seeds
-#: 100-102) and adopted by the rule written before its check on fresh seeds 46-51
+#: the 0.523 of no signal on that suite. The hold (``hold`` 40 steps, ``loss_decay`` 0.5,
+#: ``plateau_cut`` 0.5; 2026-12-05; two observations at every 20) was chosen on a development grid
+#: of study 1's six tasks (seeds 100-102) and adopted by the rule written before its check on fresh seeds 46-51
 #: (``experiments/results/fit_controller/val_hold/protocol.md``): 15/30 cells within 10% of
 #: best-of-grid Adam against 10/30 without it, paired mean log-ratio -0.015 (-0.024 to -0.005),
 #: animal_cnn -0.171, digits_mlp +0.083. Checkpoints from before it resume without it.
@@ -166,7 +168,7 @@ VALIDATION_DEFAULTS: dict[str, float] = {
     "climb": 0.0,
     "gap": 0.0,
     "noise_hold": 0.0,
-    "hold": 2.0,
+    "hold": 40.0,
     "loss_decay": 0.5,
     "plateau_cut": 0.5,
 }
@@ -185,7 +187,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "climb": (0.0, 1.0, False),
     "gap": (0.0, 1.0, False),
     "noise_hold": (0.0, 10.0, False),
-    "hold": (0.0, 1000.0, False),
+    "hold": (0.0, 1e9, False),
     "loss_decay": (0.0, 1.0, False),
     "plateau_cut": (0.0, 1.0, True),
 }
