@@ -59,7 +59,7 @@ def _optimizer(kind: str, rule: str, granularity: str, params) -> torch.optim.Op
         # a signal that moves the rates both ways (the default brake may never act here), and the
         # hold, which reads the validation loss (averaged over the ranks like the gradient)
         hyper["validation"] = {"climb": 1.0, "evidence": 0.2, "hypergrad_lr": 0.3, "hold": 2,
-                               "plateau_cut": 0.5}  # hold: one observation (every 2 steps)  # fmt: skip
+                               "cut_after": 2, "plateau_cut": 0.5}  # one observation (every 2 steps)  # fmt: skip
     if kind == "SGDHD":
         return metalr.SGDHD(params, lr=0.05, momentum=0.9, **hyper)
     if kind == "AdamHD":

@@ -46,19 +46,20 @@ def _hold_reference(rates, levels, trend, value, step, options):
     best_step = step if avg < best else best_step
     best = min(best, avg)
     holding = step - best_step < options["hold"]
+    cutting = step - best_step >= max(options["cut_after"], options["hold"])
     held = []
     for m, level in zip(rates, levels):
         if holding:
             held.append(max(m, math.exp(level)) if level > -math.inf else m)
-        else:
-            held.append(m * options["plateau_cut"])
+        else:  # between the hold's patience and the cut's, the training signal alone
+            held.append(m * options["plateau_cut"] if cutting else m)
     return held, (avg, best, best_step, count + 1)
 
 
-@pytest.mark.parametrize("cut", [1.0, 0.5])
-def test_hold_equals_a_float64_reference(cut):
+@pytest.mark.parametrize(("cut", "cut_after"), [(1.0, 0.0), (0.5, 0.0), (0.5, 12.0)])
+def test_hold_equals_a_float64_reference(cut, cut_after):
     # 3 training steps between observations: a patience of 6 steps is two observations
-    options = {"hold": 6, "plateau_cut": cut, "loss_decay": 0.5, "hypergrad_lr": 0.3,
+    options = {"hold": 6, "plateau_cut": cut, "cut_after": cut_after, "loss_decay": 0.5, "hypergrad_lr": 0.3,
                "signal_decay": 0.7, "signal_sq_decay": 0.95, "evidence": -0.2, "climb": 0.0}  # fmt: skip
     model = _model()
     opt = metalr.AdamHD(model.parameters(), lr=LR, seek=SETTLED_ANNEALING, validation=options)
@@ -131,7 +132,8 @@ def test_rates_are_cut_once_the_validation_loss_stops_improving():
     loss's running average, each observation multiplies the rates by ``plateau_cut`` (beside
     the training signal's anneal)."""
     rising = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9]  # averages 1, .75, .675 (the best), .6875, .744, .822
-    cut = _rate_path({"hold": 6, "plateau_cut": 0.5, "hypergrad_lr": 0.0}, losses=rising)
+    cut = _rate_path({"hold": 6, "cut_after": 0, "plateau_cut": 0.5, "hypergrad_lr": 0.0},
+                     losses=rising)  # fmt: skip
     kept = _rate_path({"hold": 6, "plateau_cut": 1.0, "hypergrad_lr": 0.0}, losses=rising)
     assert cut[3] == pytest.approx(kept[3], rel=1e-12)  # one observation without a best: held
     for t in (4, 5):
@@ -142,7 +144,8 @@ def test_rates_are_cut_once_the_validation_loss_stops_improving():
 
 
 def test_hold_resumes_bit_exactly_and_skips_a_non_finite_loss():
-    options = {"hold": 2, "plateau_cut": 0.5}  # 2 steps: one observation (one step apart here)
+    # 2 steps: one observation (one step apart here); the cut after 3 observations without a best
+    options = {"hold": 2, "cut_after": 3, "plateau_cut": 0.5}
     model = _model()
     opt = metalr.AdamHD(model.parameters(), lr=LR, seek=SETTLED_ANNEALING, validation=options)
     for t, value in enumerate(LOSSES[:5]):
@@ -191,7 +194,24 @@ def test_checkpoint_from_before_the_hold_loads_with_a_fresh_loss_trend():
 
 
 @pytest.mark.parametrize(("key", "value"), [("hold", -1.0), ("loss_decay", 1.5),
-                                            ("plateau_cut", 0.0), ("plateau_cut", 1.2)])  # fmt: skip
+                                            ("plateau_cut", 0.0), ("plateau_cut", 1.2),
+                                            ("cut_after", -5.0)])  # fmt: skip
 def test_bad_hold_options_name_the_key(key, value):
     with pytest.raises(ValueError, match=key):
         metalr.AdamHD(_model().parameters(), lr=LR, validation={key: value})
+
+
+def test_the_cut_waits_cut_after_steps():
+    """``cut_after`` 12 (four observations here) with the hold's 6: an observation 6–11 steps after
+    the best neither holds nor cuts (the training signal alone moves the rates); from 12 on,
+    each observation halves them."""
+    rising = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1]  # best average at the third (step 8)
+    late = _rate_path({"hold": 6, "cut_after": 12, "plateau_cut": 0.5, "hypergrad_lr": 0.0},
+                      losses=rising)  # fmt: skip
+    free = _rate_path({"hold": 6, "plateau_cut": 1.0, "hypergrad_lr": 0.0}, losses=rising)
+    for t in (3, 4):  # 3 and 6 steps after the best: held, then neither (the same rates as no cut)
+        assert late[t] == pytest.approx(free[t], rel=1e-12)
+    for t in (6, 7):  # 12 and 15 steps after it: cut (the fifth observation, 9 steps, was not)
+        for a, b, a0, b0 in zip(late[t], free[t], late[t - 1], free[t - 1]):
+            assert a / a0 == pytest.approx(0.5 * b / b0, rel=1e-3)
+    assert late[5] == pytest.approx(free[5], rel=1e-12)

@@ -446,9 +446,11 @@ def seek_validation_update(
     settled = ctrl[:, RAMP] <= 0
     loss_stats = st[:, LOSS_AVG:LEVEL]
     if loss is not None:
-        loss_stats, holding = loss_trend(loss_stats, loss, ctrl[:, COUNT], options)
+        loss_stats, holding, cutting = loss_trend(loss_stats, loss, ctrl[:, COUNT], options)
         if options.get("hold", 0.0) > 0:  # absent from checkpoints before it: off
-            rates = held_rates(rates, st[:, LEVEL], settled & act, holding, options, granularity)
+            rates = held_rates(
+                rates, st[:, LEVEL], settled & act, holding, cutting, options, granularity
+            )
     gap = options.get("gap", 0.0)  # absent from checkpoints before it: 0, the signal alone
     if gap != 0.0:  # how much less the validation data agree with the steps than the training data
         track = track - gap * _training_snr(ctrl, seek)

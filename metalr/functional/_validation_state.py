@@ -44,11 +44,12 @@ def completed_validation_stats(stats: Tensor) -> Tensor:
 
 def loss_trend(
     loss_stats: Tensor, loss: Tensor, step: Tensor, options: Mapping[str, float]
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     """The validation loss's running average ``A``, its best ``B``, the training step ``t_B`` of
     that best and the count ``n`` (stacked ``[n_tensors, 4]``) after one observation ``v`` at
-    training step ``t`` (``step``: the controllers' count of active steps, ``[n_tensors]``), and
-    whether the hold holds (``t − t_B < hold``: a new best within the last ``hold`` steps)::
+    training step ``t`` (``step``: the controllers' count of active steps, ``[n_tensors]``),
+    whether the hold holds (``t − t_B < hold``: a new best within the last ``hold`` steps) and
+    whether the cut cuts (``t − t_B ≥ max(cut_after, hold)``)::
 
         A ← v if n = 0 else δ A + (1 − δ) v,    B ← min(B, A),    t_B ← t if A < B_old
 
@@ -62,8 +63,10 @@ def loss_trend(
     improved = new_avg < best
     new_best = torch.minimum(best, new_avg)
     new_best_step = torch.where(improved, step, best_step)
-    holding = step - new_best_step < options.get("hold", 0.0)
-    return torch.stack([new_avg, new_best, new_best_step, count + 1], dim=1), holding
+    waited = step - new_best_step
+    holding = waited < options.get("hold", 0.0)
+    cutting = waited >= max(options.get("cut_after", 0.0), options.get("hold", 0.0))
+    return torch.stack([new_avg, new_best, new_best_step, count + 1], dim=1), holding, cutting
 
 
 def held_rates(
@@ -71,21 +74,24 @@ def held_rates(
     levels: Tensor,
     settled: Tensor,
     holding: Tensor,
+    cutting: Tensor,
     options: Mapping[str, float],
     granularity: str,
 ) -> list[Tensor]:
     """The rates the hold leaves before the validation move: a settled rate below its level
     ``ℓ`` after the last observation is brought back up to it while the loss improves (per
     element: all of the tensor's rates by the one factor that brings their largest back), and
-    multiplied by ``plateau_cut`` once it has not improved for ``hold`` training steps::
+    multiplied by ``plateau_cut`` once it has not improved for ``max(cut_after, hold)`` training
+    steps (in between, the training signal alone moves it)::
 
         log m ← log m + max(0, ℓ − log m)     (holding; ℓ = -inf: no level yet, no move)
-        log m ← log m + log(plateau_cut)       (not holding)
+        log m ← log m + log(plateau_cut)       (cutting)
     """
     now = torch.stack([log_level(r, granularity).to(levels.dtype) for r in rates])
     back = (levels - now).clamp_min(0)
     back = torch.where(torch.isfinite(back), back, torch.zeros_like(back))
     cut = math.log(options.get("plateau_cut", 1.0))
-    shift = torch.where(holding, back, torch.full_like(back, cut))
+    cuts = torch.where(cutting, torch.full_like(back, cut), torch.zeros_like(back))
+    shift = torch.where(holding, back, cuts)
     shift = torch.where(settled, shift, torch.zeros_like(shift))
     return [r * torch.exp(s).to(r.dtype) for r, s in zip(rates, shift.unbind(0))]
