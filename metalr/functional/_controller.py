@@ -428,9 +428,9 @@ def seek_validation_update(
     With ``options["hold"] = P > 0`` and the validation ``loss`` given, the move starts from the
     rates the hold leaves (:func:`~metalr.functional._validation_state.held_rates`): while the
     loss's running average has reached a new best within the last ``P`` training steps (the
-    controllers' count), a settled rate is brought back up to its level
-    after the previous observation (the training signal's anneal since then is undone), and once
-    it has not, it is multiplied by ``plateau_cut``.
+    controllers' count), a settled rate is brought back up to its level after the previous
+    observation (the training signal's anneal since then is undone); once it has not for
+    ``max(P, cut_after)`` steps, it is multiplied by ``plateau_cut`` at each observation.
     """
     if not rates:
         return [], []

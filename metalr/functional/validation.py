@@ -57,10 +57,9 @@ signal replaces the training one):
 
       track ← min(track + noise_hold · evidence · G_t/H_t, 0)   where track < 0
 
-* ``hold`` (``P`` training steps, ≥ 0, seek rule only; default 40; 0: off), ``loss_decay`` (δ, default
-  0.5), ``plateau_cut`` (``c`` in (0, 1], default 0.5) and ``cut_after`` (steps, default 80) read
-  the validation *loss* itself, not its
-  gradient. The training signal anneals a rate whenever successive steps disagree, which on a
+* ``hold`` (``P`` training steps, ≥ 0, seek rule only; default 40; 0: off), ``loss_decay`` (δ,
+  default 0.5), ``plateau_cut`` (``c`` in (0, 1], default 0.5) and ``cut_after`` (steps, default
+  80) read the validation *loss* itself, not its gradient. The training signal anneals a rate whenever successive steps disagree, which on a
   model still improving on held-out data stops it early (an autoencoder's rate falls from
   2e-3 to 1e-8 in 900 steps while fixed-rate Adam keeps improving). With the hold, the loss's
   running average ``A ← δ A + (1 − δ) v`` and its best ``B`` decide, at each observation, before
@@ -82,8 +81,7 @@ signal replaces the training one):
   the ranks with the gradient. (Functions: :mod:`metalr.functional._validation_state`.)
 
 A validation loss or gradient that is not finite is skipped: nothing changes. The statistics
-(the signal's ``μ, ν, count``; the loss's ``A, B``, observations since ``B``, count; the level
-``ℓ``) are one small vector per parameter tensor (``VALIDATION_SIZE`` entries), in
+(the signal's ``μ, ν, count``; the loss's ``A, B``, the step of ``B``, count; the level ``ℓ``) are one small vector per parameter tensor (``VALIDATION_SIZE`` entries), in
 ``optimizer.state[p]['hd_validation']``; their presence is what switches a group to the
 validation signal, so a resumed run stays in the mode it was in.
 
@@ -156,10 +154,11 @@ RECOMMENDED_EVERY = 20
 #: brake costing it) chose β_val 0.3 with the same evidence and ``climb`` (0.544; ``gap`` 1 lost
 #: in every pairing, 0.617-0.833, though it helped digits_mlp) — and every setting scored above
 #: the 0.523 of no signal on that suite. The hold (``hold`` 40 steps, ``loss_decay`` 0.5,
-#: ``plateau_cut`` 0.5; 2026-12-05; two observations at every 20) was chosen on a development grid
-#: of study 1's six tasks (seeds 100-102) and adopted by the rule written before its check on fresh seeds 46-51
-#: (``experiments/results/fit_controller/val_hold/protocol.md``): 15/30 cells within 10% of
-#: best-of-grid Adam against 10/30 without it, paired mean log-ratio -0.015 (-0.024 to -0.005),
+#: ``plateau_cut`` 0.5; 2026-12-05; two observations at every 20) was chosen on a development
+#: grid of study 1's six tasks (seeds 100-102) and adopted by the rule written before its check
+#: on fresh seeds 46-51 (``experiments/results/fit_controller/val_hold/protocol.md``): 15/30
+#: cells within 10% of best-of-grid Adam against 10/30 without it, paired mean log-ratio -0.015
+#: (-0.024 to -0.005),
 #: animal_cnn -0.171, digits_mlp +0.083. Then 60 seeds of the few-shot task showed the cut
 #: costing it (1.01 -> 1.09x at lr0 1e-3); ``cut_after`` 80 (the cut waits 80 steps without a new
 #: best) replaced the cut at 40 by the same rule on the same seeds: 15/30 cells against 15/30,
