@@ -57,9 +57,10 @@ def _optimizer(kind: str, rule: str, granularity: str, params) -> torch.optim.Op
     if rule == "seek":
         hyper["seek"] = {"init_scale": 0.5, "turn_threshold": 0.99, "resume_window": 0.0}
         # a signal that moves the rates both ways (the default brake may never act here), and the
-        # hold, which reads the validation loss (averaged over the ranks like the gradient)
+        # hold and its cut after one observation (every 2 steps), which read the validation loss
+        # (averaged over the ranks like the gradient)
         hyper["validation"] = {"climb": 1.0, "evidence": 0.2, "hypergrad_lr": 0.3, "hold": 2,
-                               "cut_after": 2, "plateau_cut": 0.5}  # one observation (every 2 steps)  # fmt: skip
+                               "cut_after": 2, "plateau_cut": 0.5}  # fmt: skip
     if kind == "SGDHD":
         return metalr.SGDHD(params, lr=0.05, momentum=0.9, **hyper)
     if kind == "AdamHD":

@@ -175,7 +175,7 @@ def test_seek_validation_step_equals_a_float64_reference(climb, gap):
         opt.observe_validation(_loss(model, val))
         for p, m, s in zip(params, rates, stats):
             assert float(opt.state[p][RATE_KEY]) == pytest.approx(m, rel=1e-12)
-            torch.testing.assert_close(  # the signal's (μ, ν, count); the loss trend's in the hold tests
+            torch.testing.assert_close(  # the signal's (μ, ν, count); the rest: test_validation_hold
                 opt.state[p][VALIDATION_KEY][:3], torch.tensor(s, dtype=torch.float64)
             )
     assert (scaled > 0) == (climb != 1.0)  # the case has moves up, which climb scales

@@ -134,13 +134,7 @@ from metalr.functional._seek_constants import (
     SGD_SEEK_DEFAULTS,
     resolve_seek,
 )  # re-exported: the rule's fitted constants
-from metalr.functional._validation_state import (
-    LEVEL,
-    LOSS_AVG,
-    completed_validation_stats,
-    held_rates,
-    loss_trend,
-)
+from metalr.functional._validation_state import LEVEL, LOSS_AVG, held_rates, loss_trend
 
 #: Entries of a controller vector.
 RAMP, FAST, MEAN, SQ, CEILING, COUNT, PEAK, SINCE, SLOW, SLOW_PEAK, GRAD, GRAD_PEAK = range(12)
@@ -434,7 +428,7 @@ def seek_validation_update(
     """
     if not rates:
         return [], []
-    st = torch.stack([completed_validation_stats(s.to(stats[0].dtype)) for s in stats])  # [n, 8]
+    st = torch.stack([s.to(stats[0].dtype) for s in stats])  # [n, VALIDATION_SIZE]
     act = active.to(st.device)
     sig = torch.stack(
         [tensor_signal(s, granularity).to(device=st.device, dtype=st.dtype) for s in signals]
@@ -445,9 +439,10 @@ def seek_validation_update(
     ctrl = torch.stack([c.to(st.dtype) for c in controllers])
     settled = ctrl[:, RAMP] <= 0
     loss_stats = st[:, LOSS_AVG:LEVEL]
+    hold = options.get("hold", 0.0) > 0  # absent from checkpoints before it: off
     if loss is not None:
         loss_stats, holding, cutting = loss_trend(loss_stats, loss, ctrl[:, COUNT], options)
-        if options.get("hold", 0.0) > 0:  # absent from checkpoints before it: off
+        if hold:
             rates = held_rates(
                 rates, st[:, LEVEL], settled & act, holding, cutting, options, granularity
             )
@@ -457,13 +452,13 @@ def seek_validation_update(
     climb = options.get("climb", 1.0)  # absent from checkpoints before it: 1, every move kept
     if climb != 1.0:  # a validation signal that may only (or mostly) hold rates back
         track = torch.where(track > 0, climb * track, track)
-    move = RateMove(
-        ctrl[:, RAMP] > 0, torch.zeros_like(ctrl[:, RAMP]), track, ctrl[:, CEILING], act
-    )
+    move = RateMove(~settled, torch.zeros_like(ctrl[:, RAMP]), track, ctrl[:, CEILING], act)
     move_options = MoveOptions(sizes, options["hypergrad_lr"], 1.0, seek, granularity)
     new_rates = move_rates(rates, signals, move, move_options)
-    levels = torch.stack([log_level(r, granularity).to(st.dtype) for r in new_rates])
-    levels = torch.where(settled, levels, torch.full_like(levels, -math.inf))
+    levels = st[:, LEVEL]  # read by the hold only: kept as it is when the hold is off
+    if hold:
+        levels = torch.stack([log_level(r, granularity).to(st.dtype) for r in new_rates])
+        levels = torch.where(settled, levels, torch.full_like(levels, -math.inf))
     fresh = torch.cat([torch.stack([new_mean, new_sq, new_count], dim=1), loss_stats,
                        levels[:, None]], dim=1)  # fmt: skip
     new_st = torch.where(act, fresh, st)
