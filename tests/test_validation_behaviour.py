@@ -57,8 +57,9 @@ def test_climb_zero_lets_the_validation_signal_only_hold_rates_back(rule, climb)
     kw = {"seek": {"ramp_rate": 0.0, "init_scale": 1.0}} if rule == "seek" else {}
     beta = {"additive": {"hypergrad_lr": 1e-4}}.get(rule, {})
     # the hold off: it raises rates to their last level while the loss improves (its own tests)
-    opt = metalr.AdamHD(model.parameters(), lr=1e-3, rule=rule, validation={"climb": climb,
-                        "evidence": -0.5, "hold": 0, **beta}, **kw)  # fmt: skip
+    seek_only = {"evidence": -0.5, "hold": 0} if rule == "seek" else {}
+    opt = metalr.AdamHD(model.parameters(), lr=1e-3, rule=rule,
+                        validation={"climb": climb, **seek_only, **beta}, **kw)  # fmt: skip
     rises = 0
     for step in range(1, 41):
         idx = torch.randint(0, 192, (32,))

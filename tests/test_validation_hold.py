@@ -19,7 +19,13 @@ from _validation_setup import LR, TRAIN, VAL, _data, _loss, _model, _train_step
 from test_validation_signal import _seek_reference
 
 import metalr
-from metalr.functional.validation import LEVEL, LOSS_AVG, VALIDATION_SIZE
+from metalr.functional.validation import (
+    LEVEL,
+    LOSS_AVG,
+    SEEK_ONLY_VALIDATION_KEYS,
+    VALIDATION_DEFAULTS,
+    VALIDATION_SIZE,
+)
 from metalr.optim._base import RATE_KEY, VALIDATION_KEY
 
 #: Prescribed validation losses: falling, a noisy rise, falling again, then rising for good.
@@ -215,3 +221,23 @@ def test_the_cut_waits_cut_after_steps():
         for a, b, a0, b0 in zip(late[t], free[t], late[t - 1], free[t - 1]):
             assert a / a0 == pytest.approx(0.5 * b / b0, rel=1e-3)
     assert late[5] == pytest.approx(free[5], rel=1e-12)
+
+
+@pytest.mark.parametrize("key", sorted(SEEK_ONLY_VALIDATION_KEYS))
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda params, v: metalr.AdamHD(params, lr=LR, rule="normalized", validation=v),
+        lambda params, v: metalr.SGDHD(params, lr=LR, rule="additive", validation=v),
+        lambda params, v: metalr.HyperLR(
+            torch.optim.Adam(params, lr=LR), rule="normalized", validation=v
+        ),
+    ],
+    ids=["adamhd-normalized", "sgdhd-additive", "hyperlr-normalized"],
+)
+def test_seek_only_options_are_refused_by_the_other_rules(key, make):
+    """A hold, gap or evidence given to a rule that never reads it is an error, not a no-op."""
+    value = VALIDATION_DEFAULTS[key]
+    with pytest.raises(ValueError, match=key):
+        make(_model().parameters(), {key: value})
+    make(_model().parameters(), {"climb": 0.5, "train_weight": 0.5})  # the keys they read

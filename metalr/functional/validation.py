@@ -31,7 +31,9 @@ signal replaces the training one):
   ``α ← α + β_val ⟨∇L_val, d_t⟩`` — each the rule's own update with the validation gradient,
   applied at the observations only. The additive β has the units of the rate (it is not
   scale-free), so its ``β_val`` defaults to the group's own ``hypergrad_lr``, not to
-  :data:`VALIDATION_DEFAULTS`.
+  :data:`VALIDATION_DEFAULTS`. These rules read ``hypergrad_lr``, ``climb`` and
+  ``train_weight`` only, and refuse the seek rule's keys (:data:`SEEK_ONLY_VALIDATION_KEYS`)
+  with a ``ValueError`` rather than ignore them.
 * ``climb`` (in [0, 1]; the seek rule's default 0, the other rules' 1) scales the moves *up*
   of the validation update (the seek rule's ``β_val (μ̂/√ν̂ − evidence)`` where positive; the
   other rules' rises of ``log m`` or ``α``);
@@ -183,6 +185,14 @@ VALIDATION_DEFAULTS: dict[str, float] = {
 #: validation gradient, up and down (round 11's brake was chosen for the seek rule only; these
 #: are the values those rules had before it; the additive rule's β is the group's own).
 PLAIN_RULE_VALIDATION_DEFAULTS: dict[str, float] = {"hypergrad_lr": 0.3, "climb": 1.0}
+
+#: The keys only the seek rule reads (its running averages, the evidence threshold, the gap, the
+#: gradient gate's hold and the loss hold); the other rules read ``hypergrad_lr``, ``climb`` and
+#: ``train_weight``, and refuse these when given (a setting that would be silently ignored).
+SEEK_ONLY_VALIDATION_KEYS: frozenset[str] = frozenset({
+    "signal_decay", "signal_sq_decay", "evidence", "gap", "noise_hold", "hold", "loss_decay",
+    "plateau_cut", "cut_after",
+})  # fmt: skip
 
 _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is exclusive)
     "hypergrad_lr": (0.0, math.inf, False),

@@ -11,7 +11,11 @@ import torch
 from metalr.functional._controller import FAMILIES, resolve_seek
 from metalr.functional._hypergrad import DEFAULT_NORMALIZED_HYPERGRAD_LR, GRANULARITIES, RULES
 from metalr.functional.spike_guard import resolve_spike_guard
-from metalr.functional.validation import PLAIN_RULE_VALIDATION_DEFAULTS, resolve_validation
+from metalr.functional.validation import (
+    PLAIN_RULE_VALIDATION_DEFAULTS,
+    SEEK_ONLY_VALIDATION_KEYS,
+    resolve_validation,
+)
 
 
 def check_lr(lr: Any) -> None:
@@ -125,6 +129,12 @@ def _validation_options(
     be meaningless there."""
     options = dict(validation or {})
     if rule != "seek":
+        ignored = sorted(SEEK_ONLY_VALIDATION_KEYS.intersection(options))
+        if ignored:
+            raise ValueError(
+                f"Invalid validation: {ignored} are read by rule='seek' only; rule={rule!r} "
+                "takes 'hypergrad_lr', 'climb' and 'train_weight'"
+            )
         options = {**PLAIN_RULE_VALIDATION_DEFAULTS, **options}
     if rule == "additive" and "hypergrad_lr" not in (validation or {}):
         options["hypergrad_lr"] = resolve_hypergrad_lr(hypergrad_lr, rule, additive_default)
