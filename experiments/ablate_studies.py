@@ -42,6 +42,7 @@ CONFIGS = {
     7: "configs/ablate_study7_transfer.yaml",
     8: "configs/ablate_study8_batch_size.yaml",
     10: "configs/ablate_study10_lr_shock.yaml",
+    11: "configs/ablate_study11_early_rate.yaml",
 }
 RESULTS = ROOT / "experiments" / "results"
 CURVES_LIMIT = 5 * 2**20  # drop per-step curve folders beyond ~5 MB in total
@@ -325,6 +326,52 @@ def headline10(folder: Path | None = None) -> str:
     )
 
 
+#: Study 11's schedules: name → (label, multiple of the base rate r it starts at).
+EARLY_RATE = {"adam": ("fixed r", 1.0), "adam_x7": ("7r throughout", 7.0),
+              "adam_x7_for50": ("7r for 50 steps, then r", 7.0),
+              "adam_x7_for100": ("7r for 100 steps, then r", 7.0),
+              "adam_x3_for50": ("3r for 50 steps, then r", 3.0)}  # fmt: skip
+
+
+def headline11(folder: Path | None = None) -> str:
+    """Study 11: final and best validation loss of each early-rate schedule at base rate r
+    (mean of the seeds with a 95% t-interval), ÷ the fixed rate's; AdamHD beside them."""
+    from metalr.workbench.report_stats import mean_ci
+
+    recs = records(folder or 11)
+    by = defaultdict(list)
+    for r in recs:
+        by[(r["task"], r["optimizer"], r["lr"])].append(r)
+    rows = []
+    for task in sorted({k[0] for k in by}):
+        for opt, (label, multiple) in EARLY_RATE.items():
+            for start in sorted(lr for t, o, lr in by if t == task and o == opt):
+                base = start / multiple
+                runs = by[(task, opt, start)]
+                fixed = by.get((task, "adam", base))
+                finals = [r["final_val_loss"] for r in runs]
+                m, half = mean_ci(finals)
+                ratio = (
+                    m / (sum(r["final_val_loss"] for r in fixed) / len(fixed))
+                    if fixed
+                    else math.nan
+                )
+                best_m = sum(r["best_val_loss"] for r in runs) / len(runs)
+                rows.append([task, f"{base:g}", label, f"{m:.4f} ± {half:.4f}",
+                             f"{best_m:.4f}", f"{ratio:.2f}", len(runs)])  # fmt: skip
+        for (t, o, lr), runs in sorted(by.items()):
+            if t == task and o == "adam_hd":
+                m, half = mean_ci([r["final_val_loss"] for r in runs])
+                best_m = sum(r["best_val_loss"] for r in runs) / len(runs)
+                rows.append([task, f"lr0 {lr:g}", "AdamHD (defaults)",
+                             f"{m:.4f} ± {half:.4f}", f"{best_m:.4f}", "", len(runs)])  # fmt: skip
+    return ("## Study 11: what an early overshoot costs on the tasks that overfit\n\n"
+            "Final validation loss, mean over seeds ± the 95% t-interval's half-width; ÷ fixed r: the schedule's "
+            "mean final ÷ Adam's at the fixed rate r.\n\n"
+            + md(["task", "r", "schedule", "final val (± 95% CI)", "best val", "÷ fixed r",
+                  "seeds"], rows))  # fmt: skip
+
+
 HEADLINES = {
     1: headline1,
     2: headline2,
@@ -335,6 +382,7 @@ HEADLINES = {
     7: headline7,
     8: headline8,
     10: headline10,
+    11: headline11,
 }
 
 

@@ -261,3 +261,32 @@ def test_seek_many_seeds_ratio_is_the_variant_mean_over_the_best_fixed_rate_on_t
         sm.main(
             ["--variant", "no-equals-sign", "--tasks", "digits_logreg", "--out", "/nonexistent"]
         )
+
+
+def test_study11_headline_divides_each_schedule_by_the_fixed_rate_it_settles_at(tmp_path):
+    """Study 11's table: a schedule started at 7r (or 3r) is compared with Adam fixed at r, the
+    rate it settles at, not with Adam at its own starting rate; AdamHD has no ratio."""
+    import ablate_studies
+
+    def rec(opt, lr, seed, final, best=None):
+        return {"task": "digits_mlp", "optimizer": opt, "lr": lr, "seed": seed, "status": "ok",
+                "final_val_loss": final, "best_val_loss": best or final}  # fmt: skip
+
+    recs = [rec("adam", 1e-3, 0, 0.10), rec("adam", 1e-3, 1, 0.12),
+            rec("adam", 7e-3, 0, 9.0), rec("adam", 7e-3, 1, 9.0),  # a decoy at the start rate
+            rec("adam_x7_for50", 7e-3, 0, 0.132, 0.1), rec("adam_x7_for50", 7e-3, 1, 0.11, 0.1),
+            rec("adam_x3_for50", 3e-3, 0, 0.11), rec("adam_x3_for50", 3e-3, 1, 0.11),
+            rec("adam_hd", 1e-3, 0, 0.2), rec("adam_hd", 1e-3, 1, 0.3)]  # fmt: skip
+    (tmp_path / "records.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    rows = {
+        tuple(c.strip() for c in line.strip("|").split("|")[1:3]): line.split("|")[1:-1]
+        for line in ablate_studies.headline11(tmp_path).splitlines()
+        if line.startswith("| digits_mlp")
+    }
+    assert rows[("0.001", "fixed r")][5].strip() == "1.00"
+    assert rows[("0.001", "7r for 50 steps, then r")][5].strip() == "1.10"  # 0.121 / 0.11
+    assert rows[("0.001", "7r for 50 steps, then r")][4].strip() == "0.1000"  # mean best
+    assert rows[("0.001", "3r for 50 steps, then r")][5].strip() == "1.00"
+    hd = rows[("lr0 0.001", "AdamHD (defaults)")]
+    assert hd[3].strip().startswith("0.2500 ±") and hd[5].strip() == ""
+    assert ("0.007", "fixed r") in rows  # Adam's own rows at every rate it ran
