@@ -1,5 +1,6 @@
 """Issue 4's four ablation studies and the follow-ups (5, 6; issue 13's 7: transfer learning with
-layer-wise rates, 8: batch size and the learning rate): run each grid with
+layer-wise rates, 8: batch size and the learning rate; issue 10's 10: a rate shock mid-run, 11:
+what an early overshoot costs): run each grid with
 ``metalr ablate``, write its report with ``metalr report``, then print (and write) the headline
 numbers of each study.
 
@@ -7,7 +8,7 @@ numbers of each study.
     python experiments/ablate_studies.py 1 3        # only studies 1 and 3
     python experiments/ablate_studies.py --headlines-only   # recompute the headlines
 
-Configs: ``configs/ablate_study{1..8}_*.yaml`` (each header gives its command, hardware, wall
+Configs: ``configs/ablate_study{1..8,10,11}_*.yaml`` (each header gives its command, hardware, wall
 time and expected headline). Outputs: ``experiments/results/ablate_study<N>/`` (records.jsonl,
 curves/, report.md, summary.csv, PNGs) and ``experiments/results/ablate_study<N>/headline.md``.
 
