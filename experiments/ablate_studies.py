@@ -331,7 +331,11 @@ def headline10(folder: Path | None = None) -> str:
 EARLY_RATE = {"adam": ("fixed r", 1.0), "adam_x7": ("7r throughout", 7.0),
               "adam_x7_for50": ("7r for 50 steps, then r", 7.0),
               "adam_x7_for100": ("7r for 100 steps, then r", 7.0),
-              "adam_x3_for50": ("3r for 50 steps, then r", 3.0)}  # fmt: skip
+              "adam_x3_for50": ("3r for 50 steps, then r", 3.0),
+              "adam_x7_from50": ("r for 50 steps, then 7r", 1.0),
+              "adam_x7_from100": ("r for 100 steps, then 7r", 1.0),
+              "adam_x7_from200": ("r for 200 steps, then 7r", 1.0),
+              "adam_x3_from200": ("r for 200 steps, then 3r", 1.0)}  # fmt: skip
 
 
 def headline11(folder: Path | None = None) -> str:
