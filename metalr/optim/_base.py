@@ -22,6 +22,7 @@ from metalr.functional.validation import (
 )
 from metalr.optim._spike import SpikeGuarded
 from metalr.optim._state_keys import CONTROLLER_KEY, RATE_KEY, VALIDATION_KEY
+from metalr.optim._validation import check_group_options
 
 #: Defaults for flags added after the first release; ``__setstate__`` fills them into old groups.
 HYPER_DEFAULTS: dict[str, Any] = {
@@ -47,6 +48,17 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
     #: Whose fitted seek constants are the defaults (``FAMILIES`` of
     #: :mod:`metalr.functional._controller`): Adam's unless a subclass says otherwise.
     seek_family = "adam"
+    #: The additive rule's default β (None: the rule needs an explicit ``hypergrad_lr``).
+    additive_default: float | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's, with the group's own hypergradient options (``rule``, ``granularity``,
+        ``hypergrad_lr``, ``lr_bounds``, ``seek``, ``validation``, ``spike_guard``) validated and
+        completed like the constructor's (:func:`metalr.optim._validation.check_group_options`)."""
+        resolved = check_group_options(
+            param_group, self.defaults, self.additive_default, self.seek_family
+        )
+        super().add_param_group({**param_group, **resolved})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

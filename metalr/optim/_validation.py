@@ -117,6 +117,54 @@ def check_hyper_options(
     }
 
 
+#: The hypergradient options a param group may set for itself (``check_group_options``).
+GROUP_HYPER_KEYS = ("hypergrad_lr", "granularity", "rule", "lr_bounds", "seek", "validation",
+                    "spike_guard")  # fmt: skip
+
+
+def check_group_options(
+    group: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    additive_default: float | None,
+    family: str = "adam",
+) -> dict[str, Any]:
+    """The hypergradient options a param group names (``GROUP_HYPER_KEYS``), validated and
+    completed as :func:`check_hyper_options` does for the constructor's; ``{}`` when it names
+    none (the group then takes the optimizer's, as torch fills any default).
+
+    A group's ``seek`` and ``validation`` override the optimizer's key by key; a group whose
+    ``rule`` differs from the optimizer's starts from that rule's own defaults for
+    ``hypergrad_lr``, ``seek`` and ``validation`` (the optimizer's were chosen for its rule);
+    ``granularity``, ``lr_bounds`` and ``spike_guard`` are inherited either way. Bad values raise
+    the constructor's ``ValueError``, naming the key.
+    """
+    given = {key: group[key] for key in GROUP_HYPER_KEYS if key in group}
+    if not given:
+        return {}
+    rule = given.get("rule", defaults["rule"])
+    check_choice("rule", rule, RULES)
+    same_rule = rule == defaults["rule"]
+    seek = given.get("seek")
+    if rule == "seek" and same_rule:
+        seek = {**defaults["seek"], **(seek or {})}
+    validation = dict(given.get("validation") or {})
+    if same_rule:  # the optimizer's resolved options, less the keys this rule refuses
+        inherited = {key: value for key, value in defaults["validation"].items()
+                     if rule == "seek" or key not in SEEK_ONLY_VALIDATION_KEYS}  # fmt: skip
+        validation = {**inherited, **validation}
+    return check_hyper_options(
+        given.get("hypergrad_lr", defaults["hypergrad_lr"] if same_rule else None),
+        given.get("granularity", defaults["granularity"]),
+        rule,
+        given.get("lr_bounds", defaults["lr_bounds"]),
+        additive_default,
+        seek,
+        validation,
+        family,
+        spike_guard=given.get("spike_guard", defaults["spike_guard"]),
+    )
+
+
 def _validation_options(
     validation: Mapping[str, float] | None,
     rule: str,

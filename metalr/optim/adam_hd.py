@@ -100,6 +100,9 @@ class AdamHD(HypergradOptimizer):
     rates are left as they were), without reading the flag back to the host.
     """
 
+    #: The additive rule's default β (Adam's step is in parameter units, so a small one).
+    additive_default = ADDITIVE_DEFAULT_HYPERGRAD_LR
+
     def __init__(
         self,
         params: ParamsT,

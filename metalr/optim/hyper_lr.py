@@ -101,6 +101,10 @@ class HyperLR(HypergradOptimizer):
             self.seek_family,
             spike_guard=spike_guard,
         )
+        for group in optimizer.param_groups:  # a wrapped group's own options, checked
+            group.update(check.check_group_options(
+                group, {**HYPER_DEFAULTS, **self._hyper}, None, self.seek_family
+            ))  # fmt: skip
         self.optimizer = optimizer
         self._wrapping = True
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -119,7 +123,8 @@ class HyperLR(HypergradOptimizer):
         """Add a group to the wrapped optimizer (and so to HyperLR)."""
         if getattr(self, "_wrapping", False):
             return  # Optimizer.__init__ builds groups we replace by the wrapped ones
-        self.optimizer.add_param_group(param_group)
+        resolved = check.check_group_options(param_group, self.defaults, None, self.seek_family)
+        self.optimizer.add_param_group({**param_group, **resolved})
         self._share_groups()
 
     def __getstate__(self) -> dict[str, Any]:

@@ -72,6 +72,7 @@ class SGDHD(HypergradOptimizer):
     #: Whose fitted seek constants are this optimizer's defaults (``FAMILIES`` of
     #: :mod:`metalr.functional._controller`).
     seek_family = "sgd"
+    additive_default = ADDITIVE_DEFAULT_HYPERGRAD_LR
 
     def __init__(
         self,
