@@ -35,7 +35,10 @@ class AdamHD(HypergradOptimizer):
     ``rule="additive"`` is the paper's ``α ← α + β⟨g, d⟩``.
 
     Args:
-        params: iterable of parameters or dicts defining parameter groups.
+        params: iterable of parameters or dicts defining parameter groups; a group may set
+            its own ``rule``, ``granularity``, ``hypergrad_lr``, ``lr_bounds``, ``seek``,
+            ``validation`` and ``spike_guard``, checked like the arguments below (its ``seek``
+            and ``validation`` override these key by key).
         lr: scheduled learning rate; the effective rate is ``lr × multiplier`` (default: 1e-3).
         betas: coefficients of the running averages of the gradient and its square
             (default: (0.9, 0.999)).

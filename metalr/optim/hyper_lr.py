@@ -33,7 +33,10 @@ class HyperLR(HypergradOptimizer):
     Args:
         optimizer: the ``torch.optim.Optimizer`` to wrap (SGD, RMSprop, Adagrad, RAdam, Adamax,
             NAdam, a third-party optimizer, ...). HyperLR shares its ``param_groups``, so LR
-            schedulers built on either object drive the same ``lr``.
+            schedulers built on either object drive the same ``lr``. Its groups (and groups
+            added later) may set their own ``rule``, ``granularity``, ``hypergrad_lr``,
+            ``lr_bounds``, ``seek``, ``validation`` and ``spike_guard``, checked like the
+            arguments below.
         hypergrad_lr: β of the rate update; ``None`` is the rule's default (seek: its fitted
             tracking step; normalized: 0.02). The additive rule has no default here because its
             scale depends on the inner optimizer.

@@ -27,7 +27,10 @@ class SGDHD(HypergradOptimizer):
         θ_t = θ_{t-1} - lr_t · m · d_t
 
     Args:
-        params: iterable of parameters or dicts defining parameter groups.
+        params: iterable of parameters or dicts defining parameter groups; a group may set
+            its own ``rule``, ``granularity``, ``hypergrad_lr``, ``lr_bounds``, ``seek``,
+            ``validation`` and ``spike_guard``, checked like the arguments below (its ``seek``
+            and ``validation`` override these key by key).
         lr: scheduled learning rate; the effective rate is ``lr × multiplier`` (default: 1e-3).
         momentum: momentum factor (default: 0).
         dampening: dampening for momentum (default: 0).
