@@ -21,7 +21,7 @@ from metalr.functional.validation import (
     validation_adapt_rates,
 )
 from metalr.optim._spike import SpikeGuarded
-from metalr.optim._state_keys import CONTROLLER_KEY, RATE_KEY, VALIDATION_KEY
+from metalr.optim._state_keys import CONTROLLER_KEY, RATE_KEY, SPIKE_KEY, VALIDATION_KEY
 from metalr.optim._validation import check_group_options
 
 #: Defaults for flags added after the first release; ``__setstate__`` fills them into old groups.
@@ -36,6 +36,24 @@ HYPER_DEFAULTS: dict[str, Any] = {
     "lagged": False,
     "spike_guard": None,
 }
+
+
+#: Per-parameter state kept in the rate dtype (float32 for half-precision parameters), not the
+#: parameter's: torch's load casts every floating state to the parameter's dtype.
+_RATE_DTYPE_KEYS = (RATE_KEY, CONTROLLER_KEY, VALIDATION_KEY, SPIKE_KEY)
+
+
+def _rate_state(key: str, value: Tensor, param: Tensor) -> Tensor:
+    """A loaded state tensor on ``param``'s device in the dtype metalr keeps it in (``step``:
+    float32; the rest: :func:`rate_dtype`), completed where the checkpoint predates entries."""
+    dtype = torch.float32 if key == "step" else rate_dtype(param)
+    value = value.to(device=param.device, dtype=dtype).clone()
+    if key == CONTROLLER_KEY and value.numel() < CONTROLLER_SIZE:
+        # a checkpoint from before the controller's later entries: those start at 0
+        value = torch.cat([value, value.new_zeros(CONTROLLER_SIZE - value.numel())])
+    if key == VALIDATION_KEY:  # a checkpoint from before the hold: no loss trend yet
+        value = completed_validation_stats(value)
+    return value
 
 
 class HypergradOptimizer(SpikeGuarded, Optimizer):
@@ -303,9 +321,12 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load as torch does, then cast rates to the rate dtype and device of their parameter.
 
-        torch casts every floating state to the parameter's dtype; rates of fp16/bf16 parameters
-        are kept in float32 instead (see :func:`metalr.functional._hypergrad.rate_dtype`), and
-        ``step`` counters live on the parameter's device so no step syncs with the host.
+        torch casts every floating state to the parameter's dtype; metalr's own state (rates,
+        controllers, validation and spike-guard statistics) of fp16/bf16 parameters is kept in
+        float32 instead (see :func:`metalr.functional._hypergrad.rate_dtype`), and ``step``
+        counters live on the parameter's device so no step syncs with the host. The recast
+        reads the state dict as the caller's load pre hooks left it and runs before their post
+        hooks, so hooks have the last word, as with torch's optimizers.
 
         A checkpoint of the torch optimizer this one replaces (``torch.optim.Adam`` for
         :class:`~metalr.AdamHD`, ``AdamW`` for :class:`~metalr.AdamWHD`, ``SGD`` for
@@ -316,29 +337,31 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
         refused (metalr has no AMSGrad).
         """
         state_dict = self._migrated(state_dict)
-        saved = {
-            pid: {
-                k: v
-                for k, v in s.items()
-                if k in (RATE_KEY, CONTROLLER_KEY, VALIDATION_KEY, "step")
+        captured: dict[str, Any] = {}
+
+        def capture(_opt: Optimizer, loading: dict[str, Any]) -> None:
+            # runs after the caller's pre hooks: what they changed is what loads
+            captured["state"] = {
+                pid: {k: v for k, v in s.items() if k in _RATE_DTYPE_KEYS or k == "step"}
+                for pid, s in loading["state"].items()
             }
-            for pid, s in state_dict["state"].items()
-        }
-        super().load_state_dict(state_dict)
-        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        for pid, p in zip(saved_ids, params):
-            for key, value in saved.get(pid, {}).items():
-                if not isinstance(value, Tensor):
-                    continue
-                dtype = torch.float32 if key == "step" else rate_dtype(p)
-                value = value.to(device=p.device, dtype=dtype).clone()
-                if key == CONTROLLER_KEY and value.numel() < CONTROLLER_SIZE:
-                    # a checkpoint from before the controller's later entries: those start at 0
-                    value = torch.cat([value, value.new_zeros(CONTROLLER_SIZE - value.numel())])
-                if key == VALIDATION_KEY:  # a checkpoint from before the hold: no loss trend yet
-                    value = completed_validation_stats(value)
-                self.state[p][key] = value
+            captured["ids"] = [i for g in loading["param_groups"] for i in g["params"]]
+
+        def recast(_opt: Optimizer) -> None:
+            # runs before the caller's post hooks: what they change afterwards stays
+            params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+            for pid, p in zip(captured["ids"], params):
+                for key, value in captured["state"].get(pid, {}).items():
+                    if isinstance(value, Tensor):
+                        self.state[p][key] = _rate_state(key, value, p)
+
+        pre = self.register_load_state_dict_pre_hook(capture)
+        post = self.register_load_state_dict_post_hook(recast, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
 
     def _migrated(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with the options a torch.optim checkpoint lacks filled from our groups.

@@ -1,0 +1,113 @@
+"""Loading a checkpoint: the caller's load hooks have the last word, and every piece of metalr
+state keeps the dtype it was created in (float32 for half-precision parameters), the spike
+guard's statistics included."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import metalr
+from metalr.optim._state_keys import CONTROLLER_KEY, RATE_KEY, SPIKE_KEY
+
+MAKERS = {
+    "adamhd": lambda params, **kw: metalr.AdamHD(params, lr=0.01, **kw),
+    "sgdhd": lambda params, **kw: metalr.SGDHD(params, lr=0.01, momentum=0.9, **kw),
+    "hyperlr": lambda params, **kw: metalr.HyperLR(torch.optim.Adam(params, lr=0.01), **kw),
+}
+
+
+def _trained(make, steps: int = 3):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(3))
+    opt = make([p])
+    for _ in range(steps):
+        opt.zero_grad()
+        (p**2).sum().backward()
+        opt.step()
+    return p, opt
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_a_post_hook_changes_what_loads(name):
+    """torch runs the load post hooks last; metalr's own casting of its state runs before them,
+    so a hook that resets the counters and multipliers (a "restart" trick) is not undone."""
+    p, opt = _trained(MAKERS[name])
+    saved = copy.deepcopy(opt.state_dict())
+    q = torch.nn.Parameter(p.detach().clone())
+    fresh = MAKERS[name]([q])
+
+    def reset(optimizer):
+        for state in optimizer.state.values():
+            state["step"] = torch.tensor(0.0)
+            state[RATE_KEY] = torch.tensor(1.0)
+
+    fresh.register_load_state_dict_post_hook(reset)
+    fresh.load_state_dict(saved)
+    assert float(fresh.state[q]["step"]) == 0.0
+    assert float(fresh.state[q][RATE_KEY]) == 1.0
+    assert float(opt.state[p][RATE_KEY]) != 1.0  # the hook had something to undo
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_a_pre_hook_changes_what_loads(name):
+    """A pre hook that returns an edited state dict: the edited multiplier and count load (in
+    the rate dtype), not the ones of the dict passed to ``load_state_dict``."""
+    p, opt = _trained(MAKERS[name])
+    saved = copy.deepcopy(opt.state_dict())
+    q = torch.nn.Parameter(p.detach().clone())
+    fresh = MAKERS[name]([q])
+
+    def edit(optimizer, state_dict):
+        state = {pid: {**s, "step": torch.tensor(100.0), RATE_KEY: torch.tensor(2.0)}
+                 for pid, s in state_dict["state"].items()}  # fmt: skip
+        return {**state_dict, "state": state}
+
+    fresh.register_load_state_dict_pre_hook(edit)
+    fresh.load_state_dict(saved)
+    assert float(fresh.state[q]["step"]) == 100.0
+    assert float(fresh.state[q][RATE_KEY]) == 2.0
+    assert fresh.state[q][RATE_KEY].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_spike_guard_statistics_stay_float32_and_resume_exactly(dtype):
+    """A half-precision model with the spike guard: after a resume its statistics are still
+    float32 (torch's load would cast them to the parameter's dtype, where a running mean of
+    1002.8 rounds to 1004 and a slowly rising loss then reads as a spike), and the resumed run
+    equals the uninterrupted one."""
+
+    def loss_at(p, i):
+        return (p.float() ** 2).sum() * 1e-3 + 1002.3 + 0.2 * i  # rises slowly, no spike
+
+    def run(opt, p, start, n):
+        for i in range(start, start + n):
+
+            def closure(i=i):
+                opt.zero_grad()
+                loss = loss_at(p, i)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+
+    torch.manual_seed(0)
+    p1 = torch.nn.Parameter(torch.randn(4).to(dtype))
+    p2 = torch.nn.Parameter(p1.detach().clone())
+    whole = metalr.AdamHD([p1], lr=0.01, spike_guard=True)
+    run(whole, p1, 0, 30)
+    first = metalr.AdamHD([p2], lr=0.01, spike_guard=True)
+    run(first, p2, 0, 5)
+    saved = copy.deepcopy(first.state_dict())
+    resumed = metalr.AdamHD([p2], lr=0.01, spike_guard=True)
+    resumed.load_state_dict(saved)
+    for key in (SPIKE_KEY, RATE_KEY, CONTROLLER_KEY):
+        assert resumed.state[p2][key].dtype == torch.float32, key
+        torch.testing.assert_close(resumed.state[p2][key], saved["state"][0][key].float(),
+                                   rtol=0, atol=0)  # fmt: skip
+    run(resumed, p2, 5, 25)
+    assert whole.spike_summary() == resumed.spike_summary()
+    assert resumed.spike_summary()[0]["spikes"] == 0
+    torch.testing.assert_close(p1, p2, rtol=0, atol=0)
