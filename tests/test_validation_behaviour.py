@@ -325,3 +325,30 @@ def test_checkpoint_without_the_validation_noise_hold_resumes_without_it():
     resumed.load_state_dict(sd)
     assert "noise_hold" not in resumed.param_groups[0]["validation"]
     assert resumed._controller_args(resumed.param_groups[0], [])["seek"]["noise_hold"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("make", "options"),
+    [(metalr.AdamHD, {"train_weight": 0.0}), (metalr.AdamHD, {"train_weight": 0.5}),
+     (metalr.SGDHD, {"train_weight": 0.0})],
+)  # fmt: skip
+@pytest.mark.parametrize("rule", ["seek", "normalized"])
+def test_a_non_finite_first_observation_does_not_switch_the_group(make, options, rule):
+    """The first observation switches a group to the validation signal (its training signal then
+    keeps ``train_weight``): a NaN loss may not, so the run goes on exactly as one that never
+    observed, with no state created; a NaN before any step creates no rate either."""
+    runs = []
+    for observe in (False, True):
+        model = _model()
+        opt = make(model.parameters(), lr=LR, rule=rule, validation=options)
+        if observe:
+            opt.observe_validation(_loss(model, VAL) * float("nan"))  # before any step
+            assert not opt.state, "a NaN observation created state"
+        for step in range(1, 13):
+            _train_step(model, opt)
+            if observe and step == 4:
+                opt.observe_validation(_loss(model, VAL) * float("nan"))
+                assert not any(VALIDATION_KEY in opt.state[p] for p in model.parameters())
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -56,6 +56,12 @@ def _rate_state(key: str, value: Tensor, param: Tensor) -> Tensor:
     return value
 
 
+def _all_finite_on_host(loss: Tensor, grads: list[Tensor]) -> bool:
+    """Whether ``loss`` and every gradient are finite (one host read)."""
+    flags = [torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
 class HypergradOptimizer(SpikeGuarded, Optimizer):
     """Base class: keeps one learned multiplier per group, tensor or element in ``state[p]``.
 
@@ -183,7 +189,9 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
         ``∂L_val(θ_t)/∂α_t = -⟨∇L_val(θ_t), d_t⟩`` at each call, beside the training one
         scaled by ``validation['train_weight']`` (default 1; 0: instead of it;
         :mod:`metalr.functional.validation` has the equations; the seek rule's ramp still runs
-        on the training signal). A non-finite loss or gradient changes nothing.
+        on the training signal). A non-finite loss or gradient changes nothing (a group's first
+        observation reads one flag on the host for that: only a finite one switches the group
+        to the validation signal; later observations stay on the device).
 
         Args:
             loss: the validation loss (0-d tensor requiring grad), or a closure computing it.
@@ -246,6 +254,10 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
         finite: Tensor,
         loss: Tensor,
     ) -> None:
+        if not self._follows_validation(group) and not _all_finite_on_host(loss, grads):
+            # the first observation switches the group to the validation signal (and creates
+            # its state): a non-finite one may not. One host read, at this first call only.
+            return
         rates = [self._rate(p, group) for p in params]
         stats = []
         for p in params:
