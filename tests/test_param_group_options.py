@@ -156,3 +156,23 @@ def test_group_options_survive_a_checkpoint(name):
     b = _train(again, body2, head2, x, steps=6)
     for p, q in zip(a, b):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_hyperlr_takes_a_group_added_to_the_wrapped_optimizer():
+    """HyperLR shares the wrapped optimizer's groups: one added there directly gets HyperLR's
+    options (its own checked) at the next step, as if added through HyperLR."""
+    body, head, x = _problem()
+    base = torch.optim.Adam(body.parameters(), lr=LR)
+    wrapped = metalr.HyperLR(base)
+    base.add_param_group({"params": head.parameters(), "granularity": "element"})
+    body2, head2, _ = _problem()
+    through = metalr.HyperLR(torch.optim.Adam(body2.parameters(), lr=LR))
+    through.add_param_group({"params": head2.parameters(), "granularity": "element"})
+    a = _train(wrapped, body, head, x)
+    b = _train(through, body2, head2, x)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert wrapped.param_groups[1]["granularity"] == "element"
+    base.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))], "rule": "sign"})
+    with pytest.raises(ValueError, match="rule"):
+        wrapped.lr_summary()

@@ -104,10 +104,6 @@ class HyperLR(HypergradOptimizer):
             self.seek_family,
             spike_guard=spike_guard,
         )
-        for group in optimizer.param_groups:  # a wrapped group's own options, checked
-            group.update(check.check_group_options(
-                group, {**HYPER_DEFAULTS, **self._hyper}, None, self.seek_family
-            ))  # fmt: skip
         self.optimizer = optimizer
         self._wrapping = True
         params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -117,10 +113,40 @@ class HyperLR(HypergradOptimizer):
         self._share_groups()
 
     def _share_groups(self) -> None:
+        """Share the wrapped optimizer's groups; a group that lacks HyperLR's options (the
+        wrapped optimizer's own, or one added to it directly) gets them, its own checked."""
         self.param_groups = self.optimizer.param_groups
+        options = {**HYPER_DEFAULTS, **self._hyper}
         for group in self.param_groups:
-            for key, value in {**HYPER_DEFAULTS, **self._hyper}.items():
+            if options.keys() <= group.keys():
+                continue
+            group.update(check.check_group_options(group, options, None, self.seek_family))
+            for key, value in options.items():
                 group.setdefault(key, value)
+
+    def _sync_groups(self) -> None:
+        """:meth:`_share_groups` when a group was added to the wrapped optimizer directly."""
+        keys = self._hyper.keys()
+        if any(not keys <= group.keys() for group in self.optimizer.param_groups):
+            self._share_groups()
+
+    def observe_validation(self, loss: Any, **kwargs: Any) -> Tensor:
+        self._sync_groups()
+        return super().observe_validation(loss, **kwargs)
+
+    observe_validation.__doc__ = HypergradOptimizer.observe_validation.__doc__
+
+    def effective_lrs(self) -> dict[Tensor, Tensor]:
+        self._sync_groups()
+        return super().effective_lrs()
+
+    effective_lrs.__doc__ = HypergradOptimizer.effective_lrs.__doc__
+
+    def lr_summary(self) -> list[dict[str, float]]:
+        self._sync_groups()
+        return super().lr_summary()
+
+    lr_summary.__doc__ = HypergradOptimizer.lr_summary.__doc__
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer (and so to HyperLR)."""
@@ -158,6 +184,7 @@ class HyperLR(HypergradOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Adapt the multipliers, let the wrapped optimizer step, then rescale its displacement."""
+        self._sync_groups()
         loss = None
         if closure is not None:
             with torch.enable_grad():
