@@ -64,6 +64,12 @@ HYPER_ERRORS: list[tuple[dict[str, Any], str]] = [
     ({"lr_bounds": (math.nan, 1)}, "Invalid lr_bounds: (nan, 1)"),
     ({"lr_bounds": (0, math.nan)}, "Invalid lr_bounds: (0, nan)"),
     ({"lr_bounds": 0.1}, "Invalid lr_bounds: 0.1"),
+    ({"lr_bounds": (math.inf, math.inf)}, "Invalid lr_bounds: (inf, inf)"),  # every rate inf
+    ({"lr_bounds": "01"}, "Invalid lr_bounds: '01'"),  # iterates to two numbers, still refused
+    ({"lr_bounds": {0: 0, 1: 1}}, "Invalid lr_bounds: {0: 0, 1: 1}"),
+    ({"seek": "fast"}, "Invalid seek: 'fast'; expected a dict of constants"),
+    ({"seek": [("turn_cut", 0.3)]}, "Invalid seek: [('turn_cut', 0.3)]"),
+    ({"validation": "x"}, "Invalid validation: 'x'; expected a dict of constants"),
 ]
 
 
@@ -278,3 +284,31 @@ def test_torch_schedulers_accept_metalr_optimizers(name: str, scheduler: str) ->
     else:
         sched.step()
     assert sched.optimizer is opt
+
+
+@pytest.mark.parametrize("name", list(NATIVE))
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"fused": True, "foreach": True}, "Invalid flags: fused=True and foreach=True"),
+     ({"fused": True, "differentiable": True}, "Invalid flags: fused=True does not support")],
+)  # fmt: skip
+def test_fused_with_foreach_or_differentiable_is_refused_as_torch_does(name, kwargs, message):
+    with _raises(ValueError, message):
+        NATIVE[name](_params(), lr=0.1, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["AdamHD", "AdamWHD"])
+def test_torch_adam_keywords_amsgrad_and_capturable(name):
+    """Drop-in: ``amsgrad=False`` / ``capturable=False`` (often passed explicitly) are accepted
+    and change nothing; ``True`` is refused with the reason, a non-bool like any flag."""
+    plain, explicit = (
+        NATIVE[name](_params()),
+        NATIVE[name](_params(), amsgrad=False, capturable=False),
+    )
+    assert plain.param_groups[0].keys() == explicit.param_groups[0].keys()
+    with _raises(ValueError, "Invalid amsgrad value: True; metalr's Adam has no AMSGrad"):
+        NATIVE[name](_params(), amsgrad=True)
+    with _raises(ValueError, "Invalid capturable value: True"):
+        NATIVE[name](_params(), capturable=True)
+    with _raises(ValueError, "Invalid amsgrad value: 'no'; expected True or False"):
+        NATIVE[name](_params(), amsgrad="no")

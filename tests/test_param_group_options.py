@@ -126,7 +126,8 @@ def test_additive_group_takes_the_optimizers_additive_default():
      ({"seek": {"turn_cut": 5.0}}, "turn_cut"), ({"seek": {"bogus": 1.0}}, "bogus"),
      ({"validation": {"hold": -1.0}}, "hold"), ({"rule": "normalized", "seek": {}}, "seek"),
      ({"rule": "normalized", "validation": {"hold": 3.0}}, "hold"),
-     ({"spike_guard": {"sigmas": -1.0}}, "sigmas")],
+     ({"spike_guard": {"sigmas": -1.0}}, "sigmas"), ({"lagged": "no"}, "lagged"),
+     ({"seek": "fast"}, "seek"), ({"validation": [("hold", 0)]}, "validation")],
 )  # fmt: skip
 def test_bad_group_options_are_refused_naming_the_key(name, options, key):
     body, head, _ = _problem()

@@ -69,17 +69,36 @@ def resolve_hypergrad_lr(
 
 
 def check_lr_bounds(lr_bounds: Any) -> tuple[float, float]:
+    """``(min, max)``: two numbers with ``0 <= min <= max`` and ``min`` finite (``max`` may be
+    ``inf``); a string or a mapping is refused even when it iterates to two numbers."""
+    message = (
+        f"Invalid lr_bounds: {lr_bounds!r}; expected (min, max) with 0 <= min <= max, min finite"
+    )
+    if isinstance(lr_bounds, (str, bytes, Mapping)):
+        raise ValueError(message)  # noqa: TRY004 (torch-style: a bad argument is a ValueError)
     try:
         lo, hi = (float(b) for b in lr_bounds)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"Invalid lr_bounds: {lr_bounds!r}; expected (min, max) with 0 <= min <= max"
-        ) from None
-    if not (0.0 <= lo <= hi):
-        raise ValueError(
-            f"Invalid lr_bounds: {lr_bounds!r}; expected (min, max) with 0 <= min <= max"
-        )
+        raise ValueError(message) from None
+    if not (0.0 <= lo <= hi) or math.isinf(lo):
+        raise ValueError(message)
     return lo, hi
+
+
+def check_mapping(name: str, value: Any) -> None:
+    """``seek``/``validation``: None or a mapping of constants (named in the error otherwise)."""
+    if value is not None and not isinstance(value, Mapping):
+        raise ValueError(
+            f"Invalid {name}: {value!r}; expected a dict of constants, e.g. {name}={{...}}, or None"
+        )
+
+
+def check_fused_flags(fused: bool | None, foreach: bool | None, differentiable: bool) -> None:
+    """torch's rule: ``fused=True`` with ``foreach=True`` or ``differentiable=True`` is refused."""
+    if fused and foreach:
+        raise ValueError("Invalid flags: fused=True and foreach=True cannot be set together")
+    if fused and differentiable:
+        raise ValueError("Invalid flags: fused=True does not support differentiable=True")
 
 
 def check_hyper_options(
@@ -104,6 +123,8 @@ def check_hyper_options(
     """
     check_choice("granularity", granularity, GRANULARITIES)
     check_choice("rule", rule, RULES)
+    check_mapping("seek", seek)
+    check_mapping("validation", validation)
     if seek is not None and rule != "seek":
         raise ValueError(f"Invalid seek: {dict(seek)!r}; only rule='seek' takes seek constants")
     return {
@@ -139,12 +160,15 @@ def check_group_options(
     the constructor's ``ValueError``, naming the key.
     """
     given = {key: group[key] for key in GROUP_HYPER_KEYS if key in group}
+    lagged = {"lagged": check_flag("lagged", group["lagged"])} if "lagged" in group else {}
     if not given:
-        return {}
+        return lagged
     rule = given.get("rule", defaults["rule"])
     check_choice("rule", rule, RULES)
     same_rule = rule == defaults["rule"]
     seek = given.get("seek")
+    check_mapping("seek", seek)
+    check_mapping("validation", given.get("validation"))
     if rule == "seek" and same_rule:
         seek = {**defaults["seek"], **(seek or {})}
     validation = dict(given.get("validation") or {})
@@ -152,7 +176,7 @@ def check_group_options(
         inherited = {key: value for key, value in defaults["validation"].items()
                      if rule == "seek" or key not in SEEK_ONLY_VALIDATION_KEYS}  # fmt: skip
         validation = {**inherited, **validation}
-    return check_hyper_options(
+    return lagged | check_hyper_options(
         given.get("hypergrad_lr", defaults["hypergrad_lr"] if same_rule else None),
         given.get("granularity", defaults["granularity"]),
         rule,

@@ -90,6 +90,9 @@ class AdamHD(HypergradOptimizer):
             standard deviations; ``True`` for the defaults, a dict to override them, e.g.
             ``{"sigmas": 3.0, "cut": 0.5}``; see :mod:`metalr.functional.spike_guard`
             (default: None, off).
+        amsgrad, capturable: accepted for drop-in compatibility with ``torch.optim.Adam``
+            keyword arguments; only ``False`` (there is no AMSGrad variant and no CUDA-graph
+            capture; the step needs no host sync anyway) (default: False).
 
     Example:
         >>> model = torch.nn.Linear(10, 1)
@@ -128,8 +131,18 @@ class AdamHD(HypergradOptimizer):
         shard_group: Any = None,
         lagged: bool = False,
         spike_guard: bool | Mapping[str, float] | None = None,
+        amsgrad: bool = False,
+        capturable: bool = False,
     ) -> None:
         check.check_lr(lr)
+        if check.check_flag("amsgrad", amsgrad):
+            raise ValueError("Invalid amsgrad value: True; metalr's Adam has no AMSGrad variant")
+        if check.check_flag("capturable", capturable):
+            raise ValueError(
+                "Invalid capturable value: True; CUDA-graph capture of the step is not supported "
+                "(the step already runs without a host sync)"
+            )
+        check.check_fused_flags(fused, foreach, differentiable)
         check.check_nonnegative("epsilon", eps)
         for i, beta in enumerate(betas):
             if not 0.0 <= beta < 1.0:

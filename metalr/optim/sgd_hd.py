@@ -58,7 +58,7 @@ class SGDHD(HypergradOptimizer):
         differentiable: keep weights and rates in the autograd graph (default: False).
         lagged: apply the rate computed from step t's hypergradient from step t+1 (one pass
             over the state instead of two; a non-finite gradient element is skipped per element;
-            see :mod:`metalr.functional.adam_rule`) (default: False).
+            see :mod:`metalr.functional.sgd_rule`) (default: False).
         shard_group: the group of ranks sharding the optimizer state (ZeRO); see
             :class:`metalr.AdamHD` (default: None).
         spike_guard: cut the rates before a step whose closure's loss spikes; see
@@ -105,6 +105,7 @@ class SGDHD(HypergradOptimizer):
         check.check_nonnegative("weight_decay", weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        check.check_fused_flags(fused, foreach, differentiable)
         defaults = dict(
             lr=lr,
             momentum=momentum,
