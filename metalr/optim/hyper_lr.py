@@ -48,7 +48,10 @@ class HyperLR(HypergradOptimizer):
             ``torch.optim.SGD``, Adam-HD's otherwise (default: None).
         validation: constants of the validation signal (:meth:`observe_validation`) overriding
             its defaults (default: None).
-        lr_bounds: ``(min, max)`` for every effective rate ``lr × m`` (default: (0, inf)).
+        lr_bounds: ``(min, max)`` for every effective rate ``lr × m``; a schedule that
+            takes ``lr`` across a bound rescales the multiplier for good (the clamp is
+            applied to the stored multiplier against the current ``lr`` and is not undone
+            when ``lr`` returns): keep schedules inside the bounds (default: (0, inf)).
         spike_guard: cut the rates before a step whose closure's loss spikes; see
             :class:`metalr.AdamHD` (default: None, off).
 
