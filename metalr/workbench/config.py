@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metalr.meta.run_config import _check, _yaml, apply_smoke
+from metalr.meta.run_config import _check, _yaml, apply_smoke, parse_override
 from metalr.workbench.optimizers import check_priors, check_spec
 from metalr.workbench.tasks import SIZES, TASKS
 
@@ -76,8 +76,15 @@ EXECUTORS = ("local", "ray")
 def resolve_study(
     raw: dict[str, Any], overrides: list[str] = (), smoke: bool = False
 ) -> StudyConfig:  # type: ignore[assignment]
-    """Merge the smoke section (when asked) and ``key=value`` overrides into ``raw``; check it."""
+    """Merge the smoke section (when asked) and ``key=value`` overrides into ``raw``; check it.
+
+    A smoke run whose smoke section and overrides name no ``out`` writes to ``<out>_smoke``, so
+    its few steps never join the full study's records (the report keeps the newest record per
+    task, optimizer, lr and seed: a shared folder would mix the two in one mean)."""
+    smoke_out = _smoke_out(raw, overrides, smoke)
     raw, parsed = apply_smoke(raw, overrides, smoke)
+    if smoke_out is not None:
+        raw["out"] = smoke_out
     for path, value in parsed:
         key = ".".join(path)
         if path[0] not in KEYS:
@@ -110,6 +117,19 @@ def resolve_study(
     return cfg
 
 
+def _smoke_out(raw: dict[str, Any], overrides: list[str], smoke: bool) -> str | None:
+    """The smoke run's own folder, or None (not a smoke run, or its ``out`` is given)."""
+    parsed = [parse_override(o) for o in overrides]
+    smoke = smoke or any(path == ["smoke"] and value is True for path, value in parsed)
+    section = raw.get("smoke") or {}
+    if not smoke or any(path == ["out"] for path, _ in parsed) or (
+        isinstance(section, dict) and "out" in section
+    ):
+        return None
+    base = raw.get("out") or str(Path("runs") / "ablate" / str(raw.get("name", "study")))
+    return f"{base}_smoke"
+
+
 def _check_study(cfg: StudyConfig) -> None:
     for t in cfg.tasks:
         if t not in TASKS:
@@ -132,6 +152,10 @@ def _check_study(cfg: StudyConfig) -> None:
             raise ValueError(f"Invalid value for {key}: {getattr(cfg, key)!r} (expected >= 1)")
     if not cfg.tasks or not cfg.seeds or not cfg.lrs:
         raise ValueError("tasks, seeds and lrs must each be non-empty")
+    for key in ("tasks", "seeds", "lrs"):  # a repeat would run and record one cell twice
+        values = getattr(cfg, key)
+        if len(set(values)) != len(values):
+            raise ValueError(f"Invalid value for {key}: {values!r} (repeated entries)")
     if any(not lr > 0 for lr in cfg.lrs):
         raise ValueError(f"Invalid value for lrs: {cfg.lrs!r} (expected positive rates)")
     if not cfg.divergence > 1:

@@ -119,6 +119,8 @@ def check(name: str, spec: dict[str, Any]) -> None:
     if lrs is not None and (not isinstance(lrs, list) or not lrs
                             or any(not (isinstance(x, (int, float)) and x > 0) for x in lrs)):  # fmt: skip
         raise ValueError(f"Invalid value for {where}.lrs: {lrs!r} (expected positive rates)")
+    if lrs is not None and len(set(lrs)) != len(lrs):
+        raise ValueError(f"Invalid value for {where}.lrs: {lrs!r} (repeated entries)")
 
 
 def run_steps(spec: dict[str, Any], train_examples: int, steps: int) -> int:

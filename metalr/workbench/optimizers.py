@@ -84,12 +84,14 @@ KINDS = (*TORCH, *METALR, "hyperlr", *PEERS, *SEARCHED)
 SCHEDULES = ("none", "step", "exponential", "polynomial", "cosine", "warmup_cosine", "cyclic",
              "onecycle", "linear_warmup", "shock")  # fmt: skip
 META_KEYS = {"kind", "schedule", "schedule_args", "base", "base_args",  # not constructor kwargs
-             "search", "trials", "lr_range", "trial_steps", "range_test",
+             "search", "trials", "lr_range", "trial_steps",
              "prior", "prior_weights", "hypergrad_warmup",
              "validation_data", "plateau", "early_stopping",
              # metalr.workbench.layerwise: layer-wise rates, batch size, a spec's own lr grid
              "layer_decay", "freeze_body", "layer_decay_range", "batch_size", "epochs", "lrs"}  # fmt: skip
 WARMUP_KEYS = ("factor", "steps")
+#: Keys only ``tuned_adam`` reads (its search); any other kind refuses them.
+SEARCH_KEYS = ("search", "trials", "lr_range", "trial_steps")
 
 
 def peer_available(kind: str) -> bool:
@@ -321,6 +323,15 @@ def check_spec(name: str, spec: Any) -> dict[str, Any]:
     L.check(name, spec)
     if kind in PEERS and not peer_available(kind):
         return spec  # recorded as "not installed" by the runner
+    ignored = [key for key in SEARCH_KEYS if key in spec] if kind != "tuned_adam" else []
+    if ignored:
+        raise ValueError(f"Invalid optimizers.{name}: {', '.join(ignored)} only apply to kind "
+                         f"tuned_adam (the search), not {kind!r}")  # fmt: skip
+    if "lrs" in spec and not uses_lr(spec):
+        raise ValueError(f"Invalid optimizers.{name}.lrs: kind {kind!r} does not train at the "
+                         "grid's rates (it searches or sets its own), so a grid of its own is unused")  # fmt: skip
+    if "lr_range" in spec:
+        _check_lr_range(name, spec["lr_range"])
     search = spec.get("search", "grid")
     if kind == "tuned_adam" and search not in SEARCHES:
         raise ValueError(f"Invalid value for optimizers.{name}.search: {search!r}; expected one "
@@ -338,6 +349,16 @@ def check_spec(name: str, spec: Any) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise ValueError(f"Invalid optimizers.{name}: {exc}") from None
     return spec
+
+
+def _check_lr_range(name: str, value: Any) -> None:
+    """``[low, high]``, two rates with ``0 < low < high`` (the search draws log-uniformly)."""
+    ok = (isinstance(value, (list, tuple)) and len(value) == 2
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+          and 0 < value[0] < value[1] < math.inf)  # fmt: skip
+    if not ok:
+        raise ValueError(f"Invalid value for optimizers.{name}.lr_range: {value!r} (expected "
+                         "[low, high] with 0 < low < high)")  # fmt: skip
 
 
 def _check_prior(name: str, spec: dict[str, Any]) -> None:

@@ -46,6 +46,12 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         groups[(task, opt, lr)].append(r)
     rows = []
     for (task, opt, lr), rs in groups.items():
+        budgets = {(r.get("size"), r.get("steps")) for r in rs}
+        if len(budgets) > 1:  # seeds of different runs (a smoke run, another budget) in one mean
+            raise ValueError(
+                f"records of {task} / {opt} / lr {lr} come from runs of different sizes or step "
+                f"budgets {sorted(budgets, key=str)}: give each run its own out folder"
+            )
         losses = [_loss(r) for r in rs]
         n_div = sum(not math.isfinite(v) for v in losses)
         mean, ci = mean_ci(losses)
