@@ -88,15 +88,17 @@ def test_find_lr_help_documents_every_option_with_its_default(capsys):
                             ("--method", "min/10"), ("--out", "range_test.png")]:  # fmt: skip
         assert option in out
         assert f"(default: {default})" in " ".join(out.split()), option
-    assert "sgd_hd" in out  # the allowed kinds are listed
+    assert "rmsprop" in out and "schedulefree_adamw" in out  # the allowed kinds are listed
 
 
 def test_find_lr_unknown_optimizer_names_the_option_and_the_choices(capsys):
     code, out, err = run(capsys, "find-lr", "--optimizer", "nosuch")
     assert code == 2 and out == ""
     assert "--optimizer" in err and "'nosuch'" in err
-    for kind in ("adam", "sgd", "adam_hd", "sgd_hd", "hyperlr"):
+    for kind in ("adam", "sgd", "adamw", "rmsprop"):
         assert f"'{kind}'" in err
+    for kind in ("adam_hd", "sgd_hd", "hyperlr"):  # their rates adapt on top of the swept lr
+        assert f"'{kind}'" not in err
     assert "optimizers.optimizer" not in err  # no config path the user never wrote
 
 

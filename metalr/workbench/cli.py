@@ -72,10 +72,12 @@ def _print_report(text: str, files: list[Path]) -> None:
 
 def _find_lr_kinds() -> tuple[str, ...]:
     """Kinds ``metalr find-lr --optimizer`` accepts: the workbench's kinds whose lr the range
-    test can sweep (``range_test_adam`` / ``tuned_adam`` would only be plain Adam again)."""
-    from metalr.workbench.optimizers import KINDS, SEARCHED
+    test can sweep (``range_test_adam`` / ``tuned_adam`` would only be plain Adam again; metalr's
+    own kinds adapt their rates on top of the swept ``lr`` — a seek ramp even starts below it —
+    so the curve would be read against a rate the optimizer does not apply)."""
+    from metalr.workbench.optimizers import KINDS, METALR, SEARCHED
 
-    return tuple(k for k in KINDS if k not in SEARCHED)
+    return tuple(k for k in KINDS if k not in SEARCHED and k not in METALR and k != "hyperlr")
 
 
 def find_lr_parser() -> argparse.ArgumentParser:
@@ -101,7 +103,8 @@ def find_lr_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", default="smoke", choices=("smoke", "full"),
                         help="task size (smoke: small and fast)")  # fmt: skip
     parser.add_argument("--optimizer", default="adam", choices=kinds, metavar="KIND",
-                        help=f"optimizer kind, one of: {', '.join(kinds)}")  # fmt: skip
+                        help=f"optimizer kind, one of: {', '.join(kinds)} (not metalr's own: "
+                        "their rates adapt on top of the swept lr)")  # fmt: skip
     parser.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate")
     parser.add_argument("--end-lr", type=float, default=10.0,
                         help="last learning rate (the test stops earlier if the loss diverges)")  # fmt: skip

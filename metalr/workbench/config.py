@@ -122,8 +122,10 @@ def _smoke_out(raw: dict[str, Any], overrides: list[str], smoke: bool) -> str | 
     parsed = [parse_override(o) for o in overrides]
     smoke = smoke or any(path == ["smoke"] and value is True for path, value in parsed)
     section = raw.get("smoke") or {}
-    if not smoke or any(path == ["out"] for path, _ in parsed) or (
-        isinstance(section, dict) and "out" in section
+    if (
+        not smoke
+        or any(path == ["out"] for path, _ in parsed)
+        or (isinstance(section, dict) and "out" in section)
     ):
         return None
     base = raw.get("out") or str(Path("runs") / "ablate" / str(raw.get("name", "study")))
