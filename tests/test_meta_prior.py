@@ -226,3 +226,47 @@ def test_saved_file_has_the_usual_permissions(tmp_path, fmt: str, umask: int) ->
     assert stat.S_IMODE((tmp_path / "prior.bin").stat().st_mode) == 0o666 & ~umask
     assert [p.name for p in tmp_path.iterdir()] == ["prior.bin"]  # no temporary left behind
     assert torch.equal(LRPrior.load(tmp_path / "prior.bin").rates["w"], prior.rates["w"])
+
+
+def _trained_with(**config) -> MetaLearner:
+    cfg = MetaConfig(meta_lr=0.05, meta_batch_size=4, inner_steps=2, backend="loop", **config)
+    learner = MetaLearner(mlp((1, 8, 8, 1), dtype=torch.float64), cfg)
+    learner.fit(SinusoidSampler(dtype=torch.float64), 3)
+    return learner
+
+
+def test_inner_constants_travel_with_the_prior_and_two_steps_match() -> None:
+    """A prior learned with Adam betas (0.5, 0.9), eps 1e-3 and a rate floor: the groups of
+    ``param_groups_from_prior`` carry them, so two optimizer steps equal ``learner.adapt(2)`` bit
+    for bit (without them the first step differed by 3e-3); an optimizer built with other
+    constants is refused by ``load_prior``, naming the constant."""
+    learner = _trained_with(inner_rule="adam_hd", rates="tensor", inner_lr=0.003,
+                            adam_betas=(0.5, 0.9), adam_eps=1e-3, lr_bounds=(1e-4, 1.0))  # fmt: skip
+    prior = learner.export_prior()
+    model = mlp((1, 8, 8, 1), dtype=torch.float64, seed=5)
+    groups = param_groups_from_prior(model, prior)
+    assert all(g["betas"] == (0.5, 0.9) and g["eps"] == 1e-3 and g["lr_bounds"] == (1e-4, 1.0)
+               for g in groups)  # fmt: skip
+    optimizer = metalr.AdamHD(groups, foreach=False)
+    load_prior(optimizer, model, prior, load_weights=True)
+    sx, sy, _, _ = (
+        t[0] for t in sinusoid_batch(1, 10, 1, torch.Generator().manual_seed(9), torch.float64)
+    )
+    expected = learner.adapt(sx, sy, steps=2)
+    for _ in range(2):
+        stepped = _first_step(optimizer, model, sx, sy)
+    for name, value in expected.items():
+        assert torch.equal(stepped[name].detach(), value.detach()), name
+    other = metalr.AdamHD(param_groups_from_prior(model, prior, betas=(0.9, 0.999)))
+    with pytest.raises(ValueError, match=r"betas=\(0.5, 0.9\)"):
+        load_prior(other, model, prior)
+
+
+def test_a_prior_with_a_model_wide_hypergradient_warns_at_load() -> None:
+    learner = _trained_with(inner_rule="sgd_hd", rates="tensor", inner_lr=0.02,
+                            hypergrad_granularity="group")  # fmt: skip
+    prior = learner.export_prior()
+    model = mlp((1, 8, 8, 1), dtype=torch.float64, seed=5)
+    optimizer = metalr.SGDHD(param_groups_from_prior(model, prior))
+    with pytest.warns(UserWarning, match="hypergrad_granularity='group'"):
+        load_prior(optimizer, model, prior)

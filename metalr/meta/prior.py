@@ -27,6 +27,7 @@ import datetime
 import importlib.metadata
 import importlib.util
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -227,6 +228,11 @@ def prior_from_meta(meta: MetaParameters, config: MetaConfig) -> LRPrior:
     )
 
 
+def np_float(value: Any) -> tuple[float, ...]:
+    """A number or a pair of numbers as a tuple of floats (for comparing constants)."""
+    return tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else (float(value),)
+
+
 def _trainable(model: nn.Module) -> dict[str, Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -242,18 +248,37 @@ def param_groups_from_prior(
         optimizer = metalr.AdamHD(param_groups_from_prior(model, prior), granularity="tensor")
         load_prior(optimizer, model, prior)
 
-    ``group_options`` (e.g. ``weight_decay=0.0``) are added to every group.
+    ``group_options`` (e.g. ``weight_decay=0.0``) are added to every group, after the inner
+    loop's own constants the prior records (:func:`inner_constants`: Adam's ``betas`` and
+    ``eps`` for ``adam_hd``, ``lr_bounds``), so the optimizer steps as the learned inner loop did.
     """
     groups = []
+    constants = inner_constants(prior)
     for name, p in _trainable(model).items():
         if name not in prior.rates:
             raise ValueError(f"prior has no rate for parameter {name!r}")
-        group = {"params": [p], "lr": prior.base_lr, **group_options}
+        group = {"params": [p], "lr": prior.base_lr, **constants, **group_options}
         if prior.hypergrad_lrs is not None:  # learned for its rule: the group keeps that rule
             group["hypergrad_lr"] = float(prior.hypergrad_lrs[name])
             group.setdefault("rule", prior.hypergrad_rule)
         groups.append(group)
     return groups
+
+
+def inner_constants(prior: LRPrior) -> dict[str, Any]:
+    """The learned inner loop's optimizer constants, as param-group options: ``betas`` and
+    ``eps`` (``adam_hd``) and ``lr_bounds`` (the hypergradient rules), read from the config in
+    ``prior.provenance`` (``{}`` for a prior saved without one)."""
+    config = prior.provenance.get("config") or {}
+    out: dict[str, Any] = {}
+    if prior.inner_rule == "adam_hd":
+        if "adam_betas" in config:
+            out["betas"] = tuple(float(b) for b in config["adam_betas"])
+        if "adam_eps" in config:
+            out["eps"] = float(config["adam_eps"])
+    if prior.inner_rule != "sgd" and "lr_bounds" in config:
+        out["lr_bounds"] = tuple(float(b) for b in config["lr_bounds"])  # "inf" -> inf
+    return out
 
 
 def _check_compatible(optimizer: HypergradOptimizer, prior: LRPrior) -> None:
@@ -270,6 +295,13 @@ def _check_compatible(optimizer: HypergradOptimizer, prior: LRPrior) -> None:
                 f"granularity={group['granularity']!r}; build the optimizer with "
                 f"granularity={prior.granularity!r}"
             )
+        for key, value in inner_constants(prior).items():
+            if key in group and tuple(np_float(group[key])) != tuple(np_float(value)):
+                raise ValueError(
+                    f"prior was learned with {key}={value!r} but param group {i} uses "
+                    f"{key}={group[key]!r}; build the groups with param_groups_from_prior, or "
+                    f"pass {key}={value!r}"
+                )
         if prior.hypergrad_lrs is not None and group["rule"] != prior.hypergrad_rule:
             raise ValueError(
                 f"prior's hypergrad_lr was learned for rule={prior.hypergrad_rule!r} but param "
@@ -310,6 +342,14 @@ def load_prior(
     if unknown:
         raise ValueError(f"prior has rates for parameter(s) not in the model: {unknown}")
     _check_compatible(optimizer, prior)
+    config = prior.provenance.get("config") or {}
+    if prior.inner_rule != "sgd" and config.get("hypergrad_granularity") == "group":
+        warnings.warn(
+            "this prior's inner loop adapted its per-tensor rates from one signal over the whole "
+            "model (hypergrad_granularity='group'); the optimizer adapts each tensor's rate from "
+            "its own, so it matches the learned inner loop at the first step only",
+            stacklevel=2,
+        )
     names = {p: n for n, p in named.items()}
     for i, group in enumerate(optimizer.param_groups):
         if set_lr:
