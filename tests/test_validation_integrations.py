@@ -91,7 +91,7 @@ def _loaders() -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader
     return train, val
 
 
-def _module(L, rule: str, optimizer: str = "metalr"):
+def _module(L, rule: str, optimizer: str = "metalr", with_validation_step: bool = True):
     class ValRegression(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -112,9 +112,11 @@ def _module(L, rule: str, optimizer: str = "metalr"):
             x, y = batch
             return F.mse_loss(self.net(x), y)
 
-        def validation_step(self, batch, batch_idx):
-            x, y = batch
-            self.log("val_loss", F.mse_loss(self.net(x), y))
+        if with_validation_step:  # without it Lightning sets up no validation loop at all
+
+            def validation_step(self, batch, batch_idx):
+                x, y = batch
+                self.log("val_loss", F.mse_loss(self.net(x), y))
 
         def configure_optimizers(self):
             if optimizer == "torch":
@@ -213,6 +215,42 @@ def test_lightning_observe_validation_matches_manual_loop(tmp_path, rule) -> Non
     with torch.no_grad():
         expected = torch.stack([F.mse_loss(module.net(x), y) for x, y in val]).mean()
     torch.testing.assert_close(trainer.callback_metrics["val_loss"], expected)
+
+
+@pytest.mark.parametrize("check_val_every_n_epoch", [1, 5])
+def test_lightning_observe_validation_without_validation_step(tmp_path, check_val_every_n_epoch):
+    """The class's own example: a module with ``validation_loss`` but no ``validation_step``
+    (Lightning then sets up no validation loop, and ``trainer.val_dataloaders`` stays None), or
+    one whose validation has not run yet: the callback draws from the loader given to ``fit``,
+    as in the manual loop (it crashed ``every_n_steps`` steps into training)."""
+    L = _lightning()
+    from metalr.integrations.lightning import ObserveValidation
+
+    L.seed_everything(0, verbose=False)
+    module = _module(L, "seek", with_validation_step=check_val_every_n_epoch == 1)
+    callback = ObserveValidation(every_n_steps=2)
+    trainer = _trainer(L, tmp_path, callbacks=[callback],
+                       check_val_every_n_epoch=check_val_every_n_epoch)  # fmt: skip
+    train, val = _loaders()
+    trainer.fit(module, train, val)
+    assert callback.observations == 5
+    ref_module, _ = _manual_run(L, "seek", every=2)
+    for name, tensor in ref_module.state_dict().items():
+        torch.testing.assert_close(module.state_dict()[name], tensor, rtol=1e-6, atol=1e-7)
+
+
+def test_lightning_observe_validation_without_any_validation_data_fails_before_training(
+    tmp_path,
+) -> None:
+    L = _lightning()
+    from metalr.integrations.lightning import ObserveValidation
+
+    module = _module(L, "seek", with_validation_step=False)
+    trainer = _trainer(L, tmp_path, callbacks=[ObserveValidation(every_n_steps=2)])
+    train, _ = _loaders()
+    with pytest.raises(ValueError, match="found no validation dataloader"):
+        trainer.fit(module, train)
+    assert trainer.global_step == 0, "refused before the first step"
 
 
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")

@@ -234,11 +234,14 @@ class ObserveValidation(Callback):
                 f"define {self.loss_fn}(self, batch) returning the validation loss, or pass "
                 "loss_fn=<method name> or loss_fn=lambda module, batch: ..."
             )
+        self._check_validation_data()
 
     def _validation_data(self) -> Iterable[Any]:
         if self.dataloader is not None:
             return self.dataloader
         loaders = self._trainer.val_dataloaders if self._trainer is not None else None
+        if loaders is None:  # validation not set up (no validation_step, or not run yet)
+            loaders = _fit_validation_source(self._trainer)
         if isinstance(loaders, Mapping):
             loaders = next(iter(loaders.values()), None)
         elif isinstance(loaders, Sequence):
@@ -250,6 +253,12 @@ class ObserveValidation(Callback):
                 "the module's val_dataloader())"
             )
         return loaders
+
+    def _check_validation_data(self) -> None:
+        """At the start of training: refuse a run that will have no validation batches to draw
+        (rather than fail ``every_n_steps`` steps into it)."""
+        if self.dataloader is None and self._trainer is not None:
+            self._validation_data()
 
     def _loss(self, pl_module: Any, batch: Any) -> Tensor:
         if isinstance(self.loss_fn, str):
@@ -302,3 +311,17 @@ class ObserveValidation(Callback):
         self._last_step = state_dict.get("last_step", -1)
         self.observations = state_dict.get("observations", 0)
         self._batches.skip(state_dict.get("batches_drawn", 0))
+
+
+def _fit_validation_source(trainer: Any) -> Any:
+    """The validation loader(s) given to ``trainer.fit`` (or the module's / datamodule's
+    ``val_dataloader()``), read from Lightning's fit loop when it has not set validation up
+    itself (a module without ``validation_step``, validation not run yet); None if there is none.
+    Lightning keeps the source in a private attribute: without it, None."""
+    try:
+        source = trainer.fit_loop.epoch_loop.val_loop._data_source
+    except AttributeError:
+        return None
+    if source is None or not source.is_defined():
+        return None
+    return source.dataloader()
