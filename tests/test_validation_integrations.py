@@ -423,3 +423,38 @@ def test_hf_observe_validation_errors(tmp_path) -> None:
     from metalr.functional.validation import RECOMMENDED_EVERY
 
     assert add_observe_validation_callback(trainer).every_n_steps == RECOMMENDED_EVERY == 20
+
+
+def test_hf_observe_validation_with_a_dict_of_eval_datasets(tmp_path) -> None:
+    """The Trainer evaluates a dict of datasets by name; the callback draws from its first one
+    by default, or the one named by ``eval_dataset="name"`` (a loader of the dict itself indexed
+    it by position: KeyError 0); a name the dict lacks is refused before training."""
+    transformers = _transformers()
+    from metalr.integrations.huggingface import add_observe_validation_callback
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8,
+        per_device_eval_batch_size=8, report_to=[], save_strategy="no", use_cpu=True,
+        disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    sets = {"a": _TokenData(8, seed=1), "b": _TokenData(8, seed=2)}
+    rates = {}
+    for chosen in (None, "a", "b"):
+        model = _gpt2(transformers)
+        opt = metalr.AdamWHD(model.parameters(), lr=3e-3, rule="normalized")
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=_TokenData(32, seed=0),
+                                       eval_dataset=sets, optimizers=(opt, None))  # fmt: skip
+        callback = add_observe_validation_callback(trainer, every_n_steps=2, eval_dataset=chosen)
+        trainer.train()
+        assert callback.observations == 2
+        rates[chosen] = _state(opt, RATE_KEY)
+    assert all(torch.equal(x, y) for x, y in zip(rates[None], rates["a"]))  # the first set
+    assert any(not torch.equal(x, y) for x, y in zip(rates["a"], rates["b"]))
+    model = _gpt2(transformers)
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_TokenData(32, seed=0), eval_dataset=sets,
+        optimizers=(metalr.AdamWHD(model.parameters(), lr=3e-3), None),
+    )  # fmt: skip
+    add_observe_validation_callback(trainer, every_n_steps=2, eval_dataset="c")
+    with pytest.raises(ValueError, match="eval_dataset='c' names no dataset"):
+        trainer.train()

@@ -148,7 +148,8 @@ class ObserveValidationCallback(TrainerCallback):
         every_n_steps: observe after every this many optimizer steps (default: 20, the
             recommended frequency).
         eval_dataset: a dataset, or the key of one in the Trainer's ``eval_dataset`` dict
-            (default: None, i.e. the Trainer's ``eval_dataset``).
+            (default: None, i.e. the Trainer's ``eval_dataset``; when that is a dict of
+            datasets, its first one).
         dataloader: batches to use instead (any iterable of input dicts; default: None).
         loss_fn: ``loss_fn(model, inputs) -> Tensor`` instead of ``trainer.compute_loss``
             (default: None).
@@ -191,7 +192,18 @@ class ObserveValidationCallback(TrainerCallback):
     def _validation_data(self) -> Iterable[Any]:
         if self.dataloader is not None:
             return self.dataloader
-        return self.trainer.get_eval_dataloader(self.eval_dataset)
+        return self.trainer.get_eval_dataloader(self._eval_dataset())
+
+    def _eval_dataset(self) -> Any:
+        """What to hand ``get_eval_dataloader``: ours, else the Trainer's, whose dict of
+        datasets (several evaluation sets) gives its first key (a loader of the dict itself
+        would index it by position)."""
+        if self.eval_dataset is not None:
+            return self.eval_dataset
+        datasets = self.trainer.eval_dataset
+        if isinstance(datasets, Mapping):
+            return next(iter(datasets), None)
+        return None
 
     def _optimizer(self, optimizer: Any) -> Any:
         return optimizer if optimizer is not None else self.trainer.optimizer
@@ -200,14 +212,18 @@ class ObserveValidationCallback(TrainerCallback):
         self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any
     ) -> None:
         hypergrad_optimizers([self._optimizer(optimizer)], type(self).__name__)
-        if (
-            self.dataloader is None
-            and self.eval_dataset is None
-            and self.trainer.eval_dataset is None
-        ):
+        datasets = self.trainer.eval_dataset
+        if self.dataloader is None and self.eval_dataset is None and not datasets:
             raise ValueError(
                 "ObserveValidationCallback needs validation data: give the Trainer an "
                 "eval_dataset, or pass eval_dataset= or dataloader="
+            )
+        if isinstance(self.eval_dataset, str) and not (
+            isinstance(datasets, Mapping) and self.eval_dataset in datasets
+        ):
+            raise ValueError(
+                f"ObserveValidationCallback: eval_dataset={self.eval_dataset!r} names no dataset "
+                f"of the Trainer's eval_dataset ({sorted(datasets) if isinstance(datasets, Mapping) else 'not a dict'})"
             )
 
     def on_step_end(
