@@ -458,3 +458,57 @@ def test_hf_observe_validation_with_a_dict_of_eval_datasets(tmp_path) -> None:
     add_observe_validation_callback(trainer, every_n_steps=2, eval_dataset="c")
     with pytest.raises(ValueError, match="eval_dataset='c' names no dataset"):
         trainer.train()
+
+
+@pytest.mark.parametrize("every", [3, 4])
+def test_lightning_observe_validation_cadence_with_two_optimizers(tmp_path, every) -> None:
+    """With two optimizers (manual optimization) the optimizer-step count moves by two per batch:
+    observations follow every ``every`` optimizer steps whatever its parity (a ``step % k`` test
+    saw only the even multiples: k=3 observed every 6 steps)."""
+    L = _lightning()
+    from metalr.integrations.lightning import ObserveValidation
+
+    class TwoOptimizers(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 1)
+
+        def validation_loss(self, batch):
+            x, y = batch
+            return F.mse_loss(self.b(self.a(x)), y)
+
+        def training_step(self, batch, batch_idx):
+            for opt in self.optimizers():
+                opt.zero_grad()
+                self.manual_backward(self.validation_loss(batch))
+                opt.step()
+
+        def configure_optimizers(self):
+            return [metalr.AdamHD(self.a.parameters(), lr=1e-2),
+                    metalr.AdamHD(self.b.parameters(), lr=1e-2)]  # fmt: skip
+
+    train, val = _loaders()  # 5 batches: 10 optimizer steps an epoch
+    callback = ObserveValidation(every_n_steps=every, dataloader=val)
+    trainer = _trainer(L, tmp_path, callbacks=[callback], max_epochs=3)
+    trainer.fit(TwoOptimizers(), train)
+    assert trainer.global_step == 30
+    assert callback.observations == 30 // every
+
+
+def test_group_lrs_copies_a_tensor_lr_that_a_scheduler_changes_in_place() -> None:
+    """The monitors read ``group['lr']`` before the step and log after it; torch's schedulers
+    ``fill_`` a tensor lr in place, so a reference would log the next step's rate."""
+    from metalr.integrations import effective_lr_stats, group_lrs
+
+    w = nn.Parameter(torch.randn(4))
+    opt = metalr.AdamHD([w], lr=torch.tensor(0.1), hypergrad_lr=0.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.1)
+    captured = group_lrs(opt)
+    w.sum().backward()
+    opt.step()
+    sched.step()
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.01)
+    assert float(captured[0]) == pytest.approx(0.1)
+    logged = effective_lr_stats(opt, None, lrs=captured)
+    assert logged["effective_lr/group0/mean"] == pytest.approx(0.1)

@@ -45,8 +45,13 @@ def _names(named_parameters: NamedParams) -> dict[Tensor, str]:
 
 
 def group_lrs(optimizer: Any) -> list[Any]:
-    """``group['lr']`` of every param group (of the unwrapped optimizer), for :func:`effective_lr_stats`."""
-    return [group["lr"] for group in unwrap_optimizer(optimizer).param_groups]
+    """``group['lr']`` of every param group (of the unwrapped optimizer), for
+    :func:`effective_lr_stats`: a tensor lr is copied (schedulers ``fill_`` it in place, so a
+    reference taken before the step would read the next step's rate by logging time)."""
+    return [
+        group["lr"].detach().clone() if isinstance(group["lr"], Tensor) else group["lr"]
+        for group in unwrap_optimizer(optimizer).param_groups
+    ]
 
 
 def _effective_rates(optimizer: Any, lrs: Sequence[Any] | None) -> dict[Tensor, Tensor]:

@@ -121,8 +121,11 @@ class EffectiveLRMonitor(Callback):
     ) -> None:
         step = trainer.global_step  # counts optimizer steps; already advanced past this one
         interval = self.logging_interval or max(int(trainer.log_every_n_steps), 1)
-        # With gradient accumulation several batches share a step: log each step once.
-        if step == self._last_logged_step or step % interval != 0 or not trainer.optimizers:
+        # Log when the step count has passed a multiple of the interval since the last log: with
+        # gradient accumulation several batches share a step (logged once); with several
+        # optimizers the count moves by more than one per batch (a test of step % interval
+        # would then see only some multiples).
+        if not _passed_a_multiple(step, self._last_logged_step, interval) or not trainer.optimizers:
             return
         self._last_logged_step = step
         lrs = self._step_lrs
@@ -269,7 +272,7 @@ class ObserveValidation(Callback):
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step  # counts optimizer steps; already past the one just taken
-        if step == self._last_step or step == 0 or step % self.every_n_steps != 0:
+        if not _passed_a_multiple(step, self._last_step, self.every_n_steps):
             return
         self._last_step = step
         self._trainer = trainer
@@ -325,3 +328,9 @@ def _fit_validation_source(trainer: Any) -> Any:
     if source is None or not source.is_defined():
         return None
     return source.dataloader()
+
+
+def _passed_a_multiple(step: int, last: int, every: int) -> bool:
+    """Whether the optimizer-step count ``step`` has passed a multiple of ``every`` since
+    ``last`` (the step of the last action; -1 before any: counted from step 0)."""
+    return step > 0 and step // every > max(last, 0) // every
