@@ -512,3 +512,39 @@ def test_group_lrs_copies_a_tensor_lr_that_a_scheduler_changes_in_place() -> Non
     assert float(captured[0]) == pytest.approx(0.1)
     logged = effective_lr_stats(opt, None, lrs=captured)
     assert logged["effective_lr/group0/mean"] == pytest.approx(0.1)
+
+
+def test_hf_observe_validation_resumes_where_the_uninterrupted_run_is(tmp_path) -> None:
+    """``train(resume_from_checkpoint=...)``: the callback counts the observations made before the
+    checkpoint and skips the validation batches they drew, so the resumed run equals the
+    uninterrupted one bit for bit (with three validation batches and an observation every 2
+    steps, a checkpoint at step 4 falls mid-cycle; the batches restarted at the first before)."""
+    transformers = _transformers()
+    from metalr.integrations.huggingface import add_observe_validation_callback
+
+    def run(resume: str | None = None):
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=1,
+                                         n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+        model = transformers.GPT2LMHeadModel(config)  # no dropout: the RNG plays no part
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8,
+            per_device_eval_batch_size=8, report_to=[], save_strategy="steps", save_steps=4,
+            use_cpu=True, disable_tqdm=True, seed=0,
+        )  # fmt: skip
+        opt = metalr.AdamWHD(model.parameters(), lr=3e-3, rule="normalized")
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=_TokenData(96, seed=0),
+            eval_dataset=_TokenData(24, seed=1), optimizers=(opt, None),  # 3 eval batches
+        )  # fmt: skip
+        callback = add_observe_validation_callback(trainer, every_n_steps=2)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, opt, callback
+
+    model, opt, callback = run()
+    resumed_model, resumed_opt, resumed = run(str(tmp_path / "checkpoint-4"))
+    assert callback.observations == resumed.observations == 4
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(_state(opt, RATE_KEY), _state(resumed_opt, RATE_KEY), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -225,6 +225,11 @@ class ObserveValidationCallback(TrainerCallback):
                 f"ObserveValidationCallback: eval_dataset={self.eval_dataset!r} names no dataset "
                 f"of the Trainer's eval_dataset ({sorted(datasets) if isinstance(datasets, Mapping) else 'not a dict'})"
             )
+        # A resumed run (resume_from_checkpoint) goes on where the uninterrupted one would be:
+        # the observations so far counted, and the validation batches they drew skipped.
+        done = state.global_step // self.every_n_steps
+        self.observations = done
+        self._batches.skip(done)
 
     def on_step_end(
         self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any
