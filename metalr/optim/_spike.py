@@ -10,7 +10,7 @@ from torch import Tensor
 
 from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._distributed import average_over_ranks
-from metalr.functional._hypergrad import clamp_rates, rate_dtype
+from metalr.functional._hypergrad import all_finite, clamp_rates, rate_dtype
 from metalr.functional.spike_guard import (
     COUNT,
     MEAN,
@@ -33,32 +33,46 @@ class SpikeGuarded:
     state: Any
 
     def _guard_spike(self, loss: Any) -> None:
-        """The loss-spike guard (:mod:`metalr.functional.spike_guard`) for the loss a closure
-        returned: update each guarded group's statistics and, on a spike, cut its rates (and
-        turn its ramping seek controllers) before the step's update. Nothing without a loss or
-        a guarded group; no host read. Under ``torch.distributed`` with more than one rank the
-        loss is averaged over the ranks first (the shard group's, else the default group), so
-        every rank takes the same decision."""
+        """The loss-spike guard (:mod:`metalr.functional.spike_guard`) at the start of a step, for
+        the loss its closure returned, else the one :meth:`observe_loss` left for it: update each
+        guarded group's statistics and, on a spike, cut its rates (and turn its ramping seek
+        controllers) before the step's update. A step whose gradients are not all finite (one
+        the rule skips, as ``GradScaler`` would) leaves the statistics and rates as they were.
+        Nothing without a loss or a guarded group; no host read. Under ``torch.distributed`` with
+        more than one rank the loss is averaged over the ranks first (the shard group's, else the
+        default group), so every rank takes the same decision."""
+        pending, self._pending_spike_loss = getattr(self, "_pending_spike_loss", None), None
         groups = [g for g in self.param_groups if g.get("spike_guard") and g["params"]]
-        if loss is None or not groups:
+        if not groups or (loss is None and pending is None):
             return
-        value = self._spike_loss(loss, groups[0]["params"][0].device)
+        device = groups[0]["params"][0].device
+        value = self._spike_loss(loss, device) if loss is not None else pending
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        finite = (
+            all_finite(grads).to(device)
+            if grads
+            else torch.ones((), dtype=torch.bool, device=device)
+        )
         with torch.no_grad():
             for group in groups:
-                self._guard_group(group, value)
+                self._guard_group(group, value, finite)
 
     def observe_loss(self, loss: Tensor | float) -> None:
         """Hand the loss of the step about to be taken to the spike guard (``spike_guard=``),
         for loops that do not step with a closure — a ``GradScaler`` loop, the transformers
         Trainer's — with the same effect as ``step(closure)`` returning it: call it after
-        ``backward()`` and before ``step()``. Nothing if no param group is guarded.
+        ``backward()`` and before ``step()``. The guard reads it when ``step()`` runs, so a step
+        that ``GradScaler`` skips (inf/NaN gradients) leaves it unread, as the step leaves
+        everything else. Nothing if no param group is guarded.
 
         Example:
             >>> scaler.scale(loss).backward()
             >>> optimizer.observe_loss(loss)
             >>> scaler.step(optimizer)
         """
-        self._guard_spike(loss)
+        groups = [g for g in self.param_groups if g.get("spike_guard") and g["params"]]
+        if groups:
+            self._pending_spike_loss = self._spike_loss(loss, groups[0]["params"][0].device)
 
     def _spike_loss(self, loss: Any, device: torch.device) -> Tensor:
         """The closure's loss as a detached 0-d tensor on ``device``, averaged over the ranks."""
@@ -76,7 +90,7 @@ class SpikeGuarded:
         average_over_ranks([value], "auto" if shard_group is None else shard_group)
         return value
 
-    def _guard_group(self, group: dict[str, Any], loss: Tensor) -> None:
+    def _guard_group(self, group: dict[str, Any], loss: Tensor, finite: Tensor) -> None:
         anchor = group["params"][0]
         state = self.state[anchor]
         if SPIKE_KEY not in state:
@@ -84,7 +98,7 @@ class SpikeGuarded:
         stats = state[SPIKE_KEY] = padded_spike_stats(state[SPIKE_KEY])
         lr = scalar_lr(group["lr"])
         new_stats, factor = spike_guard_update(stats, loss, lr, group["spike_guard"])
-        stats.copy_(new_stats)
+        stats.copy_(torch.where(finite, new_stats, stats))
         params = [p for p in group["params"] if RATE_KEY in self.state.get(p, ())]
         if not params:
             return
@@ -94,9 +108,11 @@ class SpikeGuarded:
             controllers = [self._controller(p, group) for p in params]
         new_rates, new_controllers = spike_cut(rates, controllers, factor, group["seek"])
         new_rates = [clamp_rates(r, lr, group["lr_bounds"]) for r in new_rates]
-        commit_rates(rates, new_rates, factor < 1, known_finite=False)
-        if controllers is not None and new_controllers is not None:
-            torch._foreach_copy_(controllers, new_controllers)  # unchanged without a spike
+        cut = (factor < 1) & finite
+        commit_rates(rates, new_rates, cut, known_finite=False)
+        if controllers is not None and new_controllers is not None:  # unchanged without a cut
+            kept = [torch.where(cut, n, c) for n, c in zip(new_controllers, controllers)]
+            torch._foreach_copy_(controllers, kept)
 
     @torch.no_grad()
     def spike_summary(self) -> list[dict[str, float]]:
