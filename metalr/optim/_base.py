@@ -191,7 +191,8 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
         :mod:`metalr.functional.validation` has the equations; the seek rule's ramp still runs
         on the training signal). A non-finite loss or gradient changes nothing (a group's first
         observation reads one flag on the host for that: only a finite one switches the group
-        to the validation signal; later observations stay on the device).
+        to the validation signal; later observations stay on the device, except that a
+        ``scaler``'s ``get_scale()`` reads its scale on the host).
 
         Args:
             loss: the validation loss (0-d tensor requiring grad), or a closure computing it.
