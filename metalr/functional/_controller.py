@@ -117,6 +117,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from metalr.functional._common import safe_sqrt
 from metalr.functional._rate_moves import (
     MoveOptions,
     RateMove,
@@ -382,7 +383,7 @@ def _bias_corrected_snr(mean: Tensor, sq: Tensor, count: Tensor, b1: float, b2: 
     updates (Adam's bias correction)."""
     m_hat = mean / (1 - torch.pow(torch.full_like(count, b1), count))
     v_hat = sq / (1 - torch.pow(torch.full_like(count, b2), count))
-    return m_hat / (torch.sqrt(v_hat) + 1e-8)
+    return m_hat / (safe_sqrt(v_hat) + 1e-8)  # ν̂ = 0 before any signal: no 0·inf in backward
 
 
 def _training_snr(ctrl: Tensor, seek: Mapping[str, Any]) -> Tensor:
