@@ -72,6 +72,7 @@ def rate_dtype(param: Tensor) -> torch.dtype:
 
 def initial_rate(param: Tensor, granularity: str, value: float = 1.0) -> Tensor:
     """A fresh multiplier for ``param``: a 0-d tensor, or one per element for ``"element"``."""
+    check_step_inputs(granularity)
     if granularity == "element":  # full_like keeps a sharded (DTensor) parameter's layout
         return torch.full_like(
             param, value, dtype=rate_dtype(param), memory_format=torch.preserve_format
@@ -90,6 +91,7 @@ def inner_products(
     Returns ``(dots, grad_norms, direction_norms)``; the norms are ``None`` unless
     ``with_norms`` and the granularity reduces (group/tensor). Reductions run in the rate dtype.
     """
+    check_step_inputs(granularity, grads=grads, directions=directions)
     dots: list[Tensor] = []
     g_norms: list[Tensor] | None = [] if with_norms and granularity != "element" else None
     d_norms: list[Tensor] | None = [] if g_norms is not None else None
@@ -162,6 +164,22 @@ def _inverse_lr(lr: float | Tensor) -> float | Tensor:
     return 1.0 / lr if lr > 0 else 0.0
 
 
+def check_step_inputs(granularity: str, rule: str | None = None, **per_param: Any) -> None:
+    """The pure steps' own argument check (the optimizers check theirs at construction):
+    ``granularity`` and ``rule`` among the known ones, and every per-parameter sequence as long
+    as the first (``zip`` would silently drop the extra entries). ``None`` entries are absent
+    sequences (no controllers)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(
+            f"Invalid granularity: {granularity!r}; expected one of {', '.join(map(repr, GRANULARITIES))}"
+        )
+    if rule is not None and rule not in RULES:
+        raise ValueError(f"Invalid rule: {rule!r}; expected one of {', '.join(map(repr, RULES))}")
+    lengths = {name: len(seq) for name, seq in per_param.items() if seq is not None}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"Invalid inputs: per-parameter sequences of different lengths {lengths}")
+
+
 def clamp_rates(rate: Tensor, lr: float | Tensor, lr_bounds: tuple[float, float]) -> Tensor:
     """Clamp multipliers so that ``lr · m`` lies in ``lr_bounds`` (rates are already ``>= 0``).
 
@@ -221,6 +239,8 @@ def update_rates(
     it per tensor). Non-finite signals leave a multiplier unchanged; results are clamped to
     ``lr_bounds`` relative to ``lr``.
     """
+    check_step_inputs(granularity, rule, rates=rates, dots=dots, grad_norms=grad_norms,
+                      direction_norms=direction_norms)  # fmt: skip
     if not rates:
         return []
     per_tensor_beta = isinstance(hypergrad_lr, (list, tuple))

@@ -75,7 +75,7 @@ from metalr.functional._fused import (
     kernel_backend,
     run_default_kernels,
 )
-from metalr.functional._hypergrad import adapt_rates
+from metalr.functional._hypergrad import adapt_rates, check_step_inputs
 
 
 class AdamHDState(NamedTuple):
@@ -223,6 +223,8 @@ def adam_hd_step(
                                  lr_bounds=(0.0, float("inf")))
         loss_fn(state.params[0]).backward()   # reaches log_rate
     """
+    check_step_inputs(granularity, rule, params=params, grads=grads, exp_avgs=exp_avgs,
+                      exp_avg_sqs=exp_avg_sqs, rates=rates, steps=steps, controllers=controllers)  # fmt: skip
     grads = negate_if(grads, maximize)
     prev_dirs = [
         _complex_if(adam_direction(m, v, s, beta1, beta2, eps), g)

@@ -56,7 +56,7 @@ from metalr.functional._fused import (
     kernel_backend,
     run_default_kernels,
 )
-from metalr.functional._hypergrad import RateUpdate, adapt_rates
+from metalr.functional._hypergrad import RateUpdate, adapt_rates, check_step_inputs
 
 
 class SGDHDState(NamedTuple):
@@ -126,6 +126,9 @@ def sgd_hd_step(
                             dampening=0.0, weight_decay=0.0, nesterov=False, hypergrad_lr=0.02,
                             rule="normalized", granularity="tensor", lr_bounds=(0.0, 1e3))
     """
+    check_step_inputs(granularity, rule, params=params, grads=grads,
+                      momentum_buffers=momentum_buffers, prev_directions=prev_directions,
+                      rates=rates, controllers=controllers)  # fmt: skip
     grads = negate_if(grads, maximize)
     prev = previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
     new_rates, finite, new_controllers = adapt_rates(
