@@ -212,3 +212,55 @@ def test_zero_seek_rule_needs_the_reduction_at_tensor_granularity_too(sharded):
             torch.testing.assert_close(rate, rates[i], rtol=1e-9, atol=0)
     drifted = sharded[("AdamHD", "tensor", False)][0]["params"]
     assert any(not torch.allclose(p, q, rtol=1e-6, atol=0) for p, q in zip(drifted, params))
+
+
+EMPTY_RANK_CASES = {  # (dtype, rule, granularity, hypergrad_lr)
+    "float64-normalized-group": (torch.float64, "normalized", "group", 0.1),
+    "float64-seek-tensor": (torch.float64, "seek", "tensor", 0.1),
+    "float32-seek-tensor-beta0": (torch.float32, "seek", "tensor", 0.0),
+    "float32-normalized-group": (torch.float32, "normalized", "group", 0.1),
+}
+
+
+def _one_parameter_run(rank: int | None, case: str) -> list:
+    """One parameter tensor: under ZeRO on two ranks, rank 1 holds none and joins the step's
+    collectives in its place (``ShardReducer.participate``)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    dtype, rule, granularity, beta = EMPTY_RANK_CASES[case]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1, bias=False).to(dtype)
+    kwargs = {"lr": 1e-2, "rule": rule, "granularity": granularity, "hypergrad_lr": beta}
+    if rank is None:
+        module, opt = model, metalr.AdamHD(model.parameters(), **kwargs)
+    else:
+        module = torch.nn.parallel.DistributedDataParallel(model)
+        opt = ZeroRedundancyOptimizer(module.parameters(), optimizer_class=metalr.AdamHD,
+                                      shard_group=dist.group.WORLD, **kwargs)  # fmt: skip
+    for step in range(4):
+        gen = torch.Generator().manual_seed(step)
+        x = torch.randn(8, 4, generator=gen).to(dtype)
+        y = x.sum(1, keepdim=True)
+        if rank is not None:
+            x, y = x[rank * 4 : rank * 4 + 4], y[rank * 4 : rank * 4 + 4]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(module(x), y).backward()
+        opt.step()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _empty_rank_runs(rank: int) -> dict:
+    return {case: _one_parameter_run(rank, case) for case in EMPTY_RANK_CASES}
+
+
+def test_zero_with_a_rank_holding_no_parameter_equals_single_process():
+    """The rank without a parameter ran float32 collectives where the others ran the rate dtype
+    (float64 models: gloo aborted on the size mismatch), and the seek rule's sequence where a
+    zero hypergrad_lr runs the normalized rule's (a 15 s hang). Every case now equals
+    single-process training."""
+    per_rank = run_ranks(_empty_rank_runs, timeout_s=120)
+    for case in EMPTY_RANK_CASES:
+        ref = _one_parameter_run(None, case)
+        for rank in range(2):
+            torch.testing.assert_close(per_rank[rank][case][0], ref[0], rtol=1e-6, atol=1e-7,
+                                       msg=case)  # fmt: skip

@@ -31,10 +31,15 @@ class ShardReducer:
         self.process_group = process_group
 
     def sum(self, values: Tensor) -> Tensor:
-        """``values`` summed over ranks (a new tensor; the input is not modified)."""
+        """``values`` summed over ranks (a new tensor; the input is not modified). The reduction
+        runs in float64 on every rank, whatever the rate dtype: a rank that holds no parameter
+        of the group (:meth:`participate`) cannot know it, and the collectives' sizes must
+        match. Two ranks' float32 partial sums add exactly in float64, so the result, cast
+        back, is the float32 reduction's."""
         out = values.detach().clone() if not values.requires_grad else values.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.process_group)
-        return out
+        wide = out.to(torch.float64)
+        dist.all_reduce(wide, op=dist.ReduceOp.SUM, group=self.process_group)
+        return wide.to(values.dtype)
 
     def all(self, flag: Tensor) -> Tensor:
         """True on every rank only if ``flag`` is true on every rank."""
@@ -42,14 +47,21 @@ class ShardReducer:
         dist.all_reduce(as_int, op=dist.ReduceOp.MIN, group=self.process_group)
         return as_int[0] > 0
 
-    def participate(self, granularity: str, rule: str) -> None:
-        """Join the collectives of a step in which this rank holds no parameter of the group."""
+    def participate(self, granularity: str, rule: str, hypergrad_lr: Any = None) -> None:
+        """Join the collectives of a step in which this rank holds no parameter of the group:
+        the same sequence the ranks with parameters run (the seek rule at a numeric
+        ``hypergrad_lr`` of 0 runs the normalized rule's)."""
+        if rule == "seek" and not isinstance(hypergrad_lr, (Tensor, list, tuple)) and (
+            hypergrad_lr == 0
+        ):
+            rule = "normalized"  # what adapt_rates falls back to: nothing moves
         device = _collective_device(self.process_group)
         self.all(torch.ones((), dtype=torch.bool, device=device))
         if rule == "seek":  # the group cosine of the seek rule is summed at every granularity
-            self.sum(torch.zeros(3, device=device))
+            self.sum(torch.zeros(3, dtype=torch.float64, device=device))
         elif granularity == "group":
-            self.sum(torch.zeros(3 if rule == "normalized" else 1, device=device))
+            n = 3 if rule == "normalized" else 1
+            self.sum(torch.zeros(n, dtype=torch.float64, device=device))
 
 
 def _collective_device(process_group: dist.ProcessGroup | None) -> torch.device:

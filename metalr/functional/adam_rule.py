@@ -370,7 +370,7 @@ def adam_hd(
     the single-tensor path so rates and weights stay in the autograd graph.
     """
     if not params and hyper.get("shards") is not None:
-        hyper["shards"].participate(hyper["granularity"], hyper["rule"])
+        hyper["shards"].participate(hyper["granularity"], hyper["rule"], hyper["hypergrad_lr"])
         return None
     if fused:
         if differentiable or foreach:

@@ -456,7 +456,7 @@ def sgd_hd(
     so the caller stores them (as ``torch.optim.sgd.sgd`` does with ``momentum_buffer_list``).
     """
     if not params and hyper.get("shards") is not None:
-        hyper["shards"].participate(hyper["granularity"], hyper["rule"])
+        hyper["shards"].participate(hyper["granularity"], hyper["rule"], hyper["hypergrad_lr"])
         return SGDHDState([], [], [], [])
     if fused:
         if differentiable or foreach:
