@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = argv.pop(0) if argv and not argv[0].startswith("-") else "demo"
     if command == "help":
-        if not argv:
+        if not argv or argv[0] in ("-h", "--help"):  # `metalr help --help`: the same usage
             print(usage(), end="")
             return 0
         if argv[0] not in COMMANDS:
@@ -146,10 +146,22 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.N
     bad = [a for a in overrides if "=" not in a]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are key=value)")
+    if args.threads < 1:
+        parser.error(f"argument --threads: invalid value {args.threads} (expected an integer >= 1)")
     import torch
 
     torch.set_num_threads(args.threads)
     return args, overrides
+
+
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What reading a config or checkpoint can raise for a bad file: reported, exit 2 (a YAML
+    syntax error included when PyYAML is installed)."""
+    try:
+        import yaml
+    except ImportError:
+        return (ValueError, OSError)
+    return (ValueError, OSError, yaml.YAMLError)
 
 
 def _summary(res: dict[str, Any], path: Path | str) -> str:
@@ -180,7 +192,7 @@ def meta_train_main(argv: list[str]) -> int:
         res = meta_train(
             cfg, run_dir, resume=args.resume, quiet=args.quiet, config_file=args.config
         )
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except _config_errors() as exc:
         print(f"metalr meta-train: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -212,12 +224,14 @@ def few_shot_eval_main(argv: list[str]) -> int:
 
     default = "few_shot_eval.json" if args.checkpoint else "prior_eval.json"
     out = args.out or Path(args.checkpoint or args.prior).parent / default
+    if Path(out).is_dir():
+        parser.error(f"argument --out: {out} is a folder; give the JSON file's path")
     try:
         res = few_shot_eval(
             args.checkpoint, prior=args.prior, config_file=args.config, overrides=overrides,
             smoke=args.smoke, out=out,
         )  # fmt: skip
-    except (ValueError, FileNotFoundError) as exc:
+    except _config_errors() as exc:
         print(f"metalr few-shot-eval: error: {exc}", file=sys.stderr)
         return 2
     if not args.quiet:

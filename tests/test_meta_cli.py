@@ -280,3 +280,56 @@ def test_prior_in_drop_in_optimizers_matches_the_learner(tmp_path, method):
     for key in ("query_loss", "query_loss_ci95", "pre_adaptation_loss"):
         assert got[key] == pytest.approx(want[key], rel=1e-4), key
     assert cli.main(["few-shot-eval", "--prior", str(prior)]) == 2  # needs --config
+
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "sinusoid_sgd_hd.yaml"
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [(["meta-train", "--config", str(CONFIG), "--threads", "0"], "--threads: invalid value 0"),
+     (["few-shot-eval", "--checkpoint", "x.pt", "--threads", "-1"], "--threads: invalid value")],
+)  # fmt: skip
+def test_cli_refuses_a_bad_thread_count(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_cli_bad_files_are_errors_not_tracebacks(tmp_path, capsys):
+    """A folder or malformed YAML as --config, a corrupt checkpoint or prior, a folder as --out:
+    a one-line error and exit 2 (they raised IsADirectoryError, a YAML parse error, KeyError or
+    SafetensorError, and --out failed only after the whole evaluation)."""
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("name: x\n  - : [\n")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"PK\x03\x04 not a zip at all")
+    bad_prior = tmp_path / "garbage.safetensors"
+    bad_prior.write_bytes(b"x")
+    cases = [
+        (["meta-train", "--config", str(tmp_path)], "meta-train: error"),
+        (["meta-train", "--config", str(bad_yaml)], "meta-train: error"),
+        (["few-shot-eval", "--checkpoint", str(garbage)], "is not a readable metalr run checkpoint"),
+        (["few-shot-eval", "--prior", str(bad_prior), "--config", str(CONFIG)],
+         "is not a readable metalr LRPrior"),
+    ]  # fmt: skip
+    for argv, needle in cases:
+        assert cli.main(argv) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["few-shot-eval", "--checkpoint", str(garbage), "--out", str(tmp_path)])
+    assert exit_info.value.code == 2 and "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["task.k_query=0", "eval.steps=0"])
+def test_zero_counts_are_refused_when_the_config_loads(override):
+    """0 was read as "not set" (k_query: the shot count; eval.steps: the training's), so a run
+    recorded k_query 0 while training with k_shot, or failed at its first validation."""
+    key = override.split("=")[0]
+    with pytest.raises(ValueError, match=f"Invalid value for {key}: 0"):
+        load_config(CONFIG, [override], smoke=True)
+
+
+def test_help_help_prints_the_usage(capsys):
+    assert cli.main(["help", "--help"]) == 0
+    assert "meta-train" in capsys.readouterr().out

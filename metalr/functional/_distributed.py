@@ -51,8 +51,10 @@ class ShardReducer:
         """Join the collectives of a step in which this rank holds no parameter of the group:
         the same sequence the ranks with parameters run (the seek rule at a numeric
         ``hypergrad_lr`` of 0 runs the normalized rule's)."""
-        if rule == "seek" and not isinstance(hypergrad_lr, (Tensor, list, tuple)) and (
-            hypergrad_lr == 0
+        if (
+            rule == "seek"
+            and not isinstance(hypergrad_lr, (Tensor, list, tuple))
+            and (hypergrad_lr == 0)
         ):
             rule = "normalized"  # what adapt_rates falls back to: nothing moves
         device = _collective_device(self.process_group)

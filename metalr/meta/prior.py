@@ -166,18 +166,22 @@ class LRPrior:
 
     @classmethod
     def load(cls, path: str | Path) -> LRPrior:
-        """Read a prior written by :meth:`save` (either format; no pickled code is executed)."""
+        """Read a prior written by :meth:`save` (either format; no pickled code is executed).
+        A file that is not one raises ``ValueError`` naming it."""
         with open(path, "rb") as f:
             magic = f.read(2)
-        if magic == b"PK":  # torch.save's zip container
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            meta, tensors = json.loads(blob["metadata"]), blob["tensors"]
-        else:
-            from safetensors import safe_open
+        try:
+            if magic == b"PK":  # torch.save's zip container
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                meta, tensors = json.loads(blob["metadata"]), blob["tensors"]
+            else:
+                from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads(f.metadata()["metalr"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+                with safe_open(str(path), framework="pt") as f:
+                    meta = json.loads(f.metadata()["metalr"])
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+        except Exception as exc:  # truncated, foreign or metadata-less files: many kinds
+            raise ValueError(f"{path} is not a readable metalr LRPrior ({exc!r:.200})") from exc
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path} is not a metalr LRPrior (format {meta.get('format')!r})")
         parts: dict[str, dict[str, Tensor] | None] = {

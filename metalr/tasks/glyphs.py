@@ -84,7 +84,10 @@ class GlyphTasks:
         augment: ``True`` for the default :class:`GlyphAugment`, ``False`` for the clean glyph
             (every example of a class identical), or a :class:`GlyphAugment`.
         max_scripts: use only the first ``max_scripts`` scripts of the split (in the split's seeded
-            order) and render only those: small, fast banks for tests.
+            order) and render only those: small, fast banks for tests. Near-duplicate glyphs
+            across splits are then removed within the rendered subset only, so a test class can
+            resemble a training one (a Latin A and a Carian letter): for smoke and development
+            runs, not for results.
         font_dir, cache_dir, base_size, max_per_script: passed to :func:`load_glyph_bank`.
         split_seed: seed of the script split (:func:`script_split`).
 
