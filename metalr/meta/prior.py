@@ -232,8 +232,8 @@ def prior_from_meta(meta: MetaParameters, config: MetaConfig) -> LRPrior:
     )
 
 
-def np_float(value: Any) -> tuple[float, ...]:
-    """A number or a pair of numbers as a tuple of floats (for comparing constants)."""
+def _floats(value: Any) -> tuple[float, ...]:
+    """A number or a sequence of numbers as a tuple of floats (``"inf"`` read as inf)."""
     return tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else (float(value),)
 
 
@@ -277,11 +277,11 @@ def inner_constants(prior: LRPrior) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if prior.inner_rule == "adam_hd":
         if "adam_betas" in config:
-            out["betas"] = tuple(float(b) for b in config["adam_betas"])
+            out["betas"] = _floats(config["adam_betas"])
         if "adam_eps" in config:
             out["eps"] = float(config["adam_eps"])
     if prior.inner_rule != "sgd" and "lr_bounds" in config:
-        out["lr_bounds"] = tuple(float(b) for b in config["lr_bounds"])  # "inf" -> inf
+        out["lr_bounds"] = _floats(config["lr_bounds"])  # the config's "inf" -> inf
     return out
 
 
@@ -292,6 +292,7 @@ def _check_compatible(optimizer: HypergradOptimizer, prior: LRPrior) -> None:
             f"prior learned with inner_rule={prior.inner_rule!r} holds rates for "
             f"{expected.__name__}, not {type(optimizer).__name__}"
         )
+    constants = inner_constants(prior)
     for i, group in enumerate(optimizer.param_groups):
         if group["granularity"] != prior.granularity:
             raise ValueError(
@@ -299,8 +300,8 @@ def _check_compatible(optimizer: HypergradOptimizer, prior: LRPrior) -> None:
                 f"granularity={group['granularity']!r}; build the optimizer with "
                 f"granularity={prior.granularity!r}"
             )
-        for key, value in inner_constants(prior).items():
-            if key in group and tuple(np_float(group[key])) != tuple(np_float(value)):
+        for key, value in constants.items():
+            if key in group and _floats(group[key]) != _floats(value):
                 raise ValueError(
                     f"prior was learned with {key}={value!r} but param group {i} uses "
                     f"{key}={group[key]!r}; build the groups with param_groups_from_prior, or "

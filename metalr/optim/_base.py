@@ -56,12 +56,6 @@ def _rate_state(key: str, value: Tensor, param: Tensor) -> Tensor:
     return value
 
 
-def _all_finite_on_host(loss: Tensor, grads: list[Tensor]) -> bool:
-    """Whether ``loss`` and every gradient are finite (one host read)."""
-    flags = [torch.isfinite(loss).all()] + [torch.isfinite(g).all() for g in grads]
-    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
-
-
 class HypergradOptimizer(SpikeGuarded, Optimizer):
     """Base class: keeps one learned multiplier per group, tensor or element in ``state[p]``.
 
@@ -74,6 +68,10 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
     seek_family = "adam"
     #: The additive rule's default β (None: the rule needs an explicit ``hypergrad_lr``).
     additive_default: float | None = None
+
+    def _sync_groups(self) -> None:
+        """Give groups added behind the optimizer's back their options before they are read
+        (HyperLR: a group added to the wrapped optimizer directly); nothing here."""
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """torch's, with the group's own hypergradient options (``rule``, ``granularity``,
@@ -213,6 +211,7 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
             ...     xv, yv = next(val_batches)
             ...     optimizer.observe_validation(F.cross_entropy(model(xv), yv))
         """
+        self._sync_groups()
         if callable(loss) and not isinstance(loss, Tensor):
             with torch.enable_grad():
                 loss = loss()
@@ -255,7 +254,7 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
         finite: Tensor,
         loss: Tensor,
     ) -> None:
-        if not self._follows_validation(group) and not _all_finite_on_host(loss, grads):
+        if not self._follows_validation(group) and not bool(all_finite([loss, *grads])):
             # the first observation switches the group to the validation signal (and creates
             # its state): a non-finite one may not. One host read, at this first call only.
             return
@@ -308,6 +307,7 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
         Rates are clamped to ``lr_bounds`` exactly as the next step would use them. Keys are the
         parameter tensors, as in ``optimizer.state``.
         """
+        self._sync_groups()
         rates: dict[Tensor, Tensor] = {}
         for group in self.param_groups:
             lr = scalar_lr(group["lr"])

@@ -127,29 +127,9 @@ class HyperLR(HypergradOptimizer):
             for key, value in options.items():
                 group.setdefault(key, value)
 
-    def _sync_groups(self) -> None:
-        """:meth:`_share_groups` when a group was added to the wrapped optimizer directly."""
-        keys = self._hyper.keys()
-        if any(not keys <= group.keys() for group in self.optimizer.param_groups):
-            self._share_groups()
-
-    def observe_validation(self, loss: Any, **kwargs: Any) -> Tensor:
-        self._sync_groups()
-        return super().observe_validation(loss, **kwargs)
-
-    observe_validation.__doc__ = HypergradOptimizer.observe_validation.__doc__
-
-    def effective_lrs(self) -> dict[Tensor, Tensor]:
-        self._sync_groups()
-        return super().effective_lrs()
-
-    effective_lrs.__doc__ = HypergradOptimizer.effective_lrs.__doc__
-
-    def lr_summary(self) -> list[dict[str, float]]:
-        self._sync_groups()
-        return super().lr_summary()
-
-    lr_summary.__doc__ = HypergradOptimizer.lr_summary.__doc__
+    # a group added to the wrapped optimizer directly gets its options at the next step,
+    # observation or summary (the base class calls this hook before reading the groups)
+    _sync_groups = _share_groups
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the wrapped optimizer (and so to HyperLR)."""

@@ -66,7 +66,7 @@ class StudyConfig:
 
     @property
     def out_dir(self) -> Path:
-        return Path(self.out) if self.out else Path("runs") / "ablate" / self.name
+        return Path(self.out) if self.out else default_out_dir(self.name)
 
 
 KEYS = [f.name for f in dataclasses.fields(StudyConfig)]
@@ -117,6 +117,11 @@ def resolve_study(
     return cfg
 
 
+def default_out_dir(name: str) -> Path:
+    """A study's results folder when its config names no ``out``."""
+    return Path("runs") / "ablate" / name
+
+
 def _smoke_out(raw: dict[str, Any], overrides: list[str], smoke: bool) -> str | None:
     """The smoke run's own folder, or None (not a smoke run, or its ``out`` is given)."""
     parsed = [parse_override(o) for o in overrides]
@@ -128,7 +133,7 @@ def _smoke_out(raw: dict[str, Any], overrides: list[str], smoke: bool) -> str | 
         or (isinstance(section, dict) and "out" in section)
     ):
         return None
-    base = raw.get("out") or str(Path("runs") / "ablate" / str(raw.get("name", "study")))
+    base = raw.get("out") or default_out_dir(str(raw.get("name", StudyConfig.name)))
     return f"{base}_smoke"
 
 
