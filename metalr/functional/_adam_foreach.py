@@ -4,6 +4,7 @@ default path, the same math as :func:`metalr.functional.adam_hd_step` in fewer k
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ from metalr.functional._common import (
     torch_fused_kernel_applies,
 )
 from metalr.functional._distributed import ShardReducer
-from metalr.functional._hypergrad import RateUpdate, adapt_rates
+from metalr.functional._hypergrad import RateUpdate, adapt_rates, rates_in_use
 
 
 def _multi_tensor_adam_hd(
@@ -91,7 +92,7 @@ def _multi_tensor_adam_hd(
         _fused_kernel_update(
             params, grads, exp_avgs, exp_avg_sqs, rates, controllers, update, steps, host,
             lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-            decoupled_weight_decay=decoupled_weight_decay, lagged=lagged,
+            decoupled_weight_decay=decoupled_weight_decay, lagged=lagged, lr_bounds=lr_bounds,
         )  # fmt: skip
         return True
     if host:
@@ -131,12 +132,13 @@ def _multi_tensor_adam_hd(
         denom = torch._foreach_sqrt(v_r)
     torch._foreach_div_(denom, _scalars(bc2_sqrt, v_r, host))
     torch._foreach_add_(denom, eps)
-    if rates[0].dim() > 0 and all(r.dtype == d.dtype for r, d in zip(rates, denom)):
+    applied = rates_in_use(rates, lr, lr_bounds)
+    if applied[0].dim() > 0 and all(r.dtype == d.dtype for r, d in zip(applied, denom)):
         # Element rates: divide by the scalar part, then by the rates, in place (no temporaries).
         torch._foreach_div_(denom, _scalars(_scale(-(lr * keep), bc1), denom, host))
-        torch._foreach_div_(denom, [broadcast_rate(r, p) for r, p in zip(rates, params)])
+        torch._foreach_div_(denom, [broadcast_rate(r, p) for r, p in zip(applied, params)])
     else:
-        torch._foreach_div_(denom, _negative_step_sizes(rates, params, denom, lr * keep, bc1))
+        torch._foreach_div_(denom, _negative_step_sizes(applied, params, denom, lr * keep, bc1))
     torch._foreach_addcdiv_(p_r, m_r, denom)
     if lagged:  # the new multipliers take effect from the next step (finite: host checked)
         commit_update(rates, controllers, update, known_finite=True)
@@ -178,6 +180,7 @@ def _fused_kernel_update(
     weight_decay: float,
     decoupled_weight_decay: bool,
     lagged: bool = False,
+    lr_bounds: tuple[float, float] = (0.0, math.inf),
 ) -> None:
     """The Adam half of the step through ``torch._fused_adam_``, one call per tensor with its
     effective rate ``lr · m`` as a tensor and ``found_inf`` doing the skip on the device.
@@ -199,7 +202,8 @@ def _fused_kernel_update(
         torch._foreach_mul_(params, _scalars(1 - lr * weight_decay * keep, params, host))
     coupled = weight_decay if not decoupled_weight_decay else 0.0
     torch._foreach_add_(steps, 1)  # the kernel reads the incremented count
-    for p, g, m, v, rate, step in zip(params, grads, exp_avgs, exp_avg_sqs, rates, steps):
+    applied = rates_in_use(rates, lr, lr_bounds)
+    for p, g, m, v, rate, step in zip(params, grads, exp_avgs, exp_avg_sqs, applied, steps):
         rate_lr = (rate * lr).to(device=p.device, dtype=p.dtype)
         torch._fused_adam_(
             [p], [g], [m], [v], [], [step], amsgrad=False, lr=rate_lr, beta1=beta1, beta2=beta2,

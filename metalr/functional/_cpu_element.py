@@ -24,7 +24,7 @@ Before writing, a read-only scan sums each gradient: a sum that is not finite sk
 step (the eager path's flag, read on the host as the CPU paths do; with several param groups the
 optimizer has already checked every gradient and the sums are skipped); the scan also finds whether
 any ``d_{t-1}`` can be non-zero (some first moment is): if none, the step is inactive and the
-rates are only clamped. The seek controllers then move through the rule's own
+rates do not move (the rates in use are clamped to ``lr_bounds``). The seek controllers then move through the rule's own
 :func:`metalr.functional._controller.seek_update`, given per tensor the mean sign and the largest
 old rate (``Σ s_i / n`` and ``max r_i``, accumulated in the pass) as 0-d stand-ins: exactly what
 the eager path derives from the per-element tensors. Where the eager step's ``exp(log r + move)``
@@ -87,7 +87,7 @@ def adam_hd_element_step(
     of the step (several param groups): the scan then only looks for a non-zero first moment.
     """
     lr_f, beta = float(lr), float(hypergrad_lr)
-    seeking = rule == "seek" and beta != 0  # β = 0: nothing moves (rates only clamped)
+    seeking = rule == "seek" and beta != 0  # β = 0: nothing moves (the rates in use clamped)
     if rule == "seek" and (controllers is None or seek is None):
         raise ValueError("rule='seek' needs controllers and seek constants")
     # the controllers and step counters as rows of one buffer each (no stack per step)

@@ -59,6 +59,7 @@ from metalr.functional._from_sums import (
     seek_rows,
     seek_vectors_from_sums,
 )
+from metalr.functional._hypergrad import clamp_rates, rates_in_use
 
 _SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / name
             for name in ("hd_step.cpp", "hd_element.cpp")]  # fmt: skip
@@ -258,8 +259,9 @@ def adam_hd_step(
         else:
             commit_update(rates, controllers, update, known_finite=known_finite)
 
-    def multipliers() -> Tensor:  # the rate buffer itself where the state has one
-        return state[0] if state is not None else torch.stack(rates)
+    def multipliers() -> Tensor:  # the rate buffer itself where the state has one, as applied
+        vec = state[0] if state is not None else torch.stack(rates)
+        return clamp_rates(vec, lr_f, lr_bounds)
 
     common = (beta1, beta2, eps, coupled, maximize)
     if lagged:
@@ -318,7 +320,8 @@ def sgd_hd_step(
     if grads_finite is not None and not bool(grads_finite):
         return True
     lr_f = float(lr)
-    step = torch.tensor([lr_f * float(r) for r in rates], dtype=torch.float64)
+    step = torch.tensor([lr_f * float(r) for r in rates_in_use(rates, lr_f, lr_bounds)],
+                        dtype=torch.float64)  # fmt: skip
     bufs = list(momentum_buffers) if uses_buf else []
     prevs = list(prev_directions) if uses_prev else []
     if any(not t.is_contiguous() for t in bufs + prevs):

@@ -68,7 +68,7 @@ def adapt_rates_from_sums(
                 lr_bounds=lr_bounds, seek=seek,
             )  # fmt: skip
             return RateUpdate(list(new_vec.unbind(0)), finite, list(new_ctrl.unbind(0)))
-        # β = 0: nothing moves; the rates are only clamped, the controllers kept
+        # β = 0: nothing moves (the rates stay, the controllers are kept)
         finite = _finite(sums, grads_finite)
         same = update_rates(
             rates, list(sums[:, 0].unbind(0)), list(safe_sqrt(sums[:, 1]).unbind(0)),
@@ -121,7 +121,9 @@ def seek_vectors_from_sums(
         sizes=tuple(sizes), seek=seek, granularity=granularity,
     )  # fmt: skip
     if lr_bounds[0] > 0 or lr_bounds[1] < math.inf:  # (a skipped step keeps the rates unclamped)
-        new_vec = torch.where(finite, clamp_rates(new_vec, lr, lr_bounds), rate_vec)
+        new_vec = torch.where(
+            finite, clamp_rates(new_vec, lr, lr_bounds, previous=rate_vec), rate_vec
+        )
     return new_vec, new_ctrl, finite
 
 

@@ -24,8 +24,11 @@ direction, so it stays positive and a β means the same for any model size)::
 At ``"element"`` granularity the cosine of two scalars is the sign of their product, which makes
 the normalized rule Jacobs' (1988) delta-bar-delta / Rprop-style multiplicative adaptation.
 
-After the update the multiplier is clamped so the effective rate ``lr · m`` lies in ``lr_bounds``,
-and a non-finite hypergradient (any NaN/inf in the gradient) leaves the multiplier unchanged.
+``lr_bounds = (lo, hi)`` bound the effective rate at use: a step applies ``clamp(lr · m, lo, hi)``
+(:func:`rates_in_use`), and an update may not carry ``m`` further past a bound than it was,
+``m_t ∈ [min(m_{t-1}, lo/lr_t), max(m_{t-1}, hi/lr_t)]`` (:func:`clamp_rates` with ``previous``),
+so a scheduled ``lr`` that crosses a bound never rescales the multiplier. A non-finite
+hypergradient (any NaN/inf in the gradient) leaves the multiplier unchanged.
 
 Everything here is a pure, differentiable function of tensors; both the optimizers (without grad)
 and the meta-learner (with grad, under ``vmap``) call it.
@@ -180,11 +183,23 @@ def check_step_inputs(granularity: str, rule: str | None = None, **per_param: An
         raise ValueError(f"Invalid inputs: per-parameter sequences of different lengths {lengths}")
 
 
-def clamp_rates(rate: Tensor, lr: float | Tensor, lr_bounds: tuple[float, float]) -> Tensor:
+def clamp_rates(
+    rate: Tensor,
+    lr: float | Tensor,
+    lr_bounds: tuple[float, float],
+    previous: Tensor | None = None,
+) -> Tensor:
     """Clamp multipliers so that ``lr · m`` lies in ``lr_bounds`` (rates are already ``>= 0``).
 
-    Positive lower and finite upper bounds are divided by ``lr`` (skipped while ``lr == 0``). An infinite bound is not applied at all, so
-    a tensor ``lr`` in an autograd graph never meets ``inf / lr`` (backward 0·inf = NaN).
+    Positive lower and finite upper bounds are divided by ``lr`` (skipped while ``lr == 0``).
+    An infinite bound is not applied at all, so a tensor ``lr`` in an autograd graph never
+    meets ``inf / lr`` (backward 0·inf = NaN).
+
+    With ``previous`` (the multipliers before a rule's update) this is the update's clamp, not
+    the step's: the bounds widen to take in ``previous``, so an update may not carry a
+    multiplier further past a bound than it already was, but a schedule that moved ``lr``
+    across a bound never rescales it (``[min(previous, lo/lr), max(previous, hi/lr)]``). The
+    step itself applies :func:`rates_in_use`.
     """
     lo, hi = lr_bounds
     has_lo, has_hi = lo > 0, hi < math.inf
@@ -192,12 +207,36 @@ def clamp_rates(rate: Tensor, lr: float | Tensor, lr_bounds: tuple[float, float]
         return rate
     if isinstance(lr, Tensor):
         safe_lr = lr.clamp_min(torch.finfo(lr.dtype).tiny)
-        clamped = torch.maximum(rate, lo / safe_lr) if has_lo else rate
-        clamped = torch.minimum(clamped, hi / safe_lr) if has_hi else clamped
+        lo_m, hi_m = (lo / safe_lr if has_lo else None), (hi / safe_lr if has_hi else None)
+        if previous is not None:
+            lo_m = torch.minimum(lo_m, previous) if lo_m is not None else None
+            hi_m = torch.maximum(hi_m, previous) if hi_m is not None else None
+        clamped = torch.maximum(rate, lo_m) if lo_m is not None else rate
+        clamped = torch.minimum(clamped, hi_m) if hi_m is not None else clamped
         return torch.where(lr > 0, clamped, rate)
     if lr <= 0:
         return rate
-    return rate.clamp(min=lo / lr if has_lo else None, max=hi / lr if has_hi else None)
+    if previous is None:
+        return rate.clamp(min=lo / lr if has_lo else None, max=hi / lr if has_hi else None)
+    return rate.clamp(
+        min=previous.clamp(max=lo / lr) if has_lo else None,
+        max=previous.clamp(min=hi / lr) if has_hi else None,
+    )
+
+
+def rates_in_use(
+    rates: Sequence[Tensor], lr: float | Tensor, lr_bounds: tuple[float, float]
+) -> Sequence[Tensor]:
+    """The multipliers a step applies: each clamped so that ``lr · m`` lies in ``lr_bounds``.
+
+    The stored multipliers are only held back by the update's clamp (:func:`clamp_rates` with
+    ``previous``), so a scheduled ``lr`` outside the bounds is clamped here, at use, and the
+    multiplier is as it was when the schedule comes back. Unbounded (the default): ``rates``
+    itself, at no cost.
+    """
+    if lr_bounds[0] <= 0 and lr_bounds[1] == math.inf:
+        return rates
+    return [clamp_rates(r, lr, lr_bounds) for r in rates]
 
 
 def _rate_signal(
@@ -253,7 +292,7 @@ def update_rates(
             else:
                 signal = _rate_signal(dot, None, None, rule, granularity, lr)
                 new = torch.where(torch.isfinite(signal), (rate + beta * signal).clamp_min(0), rate)
-            new_rates.append(clamp_rates(new, lr, lr_bounds))
+            new_rates.append(clamp_rates(new, lr, lr_bounds, previous=rate))
         return new_rates
 
     ref = rates[0]
@@ -277,7 +316,8 @@ def update_rates(
         new_vec = rate_vec * torch.exp(beta * signal)
     else:  # the additive step can cross zero: a rate is never negative
         new_vec = (rate_vec + beta * signal).clamp_min(0)
-    new_vec = clamp_rates(torch.where(torch.isfinite(signal), new_vec, rate_vec), lr, lr_bounds)
+    new_vec = torch.where(torch.isfinite(signal), new_vec, rate_vec)
+    new_vec = clamp_rates(new_vec, lr, lr_bounds, previous=rate_vec)
     return [v.to(device=r.device, dtype=r.dtype) for v, r in zip(new_vec.unbind(0), rates)]
 
 
@@ -390,7 +430,7 @@ def seek_adapt_rates(
         rates, controllers, signals, group_signal, active, sizes,
         hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity, grad_norm=grad_norm,
     )  # fmt: skip
-    new_rates = [clamp_rates(r, lr, lr_bounds) for r in new_rates]
+    new_rates = [clamp_rates(r, lr, lr_bounds, previous=old) for r, old in zip(new_rates, rates)]
     return new_rates, finite, new_ctrls
 
 

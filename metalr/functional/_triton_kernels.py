@@ -49,6 +49,7 @@ from metalr.functional._from_sums import (
     seek_rows,
     seek_vectors_from_sums,
 )
+from metalr.functional._hypergrad import clamp_rates
 
 #: Whether :func:`sgd_hd_step` takes exact steps (two launches, like the Adam step).
 SGD_EXACT = True
@@ -310,6 +311,10 @@ def _passes(
     rows = seek_rows(
         rates, controllers, rule_args["rule"], rule_args["hypergrad_lr"], partials.device
     )
+
+    def in_use(rate_vec: Tensor) -> Tensor:  # the multipliers a writing launch applies
+        return clamp_rates(rate_vec, rule_args["lr"], rule_args["lr_bounds"]).to(rate_vec.dtype)
+
     if rows is not None:
 
         def update() -> tuple[Tensor, Tensor, Tensor]:
@@ -320,13 +325,13 @@ def _passes(
                 seek=rule_args["seek"],
             )  # fmt: skip
 
-        launch(rows[0], keep, True, lagged)
+        launch(in_use(rows[0]), keep, True, lagged)
         if lagged:
             commit_rows(rows, update())
             return keep
         new = update()
         flag = new[2].to(torch.int32)
-        launch(new[0], flag, False, True)
+        launch(in_use(new[0]), flag, False, True)
         commit_rows(rows, new)
         return flag
 
@@ -336,15 +341,15 @@ def _passes(
         )
 
     device = partials.device
-    launch(torch.stack([r.to(device=device, dtype=torch.float32) for r in rates]), keep, True,
-           lagged)  # fmt: skip
+    launch(in_use(torch.stack([r.to(device=device, dtype=torch.float32) for r in rates])), keep,
+           True, lagged)  # fmt: skip
     if lagged:
         flag, result = keep, rate_update()
     else:
         result = rate_update()
         flag = result.finite.to(torch.int32)
         new_rates = torch.stack([r.to(device=device, dtype=torch.float32) for r in result.rates])
-        launch(new_rates, flag, False, True)
+        launch(in_use(new_rates), flag, False, True)
     commit_update(rates, controllers, result, known_finite=False)
     return flag
 

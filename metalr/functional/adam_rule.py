@@ -75,7 +75,7 @@ from metalr.functional._fused import (
     kernel_backend,
     run_default_kernels,
 )
-from metalr.functional._hypergrad import adapt_rates, check_step_inputs
+from metalr.functional._hypergrad import adapt_rates, check_step_inputs, rates_in_use
 
 
 class AdamHDState(NamedTuple):
@@ -236,11 +236,12 @@ def adam_hd_step(
         controllers=controllers, seek=seek,
     )  # fmt: skip
     out = AdamHDState([], [], [], [], [])
-    for p, g, m, v, rate, new_rate, step in zip(
-        params, grads, exp_avgs, exp_avg_sqs, rates, new_rates, steps
+    applied = rates_in_use(rates if lagged else new_rates, lr, lr_bounds)
+    for p, g, m, v, rate, new_rate, step, rate_used in zip(
+        params, grads, exp_avgs, exp_avg_sqs, rates, new_rates, steps, applied
     ):
         p_new, m_new, v_new, step_new = _adam_tensor_step(
-            p, g, m, v, step, rate if lagged else new_rate, lr=lr, beta1=beta1, beta2=beta2,
+            p, g, m, v, step, rate_used, lr=lr, beta1=beta1, beta2=beta2,
             eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
         )  # fmt: skip
         p_r, m_r, v_r = as_real_list([p, m, v])
@@ -339,8 +340,9 @@ def _in_place_adam_hd(
         return
     if not lagged:
         commit_update(rates, adapt.get("controllers"), update, known_finite=True)
+    applied = rates_in_use(rates, lr, adapt["lr_bounds"])
     for p, g, m, v, step, rate, buf in zip(
-        params, grads, exp_avgs, exp_avg_sqs, steps, rates, scratch
+        params, grads, exp_avgs, exp_avg_sqs, steps, applied, scratch
     ):
         _adam_tensor_step(
             p, g, m, v, step, rate, lr=lr, beta1=beta1, beta2=beta2, eps=eps,

@@ -27,6 +27,7 @@ is off (bit for bit the pure step), else the pure step plus a write-back.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -56,7 +57,7 @@ from metalr.functional._fused import (
     kernel_backend,
     run_default_kernels,
 )
-from metalr.functional._hypergrad import RateUpdate, adapt_rates, check_step_inputs
+from metalr.functional._hypergrad import RateUpdate, adapt_rates, check_step_inputs, rates_in_use
 
 
 class SGDHDState(NamedTuple):
@@ -138,11 +139,12 @@ def sgd_hd_step(
     )  # fmt: skip
     keep_direction = stores_prev_direction(momentum, nesterov)
     out = SGDHDState([], [], [], [])
-    for p, g, buf, old_dir, rate, new_rate in zip(
-        params, grads, momentum_buffers, prev_directions, rates, new_rates
+    applied = rates_in_use(rates if lagged else new_rates, lr, lr_bounds)
+    for p, g, buf, old_dir, rate, new_rate, rate_used in zip(
+        params, grads, momentum_buffers, prev_directions, rates, new_rates, applied
     ):
         p_new, new_buf, d = _sgd_tensor_step(
-            p, g, buf, rate if lagged else new_rate, lr=lr, momentum=momentum,
+            p, g, buf, rate_used, lr=lr, momentum=momentum,
             dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
         )  # fmt: skip
         p_r = as_real_list([p])[0]
@@ -277,7 +279,8 @@ def _in_place_sgd_hd(
     if not lagged:
         commit_update(rates, adapt.get("controllers"), update, known_finite=True)
     keep_direction = stores_prev_direction(momentum, nesterov)
-    for i, (p, g, rate) in enumerate(zip(params, grads, rates)):
+    applied = rates_in_use(rates, lr, adapt["lr_bounds"])
+    for i, (p, g, rate) in enumerate(zip(params, grads, applied)):
         _, new_buf, d = _sgd_tensor_step(
             p, g, bufs[i], rate, lr=lr, momentum=momentum, dampening=dampening,
             weight_decay=weight_decay, nesterov=nesterov, inplace=True,
@@ -345,7 +348,7 @@ def _multi_tensor_sgd_hd(
         return _fused_kernel_update(
             params, grads, momentum_buffers, rates, controllers, update, host,
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            lagged=lagged,
+            lagged=lagged, lr_bounds=lr_bounds,
         )  # fmt: skip
     if host:
         if not lagged:
@@ -384,7 +387,7 @@ def _multi_tensor_sgd_hd(
             old.copy_(d if host else torch.where(finite, d, old))
     neg_step = [
         (broadcast_rate(r, p) * _like(-lr * keep, r)).to(d.dtype)
-        for r, p, d in zip(rates, params, d_r)
+        for r, p, d in zip(rates_in_use(rates, lr, lr_bounds), params, d_r)
     ]
     torch._foreach_addcmul_(p_r, d_r, neg_step)
     if lagged:  # the new multipliers take effect from the next step (finite: host checked)
@@ -406,6 +409,7 @@ def _fused_kernel_update(
     dampening: float,
     weight_decay: float,
     lagged: bool = False,
+    lr_bounds: tuple[float, float] = (0.0, math.inf),
 ) -> SGDHDState:
     """Momentum SGD through ``torch._fused_sgd_``, one call per tensor with ``lr · m`` as a
     tensor lr and ``found_inf`` doing the skip on the device (the previous direction is the
@@ -419,7 +423,7 @@ def _fused_kernel_update(
         commit_update(rates, controllers, update, known_finite=False)
         found_inf = (~finite).to(torch.float32)
     bufs = list(momentum_buffers)
-    for i, (p, g, rate) in enumerate(zip(params, grads, rates)):
+    for i, (p, g, rate) in enumerate(zip(params, grads, rates_in_use(rates, lr, lr_bounds))):
         first = bufs[i] is None
         if first:
             bufs[i] = torch.zeros_like(p) if found_inf is not None else torch.empty_like(p)

@@ -259,7 +259,7 @@ def validation_adapt_rates(
             rates, controllers, stats, signals, active, [g.numel() for g in val_grads],
             options=options, seek=seek, granularity=granularity, loss=loss,
         )  # fmt: skip
-        new_rates = [clamp_rates(r, lr, lr_bounds) for r in new_rates]
+        new_rates = [clamp_rates(n, lr, lr_bounds, previous=r) for n, r in zip(new_rates, rates)]
         return ValidationUpdate(new_rates, finite, new_stats)
     dots, g_norms, d_norms = inner_products(
         val_grads, directions, granularity, rule == "normalized"

@@ -107,7 +107,8 @@ class SpikeGuarded:
         if group["rule"] == "seek":
             controllers = [self._controller(p, group) for p in params]
         new_rates, new_controllers = spike_cut(rates, controllers, factor, group["seek"])
-        new_rates = [clamp_rates(r, lr, group["lr_bounds"]) for r in new_rates]
+        bounds = group["lr_bounds"]
+        new_rates = [clamp_rates(n, lr, bounds, previous=r) for n, r in zip(new_rates, rates)]
         cut = (factor < 1) & finite
         commit_rates(rates, new_rates, cut, known_finite=False)
         if controllers is not None and new_controllers is not None:  # unchanged without a cut

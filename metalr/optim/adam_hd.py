@@ -62,11 +62,10 @@ class AdamHD(HypergradOptimizer):
         validation: constants of the validation signal (used once :meth:`observe_validation`
             is called) overriding its defaults, e.g. ``{"hypergrad_lr": 0.05}``; see
             :mod:`metalr.functional.validation` (default: None).
-        lr_bounds: ``(min, max)`` for every effective rate; the multiplier is clamped so that
-            ``lr × m`` stays inside; a schedule that takes ``lr`` across a bound rescales the
-            multiplier for good (the clamp is applied to the stored multiplier against the
-            current ``lr`` and is not undone when ``lr`` returns): keep schedules inside the
-            bounds (default: (0, inf)).
+        lr_bounds: ``(min, max)`` for every effective rate: each step applies
+            ``clamp(lr × m, min, max)``, and an update may not carry ``m`` further past a bound
+            than it already was; a schedule that takes ``lr`` across a bound is clamped at
+            use and never rescales ``m`` (default: (0, inf)).
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor implementation; ``None`` picks it unless
             ``differentiable`` (default: None).

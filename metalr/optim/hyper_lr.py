@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from metalr.functional._common import as_real_list, broadcast_rate, commit_update, host_readable
-from metalr.functional._hypergrad import adapt_rates
+from metalr.functional._hypergrad import adapt_rates, rates_in_use
 from metalr.optim import _validation as check
 from metalr.optim._base import HYPER_DEFAULTS, HypergradOptimizer, check_sparse, scalar_lr
 
@@ -48,10 +48,10 @@ class HyperLR(HypergradOptimizer):
             ``torch.optim.SGD``, Adam-HD's otherwise (default: None).
         validation: constants of the validation signal (:meth:`observe_validation`) overriding
             its defaults (default: None).
-        lr_bounds: ``(min, max)`` for every effective rate ``lr × m``; a schedule that
-            takes ``lr`` across a bound rescales the multiplier for good (the clamp is
-            applied to the stored multiplier against the current ``lr`` and is not undone
-            when ``lr`` returns): keep schedules inside the bounds (default: (0, inf)).
+        lr_bounds: ``(min, max)`` for every effective rate: each step applies
+            ``clamp(lr × m, min, max)``, and an update may not carry ``m`` further past a bound
+            than it already was; a schedule that takes ``lr`` across a bound is clamped at
+            use and never rescales ``m`` (default: (0, inf)).
         spike_guard: cut the rates before a step whose closure's loss spikes; see
             :class:`metalr.AdamHD` (default: None, off).
 
@@ -210,12 +210,15 @@ class HyperLR(HypergradOptimizer):
         self._wrapped_step()
         if host_readable(step_finite):  # finite for sure: three in-place passes, no allocation
             for group, params, rates, snapshots, _ in pending:
-                _rescale_in_place(params, rates, snapshots, scalar_lr(group["lr"]))
+                lr = scalar_lr(group["lr"])
+                applied = rates_in_use(rates, lr, group["lr_bounds"])
+                _rescale_in_place(params, applied, snapshots, lr)
             return loss
         for group, params, rates, snapshots, _ in pending:
             lr = scalar_lr(group["lr"])
             displacement = torch._foreach_sub(params, snapshots)  # u_t of the wrapped optimizer
-            for p, rate, snap, u in zip(params, rates, snapshots, displacement):
+            applied = rates_in_use(rates, lr, group["lr_bounds"])
+            for p, rate, snap, u in zip(params, applied, snapshots, displacement):
                 scaled = snap + rate.to(u.dtype) * u if not p.is_complex() else snap + rate * u
                 p.copy_(torch.where(step_finite, scaled, snap))
                 direction = torch.where(step_finite, -u * _inverse(lr), torch.zeros_like(u))

@@ -48,10 +48,10 @@ class SGDHD(HypergradOptimizer):
             (``SGD_SEEK_DEFAULTS``, fitted against SGD with momentum 0.9) (default: None).
         validation: constants of the validation signal (:meth:`observe_validation`) overriding
             its defaults (default: None).
-        lr_bounds: ``(min, max)`` for every effective rate; a schedule that
-            takes ``lr`` across a bound rescales the multiplier for good (the clamp is
-            applied to the stored multiplier against the current ``lr`` and is not undone
-            when ``lr`` returns): keep schedules inside the bounds (default: (0, inf)).
+        lr_bounds: ``(min, max)`` for every effective rate: each step applies
+            ``clamp(lr × m, min, max)``, and an update may not carry ``m`` further past a bound
+            than it already was; a schedule that takes ``lr`` across a bound is clamped at
+            use and never rescales ``m`` (default: (0, inf)).
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor implementation (default: None, i.e. unless differentiable).
         fused: hand-written kernels at group/tensor granularity (CUDA: Triton, lagged or

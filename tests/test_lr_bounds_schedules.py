@@ -1,0 +1,201 @@
+"""``lr_bounds`` with a schedule that crosses them: the bound clamps the rate in use, never the
+stored multiplier (before, a warm-up above ``max`` rescaled the multiplier for good, even with
+``hypergrad_lr=0``).
+
+Every step applies ``clamp(lr_t · m_t, min, max)``; a rule's update may not carry ``m`` further
+past a bound than it already was (``m_t ∈ [min(m_{t-1}, min/lr_t), max(m_{t-1}, max/lr_t)]``),
+but a scheduled ``lr`` alone never moves it. Checked on every path that applies a rate (eager
+single-tensor and ``foreach``, torch's fused kernels under them, the C++ kernels exact, lagged
+and per element, HyperLR) against torch's optimizers in float64; the Triton kernels' test is in
+``tests/test_triton_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import metalr
+from metalr.functional import clamp_rates
+
+LO, HI = 1e-3, 2e-2
+#: scheduled rates: inside, above the upper bound, back, below the lower bound, back
+SCHEDULE = (1e-2, 5e-2, 8e-2, 1e-2, 1e-4, 5e-4, 1e-2, 1.5e-2)
+SHAPES = ((6, 5), (7,), (1,))
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in SHAPES]
+
+
+def _train(opt: torch.optim.Optimizer, params, schedule=SCHEDULE, seed: int = 1) -> None:
+    """One step per scheduled rate on a fixed quadratic (so the rules see real agreement)."""
+    gen = torch.Generator().manual_seed(seed)
+    targets = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+    for lr in schedule:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad()
+        sum(((p - t) ** 2).sum() for p, t in zip(params, targets)).backward()
+        opt.step()
+
+
+ADAM_PATHS = {
+    "single": {"foreach": False},
+    "foreach": {"foreach": True},
+    "cpp": {"fused": True},
+    "cpp-lagged": {"fused": True, "lagged": True},
+    "element-foreach": {"foreach": True, "granularity": "element"},
+    "element-cpp": {"fused": True, "granularity": "element"},
+}
+SGD_PATHS = {
+    "single": {"foreach": False},
+    "foreach": {"foreach": True},
+    "cpp-lagged": {"fused": True, "lagged": True},
+    "element-foreach": {"foreach": True, "granularity": "element"},
+}
+
+
+def _rates(opt) -> list[torch.Tensor]:
+    return [opt.state[p]["lr_multiplier"] for g in opt.param_groups for p in g["params"]]
+
+
+def _torch_run(make, params) -> None:
+    """torch's optimizer with the schedule clamped to the bounds: what the bounds promise."""
+    _train(make(params), params, schedule=[min(max(lr, LO), HI) for lr in SCHEDULE])
+
+
+@pytest.mark.parametrize("rule", ["seek", "normalized"])
+@pytest.mark.parametrize("path", ADAM_PATHS, ids=str)
+def test_adam_hd_with_hypergrad_lr_zero_is_adam_at_the_clamped_schedule(path, rule):
+    ours, theirs = _params(), _params()
+    opt = metalr.AdamHD(ours, lr=1e-2, hypergrad_lr=0.0, rule=rule, lr_bounds=(LO, HI),
+                        **ADAM_PATHS[path])  # fmt: skip
+    _train(opt, ours)
+    _torch_run(lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=False), theirs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for rate in _rates(opt):  # never rescaled by the schedule (was max / 8e-2 = 0.25 for good)
+        assert bool((rate == 1).all())
+
+
+@pytest.mark.parametrize("path", SGD_PATHS, ids=str)
+def test_sgd_hd_with_hypergrad_lr_zero_is_sgd_at_the_clamped_schedule(path):
+    ours, theirs = _params(), _params()
+    opt = metalr.SGDHD(ours, lr=1e-2, momentum=0.9, hypergrad_lr=0.0, lr_bounds=(LO, HI),
+                       **SGD_PATHS[path])  # fmt: skip
+    _train(opt, ours)
+    _torch_run(lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=False), theirs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert all(bool((rate == 1).all()) for rate in _rates(opt))
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=False),
+        lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=False),
+    ],
+    ids=["adam", "sgd"],
+)
+def test_hyper_lr_with_hypergrad_lr_zero_is_the_inner_optimizer_at_the_clamped_schedule(inner):
+    ours, theirs = _params(), _params()
+    opt = metalr.HyperLR(inner(ours), hypergrad_lr=0.0, lr_bounds=(LO, HI))
+    _train(opt, ours)
+    _torch_run(inner, theirs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert all(bool((rate == 1).all()) for rate in _rates(opt))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "element"])
+def test_each_step_applies_the_clamped_rate_and_the_update_holds_the_multiplier(granularity):
+    """SGD without momentum moves θ by exactly the rate in use times the gradient, so each
+    step's rate can be read back; the rule climbs (a consistent quadratic) into the bound."""
+    (w,) = params = [torch.nn.Parameter(torch.full((4,), 3.0, dtype=torch.float64))]
+    opt = metalr.SGDHD(params, lr=1e-2, momentum=0.0, rule="normalized", hypergrad_lr=0.3,
+                       granularity=granularity, lr_bounds=(LO, HI), foreach=False)  # fmt: skip
+    schedule = (1e-2,) * 6 + (6e-2,) * 4 + (1e-2,) * 4 + (2e-4,) * 3 + (1e-2,) * 3
+    above_after_a_rise = False
+    previous = torch.ones(4, dtype=torch.float64)
+    for lr in schedule:
+        opt.param_groups[0]["lr"] = lr
+        opt.zero_grad()
+        (0.5 * (w**2).sum()).backward()
+        grad, before = w.grad.clone(), w.detach().clone()
+        opt.step()
+        rate = opt.state[w]["lr_multiplier"].expand(4)
+        applied = (before - w.detach()) / grad
+        torch.testing.assert_close(applied, (lr * rate).clamp(LO, HI), rtol=1e-12, atol=0)
+        # the update's clamp: no further out than the multiplier was, wherever lr moved
+        assert bool((rate <= torch.clamp(previous, min=HI / lr) * (1 + 1e-15)).all())
+        assert bool((rate >= torch.clamp(previous, max=LO / lr) * (1 - 1e-15)).all())
+        above_after_a_rise |= bool((lr * rate > HI * 1.01).any())
+        previous = rate.clone()
+    assert above_after_a_rise  # the multiplier was kept, not rescaled, while lr sat above
+
+
+@pytest.mark.parametrize(
+    "fused",
+    [{"fused": True}, {"fused": True, "lagged": True}, {"fused": True, "granularity": "element"}],
+    ids=["cpp", "cpp-lagged", "element-cpp"],
+)
+@pytest.mark.parametrize("rule", ["seek", "normalized"])
+def test_adam_kernels_equal_the_eager_step_across_a_crossing_schedule(fused, rule):
+    kw = {"lr": 1e-2, "rule": rule, "lr_bounds": (LO, HI)}
+    if rule == "normalized":
+        kw["hypergrad_lr"] = 0.2
+    eager = {k: v for k, v in fused.items() if k != "fused"}
+    a, b = _params(), _params()
+    opt_a = metalr.AdamHD(a, **kw, **fused)
+    opt_b = metalr.AdamHD(b, **kw, **eager, foreach=True)
+    _train(opt_a, a)
+    _train(opt_b, b)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(opt_a.state[p]["lr_multiplier"], opt_b.state[q]["lr_multiplier"],
+                                   rtol=1e-10, atol=1e-13)  # fmt: skip
+
+
+def test_sgd_kernel_equals_the_eager_step_across_a_crossing_schedule():
+    kw = {
+        "lr": 1e-2,
+        "momentum": 0.9,
+        "rule": "normalized",
+        "hypergrad_lr": 0.2,
+        "lr_bounds": (LO, HI),
+    }
+    a, b = _params(), _params()
+    opt_a = metalr.SGDHD(a, **kw, fused=True, lagged=True)
+    opt_b = metalr.SGDHD(b, **kw, foreach=True, lagged=True)
+    _train(opt_a, a)
+    _train(opt_b, b)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-13)
+
+
+def test_clamp_rates_with_previous_widens_to_the_old_multiplier():
+    rate = torch.tensor([0.5, 3.0, 0.01, 2.0], dtype=torch.float64)
+    previous = torch.tensor([0.4, 2.5, 0.02, 1.0], dtype=torch.float64)
+    # lr 1: bounds [0.05, 1] on the multiplier
+    plain = clamp_rates(rate, 1.0, (0.05, 1.0))
+    torch.testing.assert_close(plain, torch.tensor([0.5, 1.0, 0.05, 1.0], dtype=torch.float64))
+    held = clamp_rates(rate, 1.0, (0.05, 1.0), previous=previous)
+    # 3.0 may not pass its old 2.5; 0.01 may not fall below its old 0.02; 2.0 stops at 1
+    torch.testing.assert_close(held, torch.tensor([0.5, 2.5, 0.02, 1.0], dtype=torch.float64))
+    as_tensor = clamp_rates(rate, torch.tensor(1.0, dtype=torch.float64), (0.05, 1.0), previous)
+    torch.testing.assert_close(as_tensor, held)
+    assert clamp_rates(rate, 1.0, (0.0, math.inf), previous) is rate  # unbounded: untouched
+
+
+def test_clamp_rates_with_previous_is_differentiable():
+    rate = torch.tensor([0.5, 3.0, 0.01], dtype=torch.float64, requires_grad=True)
+    previous = torch.tensor([0.4, 2.5, 0.02], dtype=torch.float64, requires_grad=True)
+    lr = torch.tensor(0.7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda r, p, lr: clamp_rates(r, lr, (0.05, 1.0), previous=p), (rate, previous, lr)
+    )
