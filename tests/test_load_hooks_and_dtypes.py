@@ -111,3 +111,35 @@ def test_spike_guard_statistics_stay_float32_and_resume_exactly(dtype):
     assert whole.spike_summary() == resumed.spike_summary()
     assert resumed.spike_summary()[0]["spikes"] == 0
     torch.testing.assert_close(p1, p2, rtol=0, atol=0)
+
+
+def test_hyper_lr_state_dict_hooks_see_the_wrapped_optimizer():
+    """HyperLR's checkpoint is its own state plus the wrapped optimizer's under ``wrapped``;
+    hooks registered on the HyperLR see and edit all of it: a save post hook that records the
+    inner step count, and a load pre hook that halves the inner optimizer's saved moments."""
+    p, opt = _trained(MAKERS["hyperlr"])
+    seen = {}
+
+    def after_save(_opt, state_dict):
+        seen["saved"] = sorted(state_dict)
+        seen["inner_step"] = float(state_dict["wrapped"]["state"][0]["step"])
+
+    opt.register_state_dict_post_hook(after_save)
+    saved = copy.deepcopy(opt.state_dict())
+    assert seen == {"saved": ["param_groups", "state", "wrapped"], "inner_step": 3.0}
+
+    def halve_inner_moments(_opt, state_dict):
+        seen["loading"] = sorted(state_dict)
+        inner = copy.deepcopy(state_dict["wrapped"])
+        inner["state"][0]["exp_avg"] = inner["state"][0]["exp_avg"] / 2
+        return {**state_dict, "wrapped": inner}
+
+    q = torch.nn.Parameter(p.detach().clone())
+    fresh = MAKERS["hyperlr"]([q])
+    fresh.register_load_state_dict_pre_hook(halve_inner_moments)
+    fresh.load_state_dict(saved)
+    assert seen["loading"] == ["param_groups", "state", "wrapped"]
+    torch.testing.assert_close(
+        fresh.optimizer.state[q]["exp_avg"], saved["wrapped"]["state"][0]["exp_avg"] / 2
+    )
+    torch.testing.assert_close(fresh.state[q][RATE_KEY], opt.state[p][RATE_KEY])

@@ -2,9 +2,9 @@
 stored multiplier (before, a warm-up above ``max`` rescaled the multiplier for good, even with
 ``hypergrad_lr=0``).
 
-Every step applies ``clamp(lr_t · m_t, min, max)``; a rule's update may not carry ``m`` further
-past a bound than it already was (``m_t ∈ [min(m_{t-1}, min/lr_t), max(m_{t-1}, max/lr_t)]``),
-but a scheduled ``lr`` alone never moves it. Checked on every path that applies a rate (eager
+Every step applies ``clamp(lr_t · m_t, min, max)``; a multiplier the rule moved lands in
+``[min/lr_t, max/lr_t]`` (the controller continues from the rate in use), one it did not move
+keeps its value, so a scheduled ``lr`` alone never moves it. Checked on every path that applies a rate (eager
 single-tensor and ``foreach``, torch's fused kernels under them, the C++ kernels exact, lagged
 and per element, HyperLR) against torch's optimizers in float64; the Triton kernels' test is in
 ``tests/test_triton_kernels.py``.
@@ -113,15 +113,16 @@ def test_hyper_lr_with_hypergrad_lr_zero_is_the_inner_optimizer_at_the_clamped_s
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "element"])
-def test_each_step_applies_the_clamped_rate_and_the_update_holds_the_multiplier(granularity):
+def test_each_step_applies_the_clamped_rate_and_a_moved_multiplier_lands_in_the_bounds(
+    granularity,
+):
     """SGD without momentum moves θ by exactly the rate in use times the gradient, so each
     step's rate can be read back; the rule climbs (a consistent quadratic) into the bound."""
     (w,) = params = [torch.nn.Parameter(torch.full((4,), 3.0, dtype=torch.float64))]
     opt = metalr.SGDHD(params, lr=1e-2, momentum=0.0, rule="normalized", hypergrad_lr=0.3,
                        granularity=granularity, lr_bounds=(LO, HI), foreach=False)  # fmt: skip
     schedule = (1e-2,) * 6 + (6e-2,) * 4 + (1e-2,) * 4 + (2e-4,) * 3 + (1e-2,) * 3
-    above_after_a_rise = False
-    previous = torch.ones(4, dtype=torch.float64)
+    at_the_bound = 0
     for lr in schedule:
         opt.param_groups[0]["lr"] = lr
         opt.zero_grad()
@@ -131,12 +132,47 @@ def test_each_step_applies_the_clamped_rate_and_the_update_holds_the_multiplier(
         rate = opt.state[w]["lr_multiplier"].expand(4)
         applied = (before - w.detach()) / grad
         torch.testing.assert_close(applied, (lr * rate).clamp(LO, HI), rtol=1e-12, atol=0)
-        # the update's clamp: no further out than the multiplier was, wherever lr moved
-        assert bool((rate <= torch.clamp(previous, min=HI / lr) * (1 + 1e-15)).all())
-        assert bool((rate >= torch.clamp(previous, max=LO / lr) * (1 - 1e-15)).all())
-        above_after_a_rise |= bool((lr * rate > HI * 1.01).any())
-        previous = rate.clone()
-    assert above_after_a_rise  # the multiplier was kept, not rescaled, while lr sat above
+        # the rule moved every multiplier (the signal is never 0 here): each lies in the bounds,
+        # so the controller continues from the rate in use, without a dead zone past a bound
+        assert bool(((lr * rate >= LO * (1 - 1e-12)) & (lr * rate <= HI * (1 + 1e-12))).all())
+        at_the_bound += int(
+            bool(torch.isclose(lr * rate, torch.tensor(HI, dtype=rate.dtype)).any())
+        )
+    assert at_the_bound >= 2  # the climb and the rise of lr both met the upper bound
+
+
+def test_a_dip_below_the_lower_bound_does_not_let_the_rule_climb_unseen():
+    """While a schedule dips below ``min`` the rate in use sits at ``min``; a rule that kept
+    climbing there without effect (a dead zone) would come back far too fast."""
+    (w,) = params = [torch.nn.Parameter(torch.full((4,), 3.0, dtype=torch.float64))]
+    opt = metalr.AdamHD(params, lr=1e-2, lr_bounds=(LO, HI), foreach=False)  # seek: ramps
+    for lr in (1e-2,) * 3 + (1e-6,) * 20 + (1e-2,):
+        opt.param_groups[0]["lr"] = lr
+        opt.zero_grad()
+        (0.5 * (w**2).sum()).backward()
+        opt.step()
+    assert 1e-2 * float(opt.state[w]["lr_multiplier"]) <= HI * (1 + 1e-12)
+
+
+def test_the_spike_guard_cuts_the_rate_in_use():
+    """At a scheduled lr above ``max`` the rate in use is ``max``; a spike halves it at once
+    (a cut of the stored multiplier alone would stay above the bound and change nothing)."""
+    w = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    opt = metalr.SGDHD([w], lr=8e-2, momentum=0.0, hypergrad_lr=0.0, lr_bounds=(1e-4, HI),
+                       spike_guard={"warmup": 3, "sigmas": 4.0}, foreach=False)  # fmt: skip
+    applied = []
+    for loss in (1.0, 1.01, 0.99, 1.0, 1.005, 50.0):  # the last one spikes
+
+        def closure(loss=loss):
+            opt.zero_grad()
+            w.grad = torch.ones_like(w)
+            return torch.tensor(loss, dtype=torch.float64)
+
+        before = w.detach().clone()
+        opt.step(closure)
+        applied.append(float((before - w.detach())[0]))
+    assert applied[-2] == pytest.approx(HI, rel=1e-12)
+    assert applied[-1] < 0.75 * HI
 
 
 @pytest.mark.parametrize(
@@ -178,15 +214,17 @@ def test_sgd_kernel_equals_the_eager_step_across_a_crossing_schedule():
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-13)
 
 
-def test_clamp_rates_with_previous_widens_to_the_old_multiplier():
-    rate = torch.tensor([0.5, 3.0, 0.01, 2.0], dtype=torch.float64)
-    previous = torch.tensor([0.4, 2.5, 0.02, 1.0], dtype=torch.float64)
+def test_clamp_rates_with_previous_keeps_unmoved_multipliers_and_clamps_moved_ones():
+    rate = torch.tensor([0.5, 3.0, 0.01, 2.5, 0.02], dtype=torch.float64)
+    previous = torch.tensor([0.4, 2.5, 0.02, 2.5, 0.02], dtype=torch.float64)
     # lr 1: bounds [0.05, 1] on the multiplier
     plain = clamp_rates(rate, 1.0, (0.05, 1.0))
-    torch.testing.assert_close(plain, torch.tensor([0.5, 1.0, 0.05, 1.0], dtype=torch.float64))
+    expected = torch.tensor([0.5, 1.0, 0.05, 1.0, 0.05], dtype=torch.float64)
+    torch.testing.assert_close(plain, expected)
     held = clamp_rates(rate, 1.0, (0.05, 1.0), previous=previous)
-    # 3.0 may not pass its old 2.5; 0.01 may not fall below its old 0.02; 2.0 stops at 1
-    torch.testing.assert_close(held, torch.tensor([0.5, 2.5, 0.02, 1.0], dtype=torch.float64))
+    # moved: clamped as usual; not moved (2.5, 0.02): kept where they were, outside the bounds
+    expected = torch.tensor([0.5, 1.0, 0.05, 2.5, 0.02], dtype=torch.float64)
+    torch.testing.assert_close(held, expected)
     as_tensor = clamp_rates(rate, torch.tensor(1.0, dtype=torch.float64), (0.05, 1.0), previous)
     torch.testing.assert_close(as_tensor, held)
     assert clamp_rates(rate, 1.0, (0.0, math.inf), previous) is rate  # unbounded: untouched

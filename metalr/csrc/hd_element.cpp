@@ -6,13 +6,13 @@
 // Per element, with g after `maximize` and before weight decay, d = d_{t-1} recomputed from the
 // moments being read, s = sign(g·d) (0 for 0 or NaN):
 //
-//   sign rules (normalized, seek):  r' = keep(min(r · E[s], cap))
-//   additive:                       q = g·d / lr;  r' = keep(finite(q) ? max(r + β q, 0) : r)
+//   sign rules (normalized, seek):  x = min(r · E[s], cap),  r' = keep(x)
+//   additive:                       q = g·d / lr;  x = finite(q) ? max(r + β q, 0) : r,  r' = keep(x)
 //   then the Adam update with r':   θ' = θ·decay - lr·u/(1-β1^t) · m'/(√v'/√(1-β2^t) + ε)
 //
-// with keep(x) = clamp(x, min(r, lo), max(r, hi)) (an update never carries a rate further past
-// a bound than it was: a scheduled lr that crossed one does not rescale it) and the rate in use
-// u = clamp(r', lo, hi) (lo, hi: lr_bounds / lr).
+// with the rate in use u = clamp(x, lo, hi) (lo, hi: lr_bounds / lr) and keep(x) = x == r ? r : u
+// (a moved rate lands in the bounds; an unmoved one keeps its value, so a scheduled lr that
+// crossed a bound does not rescale it).
 //
 // where E[s] = exp(move_s) is the per-tensor multiplier of the rate's log-space move for that
 // sign (normalized: β·s; seek: the ramp's move, or τβ·s once settled) and cap = exp(ceiling).
@@ -91,11 +91,9 @@ void element_range(T* __restrict p, const T* __restrict gp, T* __restrict m, T* 
         const T moved = rj * f;
         rn = moved < cap ? moved : cap;
       }
-      const T keep_lo = rj < rlo ? rj : rlo, keep_hi = rj > rhi ? rj : rhi;
-      rn = rn < keep_lo ? keep_lo : rn;  // the update's clamp: never further out than r was
-      rn = rn > keep_hi ? keep_hi : rn;
-      T ru = rn < rlo ? rlo : rn;  // the step's: the rate in use lies in the bounds
+      T ru = rn < rlo ? rlo : rn;  // the rate in use lies in the bounds
       ru = ru > rhi ? rhi : ru;
+      rn = rn == rj ? rj : ru;  // a moved rate lands in them, an unmoved one keeps its value
       const T pj = p[j];
       const T ge = g + l2 * pj;
       const T mn = mj + w1 * (ge - mj);
@@ -157,8 +155,8 @@ void element_sign_avx512(float* __restrict p, const float* __restrict gp, float*
       __m512 f = _mm512_mask_blend_ps(pos, e_zero, e_pos);
       f = _mm512_mask_blend_ps(neg, f, e_neg);
       __m512 rn = _mm512_min_ps(_mm512_mul_ps(rj, f), cap);
-      rn = _mm512_min_ps(_mm512_max_ps(rn, _mm512_min_ps(rj, rlo)), _mm512_max_ps(rj, rhi));
       const __m512 ru = _mm512_min_ps(_mm512_max_ps(rn, rlo), rhi);
+      rn = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(rn, rj, _CMP_EQ_OQ), ru, rj);
       const __m512 pj = _mm512_loadu_ps(p + j);
       const __m512 ge = _mm512_fmadd_ps(l2, pj, g);
       const __m512 mn = _mm512_fmadd_ps(w1, _mm512_sub_ps(ge, mj), mj);

@@ -25,9 +25,11 @@ At ``"element"`` granularity the cosine of two scalars is the sign of their prod
 the normalized rule Jacobs' (1988) delta-bar-delta / Rprop-style multiplicative adaptation.
 
 ``lr_bounds = (lo, hi)`` bound the effective rate at use: a step applies ``clamp(lr · m, lo, hi)``
-(:func:`rates_in_use`), and an update may not carry ``m`` further past a bound than it was,
-``m_t ∈ [min(m_{t-1}, lo/lr_t), max(m_{t-1}, hi/lr_t)]`` (:func:`clamp_rates` with ``previous``),
-so a scheduled ``lr`` that crosses a bound never rescales the multiplier. A non-finite
+(:func:`rates_in_use`); a multiplier the rule moved is clamped into ``[lo/lr, hi/lr]`` (the
+controller continues from the rate in use), one it did not move keeps its value
+(:func:`clamp_rates` with ``previous``), so a scheduled ``lr`` that crosses a bound does not by
+itself rescale the multiplier (with ``hypergrad_lr=0`` the step is the base optimizer's at
+``clamp(lr, lo, hi)``). A non-finite
 hypergradient (any NaN/inf in the gradient) leaves the multiplier unchanged.
 
 Everything here is a pure, differentiable function of tensors; both the optimizers (without grad)
@@ -195,11 +197,12 @@ def clamp_rates(
     An infinite bound is not applied at all, so a tensor ``lr`` in an autograd graph never
     meets ``inf / lr`` (backward 0·inf = NaN).
 
-    With ``previous`` (the multipliers before a rule's update) this is the update's clamp, not
-    the step's: the bounds widen to take in ``previous``, so an update may not carry a
-    multiplier further past a bound than it already was, but a schedule that moved ``lr``
-    across a bound never rescales it (``[min(previous, lo/lr), max(previous, hi/lr)]``). The
-    step itself applies :func:`rates_in_use`.
+    With ``previous`` (the multipliers before a rule's update) this is the update's clamp: a
+    multiplier the update moved lands inside the bounds (the controller lives where the rate
+    is used: no move is lost in a dead zone beyond a bound), one it did not move
+    (``rate == previous``: ``hypergrad_lr=0``, an inactive or skipped step) keeps its value, so
+    a schedule that takes ``lr`` across a bound never rescales a multiplier by itself. The step
+    applies :func:`rates_in_use`.
     """
     lo, hi = lr_bounds
     has_lo, has_hi = lo > 0, hi < math.inf
@@ -207,21 +210,14 @@ def clamp_rates(
         return rate
     if isinstance(lr, Tensor):
         safe_lr = lr.clamp_min(torch.finfo(lr.dtype).tiny)
-        lo_m, hi_m = (lo / safe_lr if has_lo else None), (hi / safe_lr if has_hi else None)
-        if previous is not None:
-            lo_m = torch.minimum(lo_m, previous) if lo_m is not None else None
-            hi_m = torch.maximum(hi_m, previous) if hi_m is not None else None
-        clamped = torch.maximum(rate, lo_m) if lo_m is not None else rate
-        clamped = torch.minimum(clamped, hi_m) if hi_m is not None else clamped
-        return torch.where(lr > 0, clamped, rate)
-    if lr <= 0:
+        clamped = torch.maximum(rate, lo / safe_lr) if has_lo else rate
+        clamped = torch.minimum(clamped, hi / safe_lr) if has_hi else clamped
+        clamped = torch.where(lr > 0, clamped, rate)
+    elif lr <= 0:
         return rate
-    if previous is None:
-        return rate.clamp(min=lo / lr if has_lo else None, max=hi / lr if has_hi else None)
-    return rate.clamp(
-        min=previous.clamp(max=lo / lr) if has_lo else None,
-        max=previous.clamp(min=hi / lr) if has_hi else None,
-    )
+    else:
+        clamped = rate.clamp(min=lo / lr if has_lo else None, max=hi / lr if has_hi else None)
+    return clamped if previous is None else torch.where(rate == previous, previous, clamped)
 
 
 def rates_in_use(
@@ -229,10 +225,9 @@ def rates_in_use(
 ) -> Sequence[Tensor]:
     """The multipliers a step applies: each clamped so that ``lr · m`` lies in ``lr_bounds``.
 
-    The stored multipliers are only held back by the update's clamp (:func:`clamp_rates` with
-    ``previous``), so a scheduled ``lr`` outside the bounds is clamped here, at use, and the
-    multiplier is as it was when the schedule comes back. Unbounded (the default): ``rates``
-    itself, at no cost.
+    A multiplier the rule did not move keeps its value (:func:`clamp_rates` with ``previous``),
+    so a scheduled ``lr`` outside the bounds is clamped here, at use. Unbounded (the default):
+    ``rates`` itself, at no cost.
     """
     if lr_bounds[0] <= 0 and lr_bounds[1] == math.inf:
         return rates

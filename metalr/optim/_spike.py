@@ -10,7 +10,7 @@ from torch import Tensor
 
 from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._distributed import average_over_ranks
-from metalr.functional._hypergrad import all_finite, clamp_rates, rate_dtype
+from metalr.functional._hypergrad import all_finite, clamp_rates, rate_dtype, rates_in_use
 from metalr.functional.spike_guard import (
     COUNT,
     MEAN,
@@ -106,8 +106,9 @@ class SpikeGuarded:
         controllers = None
         if group["rule"] == "seek":
             controllers = [self._controller(p, group) for p in params]
-        new_rates, new_controllers = spike_cut(rates, controllers, factor, group["seek"])
-        bounds = group["lr_bounds"]
+        bounds = group["lr_bounds"]  # the cut acts on the rates in use (a bound may hold them)
+        in_use = rates_in_use(rates, lr, bounds)
+        new_rates, new_controllers = spike_cut(in_use, controllers, factor, group["seek"])
         new_rates = [clamp_rates(n, lr, bounds, previous=r) for n, r in zip(new_rates, rates)]
         cut = (factor < 1) & finite
         commit_rates(rates, new_rates, cut, known_finite=False)

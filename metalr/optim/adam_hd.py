@@ -63,9 +63,9 @@ class AdamHD(HypergradOptimizer):
             is called) overriding its defaults, e.g. ``{"hypergrad_lr": 0.05}``; see
             :mod:`metalr.functional.validation` (default: None).
         lr_bounds: ``(min, max)`` for every effective rate: each step applies
-            ``clamp(lr × m, min, max)``, and an update may not carry ``m`` further past a bound
-            than it already was; a schedule that takes ``lr`` across a bound is clamped at
-            use and never rescales ``m`` (default: (0, inf)).
+            ``clamp(lr × m, min, max)``; a multiplier the rule moves lands inside, one it does
+            not move keeps its value, so a schedule that takes ``lr`` across a bound is
+            clamped at use and does not by itself rescale ``m`` (default: (0, inf)).
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor implementation; ``None`` picks it unless
             ``differentiable`` (default: None).

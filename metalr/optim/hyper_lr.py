@@ -14,7 +14,9 @@ Around ``torch.optim.SGD`` this is exactly :class:`metalr.SGDHD`; around ``torch
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -49,9 +51,9 @@ class HyperLR(HypergradOptimizer):
         validation: constants of the validation signal (:meth:`observe_validation`) overriding
             its defaults (default: None).
         lr_bounds: ``(min, max)`` for every effective rate: each step applies
-            ``clamp(lr × m, min, max)``, and an update may not carry ``m`` further past a bound
-            than it already was; a schedule that takes ``lr`` across a bound is clamped at
-            use and never rescales ``m`` (default: (0, inf)).
+            ``clamp(lr × m, min, max)``; a multiplier the rule moves lands inside, one it does
+            not move keeps its value, so a schedule that takes ``lr`` across a bound is
+            clamped at use and does not by itself rescale ``m`` (default: (0, inf)).
         spike_guard: cut the rates before a step whose closure's loss spikes; see
             :class:`metalr.AdamHD` (default: None, off).
 
@@ -266,16 +268,26 @@ class HyperLR(HypergradOptimizer):
         return state["prev_direction"]
 
     def state_dict(self) -> dict[str, Any]:
-        """HyperLR's own state and param groups, plus the wrapped optimizer's under ``wrapped``."""
-        state_dict = super().state_dict()
+        """HyperLR's own state and param groups, plus the wrapped optimizer's under ``wrapped``.
+
+        State-dict post hooks registered on the HyperLR see (and may change) the whole
+        checkpoint, ``wrapped`` included: they run after it is added.
+        """
+        with _hooks_held(self, "_optimizer_state_dict_post_hooks") as post_hooks:
+            state_dict = super().state_dict()
         state_dict["wrapped"] = self.optimizer.state_dict()
+        for hook in post_hooks:
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a HyperLR checkpoint, or a checkpoint of the wrapped optimizer alone.
 
-        The wrapped optimizer's state is loaded first; HyperLR's own ``param_groups`` (after
-        any load pre hook registered on the HyperLR) then win over the copy saved with it. A
+        Load pre hooks registered on the HyperLR see the whole checkpoint, ``wrapped``
+        included, before anything loads. The wrapped optimizer's state is loaded next;
+        HyperLR's own ``param_groups`` then win over the copy saved with it. A
         plain checkpoint of the wrapped optimizer (no ``"wrapped"`` entry, e.g. of a
         ``torch.optim.Adam`` trained without HyperLR) loads into the wrapped optimizer; HyperLR's
         state starts afresh (multipliers at 1, options as constructed).
@@ -286,8 +298,27 @@ class HyperLR(HypergradOptimizer):
             self._share_groups()
             return
         state_dict = dict(state_dict)
-        self.optimizer.load_state_dict(state_dict.pop("wrapped"))
-        super().load_state_dict(state_dict)
+        with _hooks_held(self, "_optimizer_load_state_dict_pre_hooks") as pre_hooks:
+            for hook in pre_hooks:
+                result = hook(self, state_dict)
+                if result is not None:
+                    state_dict = dict(result)
+            self.optimizer.load_state_dict(state_dict.pop("wrapped"))
+            super().load_state_dict(state_dict)
+
+
+@contextlib.contextmanager
+def _hooks_held(optimizer: Optimizer, attribute: str) -> Iterator[list[Callable[..., Any]]]:
+    """Hold back the hooks in ``optimizer.<attribute>`` (torch's ordered dict of them) for the
+    block, which gets them as a list to run itself: HyperLR runs its state-dict hooks around
+    the whole checkpoint, wrapped optimizer included, not around torch's part of it. Hooks
+    registered inside the block (metalr's own, for the load) run there as usual."""
+    held = getattr(optimizer, attribute)
+    setattr(optimizer, attribute, OrderedDict())
+    try:
+        yield list(held.values())
+    finally:
+        setattr(optimizer, attribute, held)
 
 
 def _rescale_in_place(

@@ -49,9 +49,9 @@ class SGDHD(HypergradOptimizer):
         validation: constants of the validation signal (:meth:`observe_validation`) overriding
             its defaults (default: None).
         lr_bounds: ``(min, max)`` for every effective rate: each step applies
-            ``clamp(lr × m, min, max)``, and an update may not carry ``m`` further past a bound
-            than it already was; a schedule that takes ``lr`` across a bound is clamped at
-            use and never rescales ``m`` (default: (0, inf)).
+            ``clamp(lr × m, min, max)``; a multiplier the rule moves lands inside, one it does
+            not move keeps its value, so a schedule that takes ``lr`` across a bound is
+            clamped at use and does not by itself rescale ``m`` (default: (0, inf)).
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor implementation (default: None, i.e. unless differentiable).
         fused: hand-written kernels at group/tensor granularity (CUDA: Triton, lagged or
