@@ -18,7 +18,7 @@ from metalr import cli
 from metalr.meta import LRPrior, MetaLearner
 from metalr.meta.results import load_checkpoint, pool_chunks
 from metalr.meta.run_config import load_config, resolve_config
-from metalr.meta.runner import make_learner, meta_train
+from metalr.meta.runner import evaluate, fixed_tasks, make_learner, meta_train
 from metalr.tasks.glyphs import DEFAULT_FONT_DIR
 from metalr.tasks.sinusoid import SinusoidTasks
 
@@ -179,6 +179,40 @@ def test_pooled_chunks_equal_one_evaluation():
     pooled = pool_chunks(parts)
     for key in ("query_loss", "query_loss_ci95", "pre_adaptation_loss_ci95"):
         assert pooled[key] == pytest.approx(whole[key], rel=1e-5)
+
+
+def _glyph_sampler():
+    from metalr.tasks.glyphs import GlyphTasks
+
+    return GlyphTasks("test", n_way=3, k_shot=1, k_query=2, image_size=12, max_scripts=2)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: SinusoidTasks(5, 20), pytest.param(_glyph_sampler, marks=needs_fonts)],
+    ids=["sinusoid", "glyphs"],
+)
+def test_fixed_tasks_do_not_depend_on_the_chunk(make):
+    """``eval.chunk`` bounds memory only: every chunk size hands out the same tasks (until
+    2026-12-05 each chunk was a new draw from one generator, so the size changed the test set),
+    and a chunk of the whole set is one draw, as before."""
+    sampler = make()
+    sets = {}
+    for chunk in (1, 4, 7, 10, 50):
+        parts = list(fixed_tasks(sampler, 10, 2024, chunk))
+        assert [p.num_tasks for p in parts][:-1] == [min(chunk, 10)] * (len(parts) - 1)
+        sets[chunk] = type(parts[0])(*(torch.cat(fields) for fields in zip(*parts)))
+    whole = sampler.sample(10, torch.Generator().manual_seed(2024))
+    for chunk, tasks in sets.items():
+        assert all(torch.equal(a, b) for a, b in zip(tasks, whole)), chunk
+
+
+def test_evaluation_does_not_depend_on_the_chunk():
+    learner = make_learner(load_config(SINUSOID, smoke=True))
+    sampler = SinusoidTasks(5, 20)
+    results = [evaluate(learner, fixed_tasks(sampler, 30, 7, chunk), None) for chunk in (30, 8)]
+    for key in ("query_loss", "query_loss_ci95"):
+        assert results[1][key] == pytest.approx(results[0][key], rel=1e-5)
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.stem)

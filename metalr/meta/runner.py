@@ -131,13 +131,13 @@ def train_sampler(cfg: RunConfig) -> TaskSampler:
 
 
 def fixed_tasks(sampler: Any, num_tasks: int, seed: int, chunk: int) -> Iterator[TaskBatch]:
-    """The same ``num_tasks`` tasks every call (their own generator), ``chunk`` at a time."""
-    generator = torch.Generator().manual_seed(seed)
-    done = 0
-    while done < num_tasks:
-        n = min(chunk, num_tasks - done)
-        yield sampler.sample(n, generator)
-        done += n
+    """The same ``num_tasks`` tasks every call, whatever ``chunk``: drawn in one call from
+    their own generator (``seed``), then handed out ``chunk`` at a time. ``chunk`` bounds the
+    memory of the vectorised adaptation, not which tasks are drawn (the raw tasks of the whole
+    set are held at once)."""
+    tasks = sampler.sample(num_tasks, torch.Generator().manual_seed(seed))
+    for start in range(0, num_tasks, chunk):
+        yield type(tasks)(*(t[start : start + chunk] for t in tasks))
 
 
 def evaluate(learner: MetaLearner, batches: Iterator[TaskBatch], steps: int | None) -> dict:
