@@ -1,7 +1,8 @@
 """The pure functions check their own arguments (the optimizers check theirs at construction):
-an unknown granularity or rule, or per-parameter lists of different lengths, is a ValueError
-naming it — before, ``zip`` dropped the extra entries, an unknown granularity ran as "tensor",
-and an unknown rule ran as the sign rule at element granularity."""
+an unknown granularity or rule, per-parameter lists of different lengths, or a rate of the wrong
+shape or dtype for its granularity, is a ValueError naming it — before, ``zip`` dropped the
+extra entries, an unknown granularity ran as "tensor", an unknown rule ran as the sign rule at
+element granularity, and a misshapen rate failed deep inside (a stack, a broadcast, finfo)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,11 @@ def _adam(**kw):
      ({"rule": "normalised"}, "Invalid rule: 'normalised'"),
      ({"rule": "normalised", "granularity": "element"}, "Invalid rule"),
      ({"grads": [torch.ones(3)]}, "different lengths.*'grads': 1"),
-     ({"rates": [torch.ones(())]}, "different lengths.*'rates': 1")],
+     ({"rates": [torch.ones(())]}, "different lengths.*'rates': 1"),
+     ({"rates": [torch.ones(3), torch.ones(2)]}, r"rates\[0\]: shape \(3,\) at granularity 'tensor'"),
+     ({"rates": [torch.ones(()), torch.ones(3)], "granularity": "element"},
+      r"rates\[1\]: shape \(3,\) at granularity 'element'; expected 0-d or the parameter's shape \(2,\)"),
+     ({"rates": [torch.ones((), dtype=torch.int64), torch.ones(())]}, r"rates\[0\]: dtype torch.int64")],
 )  # fmt: skip
 def test_pure_steps_refuse_bad_arguments(step, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -67,3 +72,11 @@ def test_lower_level_functions_check_granularity_and_lengths():
     with pytest.raises(ValueError, match="Invalid rule"):
         F.update_rates([torch.ones(())], [torch.ones(())], None, None, lr=0.1, hypergrad_lr=0.1,
                        rule="sign", granularity="tensor", lr_bounds=(0.0, 1.0))  # fmt: skip
+
+
+@pytest.mark.parametrize("step", [_sgd, _adam], ids=["sgd", "adam"])
+def test_element_rates_may_be_the_parameters_shape_or_broadcast_from_0d(step):
+    full = step(rates=[torch.ones(3), torch.ones(2)], granularity="element")
+    broadcast = step(rates=[torch.ones(()), torch.ones(())], granularity="element")
+    for a, b in zip(full.params, broadcast.params):
+        torch.testing.assert_close(a, b)

@@ -173,7 +173,9 @@ def check_step_inputs(granularity: str, rule: str | None = None, **per_param: An
     """The pure steps' own argument check (the optimizers check theirs at construction):
     ``granularity`` and ``rule`` among the known ones, and every per-parameter sequence as long
     as the first (``zip`` would silently drop the extra entries). ``None`` entries are absent
-    sequences (no controllers)."""
+    sequences (no controllers). With ``params`` and ``rates``, each rate must be a floating
+    tensor of its granularity's shape: 0-d for "group" and "tensor", the parameter's shape (or
+    0-d, broadcast) for "element"."""
     if granularity not in GRANULARITIES:
         raise ValueError(
             f"Invalid granularity: {granularity!r}; expected one of {', '.join(map(repr, GRANULARITIES))}"
@@ -183,6 +185,26 @@ def check_step_inputs(granularity: str, rule: str | None = None, **per_param: An
     lengths = {name: len(seq) for name, seq in per_param.items() if seq is not None}
     if len(set(lengths.values())) > 1:
         raise ValueError(f"Invalid inputs: per-parameter sequences of different lengths {lengths}")
+    params, rates = per_param.get("params"), per_param.get("rates")
+    if params is not None and rates is not None:
+        _check_rate_shapes(granularity, params, rates)
+
+
+def _check_rate_shapes(granularity: str, params: Sequence[Tensor], rates: Sequence[Tensor]) -> None:
+    for i, (param, rate) in enumerate(zip(params, rates)):
+        if not rate.is_floating_point():
+            raise ValueError(f"Invalid rates[{i}]: dtype {rate.dtype}; expected a floating dtype")
+        if rate.dim() == 0 or (granularity == "element" and rate.shape == param.shape):
+            continue
+        expected = (
+            f"0-d or the parameter's shape {tuple(param.shape)}"
+            if granularity == "element"
+            else "a 0-d tensor (one rate per tensor; per element: granularity='element')"
+        )
+        raise ValueError(
+            f"Invalid rates[{i}]: shape {tuple(rate.shape)} at granularity {granularity!r}; "
+            f"expected {expected}"
+        )
 
 
 def clamp_rates(
