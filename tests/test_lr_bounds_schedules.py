@@ -13,6 +13,9 @@ and per element, HyperLR) against torch's optimizers in float64; the Triton kern
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -237,3 +240,44 @@ def test_clamp_rates_with_previous_is_differentiable():
     assert torch.autograd.gradcheck(
         lambda r, p, lr: clamp_rates(r, lr, (0.05, 1.0), previous=p), (rate, previous, lr)
     )
+
+
+_COMPILED_SCHEDULE = """
+import copy, sys
+import torch
+import metalr
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+x, y = torch.randn(64, 8), torch.randn(64, 1)
+twin = copy.deepcopy(model)
+kw = dict(lr=1e-2, rule="normalized", lr_bounds=(1.5e-2, 2e-2))
+opt, eager = metalr.AdamHD(model.parameters(), **kw), metalr.AdamHD(twin.parameters(), **kw)
+factor = lambda t: 1 + 2.5 * ((t // 5) % 2)  # lr 0.01 and 0.035 in turns: both cross a bound
+schedules = [torch.optim.lr_scheduler.LambdaLR(o, factor) for o in (opt, eager)]
+compiled_step = torch.compile(opt.step)
+worst = 0.0
+for _ in range(20):
+    for net, o, step, schedule in zip((model, twin), (opt, eager), (compiled_step, eager.step),
+                                      schedules):
+        o.zero_grad()
+        ((net(x) - y) ** 2).mean().backward()
+        step()
+        schedule.step()
+    worst = max(worst, max((p - q).abs().max().item()
+                           for p, q in zip(model.parameters(), twin.parameters())))
+print(worst)
+"""
+
+
+def test_a_compiled_step_follows_the_schedule_with_a_warm_graph_cache(tmp_path):
+    """Under ``torch.compile`` a Python-float ``lr`` used as a clamp bound can come back stale
+    from inductor's cache (pytorch/pytorch#194976): the second process, with the cache warm,
+    clamped with an old ``lr`` (weights 0.1 off the eager step). The bounds are constants now."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    script = tmp_path / "compiled_schedule.py"
+    script.write_text(_COMPILED_SCHEDULE)
+    for run in ("cold", "warm"):
+        out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                             text=True, timeout=600, check=True)  # fmt: skip
+        assert float(out.stdout.strip().splitlines()[-1]) < 1e-5, run

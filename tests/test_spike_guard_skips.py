@@ -85,3 +85,36 @@ def test_observe_loss_before_a_step_the_scaler_skips_is_not_counted(name):
     assert opt.spike_summary() == ref.spike_summary()
     assert opt.spike_summary()[0]["losses"] == 31 and opt.spike_summary()[0]["spikes"] == 0
     torch.testing.assert_close(w, w2, rtol=0, atol=0)
+
+
+def test_the_validation_hold_does_not_take_a_spike_cut_back():
+    """The seek rule's validation hold brings a settled rate back up to its level at the last
+    observation while the validation loss improves; a spike's cut lowers that level too, so the
+    next observation keeps the cut (it restored 0.0052 to 0.0080 before)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)
+    ).double()
+    gen = torch.Generator().manual_seed(1)
+    x, y, xv, yv = (torch.randn(64, n, generator=gen, dtype=torch.float64) for n in (6, 2, 6, 2))
+    opt = metalr.AdamHD(model.parameters(), lr=1e-2, lr_bounds=(5e-3, 2e-2),
+                        spike_guard={"warmup": 3, "sigmas": 4.0})  # fmt: skip
+    w = model[0].weight
+    for t in range(24):
+
+        def closure(t=t):
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean()
+            loss.backward()
+            return loss * (100.0 if t == 21 else 1.0)
+
+        before = float(opt.state[w]["lr_multiplier"]) if t else None
+        opt.step(closure)
+        if t == 21:
+            cut = float(opt.state[w]["lr_multiplier"])
+            assert cut < 0.7 * before  # the spike cut it (to the lower bound here)
+        if t % 2 == 1:
+            opt.observe_validation(((model(xv) - yv) ** 2).mean())
+        if t == 21:
+            assert float(opt.state[w]["lr_multiplier"]) <= cut * (1 + 1e-12)
+    assert opt.spike_summary()[0]["spikes"] == 1

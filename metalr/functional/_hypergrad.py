@@ -237,6 +237,12 @@ def clamp_rates(
         clamped = torch.where(lr > 0, clamped, rate)
     elif lr <= 0:
         return rate
+    elif torch.compiler.is_compiling():
+        # the bounds stay constants and lr only multiplies and divides: inductor can reuse a
+        # stale value of a changing Python float used as a clamp bound (pytorch/pytorch#194976,
+        # #197889: silently wrong rates after a scheduler moved lr, with a warm graph cache)
+        lo_c, hi_c = (lo if has_lo else None), (hi if has_hi else None)
+        clamped = (rate * lr).clamp(min=lo_c, max=hi_c) / lr
     else:
         clamped = rate.clamp(min=lo / lr if has_lo else None, max=hi / lr if has_hi else None)
     return clamped if previous is None else torch.where(rate == previous, previous, clamped)

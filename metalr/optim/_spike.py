@@ -11,6 +11,8 @@ from torch import Tensor
 from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._distributed import average_over_ranks
 from metalr.functional._hypergrad import all_finite, clamp_rates, rate_dtype, rates_in_use
+from metalr.functional._rate_moves import log_level
+from metalr.functional._validation_state import LEVEL
 from metalr.functional.spike_guard import (
     COUNT,
     MEAN,
@@ -21,7 +23,7 @@ from metalr.functional.spike_guard import (
     spike_cut,
     spike_guard_update,
 )
-from metalr.optim._state_keys import RATE_KEY, SPIKE_KEY
+from metalr.optim._state_keys import RATE_KEY, SPIKE_KEY, VALIDATION_KEY
 
 
 class SpikeGuarded:
@@ -115,6 +117,19 @@ class SpikeGuarded:
         if controllers is not None and new_controllers is not None:  # unchanged without a cut
             kept = [torch.where(cut, n, c) for n, c in zip(new_controllers, controllers)]
             torch._foreach_copy_(controllers, kept)
+        # the validation hold restores a rate to its level at the last observation: a cut lowers
+        # that level too (to the cut rate at most), or the next observation would take it back
+        for p, rate in zip(params, rates):
+            stats = self.state[p].get(VALIDATION_KEY)
+            if stats is not None:
+                level = stats[LEVEL]
+                lowered = torch.minimum(
+                    level + torch.log(factor).to(device=level.device, dtype=level.dtype),
+                    log_level(rate, group["granularity"]).to(
+                        device=level.device, dtype=level.dtype
+                    ),
+                )
+                stats[LEVEL] = torch.where(cut.to(level.device), lowered, level)
 
     @torch.no_grad()
     def spike_summary(self) -> list[dict[str, float]]:

@@ -52,8 +52,8 @@ class HyperLR(HypergradOptimizer):
             its defaults (default: None).
         lr_bounds: ``(min, max)`` for every effective rate: each step applies
             ``clamp(lr × m, min, max)``; a multiplier the rule moves lands inside, one it does
-            not move keeps its value, so a schedule that takes ``lr`` across a bound is
-            clamped at use and does not by itself rescale ``m`` (default: (0, inf)).
+            not move keeps its value (with ``hypergrad_lr=0`` a schedule that crosses a bound
+            is only clamped at use; see the README) (default: (0, inf)).
         spike_guard: cut the rates before a step whose closure's loss spikes; see
             :class:`metalr.AdamHD` (default: None, off).
 

@@ -50,8 +50,8 @@ class SGDHD(HypergradOptimizer):
             its defaults (default: None).
         lr_bounds: ``(min, max)`` for every effective rate: each step applies
             ``clamp(lr × m, min, max)``; a multiplier the rule moves lands inside, one it does
-            not move keeps its value, so a schedule that takes ``lr`` across a bound is
-            clamped at use and does not by itself rescale ``m`` (default: (0, inf)).
+            not move keeps its value (with ``hypergrad_lr=0`` a schedule that crosses a bound
+            is only clamped at use; see the README) (default: (0, inf)).
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor implementation (default: None, i.e. unless differentiable).
         fused: hand-written kernels at group/tensor granularity (CUDA: Triton, lagged or
