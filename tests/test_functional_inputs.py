@@ -80,3 +80,15 @@ def test_element_rates_may_be_the_parameters_shape_or_broadcast_from_0d(step):
     broadcast = step(rates=[torch.ones(()), torch.ones(())], granularity="element")
     for a, b in zip(full.params, broadcast.params):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("step", [_sgd, _adam], ids=["sgd", "adam"])
+def test_element_rates_vmap_alone(step):
+    """``vmap`` over the rates only (a population of per-element rates for one gradient): the
+    sign rule's in-place product could not take a batched rate (a RuntimeError from vmap)."""
+    batch = [torch.rand(4, 3) + 0.5, torch.rand(4, 2) + 0.5]
+    vmapped = torch.vmap(lambda a, b: step(rates=[a, b], granularity="element").rates)(*batch)
+    for i in range(4):
+        one = step(rates=[batch[0][i], batch[1][i]], granularity="element").rates
+        for v, o in zip(vmapped, one):
+            torch.testing.assert_close(v[i], o)

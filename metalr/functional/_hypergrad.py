@@ -350,15 +350,15 @@ def _sign_rule(rate: Tensor, dot: Tensor, beta: float | Tensor) -> Tensor:
     The sign is finite unless ``g·d`` is NaN, and a NaN gradient skips the whole step upstream,
     so no per-element finiteness mask is needed. Without autograd the product buffer (a
     temporary owned by the caller) is reused in place: three passes and no new allocation.
+    Under a ``torch.func`` transform (``vmap`` over the rates but not the gradients cannot
+    write a batched product into an unbatched buffer) it is computed out of place.
     """
-    if torch.is_grad_enabled() and (
+    tracked = torch.is_grad_enabled() and (
         dot.requires_grad or rate.requires_grad or (isinstance(beta, Tensor) and beta.requires_grad)
-    ):
-        return rate * torch.exp(beta * torch.sign(dot))
-    factor = (
-        dot.sign_().mul_(beta).exp_() if not _compiling() else torch.exp(beta * torch.sign(dot))
     )
-    return factor.mul_(rate) if not _compiling() else factor * rate
+    if tracked or _compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return rate * torch.exp(beta * torch.sign(dot))
+    return dot.sign_().mul_(beta).exp_().mul_(rate)
 
 
 class RateUpdate(NamedTuple):
