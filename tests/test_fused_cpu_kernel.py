@@ -184,7 +184,9 @@ def _element_eager(**kw):
 @pytest.mark.parametrize("kw", ELEMENT, ids=lambda kw: "-".join(str(v) for v in kw.values()))
 def test_adam_element_kernel_equals_eager_float64(kw, element_calls):
     opt = _compare(_element(**kw), _element_eager(**kw), rtol=1e-9, atol=1e-12, nan_at=3)
-    assert len(element_calls) == 6  # every step through the kernel (the NaN step skips in it)
+    # every step through the kernel (the NaN step skips in it); with lr_bounds the eager step,
+    # whose rules move the rates in use and keep the stored ones
+    assert len(element_calls) == (0 if "lr_bounds" in kw else 6)
     moved = kw.get("hypergrad_lr") != 0.0
     start = metalr.functional.SEEK_DEFAULTS["init_scale"] if kw["rule"] == "seek" and moved else 1
     rates = torch.cat(

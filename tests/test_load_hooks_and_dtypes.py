@@ -143,3 +143,26 @@ def test_hyper_lr_state_dict_hooks_see_the_wrapped_optimizer():
         fresh.optimizer.state[q]["exp_avg"], saved["wrapped"]["state"][0]["exp_avg"] / 2
     )
     torch.testing.assert_close(fresh.state[q][RATE_KEY], opt.state[p][RATE_KEY])
+
+
+def test_hyper_lr_load_pre_hooks_see_a_plain_checkpoint_of_the_wrapped_optimizer():
+    """A checkpoint of the wrapped optimizer alone (no ``wrapped`` entry) passes through the
+    HyperLR's load pre hooks too, so a hook can convert it before it loads."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(3))
+    plain = torch.optim.Adam([p], lr=0.01)
+    p.grad = torch.ones(3)
+    plain.step()
+    saved = copy.deepcopy(plain.state_dict())
+    fresh = MAKERS["hyperlr"]([p])
+    seen = []
+
+    def lower_the_rate(_opt, state_dict):
+        seen.append(sorted(state_dict))
+        groups = [{**g, "lr": 0.001} for g in state_dict["param_groups"]]
+        return {**state_dict, "param_groups": groups}
+
+    fresh.register_load_state_dict_pre_hook(lower_the_rate)
+    fresh.load_state_dict(saved)
+    assert seen == [["param_groups", "state"]]
+    assert fresh.optimizer.param_groups[0]["lr"] == fresh.param_groups[0]["lr"] == 0.001

@@ -12,6 +12,7 @@ and per element, HyperLR) against torch's optimizers in float64; the Triton kern
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import subprocess
@@ -281,3 +282,26 @@ def test_a_compiled_step_follows_the_schedule_with_a_warm_graph_cache(tmp_path):
         out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
                              text=True, timeout=600, check=True)  # fmt: skip
         assert float(out.stdout.strip().splitlines()[-1]) < 1e-5, run
+
+
+def test_a_rule_moves_the_rate_in_use_while_a_warm_up_rises_past_the_bound():
+    """The rule's move starts from the rate in use: with ``lr`` rising past ``max`` and the
+    signal saying "down", the rate in use falls at once (it stayed at ``max`` while the move
+    was applied to a stored multiplier beyond the bound)."""
+    from metalr.functional import update_rates
+
+    one = torch.tensor(1.0, dtype=torch.float64)
+    m = torch.tensor(HI / 0.04, dtype=torch.float64)  # at the bound for the previous lr, 0.04
+    (new,) = update_rates([m], [-one], [one], [one], lr=0.05, hypergrad_lr=0.1,
+                          rule="normalized", granularity="tensor", lr_bounds=(0.0, HI))  # fmt: skip
+    assert 0.05 * float(new) == pytest.approx(HI * math.exp(-0.1), rel=1e-12)
+    (p,) = params = [torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))]
+    opt = metalr.SGDHD(params, lr=0.03, hypergrad_lr=0.2, rule="normalized", lr_bounds=(0.0, HI))
+    in_use = []
+    for lr in (0.03, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08):
+        opt.param_groups[0]["lr"] = lr
+        opt.zero_grad()
+        (60 * p**2).sum().backward()  # lr · 120 > 2: the steps overshoot, the signs alternate
+        opt.step()
+        in_use.append(min(lr * float(opt.state[p]["lr_multiplier"]), HI))
+    assert in_use[-1] < 0.8 * HI and all(b <= a for a, b in itertools.pairwise(in_use[3:]))

@@ -188,23 +188,38 @@ def _glyph_sampler():
 
 
 @pytest.mark.parametrize(
-    "make",
-    [lambda: SinusoidTasks(5, 20), pytest.param(_glyph_sampler, marks=needs_fonts)],
-    ids=["sinusoid", "glyphs"],
-)
-def test_fixed_tasks_do_not_depend_on_the_chunk(make):
+    ("make", "block"),
+    [(lambda: SinusoidTasks(5, 20), None), (lambda: SinusoidTasks(5, 20), 3),
+     pytest.param(_glyph_sampler, 50, marks=needs_fonts),
+     pytest.param(_glyph_sampler, 4, marks=needs_fonts)],
+    ids=["sinusoid-whole", "sinusoid-block3", "glyphs-block50", "glyphs-block4"],
+)  # fmt: skip
+def test_fixed_tasks_do_not_depend_on_the_chunk(make, block):
     """``eval.chunk`` bounds memory only: every chunk size hands out the same tasks (until
-    2026-12-05 each chunk was a new draw from one generator, so the size changed the test set),
-    and a chunk of the whole set is one draw, as before."""
+    2026-12-05 each chunk was a new draw from one generator, so the size changed the test set).
+    The set is drawn in the sampler's own blocks from one generator: for the committed configs
+    (sinusoid: one draw; glyphs: blocks of 50, their chunk) the tasks they were scored on."""
     sampler = make()
-    sets = {}
+    sampler.draw_block = block
+    expected, generator, drawn = [], torch.Generator().manual_seed(2024), 0
+    while drawn < 10:
+        n = min(block or 10, 10 - drawn)
+        expected.append(sampler.sample(n, generator))
+        drawn += n
+    expected = type(expected[0])(*(torch.cat(fields) for fields in zip(*expected)))
     for chunk in (1, 4, 7, 10, 50):
         parts = list(fixed_tasks(sampler, 10, 2024, chunk))
         assert [p.num_tasks for p in parts][:-1] == [min(chunk, 10)] * (len(parts) - 1)
-        sets[chunk] = type(parts[0])(*(torch.cat(fields) for fields in zip(*parts)))
-    whole = sampler.sample(10, torch.Generator().manual_seed(2024))
-    for chunk, tasks in sets.items():
-        assert all(torch.equal(a, b) for a, b in zip(tasks, whole)), chunk
+        tasks = type(parts[0])(*(torch.cat(fields) for fields in zip(*parts)))
+        assert all(torch.equal(a, b) for a, b in zip(tasks, expected)), chunk
+
+
+def test_the_task_families_name_their_draw_blocks():
+    from metalr.tasks.glyphs import GlyphTasks
+    from metalr.tasks.omniglot import OmniglotTasks
+
+    assert SinusoidTasks.draw_block is None  # the sinusoid tables' sets: one draw of 600 / 100
+    assert GlyphTasks.draw_block == OmniglotTasks.draw_block == 50  # the glyph configs' chunk
 
 
 def test_evaluation_does_not_depend_on_the_chunk():

@@ -6,13 +6,9 @@
 // Per element, with g after `maximize` and before weight decay, d = d_{t-1} recomputed from the
 // moments being read, s = sign(g·d) (0 for 0 or NaN):
 //
-//   sign rules (normalized, seek):  x = min(r · E[s], cap),  r' = keep(x)
-//   additive:                       q = g·d / lr;  x = finite(q) ? max(r + β q, 0) : r,  r' = keep(x)
-//   then the Adam update with r':   θ' = θ·decay - lr·u/(1-β1^t) · m'/(√v'/√(1-β2^t) + ε)
-//
-// with the rate in use u = clamp(x, lo, hi) (lo, hi: lr_bounds / lr) and keep(x) = x == r ? r : u
-// (a moved rate lands in the bounds; an unmoved one keeps its value, so a scheduled lr that
-// crossed a bound does not rescale it).
+//   sign rules (normalized, seek):  r' = clamp(min(r · E[s], cap), lo, hi)
+//   additive:                       q = g·d / lr;  r' = clamp(finite(q) ? max(r + β q, 0) : r)
+//   then the Adam update with r':   θ' = θ·decay - lr·r'/(1-β1^t) · m'/(√v'/√(1-β2^t) + ε)
 //
 // where E[s] = exp(move_s) is the per-tensor multiplier of the rate's log-space move for that
 // sign (normalized: β·s; seek: the ramp's move, or τβ·s once settled) and cap = exp(ceiling).
@@ -20,8 +16,7 @@
 // The scan first sums g per tensor: a sum that is not finite in the parameter's dtype
 // (a NaN/inf entry, or an overflow, as the eager path's check) skips the whole step before any
 // write. It also finds whether some first moment is non-zero (some d_{t-1} ≠ 0): when none is
-// (the first step), the rates do not move (E = 1, no cap; only the rate in use is clamped), as the
-// eager path's "inactive"
+// (the first step), the rates only get clamped (E = 1, no cap), as the eager path's "inactive"
 // step. Per tensor the pass returns (Σ g·d, Σ g², Σ d², Σ s, max r, Σ g) in double, summed over
 // fixed chunks in chunk order (independent of the thread count).
 #include <torch/extension.h>
@@ -91,15 +86,14 @@ void element_range(T* __restrict p, const T* __restrict gp, T* __restrict m, T* 
         const T moved = rj * f;
         rn = moved < cap ? moved : cap;
       }
-      T ru = rn < rlo ? rlo : rn;  // the rate in use lies in the bounds
-      ru = ru > rhi ? rhi : ru;
-      rn = rn == rj ? rj : ru;  // a moved rate lands in them, an unmoved one keeps its value
+      rn = rn < rlo ? rlo : rn;
+      rn = rn > rhi ? rhi : rn;
       const T pj = p[j];
       const T ge = g + l2 * pj;
       const T mn = mj + w1 * (ge - mj);
       const T vn = b2 * vj + w2 * ge * ge;
       m[j] = mn; v[j] = vn; r[j] = rn;
-      p[j] = pj * decay - (lr_c1 * ru) * mn / (std::sqrt(vn) * c2 + e);
+      p[j] = pj * decay - (lr_c1 * rn) * mn / (std::sqrt(vn) * c2 + e);
     }
   }
   out[0] = gd; out[1] = gg; out[2] = dd; out[3] = ss; out[4] = rmax;
@@ -155,15 +149,14 @@ void element_sign_avx512(float* __restrict p, const float* __restrict gp, float*
       __m512 f = _mm512_mask_blend_ps(pos, e_zero, e_pos);
       f = _mm512_mask_blend_ps(neg, f, e_neg);
       __m512 rn = _mm512_min_ps(_mm512_mul_ps(rj, f), cap);
-      const __m512 ru = _mm512_min_ps(_mm512_max_ps(rn, rlo), rhi);
-      rn = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(rn, rj, _CMP_EQ_OQ), ru, rj);
+      rn = _mm512_min_ps(_mm512_max_ps(rn, rlo), rhi);
       const __m512 pj = _mm512_loadu_ps(p + j);
       const __m512 ge = _mm512_fmadd_ps(l2, pj, g);
       const __m512 mn = _mm512_fmadd_ps(w1, _mm512_sub_ps(ge, mj), mj);
       const __m512 vn = _mm512_fmadd_ps(b2, vj, _mm512_mul_ps(w2, _mm512_mul_ps(ge, ge)));
       const __m512 den = _mm512_fmadd_ps(_mm512_sqrt_ps(vn), c2, e);
       const __m512 pn = _mm512_sub_ps(
-          _mm512_mul_ps(pj, decay), _mm512_div_ps(_mm512_mul_ps(_mm512_mul_ps(lr_c1, ru), mn), den));
+          _mm512_mul_ps(pj, decay), _mm512_div_ps(_mm512_mul_ps(_mm512_mul_ps(lr_c1, rn), mn), den));
       _mm512_storeu_ps(m + j, mn);
       _mm512_storeu_ps(v + j, vn);
       _mm512_storeu_ps(p + j, pn);
@@ -306,7 +299,7 @@ std::tuple<at::Tensor, int64_t> adam_hd_element_pass(
     const double* s = sc.data_ptr<double>() + kCols * i;
     ElementConsts k{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7],
                     s[8], s[9], s[10], s[11], s[12]};
-    if (status == 2) {  // inactive: the rates do not move (the rate in use is clamped)
+    if (status == 2) {  // inactive: the rates are only clamped
       k.e_neg = k.e_zero = k.e_pos = 1.0;
       k.cap = inf;
       k.beta = 0.0;

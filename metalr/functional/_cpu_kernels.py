@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import platform
 import warnings
@@ -157,6 +158,8 @@ def applies(params: Sequence[Tensor], rates: Sequence[Tensor], granularity: str,
     element = granularity == "element"
     if element and ("beta1" not in hyper or hyper.get("lagged")):
         return False  # element granularity: the exact Adam-HD step only (_cpu_element)
+    if element and tuple(hyper.get("lr_bounds", (0.0, math.inf))) != (0.0, math.inf):
+        return False  # bounded: the rules move the rates in use, the stored ones stay (eager)
     return (
         bool(params)
         and hyper.get("shards") is None

@@ -116,14 +116,14 @@ def seek_vectors_from_sums(
     sums = sums.to(device=rate_vec.device, dtype=rate_vec.dtype)
     if grads_finite is not None:
         grads_finite = grads_finite.to(rate_vec.device)
+    start = clamp_rates(rate_vec, lr, lr_bounds)  # the rates in use: what the rule moves
     new_vec, new_ctrl, finite = seek_from_sums_stacked(
-        rate_vec, ctrl, sums, grads_finite, beta_vector(hypergrad_lr, rate_vec),
+        start, ctrl, sums, grads_finite, beta_vector(hypergrad_lr, rate_vec),
         sizes=tuple(sizes), seek=seek, granularity=granularity,
     )  # fmt: skip
-    if lr_bounds[0] > 0 or lr_bounds[1] < math.inf:  # (a skipped step keeps the rates unclamped)
-        new_vec = torch.where(
-            finite, clamp_rates(new_vec, lr, lr_bounds, previous=rate_vec), rate_vec
-        )
+    if lr_bounds[0] > 0 or lr_bounds[1] < math.inf:  # (a skipped step keeps the stored rates)
+        held = clamp_rates(new_vec, lr, lr_bounds, previous=rate_vec, start=start)
+        new_vec = torch.where(finite, held, rate_vec)
     return new_vec, new_ctrl, finite
 
 

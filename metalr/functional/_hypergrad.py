@@ -212,6 +212,7 @@ def clamp_rates(
     lr: float | Tensor,
     lr_bounds: tuple[float, float],
     previous: Tensor | None = None,
+    start: Tensor | None = None,
 ) -> Tensor:
     """Clamp multipliers so that ``lr · m`` lies in ``lr_bounds`` (rates are already ``>= 0``).
 
@@ -219,12 +220,13 @@ def clamp_rates(
     An infinite bound is not applied at all, so a tensor ``lr`` in an autograd graph never
     meets ``inf / lr`` (backward 0·inf = NaN).
 
-    With ``previous`` (the multipliers before a rule's update) this is the update's clamp: a
-    multiplier the update moved lands inside the bounds (the controller lives where the rate
-    is used: no move is lost in a dead zone beyond a bound), one it did not move
-    (``rate == previous``: ``hypergrad_lr=0``, an inactive or skipped step) keeps its value, so
-    a schedule that takes ``lr`` across a bound never rescales a multiplier by itself. The step
-    applies :func:`rates_in_use`.
+    With ``previous`` (the stored multipliers before a rule's update) and ``start`` (what the
+    rule moved from: the multipliers in use, ``clamp_rates(previous, lr, lr_bounds)``; default
+    ``previous``) this is the update's clamp: a multiplier the update moved lands inside the
+    bounds (the controller lives where the rate is used: no move is lost in a dead zone beyond
+    a bound), one it did not move (``rate == start``: ``hypergrad_lr=0``, an inactive or
+    skipped step) keeps its stored value, so a schedule that takes ``lr`` across a bound never
+    rescales a multiplier by itself. The step applies :func:`rates_in_use`.
     """
     lo, hi = lr_bounds
     has_lo, has_hi = lo > 0, hi < math.inf
@@ -245,7 +247,9 @@ def clamp_rates(
         clamped = (rate * lr).clamp(min=lo_c, max=hi_c) / lr
     else:
         clamped = rate.clamp(min=lo / lr if has_lo else None, max=hi / lr if has_hi else None)
-    return clamped if previous is None else torch.where(rate == previous, previous, clamped)
+    if previous is None:
+        return clamped
+    return torch.where(rate == (previous if start is None else start), previous, clamped)
 
 
 def rates_in_use(
@@ -310,12 +314,14 @@ def update_rates(
         new_rates = []
         for i, (rate, dot) in enumerate(zip(rates, dots)):
             beta = hypergrad_lr[i] if per_tensor_beta else hypergrad_lr
+            start = clamp_rates(rate, lr, lr_bounds)  # the rate in use: what the rule moves
             if rule == "normalized":
-                new = _sign_rule(rate, dot, beta)
+                new = _sign_rule(start, dot, beta)
             else:
                 signal = _rate_signal(dot, None, None, rule, granularity, lr)
-                new = torch.where(torch.isfinite(signal), (rate + beta * signal).clamp_min(0), rate)
-            new_rates.append(clamp_rates(new, lr, lr_bounds, previous=rate))
+                moved = (start + beta * signal).clamp_min(0)
+                new = torch.where(torch.isfinite(signal), moved, start)
+            new_rates.append(clamp_rates(new, lr, lr_bounds, previous=rate, start=start))
         return new_rates
 
     ref = rates[0]
@@ -335,12 +341,13 @@ def update_rates(
             d_vec = safe_sqrt(total[2]).expand_as(rate_vec)
     beta = _stack(hypergrad_lr, ref) if per_tensor_beta else hypergrad_lr
     signal = _rate_signal(dot_vec, g_vec, d_vec, rule, granularity, lr)
+    start = clamp_rates(rate_vec, lr, lr_bounds)  # the rates in use: what the rule moves
     if rule == "normalized":
-        new_vec = rate_vec * torch.exp(beta * signal)
+        new_vec = start * torch.exp(beta * signal)
     else:  # the additive step can cross zero: a rate is never negative
-        new_vec = (rate_vec + beta * signal).clamp_min(0)
-    new_vec = torch.where(torch.isfinite(signal), new_vec, rate_vec)
-    new_vec = clamp_rates(new_vec, lr, lr_bounds, previous=rate_vec)
+        new_vec = (start + beta * signal).clamp_min(0)
+    new_vec = torch.where(torch.isfinite(signal), new_vec, start)
+    new_vec = clamp_rates(new_vec, lr, lr_bounds, previous=rate_vec, start=start)
     return [v.to(device=r.device, dtype=r.dtype) for v, r in zip(new_vec.unbind(0), rates)]
 
 
@@ -449,11 +456,15 @@ def seek_adapt_rates(
         grads, directions, granularity, grads_finite=grads_finite, shards=shards
     )
     sizes = [g.numel() for g in grads]
+    starts = rates_in_use(rates, lr, lr_bounds)  # the rates in use: what the rule moves
     new_rates, new_ctrls = seek_update(
-        rates, controllers, signals, group_signal, active, sizes,
+        starts, controllers, signals, group_signal, active, sizes,
         hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity, grad_norm=grad_norm,
     )  # fmt: skip
-    new_rates = [clamp_rates(r, lr, lr_bounds, previous=old) for r, old in zip(new_rates, rates)]
+    new_rates = [
+        clamp_rates(r, lr, lr_bounds, previous=old, start=s)
+        for r, old, s in zip(new_rates, rates, starts)
+    ]
     return new_rates, finite, new_ctrls
 
 

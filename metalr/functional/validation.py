@@ -109,6 +109,7 @@ from metalr.functional._hypergrad import (
     all_finite,
     clamp_rates,
     inner_products,
+    rates_in_use,
     seek_signals,
     update_rates,
 )
@@ -255,11 +256,15 @@ def validation_adapt_rates(
         signals, _, finite, active, _ = seek_signals(
             val_grads, directions, granularity, grads_finite=grads_finite, shards=shards
         )
+        starts = rates_in_use(rates, lr, lr_bounds)  # the rates in use: what the rule moves
         new_rates, new_stats = seek_validation_update(
-            rates, controllers, stats, signals, active, [g.numel() for g in val_grads],
+            starts, controllers, stats, signals, active, [g.numel() for g in val_grads],
             options=options, seek=seek, granularity=granularity, loss=loss,
         )  # fmt: skip
-        new_rates = [clamp_rates(n, lr, lr_bounds, previous=r) for n, r in zip(new_rates, rates)]
+        new_rates = [
+            clamp_rates(n, lr, lr_bounds, previous=r, start=s)
+            for n, r, s in zip(new_rates, rates, starts)
+        ]
         return ValidationUpdate(new_rates, finite, new_stats)
     dots, g_norms, d_norms = inner_products(
         val_grads, directions, granularity, rule == "normalized"

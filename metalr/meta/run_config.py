@@ -72,8 +72,8 @@ class EvalSection:
     k_query: int = 100  # sinusoid: query points per task; classification: per class
     steps: int | None = None  # inner steps at test time (default: meta.inner_steps)
     seed: int = 2024  # the fixed test set
-    # tasks per vectorised call (memory); the fixed tasks are drawn at once, so it does not
-    # change which tasks a run is scored on (it did until 2026-12-05)
+    # tasks per vectorised call (memory); the fixed tasks are drawn in the sampler's own blocks,
+    # so it does not change which tasks a run is scored on (it did until 2026-12-05)
     chunk: int = 100
 
 

@@ -130,14 +130,33 @@ def train_sampler(cfg: RunConfig) -> TaskSampler:
                          t.rotations)  # fmt: skip
 
 
+#: Tasks per draw of a fixed set for samplers that do not name their own ``draw_block``.
+DEFAULT_DRAW_BLOCK = 100
+
+
 def fixed_tasks(sampler: Any, num_tasks: int, seed: int, chunk: int) -> Iterator[TaskBatch]:
-    """The same ``num_tasks`` tasks every call, whatever ``chunk``: drawn in one call from
-    their own generator (``seed``), then handed out ``chunk`` at a time. ``chunk`` bounds the
-    memory of the vectorised adaptation, not which tasks are drawn (the raw tasks of the whole
-    set are held at once)."""
-    tasks = sampler.sample(num_tasks, torch.Generator().manual_seed(seed))
-    for start in range(0, num_tasks, chunk):
-        yield type(tasks)(*(t[start : start + chunk] for t in tasks))
+    """The same ``num_tasks`` tasks every call, whatever ``chunk``.
+
+    The set is drawn from its own generator (``seed``) in blocks of the sampler's
+    ``draw_block`` tasks (:data:`DEFAULT_DRAW_BLOCK` if it names none; ``None``: the whole set
+    in one draw), then handed out ``chunk`` at a time: ``chunk`` bounds the memory of the
+    vectorised adaptation, the block that of one draw (a draw's temporaries, e.g. the glyph
+    augmentation's), and neither changes which tasks are drawn.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    block = getattr(sampler, "draw_block", DEFAULT_DRAW_BLOCK) or num_tasks
+    pending: list[TaskBatch] = []
+    drawn = handed = 0
+    while handed < num_tasks:
+        while drawn < min(handed + chunk, num_tasks):
+            n = min(block, num_tasks - drawn)
+            pending.append(sampler.sample(n, generator))
+            drawn += n
+        tasks = TaskBatch(*(torch.cat(fields) for fields in zip(*pending)))
+        n = min(chunk, num_tasks - handed)
+        yield TaskBatch(*(t[:n] for t in tasks))
+        pending = [TaskBatch(*(t[n:] for t in tasks))] if drawn > handed + n else []
+        handed += n
 
 
 def evaluate(learner: MetaLearner, batches: Iterator[TaskBatch], steps: int | None) -> dict:

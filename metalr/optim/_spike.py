@@ -111,7 +111,10 @@ class SpikeGuarded:
         bounds = group["lr_bounds"]  # the cut acts on the rates in use (a bound may hold them)
         in_use = rates_in_use(rates, lr, bounds)
         new_rates, new_controllers = spike_cut(in_use, controllers, factor, group["seek"])
-        new_rates = [clamp_rates(n, lr, bounds, previous=r) for n, r in zip(new_rates, rates)]
+        new_rates = [
+            clamp_rates(n, lr, bounds, previous=r, start=s)
+            for n, r, s in zip(new_rates, rates, in_use)
+        ]
         cut = (factor < 1) & finite
         commit_rates(rates, new_rates, cut, known_finite=False)
         if controllers is not None and new_controllers is not None:  # unchanged without a cut

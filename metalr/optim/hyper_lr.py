@@ -292,17 +292,17 @@ class HyperLR(HypergradOptimizer):
         ``torch.optim.Adam`` trained without HyperLR) loads into the wrapped optimizer; HyperLR's
         state starts afresh (multipliers at 1, options as constructed).
         """
-        if "wrapped" not in state_dict:
-            self.optimizer.load_state_dict(state_dict)
-            self.state.clear()
-            self._share_groups()
-            return
         state_dict = dict(state_dict)
         with _hooks_held(self, "_optimizer_load_state_dict_pre_hooks") as pre_hooks:
             for hook in pre_hooks:
                 result = hook(self, state_dict)
                 if result is not None:
                     state_dict = dict(result)
+            if "wrapped" not in state_dict:
+                self.optimizer.load_state_dict(state_dict)
+                self.state.clear()
+                self._share_groups()
+                return
             self.optimizer.load_state_dict(state_dict.pop("wrapped"))
             super().load_state_dict(state_dict)
 

@@ -97,6 +97,9 @@ class GlyphTasks:
     """
 
     loss_name = "cross_entropy"
+    #: episodes per draw of a fixed set (``metalr.meta.runner.fixed_tasks``): bounds the
+    #: rendering's temporaries (~190 MiB per 50 five-shot episodes)
+    draw_block = 50
 
     def __init__(
         self,

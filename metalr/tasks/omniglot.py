@@ -188,6 +188,8 @@ class OmniglotTasks:
     """
 
     loss_name = "cross_entropy"
+    #: episodes per draw of a fixed set (``metalr.meta.runner.fixed_tasks``)
+    draw_block = 50
 
     def __init__(
         self,

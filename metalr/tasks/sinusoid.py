@@ -62,6 +62,8 @@ class SinusoidTasks:
     """
 
     loss_name = "mse"
+    #: a fixed set (``metalr.meta.runner.fixed_tasks``) is drawn in one call: tiny tensors
+    draw_block = None
 
     def __init__(
         self,
