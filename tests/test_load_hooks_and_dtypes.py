@@ -166,3 +166,17 @@ def test_hyper_lr_load_pre_hooks_see_a_plain_checkpoint_of_the_wrapped_optimizer
     fresh.load_state_dict(saved)
     assert seen == [["param_groups", "state"]]
     assert fresh.optimizer.param_groups[0]["lr"] == fresh.param_groups[0]["lr"] == 0.001
+
+
+def test_hyper_lr_refuses_its_own_checkpoint_without_the_wrapped_state():
+    """``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` keeps ``state`` and
+    ``param_groups`` only: HyperLR's multipliers without the wrapped optimizer's moments. Loaded,
+    they went to the wrapped Adam, which failed with ``KeyError: 'step'``; a plain checkpoint of
+    the wrapped optimizer still loads."""
+    p, opt = _trained(MAKERS["hyperlr"])
+    partial = copy.deepcopy(opt.state_dict())
+    del partial["wrapped"]
+    fresh = MAKERS["hyperlr"]([torch.nn.Parameter(p.detach().clone())])
+    with pytest.raises(ValueError, match="without its 'wrapped' entry"):
+        fresh.load_state_dict(partial)
+    fresh.load_state_dict(copy.deepcopy(opt.optimizer.state_dict()))  # the wrapped Adam's own

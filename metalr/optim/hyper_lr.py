@@ -27,6 +27,7 @@ from metalr.functional._common import as_real_list, broadcast_rate, commit_updat
 from metalr.functional._hypergrad import adapt_rates, rates_in_use
 from metalr.optim import _validation as check
 from metalr.optim._base import HYPER_DEFAULTS, HypergradOptimizer, check_sparse, scalar_lr
+from metalr.optim._state_keys import CONTROLLER_KEY, RATE_KEY
 
 
 class HyperLR(HypergradOptimizer):
@@ -290,7 +291,10 @@ class HyperLR(HypergradOptimizer):
         HyperLR's own ``param_groups`` then win over the copy saved with it. A
         plain checkpoint of the wrapped optimizer (no ``"wrapped"`` entry, e.g. of a
         ``torch.optim.Adam`` trained without HyperLR) loads into the wrapped optimizer; HyperLR's
-        state starts afresh (multipliers at 1, options as constructed).
+        state starts afresh (multipliers at 1, options as constructed). A HyperLR checkpoint
+        without its ``wrapped`` entry (e.g. from ``torch.distributed.checkpoint``'s
+        ``get_optimizer_state_dict``, which keeps ``state`` and ``param_groups`` only) is refused
+        with a ``ValueError``: it lacks the wrapped optimizer's state.
         """
         state_dict = dict(state_dict)
         with _hooks_held(self, "_optimizer_load_state_dict_pre_hooks") as pre_hooks:
@@ -299,12 +303,24 @@ class HyperLR(HypergradOptimizer):
                 if result is not None:
                     state_dict = dict(result)
             if "wrapped" not in state_dict:
+                _refuse_hyper_lr_state_without_wrapped(state_dict)
                 self.optimizer.load_state_dict(state_dict)
                 self.state.clear()
                 self._share_groups()
                 return
             self.optimizer.load_state_dict(state_dict.pop("wrapped"))
             super().load_state_dict(state_dict)
+
+
+def _refuse_hyper_lr_state_without_wrapped(state_dict: Mapping[str, Any]) -> None:
+    own = {RATE_KEY, CONTROLLER_KEY, "prev_direction"}
+    states = state_dict.get("state", {})
+    if any(own & set(s) for s in states.values() if isinstance(s, Mapping)):
+        raise ValueError(
+            "Invalid state_dict: a HyperLR checkpoint without its 'wrapped' entry (the wrapped "
+            "optimizer's state); save it with HyperLR.state_dict() (torch.distributed."
+            "checkpoint's get_optimizer_state_dict keeps only 'state' and 'param_groups')"
+        )
 
 
 @contextlib.contextmanager
