@@ -109,6 +109,19 @@ def test_sgd_triton_equals_eager(kw, lagged):
     )
 
 
+def _scheduled(make, schedule, pull=0.0):
+    """One step per scheduled ``lr`` on random gradients (plus ``pull`` × the weights)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    opt = make(params)
+    for lr in schedule:
+        opt.param_groups[0]["lr"] = lr
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) + pull * p.detach()
+        opt.step()
+    return params, opt
+
+
 @pytest.mark.parametrize("lagged", [True, False], ids=["lagged", "exact"])
 @pytest.mark.parametrize("rule", ["seek", "normalized"])
 def test_triton_applies_the_bounded_rate_across_a_crossing_schedule(rule, lagged):
@@ -119,18 +132,8 @@ def test_triton_applies_the_bounded_rate_across_a_crossing_schedule(rule, lagged
     kw = {"rule": rule, "lr_bounds": (1e-3, 2e-2), "lagged": lagged}
     if rule == "normalized":
         kw["hypergrad_lr"] = 0.2
-    runs = []
-    for path in ({"fused": True}, {"foreach": True}):
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
-        opt = metalr.AdamHD(params, lr=1e-2, **kw, **path)
-        for lr in schedule:
-            opt.param_groups[0]["lr"] = lr
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen) + 0.5 * p.detach()
-            opt.step()
-        runs.append((params, opt))
-    (a, opt_a), (b, opt_b) = runs
+    a, opt_a = _scheduled(lambda ps: metalr.AdamHD(ps, lr=1e-2, **kw, fused=True), schedule, 0.5)
+    b, opt_b = _scheduled(lambda ps: metalr.AdamHD(ps, lr=1e-2, **kw, foreach=True), schedule, 0.5)
     for p, q in zip(a, b):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-5, atol=1e-6)
         torch.testing.assert_close(opt_a.state[p]["lr_multiplier"], opt_b.state[q]["lr_multiplier"],
@@ -140,23 +143,15 @@ def test_triton_applies_the_bounded_rate_across_a_crossing_schedule(rule, lagged
 @pytest.mark.parametrize("lagged", [True, False], ids=["lagged", "exact"])
 def test_triton_with_hypergrad_lr_zero_is_adam_at_the_clamped_schedule(lagged):
     schedule = (1e-2, 5e-2, 8e-2, 1e-2, 1e-4, 1e-2)
-    runs = []
-    for make, lrs in (
-        (lambda ps: metalr.AdamHD(ps, lr=1e-2, hypergrad_lr=0.0, lr_bounds=(1e-3, 2e-2),
-                                  fused=True, lagged=lagged), schedule),
-        (lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=False),
-         [min(max(lr, 1e-3), 2e-2) for lr in schedule]),
-    ):  # fmt: skip
-        gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
-        opt = make(params)
-        for lr in lrs:
-            opt.param_groups[0]["lr"] = lr
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.step()
-        runs.append((params, opt))
-    (ours, opt), (theirs, _) = runs
+    ours, opt = _scheduled(
+        lambda ps: metalr.AdamHD(ps, lr=1e-2, hypergrad_lr=0.0, lr_bounds=(1e-3, 2e-2),
+                                 fused=True, lagged=lagged),
+        schedule,
+    )  # fmt: skip
+    theirs, _ = _scheduled(
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=False),
+        [min(max(lr, 1e-3), 2e-2) for lr in schedule],
+    )
     for p, q in zip(ours, theirs):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=2e-5, atol=1e-6)
         assert float(opt.state[p]["lr_multiplier"]) == 1.0  # the schedule never rescales it

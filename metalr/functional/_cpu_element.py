@@ -16,15 +16,17 @@ step t reads the group cosine of step t, which needs the whole pass first. The p
 assumes the ramp continues (``μ = ρ``); when the controller update after the pass says the ramp
 turned (once per run) or the step was inactive, the rates of those tensors are moved from ``ρ`` to
 the true move and ``θ`` is corrected by ``lr (r' - r'') m̂_t/(√v̂_t + ε)`` (same values to
-rounding). The correction needs ``r_{t-1}`` back from ``r'``, so with ``lr_bounds`` (a clamp can
-lose it) or a finite ceiling on a ramping tensor the step takes two passes instead: sums first,
-then the update with the true constants.
+rounding). The correction needs ``r_{t-1}`` back from ``r'``, so with a finite ceiling on a
+ramping tensor (a clamp can lose it) the step takes two passes instead: sums first, then the
+update with the true constants. A group with ``lr_bounds`` does not come here (the dispatch,
+:func:`metalr.functional._cpu_kernels.applies`, leaves it to the eager step, whose rules move
+the rates in use and keep the stored ones), so the pass's clamp is always open.
 
 Before writing, a read-only scan sums each gradient: a sum that is not finite skips the whole
 step (the eager path's flag, read on the host as the CPU paths do; with several param groups the
 optimizer has already checked every gradient and the sums are skipped); the scan also finds whether
 any ``d_{t-1}`` can be non-zero (some first moment is): if none, the step is inactive and the
-rates do not move (the rates in use are clamped to ``lr_bounds``). The seek controllers then move through the rule's own
+rates do not move. The seek controllers then move through the rule's own
 :func:`metalr.functional._controller.seek_update`, given per tensor the mean sign and the largest
 old rate (``Σ s_i / n`` and ``max r_i``, accumulated in the pass) as 0-d stand-ins: exactly what
 the eager path derives from the per-element tensors. Where the eager step's ``exp(log r + move)``
@@ -70,7 +72,6 @@ def adam_hd_element_step(
     decoupled_weight_decay: bool,
     hypergrad_lr: float,
     rule: str,
-    lr_bounds: tuple[float, float],
     maximize: bool = False,
     controllers: Sequence[Tensor] | None = None,
     seek: Mapping[str, Any] | None = None,
@@ -87,24 +88,21 @@ def adam_hd_element_step(
     of the step (several param groups): the scan then only looks for a non-zero first moment.
     """
     lr_f, beta = float(lr), float(hypergrad_lr)
-    seeking = rule == "seek" and beta != 0  # β = 0: nothing moves (the rates in use clamped)
+    seeking = rule == "seek" and beta != 0  # β = 0: nothing moves
     if rule == "seek" and (controllers is None or seek is None):
         raise ValueError("rule='seek' needs controllers and seek constants")
     # the controllers and step counters as rows of one buffer each (no stack per step)
     ctrl_rows = rows_or_stack(controllers) if seeking else None
     ctrl = ctrl_rows[0].tolist() if ctrl_rows is not None else None
     ramping = [row[RAMP] > 0 for row in ctrl] if ctrl is not None else [False] * len(params)
-    bounded = lr_bounds[0] > 0 or lr_bounds[1] < math.inf
-    two_pass = any(
-        r and (bounded or math.isfinite(row[CEILING])) for r, row in zip(ramping, ctrl or [])
-    )
+    two_pass = any(r and math.isfinite(row[CEILING]) for r, row in zip(ramping, ctrl or []))
     decay = 1.0 - lr_f * weight_decay if decoupled_weight_decay else 1.0
     coupled = weight_decay if not decoupled_weight_decay else 0.0
     step_rows = rows_or_stack(steps)
     ts = step_rows[0].tolist()
     per_count = {t: _adam_constants(t, lr_f, beta1, beta2, decay) for t in set(ts)}
     adam = [per_count[t] for t in ts]  # usually one step count for every tensor
-    clamp = _clamp_bounds(lr_f, lr_bounds)
+    clamp = [-math.inf, math.inf]  # the pass's bounds on r' (open: see the module docstring)
     tau_beta = float(seek.get("track", 1.0)) * beta if seeking else beta
 
     def rate_rows(moves: Sequence[tuple[float, float, float, float]]) -> Tensor:
@@ -172,15 +170,6 @@ def _adam_constants(t: float, lr: float, beta1: float, beta2: float, decay: floa
     has taken ``t`` steps (:func:`bias_corrections`)."""
     pc1, pc2, c1, c2 = bias_corrections(t, beta1, beta2)
     return [pc1, pc2, lr / c1, c2, decay]
-
-
-def _clamp_bounds(lr: float, lr_bounds: tuple[float, float]) -> list[float]:
-    """``[lo, hi]`` of the multipliers: :func:`metalr.functional._hypergrad.clamp_rates`'s
-    ``lr_bounds / lr`` (no bound where infinite or zero, or while ``lr <= 0``)."""
-    lo, hi = lr_bounds
-    if lr <= 0:
-        return [-math.inf, math.inf]
-    return [lo / lr if lo > 0 else -math.inf, hi / lr if hi < math.inf else math.inf]
 
 
 def _moves(

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import os
 import platform
 import warnings
@@ -60,7 +59,7 @@ from metalr.functional._from_sums import (
     seek_rows,
     seek_vectors_from_sums,
 )
-from metalr.functional._hypergrad import clamp_rates, rates_in_use
+from metalr.functional._hypergrad import bounded, clamp_rates, rates_in_use
 
 _SOURCES = [Path(__file__).resolve().parent.parent / "csrc" / name
             for name in ("hd_step.cpp", "hd_element.cpp")]  # fmt: skip
@@ -158,8 +157,8 @@ def applies(params: Sequence[Tensor], rates: Sequence[Tensor], granularity: str,
     element = granularity == "element"
     if element and ("beta1" not in hyper or hyper.get("lagged")):
         return False  # element granularity: the exact Adam-HD step only (_cpu_element)
-    if element and tuple(hyper.get("lr_bounds", (0.0, math.inf))) != (0.0, math.inf):
-        return False  # bounded: the rules move the rates in use, the stored ones stay (eager)
+    if element and bounded(hyper.get("lr_bounds", (0.0, float("inf")))):
+        return False  # the rules move the rates in use, the stored ones stay: the eager step
     return (
         bool(params)
         and hyper.get("shards") is None
@@ -224,8 +223,7 @@ def adam_hd_step(
         adam_hd_element_step(
             ext, params, grads, exp_avgs, exp_avg_sqs, rates, steps, lr=lr, beta1=beta1,
             beta2=beta2, eps=eps, weight_decay=weight_decay, hypergrad_lr=hypergrad_lr,
-            decoupled_weight_decay=decoupled_weight_decay, rule=rule, lr_bounds=lr_bounds,
-            maximize=maximize, controllers=controllers, seek=seek,
+            decoupled_weight_decay=decoupled_weight_decay, rule=rule, maximize=maximize, controllers=controllers, seek=seek,
             grads_known_finite=grads_finite is not None,  # checked true above
         )  # fmt: skip
         return True

@@ -11,7 +11,6 @@ rule on stacked ``[n]`` vectors, traced into one ``torch.compile`` graph
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ from metalr.functional._controller import seek_update_stacked
 from metalr.functional._flat_state import rows_of
 from metalr.functional._hypergrad import (
     RateUpdate,
+    bounded,
     clamp_rates,
     group_signal_from_norms,
     tensor_cosines,
@@ -121,7 +121,7 @@ def seek_vectors_from_sums(
         start, ctrl, sums, grads_finite, beta_vector(hypergrad_lr, rate_vec),
         sizes=tuple(sizes), seek=seek, granularity=granularity,
     )  # fmt: skip
-    if lr_bounds[0] > 0 or lr_bounds[1] < math.inf:  # (a skipped step keeps the stored rates)
+    if bounded(lr_bounds):  # (a skipped step keeps the stored rates)
         held = clamp_rates(new_vec, lr, lr_bounds, previous=rate_vec, start=start)
         new_vec = torch.where(finite, held, rate_vec)
     return new_vec, new_ctrl, finite

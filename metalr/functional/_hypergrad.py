@@ -25,12 +25,11 @@ At ``"element"`` granularity the cosine of two scalars is the sign of their prod
 the normalized rule Jacobs' (1988) delta-bar-delta / Rprop-style multiplicative adaptation.
 
 ``lr_bounds = (lo, hi)`` bound the effective rate at use: a step applies ``clamp(lr · m, lo, hi)``
-(:func:`rates_in_use`); a multiplier the rule moved is clamped into ``[lo/lr, hi/lr]`` (the
-controller continues from the rate in use), one it did not move keeps its value
-(:func:`clamp_rates` with ``previous``), so a scheduled ``lr`` that crosses a bound does not by
-itself rescale the multiplier (with ``hypergrad_lr=0`` the step is the base optimizer's at
-``clamp(lr, lo, hi)``). A non-finite
-hypergradient (any NaN/inf in the gradient) leaves the multiplier unchanged.
+(:func:`rates_in_use`); a rule moves the rate in use, and a multiplier it moved is clamped into
+``[lo/lr, hi/lr]``, one it did not move keeps its value (:func:`clamp_rates` with ``previous``
+and ``start``), so a scheduled ``lr`` that crosses a bound does not by itself rescale the
+multiplier (with ``hypergrad_lr=0`` the step is the base optimizer's at ``clamp(lr, lo, hi)``).
+A non-finite hypergradient (any NaN/inf in the gradient) leaves the multiplier unchanged.
 
 Everything here is a pure, differentiable function of tensors; both the optimizers (without grad)
 and the meta-learner (with grad, under ``vmap``) call it.
@@ -207,6 +206,11 @@ def _check_rate_shapes(granularity: str, params: Sequence[Tensor], rates: Sequen
         )
 
 
+def bounded(lr_bounds: tuple[float, float]) -> bool:
+    """Whether ``lr_bounds`` bound anything: a positive minimum or a finite maximum."""
+    return lr_bounds[0] > 0 or lr_bounds[1] < math.inf
+
+
 def clamp_rates(
     rate: Tensor,
     lr: float | Tensor,
@@ -261,7 +265,7 @@ def rates_in_use(
     so a scheduled ``lr`` outside the bounds is clamped here, at use. Unbounded (the default):
     ``rates`` itself, at no cost.
     """
-    if lr_bounds[0] <= 0 and lr_bounds[1] == math.inf:
+    if not bounded(lr_bounds):
         return rates
     return [clamp_rates(r, lr, lr_bounds) for r in rates]
 

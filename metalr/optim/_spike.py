@@ -44,7 +44,7 @@ class SpikeGuarded:
         more than one rank the loss is averaged over the ranks first (the shard group's, else the
         default group), so every rank takes the same decision."""
         pending, self._pending_spike_loss = getattr(self, "_pending_spike_loss", None), None
-        groups = [g for g in self.param_groups if g.get("spike_guard") and g["params"]]
+        groups = self._guarded_groups()
         if not groups or (loss is None and pending is None):
             return
         device = groups[0]["params"][0].device
@@ -72,9 +72,13 @@ class SpikeGuarded:
             >>> optimizer.observe_loss(loss)
             >>> scaler.step(optimizer)
         """
-        groups = [g for g in self.param_groups if g.get("spike_guard") and g["params"]]
+        groups = self._guarded_groups()
         if groups:
             self._pending_spike_loss = self._spike_loss(loss, groups[0]["params"][0].device)
+
+    def _guarded_groups(self) -> list[dict[str, Any]]:
+        """The param groups the spike guard watches (``spike_guard`` set, parameters held)."""
+        return [g for g in self.param_groups if g.get("spike_guard") and g["params"]]
 
     def _spike_loss(self, loss: Any, device: torch.device) -> Tensor:
         """The closure's loss as a detached 0-d tensor on ``device``, averaged over the ranks."""
