@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from metalr._benchtools import markdown_table, quantile, verdict
 from metalr._benchtools import write_csv as write_rows_csv
 from metalr.functional._controller import CONTROLLER_SIZE
+from metalr.functional._validation_state import VALIDATION_SIZE
 
 #: What the "state equals the reference's (+ k parameter-sized buffers)" goal allows on top, per
-#: parameter tensor: one float32 rate and one seek controller vector (``CONTROLLER_SIZE``
-#: float32) — state that grows with the number of tensors, never with their size.
-PER_TENSOR_STATE_BYTES = (1 + CONTROLLER_SIZE) * 4
+#: parameter tensor: one float32 rate, one seek controller vector (``CONTROLLER_SIZE`` float32)
+#: and the validation statistics (``VALIDATION_SIZE`` float32, created at the first step so that
+#: every checkpoint format has their slot) — state that grows with the number of tensors, never
+#: with their size.
+PER_TENSOR_STATE_BYTES = (1 + CONTROLLER_SIZE + VALIDATION_SIZE) * 4
 
 
 @dataclass

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 import metalr
+from metalr.functional._validation_state import LEVEL, LOSS_BEST
+from metalr.optim._state_keys import VALIDATION_KEY
 
 GRANULARITIES = ("group", "tensor", "element")
 RULES = ("normalized", "additive")
@@ -292,6 +294,18 @@ def state_tensors(opt: torch.optim.Optimizer) -> list[tuple[int, str, Tensor]]:
                 if isinstance(value, Tensor):
                     out.append((i, key, value))
     return out
+
+
+def state_entry_is_sound(key: str, value: Tensor) -> bool:
+    """Whether a state tensor holds no NaN and no infinity where none belongs. The validation
+    statistics, created at the first step, say "no observation yet" with a best loss of +inf
+    and no level (-inf): those two entries may hold exactly that value."""
+    if key != VALIDATION_KEY:
+        return bool(torch.isfinite(value).all())
+    finite = torch.isfinite(value)
+    finite[LOSS_BEST] |= value[LOSS_BEST] == math.inf
+    finite[LEVEL] |= value[LEVEL] == -math.inf
+    return bool(finite.all())
 
 
 def snapshot(opt: torch.optim.Optimizer) -> dict[tuple[int, str], Tensor]:

@@ -12,6 +12,7 @@ import torch
 
 from metalr import SGDHD, AdamHD, bench
 from metalr.functional._controller import CONTROLLER_SIZE
+from metalr.functional._validation_state import VALIDATION_SIZE
 
 TINY = 20_000
 STATE_SLACK = 0.01
@@ -82,26 +83,28 @@ def test_state_bytes_match_torch(result):
     assert adam.state_ratio == pytest.approx(2.0, rel=STATE_SLACK)
     assert sgd.state_ratio == pytest.approx(1.0, rel=STATE_SLACK)
     # Group/tensor granularity adds O(tensors), not O(parameters): one float32 rate per tensor,
-    # and for the default "seek" rule one controller vector (CONTROLLER_SIZE float32 scalars).
+    # for the default "seek" rule one controller vector (CONTROLLER_SIZE float32 scalars), and
+    # for every rule the validation statistics (VALIDATION_SIZE float32 scalars).
     n_tensors = len(bench.make_shapes(TINY))
-    seek_extra = n_tensors * (1 + CONTROLLER_SIZE) * 4
+    seek_extra = n_tensors * (1 + CONTROLLER_SIZE + VALIDATION_SIZE) * 4
     for name, extra in (("AdamHD group", seek_extra), ("AdamHD tensor", seek_extra),
-                        ("AdamHD tensor additive", n_tensors * 4)):  # fmt: skip
+                        ("AdamHD tensor additive", n_tensors * (1 + VALIDATION_SIZE) * 4)):  # fmt: skip
         row = result.row(name)
         assert row.state_bytes - adam.state_bytes == extra, name
         assert row.state_ok, name
-    # Element granularity adds exactly one parameter-sized buffer (its rates) and, for the
-    # default "seek" rule, one controller vector per tensor (CONTROLLER_SIZE float32 scalars).
+    # Element granularity adds exactly one parameter-sized buffer (its rates) and, per tensor,
+    # the seek controller and the validation statistics.
     element = result.row("AdamHD element")
-    assert element.state_bytes - adam.state_bytes == param_bytes + n_tensors * CONTROLLER_SIZE * 4
+    per_tensor = n_tensors * (CONTROLLER_SIZE + VALIDATION_SIZE) * 4
+    assert element.state_bytes - adam.state_bytes == param_bytes + per_tensor
     assert element.state_ok
     assert result.row("SGDHD tensor").state_bytes - sgd.state_bytes == seek_extra
-    # HyperLR counts the wrapped optimizer's state plus its own direction buffer.
+    # HyperLR counts the wrapped optimizer's state plus its own direction buffer and the same
+    # per-tensor entries as the native optimizers.
     hyper = next(r for r in result.rows if r.name.startswith("HyperLR(torch Adam"))
-    assert hyper.state_ratio == pytest.approx(3.0, rel=0.01)
-    assert result.row("HyperLR(torch SGD momentum) tensor").state_ratio == pytest.approx(
-        2.0, rel=0.01
-    )
+    assert hyper.state_bytes - adam.state_bytes == param_bytes + seek_extra
+    hyper_sgd = result.row("HyperLR(torch SGD momentum) tensor")
+    assert hyper_sgd.state_bytes - sgd.state_bytes == param_bytes + seek_extra
 
 
 def test_hypergradient_paths_ran(result):

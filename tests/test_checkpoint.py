@@ -93,10 +93,6 @@ def test_checkpoint_without_later_flags_loads_with_defaults(name):
     for group in old["param_groups"]:
         for key in LATER_FLAGS:
             group.pop(key, None)
-    if "wrapped" in old:
-        for group in old["wrapped"]["param_groups"]:
-            for key in LATER_FLAGS:
-                group.pop(key, None)
     reference = copy.deepcopy(model)
     ref_opt = DEFAULT_MAKERS[name](reference.parameters())
     ref_opt.load_state_dict(opt.state_dict())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import metalr
-from metalr.optim._state_keys import CONTROLLER_KEY, RATE_KEY, SPIKE_KEY
+from metalr.optim._state_keys import CONTROLLER_KEY, RATE_KEY, SPIKE_KEY, VALIDATION_KEY
 
 MAKERS = {
     "adamhd": lambda params, **kw: metalr.AdamHD(params, lr=0.01, **kw),
@@ -114,35 +114,41 @@ def test_spike_guard_statistics_stay_float32_and_resume_exactly(dtype):
 
 
 def test_hyper_lr_state_dict_hooks_see_the_wrapped_optimizer():
-    """HyperLR's checkpoint is its own state plus the wrapped optimizer's under ``wrapped``;
-    hooks registered on the HyperLR see and edit all of it: a save post hook that records the
-    inner step count, and a load pre hook that halves the inner optimizer's saved moments."""
+    """HyperLR's checkpoint holds, per parameter, its own state and the wrapped optimizer's
+    under ``wrapped``; hooks registered on the HyperLR see and edit all of it: a save post hook
+    that records the inner step count, and a load pre hook that halves the inner optimizer's
+    saved moments."""
     p, opt = _trained(MAKERS["hyperlr"])
     seen = {}
 
     def after_save(_opt, state_dict):
-        seen["saved"] = sorted(state_dict)
-        seen["inner_step"] = float(state_dict["wrapped"]["state"][0]["step"])
+        seen["saved"] = sorted(state_dict["state"][0])
+        seen["inner_step"] = float(state_dict["state"][0]["wrapped"]["step"])
 
     opt.register_state_dict_post_hook(after_save)
     saved = copy.deepcopy(opt.state_dict())
-    assert seen == {"saved": ["param_groups", "state", "wrapped"], "inner_step": 3.0}
+    assert sorted(saved) == ["param_groups", "state"]
+    assert seen == {
+        "saved": sorted([RATE_KEY, CONTROLLER_KEY, VALIDATION_KEY, "prev_direction", "wrapped"]),
+        "inner_step": 3.0,
+    }
 
     def halve_inner_moments(_opt, state_dict):
-        seen["loading"] = sorted(state_dict)
-        inner = copy.deepcopy(state_dict["wrapped"])
-        inner["state"][0]["exp_avg"] = inner["state"][0]["exp_avg"] / 2
-        return {**state_dict, "wrapped": inner}
+        seen["loading"] = sorted(state_dict["state"][0])
+        entry = copy.deepcopy(state_dict["state"][0])
+        entry["wrapped"]["exp_avg"] = entry["wrapped"]["exp_avg"] / 2
+        return {**state_dict, "state": {0: entry}}
 
     q = torch.nn.Parameter(p.detach().clone())
     fresh = MAKERS["hyperlr"]([q])
     fresh.register_load_state_dict_pre_hook(halve_inner_moments)
     fresh.load_state_dict(saved)
-    assert seen["loading"] == ["param_groups", "state", "wrapped"]
+    assert seen["loading"] == seen["saved"]
     torch.testing.assert_close(
-        fresh.optimizer.state[q]["exp_avg"], saved["wrapped"]["state"][0]["exp_avg"] / 2
+        fresh.optimizer.state[q]["exp_avg"], saved["state"][0]["wrapped"]["exp_avg"] / 2
     )
     torch.testing.assert_close(fresh.state[q][RATE_KEY], opt.state[p][RATE_KEY])
+    assert "wrapped" not in fresh.state[q]  # HyperLR's own state keeps its own keys only
 
 
 def test_hyper_lr_load_pre_hooks_see_a_plain_checkpoint_of_the_wrapped_optimizer():
@@ -169,14 +175,16 @@ def test_hyper_lr_load_pre_hooks_see_a_plain_checkpoint_of_the_wrapped_optimizer
 
 
 def test_hyper_lr_refuses_its_own_checkpoint_without_the_wrapped_state():
-    """``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` keeps ``state`` and
-    ``param_groups`` only: HyperLR's multipliers without the wrapped optimizer's moments. Loaded,
-    they went to the wrapped Adam, which failed with ``KeyError: 'step'``; a plain checkpoint of
-    the wrapped optimizer still loads."""
+    """A HyperLR checkpoint that lost the wrapped optimizer's state (``torch.distributed.
+    checkpoint`` with ``flatten_optimizer_state_dict=True`` rebuilds only the entries the live
+    HyperLR state has) loaded HyperLR's multipliers into the wrapped Adam, which failed with
+    ``KeyError: 'step'``; it is refused, and a plain checkpoint of the wrapped optimizer still
+    loads."""
     p, opt = _trained(MAKERS["hyperlr"])
     partial = copy.deepcopy(opt.state_dict())
-    del partial["wrapped"]
+    for entry in partial["state"].values():
+        del entry["wrapped"]
     fresh = MAKERS["hyperlr"]([torch.nn.Parameter(p.detach().clone())])
-    with pytest.raises(ValueError, match="without its 'wrapped' entry"):
+    with pytest.raises(ValueError, match="without the wrapped optimizer's state"):
         fresh.load_state_dict(partial)
     fresh.load_state_dict(copy.deepcopy(opt.optimizer.state_dict()))  # the wrapped Adam's own

@@ -13,7 +13,7 @@ import torch
 from _validation_setup import LR, OPTIMIZERS, TRAIN, VAL, _data, _loss, _model, _train_step
 
 import metalr
-from metalr.functional.validation import VALIDATION_DEFAULTS
+from metalr.functional.validation import VALIDATION_DEFAULTS, initial_validation_stats
 from metalr.optim._base import RATE_KEY, VALIDATION_KEY
 
 
@@ -336,7 +336,8 @@ def test_checkpoint_without_the_validation_noise_hold_resumes_without_it():
 def test_a_non_finite_first_observation_does_not_switch_the_group(make, options, rule):
     """The first observation switches a group to the validation signal (its training signal then
     keeps ``train_weight``): a NaN loss may not, so the run goes on exactly as one that never
-    observed, with no state created; a NaN before any step creates no rate either."""
+    observed, with its validation statistics as the first step created them; a NaN before any
+    step creates no rate either."""
     runs = []
     for observe in (False, True):
         model = _model()
@@ -348,7 +349,10 @@ def test_a_non_finite_first_observation_does_not_switch_the_group(make, options,
             _train_step(model, opt)
             if observe and step == 4:
                 opt.observe_validation(_loss(model, VAL) * float("nan"))
-                assert not any(VALIDATION_KEY in opt.state[p] for p in model.parameters())
+                assert not opt.param_groups[0]["follows_validation"]
+                fresh = initial_validation_stats(next(model.parameters()), torch.float32)
+                for p in model.parameters():
+                    assert torch.equal(opt.state[p][VALIDATION_KEY], fresh)
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs):
         torch.testing.assert_close(a, b, rtol=0, atol=0)

@@ -136,12 +136,18 @@ def commit_rates(
     values = (
         new_rates if known_finite else [torch.where(finite, n, r) for n, r in zip(new_rates, rates)]
     )
+    foreach_copy_(rates, values)
+
+
+def foreach_copy_(targets: list[Tensor], values: list[Tensor]) -> None:
+    """``torch._foreach_copy_``, one copy at a time where a target is a DTensor (FSDP2), which
+    has no sharding rule for the foreach copy."""
     dtensor = _dtensor_type()
-    if dtensor is not None and any(isinstance(r, dtensor) for r in rates):
-        for r, v in zip(rates, values):  # DTensor (FSDP2) has no foreach copy
-            r.copy_(v)
+    if dtensor is not None and any(isinstance(t, dtensor) for t in targets):
+        for t, v in zip(targets, values):
+            t.copy_(v)
     else:
-        torch._foreach_copy_(rates, values)
+        torch._foreach_copy_(targets, values)
 
 
 def commit_update(

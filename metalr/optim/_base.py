@@ -14,6 +14,7 @@ from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._controller import CONTROLLER_SIZE, FAMILIES, initial_controller
 from metalr.functional._distributed import ShardReducer, average_over_ranks
 from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
+from metalr.functional.spike_guard import initial_spike_stats
 from metalr.functional.validation import (
     VALIDATION_DEFAULTS,
     completed_validation_stats,
@@ -21,7 +22,13 @@ from metalr.functional.validation import (
     validation_adapt_rates,
 )
 from metalr.optim._spike import SpikeGuarded
-from metalr.optim._state_keys import CONTROLLER_KEY, RATE_KEY, SPIKE_KEY, VALIDATION_KEY
+from metalr.optim._state_keys import (
+    CONTROLLER_KEY,
+    FOLLOWS_VALIDATION,
+    RATE_KEY,
+    SPIKE_KEY,
+    VALIDATION_KEY,
+)
 from metalr.optim._validation import check_group_options
 
 #: Defaults for flags added after the first release; ``__setstate__`` fills them into old groups.
@@ -35,6 +42,7 @@ HYPER_DEFAULTS: dict[str, Any] = {
     "differentiable": False,
     "lagged": False,
     "spike_guard": None,
+    FOLLOWS_VALIDATION: False,
 }
 
 
@@ -80,11 +88,17 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
         resolved = check_group_options(
             param_group, self.defaults, self.additive_default, self.seek_family
         )
-        super().add_param_group({**param_group, **resolved})
+        super().add_param_group({FOLLOWS_VALIDATION: False, **param_group, **resolved})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
+            # a checkpoint from before the flag: the group followed the validation signal if
+            # any of its parameters had validation statistics (then created by the first call)
+            group.setdefault(
+                FOLLOWS_VALIDATION,
+                any(VALIDATION_KEY in self.state.get(p, ()) for p in group["params"]),
+            )
             for key, value in HYPER_DEFAULTS.items():
                 group.setdefault(key, value)
             group.setdefault("seek", dict(FAMILIES[self.seek_family][0]))
@@ -110,7 +124,19 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
             )
             if group["rule"] == "seek":  # with the rate, so the state is created in one go
                 self._controller(param, group)
+            self._complete_state(param, group, state)
         return rate
+
+    def _complete_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """Create the entries later calls fill, at the parameter's first step: validation
+        statistics (no observation yet) and, at a guarded group's first parameter, the spike
+        guard's (no loss yet). Created late, they were missing from the template that
+        ``torch.distributed.checkpoint`` loads into (a fresh optimizer after one zero step),
+        which then dropped them from a resumed run."""
+        if VALIDATION_KEY not in state:
+            state[VALIDATION_KEY] = initial_validation_stats(param, rate_dtype(param))
+        if group.get("spike_guard") and param is group["params"][0] and SPIKE_KEY not in state:
+            state[SPIKE_KEY] = initial_spike_stats(param.device, rate_dtype(param))
 
     def _controller(self, param: Tensor, group: dict[str, Any]) -> Tensor:
         """The seek rule's controller vector of ``param``, created on first use (in the rate
@@ -155,8 +181,9 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
         return {"controllers": controllers, "seek": seek}
 
     def _follows_validation(self, group: dict[str, Any]) -> bool:
-        """Whether ``group`` has observed a validation loss (its rates follow that signal)."""
-        return any(VALIDATION_KEY in self.state.get(p, ()) for p in group["params"])
+        """Whether ``group`` has observed a finite validation loss (its rates follow that
+        signal from then on)."""
+        return bool(group.get(FOLLOWS_VALIDATION, False))
 
     def _train_hypergrad_lr(self, group: dict[str, Any]) -> Any:
         """β of the training signal: the group's, times ``validation['train_weight']`` for a
@@ -258,6 +285,7 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
             # the first observation switches the group to the validation signal (and creates
             # its state): a non-finite one may not. One host read, at this first call only.
             return
+        group[FOLLOWS_VALIDATION] = True
         rates = [self._rate(p, group) for p in params]
         stats = []
         for p in params:
@@ -367,6 +395,10 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
                 for key, value in captured["state"].get(pid, {}).items():
                     if isinstance(value, Tensor):
                         self.state[p][key] = _rate_state(key, value, p)
+            for group in self.param_groups:  # a checkpoint from before eager creation
+                for p in group["params"]:
+                    if RATE_KEY in self.state.get(p, ()):
+                        self._complete_state(p, group, self.state[p])
 
         pre = self.register_load_state_dict_pre_hook(capture)
         post = self.register_load_state_dict_post_hook(recast, prepend=True)

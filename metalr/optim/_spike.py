@@ -151,6 +151,8 @@ class SpikeGuarded:
             if stats is None:
                 continue
             values = stats.double().cpu()
+            if values[COUNT] == 0:  # created at the first step, before any finite loss
+                continue
             out.append({"mean": float(values[MEAN]), "std": float(values[VAR].sqrt()),
                         "losses": int(values[COUNT]), "spikes": int(values[SPIKES])})  # fmt: skip
         return out

@@ -10,3 +10,7 @@ VALIDATION_KEY = "hd_validation"
 #: Key of the loss-spike guard's statistics in ``optimizer.state[p]`` (``p``: the group's first
 #: parameter; present once a guarded group has seen a loss from ``step(closure)``).
 SPIKE_KEY = "hd_spike_guard"
+#: Key of a param-group flag (not per-parameter state): whether the group has observed a finite
+#: validation loss, so its rates follow the validation signal. It lives in ``param_groups`` so
+#: every checkpoint format carries it (``torch.distributed.checkpoint`` included).
+FOLLOWS_VALIDATION = "follows_validation"

@@ -14,19 +14,29 @@ Around ``torch.optim.SGD`` this is exactly :class:`metalr.SGDHD`; around ``torch
 
 from __future__ import annotations
 
-import contextlib
-from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metalr.functional._common import as_real_list, broadcast_rate, commit_update, host_readable
+from metalr.functional._common import (
+    as_real_list,
+    broadcast_rate,
+    commit_update,
+    foreach_copy_,
+    host_readable,
+)
 from metalr.functional._hypergrad import adapt_rates, rates_in_use
 from metalr.optim import _validation as check
 from metalr.optim._base import HYPER_DEFAULTS, HypergradOptimizer, check_sparse, scalar_lr
+from metalr.optim._checkpoint import (
+    fold_wrapped_state,
+    hooks_held,
+    run_post_hooks,
+    unfold_wrapped_state,
+)
 from metalr.optim._state_keys import CONTROLLER_KEY, RATE_KEY
 
 
@@ -59,8 +69,9 @@ class HyperLR(HypergradOptimizer):
             :class:`metalr.AdamHD` (default: None, off).
 
     State: per parameter the multiplier and one buffer (the previous direction, also used as
-    the snapshot of the weights during the inner step). ``state_dict()`` holds HyperLR's state
-    and, under ``"wrapped"``, the inner optimizer's.
+    the snapshot of the weights during the inner step). ``state_dict()`` holds, per parameter,
+    HyperLR's state and, under ``"wrapped"``, the inner optimizer's (so
+    ``torch.distributed.checkpoint`` carries both).
 
     Step hooks: the global ones (``torch.optim.optimizer.register_optimizer_step_pre_hook`` /
     ``post_hook``) run once per ``HyperLR.step()``, with the HyperLR as their optimizer, as they
@@ -209,7 +220,7 @@ class HyperLR(HypergradOptimizer):
                 for p in params:
                     torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
         for _, params, _, buffers, _ in pending:
-            torch._foreach_copy_(buffers, params)  # snapshot θ_{t-1}
+            foreach_copy_(buffers, params)  # snapshot θ_{t-1}
         self._wrapped_step()
         if host_readable(step_finite):  # finite for sure: three in-place passes, no allocation
             for group, params, rates, snapshots, _ in pending:
@@ -269,47 +280,58 @@ class HyperLR(HypergradOptimizer):
         return state["prev_direction"]
 
     def state_dict(self) -> dict[str, Any]:
-        """HyperLR's own state and param groups, plus the wrapped optimizer's under ``wrapped``.
+        """HyperLR's state and param groups, with the wrapped optimizer's state inside them.
+
+        Each parameter's entry holds HyperLR's own state and, under ``"wrapped"``, the wrapped
+        optimizer's state for that parameter (``{}`` when it has none); the param groups are
+        shared, so one list holds both optimizers' options. The checkpoint is then per
+        parameter only, like torch's, and ``torch.distributed.checkpoint``'s
+        ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` carry all of it (FSDP2
+        included). A wrapped optimizer whose checkpoint has more than per-parameter state and
+        param groups is saved whole under a top-level ``"wrapped"`` entry instead (the format of
+        checkpoints from before 2026-12-05, which still load).
 
         State-dict post hooks registered on the HyperLR see (and may change) the whole
-        checkpoint, ``wrapped`` included: they run after it is added.
+        checkpoint, the wrapped state included: they run after it is added.
         """
-        with _hooks_held(self, "_optimizer_state_dict_post_hooks") as post_hooks:
+        with hooks_held(self, "_optimizer_state_dict_post_hooks") as post_hooks:
             state_dict = super().state_dict()
-        state_dict["wrapped"] = self.optimizer.state_dict()
-        for hook in post_hooks:
-            result = hook(self, state_dict)
-            if result is not None:
-                state_dict = result
-        return state_dict
+        fold_wrapped_state(state_dict, self.optimizer.state_dict())
+        return run_post_hooks(self, state_dict, post_hooks)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a HyperLR checkpoint, or a checkpoint of the wrapped optimizer alone.
 
-        Load pre hooks registered on the HyperLR see the whole checkpoint, ``wrapped``
-        included, before anything loads. The wrapped optimizer's state is loaded next;
-        HyperLR's own ``param_groups`` then win over the copy saved with it. A
-        plain checkpoint of the wrapped optimizer (no ``"wrapped"`` entry, e.g. of a
-        ``torch.optim.Adam`` trained without HyperLR) loads into the wrapped optimizer; HyperLR's
-        state starts afresh (multipliers at 1, options as constructed). A HyperLR checkpoint
-        without its ``wrapped`` entry (e.g. from ``torch.distributed.checkpoint``'s
-        ``get_optimizer_state_dict``, which keeps ``state`` and ``param_groups`` only) is refused
-        with a ``ValueError``: it lacks the wrapped optimizer's state.
+        Load pre hooks registered on the HyperLR see the whole checkpoint before anything
+        loads. The wrapped optimizer's state is loaded first (from each parameter's
+        ``"wrapped"`` entry, or from a top-level ``"wrapped"`` checkpoint of the older format);
+        HyperLR's own ``param_groups`` then win over the copy saved with it. A plain checkpoint
+        of the wrapped optimizer (e.g. of a ``torch.optim.Adam`` trained without HyperLR) loads
+        into the wrapped optimizer; HyperLR's state starts afresh (multipliers at 1, options as
+        constructed). A HyperLR checkpoint that lost the wrapped optimizer's state (e.g. through
+        ``torch.distributed.checkpoint`` with ``flatten_optimizer_state_dict=True``, which keeps
+        only the entries the live HyperLR state has) is refused with a ``ValueError``.
         """
         state_dict = dict(state_dict)
-        with _hooks_held(self, "_optimizer_load_state_dict_pre_hooks") as pre_hooks:
+        with hooks_held(self, "_optimizer_load_state_dict_pre_hooks") as pre_hooks:
             for hook in pre_hooks:
                 result = hook(self, state_dict)
                 if result is not None:
                     state_dict = dict(result)
-            if "wrapped" not in state_dict:
-                _refuse_hyper_lr_state_without_wrapped(state_dict)
-                self.optimizer.load_state_dict(state_dict)
-                self.state.clear()
-                self._share_groups()
+            if "wrapped" in state_dict:  # the wrapped checkpoint whole (older format)
+                self.optimizer.load_state_dict(state_dict.pop("wrapped"))
+                super().load_state_dict(state_dict)
                 return
-            self.optimizer.load_state_dict(state_dict.pop("wrapped"))
-            super().load_state_dict(state_dict)
+            unfolded = unfold_wrapped_state(state_dict)
+            if unfolded is not None:
+                own, wrapped = unfolded
+                self.optimizer.load_state_dict(wrapped)
+                super().load_state_dict(own)
+                return
+            _refuse_hyper_lr_state_without_wrapped(state_dict)
+            self.optimizer.load_state_dict(state_dict)
+            self.state.clear()
+            self._share_groups()
 
 
 def _refuse_hyper_lr_state_without_wrapped(state_dict: Mapping[str, Any]) -> None:
@@ -317,24 +339,11 @@ def _refuse_hyper_lr_state_without_wrapped(state_dict: Mapping[str, Any]) -> Non
     states = state_dict.get("state", {})
     if any(own & set(s) for s in states.values() if isinstance(s, Mapping)):
         raise ValueError(
-            "Invalid state_dict: a HyperLR checkpoint without its 'wrapped' entry (the wrapped "
-            "optimizer's state); save it with HyperLR.state_dict() (torch.distributed."
-            "checkpoint's get_optimizer_state_dict keeps only 'state' and 'param_groups')"
+            "Invalid state_dict: a HyperLR checkpoint without the wrapped optimizer's state (no "
+            "'wrapped' entry in any parameter's state, nor a top-level one); save it with "
+            "HyperLR.state_dict() or torch.distributed.checkpoint's get_optimizer_state_dict "
+            "without flatten_optimizer_state_dict, which keeps only the live HyperLR entries"
         )
-
-
-@contextlib.contextmanager
-def _hooks_held(optimizer: Optimizer, attribute: str) -> Iterator[list[Callable[..., Any]]]:
-    """Hold back the hooks in ``optimizer.<attribute>`` (torch's ordered dict of them) for the
-    block, which gets them as a list to run itself: HyperLR runs its state-dict hooks around
-    the whole checkpoint, wrapped optimizer included, not around torch's part of it. Hooks
-    registered inside the block (metalr's own, for the load) run there as usual."""
-    held = getattr(optimizer, attribute)
-    setattr(optimizer, attribute, OrderedDict())
-    try:
-        yield list(held.values())
-    finally:
-        setattr(optimizer, attribute, held)
 
 
 def _rescale_in_place(

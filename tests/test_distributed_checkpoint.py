@@ -1,0 +1,227 @@
+"""``torch.distributed.checkpoint`` (DCP) resumes metalr's optimizers exactly (one process here;
+FSDP2 across two ranks in ``test_fsdp.py``).
+
+DCP keeps only ``state`` and ``param_groups`` and loads a checkpoint *into a template*: the state
+dict of a fresh optimizer after one zero step (``get_optimizer_state_dict``). Before 2026-12-05
+it lost three things: the validation statistics and the spike guard's (created by later calls,
+so missing from the template: the resumed run forgot it followed the validation signal) and
+HyperLR's wrapped optimizer (kept under a top-level key DCP drops: the load was refused).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+import metalr
+from metalr.optim._state_keys import FOLLOWS_VALIDATION, SPIKE_KEY, VALIDATION_KEY
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+MAKERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "AdamHD": lambda ps: metalr.AdamHD(ps, lr=1e-2, spike_guard=True),
+    "AdamWHD-element": lambda ps: metalr.AdamWHD(ps, lr=1e-2, granularity="element"),
+    "SGDHD": lambda ps: metalr.SGDHD(
+        ps, lr=0.05, momentum=0.9, rule="normalized", spike_guard=True
+    ),
+    "HyperLR-Adam": lambda ps: metalr.HyperLR(torch.optim.Adam(ps, lr=1e-2), spike_guard=True),
+    # a wrapped optimizer without state (plain SGD): its entries are empty
+    "HyperLR-SGD": lambda ps: metalr.HyperLR(torch.optim.SGD(ps, lr=0.05)),
+    "HyperLR-RMSprop": lambda ps: metalr.HyperLR(torch.optim.RMSprop(ps, lr=1e-3)),
+}
+NATIVE = ["AdamHD", "AdamWHD-element", "SGDHD"]
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+
+
+def _train(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: range, observe: bool) -> None:
+    """Steps with a closure (the guard sees its loss) and, with ``observe``, a validation batch
+    every other step (from the fourth on: the group switches to the validation signal)."""
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(8, 4, generator=g), torch.randn(8, 3, generator=g)
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        if observe and step >= 3 and step % 2 == 1:
+            xv, yv = torch.randn(8, 4, generator=g), torch.randn(8, 3, generator=g)
+            opt.observe_validation(torch.nn.functional.mse_loss(model(xv), yv))
+
+
+def _flat(tree: object, prefix: str = "") -> dict[str, object]:
+    """A state dict's leaves by path, for an exact comparison."""
+    if isinstance(tree, dict):
+        out: dict[str, object] = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}/{key}"))
+        return out
+    if isinstance(tree, (list, tuple)) and not all(isinstance(v, (int, float)) for v in tree):
+        out = {}
+        for i, value in enumerate(tree):
+            out.update(_flat(value, f"{prefix}/{i}"))
+        return out
+    return {prefix: tree}
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    flat_a, flat_b = _flat(a), _flat(b)
+    assert flat_a.keys() == flat_b.keys()
+    for key, value in flat_a.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, flat_b[key]), key
+        else:
+            assert value == flat_b[key], key
+
+
+def _resume_through_dcp(name: str, tmp_path, observe: bool, options: StateDictOptions | None):
+    """Train 6 steps, save with DCP, train 6 more; then a fresh model and optimizer (another
+    initialisation) load the checkpoint DCP's way and train the same 6 steps."""
+    model = _model(0)
+    opt = MAKERS[name](model.parameters())
+    _train(model, opt, range(6), observe)
+    saved = {
+        "model": get_model_state_dict(model),
+        "optim": get_optimizer_state_dict(model, opt, options=options),
+    }
+    dcp.save(saved, checkpoint_id=tmp_path)
+    _train(model, opt, range(6, 12), observe)
+
+    fresh_model = _model(1)
+    fresh = MAKERS[name](fresh_model.parameters())
+    template = {
+        "model": get_model_state_dict(fresh_model),
+        "optim": get_optimizer_state_dict(fresh_model, fresh, options=options),
+    }
+    dcp.load(template, checkpoint_id=tmp_path)
+    set_model_state_dict(fresh_model, template["model"])
+    set_optimizer_state_dict(fresh_model, fresh, template["optim"], options=options)
+    _train(fresh_model, fresh, range(6, 12), observe)
+    return (model, opt), (fresh_model, fresh)
+
+
+@pytest.mark.parametrize("observe", [True, False], ids=["validation", "training-only"])
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_dcp_resumes_exactly(name, observe, tmp_path):
+    (model, opt), (fresh_model, fresh) = _resume_through_dcp(name, tmp_path, observe, None)
+    for p, q in zip(model.parameters(), fresh_model.parameters()):
+        assert torch.equal(p, q)
+    _assert_same_state(opt.state_dict(), fresh.state_dict())
+    assert [g[FOLLOWS_VALIDATION] for g in fresh.param_groups] == [observe]
+    assert fresh.spike_summary() == opt.spike_summary()
+    if name == "AdamHD":
+        assert fresh.spike_summary()[0]["losses"] == 12
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_dcp_flattened_state_dict_resumes_exactly(name, tmp_path):
+    """``flatten_optimizer_state_dict=True`` (torchtitan's choice) rebuilds each parameter's
+    entry from the keys the live optimizer has: every key exists from the first step."""
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    (model, opt), (fresh_model, fresh) = _resume_through_dcp(name, tmp_path, True, options)
+    for p, q in zip(model.parameters(), fresh_model.parameters()):
+        assert torch.equal(p, q)
+    _assert_same_state(opt.state_dict(), fresh.state_dict())
+
+
+def test_dcp_flattened_hyper_lr_is_refused(tmp_path):
+    """Flattened, HyperLR's entries come back without the wrapped optimizer's state (not a key
+    of HyperLR's live state): the load says so instead of training the wrapped Adam afresh."""
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    with pytest.raises(ValueError, match="flatten_optimizer_state_dict"):
+        _resume_through_dcp("HyperLR-Adam", tmp_path, False, options)
+
+
+def test_every_entry_exists_from_the_first_step():
+    """The template DCP loads into is a fresh optimizer after one zero step: it must hold the
+    validation statistics of every parameter and the guard's at each guarded group's first."""
+    model = _model(0)
+    groups = [
+        {"params": list(model[0].parameters()), "spike_guard": True},
+        {"params": list(model[2].parameters())},
+    ]
+    opt = metalr.AdamHD(groups, lr=1e-2)
+    template = get_optimizer_state_dict(model, opt)["state"]
+    assert all(VALIDATION_KEY in entry for entry in template.values())
+    assert [k for k, entry in template.items() if SPIKE_KEY in entry] == ["0.weight"]
+    assert [g[FOLLOWS_VALIDATION] for g in opt.param_groups] == [False, False]
+    assert opt.spike_summary() == []  # no loss seen yet
+
+
+@pytest.mark.parametrize("name", NATIVE + ["HyperLR-Adam"])
+def test_a_checkpoint_from_before_resumes_exactly(name):
+    """A ``torch.save`` checkpoint from before 2026-12-05: no validation or guard statistics
+    until a call created them, no ``follows_validation`` flag (a group followed the validation
+    signal when any parameter had statistics) and, for HyperLR, the wrapped optimizer's state
+    under a top-level ``wrapped``. It resumes exactly, its missing entries created."""
+    model = _model(0)
+    opt = MAKERS[name](model.parameters())
+    _train(model, opt, range(6), True)
+    old = copy.deepcopy(opt.state_dict())
+    for group in old["param_groups"]:
+        del group[FOLLOWS_VALIDATION]
+    if name.startswith("HyperLR"):
+        inner = {i: entry.pop("wrapped") for i, entry in old["state"].items()}
+        old["wrapped"] = {"state": {i: s for i, s in inner.items() if s},
+                          "param_groups": copy.deepcopy(old["param_groups"])}  # fmt: skip
+    # the first layer's parameters never observed (their statistics came with the first call)
+    for index in (0, 1):
+        del old["state"][index][VALIDATION_KEY]
+    old["state"][0].pop(SPIKE_KEY, None)
+    resumed_model = copy.deepcopy(model)
+    resumed = MAKERS[name](resumed_model.parameters())
+    resumed.load_state_dict(old)
+    assert [g[FOLLOWS_VALIDATION] for g in resumed.param_groups] == [True]
+    for p in resumed_model.parameters():
+        assert VALIDATION_KEY in resumed.state[p]
+    _train(model, opt, range(6, 9), False)
+    _train(resumed_model, resumed, range(6, 9), False)
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_a_checkpoint_from_before_without_statistics_does_not_follow_validation():
+    model = _model(0)
+    opt = MAKERS["AdamHD"](model.parameters())
+    _train(model, opt, range(4), False)
+    old = copy.deepcopy(opt.state_dict())
+    for group in old["param_groups"]:
+        del group[FOLLOWS_VALIDATION]
+    for entry in old["state"].values():
+        del entry[VALIDATION_KEY]
+    fresh = MAKERS["AdamHD"](_model(1).parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict(old)
+    assert [g[FOLLOWS_VALIDATION] for g in fresh.param_groups] == [False]
+
+
+def test_hyper_lr_state_dict_leaves_the_live_state_alone():
+    """torch's state dict holds the live per-parameter dicts: folding the wrapped state into
+    them would have put ``wrapped`` into HyperLR's own state."""
+    model = _model(0)
+    opt = MAKERS["HyperLR-Adam"](model.parameters())
+    _train(model, opt, range(3), False)
+    saved = opt.state_dict()
+    assert all("wrapped" in entry for entry in saved["state"].values())
+    assert all("wrapped" not in state for state in opt.state.values())
+    assert all("exp_avg" in state for state in opt.optimizer.state.values())
