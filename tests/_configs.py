@@ -296,6 +296,17 @@ def state_tensors(opt: torch.optim.Optimizer) -> list[tuple[int, str, Tensor]]:
     return out
 
 
+def same_state_value(a: object, b: object) -> bool:
+    """Two values of an optimizer's per-parameter state are the same: tensors bit for bit
+    (dtype included), anything else (``hd_follows_validation``, a bool) by ``==``."""
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (
+            isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype
+            and torch.equal(a, b)
+        )  # fmt: skip
+    return a == b
+
+
 def state_entry_is_sound(key: str, value: Tensor) -> bool:
     """Whether a state tensor holds no NaN and no infinity where none belongs. The validation
     statistics, created at the first step, say "no observation yet" with a best loss of +inf

@@ -126,7 +126,7 @@ def test_dcp_resumes_exactly(name, observe, tmp_path):
     for p, q in zip(model.parameters(), fresh_model.parameters()):
         assert torch.equal(p, q)
     _assert_same_state(opt.state_dict(), fresh.state_dict())
-    assert [g[FOLLOWS_VALIDATION] for g in fresh.param_groups] == [observe]
+    assert [fresh._follows_validation(g) for g in fresh.param_groups] == [observe]
     assert fresh.spike_summary() == opt.spike_summary()
     if name == "AdamHD":
         assert fresh.spike_summary()[0]["losses"] == 12
@@ -163,38 +163,45 @@ def test_every_entry_exists_from_the_first_step():
     template = get_optimizer_state_dict(model, opt)["state"]
     assert all(VALIDATION_KEY in entry for entry in template.values())
     assert [k for k, entry in template.items() if SPIKE_KEY in entry] == ["0.weight"]
-    assert [g[FOLLOWS_VALIDATION] for g in opt.param_groups] == [False, False]
+    assert all(entry[FOLLOWS_VALIDATION] is False for entry in template.values())
     assert opt.spike_summary() == []  # no loss seen yet
+
+
+def _as_before(state_dict: dict, hyper_lr: bool) -> dict:
+    """A checkpoint as the code before 2026-12-05 wrote it: no flag, validation statistics only
+    where an observation created them (here: not on the first layer), the guard's only after a
+    loss, and HyperLR's wrapped state under a top-level ``wrapped``."""
+    old = copy.deepcopy(state_dict)
+    for entry in old["state"].values():
+        del entry[FOLLOWS_VALIDATION]
+    if hyper_lr:
+        inner = {i: entry.pop("wrapped") for i, entry in old["state"].items()}
+        old["wrapped"] = {
+            "state": {i: s for i, s in inner.items() if s},
+            "param_groups": copy.deepcopy(old["param_groups"]),
+        }
+    for index in list(old["state"])[:2]:  # the first layer's weight and bias
+        del old["state"][index][VALIDATION_KEY]
+    return old
 
 
 @pytest.mark.parametrize("name", NATIVE + ["HyperLR-Adam"])
 def test_a_checkpoint_from_before_resumes_exactly(name):
-    """A ``torch.save`` checkpoint from before 2026-12-05: no validation or guard statistics
-    until a call created them, no ``follows_validation`` flag (a group followed the validation
-    signal when any parameter had statistics) and, for HyperLR, the wrapped optimizer's state
-    under a top-level ``wrapped``. It resumes exactly, its missing entries created."""
+    """A ``torch.save`` checkpoint from before 2026-12-05 resumes exactly: a group followed the
+    validation signal when any of its parameters had statistics; the missing entries are
+    created."""
     model = _model(0)
     opt = MAKERS[name](model.parameters())
     _train(model, opt, range(6), True)
-    old = copy.deepcopy(opt.state_dict())
-    for group in old["param_groups"]:
-        del group[FOLLOWS_VALIDATION]
-    if name.startswith("HyperLR"):
-        inner = {i: entry.pop("wrapped") for i, entry in old["state"].items()}
-        old["wrapped"] = {"state": {i: s for i, s in inner.items() if s},
-                          "param_groups": copy.deepcopy(old["param_groups"])}  # fmt: skip
-    # the first layer's parameters never observed (their statistics came with the first call)
-    for index in (0, 1):
-        del old["state"][index][VALIDATION_KEY]
-    old["state"][0].pop(SPIKE_KEY, None)
+    old = _as_before(opt.state_dict(), name.startswith("HyperLR"))
     resumed_model = copy.deepcopy(model)
     resumed = MAKERS[name](resumed_model.parameters())
     resumed.load_state_dict(old)
-    assert [g[FOLLOWS_VALIDATION] for g in resumed.param_groups] == [True]
+    assert [resumed._follows_validation(g) for g in resumed.param_groups] == [True]
     for p in resumed_model.parameters():
         assert VALIDATION_KEY in resumed.state[p]
-    _train(model, opt, range(6, 9), False)
-    _train(resumed_model, resumed, range(6, 9), False)
+    _train(model, opt, range(6, 9), True)
+    _train(resumed_model, resumed, range(6, 9), True)
     for p, q in zip(model.parameters(), resumed_model.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
@@ -204,15 +211,60 @@ def test_a_checkpoint_from_before_without_statistics_does_not_follow_validation(
     opt = MAKERS["AdamHD"](model.parameters())
     _train(model, opt, range(4), False)
     old = copy.deepcopy(opt.state_dict())
-    for group in old["param_groups"]:
-        del group[FOLLOWS_VALIDATION]
     for entry in old["state"].values():
+        del entry[FOLLOWS_VALIDATION]
         del entry[VALIDATION_KEY]
     fresh = MAKERS["AdamHD"](_model(1).parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fresh.load_state_dict(old)
-    assert [g[FOLLOWS_VALIDATION] for g in fresh.param_groups] == [False]
+    assert not fresh._follows_validation(fresh.param_groups[0])
+    assert all(s[FOLLOWS_VALIDATION] is False for s in fresh.state.values())
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_a_dcp_checkpoint_from_before_loads_with_a_partial_template(name, tmp_path):
+    """A DCP checkpoint from before 2026-12-05 lacks the entries the template now has; loaded
+    with ``DefaultLoadPlanner(allow_partial_load=True)`` the template's values stand in for
+    them, and the statistics that were saved say the group followed the validation signal."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    model = _model(0)
+    opt = MAKERS[name](model.parameters())
+    _train(model, opt, range(6), True)
+    old = _as_before(get_optimizer_state_dict(model, opt), hyper_lr=False)
+    dcp.save({"model": get_model_state_dict(model), "optim": old}, checkpoint_id=tmp_path)
+    _train(model, opt, range(6, 9), True)
+
+    fresh_model = _model(1)
+    fresh = MAKERS[name](fresh_model.parameters())
+    template = {
+        "model": get_model_state_dict(fresh_model),
+        "optim": get_optimizer_state_dict(fresh_model, fresh),
+    }
+    with pytest.raises(CheckpointException, match="Missing key"):  # DCP's strict default
+        dcp.load(copy.deepcopy(template), checkpoint_id=tmp_path)
+    dcp.load(template, checkpoint_id=tmp_path, planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_model_state_dict(fresh_model, template["model"])
+    set_optimizer_state_dict(fresh_model, fresh, template["optim"])
+    assert fresh._follows_validation(fresh.param_groups[0])
+    _train(fresh_model, fresh, range(6, 9), True)
+    for p, q in zip(model.parameters(), fresh_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_a_prior_written_into_the_state_resumes_through_dcp(tmp_path):
+    """``metalr.meta.load_prior`` writes the multipliers into the state directly: the entries
+    created at a first step are completed at the next step, so the run's checkpoint fits a
+    fresh template."""
+    model = _model(0)
+    opt = MAKERS["AdamHD"](model.parameters())
+    for p in model.parameters():
+        opt.state[p]["lr_multiplier"] = torch.tensor(0.5)
+    _train(model, opt, range(3), False)
+    state = get_optimizer_state_dict(model, opt)["state"]
+    assert all(VALIDATION_KEY in entry and FOLLOWS_VALIDATION in entry for entry in state.values())
 
 
 def test_hyper_lr_state_dict_leaves_the_live_state_alone():

@@ -245,7 +245,8 @@ def test_lagged_state_is_adams_and_resumes_bit_exactly():
     ref, _ = _run_optimizer(lambda ps: torch.optim.Adam(ps, lr=1e-2), 1, dtype=torch.float32)
     for p in params:
         assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq", "lr_multiplier",
-                                     "hd_controller", "hd_validation"}  # fmt: skip
+                                     "hd_controller", "hd_validation",
+                                     "hd_follows_validation"}  # fmt: skip
     saved = copy.deepcopy(opt.state_dict())
     clone = [torch.nn.Parameter(p.detach().clone()) for p in params]
     resumed = make(clone)

@@ -10,7 +10,13 @@ import pytest
 import torch
 
 import metalr
-from metalr.optim._state_keys import CONTROLLER_KEY, RATE_KEY, SPIKE_KEY, VALIDATION_KEY
+from metalr.optim._state_keys import (
+    CONTROLLER_KEY,
+    FOLLOWS_VALIDATION,
+    RATE_KEY,
+    SPIKE_KEY,
+    VALIDATION_KEY,
+)
 
 MAKERS = {
     "adamhd": lambda params, **kw: metalr.AdamHD(params, lr=0.01, **kw),
@@ -129,7 +135,16 @@ def test_hyper_lr_state_dict_hooks_see_the_wrapped_optimizer():
     saved = copy.deepcopy(opt.state_dict())
     assert sorted(saved) == ["param_groups", "state"]
     assert seen == {
-        "saved": sorted([RATE_KEY, CONTROLLER_KEY, VALIDATION_KEY, "prev_direction", "wrapped"]),
+        "saved": sorted(
+            [
+                RATE_KEY,
+                CONTROLLER_KEY,
+                VALIDATION_KEY,
+                FOLLOWS_VALIDATION,
+                "prev_direction",
+                "wrapped",
+            ]
+        ),
         "inner_step": 3.0,
     }
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _configs import same_state_value
 
 import metalr
 
@@ -169,7 +170,7 @@ def test_exact_kernel_skips_a_non_finite_step_on_the_device():
     for p, w in zip(params, weights):
         assert torch.equal(p, w)
     for k, v in before.items():
-        assert torch.equal(opt.state[params[0]][k], v), k
+        assert same_state_value(opt.state[params[0]][k], v), k
 
 
 def test_tables_are_built_once_for_the_same_tensors():
@@ -209,7 +210,7 @@ def test_seek_state_lives_in_one_buffer_that_resumes_bit_exactly():
     for p, q in zip(params, copies):
         assert torch.equal(p, q)
         for key, value in opt.state[p].items():
-            assert torch.equal(resumed.state[q][key], value), key
+            assert same_state_value(resumed.state[q][key], value), key
 
 
 @pytest.mark.parametrize("lagged", [True, False], ids=["lagged", "exact"])

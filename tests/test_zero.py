@@ -95,13 +95,23 @@ def _observe(opt, model: torch.nn.Module, step: int, **kwargs) -> None:
         opt.observe_validation(torch.nn.functional.mse_loss(model(x), y), **kwargs)
 
 
-def _train_sharded_observing(rank: int) -> dict:
-    """ZeRO + seek + observe_validation(process_group=None): the same batch on every rank."""
+#: The observing runs: the seek rule's defaults, and the normalized rule with the training
+#: signal's weight 0 once a group follows the validation signal (ZeRO copies its own param
+#: groups over the inner optimizer's before every step: a flag kept there was lost each step).
+OBSERVING = {
+    "seek": {},
+    "normalized": {"rule": "normalized", "validation": {"train_weight": 0.0}},
+}
+
+
+def _train_sharded_observing(rank: int, variant: str) -> dict:
+    """ZeRO + observe_validation(process_group=None): the same batch on every rank."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
 
     model = DistributedDataParallel(_model())
     kwargs = dict(_optimizer_kwargs("AdamHD"), granularity="tensor", shard_group=dist.group.WORLD)
+    kwargs.update(OBSERVING[variant])
     opt = ZeroRedundancyOptimizer(model.parameters(), **kwargs)
     refused = ""
     for step in range(STEPS):
@@ -124,19 +134,22 @@ def _train_sharded_observing(rank: int) -> dict:
 
 def _zero_rank(rank: int) -> dict:
     out = {run: _train_sharded(rank, *run) for run in RUNS}
-    out["observing"] = _train_sharded_observing(rank)
+    for variant in OBSERVING:
+        out[f"observing-{variant}"] = _train_sharded_observing(rank, variant)
     return out
 
 
 @pytest.fixture(scope="module")
 def sharded():
     per_rank = run_ranks(_zero_rank)
-    return {run: [per_rank[r][run] for r in range(2)] for run in (*RUNS, "observing")}
+    names = (*RUNS, *(f"observing-{v}" for v in OBSERVING))
+    return {run: [per_rank[r][run] for r in range(2)] for run in names}
 
 
-def test_zero_observe_validation_equals_single_process(sharded):
+@pytest.mark.parametrize("variant", list(OBSERVING))
+def test_zero_observe_validation_equals_single_process(sharded, variant):
     model = _model()
-    kwargs = dict(_optimizer_kwargs("AdamHD"), granularity="tensor")
+    kwargs = dict(_optimizer_kwargs("AdamHD"), granularity="tensor", **OBSERVING[variant])
     opt = kwargs.pop("optimizer_class")(model.parameters(), **kwargs)
     for step in range(STEPS):
         x, y = _data(step)
@@ -144,7 +157,7 @@ def test_zero_observe_validation_equals_single_process(sharded):
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
         _observe(opt, model, step)
-    ranks = sharded["observing"]
+    ranks = sharded[f"observing-{variant}"]
     assert all("pass process_group=None" in r["refused"] for r in ranks)
     for r in ranks:
         for a, b in zip(r["params"], model.parameters()):

@@ -33,6 +33,11 @@ def initial_validation_stats(param: Tensor, dtype: torch.dtype) -> Tensor:
     return stats
 
 
+def observed(stats: Tensor) -> bool:
+    """Whether ``stats`` (a full vector) have counted a validation observation (a host read)."""
+    return bool((stats[VAL_COUNT] > 0) | (stats[LOSS_COUNT] > 0))
+
+
 def completed_validation_stats(stats: Tensor) -> Tensor:
     """``stats`` from a checkpoint of before the hold (3 entries), completed with fresh loss
     statistics and no level; a full vector as it is."""

@@ -14,6 +14,7 @@ from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._controller import CONTROLLER_SIZE, FAMILIES, initial_controller
 from metalr.functional._distributed import ShardReducer, average_over_ranks
 from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
+from metalr.functional._validation_state import observed
 from metalr.functional.spike_guard import initial_spike_stats
 from metalr.functional.validation import (
     VALIDATION_DEFAULTS,
@@ -42,7 +43,6 @@ HYPER_DEFAULTS: dict[str, Any] = {
     "differentiable": False,
     "lagged": False,
     "spike_guard": None,
-    FOLLOWS_VALIDATION: False,
 }
 
 
@@ -88,17 +88,11 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
         resolved = check_group_options(
             param_group, self.defaults, self.additive_default, self.seek_family
         )
-        super().add_param_group({FOLLOWS_VALIDATION: False, **param_group, **resolved})
+        super().add_param_group({**param_group, **resolved})
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
-            # a checkpoint from before the flag: the group followed the validation signal if
-            # any of its parameters had validation statistics (then created by the first call)
-            group.setdefault(
-                FOLLOWS_VALIDATION,
-                any(VALIDATION_KEY in self.state.get(p, ()) for p in group["params"]),
-            )
             for key, value in HYPER_DEFAULTS.items():
                 group.setdefault(key, value)
             group.setdefault("seek", dict(FAMILIES[self.seek_family][0]))
@@ -124,15 +118,21 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
             )
             if group["rule"] == "seek":  # with the rate, so the state is created in one go
                 self._controller(param, group)
+        if FOLLOWS_VALIDATION not in state:  # first step, or state written without it
             self._complete_state(param, group, state)
         return rate
 
     def _complete_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
-        """Create the entries later calls fill, at the parameter's first step: validation
-        statistics (no observation yet) and, at a guarded group's first parameter, the spike
-        guard's (no loss yet). Created late, they were missing from the template that
-        ``torch.distributed.checkpoint`` loads into (a fresh optimizer after one zero step),
-        which then dropped them from a resumed run."""
+        """Create the entries later calls fill, at the parameter's first step: the flag that
+        its group follows the validation signal (False), the validation statistics (no
+        observation yet) and, at a guarded group's first parameter, the spike guard's (no loss
+        yet). Created late, they were missing from the template ``torch.distributed.checkpoint``
+        loads into (a fresh optimizer after one zero step), which then dropped them from a
+        resumed run. State written without them (a checkpoint from before, a prior's
+        multipliers written directly) is completed here; there the statistics' presence meant
+        an observation."""
+        if FOLLOWS_VALIDATION not in state:
+            state[FOLLOWS_VALIDATION] = VALIDATION_KEY in state
         if VALIDATION_KEY not in state:
             state[VALIDATION_KEY] = initial_validation_stats(param, rate_dtype(param))
         if group.get("spike_guard") and param is group["params"][0] and SPIKE_KEY not in state:
@@ -182,8 +182,13 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
 
     def _follows_validation(self, group: dict[str, Any]) -> bool:
         """Whether ``group`` has observed a finite validation loss (its rates follow that
-        signal from then on)."""
-        return bool(group.get(FOLLOWS_VALIDATION, False))
+        signal from then on): whether any of its parameters has the flag (a state unpickled
+        from before the flag: the validation statistics)."""
+        for p in group["params"]:
+            state = self.state.get(p)
+            if state and state.get(FOLLOWS_VALIDATION, VALIDATION_KEY in state):
+                return True
+        return False
 
     def _train_hypergrad_lr(self, group: dict[str, Any]) -> Any:
         """β of the training signal: the group's, times ``validation['train_weight']`` for a
@@ -285,14 +290,11 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
             # the first observation switches the group to the validation signal (and creates
             # its state): a non-finite one may not. One host read, at this first call only.
             return
-        group[FOLLOWS_VALIDATION] = True
-        rates = [self._rate(p, group) for p in params]
+        rates = [self._rate(p, group) for p in params]  # completes each state
         stats = []
         for p in params:
-            state = self.state[p]
-            if VALIDATION_KEY not in state:
-                state[VALIDATION_KEY] = initial_validation_stats(p, rate_dtype(p))
-            stats.append(state[VALIDATION_KEY])
+            self.state[p][FOLLOWS_VALIDATION] = True
+            stats.append(self.state[p][VALIDATION_KEY])
         if group.get("maximize", False):
             grads = [-g for g in grads]
         directions = self._last_directions(group, params)
@@ -397,8 +399,14 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
                         self.state[p][key] = _rate_state(key, value, p)
             for group in self.param_groups:  # a checkpoint from before eager creation
                 for p in group["params"]:
-                    if RATE_KEY in self.state.get(p, ()):
-                        self._complete_state(p, group, self.state[p])
+                    state = self.state.get(p)
+                    if state and RATE_KEY in state:
+                        self._complete_state(p, group, state)
+                        if not state[FOLLOWS_VALIDATION]:
+                            # a DCP checkpoint from before the flag, loaded into a template with
+                            # allow_partial_load, keeps the template's False: the statistics
+                            # tell whether the group had observed
+                            state[FOLLOWS_VALIDATION] = observed(state[VALIDATION_KEY])
 
         pre = self.register_load_state_dict_pre_hook(capture)
         post = self.register_load_state_dict_post_hook(recast, prepend=True)

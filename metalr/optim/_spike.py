@@ -126,6 +126,8 @@ class SpikeGuarded:
             torch._foreach_copy_(controllers, kept)
         # the validation hold restores a rate to its level at the last observation: a cut lowers
         # that level too (to the cut rate at most), or the next observation would take it back
+        if not self._follows_validation(group):  # no level yet: nothing to lower
+            return
         for p, rate in zip(params, rates):
             stats = self.state[p].get(VALIDATION_KEY)
             if stats is not None:

@@ -10,7 +10,10 @@ VALIDATION_KEY = "hd_validation"
 #: Key of the loss-spike guard's statistics in ``optimizer.state[p]`` (``p``: the group's first
 #: parameter; present once a guarded group has seen a loss from ``step(closure)``).
 SPIKE_KEY = "hd_spike_guard"
-#: Key of a param-group flag (not per-parameter state): whether the group has observed a finite
-#: validation loss, so its rates follow the validation signal. It lives in ``param_groups`` so
-#: every checkpoint format carries it (``torch.distributed.checkpoint`` included).
-FOLLOWS_VALIDATION = "follows_validation"
+#: Key of a per-parameter flag (a Python bool) in ``optimizer.state[p]``: whether the parameter's
+#: group has observed a finite validation loss, so its rates follow the validation signal (a
+#: group follows it when any of its parameters has the flag). It is per-parameter state, not a
+#: param-group entry, because wrappers such as ``ZeroRedundancyOptimizer`` copy their own groups
+#: over the inner optimizer's before every step. Checkpoints from before it meant "observed"
+#: by the validation statistics' presence (then created by the first observation).
+FOLLOWS_VALIDATION = "hd_follows_validation"
