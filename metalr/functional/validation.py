@@ -102,7 +102,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from metalr.functional._common import resolve_constants
+from metalr.functional._common import full_value, resolve_constants
 from metalr.functional._controller import seek_validation_update
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import (
@@ -275,7 +275,9 @@ def validation_adapt_rates(
     if shards is not None:
         finite = shards.all(finite)
     # as for seek: no last direction yet (before the first step) is no observation
-    moved_any = torch.stack([(d != 0).any().to(finite.device) for d in directions]).any()
+    moved_any = torch.stack(
+        [full_value((d != 0).any()).to(finite.device) for d in directions]
+    ).any()
     if shards is not None:
         moved_any = shards.all(~moved_any).logical_not()
     finite = finite & moved_any
