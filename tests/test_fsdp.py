@@ -31,18 +31,32 @@ GUARD = {"warmup": 3.0, "sigmas": 3.0}
 SPIKE_AT, SPIKE = 6, 100.0
 
 
-def _train_sharded(rank: int, name: str, granularity: str, guard: bool = False) -> dict:
+def _model_at(seed: int | None = None) -> torch.nn.Module:
+    """``_model()``; ``seed``: another initialisation (that seed's noise added)."""
+    model = _model()
+    if seed is not None:
+        with torch.no_grad():
+            gen = torch.Generator().manual_seed(seed)
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
+
+
+def _sharded_model(seed: int | None = None) -> torch.nn.Module:
+    """:func:`_model_at` sharded per layer."""
     from torch.distributed.fsdp import fully_shard
 
-    model = _model()
+    model = _model_at(seed)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
     fully_shard(model)
-    opt = MAKERS[name](model.parameters(), granularity)
-    if guard:
-        opt = type(opt)(model.parameters(), **{**opt.defaults, "spike_guard": GUARD})
-    for step in range(STEPS):
+    return model
+
+
+def _sharded_steps(rank: int, model, opt, steps: range) -> None:
+    """Training steps on this rank's half of each batch; rank 0's loss spikes at SPIKE_AT."""
+    for step in steps:
         x, y = _data(step)
         half = slice(rank * 4, rank * 4 + 4)
 
@@ -53,6 +67,14 @@ def _train_sharded(rank: int, name: str, granularity: str, guard: bool = False) 
             return loss.detach() + (SPIKE if rank == 0 and step == SPIKE_AT else 0.0)
 
         opt.step(closure)
+
+
+def _train_sharded(rank: int, name: str, granularity: str, guard: bool = False) -> dict:
+    model = _sharded_model()
+    opt = MAKERS[name](model.parameters(), granularity)
+    if guard:
+        opt = type(opt)(model.parameters(), **{**opt.defaults, "spike_guard": GUARD})
+    _sharded_steps(rank, model, opt, range(STEPS))
     params = [p.full_tensor().detach().clone() for p in model.parameters()]
     rates = []
     for p in model.parameters():
@@ -126,35 +148,6 @@ DCP_MAKERS = {
 }
 
 
-def _sharded_model(seed: int) -> torch.nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    model = _model()
-    with torch.no_grad():  # another initialisation for the model that loads
-        gen = torch.Generator().manual_seed(seed)
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    for layer in model:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(model)
-    return model
-
-
-def _dcp_steps(rank: int, model, opt, steps: range) -> None:
-    for step in steps:
-        x, y = _data(step)
-        half = slice(rank * 4, rank * 4 + 4)
-
-        def closure(x=x[half], y=y[half], step=step):
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            return loss.detach() + (SPIKE if rank == 0 and step == SPIKE_AT else 0.0)
-
-        opt.step(closure)
-
-
 def _dcp_rank(rank: int, directory: str) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -168,13 +161,13 @@ def _dcp_rank(rank: int, directory: str) -> dict:
     for name, make in DCP_MAKERS.items():
         model = _sharded_model(0)
         opt = make(model.parameters())
-        _dcp_steps(rank, model, opt, range(STEPS // 2))
+        _sharded_steps(rank, model, opt, range(STEPS // 2))
         state = {
             "model": get_model_state_dict(model),
             "optim": get_optimizer_state_dict(model, opt),
         }
         dcp.save(state, checkpoint_id=f"{directory}/{name}")
-        _dcp_steps(rank, model, opt, range(STEPS // 2, STEPS))
+        _sharded_steps(rank, model, opt, range(STEPS // 2, STEPS))
 
         loaded_model = _sharded_model(1)
         loaded = make(loaded_model.parameters())
@@ -185,7 +178,7 @@ def _dcp_rank(rank: int, directory: str) -> dict:
         dcp.load(template, checkpoint_id=f"{directory}/{name}")
         set_model_state_dict(loaded_model, template["model"])
         set_optimizer_state_dict(loaded_model, loaded, template["optim"])
-        _dcp_steps(rank, loaded_model, loaded, range(STEPS // 2, STEPS))
+        _sharded_steps(rank, loaded_model, loaded, range(STEPS // 2, STEPS))
         results[name] = {
             run: [p.full_tensor().detach().clone() for p in m.parameters()]
             for run, m in (("went_on", model), ("resumed", loaded_model))
@@ -280,11 +273,7 @@ def observing_results():
 @pytest.mark.parametrize("name,granularity,rule", OBSERVING)
 def test_fsdp2_observe_validation_equals_single_process(observing_results, name, granularity, rule):
     result = observing_results[f"{name}-{granularity}-{rule}"]
-    model = _model()
-    with torch.no_grad():  # the initialisation _sharded_model(0) gives
-        gen = torch.Generator().manual_seed(0)
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    model = _model_at(0)
     params, follows = _observing(_make_observing(name, granularity, rule), model, None)
     assert result["follows"] and follows
     for p, q in zip(result["params"], params):
