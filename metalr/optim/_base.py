@@ -232,10 +232,7 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
                 group when ``torch.distributed`` is initialized with more than one rank (as DDP
                 averages the training one); a process group to use that one; ``None`` for no
                 averaging (default: "auto"). Compute the loss without DDP's gradient hooks:
-                on ``ddp_model.module`` or inside ``ddp_model.no_sync()``. With FSDP2
-                (DTensor parameters) compute it on the sharded model: FSDP2's backward
-                averages the gradient over the ranks itself (``process_group`` then averages
-                only the loss value the hold reads), and every ``.grad`` gets its value back.
+                on ``ddp_model.module`` or inside ``ddp_model.no_sync()``.
 
         Returns:
             the validation loss, detached.
@@ -257,7 +254,7 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
             )
         groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
         params = [p for _, ps in groups for p in ps]
-        sharded = any(type(p).__name__ == "DTensor" for p in params)
+        _refuse_dtensor(params)
         if getattr(self, "_shard_group", None) is not None and process_group is not None:
             raise ValueError(
                 "observe_validation with sharded optimizer state (shard_group, e.g. "
@@ -265,17 +262,13 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
                 "gradients cannot be averaged; pass process_group=None and the same validation "
                 "batch on every rank"
             )
-        target = (scaler.scale(loss) if scaler is not None else loss).reshape(())
-        if sharded:  # FSDP2: its backward reduce-scatters the gradient, averaged over the ranks
-            raw = _sharded_gradients(target, params)
-        else:
-            raw = list(torch.autograd.grad(target, params, allow_unused=True))
+        target = scaler.scale(loss) if scaler is not None else loss
+        raw = torch.autograd.grad(target.reshape(()), params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
         if scaler is not None:
             torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
         value = loss.detach().reshape(()).clone()
-        # the hold reads the mean loss; FSDP2 has averaged the gradients already
-        average_over_ranks([value] if sharded else grads + [value], process_group)
+        average_over_ranks(grads + [value], process_group)  # the hold reads the mean loss
         loss_finite = torch.isfinite(value)
         with torch.no_grad():
             start = 0
@@ -469,20 +462,12 @@ def initial_multiplier(group: dict[str, Any]) -> float:
     return start
 
 
-def _sharded_gradients(loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
-    """``∇loss`` for FSDP2's sharded (DTensor) parameters, whose autograd leaves are the
-    unsharded copies FSDP2 gathers for the forward: run its backward, which reduce-scatters
-    the gradient into ``p.grad`` like a training step's (averaged over the ranks), and give
-    every ``p.grad`` its earlier value back (``.grad`` is not touched, as documented)."""
-    saved = [p.grad for p in params]
-    for p in params:
-        p.grad = None
-    try:
-        loss.backward()
-        return [p.grad for p in params]
-    finally:
-        for p, grad in zip(params, saved):
-            p.grad = grad
+def _refuse_dtensor(params: list[Tensor]) -> None:
+    if any(type(p).__name__ == "DTensor" for p in params):
+        raise NotImplementedError(
+            "observe_validation does not support sharded (FSDP2 / DTensor) parameters yet; "
+            "use DDP (replicated parameters), where the validation gradient is averaged"
+        )
 
 
 def check_sparse(param: Tensor, name: str) -> None:
