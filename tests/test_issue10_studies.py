@@ -290,3 +290,30 @@ def test_study11_headline_divides_each_schedule_by_the_fixed_rate_it_settles_at(
     hd = rows[("lr0 0.001", "AdamHD (defaults)")]
     assert hd[3].strip().startswith("0.2500 ±") and hd[5].strip() == ""
     assert ("0.007", "fixed r") in rows  # Adam's own rows at every rate it ran
+
+
+def test_matched_loss_probe_smoke(tmp_path):
+    """The probe's table: one row per (rate, seed), each level's first logged step whose
+    training loss is below it, and a final validation loss; a level no step reaches is '—'."""
+    import matched_loss_probe as probe
+
+    out = tmp_path / "probe.md"
+    text = probe.main(["--size", "smoke", "--steps", "20", "--final-steps", "20", "--lrs",
+                       "1e-3,1e-2", "--seeds", "0", "--levels", "3,1e-9", "--out", str(out)])  # fmt: skip
+    assert out.read_text() == text
+    rows = [line for line in text.splitlines() if line.startswith("| 0.0")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        step, val = cells[2].split(":")
+        assert int(step) % 5 == 0 and 0 < float(val) < 10  # reached at a logged step
+        assert cells[3] == "—"  # a training loss of 1e-9 is never reached in 20 steps
+        assert 0 < float(cells[4]) < 10
+
+
+def test_first_below_reads_the_first_step_under_each_level():
+    import matched_loss_probe as probe
+
+    curves = {"step": [0, 5, 10, 15], "train_loss": [None, 0.8, 0.4, 0.2],
+              "val_loss": [2.0, 0.9, 0.5, 0.45]}  # fmt: skip
+    assert probe.first_below(curves, (0.5, 0.3, 0.1)) == [(10, 0.5), (15, 0.45), None]
