@@ -277,3 +277,28 @@ def test_hyper_lr_state_dict_leaves_the_live_state_alone():
     assert all("wrapped" in entry for entry in saved["state"].values())
     assert all("wrapped" not in state for state in opt.state.values())
     assert all("exp_avg" in state for state in opt.optimizer.state.values())
+
+
+@pytest.mark.parametrize("observe", [False, True], ids=["never-observed", "observed"])
+@pytest.mark.parametrize("name", ["AdamHD", "HyperLR-Adam"])
+def test_a_checkpoint_with_the_group_flag_resumes_exactly(name, observe):
+    """Commit 60fae6b (2026-12-05) kept the flag in ``param_groups["follows_validation"]`` with
+    the statistics created at the first step: its value, not the statistics' presence, says
+    whether the group followed the validation signal, and it leaves the groups."""
+    model = _model(0)
+    opt = MAKERS[name](model.parameters())
+    _train(model, opt, range(6), observe)
+    interim = copy.deepcopy(opt.state_dict())
+    for entry in interim["state"].values():
+        del entry[FOLLOWS_VALIDATION]
+    for group in interim["param_groups"]:
+        group["follows_validation"] = observe
+    resumed_model = copy.deepcopy(model)
+    resumed = MAKERS[name](resumed_model.parameters())
+    resumed.load_state_dict(interim)
+    assert [resumed._follows_validation(g) for g in resumed.param_groups] == [observe]
+    assert all("follows_validation" not in g for g in resumed.state_dict()["param_groups"])
+    _train(model, opt, range(6, 9), False)
+    _train(resumed_model, resumed, range(6, 9), False)
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

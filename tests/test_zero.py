@@ -110,7 +110,9 @@ def _train_sharded_observing(rank: int, variant: str) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     model = DistributedDataParallel(_model())
-    kwargs = dict(_optimizer_kwargs("AdamHD"), granularity="tensor", shard_group=dist.group.WORLD)
+    # "world": the default group, by name, so that ZeRO's state dict (which keeps the
+    # constructor arguments in its param groups) can be pickled
+    kwargs = dict(_optimizer_kwargs("AdamHD"), granularity="tensor", shard_group="world")
     kwargs.update(OBSERVING[variant])
     opt = ZeroRedundancyOptimizer(model.parameters(), **kwargs)
     refused = ""
@@ -128,8 +130,12 @@ def _train_sharded_observing(rank: int, variant: str) -> dict:
         _observe(opt.optim, model.module, step, process_group=None)
     rates = {i: opt.optim.state[p]["lr_multiplier"].clone()
              for i, p in enumerate(model.parameters()) if p in opt.optim.state}  # fmt: skip
+    # ZeRO's checkpoint: it broadcasts each rank's state dict (a ProcessGroup in the groups,
+    # ZeRO's copy of shard_group, could not be pickled before 2026-12-05)
+    opt.consolidate_state_dict(to=0)
+    consolidated = opt.state_dict() if rank == 0 else None
     return {"params": [p.detach().clone() for p in model.parameters()], "rates": rates,
-            "refused": refused}  # fmt: skip
+            "refused": refused, "consolidated": consolidated}  # fmt: skip
 
 
 def _zero_rank(rank: int) -> dict:
@@ -144,6 +150,11 @@ def sharded():
     per_rank = run_ranks(_zero_rank)
     names = (*RUNS, *(f"observing-{v}" for v in OBSERVING))
     return {run: [per_rank[r][run] for r in range(2)] for run in names}
+
+
+def _observing_optimizer(params, variant: str):
+    kwargs = dict(_optimizer_kwargs("AdamHD"), granularity="tensor", **OBSERVING[variant])
+    return kwargs.pop("optimizer_class")(params, **kwargs)
 
 
 @pytest.mark.parametrize("variant", list(OBSERVING))
@@ -167,6 +178,11 @@ def test_zero_observe_validation_equals_single_process(sharded, variant):
                 rate, opt.state[list(model.parameters())[i]]["lr_multiplier"]
             )
     assert {**ranks[0]["rates"], **ranks[1]["rates"]}.keys() == set(range(6))
+    consolidated = ranks[0]["consolidated"]
+    assert all(s["hd_follows_validation"] for s in consolidated["state"].values())
+    resumed = _observing_optimizer(model.parameters(), variant)
+    resumed.load_state_dict(consolidated)
+    assert resumed._follows_validation(resumed.param_groups[0])
 
 
 def _run_single(name, granularity):
@@ -277,3 +293,23 @@ def test_zero_with_a_rank_holding_no_parameter_equals_single_process():
         for rank in range(2):
             torch.testing.assert_close(per_rank[rank][case][0], ref[0], rtol=1e-6, atol=1e-7,
                                        msg=case)  # fmt: skip
+
+
+def test_state_dict_leaves_out_zeros_copy_of_shard_group():
+    """ZeRO copies its constructor arguments into the inner optimizer's groups: a process group
+    there made ``consolidate_state_dict`` fail to pickle the state dict. It is wiring, not
+    state: left out of the state dict, kept in the live group."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = metalr.AdamHD([p], lr=1e-2)
+    handle = object()  # stands for a ProcessGroup (not picklable either)
+    opt.param_groups[0]["shard_group"] = handle
+    assert "shard_group" not in opt.state_dict()["param_groups"][0]
+    assert opt.param_groups[0]["shard_group"] is handle
+
+
+@pytest.mark.parametrize("make", [metalr.AdamHD, metalr.SGDHD])
+def test_shard_group_takes_world_by_name_and_refuses_other_strings(make):
+    p = torch.nn.Parameter(torch.ones(3))
+    assert make([p], lr=1e-2, shard_group="world")._shard_reducer().process_group is None
+    with pytest.raises(ValueError, match="Invalid shard_group: 'everyone'"):
+        make([p], lr=1e-2, shard_group="everyone")

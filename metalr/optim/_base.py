@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -22,6 +22,7 @@ from metalr.functional.validation import (
     initial_validation_stats,
     validation_adapt_rates,
 )
+from metalr.optim._checkpoint import hooks_held, run_post_hooks
 from metalr.optim._spike import SpikeGuarded
 from metalr.optim._state_keys import (
     CONTROLLER_KEY,
@@ -93,6 +94,7 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         for group in self.param_groups:
+            _flag_from_group(group, self.state)
             for key, value in HYPER_DEFAULTS.items():
                 group.setdefault(key, value)
             group.setdefault("seek", dict(FAMILIES[self.seek_family][0]))
@@ -309,6 +311,11 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
         torch._foreach_copy_(stats, update.stats)  # already gated by the flag
 
     def _set_shard_group(self, shard_group: Any, fused: bool | None) -> None:
+        if isinstance(shard_group, str) and shard_group != "world":
+            raise ValueError(
+                f"Invalid shard_group: {shard_group!r}; expected a process group, 'world' (the "
+                "default group) or None"
+            )
         if shard_group is not None and fused:
             raise ValueError("shard_group is not supported with fused=True")
         self._shard_group = shard_group
@@ -316,7 +323,9 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
     def _shard_reducer(self) -> ShardReducer | None:
         """All-reduces over the ranks that shard the state, or None (not pickled: set again)."""
         group = getattr(self, "_shard_group", None)
-        return ShardReducer(group) if group is not None else None
+        if group is None:
+            return None
+        return ShardReducer(None if group == "world" else group)  # None: the default group
 
     def _grads_finite(self) -> Tensor | None:
         """With several param groups, one all-finite flag over every gradient of the step.
@@ -361,6 +370,16 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
             )
         return summaries
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's, less the ``shard_group`` entry ZeroRedundancyOptimizer copies from its
+        constructor arguments into the groups: a process group is wiring, not state, and
+        cannot be pickled (ZeRO's ``consolidate_state_dict`` broadcasts the state dict)."""
+        with hooks_held(self, "_optimizer_state_dict_post_hooks") as post_hooks:
+            state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:  # torch's copies, not the live groups
+            group.pop("shard_group", None)
+        return run_post_hooks(self, state_dict, post_hooks)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load as torch does, then cast rates to the rate dtype and device of their parameter.
 
@@ -398,6 +417,7 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
                     if isinstance(value, Tensor):
                         self.state[p][key] = _rate_state(key, value, p)
             for group in self.param_groups:  # a checkpoint from before eager creation
+                _flag_from_group(group, self.state)
                 for p in group["params"]:
                     state = self.state.get(p)
                     if state and RATE_KEY in state:
@@ -439,6 +459,18 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
             filled = {k: v for k, v in current.items() if k != "params" and k not in saved}
             groups.append({**saved, **filled})
         return {**state_dict, "param_groups": groups}
+
+
+def _flag_from_group(group: dict[str, Any], states: Mapping[Tensor, dict[str, Any]]) -> None:
+    """A group saved with the flag as a group entry (``follows_validation``, the format of
+    commit 60fae6b on 2026-12-05): its value goes to its parameters' states, and it leaves the
+    group (there, the statistics' presence says nothing: they existed from the first step)."""
+    if "follows_validation" not in group:
+        return
+    flag = bool(group.pop("follows_validation"))
+    for p in group["params"]:
+        if p in states:
+            states[p][FOLLOWS_VALIDATION] = flag
 
 
 def initial_multiplier(group: dict[str, Any]) -> float:

@@ -86,7 +86,10 @@ class AdamHD(HypergradOptimizer):
             see :mod:`metalr.functional.adam_rule`) (default: False).
         shard_group: when optimizer state is sharded across ranks (``ZeroRedundancyOptimizer``
             passes it through), the process group whose ranks share each param group: the
-            skip decision and group-granularity sums are all-reduced over it (default: None).
+            skip decision and group-granularity sums are all-reduced over it; ``"world"`` for
+            the default group (ZeRO keeps its arguments in its param groups, so with a process
+            group object its ``state_dict()`` cannot be pickled; with ``"world"`` it can)
+            (default: None).
         spike_guard: when ``step(closure)`` returns the loss, cut the rates (and end a seek
             ramp) before a step whose loss jumps above its running mean by ``sigmas`` running
             standard deviations; ``True`` for the defaults, a dict to override them, e.g.

@@ -172,6 +172,7 @@ class HyperLR(HypergradOptimizer):
             # HyperLR's own loaded groups (after any load_state_dict pre hook) win over the
             # wrapped optimizer's copy of them, loaded just before.
             for inner, outer in zip(self.optimizer.param_groups, self.param_groups):
+                inner.pop("follows_validation", None)  # 60fae6b's group flag, read by the base
                 inner.update({k: v for k, v in outer.items() if k != "params"})
         self._share_groups()
 
