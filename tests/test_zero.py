@@ -160,8 +160,7 @@ def _observing_optimizer(params, variant: str):
 @pytest.mark.parametrize("variant", list(OBSERVING))
 def test_zero_observe_validation_equals_single_process(sharded, variant):
     model = _model()
-    kwargs = dict(_optimizer_kwargs("AdamHD"), granularity="tensor", **OBSERVING[variant])
-    opt = kwargs.pop("optimizer_class")(model.parameters(), **kwargs)
+    opt = _observing_optimizer(model.parameters(), variant)
     for step in range(STEPS):
         x, y = _data(step)
         opt.zero_grad()

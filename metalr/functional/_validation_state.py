@@ -33,9 +33,16 @@ def initial_validation_stats(param: Tensor, dtype: torch.dtype) -> Tensor:
     return stats
 
 
-def observed(stats: Tensor) -> bool:
-    """Whether ``stats`` (a full vector) have counted a validation observation (a host read)."""
-    return bool((stats[VAL_COUNT] > 0) | (stats[LOSS_COUNT] > 0))
+def observed(stats: Sequence[Tensor]) -> list[bool]:
+    """Whether each statistics vector has counted a validation observation (one host read)."""
+    if not stats:
+        return []
+    ref = stats[0]
+    counts = torch.stack(
+        [completed_validation_stats(s)[[VAL_COUNT, LOSS_COUNT]].to(ref.device, ref.dtype)
+         for s in stats]
+    )  # fmt: skip
+    return (counts > 0).any(dim=1).tolist()
 
 
 def completed_validation_stats(stats: Tensor) -> Tensor:

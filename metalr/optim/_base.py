@@ -22,7 +22,7 @@ from metalr.functional.validation import (
     initial_validation_stats,
     validation_adapt_rates,
 )
-from metalr.optim._checkpoint import hooks_held, run_post_hooks
+from metalr.optim._checkpoint import hooks_held, run_hooks
 from metalr.optim._spike import SpikeGuarded
 from metalr.optim._state_keys import (
     CONTROLLER_KEY,
@@ -106,6 +106,20 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
                     p_state["step"] = torch.tensor(
                         float(p_state["step"]), dtype=torch.float32, device=p.device
                     )
+            self._complete_group_state(group)
+
+    def _complete_group_state(self, group: dict[str, Any]) -> None:
+        """Complete the states of ``group`` that come from elsewhere (a checkpoint being
+        loaded, an unpickled optimizer) with the entries a first step creates. A DCP checkpoint
+        from before the flag, loaded into a template with ``allow_partial_load``, keeps the
+        template's False: there the statistics' counts tell whether the group had observed."""
+        params = [p for p in group["params"] if RATE_KEY in self.state.get(p, ())]
+        for p in params:
+            self._complete_state(p, group, self.state[p])
+        if params and not self._follows_validation(group):
+            stats = [self.state[p][VALIDATION_KEY] for p in params]
+            for p, seen in zip(params, observed(stats)):
+                self.state[p][FOLLOWS_VALIDATION] = seen
 
     def _rate(
         self, param: Tensor, group: dict[str, Any], state: dict[str, Any] | None = None
@@ -184,13 +198,8 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
 
     def _follows_validation(self, group: dict[str, Any]) -> bool:
         """Whether ``group`` has observed a finite validation loss (its rates follow that
-        signal from then on): whether any of its parameters has the flag (a state unpickled
-        from before the flag: the validation statistics)."""
-        for p in group["params"]:
-            state = self.state.get(p)
-            if state and state.get(FOLLOWS_VALIDATION, VALIDATION_KEY in state):
-                return True
-        return False
+        signal from then on): whether any of its parameters has the flag."""
+        return any(self.state.get(p, {}).get(FOLLOWS_VALIDATION, False) for p in group["params"])
 
     def _train_hypergrad_lr(self, group: dict[str, Any]) -> Any:
         """β of the training signal: the group's, times ``validation['train_weight']`` for a
@@ -378,7 +387,7 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
             state_dict = super().state_dict()
         for group in state_dict["param_groups"]:  # torch's copies, not the live groups
             group.pop("shard_group", None)
-        return run_post_hooks(self, state_dict, post_hooks)
+        return run_hooks(self, state_dict, post_hooks)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load as torch does, then cast rates to the rate dtype and device of their parameter.
@@ -416,17 +425,6 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
                 for key, value in captured["state"].get(pid, {}).items():
                     if isinstance(value, Tensor):
                         self.state[p][key] = _rate_state(key, value, p)
-            for group in self.param_groups:  # a checkpoint from before eager creation
-                _flag_from_group(group, self.state)
-                for p in group["params"]:
-                    state = self.state.get(p)
-                    if state and RATE_KEY in state:
-                        self._complete_state(p, group, state)
-                        if not state[FOLLOWS_VALIDATION]:
-                            # a DCP checkpoint from before the flag, loaded into a template with
-                            # allow_partial_load, keeps the template's False: the statistics
-                            # tell whether the group had observed
-                            state[FOLLOWS_VALIDATION] = observed(state[VALIDATION_KEY])
 
         pre = self.register_load_state_dict_pre_hook(capture)
         post = self.register_load_state_dict_post_hook(recast, prepend=True)

@@ -72,10 +72,11 @@ def hooks_held(optimizer: Optimizer, attribute: str) -> Iterator[list[Callable[.
         setattr(optimizer, attribute, held)
 
 
-def run_post_hooks(
+def run_hooks(
     optimizer: Optimizer, state_dict: dict[str, Any], hooks: list[Callable[..., Any]]
 ) -> dict[str, Any]:
-    """``state_dict`` after the held state-dict post hooks (each may return a replacement)."""
+    """``state_dict`` after held state-dict hooks (save post hooks, load pre hooks), in order;
+    each may return a replacement."""
     for hook in hooks:
         result = hook(optimizer, state_dict)
         if result is not None:

@@ -4,11 +4,13 @@
 RATE_KEY = "lr_multiplier"
 #: Key of the ``"seek"`` rule's controller vector in ``optimizer.state[p]``.
 CONTROLLER_KEY = "hd_controller"
-#: Key of the validation statistics in ``optimizer.state[p]`` (present once a group observed a
-#: validation loss: its rates then follow the validation signal).
+#: Key of the validation statistics in ``optimizer.state[p]`` (created at the parameter's first
+#: step; before 2026-12-05, by the first observation, so their presence meant the group followed
+#: the validation signal: :data:`FOLLOWS_VALIDATION` says it now).
 VALIDATION_KEY = "hd_validation"
 #: Key of the loss-spike guard's statistics in ``optimizer.state[p]`` (``p``: the group's first
-#: parameter; present once a guarded group has seen a loss from ``step(closure)``).
+#: parameter; created at its first step, or by the first loss a guarded group sees if that
+#: parameter has not stepped).
 SPIKE_KEY = "hd_spike_guard"
 #: Key of a per-parameter flag (a Python bool) in ``optimizer.state[p]``: whether the parameter's
 #: group has observed a finite validation loss, so its rates follow the validation signal (a

@@ -34,7 +34,7 @@ from metalr.optim._base import HYPER_DEFAULTS, HypergradOptimizer, check_sparse,
 from metalr.optim._checkpoint import (
     fold_wrapped_state,
     hooks_held,
-    run_post_hooks,
+    run_hooks,
     unfold_wrapped_state,
 )
 from metalr.optim._state_keys import CONTROLLER_KEY, RATE_KEY
@@ -298,7 +298,7 @@ class HyperLR(HypergradOptimizer):
         with hooks_held(self, "_optimizer_state_dict_post_hooks") as post_hooks:
             state_dict = super().state_dict()
         fold_wrapped_state(state_dict, self.optimizer.state_dict())
-        return run_post_hooks(self, state_dict, post_hooks)
+        return run_hooks(self, state_dict, post_hooks)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a HyperLR checkpoint, or a checkpoint of the wrapped optimizer alone.
@@ -315,10 +315,7 @@ class HyperLR(HypergradOptimizer):
         """
         state_dict = dict(state_dict)
         with hooks_held(self, "_optimizer_load_state_dict_pre_hooks") as pre_hooks:
-            for hook in pre_hooks:
-                result = hook(self, state_dict)
-                if result is not None:
-                    state_dict = dict(result)
+            state_dict = dict(run_hooks(self, state_dict, pre_hooks))
             if "wrapped" in state_dict:  # the wrapped checkpoint whole (older format)
                 self.optimizer.load_state_dict(state_dict.pop("wrapped"))
                 super().load_state_dict(state_dict)
