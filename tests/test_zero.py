@@ -294,6 +294,113 @@ def test_zero_with_a_rank_holding_no_parameter_equals_single_process():
                                        msg=case)  # fmt: skip
 
 
+#: Observing runs in which a rank holds none of a group's trainable parameters at an
+#: observation: (param groups' layout, optimizer options). "one-weight": group 0 is one tensor,
+#: so ZeRO gives rank 1 none of it; "frozen": rank 1's part of group 0 (layer 0's bias) is
+#: frozen while the first validation batch is observed; "nan-shard": the first validation
+#: gradient is NaN on rank 1's part of group 1 only (the loss is finite).
+EMPTY_OBSERVING = {
+    "seek-tensor": ("one-weight", {}),
+    "seek-group": ("one-weight", {"granularity": "group"}),
+    "seek-element": ("one-weight", {"granularity": "element"}),
+    "normalized-tensor-w0": ("one-weight", {"rule": "normalized",
+                                            "validation": {"train_weight": 0.0}}),
+    "normalized-group": ("one-weight", {"rule": "normalized", "granularity": "group"}),
+    "normalized-element": ("one-weight", {"rule": "normalized", "granularity": "element"}),
+    "additive-group": ("one-weight", {"rule": "additive", "hypergrad_lr": 1e-4,
+                                      "granularity": "group"}),
+    "frozen-normalized-w0": ("frozen", {"rule": "normalized",
+                                        "validation": {"train_weight": 0.0}}),
+    "frozen-seek": ("frozen", {}),
+    "nan-shard-seek": ("nan-shard", {}),
+    "nan-shard-normalized-group": ("nan-shard", {"rule": "normalized", "granularity": "group"}),
+}  # fmt: skip
+
+
+def _empty_layout_groups(model: torch.nn.Module, layout: str) -> list[dict]:
+    first = [model[0].weight] if layout != "frozen" else list(model[0].parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in first)]
+    return [{"params": first}, {"params": rest}]
+
+
+def _empty_layout_observe(opt, model: torch.nn.Module, step: int, layout: str) -> None:
+    if step % 2 == 0:
+        return
+    first = step == 1
+    if first and layout == "frozen":
+        model[0].bias.requires_grad_(False)
+    x, y = _val_batch(step)
+    loss = torch.nn.functional.mse_loss(model(x), y)
+    if first and layout == "nan-shard":  # d sqrt(0 · |w|) / dw = inf · 0 = NaN; the loss is 0
+        loss = loss + torch.sqrt(model[2].weight.abs() * 0).sum()
+    opt.observe_validation(loss, process_group=None)
+    model[0].bias.requires_grad_(True)
+
+
+def _empty_layout_run(rank: int | None, case: str) -> dict:
+    """``case`` of EMPTY_OBSERVING: one process (``rank=None``) or ZeRO over two ranks."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    layout, options = EMPTY_OBSERVING[case]
+    model = _model()
+    kwargs = {"lr": 1e-2, "hypergrad_lr": 0.1, **options}
+    if rank is None:
+        module = model
+        opt = inner = metalr.AdamHD(_empty_layout_groups(model, layout), **kwargs)
+    else:
+        module = torch.nn.parallel.DistributedDataParallel(model)
+        opt = ZeroRedundancyOptimizer(_empty_layout_groups(model, layout),
+                                      optimizer_class=metalr.AdamHD, shard_group="world",
+                                      **kwargs)  # fmt: skip
+        inner = opt.optim
+    for step in range(STEPS):
+        x, y = _data(step)
+        if rank is not None:
+            x, y = x[rank * 4 : rank * 4 + 4], y[rank * 4 : rank * 4 + 4]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(module(x), y).backward()
+        opt.step()
+        _empty_layout_observe(inner, model, step, layout)
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "follows": [inner._follows_validation(g) for g in inner.param_groups],
+        "held": [[index[id(p)] for p in g["params"]] for g in inner.param_groups],
+    }
+
+
+def _empty_layout_ranks(rank: int) -> dict:
+    return {case: _empty_layout_run(rank, case) for case in EMPTY_OBSERVING}
+
+
+def test_zero_observe_validation_with_a_rank_holding_none_of_a_group():
+    """A rank holding none of a group's trainable parameters at an observation skipped the
+    group's collectives while the others ran them (gloo aborted: "collective mismatch"), and one
+    whose parameters were frozen then did not follow the validation signal afterwards; a NaN in
+    one rank's part of a first observation switched the other ranks' group alone. Now every
+    rank runs the same collectives and equals one process, for every rule and granularity."""
+    per_rank = run_ranks(_empty_layout_ranks, timeout_s=240)
+    for case, (layout, _) in EMPTY_OBSERVING.items():
+        ref = _empty_layout_run(None, case)
+        for rank in range(2):
+            out = per_rank[rank][case]
+            for a, b in zip(out["params"], ref["params"]):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=case)
+            for held, follows, expected in zip(out["held"], out["follows"], ref["follows"]):
+                if held:
+                    assert follows == expected, (case, rank)
+        if layout == "one-weight":
+            assert per_rank[1][case]["held"][0] == []  # the case the test is about
+        if layout == "frozen":
+            assert per_rank[1][case]["held"][0] == [1]  # layer 0's bias, frozen at step 1
+        if layout == "nan-shard":
+            assert per_rank[1][case]["held"][1] == [2]  # layer 2's weight, NaN at step 1
+            assert ref["follows"] == [True, True]  # switched at step 3
+    reference = _empty_layout_run(None, "nan-shard-normalized-group")
+    clean = _empty_layout_run(None, "normalized-group")  # the same run without the NaN
+    assert any(not torch.equal(a, b) for a, b in zip(reference["params"], clean["params"]))
+
+
 def test_state_dict_leaves_out_zeros_copy_of_shard_group():
     """ZeRO copies its constructor arguments into the inner optimizer's groups: a process group
     there made ``consolidate_state_dict`` fail to pickle the state dict. It is wiring, not

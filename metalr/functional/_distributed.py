@@ -42,10 +42,16 @@ class ShardReducer:
         return wide.to(values.dtype)
 
     def all(self, flag: Tensor) -> Tensor:
-        """True on every rank only if ``flag`` is true on every rank."""
-        as_int = flag.to(torch.int32).reshape(1).clone()
+        """True on every rank only if ``flag`` is true on every rank (elementwise, for a flag
+        of any shape; one collective)."""
+        as_int = flag.to(torch.int32).reshape(-1).clone()
         dist.all_reduce(as_int, op=dist.ReduceOp.MIN, group=self.process_group)
-        return as_int[0] > 0
+        return (as_int > 0).reshape(flag.shape)
+
+    @property
+    def device(self) -> torch.device:
+        """Where this group's collectives run (CUDA for NCCL, else the CPU)."""
+        return _collective_device(self.process_group)
 
     def participate(self, granularity: str, rule: str, hypergrad_lr: Any = None) -> None:
         """Join the collectives of a step in which this rank holds no parameter of the group:
@@ -62,6 +68,20 @@ class ShardReducer:
         if rule == "seek":  # the group cosine of the seek rule is summed at every granularity
             self.sum(torch.zeros(3, dtype=torch.float64, device=device))
         elif granularity == "group":
+            n = 3 if rule == "normalized" else 1
+            self.sum(torch.zeros(n, dtype=torch.float64, device=device))
+
+    def participate_validation(self, granularity: str, rule: str) -> None:
+        """Join the collectives of an observation (``observe_validation``) of a group of which
+        this rank holds no trainable parameter: the sequence of
+        :func:`metalr.functional.validation.validation_adapt_rates` on the other ranks."""
+        device = self.device
+        self.all(torch.ones((), dtype=torch.bool, device=device))  # the gradients are finite
+        if rule == "seek":  # the group cosine of the ramp's signal
+            self.sum(torch.zeros(3, dtype=torch.float64, device=device))
+            return
+        self.all(torch.ones((), dtype=torch.bool, device=device))  # no step taken anywhere yet
+        if granularity == "group":
             n = 3 if rule == "normalized" else 1
             self.sum(torch.zeros(n, dtype=torch.float64, device=device))
 

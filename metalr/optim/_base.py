@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from metalr.functional._common import commit_rates, scalar_lr
+from metalr.functional._common import scalar_lr
 from metalr.functional._controller import CONTROLLER_SIZE, FAMILIES, initial_controller
-from metalr.functional._distributed import ShardReducer, average_over_ranks
+from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
 from metalr.functional._validation_state import observed
 from metalr.functional.spike_guard import initial_spike_stats
@@ -20,9 +20,9 @@ from metalr.functional.validation import (
     VALIDATION_DEFAULTS,
     completed_validation_stats,
     initial_validation_stats,
-    validation_adapt_rates,
 )
 from metalr.optim._checkpoint import hooks_held, run_hooks
+from metalr.optim._observing import ValidationObserving
 from metalr.optim._spike import SpikeGuarded
 from metalr.optim._state_keys import (
     CONTROLLER_KEY,
@@ -65,7 +65,7 @@ def _rate_state(key: str, value: Tensor, param: Tensor) -> Tensor:
     return value
 
 
-class HypergradOptimizer(SpikeGuarded, Optimizer):
+class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
     """Base class: keeps one learned multiplier per group, tensor or element in ``state[p]``.
 
     The effective rate of a parameter is ``group['lr'] * state[p]['lr_multiplier']``, so torch's
@@ -196,11 +196,6 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
             controllers.append(controller if controller is not None else self._controller(p, group))
         return {"controllers": controllers, "seek": seek}
 
-    def _follows_validation(self, group: dict[str, Any]) -> bool:
-        """Whether ``group`` has observed a finite validation loss (its rates follow that
-        signal from then on): whether any of its parameters has the flag."""
-        return any(self.state.get(p, {}).get(FOLLOWS_VALIDATION, False) for p in group["params"])
-
     def _train_hypergrad_lr(self, group: dict[str, Any]) -> Any:
         """β of the training signal: the group's, times ``validation['train_weight']`` for a
         ``"normalized"``/``"additive"`` group that follows the validation signal (the seek rule
@@ -210,114 +205,6 @@ class HypergradOptimizer(SpikeGuarded, Optimizer):
             beta = group["hypergrad_lr"]
             return [b * weight for b in beta] if isinstance(beta, (list, tuple)) else beta * weight
         return group["hypergrad_lr"]
-
-    def _last_directions(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
-        """The direction ``d_t`` of each parameter's last step (zeros before the first)."""
-        raise NotImplementedError
-
-    def observe_validation(
-        self,
-        loss: Tensor | Callable[[], Tensor],
-        *,
-        scaler: Any = None,
-        process_group: Any = "auto",
-    ) -> Tensor:
-        r"""Move the rates by the hypergradient of a validation loss; ``.grad`` is not touched.
-
-        Call it every ``k`` training steps (after ``step()``) with the loss of a validation
-        minibatch, computed with autograd on (a tensor, or a closure returning one). From the
-        first call on, the param groups' rates follow the validation signal
-        ``∂L_val(θ_t)/∂α_t = -⟨∇L_val(θ_t), d_t⟩`` at each call, beside the training one
-        scaled by ``validation['train_weight']`` (default 1; 0: instead of it;
-        :mod:`metalr.functional.validation` has the equations; the seek rule's ramp still runs
-        on the training signal). A non-finite loss or gradient changes nothing (a group's first
-        observation reads one flag on the host for that: only a finite one switches the group
-        to the validation signal; later observations stay on the device, except that a
-        ``scaler``'s ``get_scale()`` reads its scale on the host).
-
-        Args:
-            loss: the validation loss (0-d tensor requiring grad), or a closure computing it.
-            scaler: a ``torch.amp.GradScaler`` to backpropagate a scaled loss (fp16 autocast);
-                the gradient is unscaled before use (default: None).
-            process_group: ``"auto"`` averages the validation gradient over the default process
-                group when ``torch.distributed`` is initialized with more than one rank (as DDP
-                averages the training one); a process group to use that one; ``None`` for no
-                averaging (default: "auto"). Compute the loss without DDP's gradient hooks:
-                on ``ddp_model.module`` or inside ``ddp_model.no_sync()``.
-
-        Returns:
-            the validation loss, detached.
-
-        Example:
-            >>> optimizer.step()
-            >>> if step % 20 == 0:  # the recommended frequency (RECOMMENDED_EVERY)
-            ...     xv, yv = next(val_batches)
-            ...     optimizer.observe_validation(F.cross_entropy(model(xv), yv))
-        """
-        self._sync_groups()
-        if callable(loss) and not isinstance(loss, Tensor):
-            with torch.enable_grad():
-                loss = loss()
-        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
-            raise ValueError(
-                "Invalid loss for observe_validation: expected a one-element tensor that "
-                f"requires grad (the validation loss computed with autograd on), got {loss!r}"
-            )
-        groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
-        params = [p for _, ps in groups for p in ps]
-        _refuse_dtensor(params)
-        if getattr(self, "_shard_group", None) is not None and process_group is not None:
-            raise ValueError(
-                "observe_validation with sharded optimizer state (shard_group, e.g. "
-                "ZeroRedundancyOptimizer): each rank holds other parameters, so their validation "
-                "gradients cannot be averaged; pass process_group=None and the same validation "
-                "batch on every rank"
-            )
-        target = scaler.scale(loss) if scaler is not None else loss
-        raw = torch.autograd.grad(target.reshape(()), params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
-        if scaler is not None:
-            torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
-        value = loss.detach().reshape(()).clone()
-        average_over_ranks(grads + [value], process_group)  # the hold reads the mean loss
-        loss_finite = torch.isfinite(value)
-        with torch.no_grad():
-            start = 0
-            for group, ps in groups:
-                group_grads, start = grads[start : start + len(ps)], start + len(ps)
-                if ps:
-                    self._observe_group(group, ps, group_grads, loss_finite, value)
-        return loss.detach()
-
-    def _observe_group(
-        self,
-        group: dict[str, Any],
-        params: list[Tensor],
-        grads: list[Tensor],
-        finite: Tensor,
-        loss: Tensor,
-    ) -> None:
-        if not self._follows_validation(group) and not bool(all_finite([loss, *grads])):
-            # the first observation switches the group to the validation signal (and creates
-            # its state): a non-finite one may not. One host read, at this first call only.
-            return
-        rates = [self._rate(p, group) for p in params]  # completes each state
-        stats = []
-        for p in params:
-            self.state[p][FOLLOWS_VALIDATION] = True
-            stats.append(self.state[p][VALIDATION_KEY])
-        if group.get("maximize", False):
-            grads = [-g for g in grads]
-        directions = self._last_directions(group, params)
-        args = self._controller_args(group, params)
-        update = validation_adapt_rates(
-            rates, stats, grads, directions, lr=scalar_lr(group["lr"]), rule=group["rule"],
-            granularity=group["granularity"], lr_bounds=group["lr_bounds"],
-            options=group["validation"], controllers=args.get("controllers"),
-            seek=args.get("seek"), grads_finite=finite, shards=self._shard_reducer(), loss=loss,
-        )  # fmt: skip
-        commit_rates(rates, update.rates, update.finite, known_finite=False)
-        torch._foreach_copy_(stats, update.stats)  # already gated by the flag
 
     def _set_shard_group(self, shard_group: Any, fused: bool | None) -> None:
         if isinstance(shard_group, str) and shard_group != "world":
@@ -490,14 +377,6 @@ def initial_multiplier(group: dict[str, Any]) -> float:
         if lr > 0:
             start = max(start, floor / lr)
     return start
-
-
-def _refuse_dtensor(params: list[Tensor]) -> None:
-    if any(type(p).__name__ == "DTensor" for p in params):
-        raise NotImplementedError(
-            "observe_validation does not support sharded (FSDP2 / DTensor) parameters yet; "
-            "use DDP (replicated parameters), where the validation gradient is averaged"
-        )
 
 
 def check_sparse(param: Tensor, name: str) -> None:

@@ -1,0 +1,198 @@
+"""``observe_validation``'s plumbing for metalr's optimizers (the math:
+:mod:`metalr.functional.validation`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metalr.functional._common import commit_rates, scalar_lr
+from metalr.functional._distributed import ShardReducer, average_over_ranks
+from metalr.functional._hypergrad import all_finite
+from metalr.functional.validation import validation_adapt_rates
+from metalr.optim._state_keys import FOLLOWS_VALIDATION, RATE_KEY, VALIDATION_KEY
+
+#: A param group's parameters that a validation loss has a gradient for (``requires_grad``).
+_ObservedGroups = list[tuple[dict[str, Any], list[Tensor]]]
+
+
+class ValidationObserving:
+    """Mixin of :class:`metalr.optim._base.HypergradOptimizer`: the validation signal
+    (``observe_validation``). It reads ``param_groups``, ``state``, ``_rate``,
+    ``_controller_args``, ``_shard_group`` and ``_shard_reducer`` of the optimizer it is mixed
+    into, and its ``_last_directions``."""
+
+    param_groups: list[dict[str, Any]]
+    state: Any
+
+    def _follows_validation(self, group: dict[str, Any]) -> bool:
+        """Whether ``group`` has observed a finite validation loss (its rates follow that
+        signal from then on): whether any of its parameters has the flag."""
+        return any(self.state.get(p, {}).get(FOLLOWS_VALIDATION, False) for p in group["params"])
+
+    def _last_directions(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
+        """The direction ``d_t`` of each parameter's last step (zeros before the first)."""
+        raise NotImplementedError
+
+    def observe_validation(
+        self,
+        loss: Tensor | Callable[[], Tensor],
+        *,
+        scaler: Any = None,
+        process_group: Any = "auto",
+    ) -> Tensor:
+        r"""Move the rates by the hypergradient of a validation loss; ``.grad`` is not touched.
+
+        Call it every ``k`` training steps (after ``step()``) with the loss of a validation
+        minibatch, computed with autograd on (a tensor, or a closure returning one). From the
+        first call on, the param groups' rates follow the validation signal
+        ``∂L_val(θ_t)/∂α_t = -⟨∇L_val(θ_t), d_t⟩`` at each call, beside the training one
+        scaled by ``validation['train_weight']`` (default 1; 0: instead of it;
+        :mod:`metalr.functional.validation` has the equations; the seek rule's ramp still runs
+        on the training signal). A non-finite loss or gradient changes nothing (a group's first
+        observation reads one flag on the host for that: only a finite one switches the group
+        to the validation signal; later observations stay on the device, except that a
+        ``scaler``'s ``get_scale()`` reads its scale on the host, and that with sharded
+        optimizer state every observation reads one flag per group, all-reduced over the
+        ranks, so that every rank runs the same collectives).
+
+        Args:
+            loss: the validation loss (0-d tensor requiring grad), or a closure computing it.
+            scaler: a ``torch.amp.GradScaler`` to backpropagate a scaled loss (fp16 autocast);
+                the gradient is unscaled before use (default: None).
+            process_group: ``"auto"`` averages the validation gradient over the default process
+                group when ``torch.distributed`` is initialized with more than one rank (as DDP
+                averages the training one); a process group to use that one; ``None`` for no
+                averaging (default: "auto"). Compute the loss without DDP's gradient hooks:
+                on ``ddp_model.module`` or inside ``ddp_model.no_sync()``. With sharded state
+                (``shard_group``, e.g. ``ZeroRedundancyOptimizer``) pass ``None`` and the same
+                validation batch on every rank.
+
+        Returns:
+            the validation loss, detached.
+
+        Example:
+            >>> optimizer.step()
+            >>> if step % 20 == 0:  # the recommended frequency (RECOMMENDED_EVERY)
+            ...     xv, yv = next(val_batches)
+            ...     optimizer.observe_validation(F.cross_entropy(model(xv), yv))
+        """
+        self._sync_groups()
+        if callable(loss) and not isinstance(loss, Tensor):
+            with torch.enable_grad():
+                loss = loss()
+        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
+            raise ValueError(
+                "Invalid loss for observe_validation: expected a one-element tensor that "
+                f"requires grad (the validation loss computed with autograd on), got {loss!r}"
+            )
+        groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
+        params = [p for _, ps in groups for p in ps]
+        _refuse_dtensor(params)
+        shards = self._shard_reducer()
+        if shards is not None and process_group is not None:
+            raise ValueError(
+                "observe_validation with sharded optimizer state (shard_group, e.g. "
+                "ZeroRedundancyOptimizer): each rank holds other parameters, so their validation "
+                "gradients cannot be averaged; pass process_group=None and the same validation "
+                "batch on every rank"
+            )
+        target = scaler.scale(loss) if scaler is not None else loss
+        raw = torch.autograd.grad(target.reshape(()), params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
+        if scaler is not None:
+            torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
+        value = loss.detach().reshape(()).clone()
+        average_over_ranks(grads + [value], process_group)  # the hold reads the mean loss
+        loss_finite = torch.isfinite(value)
+        per_group = []
+        start = 0
+        for _, ps in groups:
+            per_group.append(grads[start : start + len(ps)])
+            start += len(ps)
+        observing = self._groups_to_observe(groups, per_group, value, shards)
+        with torch.no_grad():
+            for (group, ps), group_grads, observe in zip(groups, per_group, observing):
+                if not observe:
+                    continue
+                if ps:
+                    self._observe_group(group, ps, group_grads, loss_finite, value, shards)
+                else:  # sharded: this rank holds none of the group's trainable parameters
+                    self._mark_following(group)
+                    shards.participate_validation(group["granularity"], group["rule"])
+        return loss.detach()
+
+    def _groups_to_observe(
+        self,
+        groups: _ObservedGroups,
+        grads: list[list[Tensor]],
+        loss: Tensor,
+        shards: ShardReducer | None,
+    ) -> list[bool]:
+        """Which groups this observation moves: those that follow the validation signal, and
+        those whose first observation is finite (loss and gradients; one host read each, the
+        first time only). With sharded state the ranks decide together, in one all-reduce and
+        one host read (a rank holding none of a group's parameters cannot veto it, and one
+        whose shard of the gradient is not finite vetoes it for every rank, as the whole
+        gradient would in one process)."""
+        if shards is None:
+            return [
+                bool(ps) and (self._follows_validation(g) or bool(all_finite([loss, *gs])))
+                for (g, ps), gs in zip(groups, grads)
+            ]
+        device = shards.device
+        flags = [
+            torch.ones((), dtype=torch.bool, device=device)
+            if not ps or self._follows_validation(g)
+            else all_finite([loss, *gs]).to(device)
+            for (g, ps), gs in zip(groups, grads)
+        ]
+        return shards.all(torch.stack(flags)).tolist()
+
+    def _mark_following(self, group: dict[str, Any]) -> None:
+        """Flag that ``group`` follows the validation signal on every parameter that has state,
+        frozen ones included: under sharded state a rank whose parameters of the group are all
+        frozen at an observation must still follow it afterwards, as one process would (where
+        the group's other parameters carry the flag). Parameters without state (never stepped)
+        get none: a state entry for them would be missing from a fresh optimizer's, the
+        template ``torch.distributed.checkpoint`` loads into."""
+        for p in group["params"]:
+            state = self.state.get(p)
+            if state is not None and RATE_KEY in state:
+                state[FOLLOWS_VALIDATION] = True
+
+    def _observe_group(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        finite: Tensor,
+        loss: Tensor,
+        shards: ShardReducer | None,
+    ) -> None:
+        rates = [self._rate(p, group) for p in params]  # completes each state
+        self._mark_following(group)
+        stats = [self.state[p][VALIDATION_KEY] for p in params]
+        if group.get("maximize", False):
+            grads = [-g for g in grads]
+        directions = self._last_directions(group, params)
+        args = self._controller_args(group, params)
+        update = validation_adapt_rates(
+            rates, stats, grads, directions, lr=scalar_lr(group["lr"]), rule=group["rule"],
+            granularity=group["granularity"], lr_bounds=group["lr_bounds"],
+            options=group["validation"], controllers=args.get("controllers"),
+            seek=args.get("seek"), grads_finite=finite, shards=shards, loss=loss,
+        )  # fmt: skip
+        commit_rates(rates, update.rates, update.finite, known_finite=False)
+        torch._foreach_copy_(stats, update.stats)  # already gated by the flag
+
+
+def _refuse_dtensor(params: list[Tensor]) -> None:
+    if any(type(p).__name__ == "DTensor" for p in params):
+        raise NotImplementedError(
+            "observe_validation does not support sharded (FSDP2 / DTensor) parameters yet; "
+            "use DDP (replicated parameters), where the validation gradient is averaged"
+        )
