@@ -132,10 +132,12 @@ def test_dcp_resumes_exactly(name, observe, tmp_path):
         assert fresh.spike_summary()[0]["losses"] == 12
 
 
-@pytest.mark.parametrize("name", NATIVE)
+@pytest.mark.parametrize("name", list(MAKERS))
 def test_dcp_flattened_state_dict_resumes_exactly(name, tmp_path):
     """``flatten_optimizer_state_dict=True`` (torchtitan's choice) rebuilds each parameter's
-    entry from the keys the live optimizer has: every key exists from the first step."""
+    entry from the keys the live optimizer has: every key exists from the first step, and
+    HyperLR's live entries hold the wrapped optimizer's state under ``"wrapped"`` (before
+    2026-12-05, evening, they did not: the load lost it and was refused)."""
     options = StateDictOptions(flatten_optimizer_state_dict=True)
     (model, opt), (fresh_model, fresh) = _resume_through_dcp(name, tmp_path, True, options)
     for p, q in zip(model.parameters(), fresh_model.parameters()):
@@ -143,12 +145,27 @@ def test_dcp_flattened_state_dict_resumes_exactly(name, tmp_path):
     _assert_same_state(opt.state_dict(), fresh.state_dict())
 
 
-def test_dcp_flattened_hyper_lr_is_refused(tmp_path):
-    """Flattened, HyperLR's entries come back without the wrapped optimizer's state (not a key
-    of HyperLR's live state): the load says so instead of training the wrapped Adam afresh."""
-    options = StateDictOptions(flatten_optimizer_state_dict=True)
+def test_hyper_lr_live_state_holds_the_wrapped_state():
+    """``state[p]["wrapped"]`` is the wrapped optimizer's own dict for ``p``, after a step and
+    after a load (which replaces the wrapped optimizer's dicts); a flattened checkpoint loaded
+    into a HyperLR that never stepped (no live key to rebuild) is refused, not trained afresh."""
+    model = _model(0)
+    opt = MAKERS["HyperLR-Adam"](model.parameters())
+    _train(model, opt, range(3), False)
+    for p in model.parameters():
+        assert opt.state[p]["wrapped"] is opt.optimizer.state[p]
+        assert set(opt.state[p]["wrapped"]) == {"step", "exp_avg", "exp_avg_sq"}
+    saved = opt.state_dict()
+    fresh_model = _model(1)
+    fresh = MAKERS["HyperLR-Adam"](fresh_model.parameters())
+    fresh.load_state_dict(saved)
+    for p in fresh_model.parameters():
+        assert fresh.state[p]["wrapped"] is fresh.optimizer.state[p]
+        assert int(fresh.state[p]["wrapped"]["step"]) == 3
+    lost = {**saved, "state": {i: {k: v for k, v in s.items() if k != "wrapped"}
+                               for i, s in saved["state"].items()}}  # fmt: skip
     with pytest.raises(ValueError, match="flatten_optimizer_state_dict"):
-        _resume_through_dcp("HyperLR-Adam", tmp_path, False, options)
+        MAKERS["HyperLR-Adam"](_model(2).parameters()).load_state_dict(lost)
 
 
 def test_every_entry_exists_from_the_first_step():
@@ -269,14 +286,19 @@ def test_a_prior_written_into_the_state_resumes_through_dcp(tmp_path):
 
 def test_hyper_lr_state_dict_leaves_the_live_state_alone():
     """torch's state dict holds the live per-parameter dicts: folding the wrapped state into
-    them would have put ``wrapped`` into HyperLR's own state."""
+    them would change HyperLR's own state (its ``wrapped`` entry stays the wrapped optimizer's
+    live dict, and the wrapped optimizer's dicts keep their own keys)."""
     model = _model(0)
     opt = MAKERS["HyperLR-Adam"](model.parameters())
     _train(model, opt, range(3), False)
+    before = {p: dict(state) for p, state in opt.state.items()}
     saved = opt.state_dict()
     assert all("wrapped" in entry for entry in saved["state"].values())
-    assert all("wrapped" not in state for state in opt.state.values())
-    assert all("exp_avg" in state for state in opt.optimizer.state.values())
+    for p, state in opt.state.items():
+        assert state.keys() == before[p].keys()
+        assert all(state[k] is before[p][k] for k in state)
+        assert state["wrapped"] is opt.optimizer.state[p]
+    assert all(set(s) == {"step", "exp_avg", "exp_avg_sq"} for s in opt.optimizer.state.values())
 
 
 @pytest.mark.parametrize("observe", [False, True], ids=["never-observed", "observed"])

@@ -32,6 +32,7 @@ from metalr.functional._hypergrad import adapt_rates, rates_in_use
 from metalr.optim import _validation as check
 from metalr.optim._base import HYPER_DEFAULTS, HypergradOptimizer, check_sparse, scalar_lr
 from metalr.optim._checkpoint import (
+    WRAPPED_STATE_KEY,
     fold_wrapped_state,
     hooks_held,
     run_hooks,
@@ -69,9 +70,11 @@ class HyperLR(HypergradOptimizer):
             :class:`metalr.AdamHD` (default: None, off).
 
     State: per parameter the multiplier and one buffer (the previous direction, also used as
-    the snapshot of the weights during the inner step). ``state_dict()`` holds, per parameter,
-    HyperLR's state and, under ``"wrapped"``, the inner optimizer's (so
-    ``torch.distributed.checkpoint`` carries both).
+    the snapshot of the weights during the inner step), and under ``"wrapped"`` the inner
+    optimizer's state of that parameter (the same dict as ``optimizer.state[p]``, linked at
+    each step and load). ``state_dict()`` holds both per parameter, so
+    ``torch.distributed.checkpoint`` carries both, flattened
+    (``flatten_optimizer_state_dict=True``, which rebuilds the keys the live state has) or not.
 
     Step hooks: the global ones (``torch.optim.optimizer.register_optimizer_step_pre_hook`` /
     ``post_hook``) run once per ``HyperLR.step()``, with the HyperLR as their optimizer, as they
@@ -223,6 +226,7 @@ class HyperLR(HypergradOptimizer):
         for _, params, _, buffers, _ in pending:
             foreach_copy_(buffers, params)  # snapshot θ_{t-1}
         self._wrapped_step()
+        self._link_wrapped_state(p for _, params, *_ in pending for p in params)
         if host_readable(step_finite):  # finite for sure: three in-place passes, no allocation
             for group, params, rates, snapshots, _ in pending:
                 lr = scalar_lr(group["lr"])
@@ -274,6 +278,14 @@ class HyperLR(HypergradOptimizer):
             for post_hook in list(inner._optimizer_step_post_hooks.values()):
                 post_hook(inner, args, kwargs)
 
+    def _link_wrapped_state(self, params: Any) -> None:
+        """``state[p]["wrapped"]``: the wrapped optimizer's state of each of ``params`` (``{}``
+        until it has one). The key is what ``torch.distributed.checkpoint`` reads: loading a
+        flattened checkpoint, it rebuilds each parameter's entry from the live state's keys."""
+        inner = self.optimizer.state
+        for p in params:
+            self.state[p][WRAPPED_STATE_KEY] = inner.get(p, {})  # (no defaultdict entry)
+
     def _buffer(self, param: Tensor) -> Tensor:
         state = self.state[param]
         if "prev_direction" not in state:  # Lazy state initialization
@@ -309,9 +321,9 @@ class HyperLR(HypergradOptimizer):
         HyperLR's own ``param_groups`` then win over the copy saved with it. A plain checkpoint
         of the wrapped optimizer (e.g. of a ``torch.optim.Adam`` trained without HyperLR) loads
         into the wrapped optimizer; HyperLR's state starts afresh (multipliers at 1, options as
-        constructed). A HyperLR checkpoint that lost the wrapped optimizer's state (e.g. through
-        ``torch.distributed.checkpoint`` with ``flatten_optimizer_state_dict=True``, which keeps
-        only the entries the live HyperLR state has) is refused with a ``ValueError``.
+        constructed). A HyperLR checkpoint that lost the wrapped optimizer's state (e.g. a
+        flattened ``torch.distributed.checkpoint`` loaded into a HyperLR that never stepped, whose
+        live state has no ``"wrapped"`` key to rebuild) is refused with a ``ValueError``.
         """
         state_dict = dict(state_dict)
         with hooks_held(self, "_optimizer_load_state_dict_pre_hooks") as pre_hooks:
@@ -319,12 +331,14 @@ class HyperLR(HypergradOptimizer):
             if "wrapped" in state_dict:  # the wrapped checkpoint whole (older format)
                 self.optimizer.load_state_dict(state_dict.pop("wrapped"))
                 super().load_state_dict(state_dict)
+                self._link_wrapped_state(list(self.state))
                 return
             unfolded = unfold_wrapped_state(state_dict)
             if unfolded is not None:
                 own, wrapped = unfolded
                 self.optimizer.load_state_dict(wrapped)
                 super().load_state_dict(own)
+                self._link_wrapped_state(list(self.state))
                 return
             _refuse_hyper_lr_state_without_wrapped(state_dict)
             self.optimizer.load_state_dict(state_dict)
@@ -339,8 +353,9 @@ def _refuse_hyper_lr_state_without_wrapped(state_dict: Mapping[str, Any]) -> Non
         raise ValueError(
             "Invalid state_dict: a HyperLR checkpoint without the wrapped optimizer's state (no "
             "'wrapped' entry in any parameter's state, nor a top-level one); save it with "
-            "HyperLR.state_dict() or torch.distributed.checkpoint's get_optimizer_state_dict "
-            "without flatten_optimizer_state_dict, which keeps only the live HyperLR entries"
+            "HyperLR.state_dict() or torch.distributed.checkpoint's get_optimizer_state_dict; "
+            "a flattened one (flatten_optimizer_state_dict=True) loads only into a HyperLR that "
+            "has stepped (its live state's keys are what the loader rebuilds)"
         )
 
 
