@@ -317,3 +317,40 @@ def test_first_below_reads_the_first_step_under_each_level():
     curves = {"step": [0, 5, 10, 15], "train_loss": [None, 0.8, 0.4, 0.2],
               "val_loss": [2.0, 0.9, 0.5, 0.45]}  # fmt: skip
     assert probe.first_below(curves, (0.5, 0.3, 0.1)) == [(10, 0.5), (15, 0.45), None]
+
+
+def test_noise_ratio_probe_smoke(tmp_path):
+    """The noise-ratio probe's table: one row per task over its seeds, the successive-gradient
+    cosine (a cosine: within [-1, 1]), its inverse, and AdamHD's rate ÷ the task's best rate."""
+    import noise_ratio_probe as probe
+
+    out = tmp_path / "noise.md"
+    text = probe.main(["--size", "smoke", "--tasks", "digits_mlp,fewshot_sinusoid", "--seeds",
+                       "0", "--noise-steps", "6", "--edge-step", "5", "--out", str(out)])  # fmt: skip
+    assert out.read_text() == text
+    rows = [line for line in text.splitlines() if line.startswith(("| digits", "| fewshot"))]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        low, high = (float(v) for v in cells[3].split("–"))
+        assert -1 <= low <= high <= 1 and low == high  # one seed
+        assert float(cells[5].split("–")[0]) > 0
+
+
+def test_noise_ratio_probe_cosines_of_identical_batches_are_one():
+    """With a learning rate of 0 every minibatch gradient of a full-batch task is the same:
+    every successive cosine is 1 (the probe's reading of a noiseless task)."""
+    import noise_ratio_probe as probe
+
+    cosines = probe.gradient_cosines("fewshot_sinusoid", 0.0, 0, 5, "smoke")
+    assert len(cosines) == 4
+    assert all(c == pytest.approx(1.0, abs=1e-9) for c in cosines)
+
+
+def test_noise_ratio_probe_table_gives_ranges_over_seeds():
+    import noise_ratio_probe as probe
+
+    rows = [{"task": "digits_mlp", "seed": s, "cosine": c, "edge": 1e-2, "edge_over_best": r}
+            for s, c, r in ((0, 0.5, 8.0), (1, 0.25, 6.0))]  # fmt: skip
+    line = probe.table(rows).splitlines()[-1]
+    assert line == "| digits_mlp | 0.001 | 0,1 | 0.25–0.50 | 2–4 | 6–8 |"
