@@ -145,6 +145,54 @@ def test_dcp_flattened_state_dict_resumes_exactly(name, tmp_path):
     _assert_same_state(opt.state_dict(), fresh.state_dict())
 
 
+class _CountingAdam(torch.optim.Adam):
+    """Adam whose checkpoint holds a top-level entry besides state and param groups (as
+    PostLocalSGDOptimizer's step count): HyperLR saves such a wrapped checkpoint whole."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def step(self, closure=None):
+        self.calls += 1
+        return super().step(closure)
+
+    def state_dict(self):
+        return {**super().state_dict(), "calls": self.calls}
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        self.calls = state_dict.pop("calls")
+        super().load_state_dict(state_dict)
+
+
+@pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
+def test_dcp_of_a_wrapped_checkpoint_kept_whole_is_refused(flatten, tmp_path):
+    """DCP keeps only per-parameter state: the wrapped optimizer's top-level entry is lost on the
+    way, and the load says so (after f7febb5 it went through, the wrapped optimizer restarting
+    its count), while torch.save carries it and resumes exactly."""
+    MAKERS["HyperLR-counting"] = lambda ps: metalr.HyperLR(_CountingAdam(ps, lr=1e-2))
+    try:
+        options = StateDictOptions(flatten_optimizer_state_dict=flatten)
+        with pytest.raises(ValueError, match="top-level 'wrapped'"):
+            _resume_through_dcp("HyperLR-counting", tmp_path, False, options)
+        model = _model(0)
+        opt = MAKERS["HyperLR-counting"](model.parameters())
+        _train(model, opt, range(4), False)
+        torch.save(opt.state_dict(), tmp_path / "whole.pt")
+        fresh_model = _model(1)
+        fresh_model.load_state_dict(model.state_dict())
+        fresh = MAKERS["HyperLR-counting"](fresh_model.parameters())
+        fresh.load_state_dict(torch.load(tmp_path / "whole.pt", weights_only=False))
+        assert fresh.optimizer.calls == 4
+        _train(model, opt, range(4, 8), False)
+        _train(fresh_model, fresh, range(4, 8), False)
+        for p, q in zip(model.parameters(), fresh_model.parameters()):
+            assert torch.equal(p, q)
+    finally:
+        del MAKERS["HyperLR-counting"]
+
+
 def test_hyper_lr_live_state_holds_the_wrapped_state():
     """``state[p]["wrapped"]`` is the wrapped optimizer's own dict for ``p``, after a step and
     after a load (which replaces the wrapped optimizer's dicts); a flattened checkpoint loaded

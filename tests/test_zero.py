@@ -297,7 +297,8 @@ def test_zero_with_a_rank_holding_no_parameter_equals_single_process():
 #: Observing runs in which a rank holds none of a group's trainable parameters at an
 #: observation: (param groups' layout, optimizer options). "one-weight": group 0 is one tensor,
 #: so ZeRO gives rank 1 none of it; "frozen": rank 1's part of group 0 (layer 0's bias) is
-#: frozen while the first validation batch is observed; "nan-shard": the first validation
+#: frozen while the first validation batch is observed ("frozen-group": all of group 0, so no
+#: rank holds a trainable parameter of it then); "nan-shard": the first validation
 #: gradient is NaN on rank 1's part of group 1 only (the loss is finite).
 EMPTY_OBSERVING = {
     "seek-tensor": ("one-weight", {}),
@@ -312,13 +313,15 @@ EMPTY_OBSERVING = {
     "frozen-normalized-w0": ("frozen", {"rule": "normalized",
                                         "validation": {"train_weight": 0.0}}),
     "frozen-seek": ("frozen", {}),
+    "frozen-group-normalized-w0": ("frozen-group", {"rule": "normalized",
+                                                    "validation": {"train_weight": 0.0}}),
     "nan-shard-seek": ("nan-shard", {}),
     "nan-shard-normalized-group": ("nan-shard", {"rule": "normalized", "granularity": "group"}),
 }  # fmt: skip
 
 
 def _empty_layout_groups(model: torch.nn.Module, layout: str) -> list[dict]:
-    first = [model[0].weight] if layout != "frozen" else list(model[0].parameters())
+    first = [model[0].weight] if layout == "one-weight" else list(model[0].parameters())
     rest = [p for p in model.parameters() if all(p is not q for q in first)]
     return [{"params": first}, {"params": rest}]
 
@@ -329,12 +332,14 @@ def _empty_layout_observe(opt, model: torch.nn.Module, step: int, layout: str) -
     first = step == 1
     if first and layout == "frozen":
         model[0].bias.requires_grad_(False)
+    if first and layout == "frozen-group":
+        model[0].requires_grad_(False)
     x, y = _val_batch(step)
     loss = torch.nn.functional.mse_loss(model(x), y)
     if first and layout == "nan-shard":  # d sqrt(0 · |w|) / dw = inf · 0 = NaN; the loss is 0
         loss = loss + torch.sqrt(model[2].weight.abs() * 0).sum()
     opt.observe_validation(loss, process_group=None)
-    model[0].bias.requires_grad_(True)
+    model[0].requires_grad_(True)
 
 
 def _empty_layout_run(rank: int | None, case: str) -> dict:
@@ -393,12 +398,120 @@ def test_zero_observe_validation_with_a_rank_holding_none_of_a_group():
             assert per_rank[1][case]["held"][0] == []  # the case the test is about
         if layout == "frozen":
             assert per_rank[1][case]["held"][0] == [1]  # layer 0's bias, frozen at step 1
+        if layout == "frozen-group":  # one process: group 0 follows from step 3, not 1
+            assert ref["follows"] == [True, True]
         if layout == "nan-shard":
             assert per_rank[1][case]["held"][1] == [2]  # layer 2's weight, NaN at step 1
             assert ref["follows"] == [True, True]  # switched at step 3
     reference = _empty_layout_run(None, "nan-shard-normalized-group")
     clean = _empty_layout_run(None, "normalized-group")  # the same run without the NaN
     assert any(not torch.equal(a, b) for a, b in zip(reference["params"], clean["params"]))
+
+
+def _one_parameter_observing(rank: int | None) -> list:
+    """One parameter tensor observed every step: under ZeRO rank 1 holds no parameter at all
+    (no validation gradient to compute) and joins the observations' collectives."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1, bias=False).double()
+    kwargs = {"lr": 1e-2, "rule": "normalized", "granularity": "group", "hypergrad_lr": 0.1}
+    if rank is None:
+        module = model
+        opt = inner = metalr.AdamHD(model.parameters(), **kwargs)
+    else:
+        module = torch.nn.parallel.DistributedDataParallel(model)
+        opt = ZeroRedundancyOptimizer(module.parameters(), optimizer_class=metalr.AdamHD,
+                                      shard_group="world", **kwargs)  # fmt: skip
+        inner = opt.optim
+    for step in range(4):
+        gen = torch.Generator().manual_seed(step)
+        x = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+        y = x.sum(1, keepdim=True)
+        if rank is not None:
+            x, y = x[rank * 4 : rank * 4 + 4], y[rank * 4 : rank * 4 + 4]
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(module(x), y).backward()
+        opt.step()
+        xv = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+        loss = torch.nn.functional.mse_loss(model(xv), -xv.sum(1, keepdim=True))
+        inner.observe_validation(loss, process_group=None)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _one_parameter_observing_ranks(rank: int) -> list:
+    return _one_parameter_observing(rank)
+
+
+def test_zero_observe_validation_on_a_rank_holding_no_parameter_at_all():
+    """``torch.autograd.grad`` with no inputs raised on the rank holding nothing (and the other
+    rank died with it): that rank now computes no gradient and joins the collectives."""
+    per_rank = run_ranks(_one_parameter_observing_ranks, timeout_s=120)
+    ref = _one_parameter_observing(None)
+    for rank in range(2):
+        torch.testing.assert_close(per_rank[rank][0], ref[0], rtol=1e-9, atol=1e-12)
+
+
+def _guarded_run(rank: int | None, shard_group: str) -> dict:
+    """The spike guard on group 0 (layer 0's weight: under ZeRO rank 1 holds none of it), every
+    step with a closure; step 2's gradient is NaN in layer 2's weight only (rank 1's share) and
+    step 5's loss spikes (targets x10)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = _model()
+    groups = [{"params": [model[0].weight], "spike_guard": {"warmup": 3}},
+              {"params": [p for p in model.parameters() if p is not model[0].weight]}]  # fmt: skip
+    if rank is None:
+        module = model
+        opt = inner = metalr.AdamHD(groups, lr=1e-2)
+    else:
+        module = torch.nn.parallel.DistributedDataParallel(model)
+        group = "world" if shard_group == "world" else dist.group.WORLD
+        opt = ZeroRedundancyOptimizer(groups, optimizer_class=metalr.AdamHD, shard_group=group,
+                                      lr=1e-2)  # fmt: skip
+        inner = opt.optim
+    for step in range(STEPS):
+        x, y = _data(step)
+        if step == 5:
+            y = y * 10
+        if rank is not None:
+            x, y = x[rank * 4 : rank * 4 + 4], y[rank * 4 : rank * 4 + 4]
+
+        def closure(x=x, y=y, step=step):
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(module(x), y)
+            if step == 2:  # d sqrt(0 · |w|) / dw = NaN; the loss stays finite
+                loss = loss + torch.sqrt(model[2].weight.abs() * 0).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    return {"params": [p.detach().clone() for p in model.parameters()],
+            "summary": inner.spike_summary(),
+            "held": [[index[id(p)] for p in g["params"]] for g in inner.param_groups]}  # fmt: skip
+
+
+def _guarded_ranks(rank: int) -> dict:
+    return {group: _guarded_run(rank, group) for group in ("world", "object")}
+
+
+def test_zero_spike_guard_with_a_rank_holding_none_of_the_guarded_group():
+    """``shard_group="world"`` (README's recipe) made the guard's loss average fail (the name was
+    handed to torch.distributed as a group); with a group object the rank holding none of the
+    guarded group skipped the loss's all-reduce (gloo aborted); and a NaN gradient in one rank's
+    share left the other rank's guard counting the step. Now both equal one process."""
+    per_rank = run_ranks(_guarded_ranks, timeout_s=120)
+    ref = _guarded_run(None, "")
+    assert ref["summary"][0]["spikes"] >= 1 and ref["summary"][0]["losses"] == STEPS - 1
+    for group in ("world", "object"):
+        assert per_rank[1][group]["held"][0] == []  # the case the test is about
+        assert per_rank[0][group]["summary"] == [
+            pytest.approx(r, rel=1e-12) for r in ref["summary"]
+        ]
+        for rank in range(2):
+            for a, b in zip(per_rank[rank][group]["params"], ref["params"]):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=group)
 
 
 def test_state_dict_leaves_out_zeros_copy_of_shard_group():

@@ -228,7 +228,17 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
 
         A NaN/inf anywhere skips the whole step (as ``GradScaler`` does), not just its group.
         ``None`` for a single group, whose rule computes the flag for free from its inner products.
+        With sharded state (``shard_group``) and several groups the flag is all-reduced (one
+        collective a step), since each rank sees only its own gradients: a NaN in one rank's
+        share skips every rank's step, as it would in one process.
         """
+        shards = self._shard_reducer()
+        if shards is not None and len(self.param_groups) > 1:  # the same on every rank
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            device = shards.device
+            local = all_finite(grads).to(device) if grads else torch.ones((), dtype=torch.bool,
+                                                                          device=device)  # fmt: skip
+            return shards.all(local)
         groups = [g for g in self.param_groups if any(p.grad is not None for p in g["params"])]
         if len(groups) < 2:
             return None

@@ -29,14 +29,29 @@ def fold_wrapped_state(own: dict[str, Any], wrapped: Mapping[str, Any]) -> None:
     param groups is kept whole under a top-level ``"wrapped"`` instead (the older format)."""
     indices = {i for group in own["param_groups"] for i in group["params"]}
     states = wrapped.get("state", {})
-    if set(wrapped) != {"state", "param_groups"} or not set(states) <= indices:
+    if kept_whole(wrapped, indices):
         own["wrapped"] = wrapped
+        # the entries are the live dicts, whose "wrapped" links the wrapped optimizer's state:
+        # left there, a loader that keeps only per-parameter state (DCP) would take part of it
+        own["state"] = {
+            index: {k: v for k, v in entry.items() if k != WRAPPED_STATE_KEY}
+            for index, entry in own["state"].items()
+        }
         return
     for index in set(states) | set(own["state"]):  # new entries: torch's are the live ones
         own["state"][index] = {
             **own["state"].get(index, {}),
             WRAPPED_STATE_KEY: states.get(index, {}),
         }
+
+
+def kept_whole(wrapped: Mapping[str, Any], indices: set[int]) -> bool:
+    """Whether :func:`fold_wrapped_state` keeps the wrapped checkpoint whole, under a top-level
+    ``"wrapped"``: it holds more than per-parameter state and param groups, or state of
+    parameters outside ``indices`` (those of HyperLR's groups). Such a checkpoint cannot travel
+    through ``torch.distributed.checkpoint``, which keeps only the per-parameter part."""
+    states = wrapped.get("state", {})
+    return set(wrapped) != {"state", "param_groups"} or not set(states) <= indices
 
 
 def unfold_wrapped_state(

@@ -100,11 +100,13 @@ class ValidationObserving:
                 "gradients cannot be averaged; pass process_group=None and the same validation "
                 "batch on every rank"
             )
-        target = scaler.scale(loss) if scaler is not None else loss
-        raw = torch.autograd.grad(target.reshape(()), params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
-        if scaler is not None:
-            torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
+        grads: list[Tensor] = []
+        if params:  # (a rank of sharded state may hold none: it still joins the collectives)
+            target = scaler.scale(loss) if scaler is not None else loss
+            raw = torch.autograd.grad(target.reshape(()), params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
+            if scaler is not None:
+                torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
         value = loss.detach().reshape(()).clone()
         average_over_ranks(grads + [value], process_group)  # the hold reads the mean loss
         loss_finite = torch.isfinite(value)
@@ -132,25 +134,28 @@ class ValidationObserving:
         loss: Tensor,
         shards: ShardReducer | None,
     ) -> list[bool]:
-        """Which groups this observation moves: those that follow the validation signal, and
-        those whose first observation is finite (loss and gradients; one host read each, the
-        first time only). With sharded state the ranks decide together, in one all-reduce and
-        one host read (a rank holding none of a group's parameters cannot veto it, and one
-        whose shard of the gradient is not finite vetoes it for every rank, as the whole
-        gradient would in one process)."""
+        """Which groups this observation moves: those with trainable parameters that follow
+        the validation signal, or whose first observation is finite (loss and gradients; one
+        host read each, the first time only). With sharded state the ranks decide together, in
+        one all-reduce and one host read: a group moves if some rank holds a trainable
+        parameter of it and no rank vetoes it (a rank holding none cannot veto; one whose
+        shard of the gradient is not finite vetoes it for every rank, as the whole gradient
+        would in one process)."""
         if shards is None:
             return [
                 bool(ps) and (self._follows_validation(g) or bool(all_finite([loss, *gs])))
                 for (g, ps), gs in zip(groups, grads)
             ]
         device = shards.device
-        flags = [
-            torch.ones((), dtype=torch.bool, device=device)
-            if not ps or self._follows_validation(g)
-            else all_finite([loss, *gs]).to(device)
+        yes = torch.ones((), dtype=torch.bool, device=device)
+        agree = [
+            yes if not ps or self._follows_validation(g) else all_finite([loss, *gs]).to(device)
             for (g, ps), gs in zip(groups, grads)
         ]
-        return shards.all(torch.stack(flags)).tolist()
+        holds_none = [yes if not ps else ~yes for _, ps in groups]
+        decided = shards.all(torch.stack(agree + holds_none))  # MIN: "all agree", "none holds"
+        n = len(groups)
+        return (decided[:n] & ~decided[n:]).tolist()
 
     def _mark_following(self, group: dict[str, Any]) -> None:
         """Flag that ``group`` follows the validation signal on every parameter that has state,

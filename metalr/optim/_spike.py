@@ -29,7 +29,7 @@ from metalr.optim._state_keys import RATE_KEY, SPIKE_KEY, VALIDATION_KEY
 class SpikeGuarded:
     """Mixin of :class:`metalr.optim._base.HypergradOptimizer`: the guard that a closure's loss
     drives (``spike_guard=`` of every metalr optimizer). It reads ``param_groups``, ``state``,
-    ``_controller`` and ``_shard_group`` of the optimizer it is mixed into."""
+    ``_controller``, ``_shard_group`` and ``_shard_reducer`` of the optimizer it is mixed into."""
 
     param_groups: list[dict[str, Any]]
     state: Any
@@ -42,12 +42,15 @@ class SpikeGuarded:
         the rule skips, as ``GradScaler`` would) leaves the statistics and rates as they were.
         Nothing without a loss or a guarded group; no host read. Under ``torch.distributed`` with
         more than one rank the loss is averaged over the ranks first (the shard group's, else the
-        default group), so every rank takes the same decision."""
+        default group), so every rank takes the same decision; with sharded state
+        (``shard_group``) the gradients' finiteness is decided over the ranks too, and a rank
+        that holds none of the guarded groups' parameters joins both collectives."""
         pending, self._pending_spike_loss = getattr(self, "_pending_spike_loss", None), None
         groups = self._guarded_groups()
-        if not groups or (loss is None and pending is None):
+        shards = self._shard_reducer()
+        if not self._guard_collects(groups, shards) or (loss is None and pending is None):
             return
-        device = groups[0]["params"][0].device
+        device = self._spike_device(groups, shards)
         value = self._spike_loss(loss, device) if loss is not None else pending
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         finite = (
@@ -55,6 +58,8 @@ class SpikeGuarded:
             if grads
             else torch.ones((), dtype=torch.bool, device=device)
         )
+        if shards is not None:
+            finite = shards.all(finite.to(shards.device)).to(device)
         with torch.no_grad():
             for group in groups:
                 self._guard_group(group, value, finite)
@@ -73,12 +78,26 @@ class SpikeGuarded:
             >>> scaler.step(optimizer)
         """
         groups = self._guarded_groups()
-        if groups:
-            self._pending_spike_loss = self._spike_loss(loss, groups[0]["params"][0].device)
+        shards = self._shard_reducer()
+        if self._guard_collects(groups, shards):
+            device = self._spike_device(groups, shards)
+            self._pending_spike_loss = self._spike_loss(loss, device)
 
     def _guarded_groups(self) -> list[dict[str, Any]]:
         """The param groups the spike guard watches (``spike_guard`` set, parameters held)."""
         return [g for g in self.param_groups if g.get("spike_guard") and g["params"]]
+
+    def _guard_collects(self, groups: list[dict[str, Any]], shards: Any) -> bool:
+        """Whether this rank reads the loss: it holds a guarded group's parameters, or (sharded
+        state) some group is guarded at all, since a rank holding none of its parameters must
+        still join the loss's all-reduce."""
+        if shards is None:
+            return bool(groups)
+        return any(g.get("spike_guard") for g in self.param_groups)
+
+    @staticmethod
+    def _spike_device(groups: list[dict[str, Any]], shards: Any) -> torch.device:
+        return groups[0]["params"][0].device if groups else shards.device
 
     def _spike_loss(self, loss: Any, device: torch.device) -> Tensor:
         """The closure's loss as a detached 0-d tensor on ``device``, averaged over the ranks."""
@@ -93,7 +112,7 @@ class SpikeGuarded:
             )
         shard_group = getattr(self, "_shard_group", None)
         value = value.clone()  # averaged in place: never the caller's tensor
-        average_over_ranks([value], "auto" if shard_group is None else shard_group)
+        average_over_ranks([value], "auto" if shard_group in (None, "world") else shard_group)
         return value
 
     def _guard_group(self, group: dict[str, Any], loss: Tensor, finite: Tensor) -> None:

@@ -35,6 +35,7 @@ from metalr.optim._checkpoint import (
     WRAPPED_STATE_KEY,
     fold_wrapped_state,
     hooks_held,
+    kept_whole,
     run_hooks,
     unfold_wrapped_state,
 )
@@ -72,7 +73,8 @@ class HyperLR(HypergradOptimizer):
     State: per parameter the multiplier and one buffer (the previous direction, also used as
     the snapshot of the weights during the inner step), and under ``"wrapped"`` the inner
     optimizer's state of that parameter (the same dict as ``optimizer.state[p]``, linked at
-    each step and load). ``state_dict()`` holds both per parameter, so
+    each step and load: code that replaces the entry, e.g. a device move that copies the state,
+    or a load into the wrapped optimizer directly, unlinks it until the next step). ``state_dict()`` holds both per parameter, so
     ``torch.distributed.checkpoint`` carries both, flattened
     (``flatten_optimizer_state_dict=True``, which rebuilds the keys the live state has) or not.
 
@@ -333,6 +335,7 @@ class HyperLR(HypergradOptimizer):
                 super().load_state_dict(state_dict)
                 self._link_wrapped_state(list(self.state))
                 return
+            _refuse_split_whole_checkpoint(self, state_dict)
             unfolded = unfold_wrapped_state(state_dict)
             if unfolded is not None:
                 own, wrapped = unfolded
@@ -346,10 +349,36 @@ class HyperLR(HypergradOptimizer):
             self._share_groups()
 
 
-def _refuse_hyper_lr_state_without_wrapped(state_dict: Mapping[str, Any]) -> None:
+def _is_hyper_lr_checkpoint(state_dict: Mapping[str, Any]) -> bool:
+    """Whether some parameter's entry holds HyperLR's own state (not the wrapped optimizer's)."""
     own = {RATE_KEY, CONTROLLER_KEY, "prev_direction"}
     states = state_dict.get("state", {})
-    if any(own & set(s) for s in states.values() if isinstance(s, Mapping)):
+    return any(own & set(s) for s in states.values() if isinstance(s, Mapping))
+
+
+def _refuse_split_whole_checkpoint(hyper: HyperLR, state_dict: Mapping[str, Any]) -> None:
+    """A HyperLR checkpoint without the top-level ``"wrapped"`` its wrapped optimizer needs
+    (one whose checkpoint holds more than per-parameter state: :func:`kept_whole`) lost that
+    part on the way, e.g. through ``torch.distributed.checkpoint``: refused, rather than
+    resuming the wrapped optimizer with part of its state."""
+    if not _is_hyper_lr_checkpoint(state_dict):
+        return
+    indices = set(range(sum(len(g["params"]) for g in hyper.param_groups)))
+    wrapped = hyper.optimizer.state_dict()
+    if kept_whole(wrapped, indices):
+        raise ValueError(
+            "Invalid state_dict: the wrapped optimizer's checkpoint holds more than the state "
+            "of HyperLR's parameters and param groups (extra entries: "
+            f"{sorted(set(wrapped) - {'state', 'param_groups'})}, or state of parameters HyperLR "
+            "does not hold), which HyperLR saves whole under a top-level 'wrapped' entry, and "
+            "this checkpoint has none "
+            "(torch.distributed.checkpoint keeps only per-parameter state): save and load "
+            "HyperLR.state_dict() with torch.save for this optimizer"
+        )
+
+
+def _refuse_hyper_lr_state_without_wrapped(state_dict: Mapping[str, Any]) -> None:
+    if _is_hyper_lr_checkpoint(state_dict):
         raise ValueError(
             "Invalid state_dict: a HyperLR checkpoint without the wrapped optimizer's state (no "
             "'wrapped' entry in any parameter's state, nor a top-level one); save it with "
