@@ -193,6 +193,23 @@ def test_dcp_of_a_wrapped_checkpoint_kept_whole_is_refused(flatten, tmp_path):
         del MAKERS["HyperLR-counting"]
 
 
+def test_a_per_parameter_checkpoint_loads_whatever_the_live_wrapped_optimizer_saves():
+    """Whether the wrapped part went missing is read from the checkpoint (its param groups'
+    flag), not from the live wrapped optimizer: one whose state dict now carries a top-level
+    entry (a post hook's metadata) still loads a complete per-parameter checkpoint."""
+    model = _model(0)
+    opt = MAKERS["HyperLR-Adam"](model.parameters())
+    _train(model, opt, range(3), False)
+    saved = copy.deepcopy(opt.state_dict())
+    assert not any(g["hd_wrapped_kept_whole"] for g in saved["param_groups"])
+    fresh = MAKERS["HyperLR-Adam"](_model(1).parameters())
+    fresh.optimizer.register_state_dict_post_hook(lambda _o, sd: {**sd, "meta": {"by": "v2"}})
+    fresh.load_state_dict(saved)
+    for p, q in zip(model.parameters(), fresh.param_groups[0]["params"]):
+        assert torch.equal(fresh.optimizer.state[q]["exp_avg"], opt.optimizer.state[p]["exp_avg"])
+    assert all(g["hd_wrapped_kept_whole"] is False for g in fresh.param_groups)
+
+
 def test_hyper_lr_live_state_holds_the_wrapped_state():
     """``state[p]["wrapped"]`` is the wrapped optimizer's own dict for ``p``, after a step and
     after a load (which replaces the wrapped optimizer's dicts); a flattened checkpoint loaded

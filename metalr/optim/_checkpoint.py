@@ -20,6 +20,9 @@ from torch.optim import Optimizer
 
 #: Key of the wrapped optimizer's state inside each parameter's entry of a HyperLR checkpoint.
 WRAPPED_STATE_KEY = "wrapped"
+#: Param-group flag of a HyperLR checkpoint whose wrapped part is kept whole, at the top level
+#: (the param groups travel wherever the state does: a load can tell that part went missing).
+KEPT_WHOLE_KEY = "hd_wrapped_kept_whole"
 
 
 def fold_wrapped_state(own: dict[str, Any], wrapped: Mapping[str, Any]) -> None:
@@ -29,7 +32,9 @@ def fold_wrapped_state(own: dict[str, Any], wrapped: Mapping[str, Any]) -> None:
     param groups is kept whole under a top-level ``"wrapped"`` instead (the older format)."""
     indices = {i for group in own["param_groups"] for i in group["params"]}
     states = wrapped.get("state", {})
-    if kept_whole(wrapped, indices):
+    whole = kept_whole(wrapped, indices)
+    own["param_groups"] = [{**g, KEPT_WHOLE_KEY: whole} for g in own["param_groups"]]
+    if whole:
         own["wrapped"] = wrapped
         # the entries are the live dicts, whose "wrapped" links the wrapped optimizer's state:
         # left there, a loader that keeps only per-parameter state (DCP) would take part of it

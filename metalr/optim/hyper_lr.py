@@ -32,10 +32,10 @@ from metalr.functional._hypergrad import adapt_rates, rates_in_use
 from metalr.optim import _validation as check
 from metalr.optim._base import HYPER_DEFAULTS, HypergradOptimizer, check_sparse, scalar_lr
 from metalr.optim._checkpoint import (
+    KEPT_WHOLE_KEY,
     WRAPPED_STATE_KEY,
     fold_wrapped_state,
     hooks_held,
-    kept_whole,
     run_hooks,
     unfold_wrapped_state,
 )
@@ -73,10 +73,12 @@ class HyperLR(HypergradOptimizer):
     State: per parameter the multiplier and one buffer (the previous direction, also used as
     the snapshot of the weights during the inner step), and under ``"wrapped"`` the inner
     optimizer's state of that parameter (the same dict as ``optimizer.state[p]``, linked at
-    each step and load: code that replaces the entry, e.g. a device move that copies the state,
-    or a load into the wrapped optimizer directly, unlinks it until the next step). ``state_dict()`` holds both per parameter, so
-    ``torch.distributed.checkpoint`` carries both, flattened
-    (``flatten_optimizer_state_dict=True``, which rebuilds the keys the live state has) or not.
+    each step and load: code that replaces the entry, e.g. a device move that copies the
+    state, or a load into the wrapped optimizer directly, unlinks it until the next step).
+    ``state_dict()`` holds both per parameter, so ``torch.distributed.checkpoint`` carries both,
+    flattened (``flatten_optimizer_state_dict=True``, which rebuilds the keys the live state
+    has) or not. HyperLR is not an ``optimizer_class`` for ``ZeroRedundancyOptimizer`` (it wraps
+    an optimizer; ZeRO's own load would bypass the wrapped state).
 
     Step hooks: the global ones (``torch.optim.optimizer.register_optimizer_step_pre_hook`` /
     ``post_hook``) run once per ``HyperLR.step()``, with the HyperLR as their optimizer, as they
@@ -140,6 +142,9 @@ class HyperLR(HypergradOptimizer):
         self.param_groups = self.optimizer.param_groups
         options = {**HYPER_DEFAULTS, **self._hyper}
         for group in self.param_groups:
+            # the flag's live key lets a flattened DCP load rebuild the saved one (DCP reads the
+            # keys of the live groups)
+            group.setdefault(KEPT_WHOLE_KEY, False)
             if options.keys() <= group.keys():
                 continue
             group.update(check.check_group_options(group, options, None, self.seek_family))
@@ -330,12 +335,17 @@ class HyperLR(HypergradOptimizer):
         state_dict = dict(state_dict)
         with hooks_held(self, "_optimizer_load_state_dict_pre_hooks") as pre_hooks:
             state_dict = dict(run_hooks(self, state_dict, pre_hooks))
+            groups = state_dict.get("param_groups", [])
+            if "wrapped" not in state_dict:
+                _refuse_split_whole_checkpoint(state_dict)
+            state_dict["param_groups"] = [
+                {k: v for k, v in g.items() if k != KEPT_WHOLE_KEY} for g in groups
+            ]
             if "wrapped" in state_dict:  # the wrapped checkpoint whole (older format)
                 self.optimizer.load_state_dict(state_dict.pop("wrapped"))
                 super().load_state_dict(state_dict)
                 self._link_wrapped_state(list(self.state))
                 return
-            _refuse_split_whole_checkpoint(self, state_dict)
             unfolded = unfold_wrapped_state(state_dict)
             if unfolded is not None:
                 own, wrapped = unfolded
@@ -356,24 +366,18 @@ def _is_hyper_lr_checkpoint(state_dict: Mapping[str, Any]) -> bool:
     return any(own & set(s) for s in states.values() if isinstance(s, Mapping))
 
 
-def _refuse_split_whole_checkpoint(hyper: HyperLR, state_dict: Mapping[str, Any]) -> None:
-    """A HyperLR checkpoint without the top-level ``"wrapped"`` its wrapped optimizer needs
-    (one whose checkpoint holds more than per-parameter state: :func:`kept_whole`) lost that
-    part on the way, e.g. through ``torch.distributed.checkpoint``: refused, rather than
-    resuming the wrapped optimizer with part of its state."""
-    if not _is_hyper_lr_checkpoint(state_dict):
-        return
-    indices = set(range(sum(len(g["params"]) for g in hyper.param_groups)))
-    wrapped = hyper.optimizer.state_dict()
-    if kept_whole(wrapped, indices):
+def _refuse_split_whole_checkpoint(state_dict: Mapping[str, Any]) -> None:
+    """A checkpoint whose wrapped part was saved whole (its param groups say so:
+    :data:`KEPT_WHOLE_KEY`) but that has no top-level ``"wrapped"`` lost that part on the way,
+    e.g. through ``torch.distributed.checkpoint``: refused, rather than resuming the wrapped
+    optimizer with part of its state."""
+    if any(g.get(KEPT_WHOLE_KEY) for g in state_dict.get("param_groups", ())):
         raise ValueError(
-            "Invalid state_dict: the wrapped optimizer's checkpoint holds more than the state "
-            "of HyperLR's parameters and param groups (extra entries: "
-            f"{sorted(set(wrapped) - {'state', 'param_groups'})}, or state of parameters HyperLR "
-            "does not hold), which HyperLR saves whole under a top-level 'wrapped' entry, and "
-            "this checkpoint has none "
-            "(torch.distributed.checkpoint keeps only per-parameter state): save and load "
-            "HyperLR.state_dict() with torch.save for this optimizer"
+            "Invalid state_dict: the wrapped optimizer's checkpoint held more than the state of "
+            "HyperLR's parameters and param groups, so HyperLR saved it whole under a top-level "
+            "'wrapped' entry, and this checkpoint has none (torch.distributed.checkpoint keeps "
+            "only per-parameter state): save and load HyperLR.state_dict() with torch.save for "
+            "this optimizer"
         )
 
 
