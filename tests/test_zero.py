@@ -250,9 +250,10 @@ EMPTY_RANK_CASES = {  # (dtype, rule, granularity, hypergrad_lr)
 }
 
 
-def _one_parameter_run(rank: int | None, case: str) -> list:
+def _one_parameter_run(rank: int | None, case: str, observe: bool = False) -> list:
     """One parameter tensor: under ZeRO on two ranks, rank 1 holds none and joins the step's
-    collectives in its place (``ShardReducer.participate``)."""
+    collectives in its place (``ShardReducer.participate``); with ``observe``, a validation
+    batch after every step (rank 1 then computes no gradient at all)."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     dtype, rule, granularity, beta = EMPTY_RANK_CASES[case]
@@ -274,6 +275,10 @@ def _one_parameter_run(rank: int | None, case: str) -> list:
         opt.zero_grad()
         torch.nn.functional.mse_loss(module(x), y).backward()
         opt.step()
+        if observe:  # the same batch on every rank
+            xv = torch.randn(8, 4, generator=gen).to(dtype)
+            loss = torch.nn.functional.mse_loss(model(xv), -xv.sum(1, keepdim=True))
+            (opt if rank is None else opt.optim).observe_validation(loss, process_group=None)
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -408,46 +413,15 @@ def test_zero_observe_validation_with_a_rank_holding_none_of_a_group():
     assert any(not torch.equal(a, b) for a, b in zip(reference["params"], clean["params"]))
 
 
-def _one_parameter_observing(rank: int | None) -> list:
-    """One parameter tensor observed every step: under ZeRO rank 1 holds no parameter at all
-    (no validation gradient to compute) and joins the observations' collectives."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1, bias=False).double()
-    kwargs = {"lr": 1e-2, "rule": "normalized", "granularity": "group", "hypergrad_lr": 0.1}
-    if rank is None:
-        module = model
-        opt = inner = metalr.AdamHD(model.parameters(), **kwargs)
-    else:
-        module = torch.nn.parallel.DistributedDataParallel(model)
-        opt = ZeroRedundancyOptimizer(module.parameters(), optimizer_class=metalr.AdamHD,
-                                      shard_group="world", **kwargs)  # fmt: skip
-        inner = opt.optim
-    for step in range(4):
-        gen = torch.Generator().manual_seed(step)
-        x = torch.randn(8, 4, generator=gen, dtype=torch.float64)
-        y = x.sum(1, keepdim=True)
-        if rank is not None:
-            x, y = x[rank * 4 : rank * 4 + 4], y[rank * 4 : rank * 4 + 4]
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(module(x), y).backward()
-        opt.step()
-        xv = torch.randn(8, 4, generator=gen, dtype=torch.float64)
-        loss = torch.nn.functional.mse_loss(model(xv), -xv.sum(1, keepdim=True))
-        inner.observe_validation(loss, process_group=None)
-    return [p.detach().clone() for p in model.parameters()]
-
-
 def _one_parameter_observing_ranks(rank: int) -> list:
-    return _one_parameter_observing(rank)
+    return _one_parameter_run(rank, "float64-normalized-group", observe=True)
 
 
 def test_zero_observe_validation_on_a_rank_holding_no_parameter_at_all():
     """``torch.autograd.grad`` with no inputs raised on the rank holding nothing (and the other
     rank died with it): that rank now computes no gradient and joins the collectives."""
     per_rank = run_ranks(_one_parameter_observing_ranks, timeout_s=120)
-    ref = _one_parameter_observing(None)
+    ref = _one_parameter_run(None, "float64-normalized-group", observe=True)
     for rank in range(2):
         torch.testing.assert_close(per_rank[rank][0], ref[0], rtol=1e-9, atol=1e-12)
 
