@@ -10,7 +10,7 @@ from torch import Tensor
 
 from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._distributed import average_over_ranks
-from metalr.functional._hypergrad import all_finite, clamp_rates, rate_dtype, rates_in_use
+from metalr.functional._hypergrad import clamp_rates, rate_dtype, rates_in_use
 from metalr.functional._rate_moves import log_level
 from metalr.functional._validation_state import LEVEL
 from metalr.functional.spike_guard import (
@@ -29,12 +29,13 @@ from metalr.optim._state_keys import RATE_KEY, SPIKE_KEY, VALIDATION_KEY
 class SpikeGuarded:
     """Mixin of :class:`metalr.optim._base.HypergradOptimizer`: the guard that a closure's loss
     drives (``spike_guard=`` of every metalr optimizer). It reads ``param_groups``, ``state``,
-    ``_controller``, ``_shard_group`` and ``_shard_reducer`` of the optimizer it is mixed into."""
+    ``_controller``, ``_shard_group``, ``_shard_reducer`` and ``_local_grads_finite`` of the
+    optimizer it is mixed into."""
 
     param_groups: list[dict[str, Any]]
     state: Any
 
-    def _guard_spike(self, loss: Any) -> None:
+    def _guard_spike(self, loss: Any, grads_finite: Tensor | None = None) -> None:
         """The loss-spike guard (:mod:`metalr.functional.spike_guard`) at the start of a step, for
         the loss its closure returned, else the one :meth:`observe_loss` left for it: update each
         guarded group's statistics and, on a spike, cut its rates (and turn its ramping seek
@@ -44,7 +45,9 @@ class SpikeGuarded:
         more than one rank the loss is averaged over the ranks first (the shard group's, else the
         default group), so every rank takes the same decision; with sharded state
         (``shard_group``) the gradients' finiteness is decided over the ranks too, and a rank
-        that holds none of the guarded groups' parameters joins both collectives."""
+        that holds none of the guarded groups' parameters joins both collectives.
+        ``grads_finite``: the step's flag over every gradient when it has one already
+        (``_grads_finite``, several groups), so that it is not computed, or all-reduced, twice."""
         pending, self._pending_spike_loss = getattr(self, "_pending_spike_loss", None), None
         groups = self._guarded_groups()
         shards = self._shard_reducer()
@@ -52,14 +55,11 @@ class SpikeGuarded:
             return
         device = self._spike_device(groups, shards)
         value = self._spike_loss(loss, device) if loss is not None else pending
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        finite = (
-            all_finite(grads).to(device)
-            if grads
-            else torch.ones((), dtype=torch.bool, device=device)
-        )
-        if shards is not None:
-            finite = shards.all(finite.to(shards.device)).to(device)
+        if grads_finite is None:
+            grads_finite = self._local_grads_finite(device if shards is None else shards.device)
+            if shards is not None:
+                grads_finite = shards.all(grads_finite)
+        finite = grads_finite.to(device)
         with torch.no_grad():
             for group in groups:
                 self._guard_group(group, value, finite)

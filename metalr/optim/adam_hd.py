@@ -234,8 +234,8 @@ class AdamHD(HypergradOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._guard_spike(loss)  # the closure's loss, or the one observe_loss left
         grads_finite = self._grads_finite()
+        self._guard_spike(loss, grads_finite)  # the closure's loss, or the one observe_loss left
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []

@@ -197,9 +197,9 @@ class HyperLR(HypergradOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._guard_spike(loss)  # the closure's loss, or the one observe_loss left
-        pending = []
         grads_finite = self._grads_finite()
+        self._guard_spike(loss, grads_finite)  # the closure's loss, or the one observe_loss left
+        pending = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             for p in params:
@@ -330,40 +330,32 @@ class HyperLR(HypergradOptimizer):
         into the wrapped optimizer; HyperLR's state starts afresh (multipliers at 1, options as
         constructed). A HyperLR checkpoint that lost the wrapped optimizer's state (e.g. a
         flattened ``torch.distributed.checkpoint`` loaded into a HyperLR that never stepped, whose
-        live state has no ``"wrapped"`` key to rebuild) is refused with a ``ValueError``.
+        live state has no ``"wrapped"`` key to rebuild, or a wrapped checkpoint saved whole that
+        went through DCP) is refused with a ``ValueError``.
         """
         state_dict = dict(state_dict)
         with hooks_held(self, "_optimizer_load_state_dict_pre_hooks") as pre_hooks:
             state_dict = dict(run_hooks(self, state_dict, pre_hooks))
-            groups = state_dict.get("param_groups", [])
             if "wrapped" not in state_dict:
                 _refuse_split_whole_checkpoint(state_dict)
             state_dict["param_groups"] = [
-                {k: v for k, v in g.items() if k != KEPT_WHOLE_KEY} for g in groups
+                {k: v for k, v in g.items() if k != KEPT_WHOLE_KEY}
+                for g in state_dict.get("param_groups", [])
             ]
-            if "wrapped" in state_dict:  # the wrapped checkpoint whole (older format)
-                self.optimizer.load_state_dict(state_dict.pop("wrapped"))
-                super().load_state_dict(state_dict)
-                self._link_wrapped_state(list(self.state))
-                return
-            unfolded = unfold_wrapped_state(state_dict)
-            if unfolded is not None:
+            if "wrapped" in state_dict:  # the wrapped checkpoint whole, at the top level
+                own, wrapped = state_dict, state_dict.pop("wrapped")
+            else:
+                unfolded = unfold_wrapped_state(state_dict)
+                if unfolded is None:  # a checkpoint of the wrapped optimizer alone
+                    _refuse_hyper_lr_state_without_wrapped(state_dict)
+                    self.optimizer.load_state_dict(state_dict)
+                    self.state.clear()
+                    self._share_groups()
+                    return
                 own, wrapped = unfolded
-                self.optimizer.load_state_dict(wrapped)
-                super().load_state_dict(own)
-                self._link_wrapped_state(list(self.state))
-                return
-            _refuse_hyper_lr_state_without_wrapped(state_dict)
-            self.optimizer.load_state_dict(state_dict)
-            self.state.clear()
-            self._share_groups()
-
-
-def _is_hyper_lr_checkpoint(state_dict: Mapping[str, Any]) -> bool:
-    """Whether some parameter's entry holds HyperLR's own state (not the wrapped optimizer's)."""
-    own = {RATE_KEY, CONTROLLER_KEY, "prev_direction"}
-    states = state_dict.get("state", {})
-    return any(own & set(s) for s in states.values() if isinstance(s, Mapping))
+            self.optimizer.load_state_dict(wrapped)
+            super().load_state_dict(own)
+            self._link_wrapped_state(list(self.state))
 
 
 def _refuse_split_whole_checkpoint(state_dict: Mapping[str, Any]) -> None:
@@ -382,7 +374,10 @@ def _refuse_split_whole_checkpoint(state_dict: Mapping[str, Any]) -> None:
 
 
 def _refuse_hyper_lr_state_without_wrapped(state_dict: Mapping[str, Any]) -> None:
-    if _is_hyper_lr_checkpoint(state_dict):
+    """A checkpoint with HyperLR's own state in some parameter's entry but no wrapped state."""
+    own = {RATE_KEY, CONTROLLER_KEY, "prev_direction"}
+    states = state_dict.get("state", {})
+    if any(own & set(s) for s in states.values() if isinstance(s, Mapping)):
         raise ValueError(
             "Invalid state_dict: a HyperLR checkpoint without the wrapped optimizer's state (no "
             "'wrapped' entry in any parameter's state, nor a top-level one); save it with "
