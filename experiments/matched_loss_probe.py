@@ -73,6 +73,15 @@ def table(task_name: str, rows: list[dict[str, Any]], levels: tuple[float, ...])
     return "\n".join(lines) + "\n"
 
 
+def print_and_write(text: str, out: Path | None) -> str:
+    """Print a probe's Markdown table and, with ``out``, write it there (its folder made)."""
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    return text
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", default="digits_mlp")
@@ -93,11 +102,7 @@ def main(argv: list[str] | None = None) -> str:
         for lr in args.lrs.split(",") for seed in args.seeds.split(",")
     ]  # fmt: skip
     text = table(args.task, rows, levels)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    return text
+    return print_and_write(text, args.out)
 
 
 if __name__ == "__main__":

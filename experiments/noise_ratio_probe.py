@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from matched_loss_probe import print_and_write
 
 from metalr.workbench.runner import train
 from metalr.workbench.tasks import make_task
@@ -114,11 +115,7 @@ def main(argv: list[str] | None = None) -> str:
         for name in args.tasks.split(",") for seed in args.seeds.split(",")
     ]  # fmt: skip
     text = table(rows)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    return text
+    return print_and_write(text, args.out)
 
 
 if __name__ == "__main__":
