@@ -252,6 +252,11 @@ def test_hyperlr_additive_rule_needs_an_explicit_hypergrad_lr() -> None:
     assert opt.param_groups[0]["hypergrad_lr"] == 1e-4
 
 
+def test_hyperlr_refuses_an_optimizer_whose_step_needs_a_closure() -> None:
+    with _raises(ValueError, "HyperLR cannot wrap LBFGS: its step() needs a closure"):
+        metalr.HyperLR(torch.optim.LBFGS(_params(), lr=1.0))
+
+
 def test_hyperlr_needs_an_lr_entry() -> None:
     with _raises(ValueError, "HyperLR needs an optimizer whose param groups have an 'lr' entry"):
         metalr.HyperLR(_NoLR(_params()))

@@ -14,6 +14,7 @@ Around ``torch.optim.SGD`` this is exactly :class:`metalr.SGDHD`; around ``torch
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,7 +48,8 @@ class HyperLR(HypergradOptimizer):
 
     Args:
         optimizer: the ``torch.optim.Optimizer`` to wrap (SGD, RMSprop, Adagrad, RAdam, Adamax,
-            NAdam, a third-party optimizer, ...). HyperLR shares its ``param_groups``, so LR
+            NAdam, a third-party optimizer, ...; not one whose ``step`` needs a closure, such
+            as ``LBFGS``: a ValueError). HyperLR shares its ``param_groups``, so LR
             schedulers built on either object drive the same ``lr``. Its groups (and groups
             added later) may set their own ``rule``, ``granularity``, ``hypergrad_lr``,
             ``lr_bounds``, ``seek``, ``validation`` and ``spike_guard``, checked like the
@@ -116,6 +118,12 @@ class HyperLR(HypergradOptimizer):
             )
         if any("lr" not in g for g in optimizer.param_groups):
             raise ValueError("HyperLR needs an optimizer whose param groups have an 'lr' entry")
+        if _step_needs_closure(optimizer):
+            raise ValueError(
+                f"HyperLR cannot wrap {type(optimizer).__name__}: its step() needs a closure (it "
+                "re-evaluates the loss, e.g. a line search), so one step has no single "
+                "displacement u_t = θ_t − θ_{t-1} for a rate to scale"
+            )
         self.seek_family = _seek_family(optimizer)
         self._hyper = check.check_hyper_options(
             hypergrad_lr,
@@ -410,3 +418,13 @@ def _seek_family(optimizer: Optimizer) -> str:
     with Adam's constants 6/12 cells of the seed-3 check within 10% of best-of-grid SGD, with
     SGD-HD's 8/12)."""
     return "sgd" if isinstance(optimizer, torch.optim.SGD) else "adam"
+
+
+def _step_needs_closure(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer.step`` takes a closure it cannot do without (``torch.optim.LBFGS``)."""
+    try:
+        parameters = inspect.signature(optimizer.step).parameters
+    except (TypeError, ValueError):  # a builtin or C-implemented step: assume the usual contract
+        return False
+    closure = parameters.get("closure")
+    return closure is not None and closure.default is inspect.Parameter.empty
