@@ -17,10 +17,11 @@ with ``higher``.
 
 from metalr.meta.config import MetaConfig
 from metalr.meta.facade import AdaptedModel, MetaLR
+from metalr.meta.handoff import load_prior, load_step_rates, param_groups_from_prior
 from metalr.meta.inner_loop import InnerRule, make_forward, make_loss, unroll
 from metalr.meta.learner import MetaLearner
 from metalr.meta.parametrize import MetaParameters
-from metalr.meta.prior import LRPrior, load_prior, param_groups_from_prior
+from metalr.meta.prior import LRPrior
 
 __all__ = [
     "AdaptedModel",
@@ -31,6 +32,7 @@ __all__ = [
     "MetaLearner",
     "MetaParameters",
     "load_prior",
+    "load_step_rates",
     "make_forward",
     "make_loss",
     "param_groups_from_prior",

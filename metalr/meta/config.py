@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,6 +210,8 @@ class MetaConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MetaConfig:
         """Inverse of :meth:`to_dict`; an unknown key raises ``ValueError``."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"MetaConfig.from_dict needs a mapping, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

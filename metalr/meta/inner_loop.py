@@ -163,6 +163,10 @@ def inner_step(
     return InnerState(dict(zip(names, new.params)), list(new.rates), buffers)
 
 
+#: How :func:`support_grads` differentiates: ``torch.func.grad`` or ``torch.autograd.grad``.
+SUPPORT_GRAD_MODES = ("func", "autograd")
+
+
 def support_grads(
     loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, *, mode: str, create_graph: bool
 ) -> list[Tensor]:
@@ -171,6 +175,8 @@ def support_grads(
 
     ``create_graph=False`` evaluates the gradient at detached weights (FOMAML / evaluation).
     """
+    if mode not in SUPPORT_GRAD_MODES:
+        raise ValueError(f"Invalid mode: {mode!r}; expected one of {SUPPORT_GRAD_MODES}")
     if mode == "func":
         at = params if create_graph else {n: p.detach() for n, p in params.items()}
         grads = torch.func.grad(loss_fn)(at, x, y)
@@ -216,6 +222,8 @@ def unroll(
     """
     if steps < 1:
         raise ValueError(f"Invalid inner steps value: {steps}; expected an integer >= 1")
+    if mode not in SUPPORT_GRAD_MODES:
+        raise ValueError(f"Invalid mode: {mode!r}; expected one of {SUPPORT_GRAD_MODES}")
     if create_graph is None:
         create_graph = not rule.first_order
     names = list(init)

@@ -5,7 +5,7 @@ from (shape ``()`` at tensor granularity, the parameter's shape at element granu
 optionally the learned ``hypergrad_lr`` per tensor and the learned initial weights.
 
 The inner loop runs the optimizers' own update rules with ``lr = base_lr = 1``, so the learned
-rate is the multiplier itself. :func:`load_prior` writes ``optimizer.state[p]['lr_multiplier'] =
+rate is the multiplier itself. :func:`~metalr.meta.handoff.load_prior` writes ``optimizer.state[p]['lr_multiplier'] =
 α / group['lr']``; with ``set_lr=True`` it first sets ``group['lr'] = base_lr`` so the
 optimizer's first step equals the meta-learner's first inner step bit for bit on the
 single-tensor path (``foreach=False``, which runs the same pure step; the ``foreach`` path
@@ -18,7 +18,8 @@ agrees to rounding)::
     load_prior(optimizer, model, prior)                    # rates and hypergrad_lr per tensor
 
 The optimizers take one ``hypergrad_lr`` per param group, so a prior with a learned
-``hypergrad_lr`` per tensor needs one group per parameter: :func:`param_groups_from_prior`.
+``hypergrad_lr`` per tensor needs one group per parameter:
+:func:`~metalr.meta.handoff.param_groups_from_prior`.
 """
 
 from __future__ import annotations
@@ -27,24 +28,38 @@ import datetime
 import importlib.metadata
 import importlib.util
 import json
-import warnings
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from metalr.functional import rate_dtype
-from metalr.functional._controller import settled_controller
-from metalr.meta.config import INNER_RULES, MetaConfig
+from metalr.meta.config import HYPERGRAD_RULES, INNER_RULES, MetaConfig
 from metalr.meta.parametrize import MetaParameters
 from metalr.meta.results import _atomic
-from metalr.optim import SGDHD, AdamHD
-from metalr.optim._base import CONTROLLER_KEY, RATE_KEY, HypergradOptimizer
 
 FORMAT = "metalr.LRPrior/1"
 _FIELDS = ("rates", "hypergrad_lrs", "init_weights", "rate_schedule")
+
+
+def _named_tensors(
+    field_name: str, value: Any, same_names: dict[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """``value`` checked to be a dict of name → tensor (and, with ``same_names``, to name
+    exactly those parameters)."""
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items()
+    ):
+        raise TypeError(f"{field_name} must be a dict of parameter name -> tensor")
+    if same_names is not None and set(value) != set(same_names):
+        missing, extra = sorted(set(same_names) - set(value)), sorted(set(value) - set(same_names))
+        raise ValueError(
+            f"{field_name} must name the parameters the rates name: missing {missing}, "
+            f"extra {extra}"
+        )
+    return value
 
 
 @dataclass
@@ -83,13 +98,41 @@ class LRPrior:
             raise ValueError(
                 f"Invalid inner_rule: {self.inner_rule!r}; expected one of {INNER_RULES}"
             )
-        if not self.base_lr > 0:
-            raise ValueError(f"Invalid base_lr value: {self.base_lr}; expected > 0")
-        for name, rate in self.rates.items():
-            if not isinstance(rate, Tensor) or (self.granularity == "tensor" and rate.dim() != 0):
+        if self.hypergrad_rule not in HYPERGRAD_RULES:
+            raise ValueError(
+                f"Invalid hypergrad_rule: {self.hypergrad_rule!r}; expected one of "
+                f"{HYPERGRAD_RULES}"
+            )
+        if isinstance(self.base_lr, bool) or not isinstance(self.base_lr, (int, float)):
+            raise TypeError(f"base_lr must be a number, got {type(self.base_lr).__name__}")
+        if not 0 < self.base_lr < math.inf:
+            raise ValueError(f"Invalid base_lr value: {self.base_lr}; expected a finite value > 0")
+        for name, rate in _named_tensors("rates", self.rates).items():
+            if self.granularity == "tensor" and rate.dim() != 0:
                 raise ValueError(f"rate of {name!r} must be a 0-d tensor at tensor granularity")
-            if not bool(torch.all(rate > 0)):
-                raise ValueError(f"rate of {name!r} must be positive")
+            if not bool(torch.all((rate > 0) & torch.isfinite(rate))):
+                raise ValueError(f"rate of {name!r} must be positive and finite")
+        if self.hypergrad_lrs is not None:
+            betas = _named_tensors("hypergrad_lrs", self.hypergrad_lrs, same_names=self.rates)
+            for name, beta in betas.items():
+                if beta.numel() != 1 or not (0 <= float(beta) < math.inf):
+                    raise ValueError(
+                        f"hypergrad_lr of {name!r} must be one finite value >= 0, got "
+                        f"{beta.detach().reshape(-1)[:4].tolist()}"
+                    )
+        if self.rate_schedule is not None:
+            table = _named_tensors("rate_schedule", self.rate_schedule, same_names=self.rates)
+            for name, rates in table.items():
+                if rates.dim() != 1 or not bool(torch.all((rates > 0) & torch.isfinite(rates))):
+                    raise ValueError(
+                        f"rate_schedule of {name!r} must be a 1-d tensor of positive, finite "
+                        f"rates (one per inner step), got shape {tuple(rates.shape)}"
+                    )
+        if self.init_weights is not None:
+            weights = _named_tensors("init_weights", self.init_weights)
+            unknown = sorted(set(weights) - set(self.rates))
+            if unknown:
+                raise ValueError(f"init_weights has parameter(s) with no rate: {unknown}")
 
     def __repr__(self) -> str:
         """A one-line summary (not every tensor): how many rates, their range, what else.
@@ -230,187 +273,3 @@ def prior_from_meta(meta: MetaParameters, config: MetaConfig) -> LRPrior:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         },
     )
-
-
-def _floats(value: Any) -> tuple[float, ...]:
-    """A number or a sequence of numbers as a tuple of floats (``"inf"`` read as inf)."""
-    return tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else (float(value),)
-
-
-def _trainable(model: nn.Module) -> dict[str, Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def param_groups_from_prior(
-    model: nn.Module, prior: LRPrior, **group_options: Any
-) -> list[dict[str, Any]]:
-    """One param group per trainable parameter, carrying its learned ``hypergrad_lr`` (and the
-    rule it was learned for, when the prior has one).
-
-    Pass the result to the optimizer's constructor, then call :func:`load_prior`::
-
-        optimizer = metalr.AdamHD(param_groups_from_prior(model, prior), granularity="tensor")
-        load_prior(optimizer, model, prior)
-
-    ``group_options`` (e.g. ``weight_decay=0.0``) are added to every group, after the inner
-    loop's own constants the prior records (:func:`inner_constants`: Adam's ``betas`` and
-    ``eps`` for ``adam_hd``, ``lr_bounds``), so the optimizer steps as the learned inner loop did.
-    """
-    groups = []
-    constants = inner_constants(prior)
-    for name, p in _trainable(model).items():
-        if name not in prior.rates:
-            raise ValueError(f"prior has no rate for parameter {name!r}")
-        group = {"params": [p], "lr": prior.base_lr, **constants, **group_options}
-        if prior.hypergrad_lrs is not None:  # learned for its rule: the group keeps that rule
-            group["hypergrad_lr"] = float(prior.hypergrad_lrs[name])
-            group.setdefault("rule", prior.hypergrad_rule)
-        groups.append(group)
-    return groups
-
-
-def inner_constants(prior: LRPrior) -> dict[str, Any]:
-    """The learned inner loop's optimizer constants, as param-group options: ``betas`` and
-    ``eps`` (``adam_hd``) and ``lr_bounds`` (the hypergradient rules), read from the config in
-    ``prior.provenance`` (``{}`` for a prior saved without one)."""
-    config = prior.provenance.get("config") or {}
-    out: dict[str, Any] = {}
-    if prior.inner_rule == "adam_hd":
-        if "adam_betas" in config:
-            out["betas"] = _floats(config["adam_betas"])
-        if "adam_eps" in config:
-            out["eps"] = float(config["adam_eps"])
-    if prior.inner_rule != "sgd" and "lr_bounds" in config:
-        out["lr_bounds"] = _floats(config["lr_bounds"])  # the config's "inf" -> inf
-    return out
-
-
-def _check_compatible(optimizer: HypergradOptimizer, prior: LRPrior) -> None:
-    expected = {"adam_hd": AdamHD, "sgd": SGDHD, "sgd_hd": SGDHD}[prior.inner_rule]
-    if isinstance(optimizer, (SGDHD, AdamHD)) and not isinstance(optimizer, expected):
-        raise ValueError(  # noqa: TRY004 - a value mismatch between prior and optimizer
-            f"prior learned with inner_rule={prior.inner_rule!r} holds rates for "
-            f"{expected.__name__}, not {type(optimizer).__name__}"
-        )
-    constants = inner_constants(prior)
-    for i, group in enumerate(optimizer.param_groups):
-        if group["granularity"] != prior.granularity:
-            raise ValueError(
-                f"prior has {prior.granularity!r} rates but param group {i} uses "
-                f"granularity={group['granularity']!r}; build the optimizer with "
-                f"granularity={prior.granularity!r}"
-            )
-        for key, value in constants.items():
-            if key in group and _floats(group[key]) != _floats(value):
-                raise ValueError(
-                    f"prior was learned with {key}={value!r} but param group {i} uses "
-                    f"{key}={group[key]!r}; build the groups with param_groups_from_prior, or "
-                    f"pass {key}={value!r}"
-                )
-        if prior.hypergrad_lrs is not None and group["rule"] != prior.hypergrad_rule:
-            raise ValueError(
-                f"prior's hypergrad_lr was learned for rule={prior.hypergrad_rule!r} but param "
-                f"group {i} uses rule={group['rule']!r}"
-            )
-
-
-def load_prior(
-    optimizer: HypergradOptimizer,
-    model: nn.Module,
-    prior: LRPrior,
-    *,
-    set_lr: bool = True,
-    load_weights: bool = False,
-) -> None:
-    """Write a prior's rates (and ``hypergrad_lr``) into a metalr optimizer, matched by name.
-
-    Args:
-        optimizer: :class:`metalr.SGDHD`, :class:`metalr.AdamHD` or :class:`metalr.HyperLR`
-            over (some of) ``model``'s parameters, with the prior's granularity.
-        model: the module whose ``named_parameters()`` names the optimizer's parameters.
-        prior: the :class:`LRPrior`.
-        set_lr: set every ``group['lr']`` to ``prior.base_lr`` first, so the multipliers are
-            the learned rates exactly; otherwise multipliers are ``rate / group['lr']``, which
-            keeps a scheduler's ``lr`` but rounds (default: True).
-        load_weights: also copy ``prior.init_weights`` into the model (default: False).
-
-    Raises:
-        ValueError: a parameter without a rate, a mis-shaped rate, a granularity or rule
-            mismatch, or different learned ``hypergrad_lr`` within one param group.
-    """
-    if not isinstance(optimizer, HypergradOptimizer):
-        raise TypeError(
-            f"{type(optimizer).__name__} is not a metalr optimizer (SGDHD, AdamHD, HyperLR)"
-        )
-    named = _trainable(model)
-    unknown = sorted(set(prior.rates) - set(named))
-    if unknown:
-        raise ValueError(f"prior has rates for parameter(s) not in the model: {unknown}")
-    _check_compatible(optimizer, prior)
-    config = prior.provenance.get("config") or {}
-    if prior.inner_rule != "sgd" and config.get("hypergrad_granularity") == "group":
-        warnings.warn(
-            "this prior's inner loop adapted its per-tensor rates from one signal over the whole "
-            "model (hypergrad_granularity='group'); the optimizer adapts each tensor's rate from "
-            "its own, so it matches the learned inner loop at the first step only",
-            stacklevel=2,
-        )
-    names = {p: n for n, p in named.items()}
-    for i, group in enumerate(optimizer.param_groups):
-        if set_lr:
-            if isinstance(group["lr"], Tensor):
-                group["lr"].fill_(prior.base_lr)
-            else:
-                group["lr"] = prior.base_lr
-        lr = group["lr"]
-        if not lr > 0:
-            raise ValueError(f"param group {i} has lr={lr}; rates are relative to a positive lr")
-        group_names = []
-        for p in group["params"]:
-            if p not in names:
-                raise ValueError(
-                    f"param group {i} holds a parameter of shape {tuple(p.shape)} that is not a "
-                    "trainable parameter of the model"
-                )
-            name = names[p]
-            if name not in prior.rates:
-                raise ValueError(f"prior has no rate for parameter {name!r}")
-            rate = prior.rates[name]
-            shape = tuple(p.shape) if prior.granularity == "element" else ()
-            if tuple(rate.shape) != shape:
-                raise ValueError(
-                    f"prior rate for parameter {name!r} has shape {tuple(rate.shape)}, "
-                    f"expected {shape}"
-                )
-            rate = rate.to(device=p.device, dtype=rate_dtype(p))
-            optimizer.state[p][RATE_KEY] = (
-                rate / lr.to(rate) if isinstance(lr, Tensor) else rate / lr
-            ).clone()
-            if group["rule"] == "seek":  # the prior is the rate: track it, do not search again
-                optimizer.state[p][CONTROLLER_KEY] = settled_controller(
-                    optimizer.state[p][RATE_KEY], group["seek"]
-                )
-            group_names.append(name)
-        if prior.hypergrad_lrs is not None and group_names:
-            betas = [prior.hypergrad_lrs[n] for n in group_names]
-            if any(not torch.equal(b, betas[0]) for b in betas[1:]):
-                raise ValueError(
-                    f"parameters {group_names} share param group {i} but have different learned "
-                    "hypergrad_lr; build the optimizer with "
-                    "metalr.meta.param_groups_from_prior(model, prior)"
-                )
-            group["hypergrad_lr"] = float(betas[0])
-    if load_weights:
-        if prior.init_weights is None:
-            raise ValueError("prior has no initial weights (learned with learn_init=False)")
-        with torch.no_grad():
-            for name, p in named.items():
-                if name not in prior.init_weights:
-                    raise ValueError(f"prior has no initial weights for parameter {name!r}")
-                w = prior.init_weights[name]
-                if w.shape != p.shape:
-                    raise ValueError(
-                        f"prior weights for {name!r} have shape {tuple(w.shape)}, expected "
-                        f"{tuple(p.shape)}"
-                    )
-                p.copy_(w)

@@ -30,8 +30,10 @@ import copy
 import importlib.util
 import itertools
 import math
+import re
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -348,21 +350,22 @@ def prior_metrics(prior: Any, cfg: RunConfig) -> dict[str, Any]:
     ``optimizer.step()`` calls on the support loss; an LSLR prior's per-step rates are written
     before each step. Matches the meta-learner's own evaluation up to rounding.
     """
+    from metalr.meta.handoff import (
+        STEP_RATES_WARNING,
+        load_prior,
+        load_step_rates,
+        param_groups_from_prior,
+    )
     from metalr.meta.inner_loop import task_loss
-    from metalr.meta.prior import load_prior, param_groups_from_prior
     from metalr.optim import SGDHD, AdamHD
-    from metalr.optim._base import RATE_KEY
 
     steps = cfg.eval.steps or cfg.meta.inner_steps
     schedule = prior.rate_schedule
     if schedule is not None and steps > min(len(t) for t in schedule.values()):
         raise ValueError(f"the prior's LSLR schedule has fewer than eval.steps={steps} steps")
     model, loss_name = build_model(cfg), _loss_name(cfg)
-    named = dict(model.named_parameters())
     options = {"granularity": prior.granularity, "lr_bounds": cfg.meta.lr_bounds, "foreach": False}
-    if prior.inner_rule == "sgd":  # fixed rates: an HD rule that adds exactly 0 (as the learner)
-        options.update(hypergrad_lr=0.0, rule="additive")
-    else:
+    if prior.inner_rule != "sgd":  # an sgd prior's groups keep its rates fixed (additive, β 0)
         options.update(rule=prior.hypergrad_rule)
     values: dict[str, list[float]] = {"query_loss": [], "pre_adaptation_loss": [], "accuracy": []}
     test_set = _sources(cfg, cfg.eval.k_query)["test"]
@@ -371,13 +374,14 @@ def prior_metrics(prior: Any, cfg: RunConfig) -> dict[str, Any]:
             groups = param_groups_from_prior(model, prior)
             opt = (AdamHD(groups, betas=cfg.meta.adam_betas, eps=cfg.meta.adam_eps, **options)
                    if prior.inner_rule == "adam_hd" else SGDHD(groups, **options))  # fmt: skip
-            load_prior(opt, model, prior, load_weights=prior.init_weights is not None)
+            with warnings.catch_warnings():  # the per-step rates are written below
+                warnings.filterwarnings("ignore", message=re.escape(STEP_RATES_WARNING))
+                load_prior(opt, model, prior, load_weights=prior.init_weights is not None)
             with torch.no_grad():
                 values["pre_adaptation_loss"].append(float(task_loss(model(qx), qy, loss_name)))
             for t in range(steps):
                 if schedule is not None:
-                    for name, rate in schedule.items():
-                        opt.state[named[name]][RATE_KEY] = rate[t].detach().clone()
+                    load_step_rates(opt, model, prior, t)
                 opt.zero_grad()
                 task_loss(model(sx), sy, loss_name).backward()
                 opt.step()

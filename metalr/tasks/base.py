@@ -60,6 +60,8 @@ def check_task_batch(batch: TaskBatch) -> None:
         if t.dim() < 2:
             raise ValueError(f"{name} must have shape [tasks, examples, ...], got {tuple(t.shape)}")
     n = batch.support_x.shape[0]
+    if n == 0:
+        raise ValueError("task batch is empty (support_x has 0 tasks)")
     for name, t in zip(names, batch):
         if t.shape[0] != n:
             raise ValueError(f"{name} has {t.shape[0]} tasks but support_x has {n}")

@@ -153,7 +153,7 @@ def build_for_model(
             groups = L.param_groups(model, lr, spec.get("layer_decay") or 1.0)
             return build_optimizer(spec, groups, lr)
         return build_optimizer(spec, model.parameters(), lr)
-    from metalr.meta.prior import load_prior, param_groups_from_prior
+    from metalr.meta.handoff import load_prior, param_groups_from_prior
     from metalr.workbench.priors import prior_for_spec
 
     if spec["prior"] == "task" and task is None:
