@@ -6,11 +6,12 @@ step there starts from DRAM. This script steps three optimizers only (torch's fu
 alone and the rate update that follows them, in shuffled paired rounds, as ratios to torch's
 fused Adam:
 
-    python experiments/bench_cpu_kernel.py            # 5M parameters in 20 tensors, 1 thread
+    python experiments/bench_cpu_kernel.py [--rounds 25]   # 5M parameters in 20 tensors, 1 thread
 """
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import sys
@@ -87,4 +88,6 @@ def main(rounds: int = 25) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*(int(a) for a in sys.argv[1:])))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=25, help="shuffled paired rounds")
+    sys.exit(main(parser.parse_args().rounds))
