@@ -204,6 +204,49 @@ def test_differentiable_step_keeps_the_graph(cls) -> None:
     torch.testing.assert_close(p.detach(), q, rtol=1e-14, atol=1e-14)
 
 
+def _unrolled(cls, w0: torch.Tensor, lr: torch.Tensor, options: dict) -> torch.Tensor:
+    """Three differentiable steps whose gradients are in the graph too (functions of ``w0``, as
+    in torch's own gradchecks of differentiable optimizers): the graph then saves the moments
+    and buffers the steps overwrite."""
+    p = w0.clone()
+    opt = cls([p], lr=lr, differentiable=True, **options)
+    for t in range(3):
+        p.grad = torch.sin((t + 1) * w0) + 0.1 * t
+        opt.step()
+    return p
+
+
+@pytest.mark.parametrize("cls", [metalr.AdamHD, metalr.SGDHD], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "options",
+    [{"hypergrad_lr": 0.0}, {}, {"rule": "normalized"}, {"granularity": "element"}],
+    ids=["beta0", "seek", "normalized", "element"],
+)
+def test_differentiable_steps_match_finite_differences(cls, options) -> None:
+    """Several steps under autograd with weight decay and gradients in the graph: d p_3 / d w_0
+    and d p_3 / d lr equal central finite differences (the step reads clones of the state it
+    overwrites; it raised "modified by an inplace operation" before). torch's SGD differs here:
+    it detaches the first momentum buffer."""
+    options = {"weight_decay": 0.1, **options}
+    if cls is metalr.SGDHD:
+        options["momentum"] = 0.9
+    w0 = torch.tensor([0.3, -1.2, 0.7, 0.1], dtype=torch.float64, requires_grad=True)
+    lr = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    grad_w, grad_lr = torch.autograd.grad(_unrolled(cls, w0, lr, options).sum(), (w0, lr))
+
+    def total(w: torch.Tensor, rate: torch.Tensor) -> float:
+        return float(_unrolled(cls, w.requires_grad_(), rate, options).sum().detach())
+
+    h = 1e-6
+    for i in range(4):
+        e = torch.zeros(4, dtype=torch.float64)
+        e[i] = h
+        fd = (total(w0.detach() + e, lr.detach()) - total(w0.detach() - e, lr.detach())) / (2 * h)
+        assert abs(grad_w[i].item() - fd) < 1e-6, (i, grad_w[i].item(), fd)
+    fd_lr = (total(w0.detach(), lr.detach() + h) - total(w0.detach(), lr.detach() - h)) / (2 * h)
+    assert abs(grad_lr.item() - fd_lr) < 1e-6 * max(1.0, abs(fd_lr))
+
+
 def test_tracks_grad() -> None:
     leaf = torch.zeros((), requires_grad=True)
     assert tracks_grad([torch.zeros(2)], {"lr": leaf})

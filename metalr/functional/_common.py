@@ -80,6 +80,18 @@ def tracks_grad(*values: object) -> bool:
     return False
 
 
+def graph_safe_reads(
+    lists: Sequence[Sequence[Tensor | None]], *others: object
+) -> list[list[Tensor | None]]:
+    """The tensors a step reads and then overwrites in place (:func:`write_back`), cloned when
+    autograd records the step (:func:`tracks_grad` over them and ``others``): the graph then
+    saves the clones, whose versions never change, not the state the write-back bumps (torch's
+    differentiable Adam clones ``exp_avg`` for the same reason). Unchanged otherwise."""
+    if not tracks_grad(lists, *others):
+        return [list(values) for values in lists]
+    return [[t.clone() if t is not None else None for t in values] for values in lists]
+
+
 def write_back(dst: NamedTuple, src: NamedTuple) -> None:
     """Copy every tensor of ``src`` into the matching tensor of ``dst`` in place."""
     for dst_list, src_list in zip(dst, src):

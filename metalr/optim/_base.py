@@ -386,7 +386,8 @@ def initial_multiplier(group: dict[str, Any]) -> float:
     start = float(group["seek"]["init_scale"])
     floor = float(group["seek"].get("init_floor", 0.0))  # absent from checkpoints before it
     if floor > 0:
-        lr = float(group["lr"])
+        lr = group["lr"]
+        lr = float(lr.detach() if isinstance(lr, Tensor) else lr)
         if lr > 0:
             start = max(start, floor / lr)
     return start
