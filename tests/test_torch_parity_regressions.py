@@ -9,6 +9,7 @@ groups, ``fused=True`` on the meta device, global step hooks around HyperLR, and
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch.optim.optimizer import (
 
 import metalr
 from metalr.functional._controller import SEEK_DEFAULTS
-from metalr.optim._base import RATE_KEY
+from metalr.optim._base import CONTROLLER_KEY, RATE_KEY
 
 
 def _params(dtype: torch.dtype = torch.float64) -> list[torch.nn.Parameter]:
@@ -280,6 +281,52 @@ def test_torch_checkpoint_continues_with_adaptation() -> None:
     migrated.load_state_dict(reference.state_dict())
     _train(params, migrated, 1, start=5)
     assert all(migrated.state[p][RATE_KEY].item() != 1.0 for p in params)
+
+
+@pytest.mark.parametrize("granularity", ["group", "tensor", "element"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda ps, g: metalr.AdamHD(ps, lr=0.01, granularity=g),
+        lambda ps, g: metalr.HyperLR(torch.optim.Adam(ps, lr=0.01), granularity=g),
+    ],
+    ids=["AdamHD", "HyperLR"],
+)
+def test_a_torch_checkpoint_continues_at_its_rate_under_the_seek_rule(build, granularity) -> None:
+    """Moments trained at lr continue at lr (multiplier 1, a settled controller tracking from
+    there), not from the ramp's start (0.0045 x lr: a silent 220x cut before)."""
+    params = _params()
+    reference = torch.optim.Adam(params, lr=0.01)
+    _train(params, reference, 5)
+    migrated_params = [p.detach().clone().requires_grad_() for p in params]
+    migrated = build(migrated_params, granularity)
+    migrated.load_state_dict(copy.deepcopy(reference.state_dict()))
+    for p in migrated_params:
+        assert torch.all(migrated.state[p][RATE_KEY] == 1)
+        assert migrated.state[p][CONTROLLER_KEY][0] == 0  # not ramping
+    _train(migrated_params, migrated, 1, start=5)
+    beta = migrated.param_groups[0]["hypergrad_lr"]
+    for p in migrated_params:  # one tracking step at most
+        assert torch.all(migrated.state[p][RATE_KEY].log().abs() <= 2 * beta)
+
+
+@pytest.mark.parametrize(
+    ("saved", "loading", "message"),
+    [
+        (torch.optim.Adam, metalr.SGDHD, "has no 'momentum', 'nesterov': it is not a checkpoint of SGDHD or of torch.optim.SGD"),
+        (torch.optim.SGD, metalr.AdamHD, "has no 'betas', 'eps': it is not a checkpoint of AdamHD or of torch.optim.Adam"),
+        (torch.optim.SGD, metalr.AdamWHD, "has no 'betas', 'eps': it is not a checkpoint of AdamWHD or of torch.optim.AdamW"),
+        (metalr.SGDHD, metalr.AdamHD, "has no 'betas', 'eps'"),
+        (metalr.AdamHD, metalr.SGDHD, "has no 'momentum', 'nesterov'"),
+    ],
+    ids=["Adam-SGDHD", "SGD-AdamHD", "SGD-AdamWHD", "SGDHD-AdamHD", "AdamHD-SGDHD"],
+)  # fmt: skip
+def test_a_checkpoint_of_another_optimizer_family_is_refused(saved, loading, message) -> None:
+    params = _params()
+    reference = saved(params, lr=0.01)
+    _train(params, reference, 2)
+    with pytest.raises(ValueError, match=re.escape(f"param group 0 of this checkpoint {message}")):
+        loading(params).load_state_dict(reference.state_dict())
 
 
 def test_torch_amsgrad_checkpoint_is_refused() -> None:

@@ -11,7 +11,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from metalr.functional._common import scalar_lr
-from metalr.functional._controller import CONTROLLER_SIZE, FAMILIES, initial_controller
+from metalr.functional._controller import (
+    CONTROLLER_SIZE,
+    FAMILIES,
+    initial_controller,
+    settled_controller,
+)
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
 from metalr.functional._validation_state import observed
@@ -77,6 +82,9 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
     seek_family = "adam"
     #: The additive rule's default β (None: the rule needs an explicit ``hypergrad_lr``).
     additive_default: float | None = None
+    #: Param-group keys every checkpoint this optimizer loads has (its own, or its torch
+    #: counterpart's): a checkpoint of another optimizer family is refused by name.
+    checkpoint_keys: tuple[str, ...] = ()
 
     def _sync_groups(self) -> None:
         """Give groups added behind the optimizer's back their options before they are read
@@ -303,9 +311,10 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
         :class:`~metalr.AdamHD`, ``AdamW`` for :class:`~metalr.AdamWHD`, ``SGD`` for
         :class:`~metalr.SGDHD`) loads too: its hyperparameters and moments are kept, the
         hypergradient options missing from it come from this optimizer's param groups (as
-        constructed), and every multiplier starts at 1, so with ``hypergrad_lr=0`` training
-        continues as the torch optimizer would. A checkpoint saved with ``amsgrad=True`` is
-        refused (metalr has no AMSGrad).
+        constructed), and every multiplier starts at 1 (the seek rule tracks from there, with no
+        new search from its ramp's start), so with ``hypergrad_lr=0`` training continues as the
+        torch optimizer would. A checkpoint saved with ``amsgrad=True`` is refused (metalr has no
+        AMSGrad), and so is one of another optimizer family (an SGD checkpoint into AdamHD).
         """
         state_dict = self._migrated(state_dict)
         captured: dict[str, Any] = {}
@@ -342,11 +351,20 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
         defaults, as torch does.
         """
         saved_groups = state_dict["param_groups"]
+        for i, saved in enumerate(saved_groups):
+            missing = [k for k in self.checkpoint_keys if k not in saved]
+            if missing:
+                name = type(self).__name__
+                raise ValueError(
+                    f"param group {i} of this checkpoint has no {', '.join(map(repr, missing))}: "
+                    f"it is not a checkpoint of {name} or of "
+                    f"torch.optim.{name.removesuffix('HD')}, which {name} loads"
+                )
         if all("hypergrad_lr" in g for g in saved_groups):
             return state_dict
         if len(saved_groups) != len(self.param_groups):
             return state_dict  # torch's load raises its own error on the group count
-        groups = []
+        groups, states = [], dict(state_dict["state"])
         for saved, current in zip(saved_groups, self.param_groups):
             if saved.get("amsgrad", False):
                 raise ValueError(
@@ -355,8 +373,12 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
                     f"torch.optim.{type(self).__name__.removesuffix('HD')}(amsgrad=True) instead"
                 )
             filled = {k: v for k, v in current.items() if k != "params" and k not in saved}
-            groups.append({**saved, **filled})
-        return {**state_dict, "param_groups": groups}
+            group = {**saved, **filled}
+            groups.append(group)
+            for pid, p in zip(saved["params"], current["params"]):
+                if pid in states and RATE_KEY not in states[pid]:
+                    states[pid] = {**states[pid], **continuing_rate(p, group)}
+        return {**state_dict, "state": states, "param_groups": groups}
 
 
 def _flag_from_group(group: dict[str, Any], states: Mapping[Tensor, dict[str, Any]]) -> None:
@@ -369,6 +391,16 @@ def _flag_from_group(group: dict[str, Any], states: Mapping[Tensor, dict[str, An
     for p in group["params"]:
         if p in states:
             states[p][FOLLOWS_VALIDATION] = flag
+
+
+def continuing_rate(param: Tensor, group: dict[str, Any]) -> dict[str, Tensor]:
+    """The rate state of a parameter whose torch optimizer state is being loaded: multiplier 1
+    (the checkpoint's ``lr`` as it was) and, for the seek rule, a settled controller that tracks
+    from it, since moments already adapted to that rate need no new search from the ramp's start."""
+    rate = initial_rate(param, group["granularity"], 1.0)
+    if group["rule"] != "seek":
+        return {RATE_KEY: rate}
+    return {RATE_KEY: rate, CONTROLLER_KEY: settled_controller(rate, group["seek"])}
 
 
 def initial_multiplier(group: dict[str, Any]) -> float:

@@ -113,6 +113,7 @@ class AdamHD(HypergradOptimizer):
 
     #: The additive rule's default β (Adam's step is in parameter units, so a small one).
     additive_default = ADDITIVE_DEFAULT_HYPERGRAD_LR
+    checkpoint_keys = ("betas", "eps")
 
     def __init__(
         self,

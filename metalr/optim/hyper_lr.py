@@ -31,7 +31,13 @@ from metalr.functional._common import (
 )
 from metalr.functional._hypergrad import adapt_rates, rates_in_use
 from metalr.optim import _validation as check
-from metalr.optim._base import HYPER_DEFAULTS, HypergradOptimizer, check_sparse, scalar_lr
+from metalr.optim._base import (
+    HYPER_DEFAULTS,
+    HypergradOptimizer,
+    check_sparse,
+    continuing_rate,
+    scalar_lr,
+)
 from metalr.optim._checkpoint import (
     KEPT_WHOLE_KEY,
     WRAPPED_STATE_KEY,
@@ -335,8 +341,8 @@ class HyperLR(HypergradOptimizer):
         ``"wrapped"`` entry, or from a top-level ``"wrapped"`` checkpoint of the older format);
         HyperLR's own ``param_groups`` then win over the copy saved with it. A plain checkpoint
         of the wrapped optimizer (e.g. of a ``torch.optim.Adam`` trained without HyperLR) loads
-        into the wrapped optimizer; HyperLR's state starts afresh (multipliers at 1, options as
-        constructed). A HyperLR checkpoint that lost the wrapped optimizer's state (e.g. a
+        into the wrapped optimizer; HyperLR's state starts afresh (options as constructed; the
+        multipliers of parameters with wrapped state at 1, the seek rule tracking from there). A HyperLR checkpoint that lost the wrapped optimizer's state (e.g. a
         flattened ``torch.distributed.checkpoint`` loaded into a HyperLR that never stepped, whose
         live state has no ``"wrapped"`` key to rebuild, or a wrapped checkpoint saved whole that
         went through DCP) is refused with a ``ValueError``.
@@ -359,6 +365,10 @@ class HyperLR(HypergradOptimizer):
                     self.optimizer.load_state_dict(state_dict)
                     self.state.clear()
                     self._share_groups()
+                    for group in self.param_groups:  # trained parameters continue at their lr
+                        for p in group["params"]:
+                            if self.optimizer.state.get(p):
+                                self.state[p].update(continuing_rate(p, group))
                     return
                 own, wrapped = unfolded
             self.optimizer.load_state_dict(wrapped)

@@ -78,6 +78,7 @@ class SGDHD(HypergradOptimizer):
     #: Whose fitted seek constants are this optimizer's defaults (``FAMILIES`` of
     #: :mod:`metalr.functional._controller`).
     seek_family = "sgd"
+    checkpoint_keys = ("momentum", "nesterov")
     additive_default = ADDITIVE_DEFAULT_HYPERGRAD_LR
 
     def __init__(
