@@ -5,8 +5,8 @@ from (shape ``()`` at tensor granularity, the parameter's shape at element granu
 optionally the learned ``hypergrad_lr`` per tensor and the learned initial weights.
 
 The inner loop runs the optimizers' own update rules with ``lr = base_lr = 1``, so the learned
-rate is the multiplier itself. :func:`~metalr.meta.handoff.load_prior` writes ``optimizer.state[p]['lr_multiplier'] =
-α / group['lr']``; with ``set_lr=True`` it first sets ``group['lr'] = base_lr`` so the
+rate is the multiplier itself. :func:`~metalr.meta.handoff.load_prior` writes
+``optimizer.state[p]['lr_multiplier'] = α / group['lr']``; with ``set_lr=True`` it first sets ``group['lr'] = base_lr`` so the
 optimizer's first step equals the meta-learner's first inner step bit for bit on the
 single-tensor path (``foreach=False``, which runs the same pure step; the ``foreach`` path
 agrees to rounding)::

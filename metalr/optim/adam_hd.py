@@ -74,9 +74,10 @@ class AdamHD(HypergradOptimizer):
             machine), one pass with ``lagged=True`` and two without; at element granularity
             on the CPU the exact step is one C++ pass after a scan of the gradients; otherwise
             (element granularity on CUDA or lagged, float64 on CUDA, half precision on CPU) one
-            ``torch.compile``'d graph. ``None`` (the default): on CUDA the Triton kernels
-            wherever they apply and ``foreach`` is not set (the eager path launches ~20 small
-            kernels per tensor: 60 ms of host time per step for a 149-tensor GPT on an H200,
+            ``torch.compile``'d graph (betas are its constants: a scheduler that cycles them
+            recompiles it, see the README). ``None`` (the default): on CUDA the Triton
+            kernels wherever they apply and ``foreach`` is not set (the eager path launches ~20
+            small kernels per tensor: 60 ms of host time per step for a 149-tensor GPT on an H200,
             against 1.4 ms), with a warning and the eager path if they fail on first use;
             elsewhere off (``METALR_DEFAULT_FUSED=0`` turns the CUDA default off).
         differentiable: run the step under autograd so weights and rates stay in the graph

@@ -78,6 +78,10 @@ class HyperLR(HypergradOptimizer):
         spike_guard: cut the rates before a step whose closure's loss spikes; see
             :class:`metalr.AdamHD` (default: None, off).
 
+    To hand a run back to the bare optimizer, save ``hyper_lr.optimizer.state_dict()`` (the
+    wrapped optimizer's own checkpoint): HyperLR's checkpoint keeps the wrapped state per
+    parameter, under ``"wrapped"``, which the bare optimizer cannot read.
+
     State: per parameter the multiplier and one buffer (the previous direction, also used as
     the snapshot of the weights during the inner step), and under ``"wrapped"`` the inner
     optimizer's state of that parameter (the same dict as ``optimizer.state[p]``, linked at
@@ -342,10 +346,11 @@ class HyperLR(HypergradOptimizer):
         HyperLR's own ``param_groups`` then win over the copy saved with it. A plain checkpoint
         of the wrapped optimizer (e.g. of a ``torch.optim.Adam`` trained without HyperLR) loads
         into the wrapped optimizer; HyperLR's state starts afresh (options as constructed; the
-        multipliers of parameters with wrapped state at 1, the seek rule tracking from there). A HyperLR checkpoint that lost the wrapped optimizer's state (e.g. a
-        flattened ``torch.distributed.checkpoint`` loaded into a HyperLR that never stepped, whose
-        live state has no ``"wrapped"`` key to rebuild, or a wrapped checkpoint saved whole that
-        went through DCP) is refused with a ``ValueError``.
+        multipliers of parameters with wrapped state at 1, the seek rule tracking from there).
+        A HyperLR checkpoint that lost the wrapped optimizer's state (e.g. a flattened
+        ``torch.distributed.checkpoint`` loaded into a HyperLR that never stepped, whose live
+        state has no ``"wrapped"`` key to rebuild, or a wrapped checkpoint saved whole that went
+        through DCP) is refused with a ``ValueError``.
         """
         state_dict = dict(state_dict)
         with hooks_held(self, "_optimizer_load_state_dict_pre_hooks") as pre_hooks:
