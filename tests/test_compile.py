@@ -164,6 +164,44 @@ def test_compiled_step_follows_cycled_betas():
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
+FUSED_CYCLED = {
+    # the compiled fused=True graph: SGD-HD's exact step on the CPU, Adam-HD's lagged element step
+    "SGDHD-exact": lambda p, **kw: metalr.SGDHD(p, lr=1e-2, momentum=0.9, **kw),
+    "SGDHD-nesterov": lambda p, **kw: metalr.SGDHD(p, lr=1e-2, momentum=0.9, nesterov=True, **kw),
+    "AdamHD-element-lagged": lambda p, **kw: metalr.AdamHD(
+        p, lr=1e-2, granularity="element", lagged=True, **kw
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED_CYCLED))
+def test_fused_compiled_step_follows_cycled_momentum_without_recompiling(name):
+    """OneCycleLR cycles momentum / beta1 every step: fused=True's compiled graph takes them as
+    tensors (a new graph per value before: 8 recompiles, then eager with a warning) and equals
+    the eager step."""
+    model, x, y = _model_and_data()
+    eager_model = copy.deepcopy(model)
+    opt = FUSED_CYCLED[name](model.parameters(), fused=True)
+    eager_opt = FUSED_CYCLED[name](eager_model.parameters(), foreach=False)
+    scheds = [
+        torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=30)
+        for o in (opt, eager_opt)
+    ]
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(12):
+        for m, o, s in ((model, opt, scheds[0]), (eager_model, eager_opt, scheds[1])):
+            o.zero_grad()
+            ((m(x) - y) ** 2).mean().backward()
+            o.step()
+            s.step()
+    assert counters["stats"]["unique_graphs"] <= 2, counters["stats"]
+    key = "momentum" if "momentum" in opt.param_groups[0] else "betas"
+    assert opt.param_groups[0][key] != eager_opt.defaults[key]  # it did cycle
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 WHOLE_STEP_MAKERS = {
     "AdamHD": (
         lambda p: metalr.AdamHD(p, lr=torch.tensor(1e-2)),

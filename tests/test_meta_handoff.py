@@ -73,12 +73,16 @@ def test_a_fixed_rate_prior_steps_as_its_inner_loop_at_every_step(rates, bounds)
     assert _distance_to_inner_loop(learner, optimizer, model, 3) == [0.0, 0.0, 0.0]
 
 
-def test_a_fixed_rate_prior_learned_with_bounds_refuses_an_optimizer_without_them() -> None:
+def test_an_optimizer_that_adapts_from_a_fixed_rate_prior_chooses_its_own_bounds() -> None:
+    """The bounds were the fixed rates' (clamped at use): ``fixed_rates=False`` groups and an
+    optimizer built without the groups keep their own, and no constant is refused."""
     prior = _learner(inner_lr=0.05, lr_bounds=(0.0, 0.02)).export_prior()
     model = mlp((1, 8, 1), dtype=torch.float64)
-    optimizer = metalr.SGDHD(model.parameters(), granularity=prior.granularity)
-    with pytest.raises(ValueError, match=re.escape("prior was learned with lr_bounds=(0.0, 0.02)")):
-        load_prior(optimizer, model, prior)
+    groups = param_groups_from_prior(model, prior, fixed_rates=False)
+    assert all({"hypergrad_lr", "rule", "lr_bounds"}.isdisjoint(g) for g in groups)
+    optimizer = metalr.SGDHD(model.parameters(), granularity=prior.granularity, lr_bounds=(0, 0.5))
+    load_prior(optimizer, model, prior)
+    assert optimizer.param_groups[0]["lr_bounds"] == (0, 0.5)
 
 
 def test_an_optimizer_built_without_the_groups_adapts_from_a_fixed_rate_prior() -> None:
@@ -215,7 +219,9 @@ _RATES = {"w": torch.tensor(0.1)}
         (lambda: LRPrior({"w": 0.1}, "tensor", "sgd"), TypeError, "rates must be a dict of parameter name -> tensor"),
         (lambda: LRPrior({"w": torch.tensor(math.inf)}, "tensor", "sgd"), ValueError, "rate of 'w' must be positive and finite"),
         (lambda: LRPrior({"w": torch.tensor(math.nan)}, "tensor", "sgd"), ValueError, "rate of 'w' must be positive and finite"),
-        (lambda: LRPrior(_RATES, "tensor", "sgd", base_lr="1"), TypeError, "base_lr must be a number, got str"),
+        (lambda: LRPrior(_RATES, "tensor", "sgd", base_lr="1"), TypeError, "base_lr must be a real number, got str"),
+        (lambda: LRPrior({"w": torch.ones(2)}, "element", "sgd", rate_schedule={"w": torch.ones(3)}), ValueError, "rate_schedule (per-step rates, MAML++ LSLR) needs granularity='tensor'"),
+        (lambda: LRPrior(_RATES, "tensor", "sgd", rate_schedule={"w": torch.ones(0)}), ValueError, "rate_schedule of 'w' must be a 1-d tensor of positive, finite rates"),
         (lambda: LRPrior(_RATES, "tensor", "sgd", base_lr=math.inf), ValueError, "Invalid base_lr value: inf; expected a finite value > 0"),
         (lambda: LRPrior(_RATES, "tensor", "sgd_hd", hypergrad_rule="seek"), ValueError, "Invalid hypergrad_rule: 'seek'; expected one of ('normalized', 'additive')"),
         (lambda: LRPrior(_RATES, "tensor", "sgd_hd", hypergrad_lrs={"w": torch.tensor(-1.0)}), ValueError, "hypergrad_lr of 'w' must be one finite value >= 0, got [-1.0]"),
@@ -229,6 +235,17 @@ _RATES = {"w": torch.tensor(0.1)}
 def test_a_prior_checks_every_field(build, error, message) -> None:
     with pytest.raises(error, match=re.escape(message)):
         build()
+
+
+def test_a_prior_takes_any_real_scalar_as_base_lr_and_the_old_imports_work() -> None:
+    import numpy as np
+
+    from metalr.meta import handoff, prior
+
+    assert LRPrior(_RATES, "tensor", "sgd", base_lr=np.float32(0.5)).base_lr == 0.5
+    assert LRPrior(_RATES, "tensor", "sgd", base_lr=torch.tensor(2.0)).base_lr == 2.0
+    assert prior.load_prior is handoff.load_prior  # moved in 2026-12 and still importable
+    assert prior.param_groups_from_prior is handoff.param_groups_from_prior
 
 
 def test_the_hand_off_names_an_argument_of_the_wrong_type() -> None:

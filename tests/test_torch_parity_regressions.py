@@ -285,18 +285,23 @@ def test_torch_checkpoint_continues_with_adaptation() -> None:
 
 @pytest.mark.parametrize("granularity", ["group", "tensor", "element"])
 @pytest.mark.parametrize(
-    "build",
+    ("torch_cls", "build"),
     [
-        lambda ps, g: metalr.AdamHD(ps, lr=0.01, granularity=g),
-        lambda ps, g: metalr.HyperLR(torch.optim.Adam(ps, lr=0.01), granularity=g),
+        (torch.optim.Adam, lambda ps, g: metalr.AdamHD(ps, lr=0.01, granularity=g)),
+        (torch.optim.Adam, lambda ps, g: metalr.HyperLR(torch.optim.Adam(ps, lr=0.01), granularity=g)),
+        (torch.optim.SGD, lambda ps, g: metalr.SGDHD(ps, lr=0.01, granularity=g)),
+        (torch.optim.SGD, lambda ps, g: metalr.HyperLR(torch.optim.SGD(ps, lr=0.01), granularity=g)),
     ],
-    ids=["AdamHD", "HyperLR"],
-)
-def test_a_torch_checkpoint_continues_at_its_rate_under_the_seek_rule(build, granularity) -> None:
+    ids=["AdamHD", "HyperLR-Adam", "SGDHD-no-momentum", "HyperLR-SGD-no-momentum"],
+)  # fmt: skip
+def test_a_torch_checkpoint_continues_at_its_rate_under_the_seek_rule(
+    torch_cls, build, granularity
+) -> None:
     """Moments trained at lr continue at lr (multiplier 1, a settled controller tracking from
-    there), not from the ramp's start (0.0045 x lr: a silent 220x cut before)."""
+    there), not from the ramp's start (0.0045 x lr: a silent 220x cut before); so does SGD
+    without momentum, whose checkpoint holds no per-parameter state."""
     params = _params()
-    reference = torch.optim.Adam(params, lr=0.01)
+    reference = torch_cls(params, lr=0.01)
     _train(params, reference, 5)
     migrated_params = [p.detach().clone().requires_grad_() for p in params]
     migrated = build(migrated_params, granularity)
@@ -313,11 +318,11 @@ def test_a_torch_checkpoint_continues_at_its_rate_under_the_seek_rule(build, gra
 @pytest.mark.parametrize(
     ("saved", "loading", "message"),
     [
-        (torch.optim.Adam, metalr.SGDHD, "has no 'momentum', 'nesterov': it is not a checkpoint of SGDHD or of torch.optim.SGD"),
-        (torch.optim.SGD, metalr.AdamHD, "has no 'betas', 'eps': it is not a checkpoint of AdamHD or of torch.optim.Adam"),
-        (torch.optim.SGD, metalr.AdamWHD, "has no 'betas', 'eps': it is not a checkpoint of AdamWHD or of torch.optim.AdamW"),
-        (metalr.SGDHD, metalr.AdamHD, "has no 'betas', 'eps'"),
-        (metalr.AdamHD, metalr.SGDHD, "has no 'momentum', 'nesterov'"),
+        (torch.optim.Adam, metalr.SGDHD, "has no 'momentum', 'dampening': it is not a checkpoint of SGDHD or of torch.optim.SGD"),
+        (torch.optim.SGD, metalr.AdamHD, "has no 'betas': it is not a checkpoint of AdamHD or of torch.optim.Adam"),
+        (torch.optim.SGD, metalr.AdamWHD, "has no 'betas': it is not a checkpoint of AdamWHD or of torch.optim.AdamW"),
+        (metalr.SGDHD, metalr.AdamHD, "has no 'betas'"),
+        (metalr.AdamHD, metalr.SGDHD, "has no 'momentum', 'dampening'"),
     ],
     ids=["Adam-SGDHD", "SGD-AdamHD", "SGD-AdamWHD", "SGDHD-AdamHD", "AdamHD-SGDHD"],
 )  # fmt: skip
@@ -327,6 +332,23 @@ def test_a_checkpoint_of_another_optimizer_family_is_refused(saved, loading, mes
     _train(params, reference, 2)
     with pytest.raises(ValueError, match=re.escape(f"param group 0 of this checkpoint {message}")):
         loading(params).load_state_dict(reference.state_dict())
+
+
+@pytest.mark.parametrize(
+    ("torch_cls", "cls", "dropped"),
+    [(torch.optim.SGD, metalr.SGDHD, "nesterov"), (torch.optim.Adam, metalr.AdamHD, "eps")],
+)
+def test_a_checkpoint_without_a_key_torch_defaults_still_loads(torch_cls, cls, dropped) -> None:
+    """Older checkpoints may lack keys the family check does not need (torch fills them)."""
+    params = _params()
+    reference = torch_cls(params, lr=0.01)
+    _train(params, reference, 2)
+    saved = reference.state_dict()
+    for group in saved["param_groups"]:
+        del group[dropped]
+    migrated = cls(params, lr=0.01)
+    migrated.load_state_dict(saved)
+    assert dropped in migrated.param_groups[0]
 
 
 def test_torch_amsgrad_checkpoint_is_refused() -> None:

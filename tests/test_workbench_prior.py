@@ -182,6 +182,22 @@ def test_prior_from_a_file(tmp_path, task):
         O.check_spec("x", {"kind": "adam_hd", "prior": str(path), "granularity": "element"})
 
 
+def test_a_spec_adapts_from_a_fixed_rate_file_prior_with_its_own_options(tmp_path, task):
+    """An ``inner_rule="sgd"`` prior (MAML, Meta-SGD) holds no hypergradient options: the
+    spec's ``hypergrad_lr``, ``rule`` and ``lr_bounds`` drive the rates from it (the hand-off's
+    fixed-rate groups are for replaying the inner loop, not for a workbench run)."""
+    model = task.model(0)
+    names = [n for n, _ in model.named_parameters()]
+    path = tmp_path / "maml.prior"
+    LRPrior({n: torch.tensor(0.01) for n in names}, "tensor", "sgd").save(path, format="torch")
+    spec = O.check_spec("x", {"kind": "sgd_hd", "prior": str(path), "hypergrad_lr": 0.05,
+                              "rule": "normalized", "lr_bounds": [0.0, 0.001]})  # fmt: skip
+    opt = O.build_for_model(spec, model, 1e-3)
+    for group in opt.param_groups:
+        assert (group["hypergrad_lr"], group["rule"]) == (0.05, "normalized")
+        assert tuple(group["lr_bounds"]) == (0.0, 0.001)
+
+
 @pytest.mark.parametrize(
     ("spec", "match"),
     [

@@ -161,7 +161,10 @@ def _adam_tensor_step(
     p_r, g_r, m_r, v_r = as_real_list([p, g, m, v])
     if weight_decay != 0 and not decoupled_weight_decay:
         g_r = torch.add(g_r, p_r, alpha=weight_decay)
-    m_new = torch.lerp(m_r, g_r, 1 - beta1, out=m_r if into else None)
+    if isinstance(beta1, Tensor):  # the compiled fused=True step's (a cycled beta1 recompiles)
+        m_new = m_r + (g_r - m_r) * (1 - beta1)
+    else:
+        m_new = torch.lerp(m_r, g_r, 1 - beta1, out=m_r if into else None)
     v_new = torch.mul(v_r, beta2, out=v_r if into else None)
     v_new = torch.addcmul(v_new, g_r, g_r, value=1 - beta2, out=v_r if into else None)
     step_new = torch.add(step, 1, out=step if into else None)
@@ -388,8 +391,9 @@ def adam_hd(
         if backend is not None:
             if backend.adam_hd_step(params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper):
                 return None  # (declined: no C++ compiler; the eager path below)
-        else:
-            hyper["lr"] = as_lr_tensor(hyper["lr"], rates)  # a changing float would recompile
+        else:  # changing floats would recompile: lr and beta1 (cycled by OneCycleLR) as tensors
+            hyper["lr"] = as_lr_tensor(hyper["lr"], rates)
+            hyper["beta1"] = as_lr_tensor(hyper["beta1"], rates)
             return compiled(_single_tensor_adam_hd)(
                 params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper
             )

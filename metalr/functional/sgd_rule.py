@@ -70,9 +70,16 @@ class SGDHDState(NamedTuple):
     rates: list[Tensor]
 
 
-def stores_prev_direction(momentum: float, nesterov: bool) -> bool:
+def no_momentum(momentum: float | Tensor) -> bool:
+    """Whether ``momentum`` is 0. A 0-d tensor momentum (the compiled ``fused=True`` step's,
+    so that a scheduler cycling it does not recompile) is never 0: the dispatch passes only a
+    non-zero one as a tensor."""
+    return not isinstance(momentum, Tensor) and momentum == 0
+
+
+def stores_prev_direction(momentum: float | Tensor, nesterov: bool) -> bool:
     """Whether d_{t-1} needs its own buffer (it is the momentum buffer for plain momentum)."""
-    return momentum == 0 or nesterov
+    return no_momentum(momentum) or nesterov
 
 
 def previous_directions(
@@ -187,14 +194,18 @@ def _sgd_tensor_step(
     p_r, g_r = as_real_list([p, g])
     d = torch.add(g_r, p_r, alpha=weight_decay) if weight_decay != 0 else g_r
     new_buf = None
-    if momentum != 0:
+    if not no_momentum(momentum):
         if buf is None:  # b_1 = g_1
             new_buf = torch.clone(d) if inplace else d
         else:
             b = as_real_list([buf])[0]
             new_buf = torch.mul(b, momentum, out=b if inplace else None)
             new_buf = torch.add(new_buf, d, alpha=1 - dampening, out=b if inplace else None)
-        d = torch.add(d, new_buf, alpha=momentum) if nesterov else new_buf
+        if nesterov:
+            d = (d + momentum * new_buf if isinstance(momentum, Tensor)
+                 else torch.add(d, new_buf, alpha=momentum))  # fmt: skip
+        else:
+            d = new_buf
     step_size = lr * broadcast_rate(rate, p)
     p_new = torch.addcmul(p_r, d, step_size, value=-1, out=p_r if inplace else None)
     return p_new, new_buf, d
@@ -481,8 +492,10 @@ def sgd_hd(
                     list(params), list(momentum_buffers), list(prev_directions), rates
                 )
             # declined (the first step: no buffers yet; no C++ compiler): the eager path below
-        else:
-            hyper["lr"] = as_lr_tensor(hyper["lr"], rates)  # a changing float would recompile
+        else:  # changing floats would recompile: lr and a non-zero momentum go as tensors
+            hyper["lr"] = as_lr_tensor(hyper["lr"], rates)
+            if not no_momentum(hyper["momentum"]):
+                hyper["momentum"] = as_lr_tensor(hyper["momentum"], rates)
             return compiled(_single_tensor_sgd_hd)(
                 params, grads, momentum_buffers, prev_directions, rates, **hyper
             )

@@ -39,7 +39,7 @@ def _trainable(model: nn.Module) -> dict[str, Tensor]:
 
 
 def param_groups_from_prior(
-    model: nn.Module, prior: LRPrior, **group_options: Any
+    model: nn.Module, prior: LRPrior, *, fixed_rates: bool = True, **group_options: Any
 ) -> list[dict[str, Any]]:
     """One param group per trainable parameter, carrying its learned ``hypergrad_lr`` (and the
     rule it was learned for, when the prior has one).
@@ -51,22 +51,30 @@ def param_groups_from_prior(
 
     ``group_options`` (e.g. ``weight_decay=0.0``) are added to every group, after the inner
     loop's own constants the prior records (:func:`inner_constants`: Adam's ``betas`` and
-    ``eps`` for ``adam_hd``, ``lr_bounds``), so the optimizer steps as the learned inner loop did.
+    ``eps`` for ``adam_hd``, ``lr_bounds`` for the hypergradient rules), so the optimizer steps
+    as the learned inner loop did.
+
     A prior learned with fixed rates (``inner_rule="sgd"``: MAML, Meta-SGD, LSLR) keeps them
-    fixed: its groups get ``hypergrad_lr=0.0, rule="additive"`` (a rate move of exactly 0). An
-    optimizer built without these groups adapts its rates from the prior instead (the prior as
-    the start of online adaptation).
+    fixed (``fixed_rates=True``, the default): its groups get ``hypergrad_lr=0.0``,
+    ``rule="additive"`` (a rate move of exactly 0) and the inner loop's ``lr_bounds``, so the
+    optimizer follows the inner loop at every step. With ``fixed_rates=False`` (or an optimizer
+    built without these groups) the optimizer's own rule adapts the rates from the prior (the
+    prior as the start of online adaptation).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     _check_prior_type(prior)
     groups = []
     constants = inner_constants(prior)
-    fixed = {"hypergrad_lr": 0.0, "rule": "additive"} if prior.inner_rule == "sgd" else {}
+    if prior.inner_rule == "sgd" and fixed_rates:
+        config = prior.provenance.get("config") or {}
+        constants.update(hypergrad_lr=0.0, rule="additive")
+        if "lr_bounds" in config:  # the fixed rates were clamped at use
+            constants["lr_bounds"] = _floats(config["lr_bounds"])
     for name, p in _trainable(model).items():
         if name not in prior.rates:
             raise ValueError(f"prior has no rate for parameter {name!r}")
-        group = {"params": [p], "lr": prior.base_lr, **constants, **fixed, **group_options}
+        group = {"params": [p], "lr": prior.base_lr, **constants, **group_options}
         if prior.hypergrad_lrs is not None:  # learned for its rule: the group keeps that rule
             group["hypergrad_lr"] = float(prior.hypergrad_lrs[name])
             group.setdefault("rule", prior.hypergrad_rule)
@@ -75,9 +83,11 @@ def param_groups_from_prior(
 
 
 def inner_constants(prior: LRPrior) -> dict[str, Any]:
-    """The learned inner loop's optimizer constants, as param-group options: ``betas`` and
-    ``eps`` (``adam_hd``) and ``lr_bounds`` (every inner rule), read from the config in
-    ``prior.provenance`` (``{}`` for a prior saved without one)."""
+    """The learned inner loop's optimizer constants that :func:`load_prior` checks, as
+    param-group options: ``betas`` and ``eps`` (``adam_hd``) and ``lr_bounds`` (the
+    hypergradient rules), read from the config in ``prior.provenance`` (``{}`` for a prior
+    saved without one). A fixed-rate prior's bounds are :func:`param_groups_from_prior`'s
+    (an optimizer that adapts its rates from the prior chooses its own)."""
     config = prior.provenance.get("config") or {}
     out: dict[str, Any] = {}
     if prior.inner_rule == "adam_hd":
@@ -85,7 +95,7 @@ def inner_constants(prior: LRPrior) -> dict[str, Any]:
             out["betas"] = _floats(config["adam_betas"])
         if "adam_eps" in config:
             out["eps"] = float(config["adam_eps"])
-    if "lr_bounds" in config:  # every inner rule clamps its rates at use
+    if prior.inner_rule != "sgd" and "lr_bounds" in config:
         out["lr_bounds"] = _floats(config["lr_bounds"])  # the config's "inf" -> inf
     return out
 
@@ -195,7 +205,7 @@ def load_step_rates(
     _check_prior_type(prior)
     if prior.rate_schedule is None:
         raise ValueError("prior has no rate_schedule (it was not learned with rates='step_tensor')")
-    length = min(len(t) for t in prior.rate_schedule.values())
+    length = min((len(t) for t in prior.rate_schedule.values()), default=0)
     if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step < length:
         raise ValueError(f"Invalid step value: {step!r}; expected an integer in [0, {length})")
     named = _trainable(model)

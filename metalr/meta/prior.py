@@ -29,6 +29,7 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,8 +104,7 @@ class LRPrior:
                 f"Invalid hypergrad_rule: {self.hypergrad_rule!r}; expected one of "
                 f"{HYPERGRAD_RULES}"
             )
-        if isinstance(self.base_lr, bool) or not isinstance(self.base_lr, (int, float)):
-            raise TypeError(f"base_lr must be a number, got {type(self.base_lr).__name__}")
+        self.base_lr = _real("base_lr", self.base_lr)
         if not 0 < self.base_lr < math.inf:
             raise ValueError(f"Invalid base_lr value: {self.base_lr}; expected a finite value > 0")
         for name, rate in _named_tensors("rates", self.rates).items():
@@ -121,9 +121,17 @@ class LRPrior:
                         f"{beta.detach().reshape(-1)[:4].tolist()}"
                     )
         if self.rate_schedule is not None:
+            if self.granularity != "tensor":
+                raise ValueError(
+                    "rate_schedule (per-step rates, MAML++ LSLR) needs granularity='tensor'"
+                )
             table = _named_tensors("rate_schedule", self.rate_schedule, same_names=self.rates)
             for name, rates in table.items():
-                if rates.dim() != 1 or not bool(torch.all((rates > 0) & torch.isfinite(rates))):
+                if (
+                    rates.dim() != 1
+                    or not len(rates)
+                    or not bool(torch.all((rates > 0) & torch.isfinite(rates)))
+                ):
                     raise ValueError(
                         f"rate_schedule of {name!r} must be a 1-d tensor of positive, finite "
                         f"rates (one per inner step), got shape {tuple(rates.shape)}"
@@ -273,3 +281,25 @@ def prior_from_meta(meta: MetaParameters, config: MetaConfig) -> LRPrior:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         },
     )
+
+
+def _real(name: str, value: Any) -> float:
+    """A real scalar (a Python or NumPy number, a one-element tensor) as a float; ``TypeError``
+    naming ``name`` otherwise."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+
+_MOVED_TO_HANDOFF = ("inner_constants", "load_prior", "load_step_rates", "param_groups_from_prior")
+
+
+def __getattr__(name: str) -> Any:
+    """The hand-off functions, moved to :mod:`metalr.meta.handoff`, still import from here."""
+    if name in _MOVED_TO_HANDOFF:
+        from metalr.meta import handoff
+
+        return getattr(handoff, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

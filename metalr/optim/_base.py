@@ -376,8 +376,10 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
             group = {**saved, **filled}
             groups.append(group)
             for pid, p in zip(saved["params"], current["params"]):
-                if pid in states and RATE_KEY not in states[pid]:
-                    states[pid] = {**states[pid], **continuing_rate(p, group)}
+                # every trained parameter continues at the checkpoint's lr, with moments or
+                # without (torch's SGD without momentum keeps no per-parameter state)
+                if p.requires_grad and RATE_KEY not in states.get(pid, {}):
+                    states[pid] = {**states.get(pid, {}), **continuing_rate(p, group)}
         return {**state_dict, "state": states, "param_groups": groups}
 
 

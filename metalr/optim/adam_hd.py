@@ -74,8 +74,8 @@ class AdamHD(HypergradOptimizer):
             machine), one pass with ``lagged=True`` and two without; at element granularity
             on the CPU the exact step is one C++ pass after a scan of the gradients; otherwise
             (element granularity on CUDA or lagged, float64 on CUDA, half precision on CPU) one
-            ``torch.compile``'d graph (betas are its constants: a scheduler that cycles them
-            recompiles it, see the README). ``None`` (the default): on CUDA the Triton
+            ``torch.compile``'d graph (``lr`` and β1 enter it as tensors: schedulers that
+            change them do not recompile it). ``None`` (the default): on CUDA the Triton
             kernels wherever they apply and ``foreach`` is not set (the eager path launches ~20
             small kernels per tensor: 60 ms of host time per step for a 149-tensor GPT on an H200,
             against 1.4 ms), with a warning and the eager path if they fail on first use;
@@ -114,7 +114,7 @@ class AdamHD(HypergradOptimizer):
 
     #: The additive rule's default β (Adam's step is in parameter units, so a small one).
     additive_default = ADDITIVE_DEFAULT_HYPERGRAD_LR
-    checkpoint_keys = ("betas", "eps")
+    checkpoint_keys = ("betas",)
 
     def __init__(
         self,

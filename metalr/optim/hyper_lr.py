@@ -346,7 +346,7 @@ class HyperLR(HypergradOptimizer):
         HyperLR's own ``param_groups`` then win over the copy saved with it. A plain checkpoint
         of the wrapped optimizer (e.g. of a ``torch.optim.Adam`` trained without HyperLR) loads
         into the wrapped optimizer; HyperLR's state starts afresh (options as constructed; the
-        multipliers of parameters with wrapped state at 1, the seek rule tracking from there).
+        multipliers of trainable parameters at 1, the seek rule tracking from there).
         A HyperLR checkpoint that lost the wrapped optimizer's state (e.g. a flattened
         ``torch.distributed.checkpoint`` loaded into a HyperLR that never stepped, whose live
         state has no ``"wrapped"`` key to rebuild, or a wrapped checkpoint saved whole that went
@@ -370,9 +370,9 @@ class HyperLR(HypergradOptimizer):
                     self.optimizer.load_state_dict(state_dict)
                     self.state.clear()
                     self._share_groups()
-                    for group in self.param_groups:  # trained parameters continue at their lr
+                    for group in self.param_groups:  # parameters continue at their lr
                         for p in group["params"]:
-                            if self.optimizer.state.get(p):
+                            if p.requires_grad:
                                 self.state[p].update(continuing_rate(p, group))
                     return
                 own, wrapped = unfolded

@@ -55,8 +55,8 @@ class SGDHD(HypergradOptimizer):
         maximize: maximize the objective instead of minimizing (default: False).
         foreach: use the multi-tensor implementation (default: None, i.e. unless differentiable).
         fused: hand-written kernels at group/tensor granularity (CUDA: Triton, lagged or
-            exact; CPU: C++, lagged steps), else one ``torch.compile``'d graph (momentum is
-            its constant: a scheduler that cycles it recompiles it, see the README); see
+            exact; CPU: C++, lagged steps), else one ``torch.compile``'d graph (``lr`` and a
+            non-zero momentum enter it as tensors: schedulers do not recompile it); see
             :class:`metalr.AdamHD` (default: None: on CUDA the Triton kernels where they
             apply and ``foreach`` is not set, elsewhere off).
         differentiable: keep weights and rates in the autograd graph (default: False).
@@ -79,7 +79,7 @@ class SGDHD(HypergradOptimizer):
     #: Whose fitted seek constants are this optimizer's defaults (``FAMILIES`` of
     #: :mod:`metalr.functional._controller`).
     seek_family = "sgd"
-    checkpoint_keys = ("momentum", "nesterov")
+    checkpoint_keys = ("momentum", "dampening")
     additive_default = ADDITIVE_DEFAULT_HYPERGRAD_LR
 
     def __init__(

@@ -162,7 +162,8 @@ def build_for_model(
     spec = {"granularity": prior.granularity, **spec}
     if prior.hypergrad_lrs is not None:
         spec.setdefault("rule", prior.hypergrad_rule)
-    opt = build_optimizer(spec, param_groups_from_prior(model, prior), prior.base_lr)
+    groups = param_groups_from_prior(model, prior, fixed_rates=False)  # the spec's rule adapts
+    opt = build_optimizer(spec, groups, prior.base_lr)
     weights = spec.get("prior_weights", True) and prior.init_weights is not None
     load_prior(opt, model, prior, set_lr=True, load_weights=weights)
     return opt
