@@ -180,3 +180,37 @@ def test_seek_validation_step_equals_a_float64_reference(climb, gap):
             )
     assert (scaled > 0) == (climb != 1.0)  # the case has moves up, which climb scales
     assert trained > 0
+
+
+@pytest.mark.parametrize(("climb", "gap"), [(1.0, 0.0), (0.0, 0.0), (0.5, 0.0), (0.0, 0.5)])
+def test_seek_validation_step_per_element_equals_a_float64_reference(climb, gap):
+    """Per element the step is the element's sign of g_val·d, shaped as the tensor's track is
+    (less evidence and the gap term, positive parts times climb): with climb 0 no element rises
+    (it moved every element by ±β_val before, whatever climb, evidence and gap said)."""
+    model = _model()
+    options = {"hypergrad_lr": 0.2, "evidence": -0.3, "climb": climb, "gap": gap, "hold": 0}
+    seek = {"ramp_rate": 0.0, "init_scale": 1.0}
+    opt = metalr.AdamHD(model.parameters(), lr=LR, seek=seek, validation=options,
+                        granularity="element")  # fmt: skip
+    params = list(model.parameters())
+    rose = 0
+    for t in range(3):
+        _train_step(model, opt, _data(10 + t))
+        before = [opt.state[p][RATE_KEY].clone() for p in params]
+        val = _data(20 + t)
+        grads = torch.autograd.grad(_loss(model, val), params)
+        dirs = opt._last_directions(opt.param_groups[0], params)
+        group_seek = opt.param_groups[0]["seek"]
+        expected = []
+        for p, m, g, d in zip(params, before, grads, dirs):
+            ctrl = opt.state[p][CONTROLLER_KEY]
+            train = _snr(*ctrl[2:4].tolist(), float(ctrl[5]), group_seek["signal_decay"],
+                         group_seek["signal_sq_decay"])  # fmt: skip
+            step = torch.sign(g * d).double() - options["evidence"] - gap * train
+            step = torch.where(step > 0, climb * step, step)
+            expected.append(torch.exp(torch.log(m) + options["hypergrad_lr"] * step))
+        opt.observe_validation(_loss(model, val))
+        for p, m, e in zip(params, before, expected):
+            torch.testing.assert_close(opt.state[p][RATE_KEY], e, rtol=1e-12, atol=0)
+            rose += int((opt.state[p][RATE_KEY] > m).sum())
+    assert (rose > 0) == (climb > 0)

@@ -395,6 +395,15 @@ def _training_snr(ctrl: Tensor, seek: Mapping[str, Any]) -> Tensor:
     return torch.where(count > 0, snr, torch.zeros_like(count))
 
 
+def _element_track(sign: Tensor, shift: float | Tensor, i: int, climb: float) -> Tensor:
+    """An element's validation step before ``β_val``: its sign less the evidence (and the gap
+    term of its tensor, ``shift[i]``), positive parts times ``climb``: the per-element form of
+    ``μ̂/√ν̂ − evidence − gap · s^train`` (an element has no running averages of its own)."""
+    offset = shift[i].to(sign.dtype) if isinstance(shift, Tensor) else shift
+    step = sign - offset
+    return torch.where(step > 0, climb * step, step) if climb != 1.0 else step
+
+
 def seek_validation_update(
     rates: Sequence[Tensor],
     controllers: Sequence[Tensor],
@@ -416,6 +425,11 @@ def seek_validation_update(
 
         μ ← b1 μ + (1 - b1) c^val,   ν ← b2 ν + (1 - b2) (c^val)²            (bias-corrected)
         log m ← min(log m + β_val · (μ̂/√ν̂ − evidence), ceiling)         (settled rates only)
+
+    Per element the step is the element's own sign shaped the same way (no running averages:
+    ``log m_e ← min(log m_e + β_val · climb⁺(sign_e − evidence − gap · s^train), ceiling)``, with
+    ``climb⁺`` scaling positive steps by ``climb``), so with the defaults (``climb`` 0) an
+    observation only ever lowers a rate, at every granularity.
 
     Rates still ramping (phase 1 runs on the training signal) hold still; their statistics are
     updated. At tensor granularity the rates are tied as in :func:`seek_update`.
@@ -453,6 +467,9 @@ def seek_validation_update(
     climb = options.get("climb", 1.0)  # absent from checkpoints before it: 1, every move kept
     if climb != 1.0:  # a validation signal that may only (or mostly) hold rates back
         track = torch.where(track > 0, climb * track, track)
+    if granularity == "element":  # each element's sign is shaped as the tensor's track is
+        shift = options["evidence"] + (gap * _training_snr(ctrl, seek) if gap != 0.0 else 0.0)
+        signals = [_element_track(s, shift, i, climb) for i, s in enumerate(signals)]
     move = RateMove(~settled, torch.zeros_like(ctrl[:, RAMP]), track, ctrl[:, CEILING], act)
     move_options = MoveOptions(sizes, options["hypergrad_lr"], 1.0, seek, granularity)
     new_rates = move_rates(rates, signals, move, move_options)
