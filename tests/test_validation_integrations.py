@@ -253,6 +253,24 @@ def test_lightning_observe_validation_without_any_validation_data_fails_before_t
     assert trainer.global_step == 0, "refused before the first step"
 
 
+@pytest.mark.parametrize("own", [False, True], ids=["trainers", "dataloader="])
+def test_lightning_observe_validation_with_an_empty_loader_fails_before_training(
+    tmp_path, own
+) -> None:
+    """An empty validation set is refused at the start (it failed at the first observation,
+    every_n_steps steps into training)."""
+    L = _lightning()
+    from metalr.integrations.lightning import ObserveValidation
+
+    empty = torch.utils.data.DataLoader(_regression_data(0, 2), batch_size=8)
+    callback = ObserveValidation(every_n_steps=2, dataloader=empty if own else None)
+    trainer = _trainer(L, tmp_path, callbacks=[callback])
+    train, _ = _loaders()
+    with pytest.raises(ValueError, match="validation dataloader has no batches"):
+        trainer.fit(_module(L, "seek"), train, None if own else empty)
+    assert trainer.global_step == 0, "refused before the first step"
+
+
 @pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 def test_lightning_observe_validation_accumulation_and_loss_fn(tmp_path) -> None:
     """Once per optimizer step with gradient accumulation; a loss function and a dataloader of

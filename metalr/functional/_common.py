@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -196,7 +197,20 @@ def torch_fused_kernel_applies(
 
 
 #: Constants that are decays: they must stay below 1.
-_DECAYS = ("turn_decay", "signal_decay", "signal_sq_decay", "decay")
+_DECAYS = (
+    "turn_decay", "signal_decay", "signal_sq_decay", "decay", "far_decay", "vanish_decay",
+    "loss_decay",
+)  # fmt: skip
+
+
+def _real_or_none(value: object) -> float | None:
+    """``value`` as a float if it is a real number (a one-element tensor too), else None (a
+    string, None, a bool, a vector: refused by the caller with the key and its range)."""
+    if isinstance(value, Tensor):
+        return float(value) if value.numel() == 1 and not value.is_complex() else None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
 
 
 def resolve_constants(
@@ -215,12 +229,12 @@ def resolve_constants(
         if key not in defaults:
             raise ValueError(f"Invalid {kind} key: {key!r}; expected one of {sorted(defaults)}")
         lo, hi, open_lo = bounds[key]
-        v = float(value)
-        ok = (lo < v if open_lo else lo <= v) and v <= hi and not math.isnan(v)
-        if key in _DECAYS:
-            ok = ok and v < 1.0
-        if finite:
-            ok = ok and not math.isinf(v)
+        v = _real_or_none(value)
+        ok = v is not None and (lo < v if open_lo else lo <= v) and v <= hi and not math.isnan(v)
+        if ok and key in _DECAYS:
+            ok = v < 1.0
+        if ok and finite:
+            ok = not math.isinf(v)
         if not ok:
             bracket = "(" if open_lo else "["
             close = ")" if key in _DECAYS else "]"

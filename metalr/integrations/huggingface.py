@@ -140,7 +140,8 @@ class ObserveValidationCallback(TrainerCallback):
 
     The Trainer does not hand itself to its callbacks, so this one is built with it; register it
     with :func:`add_observe_validation_callback` (or ``trainer.add_callback``). A resumed run
-    starts the eval batches from the first again. DeepSpeed and FSDP (sharded parameters, or an
+    draws the eval batches the uninterrupted run would have drawn (the observations before the
+    checkpoint are counted and their batches skipped). DeepSpeed and FSDP (sharded parameters, or an
     optimizer that is not metalr's) are not supported.
 
     Args:

@@ -260,8 +260,18 @@ class ObserveValidation(Callback):
     def _check_validation_data(self) -> None:
         """At the start of training: refuse a run that will have no validation batches to draw
         (rather than fail ``every_n_steps`` steps into it)."""
-        if self.dataloader is None and self._trainer is not None:
-            self._validation_data()
+        if self.dataloader is None and self._trainer is None:
+            return
+        data = self._validation_data()
+        try:
+            empty = len(data) == 0  # a loader over an empty dataset (an iterable may not say)
+        except TypeError:
+            return
+        if empty:
+            raise ValueError(
+                "ObserveValidation's validation dataloader has no batches (an empty dataset?): "
+                "there would be nothing to observe"
+            )
 
     def _loss(self, pl_module: Any, batch: Any) -> Tensor:
         if isinstance(self.loss_fn, str):

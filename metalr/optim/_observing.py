@@ -46,8 +46,9 @@ class ValidationObserving:
     ) -> Tensor:
         r"""Move the rates by the hypergradient of a validation loss; ``.grad`` is not touched.
 
-        Call it every ``k`` training steps (after ``step()``) with the loss of a validation
-        minibatch, computed with autograd on (a tensor, or a closure returning one). From the
+        Call it every ``k`` training steps (after ``step()``; parameters not stepped yet are not
+        observed) with the loss of a validation minibatch, computed with autograd on (a tensor,
+        or a closure returning one) and in eval mode (see the example). From the
         first call on, the param groups' rates follow the validation signal
         ``∂L_val(θ_t)/∂α_t = -⟨∇L_val(θ_t), d_t⟩`` at each call, beside the training one
         scaled by ``validation['train_weight']`` (default 1; 0: instead of it;
@@ -78,7 +79,9 @@ class ValidationObserving:
             >>> optimizer.step()
             >>> if step % 20 == 0:  # the recommended frequency (RECOMMENDED_EVERY)
             ...     xv, yv = next(val_batches)
+            ...     model.eval()  # no dropout; BatchNorm's running statistics left alone
             ...     optimizer.observe_validation(F.cross_entropy(model(xv), yv))
+            ...     model.train()
         """
         self._sync_groups()
         if callable(loss) and not isinstance(loss, Tensor):
@@ -89,7 +92,12 @@ class ValidationObserving:
                 "Invalid loss for observe_validation: expected a one-element tensor that "
                 f"requires grad (the validation loss computed with autograd on), got {loss!r}"
             )
-        groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
+        # the parameters stepped at least once (they have a rate and a last direction): an
+        # observation before a parameter's first step is no observation of it
+        groups = [
+            (g, [p for p in g["params"] if p.requires_grad and RATE_KEY in self.state.get(p, ())])
+            for g in self.param_groups
+        ]
         params = [p for _, ps in groups for p in ps]
         _refuse_dtensor(params)
         shards = self._shard_reducer()
@@ -104,6 +112,11 @@ class ValidationObserving:
         if params:  # (a rank of sharded state may hold none: it still joins the collectives)
             target = scaler.scale(loss) if scaler is not None else loss
             raw = torch.autograd.grad(target.reshape(()), params, allow_unused=True)
+            if shards is None and all(g is None for g in raw):
+                raise ValueError(
+                    "Invalid loss for observe_validation: it depends on none of the parameters "
+                    "this optimizer has stepped (computed with another model, or detached?)"
+                )
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
             if scaler is not None:
                 torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
@@ -178,7 +191,7 @@ class ValidationObserving:
         loss: Tensor,
         shards: ShardReducer | None,
     ) -> None:
-        rates = [self._rate(p, group) for p in params]  # completes each state
+        rates = [self._rate(p, group) for p in params]  # stepped: they have rates
         self._mark_following(group)
         stats = [self.state[p][VALIDATION_KEY] for p in params]
         if group.get("maximize", False):

@@ -1,0 +1,91 @@
+"""``observe_validation`` at its edges: before the first step, a loss that reaches no parameter,
+option values of the wrong kind (found by a review of the validation option)."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from _validation_setup import VAL, _loss, _model, _train_step
+
+import metalr
+from metalr.optim._base import FOLLOWS_VALIDATION, RATE_KEY
+
+
+@pytest.mark.parametrize("rule", ["seek", "normalized"])
+def test_an_observation_before_the_first_step_changes_nothing(rule) -> None:
+    """No parameter has a last direction yet: no state is created and the groups do not switch
+    to the validation signal (with train_weight 0 that switch froze the rates for good)."""
+    runs = []
+    for observe_first in (False, True):
+        model = _model()
+        opt = metalr.AdamHD(model.parameters(), lr=0.05, rule=rule,
+                            validation={"train_weight": 0.0})  # fmt: skip
+        if observe_first:
+            opt.observe_validation(_loss(model, VAL))
+            assert not opt.state, "state created by an observation before any step"
+        for _ in range(5):
+            _train_step(model, opt)
+        runs.append([opt.state[p][RATE_KEY].clone() for p in model.parameters()])
+        assert not any(opt.state[p][FOLLOWS_VALIDATION] for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert all(bool((r != 1).all()) for r in runs[0])  # the training signal moved them
+
+
+def test_only_parameters_already_stepped_are_observed() -> None:
+    model = _model()
+    first, second = model[0], model[2]
+    opt = metalr.AdamHD(model.parameters(), lr=0.05)
+    for p in second.parameters():
+        p.requires_grad_(False)
+    _train_step(model, opt)
+    for p in second.parameters():
+        p.requires_grad_(True)
+    opt.observe_validation(_loss(model, VAL))
+    assert all(p not in opt.state for p in second.parameters())
+    assert all(opt.state[p][FOLLOWS_VALIDATION] for p in first.parameters())
+
+
+def test_a_loss_that_reaches_none_of_the_parameters_is_refused() -> None:
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=0.05)
+    _train_step(model, opt)
+    before = copy.deepcopy(opt.state_dict())
+    other = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="depends on none of the parameters this optimizer has"):
+        opt.observe_validation(_loss(other, VAL))
+    after = opt.state_dict()
+    for key, state in before["state"].items():
+        for name, value in state.items():
+            same = torch.equal(value, after["state"][key][name]) if torch.is_tensor(value) else (
+                value == after["state"][key][name])  # fmt: skip
+            assert same, name
+
+
+@pytest.mark.parametrize(
+    ("argument", "options", "message"),
+    [
+        ("validation", {"hold": "x"}, "Invalid validation['hold'] value: x; expected [0.0, "),
+        ("validation", {"hold": None}, "Invalid validation['hold'] value: None"),
+        ("validation", {"hold": True}, "Invalid validation['hold'] value: True"),
+        ("validation", {"hold": torch.ones(2)}, "Invalid validation['hold'] value: tensor"),
+        ("validation", {"loss_decay": 1.0}, "Invalid validation['loss_decay'] value: 1.0; expected [0.0, 1.0)"),
+        ("seek", {"far_decay": 1.0}, "Invalid seek['far_decay'] value: 1.0; expected [0.0, 1.0)"),
+        ("seek", {"vanish_decay": 1.0}, "Invalid seek['vanish_decay'] value: 1.0; expected [0.0, 1.0)"),
+        ("spike_guard", {"cut": "half"}, "Invalid spike_guard['cut'] value: half; expected (0.0, 1.0]"),
+    ],
+)  # fmt: skip
+def test_option_values_of_the_wrong_kind_name_the_key(argument, options, message) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        metalr.AdamHD(_model().parameters(), **{argument: options})
+
+
+def test_option_values_may_be_numpy_numbers_or_one_element_tensors() -> None:
+    import numpy as np
+
+    opt = metalr.AdamHD(_model().parameters(),
+                        validation={"hold": np.float32(20), "loss_decay": torch.tensor(0.25)})  # fmt: skip
+    assert opt.param_groups[0]["validation"]["hold"] == 20.0
+    assert opt.param_groups[0]["validation"]["loss_decay"] == 0.25
