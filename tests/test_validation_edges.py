@@ -89,3 +89,19 @@ def test_option_values_may_be_numpy_numbers_or_one_element_tensors() -> None:
                         validation={"hold": np.float32(20), "loss_decay": torch.tensor(0.25)})  # fmt: skip
     assert opt.param_groups[0]["validation"]["hold"] == 20.0
     assert opt.param_groups[0]["validation"]["loss_decay"] == 0.25
+
+
+def test_a_prior_loaded_before_the_first_step_is_not_observed_yet() -> None:
+    """A prior writes rates but no last direction: an observation then observes nothing."""
+    from metalr.meta import LRPrior, load_prior
+
+    model = _model()
+    prior = LRPrior({n: torch.tensor(0.01, dtype=torch.float64)
+                     for n, _ in model.named_parameters()}, "tensor", "sgd")  # fmt: skip
+    opt = metalr.SGDHD(model.parameters(), lr=0.05)
+    load_prior(opt, model, prior)
+    opt.observe_validation(_loss(model, VAL))
+    assert not any(opt.state[p].get(FOLLOWS_VALIDATION, False) for p in model.parameters())
+    _train_step(model, opt)
+    opt.observe_validation(_loss(model, VAL))
+    assert all(opt.state[p][FOLLOWS_VALIDATION] for p in model.parameters())

@@ -92,10 +92,10 @@ class ValidationObserving:
                 "Invalid loss for observe_validation: expected a one-element tensor that "
                 f"requires grad (the validation loss computed with autograd on), got {loss!r}"
             )
-        # the parameters stepped at least once (they have a rate and a last direction): an
-        # observation before a parameter's first step is no observation of it
+        # the parameters stepped at least once (they have a last direction): an observation
+        # before a parameter's first step is no observation of it (a prior's rates included)
         groups = [
-            (g, [p for p in g["params"] if p.requires_grad and RATE_KEY in self.state.get(p, ())])
+            (g, [p for p in g["params"] if p.requires_grad and _stepped(self.state.get(p, {}))])
             for g in self.param_groups
         ]
         params = [p for _, ps in groups for p in ps]
@@ -206,6 +206,16 @@ class ValidationObserving:
         )  # fmt: skip
         commit_rates(rates, update.rates, update.finite, known_finite=False)
         torch._foreach_copy_(stats, update.stats)  # already gated by the flag
+
+
+#: State keys the first step creates, one of which every stepped parameter has: Adam's step
+#: counter, SGD's momentum buffer or stored direction, HyperLR's direction buffer.
+_STEPPED_KEYS = ("step", "momentum_buffer", "prev_direction")
+
+
+def _stepped(state: dict[str, Any]) -> bool:
+    """Whether a parameter with this state has been stepped (has a rate and a last direction)."""
+    return RATE_KEY in state and any(key in state for key in _STEPPED_KEYS)
 
 
 def _refuse_dtensor(params: list[Tensor]) -> None:
