@@ -19,7 +19,6 @@ of the best-of-grid Adam's final validation loss (mean over seeds) on >= 80% of 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import subprocess
@@ -32,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import one_run_goals  # experiments/ is not a package
 import transfer_batch_studies
+
+from metalr.workbench.runner import read_records
 
 CONFIGS = {
     1: "configs/ablate_study1_lr_sensitivity.yaml",
@@ -70,10 +71,8 @@ def run(n: int) -> float:
 def records(n: int | Path) -> list[dict]:
     """The latest record of each (task, optimizer, lr, seed) of study ``n`` (or of a folder)."""
     folder = n if isinstance(n, Path) else RESULTS / f"ablate_study{n}"
-    path = folder / "records.jsonl"
     latest = {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
+    for r in read_records(folder / "records.jsonl"):  # a torn last line is skipped
         if r.get("status") != "not installed":
             latest[(r["task"], r["optimizer"], r["lr"], r["seed"])] = r
     return list(latest.values())

@@ -137,7 +137,11 @@ def _unknown(command: str) -> int:
 
 def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list]:
     """Known options, plus every ``key=value`` / ``--key=value`` as an override."""
-    parser.add_argument("overrides", nargs="*", help="section.key=value (type-checked)")
+    parser.add_argument(
+        "overrides", nargs="*",
+        help="key=value or section.key=value, type-checked (e.g. seeds=[0,1] tasks=[digits_mlp] "
+        "steps=100 out=runs/x; meta-train: meta.inner_steps=2); the config's keys are the valid ones",
+    )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="apply the config's smoke section")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or log lines")

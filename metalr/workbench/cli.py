@@ -21,6 +21,7 @@ def ablate_main(argv: list[str]) -> int:
     parser.add_argument("--config", help="YAML study config (default: the embedded default study)")
     parser.add_argument("--no-report", action="store_true", help="skip the tables and plots")
     args, overrides = _parse(parser, argv)
+    from metalr.cli import _config_errors
     from metalr.workbench.config import default_study, load_study
     from metalr.workbench.report import report
     from metalr.workbench.runner import run_study
@@ -31,7 +32,7 @@ def ablate_main(argv: list[str]) -> int:
         else:
             cfg = default_study(overrides, args.smoke)
         records = run_study(cfg, quiet=args.quiet, config_file=args.config)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except (*_config_errors(), ImportError) as exc:  # a bad config, a YAML error, a folder
         print(f"metalr ablate: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -42,7 +43,11 @@ def ablate_main(argv: list[str]) -> int:
     print(records.summary(cfg.name) if args.quiet else f"{cfg.name}: records in {cfg.out_dir}",
           file=sys.stderr)  # fmt: skip
     if not args.no_report:
-        _print_report(*report(cfg.out_dir))
+        try:
+            _print_report(*report(cfg.out_dir))
+        except ValueError as exc:  # records the report refuses (e.g. mixed step budgets)
+            print(f"metalr ablate: error: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 
@@ -57,7 +62,7 @@ def report_main(argv: list[str]) -> int:
 
     try:
         text, files = report(args.results, args.out)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"metalr report: error: {exc}", file=sys.stderr)
         return 2
     _print_report(text, files)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,7 @@ def resolve_study(
     for key in raw:
         if key not in KEYS:
             raise ValueError(f"Unknown config key {key}; valid keys: {', '.join([*KEYS, 'smoke'])}")
+    _drop_unused_budgets(raw, parsed)
     hints = typing.get_type_hints(StudyConfig)
     values = {k: _check(k, v, hints[k]) for k, v in raw.items() if k != "optimizers"}
     opts = raw.get("optimizers", {"adam": {"kind": "adam"}})
@@ -115,6 +117,18 @@ def resolve_study(
     cfg = StudyConfig(**values)
     _check_study(cfg)
     return cfg
+
+
+def _drop_unused_budgets(raw: dict[str, Any], parsed: list[tuple[list[str], Any]]) -> None:
+    """The config's ``task_steps`` of known tasks that the study no longer runs (``tasks=[...]``
+    narrowed it) are dropped; a budget an override names must be for one of the study's tasks."""
+    steps, tasks = raw.get("task_steps"), raw.get("tasks")
+    if not isinstance(steps, dict) or not isinstance(tasks, list):
+        return
+    named = {path[1] for path, _ in parsed if path[0] == "task_steps" and len(path) == 2}
+    raw["task_steps"] = {
+        task: n for task, n in steps.items() if task in tasks or task in named or task not in TASKS
+    }
 
 
 def default_out_dir(name: str) -> Path:
@@ -133,7 +147,8 @@ def _smoke_out(raw: dict[str, Any], overrides: list[str], smoke: bool) -> str | 
         or (isinstance(section, dict) and "out" in section)
     ):
         return None
-    base = raw.get("out") or default_out_dir(str(raw.get("name", StudyConfig.name)))
+    name = next((v for path, v in parsed if path == ["name"]), raw.get("name", StudyConfig.name))
+    base = raw.get("out") or default_out_dir(str(name))
     return f"{base}_smoke"
 
 
@@ -163,8 +178,8 @@ def _check_study(cfg: StudyConfig) -> None:
         values = getattr(cfg, key)
         if len(set(values)) != len(values):
             raise ValueError(f"Invalid value for {key}: {values!r} (repeated entries)")
-    if any(not lr > 0 for lr in cfg.lrs):
-        raise ValueError(f"Invalid value for lrs: {cfg.lrs!r} (expected positive rates)")
+    if any(not 0 < lr < math.inf for lr in cfg.lrs):
+        raise ValueError(f"Invalid value for lrs: {cfg.lrs!r} (expected positive, finite rates)")
     if not cfg.divergence > 1:
         raise ValueError(f"Invalid value for divergence: {cfg.divergence!r} (expected > 1)")
 

@@ -8,8 +8,8 @@ TEXT = """\
 # time:     ~50 s (120 runs of 300 full-batch steps, then the report; ~0.34 s of CPU a run);
 #           --smoke: ~3 s. A rerun skips every recorded run ("120 cached, 0 run").
 # expected: digits_mlp final val loss (mean of 3 seeds): Adam 0.090 at its best lr (1e-2), 0.78
-#           at 1e-1, 176 at 1; AdamHD (seek rule) 0.117-0.130 from every lr0; SGD 0.079 (lr 1);
-#           SGD-HD 0.084 from every lr0 (measured: experiments/results/ablate_default/report.md).
+#           at 1e-1, 176 at 1; AdamHD (seek rule) 0.110-0.123 from every lr0; SGD 0.079 (lr 1);
+#           SGD-HD 0.081-0.083 from every lr0 (measured: experiments/results/ablate_default/report.md).
 # Writes runs/ablate/ablate_default/{records.jsonl,curves/,report.md,summary.csv,*.png}.
 name: ablate_default
 tasks: [digits_logreg, digits_mlp]

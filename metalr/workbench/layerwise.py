@@ -116,11 +116,26 @@ def check(name: str, spec: dict[str, Any]) -> None:
     if spec.get("epochs") is not None and spec.get("batch_size") is None:
         raise ValueError(f"Invalid {where}: epochs needs batch_size")
     lrs = spec.get("lrs")
-    if lrs is not None and (not isinstance(lrs, list) or not lrs
-                            or any(not (isinstance(x, (int, float)) and x > 0) for x in lrs)):  # fmt: skip
-        raise ValueError(f"Invalid value for {where}.lrs: {lrs!r} (expected positive rates)")
+    if isinstance(lrs, list):  # YAML 1.1 reads 1e-3 (no dot) as a string, as at the top level
+        spec["lrs"] = lrs = [_number(x) for x in lrs]
+    if lrs is not None and (not isinstance(lrs, list) or not lrs or any(
+            not (isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf)
+            for x in lrs)):  # fmt: skip
+        raise ValueError(
+            f"Invalid value for {where}.lrs: {lrs!r} (expected positive, finite rates)"
+        )
     if lrs is not None and len(set(lrs)) != len(lrs):
         raise ValueError(f"Invalid value for {where}.lrs: {lrs!r} (repeated entries)")
+
+
+def _number(value: Any) -> Any:
+    """A string that spells a number, as that number (else ``value`` as it is)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def run_steps(spec: dict[str, Any], train_examples: int, steps: int) -> int:

@@ -61,19 +61,34 @@ from metalr.workbench.runner import read_records
 
 
 def _header(folder: Path, records: list[dict[str, Any]]) -> str:
-    """Where the numbers came from (``study.json``), and the summed run time."""
+    """Where the numbers came from: the last command (``study.json``), the code the records
+    were run with (their own provenance: a results folder reused across commits keeps its
+    cells, whose code the cache does not check), and the summed run time."""
     study = folder / "study.json"
     if not study.is_file():
         return ""
     info = json.loads(study.read_text())
     prov = info.get("provenance", {})
-    dirty = " (uncommitted changes)" if prov.get("git_dirty") else ""
     seconds = sum(r.get("wall_time_s") or 0.0 for r in records)
     return (
-        f"Study `{info.get('name')}`: `{prov.get('command')}`; git {prov.get('git_commit')}{dirty}; "
+        f"Study `{info.get('name')}`: `{prov.get('command')}`; {_code_of(records, prov)}; "
         f"torch {prov.get('torch_version')}, metalr {prov.get('metalr_version')}; "
         f"{prov.get('platform')}; {len(records)} runs, {seconds:.1f} s of run time in total.\n\n"
     )
+
+
+def _code_of(records: list[dict[str, Any]], study: dict[str, Any]) -> str:
+    """The git commit(s) the records were run at, marked when the tree had uncommitted changes,
+    with a warning when they mix commits (a cell is rerun when its config changes, not when the
+    code does: delete the folder, or pass a new ``out``, to rerun every cell)."""
+    provs = [r.get("provenance") or {} for r in records] or [study]
+    commits = sorted({str(p.get("git_commit")) for p in provs})
+    dirty = " (uncommitted changes)" if any(p.get("git_dirty") for p in provs) else ""
+    if len(commits) == 1:
+        return f"git {commits[0]}{dirty}"
+    return (f"**records from {len(commits)} commits** ({', '.join(c[:10] for c in commits)})"
+            f"{dirty}: cells are reused across code changes; rerun in a fresh folder to compare "
+            "one code version")  # fmt: skip
 
 
 def report(results: str | Path, out: str | Path | None = None) -> tuple[str, list[Path]]:

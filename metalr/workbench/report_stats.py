@@ -27,7 +27,19 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     if n < 2 or not math.isfinite(mean):
         return mean, math.nan
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * sd / math.sqrt(n)
+    return mean, t975(n - 1) * sd / math.sqrt(n)
+
+
+def t975(df: int) -> float:
+    """Student t's 97.5% quantile with ``df`` degrees of freedom: the table to 30, then the
+    Cornish-Fisher expansion around the normal quantile (error below 1e-5 from 30 on)."""
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959963984540054
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    return z + g1 / df + g2 / df**2 + g3 / df**3
 
 
 def _loss(r: dict[str, Any]) -> float:
@@ -42,8 +54,17 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r.get("status") != "not installed":
             latest[(r["task"], r["optimizer"], r["lr"], r["seed"])] = r
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    grid_budgets: dict[tuple, set] = defaultdict(set)
     for (task, opt, lr, _), r in latest.items():
         groups[(task, opt, lr)].append(r)
+        grid_budgets[(task, opt)].add((r.get("size"), r.get("steps")))
+    for (task, opt), budgets in grid_budgets.items():  # one optimizer's rates at one budget
+        if len(budgets) > 1:  # (optimizers may differ: a spec's epochs set its own steps)
+            raise ValueError(
+                f"records of {task} / {opt} come from runs of different sizes or step budgets "
+                f"{sorted(budgets, key=str)}: the report would compare its rates as one grid; "
+                "give each budget its own out folder"
+            )
     rows = []
     for (task, opt, lr), rs in groups.items():
         budgets = {(r.get("size"), r.get("steps")) for r in rs}
