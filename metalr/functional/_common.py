@@ -203,7 +203,7 @@ _DECAYS = (
 )  # fmt: skip
 
 
-def _real_or_none(value: object) -> float | None:
+def real_number(value: object) -> float | None:
     """``value`` as a float if it is a real number (a one-element tensor too), else None (a
     string, None, a bool, a vector: refused by the caller with the key and its range)."""
     if isinstance(value, Tensor):
@@ -229,7 +229,7 @@ def resolve_constants(
         if key not in defaults:
             raise ValueError(f"Invalid {kind} key: {key!r}; expected one of {sorted(defaults)}")
         lo, hi, open_lo = bounds[key]
-        v = _real_or_none(value)
+        v = real_number(value)
         ok = v is not None and (lo < v if open_lo else lo <= v) and v <= hi and not math.isnan(v)
         if ok and key in _DECAYS:
             ok = v < 1.0

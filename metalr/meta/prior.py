@@ -29,7 +29,6 @@ import importlib.metadata
 import importlib.util
 import json
 import math
-import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from metalr.functional._common import real_number
 from metalr.meta.config import HYPERGRAD_RULES, INNER_RULES, MetaConfig
 from metalr.meta.parametrize import MetaParameters
 from metalr.meta.results import _atomic
@@ -286,11 +286,10 @@ def prior_from_meta(meta: MetaParameters, config: MetaConfig) -> LRPrior:
 def _real(name: str, value: Any) -> float:
     """A real scalar (a Python or NumPy number, a one-element tensor) as a float; ``TypeError``
     naming ``name`` otherwise."""
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_complex():
-        return float(value)
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = real_number(value)
+    if v is None:
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    return v
 
 
 _MOVED_TO_HANDOFF = ("inner_constants", "load_prior", "load_step_rates", "param_groups_from_prior")
