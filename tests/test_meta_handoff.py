@@ -219,7 +219,7 @@ _RATES = {"w": torch.tensor(0.1)}
         (lambda: LRPrior({"w": 0.1}, "tensor", "sgd"), TypeError, "rates must be a dict of parameter name -> tensor"),
         (lambda: LRPrior({"w": torch.tensor(math.inf)}, "tensor", "sgd"), ValueError, "rate of 'w' must be positive and finite"),
         (lambda: LRPrior({"w": torch.tensor(math.nan)}, "tensor", "sgd"), ValueError, "rate of 'w' must be positive and finite"),
-        (lambda: LRPrior(_RATES, "tensor", "sgd", base_lr="1"), TypeError, "base_lr must be a real number, got str"),
+        (lambda: LRPrior(_RATES, "tensor", "sgd", base_lr="fast"), TypeError, "base_lr must be a real number, got str"),
         (lambda: LRPrior({"w": torch.ones(2)}, "element", "sgd", rate_schedule={"w": torch.ones(3)}), ValueError, "rate_schedule (per-step rates, MAML++ LSLR) needs granularity='tensor'"),
         (lambda: LRPrior(_RATES, "tensor", "sgd", rate_schedule={"w": torch.ones(0)}), ValueError, "rate_schedule of 'w' must be a 1-d tensor of positive, finite rates"),
         (lambda: LRPrior(_RATES, "tensor", "sgd", base_lr=math.inf), ValueError, "Invalid base_lr value: inf; expected a finite value > 0"),

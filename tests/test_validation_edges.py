@@ -34,10 +34,11 @@ def test_an_observation_before_the_first_step_changes_nothing(rule) -> None:
     assert all(bool((r != 1).all()) for r in runs[0])  # the training signal moved them
 
 
-def test_only_parameters_already_stepped_are_observed() -> None:
+def test_only_groups_already_stepped_are_observed() -> None:
+    """A group none of whose parameters has stepped is not observed (its neighbour is)."""
     model = _model()
     first, second = model[0], model[2]
-    opt = metalr.AdamHD(model.parameters(), lr=0.05)
+    opt = metalr.AdamHD([{"params": first.parameters()}, {"params": second.parameters()}], lr=0.05)
     for p in second.parameters():
         p.requires_grad_(False)
     _train_step(model, opt)
@@ -54,7 +55,7 @@ def test_a_loss_that_reaches_none_of_the_parameters_is_refused() -> None:
     _train_step(model, opt)
     before = copy.deepcopy(opt.state_dict())
     other = copy.deepcopy(model)
-    with pytest.raises(ValueError, match="depends on none of the parameters this optimizer has"):
+    with pytest.raises(ValueError, match="depends on none of the parameters this optimizer trains"):
         opt.observe_validation(_loss(other, VAL))
     after = opt.state_dict()
     for key, state in before["state"].items():
@@ -67,14 +68,14 @@ def test_a_loss_that_reaches_none_of_the_parameters_is_refused() -> None:
 @pytest.mark.parametrize(
     ("argument", "options", "message"),
     [
-        ("validation", {"hold": "x"}, "Invalid validation['hold'] value: x; expected [0.0, "),
+        ("validation", {"hold": "x"}, "Invalid validation['hold'] value: 'x'; expected a number in [0.0, "),
         ("validation", {"hold": None}, "Invalid validation['hold'] value: None"),
         ("validation", {"hold": True}, "Invalid validation['hold'] value: True"),
         ("validation", {"hold": torch.ones(2)}, "Invalid validation['hold'] value: tensor"),
-        ("validation", {"loss_decay": 1.0}, "Invalid validation['loss_decay'] value: 1.0; expected [0.0, 1.0)"),
-        ("seek", {"far_decay": 1.0}, "Invalid seek['far_decay'] value: 1.0; expected [0.0, 1.0)"),
-        ("seek", {"vanish_decay": 1.0}, "Invalid seek['vanish_decay'] value: 1.0; expected [0.0, 1.0)"),
-        ("spike_guard", {"cut": "half"}, "Invalid spike_guard['cut'] value: half; expected (0.0, 1.0]"),
+        ("validation", {"loss_decay": 1.0}, "Invalid validation['loss_decay'] value: 1.0; expected a number in [0.0, 1.0)"),
+        ("seek", {"far_decay": 1.0}, "Invalid seek['far_decay'] value: 1.0; expected a number in [0.0, 1.0)"),
+        ("seek", {"vanish_decay": 1.0}, "Invalid seek['vanish_decay'] value: 1.0; expected a number in [0.0, 1.0)"),
+        ("spike_guard", {"cut": "half"}, "Invalid spike_guard['cut'] value: 'half'; expected a number in (0.0, 1.0]"),
     ],
 )  # fmt: skip
 def test_option_values_of_the_wrong_kind_name_the_key(argument, options, message) -> None:
@@ -82,13 +83,20 @@ def test_option_values_of_the_wrong_kind_name_the_key(argument, options, message
         metalr.AdamHD(_model().parameters(), **{argument: options})
 
 
-def test_option_values_may_be_numpy_numbers_or_one_element_tensors() -> None:
+def test_option_values_may_be_any_one_real_number() -> None:
+    """NumPy numbers and 0-d arrays, one-element tensors, Decimals, and the strings YAML 1.1
+    makes of 1e-2 (as they were before values were checked for kind)."""
+    import decimal
+
     import numpy as np
 
-    opt = metalr.AdamHD(_model().parameters(),
-                        validation={"hold": np.float32(20), "loss_decay": torch.tensor(0.25)})  # fmt: skip
-    assert opt.param_groups[0]["validation"]["hold"] == 20.0
-    assert opt.param_groups[0]["validation"]["loss_decay"] == 0.25
+    values = {"hold": np.float32(20), "loss_decay": torch.tensor(0.25),
+              "train_weight": np.array(0.5), "hypergrad_lr": "1e-2",
+              "climb": decimal.Decimal("0.5")}  # fmt: skip
+    opt = metalr.AdamHD(_model().parameters(), validation=values)
+    got = {k: opt.param_groups[0]["validation"][k] for k in values}
+    assert got == {"hold": 20.0, "loss_decay": 0.25, "train_weight": 0.5, "hypergrad_lr": 0.01,
+                   "climb": 0.5}  # fmt: skip
 
 
 def test_a_prior_loaded_before_the_first_step_is_not_observed_yet() -> None:

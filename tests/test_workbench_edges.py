@@ -116,3 +116,22 @@ def test_the_studies_headline_code_skips_a_torn_last_line(tmp_path):
     text = "".join(json.dumps(_record("toy", lr, 0, 5)) + "\n" for lr in (0.1, 0.01))
     (tmp_path / "records.jsonl").write_text(text[:-40])  # the last record cut short
     assert [r["lr"] for r in ablate_studies.records(tmp_path)] == [0.1]
+
+
+def test_option_dicts_in_a_config_read_yaml_numbers():
+    """YAML 1.1 reads 1e-2 (no dot) as a string: option dicts take it as a number, as before
+    option values were checked for kind."""
+    import yaml
+
+    spec = yaml.safe_load("{kind: adam_hd, validation: {train_weight: 0, hypergrad_lr: 1e-2},"
+                          " seek: {evidence: 1e-3}}")  # fmt: skip
+    assert spec["validation"]["hypergrad_lr"] == "1e-2"
+    cfg = resolve_study({**RAW, "optimizers": {"a": spec}})
+    assert cfg.optimizers["a"]["kind"] == "adam_hd"
+    import torch
+
+    from metalr.workbench.optimizers import build_optimizer
+
+    opt = build_optimizer(cfg.optimizers["a"], [torch.nn.Parameter(torch.zeros(2))], 1e-3)
+    assert opt.param_groups[0]["validation"]["hypergrad_lr"] == 0.01
+    assert opt.param_groups[0]["seek"]["evidence"] == 0.001

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -204,13 +203,18 @@ _DECAYS = (
 
 
 def real_number(value: object) -> float | None:
-    """``value`` as a float if it is a real number (a one-element tensor too), else None (a
-    string, None, a bool, a vector: refused by the caller with the key and its range)."""
+    """``value`` as a float if it is one real number: a Python, NumPy or ``Decimal`` number, a
+    one-element tensor or array, or a string that spells a number (YAML 1.1 reads ``1e-3`` as
+    one); else None (a bool, None, a word, a vector: refused by the caller with the key and its
+    range)."""
+    if isinstance(value, (bool, complex)) or value is None or type(value).__name__ == "bool_":
+        return None
     if isinstance(value, Tensor):
         return float(value) if value.numel() == 1 and not value.is_complex() else None
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    return None
+    try:
+        return float(value)  # numbers, NumPy scalars and one-element arrays, numeric strings
+    except (TypeError, ValueError):
+        return None
 
 
 def resolve_constants(
@@ -239,7 +243,8 @@ def resolve_constants(
             bracket = "(" if open_lo else "["
             close = ")" if key in _DECAYS else "]"
             raise ValueError(
-                f"Invalid {kind}[{key!r}] value: {value}; expected {bracket}{lo}, {hi}{close}"
+                f"Invalid {kind}[{key!r}] value: {value!r}; expected a number in "
+                f"{bracket}{lo}, {hi}{close}"
             )
         out[key] = v
     return out

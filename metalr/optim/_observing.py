@@ -46,9 +46,10 @@ class ValidationObserving:
     ) -> Tensor:
         r"""Move the rates by the hypergradient of a validation loss; ``.grad`` is not touched.
 
-        Call it every ``k`` training steps (after ``step()``; parameters not stepped yet are not
-        observed) with the loss of a validation minibatch, computed with autograd on (a tensor,
-        or a closure returning one) and in eval mode (see the example). From the
+        Call it every ``k`` training steps (after ``step()``; a group none of whose parameters
+        has stepped is not observed) with the loss of a validation minibatch, computed with
+        autograd on (a tensor, or a closure returning one) and in eval mode (see the example).
+        From the
         first call on, the param groups' rates follow the validation signal
         ``∂L_val(θ_t)/∂α_t = -⟨∇L_val(θ_t), d_t⟩`` at each call, beside the training one
         scaled by ``validation['train_weight']`` (default 1; 0: instead of it;
@@ -92,12 +93,7 @@ class ValidationObserving:
                 "Invalid loss for observe_validation: expected a one-element tensor that "
                 f"requires grad (the validation loss computed with autograd on), got {loss!r}"
             )
-        # the parameters stepped at least once (they have a last direction): an observation
-        # before a parameter's first step is no observation of it (a prior's rates included)
-        groups = [
-            (g, [p for p in g["params"] if p.requires_grad and _stepped(self.state.get(p, {}))])
-            for g in self.param_groups
-        ]
+        groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
         params = [p for _, ps in groups for p in ps]
         _refuse_dtensor(params)
         shards = self._shard_reducer()
@@ -115,7 +111,7 @@ class ValidationObserving:
             if shards is None and all(g is None for g in raw):
                 raise ValueError(
                     "Invalid loss for observe_validation: it depends on none of the parameters "
-                    "this optimizer has stepped (computed with another model, or detached?)"
+                    "this optimizer trains (computed with another model, or detached?)"
                 )
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
             if scaler is not None:
@@ -154,18 +150,21 @@ class ValidationObserving:
         parameter of it and no rank vetoes it (a rank holding none cannot veto; one whose
         shard of the gradient is not finite vetoes it for every rank, as the whole gradient
         would in one process)."""
+        # a group none of whose parameters has been stepped has no last direction to read: an
+        # observation before the first step (a prior's rates loaded, say) is none of it
+        stepped = [any(_stepped(self.state.get(p, {})) for p in ps) for _, ps in groups]
         if shards is None:
             return [
-                bool(ps) and (self._follows_validation(g) or bool(all_finite([loss, *gs])))
-                for (g, ps), gs in zip(groups, grads)
+                moved and (self._follows_validation(g) or bool(all_finite([loss, *gs])))
+                for (g, _), gs, moved in zip(groups, grads, stepped)
             ]
         device = shards.device
         yes = torch.ones((), dtype=torch.bool, device=device)
         agree = [
-            yes if not ps or self._follows_validation(g) else all_finite([loss, *gs]).to(device)
-            for (g, ps), gs in zip(groups, grads)
+            yes if not moved or self._follows_validation(g) else all_finite([loss, *gs]).to(device)
+            for (g, _), gs, moved in zip(groups, grads, stepped)
         ]
-        holds_none = [yes if not ps else ~yes for _, ps in groups]
+        holds_none = [~yes if moved else yes for moved in stepped]
         decided = shards.all(torch.stack(agree + holds_none))  # MIN: "all agree", "none holds"
         n = len(groups)
         return (decided[:n] & ~decided[n:]).tolist()
