@@ -135,3 +135,9 @@ def test_option_dicts_in_a_config_read_yaml_numbers():
     opt = build_optimizer(cfg.optimizers["a"], [torch.nn.Parameter(torch.zeros(2))], 1e-3)
     assert opt.param_groups[0]["validation"]["hypergrad_lr"] == 0.01
     assert opt.param_groups[0]["seek"]["evidence"] == 0.001
+
+
+def test_the_report_command_refuses_records_of_another_tool(tmp_path, capsys):
+    (tmp_path / "records.jsonl").write_text(json.dumps({"task": "toy", "factor": 1e-4}) + "\n")
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not metalr ablate's (one lacks ['lr', 'optimizer', 'seed'])" in capsys.readouterr().err

@@ -91,6 +91,10 @@ def _code_of(records: list[dict[str, Any]], study: dict[str, Any]) -> str:
             "one code version")  # fmt: skip
 
 
+#: Keys every record of ``metalr ablate`` has (what the report groups by).
+_ABLATE_KEYS = frozenset({"task", "optimizer", "lr", "seed"})
+
+
 def report(results: str | Path, out: str | Path | None = None) -> tuple[str, list[Path]]:
     """Write ``report.md``, ``summary.csv`` and the PNGs; returns the markdown and file paths."""
     results = Path(results)
@@ -99,6 +103,13 @@ def report(results: str | Path, out: str | Path | None = None) -> tuple[str, lis
     if not records:
         raise FileNotFoundError(
             f"no records in {results} (expected records.jsonl from metalr ablate)"
+        )
+    foreign = next((r for r in records if not _ABLATE_KEYS <= r.keys()), None)
+    if foreign is not None:
+        missing = sorted(_ABLATE_KEYS - foreign.keys())
+        raise ValueError(
+            f"{results} holds records that are not metalr ablate's (one lacks {missing}): "
+            "metalr report reads the records.jsonl of an ablation study"
         )
     out = Path(out) if out is not None else folder
     out.mkdir(parents=True, exist_ok=True)
