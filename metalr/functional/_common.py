@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -80,16 +80,30 @@ def tracks_grad(*values: object) -> bool:
     return False
 
 
-def graph_safe_reads(
-    lists: Sequence[Sequence[Tensor | None]], *others: object
-) -> list[list[Tensor | None]]:
-    """The tensors a step reads and then overwrites in place (:func:`write_back`), cloned when
-    autograd records the step (:func:`tracks_grad` over them and ``others``): the graph then
-    saves the clones, whose versions never change, not the state the write-back bumps (torch's
-    differentiable Adam clones ``exp_avg`` for the same reason). Unchanged otherwise."""
-    if not tracks_grad(lists, *others):
-        return [list(values) for values in lists]
-    return [[t.clone() if t is not None else None for t in values] for values in lists]
+def step_written_back(
+    step: Callable[..., Any], state: NamedTuple, grads: Sequence[Tensor], hyper: dict[str, Any]
+) -> Any:
+    """``step(state[0], grads, *state[1:], **hyper)`` (a rule's pure step) with its result
+    copied into ``state``'s tensors and the controllers (:func:`write_back`), and returned
+    (without the controllers). Under autograd (:func:`tracks_grad`) the step reads clones of
+    them: the graph then saves the clones, whose versions never change, not the state the
+    write-back bumps (torch's differentiable Adam clones ``exp_avg`` for the same reason)."""
+    controllers = hyper.get("controllers")
+    read = state
+    if tracks_grad(state, grads, hyper):
+        read = type(state)(*(_clones(values) for values in state))
+        if controllers is not None:
+            hyper = {**hyper, "controllers": _clones(controllers)}
+    new = step(read[0], grads, *read[1:], **hyper)
+    if controllers is not None:
+        new, new_controllers = new
+        write_back((controllers,), (new_controllers,))
+    write_back(state, new)
+    return new
+
+
+def _clones(values: Sequence[Tensor | None]) -> list[Tensor | None]:
+    return [t.clone() if t is not None else None for t in values]
 
 
 def write_back(dst: NamedTuple, src: NamedTuple) -> None:

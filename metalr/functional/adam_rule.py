@@ -58,15 +58,14 @@ from metalr.functional._common import (
     default_foreach,
     element_keep,
     from_real,
-    graph_safe_reads,
     host_readable,
     negate_if,
     pow_tensor,
     safe_sqrt,
     select,
     sharded_context,
+    step_written_back,
     tracks_grad,
-    write_back,
 )
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._fused import (
@@ -296,17 +295,10 @@ def pure_step_in_place(
     steps: list[Tensor],
     **hyper,
 ) -> None:
-    """:func:`adam_hd_step`, its result copied into the state tensors (read through clones under
-    autograd: :func:`graph_safe_reads`)."""
-    read = graph_safe_reads([params, exp_avgs, exp_avg_sqs, rates, steps], grads, hyper)
-    controllers = hyper.get("controllers")
-    if controllers is not None:
-        hyper = {**hyper, "controllers": graph_safe_reads([controllers], read)[0]}
-    new = adam_hd_step(read[0], grads, *read[1:], **hyper)
-    if controllers is not None:
-        new, new_controllers = new
-        write_back((controllers,), (new_controllers,))
-    write_back(AdamHDState(params, exp_avgs, exp_avg_sqs, rates, steps), new)
+    """:func:`adam_hd_step`, its result copied into the state tensors
+    (:func:`~metalr.functional._common.step_written_back`)."""
+    state = AdamHDState(params, exp_avgs, exp_avg_sqs, rates, steps)
+    step_written_back(adam_hd_step, state, grads, hyper)
 
 
 def _in_place_adam_hd(

@@ -41,14 +41,13 @@ from metalr.functional._common import (
     default_foreach,
     element_keep,
     from_real,
-    graph_safe_reads,
     host_readable,
     negate_if,
     select,
     sharded_context,
+    step_written_back,
     torch_fused_kernel_applies,
     tracks_grad,
-    write_back,
 )
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._fused import (
@@ -243,17 +242,10 @@ def pure_step_in_place(
     rates: list[Tensor],
     **hyper,
 ) -> SGDHDState:
-    """:func:`sgd_hd_step`, its result copied into the state tensors (new buffers returned; read
-    through clones under autograd: :func:`graph_safe_reads`)."""
-    read = graph_safe_reads([params, momentum_buffers, prev_directions, rates], grads, hyper)
-    controllers = hyper.get("controllers")
-    if controllers is not None:
-        hyper = {**hyper, "controllers": graph_safe_reads([controllers], read)[0]}
-    new = sgd_hd_step(read[0], grads, *read[1:], **hyper)
-    if controllers is not None:
-        new, new_controllers = new
-        write_back((controllers,), (new_controllers,))
-    write_back(SGDHDState(params, momentum_buffers, prev_directions, rates), new)
+    """:func:`sgd_hd_step`, its result copied into the state tensors (new buffers returned;
+    :func:`~metalr.functional._common.step_written_back`)."""
+    state = SGDHDState(params, momentum_buffers, prev_directions, rates)
+    new = step_written_back(sgd_hd_step, state, grads, hyper)
     # Buffers created by this step may alias a gradient in the pure result: store copies.
     bufs = [b if b is not None else (n.clone() if n is not None else None)
             for b, n in zip(momentum_buffers, new.momentum_buffers)]  # fmt: skip

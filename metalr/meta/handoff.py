@@ -175,16 +175,16 @@ def load_prior(
     plan = _rates_by_group(optimizer, named, prior, set_lr)
     weights = _initial_weights(optimizer, named, prior) if load_weights else {}
     _warn_partial_match(prior)
-    for group, pairs in zip(optimizer.param_groups, plan):
+    for group, entries in zip(optimizer.param_groups, plan):
         if set_lr:
             if isinstance(group["lr"], Tensor):
                 group["lr"].fill_(prior.base_lr)
             else:
                 group["lr"] = prior.base_lr
-        for p, rate in pairs:
+        for p, _, rate in entries:
             _write_rate(optimizer, group, p, rate)
-        if prior.hypergrad_lrs is not None and pairs:
-            group["hypergrad_lr"] = float(prior.hypergrad_lrs[_name_of(named, pairs[0][0])])
+        if prior.hypergrad_lrs is not None and entries:  # one β per group: checked in the plan
+            group["hypergrad_lr"] = float(prior.hypergrad_lrs[entries[0][1]])
     with torch.no_grad():
         for p, w in weights.items():
             p.copy_(w)
@@ -212,19 +212,15 @@ def load_step_rates(
     column = {name: rates[step] for name, rates in prior.rate_schedule.items()}
     stepped = LRPrior(column, prior.granularity, prior.inner_rule, prior.base_lr)
     plan = _rates_by_group(optimizer, named, stepped, set_lr=False)
-    for group, pairs in zip(optimizer.param_groups, plan):
-        for p, rate in pairs:
+    for group, entries in zip(optimizer.param_groups, plan):
+        for p, _, rate in entries:
             _write_rate(optimizer, group, p, rate)
-
-
-def _name_of(named: dict[str, Tensor], param: Tensor) -> str:
-    return next(n for n, p in named.items() if p is param)
 
 
 def _rates_by_group(
     optimizer: HypergradOptimizer, named: dict[str, Tensor], prior: LRPrior, set_lr: bool
-) -> list[list[tuple[Tensor, Tensor]]]:
-    """Per param group, ``(parameter, rate)`` pairs to write, every one checked (name, shape,
+) -> list[list[tuple[Tensor, str, Tensor]]]:
+    """Per param group, ``(parameter, name, rate)`` to write, every one checked (name, shape,
     the group's lr and its learned ``hypergrad_lr``) without writing anything."""
     names = {p: n for n, p in named.items()}
     plan = []
@@ -232,7 +228,7 @@ def _rates_by_group(
         lr = prior.base_lr if set_lr else group["lr"]
         if not lr > 0:
             raise ValueError(f"param group {i} has lr={lr}; rates are relative to a positive lr")
-        pairs, group_names = [], []
+        entries = []
         for p in group["params"]:
             if p not in names:
                 raise ValueError(
@@ -249,8 +245,8 @@ def _rates_by_group(
                     f"prior rate for parameter {name!r} has shape {tuple(rate.shape)}, "
                     f"expected {shape}"
                 )
-            pairs.append((p, rate))
-            group_names.append(name)
+            entries.append((p, name, rate))
+        group_names = [name for _, name, _ in entries]
         if prior.hypergrad_lrs is not None and group_names:
             betas = [prior.hypergrad_lrs[n] for n in group_names]
             if any(not torch.equal(b, betas[0]) for b in betas[1:]):
@@ -259,7 +255,7 @@ def _rates_by_group(
                     "hypergrad_lr; build the optimizer with "
                     "metalr.meta.param_groups_from_prior(model, prior)"
                 )
-        plan.append(pairs)
+        plan.append(entries)
     return plan
 
 

@@ -222,8 +222,6 @@ def unroll(
     """
     if steps < 1:
         raise ValueError(f"Invalid inner steps value: {steps}; expected an integer >= 1")
-    if mode not in SUPPORT_GRAD_MODES:
-        raise ValueError(f"Invalid mode: {mode!r}; expected one of {SUPPORT_GRAD_MODES}")
     if create_graph is None:
         create_graph = not rule.first_order
     names = list(init)

@@ -243,18 +243,17 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
         shards = self._shard_reducer()
         if shards is not None and len(self.param_groups) > 1:  # the same on every rank
             return shards.all(self._local_grads_finite(shards.device))
-        groups = [g for g in self.param_groups if any(p.grad is not None for p in g["params"])]
-        if len(groups) < 2:
-            return None
-        grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
-        return all_finite(grads)
+        with_grads = sum(any(p.grad is not None for p in g["params"]) for g in self.param_groups)
+        return self._local_grads_finite() if with_grads > 1 else None
 
-    def _local_grads_finite(self, device: torch.device) -> Tensor:
-        """Whether every gradient this rank holds is finite (True with none), on ``device``."""
+    def _local_grads_finite(self, device: torch.device | None = None) -> Tensor:
+        """Whether every gradient this rank holds is finite, on ``device`` (None: the
+        gradients'; True with none, which needs a ``device``)."""
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return torch.ones((), dtype=torch.bool, device=device)
-        return all_finite(grads).to(device)
+        finite = all_finite(grads)
+        return finite if device is None else finite.to(device)
 
     @torch.no_grad()
     def effective_lrs(self) -> dict[Tensor, Tensor]:

@@ -143,10 +143,10 @@ class ValidationObserving:
         loss: Tensor,
         shards: ShardReducer | None,
     ) -> list[bool]:
-        """Which groups this observation moves: those with trainable parameters that follow
+        """Which groups this observation moves: those with a stepped parameter that follow
         the validation signal, or whose first observation is finite (loss and gradients; one
         host read each, the first time only). With sharded state the ranks decide together, in
-        one all-reduce and one host read: a group moves if some rank holds a trainable
+        one all-reduce and one host read: a group moves if some rank holds a stepped
         parameter of it and no rank vetoes it (a rank holding none cannot veto; one whose
         shard of the gradient is not finite vetoes it for every rank, as the whole gradient
         would in one process)."""
@@ -190,7 +190,7 @@ class ValidationObserving:
         loss: Tensor,
         shards: ShardReducer | None,
     ) -> None:
-        rates = [self._rate(p, group) for p in params]  # stepped: they have rates
+        rates = [self._rate(p, group) for p in params]  # completes each state
         self._mark_following(group)
         stats = [self.state[p][VALIDATION_KEY] for p in params]
         if group.get("maximize", False):

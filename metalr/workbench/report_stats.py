@@ -58,21 +58,17 @@ def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for (task, opt, lr, _), r in latest.items():
         groups[(task, opt, lr)].append(r)
         grid_budgets[(task, opt)].add((r.get("size"), r.get("steps")))
-    for (task, opt), budgets in grid_budgets.items():  # one optimizer's rates at one budget
-        if len(budgets) > 1:  # (optimizers may differ: a spec's epochs set its own steps)
+    # one optimizer's rates (and so each cell's seeds) at one budget; optimizers may differ (a
+    # spec's epochs set its own steps)
+    for (task, opt), budgets in grid_budgets.items():
+        if len(budgets) > 1:
             raise ValueError(
                 f"records of {task} / {opt} come from runs of different sizes or step budgets "
                 f"{sorted(budgets, key=str)}: the report would compare its rates as one grid; "
                 "give each budget its own out folder"
             )
     rows = []
-    for (task, opt, lr), rs in groups.items():
-        budgets = {(r.get("size"), r.get("steps")) for r in rs}
-        if len(budgets) > 1:  # seeds of different runs (a smoke run, another budget) in one mean
-            raise ValueError(
-                f"records of {task} / {opt} / lr {lr} come from runs of different sizes or step "
-                f"budgets {sorted(budgets, key=str)}: give each run its own out folder"
-            )
+    for (task, opt, lr), rs in groups.items():  # (one budget per cell: checked above)
         losses = [_loss(r) for r in rs]
         n_div = sum(not math.isfinite(v) for v in losses)
         mean, ci = mean_ci(losses)
