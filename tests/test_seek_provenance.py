@@ -33,6 +33,7 @@ OFF = {
     "vanish": 0.0,
     "noise_hold": 0.0,
     "vanish_fall": 0.0,
+    "horizon": 0.0,  # the long-horizon signal (2026-12-06): never fitted, off by default
 }
 
 

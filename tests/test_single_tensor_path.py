@@ -219,9 +219,15 @@ def _unrolled(cls, w0: torch.Tensor, lr: torch.Tensor, options: dict) -> torch.T
 @pytest.mark.parametrize("cls", [metalr.AdamHD, metalr.SGDHD], ids=lambda c: c.__name__)
 @pytest.mark.parametrize(
     "options",
-    [{"hypergrad_lr": 0.0}, {}, {"rule": "normalized"}, {"granularity": "element"}],
-    ids=["beta0", "seek", "normalized", "element"],
-)
+    [
+        {"hypergrad_lr": 0.0},
+        {},
+        {"rule": "normalized"},
+        {"granularity": "element"},
+        {"seek": {"horizon": 0.9, "turn_threshold": 1.0}},
+    ],
+    ids=["beta0", "seek", "normalized", "element", "horizon"],
+)  # horizon: settled after the first step, so the later steps read the trail
 def test_differentiable_steps_match_finite_differences(cls, options) -> None:
     """Several steps under autograd with weight decay and gradients in the graph: d p_3 / d w_0
     and d p_3 / d lr equal central finite differences (the step reads clones of the state it

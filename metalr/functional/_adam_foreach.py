@@ -48,6 +48,7 @@ def _multi_tensor_adam_hd(
     controllers: Sequence[Tensor] | None = None,
     seek: Mapping[str, Any] | None = None,
     lagged: bool = False,
+    trails: Sequence[Tensor] | None = None,
 ) -> bool:
     """In-place ``foreach`` twin of :func:`adam_hd_step` (same math, fewer kernel launches).
 
@@ -81,7 +82,7 @@ def _multi_tensor_adam_hd(
     update = adapt_rates(
         rates, grads, prev_dirs, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
         granularity=granularity, lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
-        controllers=controllers, seek=seek,
+        controllers=controllers, seek=seek, trails=trails,
     )  # fmt: skip
     finite = update.finite
     del prev_dirs

@@ -84,18 +84,23 @@ def step_written_back(
     step: Callable[..., Any], state: NamedTuple, grads: Sequence[Tensor], hyper: dict[str, Any]
 ) -> Any:
     """``step(state[0], grads, *state[1:], **hyper)`` (a rule's pure step) with its result
-    copied into ``state``'s tensors and the controllers (:func:`write_back`), and returned
-    (without the controllers). Under autograd (:func:`tracks_grad`) the step reads clones of
+    copied into ``state``'s tensors, the controllers and the trails (:func:`write_back`), and
+    returned (without the controllers and trails). Under autograd (:func:`tracks_grad`) the step reads clones of
     them: the graph then saves the clones, whose versions never change, not the state the
     write-back bumps (torch's differentiable Adam clones ``exp_avg`` for the same reason)."""
-    controllers = hyper.get("controllers")
+    controllers, trails = hyper.get("controllers"), hyper.get("trails")
     read = state
     if tracks_grad(state, grads, hyper):
         read = type(state)(*(_clones(values) for values in state))
         if controllers is not None:
             hyper = {**hyper, "controllers": _clones(controllers)}
+        if trails is not None:
+            hyper = {**hyper, "trails": _clones(trails)}
     new = step(read[0], grads, *read[1:], **hyper)
-    if controllers is not None:
+    if trails is not None:
+        new, new_controllers, new_trails = new
+        write_back((controllers, trails), (new_controllers, new_trails))
+    elif controllers is not None:
         new, new_controllers = new
         write_back((controllers,), (new_controllers,))
     write_back(state, new)
@@ -179,15 +184,19 @@ def foreach_copy_(targets: list[Tensor], values: list[Tensor]) -> None:
 def commit_update(
     rates: list[Tensor],
     controllers: Sequence[Tensor] | None,
-    update: tuple[list[Tensor], Tensor, list[Tensor]],
+    update: Any,
     known_finite: bool,
 ) -> None:
-    """:func:`commit_rates` for an ``adapt_rates`` result: the rates and, for the ``"seek"``
-    rule, its controller vectors (already gated by the step's flag)."""
-    new_rates, finite, new_controllers = update
+    """:func:`commit_rates` for an ``adapt_rates`` result (a ``RateUpdate``): the rates and, for
+    the ``"seek"`` rule, its controller vectors and trails (both already gated by the flag)."""
+    new_rates, finite, new_controllers = update[0], update[1], update[2]
     commit_rates(rates, new_rates, finite, known_finite)
     if controllers:  # a list of their own: rates may be sharded (DTensor), controllers never are
         commit_rates(list(controllers), new_controllers, finite, known_finite=True)  # gated
+    if len(update) > 3 and update.trails is not None:  # the long-horizon signal's (gated)
+        for old, new in zip(update.trail_state, update.trails):
+            if old is not new:
+                old.copy_(new)
 
 
 def torch_fused_kernel_applies(

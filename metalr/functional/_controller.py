@@ -86,6 +86,12 @@ rate the validation loss does not want)::
 (``vanish_fall`` > 0: a collapsed gradient also anneals the rate, as noise would.) The tracking
 step of per-element rates is their sign, which neither term reads.
 
+Optionally (``horizon = μ > 0``; off by default) the tracking signal compares the gradient with
+a discounted trail of the steps taken instead of the last one, ``c_t = cos(g_t, Z_{t-1})`` with
+``Z_t = μ Z_{t-1} + η m d_t`` (MARTHE's discounted forward-mode hypergradient with the identity
+for the step's Jacobian: oscillating steps cancel in ``Z``, steady progress adds up; see
+:mod:`metalr.functional._trail`). The ramp and the turn still read the last step's group cosine.
+
 At tensor granularity the rates of one group are then tied within a factor ``tie`` of their
 size-weighted geometric mean (a tensor's rate cannot drift decades away from the rest).
 

@@ -83,9 +83,10 @@ def kernel_backend(params: Sequence[Tensor], rates: Sequence[Tensor], hyper: dic
     """The module whose ``adam_hd_step`` / ``sgd_hd_step`` takes this fused step, or None.
 
     Their steps return False (having changed nothing) when they decline at run time (no C++
-    compiler, buffers not created yet): the caller then takes the eager path.
+    compiler, buffers not created yet): the caller then takes the eager path. A step with trails
+    (``seek["horizon"] > 0``) has no kernel: ``fused=True`` compiles the pure step instead.
     """
-    if not params:
+    if not params or hyper.get("trails") is not None:  # the long-horizon signal: eager/compiled
         return None
     if params[0].device.type == "cuda":
         try:

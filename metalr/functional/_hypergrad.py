@@ -44,9 +44,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from metalr.functional._common import full_value, safe_sqrt
+from metalr.functional._common import full_value, safe_sqrt, select
 from metalr.functional._controller import seek_update
 from metalr.functional._distributed import ShardReducer
+from metalr.functional._trail import extend_trails
 
 GRANULARITIES = ("group", "tensor", "element")
 RULES = ("seek", "normalized", "additive")
@@ -373,12 +374,16 @@ def _sign_rule(rate: Tensor, dot: Tensor, beta: float | Tensor) -> Tensor:
 
 
 class RateUpdate(NamedTuple):
-    """What :func:`adapt_rates` returns: new multipliers, the step's all-finite flag, and the
-    new controller vectors (``"seek"``; an empty list for the other rules)."""
+    """What :func:`adapt_rates` returns: new multipliers, the step's all-finite flag, the new
+    controller vectors (``"seek"``; an empty list for the other rules) and, with a long-horizon
+    signal (``seek["horizon"] > 0``), the new trails (already gated by the flag) and the trail
+    tensors they replace (:func:`~metalr.functional._common.commit_update` copies them over)."""
 
     rates: list[Tensor]
     finite: Tensor
     controllers: list[Tensor]
+    trails: list[Tensor] | None = None
+    trail_state: Sequence[Tensor] | None = None
 
 
 def adapt_rates(
@@ -395,6 +400,7 @@ def adapt_rates(
     shards: ShardReducer | None = None,
     controllers: Sequence[Tensor] | None = None,
     seek: Mapping[str, Any] | None = None,
+    trails: Sequence[Tensor] | None = None,
 ) -> RateUpdate:
     """The hypergradient half of every rule: new multipliers and the step's all-finite flag.
 
@@ -407,22 +413,30 @@ def adapt_rates(
     ``rule="seek"`` needs ``controllers`` (one vector per parameter, see
     :mod:`metalr.functional._controller`) and the constants ``seek``; its new controllers are
     already gated by the flag. ``hypergrad_lr == 0`` (a number) switches it off: nothing moves.
+    With ``seek["horizon"] > 0`` it also needs ``trails`` (one per parameter, see
+    :mod:`metalr.functional._trail`): its tracking phase then reads them, and the update carries
+    their new values.
     """
+    if trails is not None and (rule != "seek" or seek is None or seek.get("horizon", 0.0) <= 0):
+        raise ValueError("trails are read by rule='seek' with seek['horizon'] > 0 only")
     if rule == "seek":
         if controllers is None or seek is None:
             raise ValueError("rule='seek' needs controllers and seek constants")
         if not isinstance(hypergrad_lr, (Tensor, list, tuple)) and hypergrad_lr == 0:
-            same, finite, _ = adapt_rates(
+            same, finite, *_ = adapt_rates(
                 rates, grads, directions, lr=lr, hypergrad_lr=0.0, rule="normalized",
                 granularity=granularity, lr_bounds=lr_bounds, grads_finite=grads_finite,
                 shards=shards,
             )  # fmt: skip
             return RateUpdate(same, finite, list(controllers))
-        return RateUpdate(*seek_adapt_rates(
+        result = seek_adapt_rates(
             rates, controllers, grads, directions, lr=lr, hypergrad_lr=hypergrad_lr,
             granularity=granularity, lr_bounds=lr_bounds, seek=seek, grads_finite=grads_finite,
-            shards=shards,
-        ))  # fmt: skip
+            shards=shards, trails=trails,
+        )  # fmt: skip
+        return (
+            RateUpdate(*result, trail_state=trails) if trails is not None else RateUpdate(*result)
+        )
     dots, g_norms, d_norms = inner_products(grads, directions, granularity, rule == "normalized")
     finite = all_finite(dots if granularity != "element" else grads)
     if grads_finite is not None:
@@ -449,18 +463,33 @@ def seek_adapt_rates(
     seek: Mapping[str, Any],
     grads_finite: Tensor | None = None,
     shards: ShardReducer | None = None,
-) -> tuple[list[Tensor], Tensor, list[Tensor]]:
-    """:func:`adapt_rates` for the ``"seek"`` rule: also returns the new controller vectors.
+    trails: Sequence[Tensor] | None = None,
+) -> (
+    tuple[list[Tensor], Tensor, list[Tensor]]
+    | tuple[list[Tensor], Tensor, list[Tensor], list[Tensor]]
+):
+    """:func:`adapt_rates` for the ``"seek"`` rule: ``(rates, finite, controllers)``, the new
+    controller vectors included (and, with ``trails``, the new trails as a fourth entry).
 
     The signals come from the same inner products: the group cosine (summed over the group's
     tensors, and over ranks with ``shards``) drives the ramp, each rate's own cosine (sign per
-    element) the tracking phase (:func:`metalr.functional._controller.seek_update`).
+    element) the tracking phase (:func:`metalr.functional._controller.seek_update`). With
+    ``seek["horizon"] = μ > 0`` the tracking phase compares the gradient with the trail
+    ``Z_{t-1} = μ Z_{t-2} + η m d_{t-1}`` instead of ``d_{t-1}`` (:mod:`metalr.functional._trail`);
+    the ramp and the turn still read the last step's group cosine.
     """
     signals, group_signal, finite, active, grad_norm = seek_signals(
         grads, directions, granularity, grads_finite=grads_finite, shards=shards
     )
     sizes = [g.numel() for g in grads]
     starts = rates_in_use(rates, lr, lr_bounds)  # the rates in use: what the rule moves
+    new_trails = None
+    if (trails is None) != (seek.get("horizon", 0.0) <= 0):
+        raise ValueError("seek['horizon'] > 0 needs trails (one per parameter) and only it does")
+    if trails is not None:
+        staged = extend_trails(trails, directions, starts, lr, seek["horizon"])
+        signals = seek_signals(grads, staged, granularity, shards=shards).signals
+        new_trails = [select(finite, z_new, z) for z_new, z in zip(staged, trails)]
     new_rates, new_ctrls = seek_update(
         starts, controllers, signals, group_signal, active, sizes,
         hypergrad_lr=hypergrad_lr, seek=seek, granularity=granularity, grad_norm=grad_norm,
@@ -469,6 +498,8 @@ def seek_adapt_rates(
         clamp_rates(r, lr, lr_bounds, previous=old, start=s)
         for r, old, s in zip(new_rates, rates, starts)
     ]
+    if new_trails is not None:
+        return new_rates, finite, new_ctrls, new_trails
     return new_rates, finite, new_ctrls
 
 

@@ -56,6 +56,7 @@ SEEK_DEFAULTS: dict[str, float] = {
     "vanish_decay": 0.9,
     "noise_hold": 0.0,
     "vanish_fall": 1.0,
+    "horizon": 0.0,
 }
 
 #: Round 7's best (trial 33, objective 0.516; ``round7/best.json``), to 4 significant digits:
@@ -103,6 +104,7 @@ TRIAL11_SEEK: dict[str, float] = {
     "vanish_decay": 0.9,
     "noise_hold": 0.0,
     "vanish_fall": 0.0,
+    "horizon": 0.0,
 }
 TRIAL11_SEEK_HYPERGRAD_LR = 0.015
 
@@ -152,6 +154,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "vanish_decay": (0.0, 1.0, False),
     "noise_hold": (0.0, 10.0, False),
     "vanish_fall": (0.0, 10.0, False),
+    "horizon": (0.0, 1.0, False),
 }
 
 

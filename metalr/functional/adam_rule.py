@@ -200,7 +200,10 @@ def adam_hd_step(
     controllers: Sequence[Tensor] | None = None,
     seek: Mapping[str, Any] | None = None,
     lagged: bool = False,
-) -> AdamHDState | tuple[AdamHDState, list[Tensor]]:
+    trails: Sequence[Tensor] | None = None,
+) -> (
+    AdamHDState | tuple[AdamHDState, list[Tensor]] | tuple[AdamHDState, list[Tensor], list[Tensor]]
+):
     """One Adam-HD step as a pure function: returns new tensors, mutates nothing.
 
     ``lagged=True``: the one-step-lagged rate of the module docstring (the Adam half uses the
@@ -208,7 +211,8 @@ def adam_hd_step(
 
     With ``rule="seek"`` pass the controller vectors (``controllers``, see
     :mod:`metalr.functional._controller`) and the constants ``seek``; the step then returns
-    ``(state, new_controllers)``.
+    ``(state, new_controllers)``; with ``seek["horizon"] > 0`` pass the trails too (``trails``,
+    see :mod:`metalr.functional._trail`) and it returns ``(state, new_controllers, new_trails)``.
 
     If any gradient is non-finite the step is skipped: every returned tensor equals its input
     (lagged: per element, see the module docstring).
@@ -233,10 +237,10 @@ def adam_hd_step(
         _complex_if(adam_direction(m, v, s, beta1, beta2, eps), g)
         for m, v, s, g in zip(as_real_list(exp_avgs), as_real_list(exp_avg_sqs), steps, grads)
     ]
-    new_rates, finite, new_controllers = adapt_rates(
+    new_rates, finite, new_controllers, new_trails, _ = adapt_rates(
         rates, grads, prev_dirs, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
         granularity=granularity, lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
-        controllers=controllers, seek=seek,
+        controllers=controllers, seek=seek, trails=trails,
     )  # fmt: skip
     out = AdamHDState([], [], [], [], [])
     applied = rates_in_use(rates if lagged else new_rates, lr, lr_bounds)
@@ -255,6 +259,8 @@ def adam_hd_step(
         out.rates.append(select(finite, new_rate, rate))
         step_keep = finite if not lagged else grads_finite
         out.steps.append(step_new if step_keep is None else select(step_keep, step_new, step))
+    if trails is not None:
+        return out, new_controllers, new_trails
     return out if controllers is None else (out, new_controllers)
 
 

@@ -114,14 +114,16 @@ def sgd_hd_step(
     controllers: Sequence[Tensor] | None = None,
     seek: Mapping[str, Any] | None = None,
     lagged: bool = False,
-) -> SGDHDState | tuple[SGDHDState, list[Tensor]]:
+    trails: Sequence[Tensor] | None = None,
+) -> SGDHDState | tuple[SGDHDState, list[Tensor]] | tuple[SGDHDState, list[Tensor], list[Tensor]]:
     """One SGD-HD step as a pure function: returns new tensors, mutates nothing.
 
     ``lagged=True``: the one-step-lagged rate (the module docstring; per-element skip).
 
     With ``rule="seek"`` pass the controller vectors (``controllers``, see
     :mod:`metalr.functional._controller`) and the constants ``seek``; the step then returns
-    ``(state, new_controllers)``.
+    ``(state, new_controllers)``; with ``seek["horizon"] > 0`` pass the trails too (``trails``,
+    see :mod:`metalr.functional._trail`) and it returns ``(state, new_controllers, new_trails)``.
 
     A ``None`` buffer means "not created yet" (first step). If any gradient is non-finite the
     step is skipped and every returned tensor equals its input.
@@ -139,10 +141,10 @@ def sgd_hd_step(
                       rates=rates, controllers=controllers)  # fmt: skip
     grads = negate_if(grads, maximize)
     prev = previous_directions(params, momentum_buffers, prev_directions, momentum, nesterov)
-    new_rates, finite, new_controllers = adapt_rates(
+    new_rates, finite, new_controllers, new_trails, _ = adapt_rates(
         rates, grads, prev, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
         granularity=granularity, lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
-        controllers=controllers, seek=seek,
+        controllers=controllers, seek=seek, trails=trails,
     )  # fmt: skip
     keep_direction = stores_prev_direction(momentum, nesterov)
     out = SGDHDState([], [], [], [])
@@ -168,6 +170,8 @@ def sgd_hd_step(
         else:
             out.prev_directions.append(None)
         out.rates.append(select(finite, new_rate, rate))
+    if trails is not None:
+        return out, new_controllers, new_trails
     return out if controllers is None else (out, new_controllers)
 
 
@@ -327,6 +331,7 @@ def _multi_tensor_sgd_hd(
     controllers: Sequence[Tensor] | None = None,
     seek: Mapping[str, Any] | None = None,
     lagged: bool = False,
+    trails: Sequence[Tensor] | None = None,
 ) -> SGDHDState | None:
     """In-place ``foreach`` twin of :func:`sgd_hd_step`.
 
@@ -343,7 +348,7 @@ def _multi_tensor_sgd_hd(
     update = adapt_rates(
         rates, grads, prev, lr=lr, hypergrad_lr=hypergrad_lr, rule=rule,
         granularity=granularity, lr_bounds=lr_bounds, grads_finite=grads_finite, shards=shards,
-        controllers=controllers, seek=seek,
+        controllers=controllers, seek=seek, trails=trails,
     )  # fmt: skip
     finite = update.finite
     del prev

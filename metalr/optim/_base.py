@@ -19,6 +19,7 @@ from metalr.functional._controller import (
 )
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
+from metalr.functional._trail import TRAIL_KEY, initial_trail
 from metalr.functional._validation_state import observed
 from metalr.functional.spike_guard import initial_spike_stats
 from metalr.functional.validation import (
@@ -54,12 +55,14 @@ HYPER_DEFAULTS: dict[str, Any] = {
 
 #: Per-parameter state kept in the rate dtype (float32 for half-precision parameters), not the
 #: parameter's: torch's load casts every floating state to the parameter's dtype.
-_RATE_DTYPE_KEYS = (RATE_KEY, CONTROLLER_KEY, VALIDATION_KEY, SPIKE_KEY)
+_RATE_DTYPE_KEYS = (RATE_KEY, CONTROLLER_KEY, VALIDATION_KEY, SPIKE_KEY, TRAIL_KEY)
 
 
 def _rate_state(key: str, value: Tensor, param: Tensor) -> Tensor:
     """A loaded state tensor on ``param``'s device in the dtype metalr keeps it in (``step``:
     float32; the rest: :func:`rate_dtype`), completed where the checkpoint predates entries."""
+    if key == TRAIL_KEY:  # the long-horizon signal's trail: the direction's dtype (float32+)
+        return value.to(device=param.device, dtype=initial_trail(param).dtype).clone()
     dtype = torch.float32 if key == "step" else rate_dtype(param)
     value = value.to(device=param.device, dtype=dtype).clone()
     if key == CONTROLLER_KEY and value.numel() < CONTROLLER_SIZE:
@@ -182,7 +185,9 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
         return pairs
 
     def _controller_args(self, group: dict[str, Any], params: list[Tensor]) -> dict[str, Any]:
-        """``controllers`` and ``seek`` for the rule of ``group`` (empty unless ``"seek"``).
+        """``controllers`` and ``seek`` for the rule of ``group`` (empty unless ``"seek"``), and
+        ``trails`` with a long-horizon signal (``seek["horizon"] > 0``; created on first use,
+        :mod:`metalr.functional._trail`).
 
         Once the group follows the validation signal the controller keeps ramping and turning
         on the training signal, tracks it with the weight ``validation["train_weight"]``
@@ -202,7 +207,13 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
         for p in params:
             controller = self.state[p].get(CONTROLLER_KEY)
             controllers.append(controller if controller is not None else self._controller(p, group))
-        return {"controllers": controllers, "seek": seek}
+        if seek.get("horizon", 0.0) <= 0:
+            return {"controllers": controllers, "seek": seek}
+        for p in params:
+            if TRAIL_KEY not in self.state[p]:
+                self.state[p][TRAIL_KEY] = initial_trail(p)
+        trails = [self.state[p][TRAIL_KEY] for p in params]
+        return {"controllers": controllers, "seek": seek, "trails": trails}
 
     def _train_hypergrad_lr(self, group: dict[str, Any]) -> Any:
         """β of the training signal: the group's, times ``validation['train_weight']`` for a
