@@ -281,3 +281,18 @@ def test_the_held_out_study_runs_and_reads_study_1s_records(tmp_path, capsys):
                 if r["task"] == task and r["optimizer"] == "adam_hd" and float(r["lr"]) == lr
             )
             assert hd[(task, lr)] == pytest.approx(hd_mean, rel=1e-9)
+
+
+def test_fused_true_compiles_the_pure_step_with_its_trail():
+    """No kernel reads the trail: fused=True takes the torch.compile'd pure step, which keeps
+    the trail as the eager path does (float32; compiled kernels reorder sums: 1e-5)."""
+
+    def run(**options):
+        model = _model(dtype=torch.float32)
+        opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek={"horizon": 0.9}, **options)
+        _train(opt, model, 6, dtype=torch.float32)
+        return [(p.detach(), opt.state[p][TRAIL_KEY]) for p in model.parameters()]
+
+    for (p_fused, z_fused), (p_eager, z_eager) in zip(run(fused=True), run()):
+        torch.testing.assert_close(p_fused, p_eager, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(z_fused, z_eager, rtol=1e-4, atol=1e-7)
