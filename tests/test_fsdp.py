@@ -21,6 +21,11 @@ MAKERS = {
     "HyperLR": lambda p, g: metalr.HyperLR(
         torch.optim.Adam(p, lr=1e-2), hypergrad_lr=0.1, granularity=g
     ),
+    # the long-horizon signal: its trails are sharded like the parameters, its sums reduced
+    # (turn_threshold 1: settled after the first step, so the later steps read the trail)
+    "AdamHD_horizon": lambda p, g: metalr.AdamHD(
+        p, lr=1e-2, hypergrad_lr=0.1, granularity=g, seek={"horizon": 0.9, "turn_threshold": 1.0}
+    ),
 }
 
 

@@ -46,12 +46,19 @@ def _optimizer_kwargs(name: str) -> dict:
             "momentum": 0.9,
             "hypergrad_lr": 0.1,
         },
+        # the long-horizon signal, settled after the first step so that later steps read trails
+        "AdamHD-horizon": {
+            "optimizer_class": metalr.AdamHD,
+            "lr": 1e-2,
+            "hypergrad_lr": 0.1,
+            "seek": {"horizon": 0.9, "turn_threshold": 1.0},
+        },
     }[name]
 
 
 RUNS = [("AdamHD", "group", True), ("SGDHD", "group", True), ("AdamHD", "group", False),
         ("AdamHD", "tensor", False), ("AdamHD", "tensor", True),
-        ("AdamHD-normalized", "tensor", False)]  # fmt: skip
+        ("AdamHD-normalized", "tensor", False), ("AdamHD-horizon", "tensor", True)]  # fmt: skip
 
 
 def _train_sharded(rank: int, name: str, granularity: str, reduce: bool) -> dict:
