@@ -18,7 +18,16 @@ the step reads it (``d_{t-1}`` and the rate it was applied with are at hand then
 finite step keeps the extension. The ramp and the turn still read the greedy group cosine.
 
 State: one tensor per parameter, shaped like it (in the direction's dtype: float32 at least),
-in ``optimizer.state[p]['hd_trail']``.
+in ``optimizer.state[p]['hd_trail']``. In lagged mode the rate a term is weighed with is the one
+the step after it applies (at most one rate update apart); :class:`~metalr.HyperLR`'s directions
+are the wrapped optimizer's displacements, which already carry its ``lr``, so there each term is
+weighed by ``η`` once more (the same factor for every term under a constant ``lr``: the cosine
+does not change). The validation option (``observe_validation``) still compares its gradient
+with the last step.
+
+Example::
+
+    optimizer = metalr.AdamHD(model.parameters(), lr=1e-3, seek={"horizon": 0.95})
 """
 
 from __future__ import annotations

@@ -58,7 +58,9 @@ class AdamHD(HypergradOptimizer):
             per-element rates (default: "tensor").
         rule: ``"seek"``, ``"normalized"`` or ``"additive"`` (default: "seek").
         seek: constants of the seek rule overriding its fitted defaults, e.g.
-            ``{"init_scale": 0.01}`` (default: None).
+            ``{"init_scale": 0.01}``, or ``{"horizon": 0.95}`` for the long-horizon tracking
+            signal (one more buffer per parameter; :mod:`metalr.functional._trail`)
+            (default: None).
         validation: constants of the validation signal (used once :meth:`observe_validation`
             is called) overriding its defaults, e.g. ``{"hypergrad_lr": 0.05}``; see
             :mod:`metalr.functional.validation` (default: None).
