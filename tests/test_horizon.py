@@ -296,3 +296,21 @@ def test_fused_true_compiles_the_pure_step_with_its_trail():
     for (p_fused, z_fused), (p_eager, z_eager) in zip(run(fused=True), run()):
         torch.testing.assert_close(p_fused, p_eager, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(z_fused, z_eager, rtol=1e-4, atol=1e-7)
+
+
+def test_hypergrad_lr_0_moves_nothing_and_keeps_the_trail_on_every_path():
+    """β = 0 switches the rule off (nothing moves): with a trail the pure step returned None
+    for it and the write-back under autograd raised; now every path keeps it (zeros) and the
+    parameters are the same."""
+    w0 = torch.tensor([0.3, -1.2, 0.7], dtype=F64, requires_grad=True)
+    finals = []
+    for differentiable in (True, False):
+        p = w0.clone() if differentiable else w0.detach().clone()
+        opt = metalr.AdamHD([p], lr=torch.tensor(0.05, dtype=F64), hypergrad_lr=0.0,
+                            differentiable=differentiable, seek={"horizon": 0.9})  # fmt: skip
+        for t in range(3):
+            p.grad = torch.sin((t + 1) * w0.detach())
+            opt.step()
+        assert torch.equal(opt.state[p][TRAIL_KEY], torch.zeros_like(p))
+        finals.append((p.detach(), opt.state[p]["lr_multiplier"]))
+    torch.testing.assert_close(finals[0], finals[1], rtol=0, atol=0)

@@ -6,10 +6,13 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from metalr.functional._hypergrad import RateUpdate
 
 
 def as_real_list(ts: Sequence[Tensor]) -> list[Tensor]:
@@ -184,7 +187,7 @@ def foreach_copy_(targets: list[Tensor], values: list[Tensor]) -> None:
 def commit_update(
     rates: list[Tensor],
     controllers: Sequence[Tensor] | None,
-    update: Any,
+    update: RateUpdate,
     known_finite: bool,
 ) -> None:
     """:func:`commit_rates` for an ``adapt_rates`` result (a ``RateUpdate``): the rates and, for
@@ -193,7 +196,7 @@ def commit_update(
     commit_rates(rates, new_rates, finite, known_finite)
     if controllers:  # a list of their own: rates may be sharded (DTensor), controllers never are
         commit_rates(list(controllers), new_controllers, finite, known_finite=True)  # gated
-    if len(update) > 3 and update.trails is not None:  # the long-horizon signal's (gated)
+    if update.trails is not None:  # the long-horizon signal's (gated)
         for old, new in zip(update.trail_state, update.trails):
             if old is not new:
                 old.copy_(new)

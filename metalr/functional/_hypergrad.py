@@ -417,7 +417,7 @@ def adapt_rates(
     :mod:`metalr.functional._trail`): its tracking phase then reads them, and the update carries
     their new values.
     """
-    if trails is not None and (rule != "seek" or seek is None or seek.get("horizon", 0.0) <= 0):
+    if trails is not None and rule != "seek":  # seek_adapt_rates checks them against horizon
         raise ValueError("trails are read by rule='seek' with seek['horizon'] > 0 only")
     if rule == "seek":
         if controllers is None or seek is None:
@@ -428,7 +428,8 @@ def adapt_rates(
                 granularity=granularity, lr_bounds=lr_bounds, grads_finite=grads_finite,
                 shards=shards,
             )  # fmt: skip
-            return RateUpdate(same, finite, list(controllers))
+            kept = list(trails) if trails is not None else None  # nothing moves, trails too
+            return RateUpdate(same, finite, list(controllers), kept, trails)
         result = seek_adapt_rates(
             rates, controllers, grads, directions, lr=lr, hypergrad_lr=hypergrad_lr,
             granularity=granularity, lr_bounds=lr_bounds, seek=seek, grads_finite=grads_finite,
@@ -488,7 +489,7 @@ def seek_adapt_rates(
         raise ValueError("seek['horizon'] > 0 needs trails (one per parameter) and only it does")
     if trails is not None:
         staged = extend_trails(trails, directions, starts, lr, seek["horizon"])
-        signals = seek_signals(grads, staged, granularity, shards=shards).signals
+        signals = rate_signals(grads, staged, granularity, shards)
         new_trails = [select(finite, z_new, z) for z_new, z in zip(staged, trails)]
     new_rates, new_ctrls = seek_update(
         starts, controllers, signals, group_signal, active, sizes,
@@ -544,6 +545,29 @@ def seek_signals(
     if shards is not None:
         finite = shards.all(finite)
     return seek_signals_from_products(sums, g_norms, d_norms, dots, finite, granularity, shards)
+
+
+def rate_signals(
+    grads: Sequence[Tensor],
+    directions: Sequence[Tensor],
+    granularity: str,
+    shards: ShardReducer | None = None,
+) -> list[Tensor]:
+    """Each rate's signal from ``grads`` and ``directions`` (the ``signals`` of
+    :func:`seek_signals`, without the flag, the group signal and the norm the ramp reads): the
+    group cosine, each tensor's cosine, or the sign of ``g·d`` per element."""
+    if granularity == "element":
+        dots, _, _ = inner_products(grads, directions, "element", with_norms=False)
+        return [torch.nan_to_num(torch.sign(d), nan=0.0) for d in dots]
+    sums, g_norms, d_norms = inner_products(grads, directions, granularity, with_norms=True)
+    assert g_norms is not None and d_norms is not None
+    ref = sums[0]
+    sum_vec, g_vec, d_vec = (_stack(v, ref) for v in (sums, g_norms, d_norms))
+    if granularity == "group":
+        no_flag = torch.ones((), dtype=torch.bool, device=ref.device)
+        group_signal = group_signal_from_norms(sum_vec, g_vec, d_vec, no_flag, shards)[0]
+        return [group_signal for _ in sums]
+    return list(tensor_cosines(sum_vec, g_vec, d_vec).unbind(0))
 
 
 def seek_signals_from_products(

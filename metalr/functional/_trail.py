@@ -41,12 +41,14 @@ from torch import Tensor
 TRAIL_KEY = "hd_trail"
 
 
+def trail_dtype(param: Tensor) -> torch.dtype:
+    """The dtype of ``param``'s trail: the parameter's if complex, else float32 at least."""
+    return param.dtype if param.is_complex() else torch.promote_types(param.dtype, torch.float32)
+
+
 def initial_trail(param: Tensor) -> Tensor:
-    """A zero trail for ``param``: its shape, complex if it is, real dtype float32 at least."""
-    if param.is_complex():
-        return torch.zeros_like(param, memory_format=torch.preserve_format)
-    dtype = torch.promote_types(param.dtype, torch.float32)
-    return torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+    """A zero trail for ``param``: its shape, in :func:`trail_dtype`."""
+    return torch.zeros_like(param, dtype=trail_dtype(param), memory_format=torch.preserve_format)
 
 
 def extend_trails(

@@ -19,7 +19,7 @@ from metalr.functional._controller import (
 )
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
-from metalr.functional._trail import TRAIL_KEY, initial_trail
+from metalr.functional._trail import TRAIL_KEY, initial_trail, trail_dtype
 from metalr.functional._validation_state import observed
 from metalr.functional.spike_guard import initial_spike_stats
 from metalr.functional.validation import (
@@ -62,7 +62,7 @@ def _rate_state(key: str, value: Tensor, param: Tensor) -> Tensor:
     """A loaded state tensor on ``param``'s device in the dtype metalr keeps it in (``step``:
     float32; the rest: :func:`rate_dtype`), completed where the checkpoint predates entries."""
     if key == TRAIL_KEY:  # the long-horizon signal's trail: the direction's dtype (float32+)
-        return value.to(device=param.device, dtype=initial_trail(param).dtype).clone()
+        return value.to(device=param.device, dtype=trail_dtype(param)).clone()
     dtype = torch.float32 if key == "step" else rate_dtype(param)
     value = value.to(device=param.device, dtype=dtype).clone()
     if key == CONTROLLER_KEY and value.numel() < CONTROLLER_SIZE:
