@@ -12,7 +12,7 @@ import torch
 import metalr
 from metalr.functional import adam_hd_step
 from metalr.functional._controller import seek_update
-from metalr.functional._hypergrad import seek_signals
+from metalr.functional._signals import seek_signals
 from metalr.functional._trail import TRAIL_KEY
 
 F64 = torch.float64

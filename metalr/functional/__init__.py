@@ -18,13 +18,8 @@ from metalr.functional._controller import (
 )
 from metalr.functional._hypergrad import (
     DEFAULT_NORMALIZED_HYPERGRAD_LR,
-    GRANULARITIES,
-    RULES,
     clamp_rates,
-    hypergradient,
     initial_rate,
-    inner_products,
-    rate_dtype,
     seek_adapt_rates,
     update_rates,
 )
@@ -32,6 +27,13 @@ from metalr.functional._seek_constants import (
     ROUND7_SEEK,
     TRIAL11_SEEK,
     TRIAL11_SEEK_HYPERGRAD_LR,
+)
+from metalr.functional._signals import (
+    GRANULARITIES,
+    RULES,
+    hypergradient,
+    inner_products,
+    rate_dtype,
 )
 from metalr.functional.adam_rule import AdamHDState, adam_direction, adam_hd, adam_hd_step
 from metalr.functional.sgd_rule import SGDHDState, sgd_hd, sgd_hd_step

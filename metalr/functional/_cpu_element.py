@@ -49,7 +49,7 @@ from metalr.functional._common import safe_sqrt
 from metalr.functional._compiled import compiled
 from metalr.functional._controller import CEILING, RAMP, seek_update_stacked
 from metalr.functional._flat_state import add_to_rows, rows_or_stack, write_rows
-from metalr.functional._hypergrad import group_signal_from_norms
+from metalr.functional._signals import group_signal_from_norms
 
 #: Status codes of the C++ pass.
 SKIPPED, WRITTEN, INACTIVE = 0, 1, 2

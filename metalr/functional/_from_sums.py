@@ -21,15 +21,9 @@ from metalr.functional._common import safe_sqrt
 from metalr.functional._compiled import compiled
 from metalr.functional._controller import seek_update_stacked
 from metalr.functional._flat_state import rows_of
-from metalr.functional._hypergrad import (
-    RateUpdate,
-    bounded,
-    clamp_rates,
-    group_signal_from_norms,
-    tensor_cosines,
-    update_rates,
-)
+from metalr.functional._hypergrad import RateUpdate, bounded, clamp_rates, update_rates
 from metalr.functional._rate_moves import beta_vector
+from metalr.functional._signals import group_signal_from_norms, tensor_cosines
 
 
 def adapt_rates_from_sums(

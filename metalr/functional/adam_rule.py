@@ -75,7 +75,8 @@ from metalr.functional._fused import (
     kernel_backend,
     run_default_kernels,
 )
-from metalr.functional._hypergrad import adapt_rates, check_step_inputs, rates_in_use
+from metalr.functional._hypergrad import adapt_rates, rates_in_use
+from metalr.functional._signals import check_step_inputs
 
 
 class AdamHDState(NamedTuple):

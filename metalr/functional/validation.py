@@ -105,14 +105,8 @@ from torch import Tensor
 from metalr.functional._common import full_value, resolve_constants
 from metalr.functional._controller import seek_validation_update
 from metalr.functional._distributed import ShardReducer
-from metalr.functional._hypergrad import (
-    all_finite,
-    clamp_rates,
-    inner_products,
-    rates_in_use,
-    seek_signals,
-    update_rates,
-)
+from metalr.functional._hypergrad import clamp_rates, rates_in_use, update_rates
+from metalr.functional._signals import all_finite, inner_products, seek_signals
 from metalr.functional._validation_state import (  # noqa: F401 (re-exported)
     BEST_STEP,
     LEVEL,

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from metalr.functional import adam_hd_step, initial_rate, sgd_hd_step
 from metalr.functional._controller import initial_controller
-from metalr.functional._hypergrad import all_finite, rate_dtype
+from metalr.functional._signals import all_finite, rate_dtype
 from metalr.meta.inner_loop import task_loss
 from metalr.optim import SGDHD, AdamHD
 from metalr.optim._base import CONTROLLER_KEY, RATE_KEY, initial_multiplier

@@ -18,7 +18,8 @@ from metalr.functional._controller import (
     settled_controller,
 )
 from metalr.functional._distributed import ShardReducer
-from metalr.functional._hypergrad import all_finite, clamp_rates, initial_rate, rate_dtype
+from metalr.functional._hypergrad import clamp_rates, initial_rate
+from metalr.functional._signals import all_finite, rate_dtype
 from metalr.functional._trail import TRAIL_KEY, initial_trail, trail_dtype
 from metalr.functional._validation_state import observed
 from metalr.functional.spike_guard import initial_spike_stats

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._distributed import ShardReducer, average_over_ranks
-from metalr.functional._hypergrad import all_finite
+from metalr.functional._signals import all_finite
 from metalr.functional.validation import validation_adapt_rates
 from metalr.optim._state_keys import FOLLOWS_VALIDATION, RATE_KEY, VALIDATION_KEY
 

@@ -10,8 +10,9 @@ from torch import Tensor
 
 from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._distributed import average_over_ranks
-from metalr.functional._hypergrad import clamp_rates, rate_dtype, rates_in_use
+from metalr.functional._hypergrad import clamp_rates, rates_in_use
 from metalr.functional._rate_moves import log_level
+from metalr.functional._signals import rate_dtype
 from metalr.functional._validation_state import LEVEL
 from metalr.functional.spike_guard import (
     COUNT,

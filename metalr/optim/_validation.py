@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from metalr.functional._controller import FAMILIES, resolve_seek
-from metalr.functional._hypergrad import DEFAULT_NORMALIZED_HYPERGRAD_LR, GRANULARITIES, RULES
+from metalr.functional._hypergrad import DEFAULT_NORMALIZED_HYPERGRAD_LR
+from metalr.functional._signals import GRANULARITIES, RULES
 from metalr.functional.spike_guard import resolve_spike_guard
 from metalr.functional.validation import (
     PLAIN_RULE_VALIDATION_DEFAULTS,

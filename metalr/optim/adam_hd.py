@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
-from metalr.functional._hypergrad import as_real
+from metalr.functional._signals import as_real
 from metalr.functional.adam_rule import adam_direction, adam_hd
 from metalr.optim import _validation as check
 from metalr.optim._base import HypergradOptimizer, check_sparse, scalar_lr

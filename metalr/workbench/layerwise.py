@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from metalr.functional._common import real_number
+
 GROUP_KEYS = ("layer_decay", "freeze_body")
 
 
@@ -130,12 +132,8 @@ def check(name: str, spec: dict[str, Any]) -> None:
 
 def _number(value: Any) -> Any:
     """A string that spells a number, as that number (else ``value`` as it is)."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+    number = real_number(value) if isinstance(value, str) else None
+    return value if number is None else number
 
 
 def run_steps(spec: dict[str, Any], train_examples: int, steps: int) -> int:
