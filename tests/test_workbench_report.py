@@ -10,7 +10,7 @@ import math
 import pytest
 
 from metalr.cli import main
-from metalr.workbench import report
+from metalr.workbench import report, report_plots
 from metalr.workbench.report import mean_ci
 
 report_mod = importlib.import_module("metalr.workbench.report")  # `report` is its function
@@ -233,3 +233,26 @@ def test_layer_plot_notes_curves_that_overlap(tmp_path):
     plt.close(fig)
     assert texts == ["all 3 layers at most 5.1% apart:\nthe lines overlap"]
     assert not report_mod.layers_overlap({"w": [0.1, 0.2, 0.4], "b": [0.1, 0.15, 0.2]})
+
+
+def test_log_axes_over_many_decades_lose_their_minor_ticks_only():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import LogLocator, NullLocator
+
+    fig, (wide, narrow, linear) = plt.subplots(1, 3)
+    wide.plot([1, 2], [1e-9, 1e-1])  # 8 decades on y, 0.3 on x
+    wide.set(xscale="log", yscale="log")
+    narrow.plot([1, 2], [1e-3, 1e-1])  # 2 decades
+    narrow.set_yscale("log")
+    linear.plot([1, 2], [1e-9, 1e-1])
+    linear_minor = linear.yaxis.get_minor_locator()
+    report_plots.thin_log_ticks(fig)
+    assert isinstance(wide.yaxis.get_minor_locator(), NullLocator)
+    assert isinstance(wide.xaxis.get_minor_locator(), LogLocator)
+    assert isinstance(narrow.yaxis.get_minor_locator(), LogLocator)
+    assert linear.yaxis.get_minor_locator() is linear_minor  # a linear axis is left alone
+    assert len(wide.yaxis.get_majorticklocs()) > 0
+    plt.close(fig)

@@ -56,6 +56,7 @@ def plots(records: list[dict[str, Any]], results: Path, out: Path) -> list[Path]
 
     def save(fig: Any, name: str) -> None:
         written.append(out / name)
+        thin_log_ticks(fig)
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
 
@@ -68,6 +69,23 @@ def plots(records: list[dict[str, Any]], results: Path, out: Path) -> list[Path]
         if fig is not None:
             save(fig, f"{task}_lr_per_layer.png")
     return written
+
+
+WIDE = 4.0  # decades: a log axis spanning more shows its major ticks only
+
+
+def thin_log_ticks(fig: Any) -> None:
+    """Drop the minor ticks of every log axis of ``fig`` that spans more than ``WIDE`` decades.
+
+    Over many decades they are a grey band rather than a scale, and laying them out is most of
+    a figure's cost (a panel grid of lr trajectories over 7 decades: 1.8 s → 0.7 s to save)."""
+    from matplotlib.ticker import NullLocator
+
+    for ax in fig.axes:
+        for axis, limits in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            lo, hi = sorted(limits)
+            if axis.get_scale() == "log" and lo > 0 and math.log10(hi / lo) > WIDE:
+                axis.set_minor_locator(NullLocator())
 
 
 def _colors(trows: list[dict[str, Any]]) -> dict[str, str]:
