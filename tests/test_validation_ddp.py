@@ -23,6 +23,7 @@ from torch.nn import functional as F
 
 import metalr
 from metalr.optim._base import CONTROLLER_KEY, RATE_KEY, VALIDATION_KEY
+from metalr.optim._state_keys import SNAPSHOT_KEY
 
 WORLD = 2
 STEPS = 8
@@ -38,6 +39,7 @@ CASES = [
     ("AdamHD", "additive", "group", "world"),
     ("HyperLR(Adam)", "normalized", "tensor", "module"),
     ("HyperLR(SGD)", "seek", "group", "module"),
+    ("AdamHD", "seek", "tensor", "rising"),  # a validation loss that rises: the rewind acts
 ]
 IDS = ["-".join(c) for c in CASES]
 
@@ -47,7 +49,9 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 2)).double()
 
 
-def _optimizer(kind: str, rule: str, granularity: str, params) -> torch.optim.Optimizer:
+def _optimizer(
+    kind: str, rule: str, granularity: str, params, rewind: float = 1.0
+) -> torch.optim.Optimizer:
     params = list(params)
     # A seek rule that turns at once and for good (no re-opened ramp), so that it reaches the
     # tracking phase the validation drives.
@@ -58,9 +62,9 @@ def _optimizer(kind: str, rule: str, granularity: str, params) -> torch.optim.Op
         hyper["seek"] = {"init_scale": 0.5, "turn_threshold": 0.99, "resume_window": 0.0}
         # a signal that moves the rates both ways (the default brake may never act here), and the
         # hold and its cut after one observation (every 2 steps), which read the validation loss
-        # (averaged over the ranks like the gradient)
+        # (averaged over the ranks like the gradient), with the rewind to the best parameters
         hyper["validation"] = {"climb": 1.0, "evidence": 0.2, "hypergrad_lr": 0.3, "hold": 2,
-                               "cut_after": 2, "plateau_cut": 0.5}  # fmt: skip
+                               "cut_after": 2, "plateau_cut": 0.5, "rewind": rewind}  # fmt: skip
     if kind == "SGDHD":
         return metalr.SGDHD(params, lr=0.05, momentum=0.9, **hyper)
     if kind == "AdamHD":
@@ -85,8 +89,10 @@ def _shard(batch: tuple[torch.Tensor, torch.Tensor], rank: int) -> tuple[torch.T
     return tuple(t[rank * n : (rank + 1) * n] for t in batch)
 
 
-def _val_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _val_batch(step: int, rising: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = _batch(1000 + step)
+    if rising:  # targets against the training ones: the validation loss rises as training goes
+        return x, -2.0 * y
     return x, y + 0.3 * torch.cos(3 * x[:, :2])  # shifted targets: a signal unlike the training one
 
 
@@ -100,6 +106,7 @@ def _snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, list[to
         "controllers": [
             state[p][CONTROLLER_KEY].clone() for p in params if CONTROLLER_KEY in state[p]
         ],
+        "snapshots": [state[p][SNAPSHOT_KEY].clone() for p in params if SNAPSHOT_KEY in state[p]],
     }
 
 
@@ -110,13 +117,14 @@ def _train(
     process_group: Any = "auto",
     steps: int = STEPS,
     every: int = OBSERVE_EVERY,
+    rewind: float = 1.0,
 ) -> dict:
     """``rank=None``: one process on the global batches, observing the mean of the validation
     losses of ``observe_ranks``; else DDP on this rank's halves, observing its own."""
     kind, rule, granularity, via = case
     model = _model()
     ddp = model if rank is None else nn.parallel.DistributedDataParallel(model)
-    opt = _optimizer(kind, rule, granularity, ddp.parameters())
+    opt = _optimizer(kind, rule, granularity, ddp.parameters(), rewind)
     if via == "world" and rank is not None and process_group == "auto":
         process_group = torch.distributed.group.WORLD
     for step in range(steps):
@@ -127,23 +135,29 @@ def _train(
         if (step + 1) % every:
             continue
         grads = [p.grad.clone() for p in model.parameters()]
+        rising = via == "rising"
         if rank is None:
             losses = [F.mse_loss(model(xv), yv) for xv, yv in
-                      (_shard(_val_batch(step), r) for r in observe_ranks)]  # fmt: skip
+                      (_shard(_val_batch(step, rising), r) for r in observe_ranks)]  # fmt: skip
             opt.observe_validation(sum(losses) / len(losses))
         elif via == "no_sync":
             xv, yv = _shard(_val_batch(step), rank)
             with ddp.no_sync():
                 opt.observe_validation(F.mse_loss(ddp(xv), yv), process_group=process_group)
         else:
-            xv, yv = _shard(_val_batch(step), rank)
+            xv, yv = _shard(_val_batch(step, rising), rank)
             opt.observe_validation(F.mse_loss(ddp.module(xv), yv), process_group=process_group)
         assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
     return _snapshot(model, opt)
 
 
+def _steps(case: tuple[str, ...]) -> int:
+    """Training steps of a case: the rising one runs until the hold's cut (and the rewind) act."""
+    return 12 if case[3] == "rising" else STEPS
+
+
 def _ddp_rank(rank: int) -> dict:
-    results = {key: _train(case, rank) for key, case in zip(IDS, CASES)}
+    results = {key: _train(case, rank, steps=_steps(case)) for key, case in zip(IDS, CASES)}
     # process_group=None: no averaging. One observation, after the last step, so that the
     # weights (trained by DDP with equal rates on both ranks) are still those of one process.
     results["none"] = _train(CASES[2], rank, process_group=None, every=STEPS)
@@ -168,12 +182,15 @@ def _assert_same(got: dict, want: dict, exact: bool = False, msg: str = "") -> N
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_validation_ddp_matches_single_process(ddp_results, case) -> None:
     key = "-".join(case)
-    reference = _train(case, rank=None)
-    observations = STEPS // OBSERVE_EVERY
+    reference = _train(case, rank=None, steps=_steps(case))
+    observations = _steps(case) // OBSERVE_EVERY
+    if case[3] == "rising":  # the rewind sent the parameters back (they differ without it)
+        without = _train(case, rank=None, steps=_steps(case), rewind=0.0)
+        assert any(not torch.equal(a, b) for a, b in zip(without["params"], reference["params"]))
     # The validation signal was used: every observation counted, and the rates differ from a
     # run that observed the first rank's minibatch alone.
     assert {int(v[2]) for v in reference["validation"]} == {observations}
-    alone = _train(case, rank=None, observe_ranks=(0,))
+    alone = _train(case, rank=None, observe_ranks=(0,), steps=_steps(case))
     assert any(not torch.allclose(a, b) for a, b in zip(alone["rates"], reference["rates"]))
     for rank, results in enumerate(ddp_results):
         _assert_same(results[key], reference, msg=f"rank {rank}")

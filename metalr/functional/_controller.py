@@ -141,7 +141,13 @@ from metalr.functional._seek_constants import (
     SGD_SEEK_DEFAULTS,
     resolve_seek,
 )  # re-exported: the rule's fitted constants
-from metalr.functional._validation_state import LEVEL, LOSS_AVG, held_rates, loss_trend
+from metalr.functional._validation_state import (
+    LEVEL,
+    LOSS_AVG,
+    Rewind,
+    held_rates,
+    loss_trend,
+)
 
 #: Entries of a controller vector.
 RAMP, FAST, MEAN, SQ, CEILING, COUNT, PEAK, SINCE, SLOW, SLOW_PEAK, GRAD, GRAD_PEAK = range(12)
@@ -422,8 +428,9 @@ def seek_validation_update(
     seek: Mapping[str, Any],
     granularity: str,
     loss: Tensor | None = None,
-) -> tuple[list[Tensor], list[Tensor]]:
-    """New multipliers and validation statistics after one validation observation (pure).
+) -> tuple[list[Tensor], list[Tensor], Rewind | None]:
+    """New multipliers and validation statistics after one validation observation (pure), and
+    with ``options["rewind"]`` (and the hold) what the rewind does to the parameters.
 
     The tracking phase of the seek rule, driven by the validation signal ``c^val`` (the cosine
     between the validation gradient and the last direction; per element its sign) with its own
@@ -446,9 +453,12 @@ def seek_validation_update(
     controllers' count), a settled rate is brought back up to its level after the previous
     observation (the training signal's anneal since then is undone); once it has not for
     ``max(P, cut_after)`` steps, it is multiplied by ``plateau_cut`` at each observation.
+    With ``options["rewind"] = 1`` the third entry says which tensors' parameters become the
+    snapshot (a new best, ``keep``) and which go back to it (a settled rate cut, ``restore``;
+    :func:`~metalr.functional._validation_state.rewound` applies it); else it is None.
     """
     if not rates:
-        return [], []
+        return [], [], None
     st = torch.stack([s.to(stats[0].dtype) for s in stats])  # [n, VALIDATION_SIZE]
     act = active.to(st.device)
     sig = torch.stack(
@@ -461,12 +471,22 @@ def seek_validation_update(
     settled = ctrl[:, RAMP] <= 0
     loss_stats = st[:, LOSS_AVG:LEVEL]
     hold = options.get("hold", 0.0) > 0  # absent from checkpoints before it: off
+    rewind = None
     if loss is not None:
-        loss_stats, holding, cutting = loss_trend(loss_stats, loss, ctrl[:, COUNT], options)
+        trend = loss_trend(loss_stats, loss, ctrl[:, COUNT], options)
+        loss_stats = trend.stats
         if hold:
             rates = held_rates(
-                rates, st[:, LEVEL], settled & act, holding, cutting, options, granularity
+                rates,
+                st[:, LEVEL],
+                settled & act,
+                trend.holding,
+                trend.cutting,
+                options,
+                granularity,
             )
+            if options.get("rewind", 0.0) > 0:
+                rewind = Rewind(trend.improved & act, trend.cutting & settled & act)
     gap = options.get("gap", 0.0)  # absent from checkpoints before it: 0, the signal alone
     if gap != 0.0:  # how much less the validation data agree with the steps than the training data
         track = track - gap * _training_snr(ctrl, seek)
@@ -486,4 +506,4 @@ def seek_validation_update(
     fresh = torch.cat([torch.stack([new_mean, new_sq, new_count], dim=1), loss_stats,
                        levels[:, None]], dim=1)  # fmt: skip
     new_st = torch.where(act, fresh, st)
-    return new_rates, [n.to(s.dtype) for n, s in zip(new_st.unbind(0), stats)]
+    return new_rates, [n.to(s.dtype) for n, s in zip(new_st.unbind(0), stats)], rewind

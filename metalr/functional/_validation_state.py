@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,14 +55,26 @@ def completed_validation_stats(stats: Tensor) -> Tensor:
     return torch.cat([stats, fresh[stats.numel() :]])
 
 
+class LossTrend(NamedTuple):
+    """The loss statistics after one observation and what they decide, per tensor (``[n]``
+    bools): ``improved`` (the running average made a new best now), ``holding`` (a new best
+    within the last ``hold`` steps) and ``cutting`` (none for ``max(cut_after, hold)`` steps)."""
+
+    stats: Tensor
+    improved: Tensor
+    holding: Tensor
+    cutting: Tensor
+
+
 def loss_trend(
     loss_stats: Tensor, loss: Tensor, step: Tensor, options: Mapping[str, float]
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> LossTrend:
     """The validation loss's running average ``A``, its best ``B``, the training step ``t_B`` of
     that best and the count ``n`` (stacked ``[n_tensors, 4]``) after one observation ``v`` at
     training step ``t`` (``step``: the controllers' count of active steps, ``[n_tensors]``),
-    whether the hold holds (``t − t_B < hold``: a new best within the last ``hold`` steps) and
-    whether the cut cuts (``t − t_B ≥ max(cut_after, hold)``)::
+    whether it improved (``A < B_old``), whether the hold holds (``t − t_B < hold``: a new best
+    within the last ``hold`` steps) and whether the cut cuts (``t − t_B ≥ max(cut_after,
+    hold)``)::
 
         A ← v if n = 0 else δ A + (1 − δ) v,    B ← min(B, A),    t_B ← t if A < B_old
 
@@ -78,7 +91,8 @@ def loss_trend(
     waited = step - new_best_step
     holding = waited < options.get("hold", 0.0)
     cutting = waited >= max(options.get("cut_after", 0.0), options.get("hold", 0.0))
-    return torch.stack([new_avg, new_best, new_best_step, count + 1], dim=1), holding, cutting
+    stats = torch.stack([new_avg, new_best, new_best_step, count + 1], dim=1)
+    return LossTrend(stats, improved, holding, cutting)
 
 
 def held_rates(
@@ -107,3 +121,32 @@ def held_rates(
     shift = torch.where(holding, back, cuts)
     shift = torch.where(settled, shift, torch.zeros_like(shift))
     return [r * torch.exp(s).to(r.dtype) for r, s in zip(rates, shift.unbind(0))]
+
+
+class Rewind(NamedTuple):
+    """What the rewind does to each parameter tensor at one observation (``[n]`` bools):
+    ``keep``: the loss's running average made a new best, so the parameters become the
+    snapshot; ``restore``: the hold's cut fires (no new best for ``max(cut_after, hold)``
+    training steps), so the parameters go back to the snapshot as their rate is cut."""
+
+    keep: Tensor
+    restore: Tensor
+
+
+def rewound(
+    params: Sequence[Tensor], snapshots: Sequence[Tensor], rewind: Rewind, fraction: float
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The parameters and snapshots after one observation's rewind (pure; ``fraction`` ``r``:
+    the option's value, 1 goes all the way back)::
+
+        S ← θ where keep,    θ ← θ + r (S − θ) where restore
+
+    (``keep`` and ``restore`` never hold together: a new best is no plateau)."""
+    new_snapshots = [
+        torch.where(k.to(p.device), p, s) for p, s, k in zip(params, snapshots, rewind.keep)
+    ]
+    new_params = []
+    for p, s, r in zip(params, new_snapshots, rewind.restore):
+        back = s if fraction == 1.0 else torch.lerp(p, s, fraction)
+        new_params.append(torch.where(r.to(p.device), back, p))
+    return new_params, new_snapshots

@@ -82,6 +82,21 @@ signal replaces the training one):
   (40 steps: two observations at the recommended every 20). Under DDP the loss is averaged over
   the ranks with the gradient. (Functions: :mod:`metalr.functional._validation_state`.)
 
+* ``rewind`` (``r`` in [0, 1], seek rule with the hold only; default 0: off) also moves the
+  *parameters* (ReduceLROnPlateau that reloads the best checkpoint, as "newbob" schedules do):
+  the optimizer keeps a snapshot ``S`` of each parameter at the observation where the loss's
+  running average made its best, and when the cut fires the parameters go back towards it::
+
+      S ← θ                      (A reached a new best at this observation)
+      θ ← θ + r (S − θ)          (cutting: no new best for max(cut_after, hold) steps)
+
+  so on a model that has begun to overfit the lower rate starts again from the best point
+  instead of from the overfitted one. It costs one copy of the parameters
+  (``optimizer.state[p]['hd_best_params']``, saved in ``state_dict()``), and a snapshot chosen on
+  a noisy running average can be a lucky draw: rewinding to it throws away the progress made
+  since. (Functions: :class:`~metalr.functional._validation_state.Rewind`,
+  :func:`~metalr.functional._validation_state.rewound`.)
+
 A validation loss or gradient that is not finite is skipped: nothing changes. The statistics
 (the signal's ``μ, ν, count``; the loss's ``A, B``, the step of ``B``, count; the level ``ℓ``) are one small vector per parameter tensor (``VALIDATION_SIZE`` entries), in
 ``optimizer.state[p]['hd_validation']``; their presence is what switches a group to the
@@ -117,8 +132,10 @@ from metalr.functional._validation_state import (  # noqa: F401 (re-exported)
     VAL_MEAN,
     VAL_SQ,
     VALIDATION_SIZE,
+    Rewind,
     completed_validation_stats,
     initial_validation_stats,
+    rewound,
 )
 
 #: The recommended frequency: one validation batch (of the training batch size) every 20
@@ -174,6 +191,7 @@ VALIDATION_DEFAULTS: dict[str, float] = {
     "loss_decay": 0.5,
     "plateau_cut": 0.5,
     "cut_after": 80.0,
+    "rewind": 0.0,
 }
 
 #: What the other rules take where the caller does not say: their own update with the
@@ -186,7 +204,7 @@ PLAIN_RULE_VALIDATION_DEFAULTS: dict[str, float] = {"hypergrad_lr": 0.3, "climb"
 #: ``train_weight``, and refuse these when given (a setting that would be silently ignored).
 SEEK_ONLY_VALIDATION_KEYS: frozenset[str] = frozenset({
     "signal_decay", "signal_sq_decay", "evidence", "gap", "noise_hold", "hold", "loss_decay",
-    "plateau_cut", "cut_after",
+    "plateau_cut", "cut_after", "rewind",
 })  # fmt: skip
 
 _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is exclusive)
@@ -202,12 +220,20 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "loss_decay": (0.0, 1.0, False),
     "plateau_cut": (0.0, 1.0, True),
     "cut_after": (0.0, 1e9, False),
+    "rewind": (0.0, 1.0, False),
 }
 
 
 def resolve_validation(options: Mapping[str, float] | None) -> dict[str, float]:
     """:data:`VALIDATION_DEFAULTS` overridden by ``options``; ``ValueError`` names a bad key."""
-    return resolve_constants("validation", VALIDATION_DEFAULTS, _BOUNDS, options, finite=True)
+    resolved = resolve_constants("validation", VALIDATION_DEFAULTS, _BOUNDS, options, finite=True)
+    if resolved["rewind"] > 0 and resolved["hold"] <= 0:
+        raise ValueError(
+            f"Invalid value for validation['rewind']: {resolved['rewind']} needs the hold "
+            f"(validation['hold'] > 0, got {resolved['hold']}): the rewind goes back when the "
+            "hold's cut fires"
+        )
+    return resolved
 
 
 class ValidationUpdate(NamedTuple):
@@ -217,6 +243,7 @@ class ValidationUpdate(NamedTuple):
     rates: list[Tensor]
     finite: Tensor
     stats: list[Tensor]
+    rewind: Rewind | None = None
 
 
 def validation_adapt_rates(
@@ -251,7 +278,7 @@ def validation_adapt_rates(
             val_grads, directions, granularity, grads_finite=grads_finite, shards=shards
         )
         starts = rates_in_use(rates, lr, lr_bounds)  # the rates in use: what the rule moves
-        new_rates, new_stats = seek_validation_update(
+        new_rates, new_stats, rewind = seek_validation_update(
             starts, controllers, stats, signals, active, [g.numel() for g in val_grads],
             options=options, seek=seek, granularity=granularity, loss=loss,
         )  # fmt: skip
@@ -259,7 +286,7 @@ def validation_adapt_rates(
             clamp_rates(n, lr, lr_bounds, previous=r, start=s)
             for n, r, s in zip(new_rates, rates, starts)
         ]
-        return ValidationUpdate(new_rates, finite, new_stats)
+        return ValidationUpdate(new_rates, finite, new_stats, rewind)
     dots, g_norms, d_norms = inner_products(
         val_grads, directions, granularity, rule == "normalized"
     )

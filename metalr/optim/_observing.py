@@ -12,8 +12,8 @@ from torch import Tensor
 from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._distributed import ShardReducer, average_over_ranks
 from metalr.functional._signals import all_finite
-from metalr.functional.validation import validation_adapt_rates
-from metalr.optim._state_keys import FOLLOWS_VALIDATION, RATE_KEY, VALIDATION_KEY
+from metalr.functional.validation import Rewind, rewound, validation_adapt_rates
+from metalr.optim._state_keys import FOLLOWS_VALIDATION, RATE_KEY, SNAPSHOT_KEY, VALIDATION_KEY
 
 #: A param group's parameters that a validation loss has a gradient for (``requires_grad``).
 _ObservedGroups = list[tuple[dict[str, Any], list[Tensor]]]
@@ -205,6 +205,23 @@ class ValidationObserving:
         )  # fmt: skip
         commit_rates(rates, update.rates, update.finite, known_finite=False)
         torch._foreach_copy_(stats, update.stats)  # already gated by the flag
+        if update.rewind is not None:
+            self._rewind(params, update.rewind, group["validation"]["rewind"])
+
+    def _rewind(self, params: list[Tensor], rewind: Rewind, fraction: float) -> None:
+        """Apply the rewind (``validation={"rewind": 1}``): the parameters become the snapshot
+        at a new best and go back to it when the cut fires (on the device, no host read)."""
+        snapshots = []
+        for p in params:
+            state = self.state[p]
+            if SNAPSHOT_KEY not in state:  # the first observation (or a checkpoint without it)
+                state[SNAPSHOT_KEY] = p.detach().clone(memory_format=torch.preserve_format)
+            snapshots.append(state[SNAPSHOT_KEY])
+        new_params, new_snapshots = rewound(
+            [p.detach() for p in params], snapshots, rewind, fraction
+        )
+        torch._foreach_copy_(snapshots, new_snapshots)
+        torch._foreach_copy_([p.detach() for p in params], new_params)
 
 
 #: State keys the first step creates, one of which every stepped parameter has: Adam's step

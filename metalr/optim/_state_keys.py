@@ -19,3 +19,7 @@ SPIKE_KEY = "hd_spike_guard"
 #: over the inner optimizer's before every step. Checkpoints from before it meant "observed"
 #: by the validation statistics' presence (then created by the first observation).
 FOLLOWS_VALIDATION = "hd_follows_validation"
+#: Key of the rewind's snapshot in ``optimizer.state[p]`` (``validation={"rewind": 1}``): the
+#: parameter's value at the validation loss's best running average, a tensor like ``p`` created
+#: by the first observation with the rewind on.
+SNAPSHOT_KEY = "hd_best_params"

@@ -1,0 +1,179 @@
+"""The seek rule's rewind (``validation={"rewind": r}``): the parameters at the validation loss's
+best running average are kept, and when the hold's cut fires the parameters go back to them
+(``θ ← θ + r (S − θ)``) as the rates are cut.
+
+Reference: the hold's trend in Python floats (``tests/test_validation_hold.py``'s
+``_hold_reference`` decides when the average made a new best and when the cut fires) and the
+parameters recorded by the test at those observations.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from _validation_setup import LR, OPTIMIZERS, VAL, _data, _loss, _model, _train_step
+from test_validation_hold import SETTLED_ANNEALING, _observe
+
+import metalr
+from metalr.functional._validation_state import Rewind, rewound
+from metalr.functional.validation import VALIDATION_DEFAULTS
+from metalr.optim._base import RATE_KEY, VALIDATION_KEY
+from metalr.optim._state_keys import SNAPSHOT_KEY
+
+#: Running averages (δ 0.5): 1, .75, .675 (the best, third observation), .6875, .744, .822.
+RISING = [1.0, 0.5, 0.6, 0.7, 0.8, 0.9]
+#: 3 training steps between observations; a cut 6 steps after the best: the fifth and sixth.
+OPTIONS = {"hold": 6, "cut_after": 0, "plateau_cut": 0.5, "rewind": 1.0}
+BEST, CUTS = 2, (4, 5)
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _run(make, validation, losses=RISING, granularity="tensor"):
+    """Parameters before and after every observation of ``losses`` (3 training steps apart)."""
+    model = _model()
+    opt = make(model.parameters(), seek=SETTLED_ANNEALING, validation=validation,
+               granularity=granularity)  # fmt: skip
+    before, after = [], []
+    for t, value in enumerate(losses):
+        for k in range(3):
+            _train_step(model, opt, _data(10 + 3 * t + k))
+        before.append(_params(model))
+        _observe(opt, model, value)
+        after.append(_params(model))
+    return before, after, model, opt
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd_momentum", "hyperlr_rmsprop"])
+@pytest.mark.parametrize("granularity", ["group", "tensor", "element"])
+def test_the_cut_sends_the_parameters_back_to_the_best_observation(name, granularity):
+    before, after, _, opt = _run(OPTIMIZERS[name], OPTIONS, granularity=granularity)
+    best = before[BEST]
+    for t, (b, a) in enumerate(zip(before, after)):
+        if t in CUTS:  # back to where the running average made its best, exactly
+            for p, s in zip(a, best):
+                torch.testing.assert_close(p, s, rtol=0, atol=0)
+            assert any(not torch.equal(p, s) for p, s in zip(b, best))  # it had moved on
+        else:  # a new best or no cut yet: the observation leaves the parameters alone
+            for p, q in zip(a, b):
+                torch.testing.assert_close(p, q, rtol=0, atol=0)
+    for p, s in zip(opt.param_groups[0]["params"], best):
+        torch.testing.assert_close(opt.state[p][SNAPSHOT_KEY], s, rtol=0, atol=0)
+
+
+def test_a_partial_rewind_goes_that_fraction_of_the_way_back():
+    before, after, _, _ = _run(OPTIMIZERS["adam"], {**OPTIONS, "rewind": 0.25})
+    t = CUTS[0]
+    for b, a, s in zip(before[t], after[t], before[BEST]):
+        torch.testing.assert_close(a, b + 0.25 * (s - b), rtol=1e-12, atol=1e-15)
+
+
+def test_without_the_rewind_an_observation_never_moves_the_parameters():
+    assert VALIDATION_DEFAULTS["rewind"] == 0.0  # off by default
+    before, after, model, opt = _run(OPTIMIZERS["adam"], {**OPTIONS, "rewind": 0.0})
+    for b, a in zip(before, after):
+        for p, q in zip(b, a):
+            torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert all(SNAPSHOT_KEY not in opt.state[p] for p in model.parameters())
+
+
+def test_the_rates_are_cut_as_without_the_rewind_at_the_first_cut():
+    """The rewind moves the parameters only: at the first cut the rates equal the run without it
+    (the paths are the same up to then)."""
+    rates = {}
+    for rewind in (0.0, 1.0):
+        model = _model()
+        opt = metalr.AdamHD(model.parameters(), lr=LR, seek=SETTLED_ANNEALING,
+                            validation={**OPTIONS, "rewind": rewind})  # fmt: skip
+        for t, value in enumerate(RISING[: CUTS[0] + 1]):
+            for k in range(3):
+                _train_step(model, opt, _data(10 + 3 * t + k))
+            _observe(opt, model, value)
+        rates[rewind] = [opt.state[p][RATE_KEY].clone() for p in model.parameters()]
+    for a, b in zip(rates[0.0], rates[1.0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_rewound_is_a_pure_where():
+    p = [torch.tensor([1.0, 2.0]), torch.tensor(3.0)]
+    s = [torch.tensor([0.0, 0.0]), torch.tensor(-1.0)]
+    keep, restore = torch.tensor([True, False]), torch.tensor([False, True])
+    new_p, new_s = rewound(p, s, Rewind(keep, restore), 0.5)
+    torch.testing.assert_close(new_s[0], p[0])  # kept: the snapshot is the parameter
+    torch.testing.assert_close(new_p[0], p[0])
+    torch.testing.assert_close(new_s[1], s[1])
+    torch.testing.assert_close(new_p[1], torch.tensor(1.0))  # halfway back from 3 to -1
+    assert torch.equal(p[0], torch.tensor([1.0, 2.0]))  # inputs untouched
+
+
+def test_rewind_skips_a_non_finite_loss_and_resumes_bit_exactly():
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=LR, seek=SETTLED_ANNEALING, validation=OPTIONS)
+    for t, value in enumerate(RISING[:4]):
+        for k in range(3):
+            _train_step(model, opt, _data(10 + 3 * t + k))
+        _observe(opt, model, value)
+    state = {p: copy.deepcopy(opt.state[p]) for p in model.parameters()}
+    params = _params(model)
+    opt.observe_validation(_loss(model, VAL) * float("nan"))
+    for p, q in zip(model.parameters(), params):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)
+        for key in (RATE_KEY, VALIDATION_KEY, SNAPSHOT_KEY):
+            torch.testing.assert_close(opt.state[p][key], state[p][key], rtol=0, atol=0)
+    twin = _model()
+    twin.load_state_dict(model.state_dict())
+    twin_opt = metalr.AdamHD(twin.parameters(), lr=LR, seek=SETTLED_ANNEALING, validation=OPTIONS)
+    saved = copy.deepcopy(opt.state_dict())
+    assert all(SNAPSHOT_KEY in s for s in saved["state"].values())
+    twin_opt.load_state_dict(saved)
+    for t, value in enumerate(RISING[4:], start=4):  # both observations cut (and rewind)
+        for m, o in ((model, opt), (twin, twin_opt)):
+            for k in range(3):
+                _train_step(m, o, _data(10 + 3 * t + k))
+            _observe(o, m, value)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+        torch.testing.assert_close(opt.state[p][SNAPSHOT_KEY], twin_opt.state[q][SNAPSHOT_KEY],
+                                   rtol=0, atol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"validation": {"rewind": 1.5}}, r"validation\['rewind'\]|rewind"),
+        ({"validation": {"rewind": -0.1}}, "rewind"),
+        ({"validation": {"rewind": 1.0, "hold": 0}}, r"needs the hold"),
+        ({"validation": {"rewind": 1.0}, "rule": "normalized"}, "rule='seek' only"),
+    ],
+)
+def test_bad_rewind_settings_are_refused_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        metalr.AdamHD(_model().parameters(), lr=LR, **kwargs)
+
+
+def test_a_checkpoint_without_a_snapshot_takes_one_at_its_next_observation():
+    """A run that turns the rewind on (or a checkpoint from before it) has no snapshot: the next
+    observation takes the parameters as they are (so a cut due then restores nothing)."""
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=LR, seek=SETTLED_ANNEALING,
+                        validation={**OPTIONS, "rewind": 0.0})  # fmt: skip
+    for t, value in enumerate(RISING[:5]):
+        for k in range(3):
+            _train_step(model, opt, _data(10 + 3 * t + k))
+        _observe(opt, model, value)
+    on = metalr.AdamHD(model.parameters(), lr=LR, seek=SETTLED_ANNEALING, validation=OPTIONS)
+    on.load_state_dict(opt.state_dict())  # the checkpoint's groups: the rewind off, as saved
+    assert on.param_groups[0]["validation"]["rewind"] == 0.0
+    on.param_groups[0]["validation"]["rewind"] = 1.0
+    for k in range(3):
+        _train_step(model, on, _data(40 + k))
+    params = _params(model)
+    _observe(on, model, RISING[5])  # a cut: back to the snapshot taken now, i.e. nowhere
+    for p, q in zip(model.parameters(), params):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)
+        assert math.isfinite(float(on.state[p][SNAPSHOT_KEY].sum()))
