@@ -42,6 +42,7 @@ STUDY1 = ROOT / "experiments/results/ablate_study1"
 SEEDED = ("adam", "adam_hd")
 METHODS = {"adam_hd": "AdamHD (option off)", "adam_hd_val": "AdamHD + observe_validation",
            "adam_hd_val20": "AdamHD + observe_validation, every 20 steps",
+           "adam_hd_val20_rewind": "AdamHD + observe_validation, every 20, rewind 1",
            "adam_plateau": "Adam + ReduceLROnPlateau", "adam_es": "Adam + early stopping",
            "adam": "Adam"}  # fmt: skip
 
