@@ -177,3 +177,13 @@ def test_a_checkpoint_without_a_snapshot_takes_one_at_its_next_observation():
     for p, q in zip(model.parameters(), params):
         torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)
         assert math.isfinite(float(on.state[p][SNAPSHOT_KEY].sum()))
+
+
+def test_rewind_with_sharded_state_is_refused_before_any_collective():
+    """Under ZeRO each rank holds (and would rewind) its own parameters only; the others would
+    train one step on the old values. Refused with the option named (no process group needed:
+    the check comes first)."""
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=LR, shard_group="world", validation=OPTIONS)
+    with pytest.raises(ValueError, match=r"validation\['rewind'\] with sharded"):
+        opt.observe_validation(_loss(model, VAL))

@@ -54,8 +54,11 @@ class ValidationObserving:
         ``∂L_val(θ_t)/∂α_t = -⟨∇L_val(θ_t), d_t⟩`` at each call, beside the training one
         scaled by ``validation['train_weight']`` (default 1; 0: instead of it;
         :mod:`metalr.functional.validation` has the equations; the seek rule's ramp still runs
-        on the training signal). A non-finite loss or gradient changes nothing (a group's first
-        observation reads one flag on the host for that: only a finite one switches the group
+        on the training signal). With ``validation={"rewind": r}`` (seek rule, opt-in) the
+        parameters themselves go back towards those of the best observation when the hold's cut
+        fires (not with sharded optimizer state). A non-finite loss or gradient changes nothing
+        (a group's first observation reads one flag on the host for that: only a finite one
+        switches the group
         to the validation signal; later observations stay on the device, except that a
         ``scaler``'s ``get_scale()`` reads its scale on the host, and that with sharded
         optimizer state every observation reads one flag per group, all-reduced over the
@@ -97,6 +100,12 @@ class ValidationObserving:
         params = [p for _, ps in groups for p in ps]
         _refuse_dtensor(params)
         shards = self._shard_reducer()
+        if shards is not None and any(_rewinds(g) for g, _ in groups):
+            raise ValueError(
+                "Invalid validation['rewind'] with sharded optimizer state (shard_group, e.g. "
+                "ZeroRedundancyOptimizer): each rank would rewind only the parameters it holds, "
+                "and the others would see them only after the next step; use DDP, or rewind 0"
+            )
         if shards is not None and process_group is not None:
             raise ValueError(
                 "observe_validation with sharded optimizer state (shard_group, e.g. "
@@ -232,6 +241,11 @@ _STEPPED_KEYS = ("step", "momentum_buffer", "prev_direction")
 def _stepped(state: dict[str, Any]) -> bool:
     """Whether a parameter with this state has been stepped (has a rate and a last direction)."""
     return RATE_KEY in state and any(key in state for key in _STEPPED_KEYS)
+
+
+def _rewinds(group: dict[str, Any]) -> bool:
+    """Whether ``group`` moves its parameters back at a cut (``validation={"rewind": r > 0}``)."""
+    return group["rule"] == "seek" and group["validation"].get("rewind", 0.0) > 0
 
 
 def _refuse_dtensor(params: list[Tensor]) -> None:
