@@ -58,11 +58,10 @@ class ValidationObserving:
         parameters themselves go back towards those of the best observation when the hold's cut
         fires (not with sharded optimizer state). A non-finite loss or gradient changes nothing
         (a group's first observation reads one flag on the host for that: only a finite one
-        switches the group
-        to the validation signal; later observations stay on the device, except that a
-        ``scaler``'s ``get_scale()`` reads its scale on the host, and that with sharded
-        optimizer state every observation reads one flag per group, all-reduced over the
-        ranks, so that every rank runs the same collectives).
+        switches the group to the validation signal; later observations stay on the device,
+        except that a ``scaler``'s ``get_scale()`` reads its scale on the host, and that with
+        sharded optimizer state every observation reads one flag per group, all-reduced over
+        the ranks, so that every rank runs the same collectives).
 
         Args:
             loss: the validation loss (0-d tensor requiring grad), or a closure computing it.
