@@ -153,7 +153,7 @@ def _train(
 
 def _steps(case: tuple[str, ...]) -> int:
     """Training steps of a case: the rising one runs until the hold's cut (and the rewind) act."""
-    return 12 if case[3] == "rising" else STEPS
+    return 14 if case[3] == "rising" else STEPS
 
 
 def _ddp_rank(rank: int) -> dict:

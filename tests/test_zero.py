@@ -108,6 +108,12 @@ def _observe(opt, model: torch.nn.Module, step: int, **kwargs) -> None:
 OBSERVING = {
     "seek": {},
     "normalized": {"rule": "normalized", "validation": {"train_weight": 0.0}},
+    # settled at once, and a cut (and the rewind, applied at the end of the next step on each
+    # rank's own share before ZeRO broadcasts it) two steps after the last new best
+    "rewind": {
+        "seek": {"init_scale": 0.5, "turn_threshold": 0.99, "resume_window": 0.0},
+        "validation": {"rewind": 1.0, "hold": 2, "cut_after": 2},
+    },
 }
 
 
@@ -164,16 +170,27 @@ def _observing_optimizer(params, variant: str):
     return kwargs.pop("optimizer_class")(params, **kwargs)
 
 
-@pytest.mark.parametrize("variant", list(OBSERVING))
-def test_zero_observe_validation_equals_single_process(sharded, variant):
+def _observing_single(variant: str, rewind: float | None = None):
+    """One process: the sharded run's steps and observations (``rewind``: overrides it)."""
     model = _model()
     opt = _observing_optimizer(model.parameters(), variant)
+    if rewind is not None:
+        opt.param_groups[0]["validation"]["rewind"] = rewind
     for step in range(STEPS):
         x, y = _data(step)
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
         _observe(opt, model, step)
+    return model, opt
+
+
+@pytest.mark.parametrize("variant", list(OBSERVING))
+def test_zero_observe_validation_equals_single_process(sharded, variant):
+    model, opt = _observing_single(variant)
+    if variant == "rewind":  # the rewind acted: without it the weights differ
+        free, _ = _observing_single(variant, rewind=0.0)
+        assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), free.parameters()))
     ranks = sharded[f"observing-{variant}"]
     assert all("pass process_group=None" in r["refused"] for r in ranks)
     for r in ranks:

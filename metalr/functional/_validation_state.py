@@ -126,27 +126,38 @@ def held_rates(
 class Rewind(NamedTuple):
     """What the rewind does to each parameter tensor at one observation (``[n]`` bools):
     ``keep``: the loss's running average made a new best, so the parameters become the
-    snapshot; ``restore``: the hold's cut fires (no new best for ``max(cut_after, hold)``
-    training steps), so the parameters go back to the snapshot as their rate is cut."""
+    snapshot (:func:`kept_snapshots`); ``restore``: the hold's cut fires (no new best for
+    ``max(cut_after, hold)`` training steps), so the parameters go back to the snapshot
+    (:func:`restored`) as their rate is cut."""
 
     keep: Tensor
     restore: Tensor
 
 
-def rewound(
-    params: Sequence[Tensor], snapshots: Sequence[Tensor], rewind: Rewind, fraction: float
-) -> tuple[list[Tensor], list[Tensor]]:
-    """The parameters and snapshots after one observation's rewind (pure; ``fraction`` ``r``:
-    the option's value, 1 goes all the way back)::
-
-        S ← θ where keep,    θ ← θ + r (S − θ) where restore
-
-    (``keep`` and ``restore`` never hold together: a new best is no plateau)."""
-    new_snapshots = [
-        torch.where(k.to(p.device), p, s) for p, s, k in zip(params, snapshots, rewind.keep)
+def kept_snapshots(
+    params: Sequence[Tensor], snapshots: Sequence[Tensor], keep: Tensor
+) -> list[Tensor]:
+    """The snapshots after an observation (pure): ``S ← θ`` where the loss's running average
+    made a new best (``keep[i]``), else ``S`` as it was."""
+    return [
+        torch.where(k.to(device=p.device, dtype=torch.bool), p, s)
+        for p, s, k in zip(params, snapshots, keep)
     ]
-    new_params = []
-    for p, s, r in zip(params, new_snapshots, rewind.restore):
+
+
+def restored(
+    params: Sequence[Tensor], snapshots: Sequence[Tensor], restore: Tensor, fraction: float
+) -> list[Tensor]:
+    """The parameters after a cut's rewind (pure; ``fraction`` ``r``, 1: all the way back)::
+
+        θ ← θ + r (S − θ)      where ``restore[i]``, else θ as it is
+
+    The optimizers apply it at the end of the training step that follows the observation (in
+    place of that step's move), so that under ZeroRedundancyOptimizer, whose ranks each update
+    their own share and then broadcast it, every rank sees the rewound parameters as one
+    process would."""
+    out = []
+    for p, s, r in zip(params, snapshots, restore):
         back = s if fraction == 1.0 else torch.lerp(p, s, fraction)
-        new_params.append(torch.where(r.to(p.device), back, p))
-    return new_params, new_snapshots
+        out.append(torch.where(r.to(device=p.device, dtype=torch.bool), back, p))
+    return out

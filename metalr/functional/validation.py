@@ -135,7 +135,8 @@ from metalr.functional._validation_state import (  # noqa: F401 (re-exported)
     Rewind,
     completed_validation_stats,
     initial_validation_stats,
-    rewound,
+    kept_snapshots,
+    restored,
 )
 
 #: The recommended frequency: one validation batch (of the training batch size) every 20

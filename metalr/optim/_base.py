@@ -353,6 +353,7 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
         finally:
             pre.remove()
             post.remove()
+        self._arm_rewinds_from_state()  # a rewind an observation left for the next step
 
     def _migrated(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         """``state_dict`` with the options a torch.optim checkpoint lacks filled from our groups.

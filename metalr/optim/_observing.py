@@ -12,8 +12,19 @@ from torch import Tensor
 from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._distributed import ShardReducer, average_over_ranks
 from metalr.functional._signals import all_finite
-from metalr.functional.validation import Rewind, rewound, validation_adapt_rates
-from metalr.optim._state_keys import FOLLOWS_VALIDATION, RATE_KEY, SNAPSHOT_KEY, VALIDATION_KEY
+from metalr.functional.validation import (
+    Rewind,
+    kept_snapshots,
+    restored,
+    validation_adapt_rates,
+)
+from metalr.optim._state_keys import (
+    FOLLOWS_VALIDATION,
+    RATE_KEY,
+    REWIND_DUE_KEY,
+    SNAPSHOT_KEY,
+    VALIDATION_KEY,
+)
 
 #: A param group's parameters that a validation loss has a gradient for (``requires_grad``).
 _ObservedGroups = list[tuple[dict[str, Any], list[Tensor]]]
@@ -56,7 +67,7 @@ class ValidationObserving:
         :mod:`metalr.functional.validation` has the equations; the seek rule's ramp still runs
         on the training signal). With ``validation={"rewind": r}`` (seek rule, opt-in) the
         parameters themselves go back towards those of the best observation when the hold's cut
-        fires (not with sharded optimizer state). A non-finite loss or gradient changes nothing
+        fires (at the end of the next ``step()``). A non-finite loss or gradient changes nothing
         (a group's first observation reads one flag on the host for that: only a finite one
         switches the group to the validation signal; later observations stay on the device,
         except that a ``scaler``'s ``get_scale()`` reads its scale on the host, and that with
@@ -99,12 +110,6 @@ class ValidationObserving:
         params = [p for _, ps in groups for p in ps]
         _refuse_dtensor(params)
         shards = self._shard_reducer()
-        if shards is not None and any(_rewinds(g) for g, _ in groups):
-            raise ValueError(
-                "Invalid validation['rewind'] with sharded optimizer state (shard_group, e.g. "
-                "ZeroRedundancyOptimizer): each rank would rewind only the parameters it holds, "
-                "and the others would see them only after the next step; use DDP, or rewind 0"
-            )
         if shards is not None and process_group is not None:
             raise ValueError(
                 "observe_validation with sharded optimizer state (shard_group, e.g. "
@@ -217,19 +222,58 @@ class ValidationObserving:
             self._rewind(params, update.rewind, group["validation"]["rewind"])
 
     def _rewind(self, params: list[Tensor], rewind: Rewind, fraction: float) -> None:
-        """Apply the rewind (``validation={"rewind": 1}``): the parameters become the snapshot
-        at a new best and go back to it when the cut fires (on the device, no host read)."""
+        """The rewind's half at the observation (``validation={"rewind": r}``): a new best
+        becomes the snapshot now, and a cut leaves each parameter a flag that the next
+        ``step()`` reads at its end (:meth:`apply_due_rewinds`). On the device, no host read."""
         snapshots = []
         for p in params:
             state = self.state[p]
             if SNAPSHOT_KEY not in state:  # the first observation (or a checkpoint without it)
                 state[SNAPSHOT_KEY] = p.detach().clone(memory_format=torch.preserve_format)
             snapshots.append(state[SNAPSHOT_KEY])
-        new_params, new_snapshots = rewound(
-            [p.detach() for p in params], snapshots, rewind, fraction
-        )
-        torch._foreach_copy_(snapshots, new_snapshots)
-        torch._foreach_copy_([p.detach() for p in params], new_params)
+        torch._foreach_copy_(snapshots, kept_snapshots([p.detach() for p in params], snapshots,
+                                                       rewind.keep))  # fmt: skip
+        for p, due in zip(params, rewind.restore.unbind(0)):
+            self.state[p][REWIND_DUE_KEY] = due.clone()
+        self._arm_rewinds()
+
+    def _arm_rewinds(self) -> None:
+        """Make the next ``step()`` end with :meth:`apply_due_rewinds` (a step post hook,
+        registered once; it returns at once while no rewind is due)."""
+        self._rewinds_due = True
+        if getattr(self, "_rewind_hook", None) is None:
+            self._rewind_hook = self.register_step_post_hook(_apply_due_rewinds)
+
+    def _arm_rewinds_from_state(self) -> None:
+        """After a checkpoint loads: arm the hook if it saved a rewind still due."""
+        if any(REWIND_DUE_KEY in s for s in self.state.values()):
+            self._arm_rewinds()
+
+    @torch.no_grad()
+    def apply_due_rewinds(self) -> None:
+        """Move the parameters an observation's cut flagged back to their snapshots,
+        ``θ ← θ + r (S − θ)`` (:func:`metalr.functional._validation_state.restored`), in place
+        of the step that has just run; clears the flags. ``step()`` calls it at its end: under
+        ZeroRedundancyOptimizer each rank rewinds its own share before ZeRO broadcasts it, so
+        every rank holds what one process would."""
+        if not getattr(self, "_rewinds_due", False):
+            return
+        for group in self.param_groups:
+            due = [p for p in group["params"] if REWIND_DUE_KEY in self.state.get(p, {})]
+            if not due:
+                continue
+            fraction = group["validation"].get("rewind", 0.0)
+            flags = torch.stack([self.state[p].pop(REWIND_DUE_KEY).to(due[0].device)
+                                 for p in due])  # fmt: skip
+            if fraction > 0:
+                snapshots = [self.state[p][SNAPSHOT_KEY] for p in due]
+                back = restored([p.detach() for p in due], snapshots, flags, fraction)
+                torch._foreach_copy_([p.detach() for p in due], back)
+        self._rewinds_due = False
+
+
+def _apply_due_rewinds(optimizer: Any, _args: Any, _kwargs: Any) -> None:
+    optimizer.apply_due_rewinds()
 
 
 #: State keys the first step creates, one of which every stepped parameter has: Adam's step
@@ -240,11 +284,6 @@ _STEPPED_KEYS = ("step", "momentum_buffer", "prev_direction")
 def _stepped(state: dict[str, Any]) -> bool:
     """Whether a parameter with this state has been stepped (has a rate and a last direction)."""
     return RATE_KEY in state and any(key in state for key in _STEPPED_KEYS)
-
-
-def _rewinds(group: dict[str, Any]) -> bool:
-    """Whether ``group`` moves its parameters back at a cut (``validation={"rewind": r > 0}``)."""
-    return group["rule"] == "seek" and group["validation"].get("rewind", 0.0) > 0
 
 
 def _refuse_dtensor(params: list[Tensor]) -> None:
