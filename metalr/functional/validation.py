@@ -85,17 +85,24 @@ signal replaces the training one):
 * ``rewind`` (``r`` in [0, 1], seek rule with the hold only; default 0: off) also moves the
   *parameters* (ReduceLROnPlateau that reloads the best checkpoint, as "newbob" schedules do):
   the optimizer keeps a snapshot ``S`` of each parameter at the observation where the loss's
-  running average made its best, and when the cut fires the parameters go back towards it::
+  running average made its best, and when the cut fires the parameters go back towards it at
+  the end of the next training step (in place of that step's move; under
+  ZeroRedundancyOptimizer every rank rewinds its own share before ZeRO broadcasts it)::
 
       S ← θ                      (A reached a new best at this observation)
       θ ← θ + r (S − θ)          (cutting: no new best for max(cut_after, hold) steps)
 
   so on a model that has begun to overfit the lower rate starts again from the best point
   instead of from the overfitted one. It costs one copy of the parameters
-  (``optimizer.state[p]['hd_best_params']``, saved in ``state_dict()``), and a snapshot chosen on
-  a noisy running average can be a lucky draw: rewinding to it throws away the progress made
-  since. (Functions: :class:`~metalr.functional._validation_state.Rewind`,
-  :func:`~metalr.functional._validation_state.rewound`.)
+  (``optimizer.state[p]['hd_best_params']``, saved in ``state_dict()``, as is a rewind still
+  due). Not a default: on fresh seeds it left study 1's six tasks where they were (14/30 cells
+  within 10% against 15/30, paired mean log-ratio +0.004;
+  ``experiments/results/fit_controller/val_rewind/protocol.md``): a snapshot chosen on a noisy
+  running average can be a lucky draw (the CNN lost 4%), and on the tasks that overfit the
+  best point on the way is already worse than tuned Adam's end. (Functions:
+  :class:`~metalr.functional._validation_state.Rewind`,
+  :func:`~metalr.functional._validation_state.kept_snapshots`,
+  :func:`~metalr.functional._validation_state.restored`.)
 
 A validation loss or gradient that is not finite is skipped: nothing changes. The statistics
 (the signal's ``μ, ν, count``; the loss's ``A, B``, the step of ``B``, count; the level ``ℓ``) are one small vector per parameter tensor (``VALIDATION_SIZE`` entries), in
