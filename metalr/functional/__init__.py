@@ -28,6 +28,7 @@ from metalr.functional._seek_constants import (
     TRIAL11_SEEK,
     TRIAL11_SEEK_HYPERGRAD_LR,
 )
+from metalr.functional._sgd_common import SGDHDState
 from metalr.functional._signals import (
     GRANULARITIES,
     RULES,
@@ -36,7 +37,7 @@ from metalr.functional._signals import (
     rate_dtype,
 )
 from metalr.functional.adam_rule import AdamHDState, adam_direction, adam_hd, adam_hd_step
-from metalr.functional.sgd_rule import SGDHDState, sgd_hd, sgd_hd_step
+from metalr.functional.sgd_rule import sgd_hd, sgd_hd_step
 
 __all__ = [  # noqa: RUF022 - plain sorted() order, checked by tests/test_public_api.py
     "AdamHDState",

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT, _use_grad_for_differentiable
 
-from metalr.functional.sgd_rule import previous_directions, sgd_hd, stores_prev_direction
+from metalr.functional._sgd_common import previous_directions, stores_prev_direction
+from metalr.functional.sgd_rule import sgd_hd
 from metalr.optim import _validation as check
 from metalr.optim._base import HypergradOptimizer, check_sparse, scalar_lr
 
