@@ -146,7 +146,10 @@ def kept_snapshots(
 
 
 def restored(
-    params: Sequence[Tensor], snapshots: Sequence[Tensor], restore: Tensor, fraction: float
+    params: Sequence[Tensor],
+    snapshots: Sequence[Tensor],
+    restore: Tensor | Sequence[Tensor],
+    fraction: float,
 ) -> list[Tensor]:
     """The parameters after a cut's rewind (pure; ``fraction`` ``r``, 1: all the way back)::
 

@@ -234,7 +234,10 @@ class ValidationObserving:
         torch._foreach_copy_(snapshots, kept_snapshots([p.detach() for p in params], snapshots,
                                                        rewind.keep))  # fmt: skip
         for p, due in zip(params, rewind.restore.unbind(0)):
-            self.state[p][REWIND_DUE_KEY] = due.clone()
+            state = self.state[p]
+            if REWIND_DUE_KEY not in state:  # created once, then written in place: the state
+                state[REWIND_DUE_KEY] = torch.zeros((), dtype=torch.bool, device=due.device)
+            state[REWIND_DUE_KEY].copy_(due)  # keeps its layout (no recompile of a step)
         self._arm_rewinds()
 
     def _arm_rewinds(self) -> None:
@@ -245,15 +248,21 @@ class ValidationObserving:
             self._rewind_hook = self.register_step_post_hook(_apply_due_rewinds)
 
     def _arm_rewinds_from_state(self) -> None:
-        """After a checkpoint loads: arm the hook if it saved a rewind still due."""
-        if any(REWIND_DUE_KEY in s for s in self.state.values()):
+        """After a checkpoint loads: the flags back to bool (torch's load casts them to the
+        parameter's dtype), and the hook armed if the checkpoint has any (a rewind may be due)."""
+        armed = False
+        for state in self.state.values():
+            if REWIND_DUE_KEY in state:
+                state[REWIND_DUE_KEY] = state[REWIND_DUE_KEY].to(torch.bool)
+                armed = True
+        if armed:
             self._arm_rewinds()
 
     @torch.no_grad()
     def apply_due_rewinds(self) -> None:
         """Move the parameters an observation's cut flagged back to their snapshots,
         ``θ ← θ + r (S − θ)`` (:func:`metalr.functional._validation_state.restored`), in place
-        of the step that has just run; clears the flags. ``step()`` calls it at its end: under
+        of the step that has just run; clears the flags (they stay in the state, False). ``step()`` calls it at its end: under
         ZeroRedundancyOptimizer each rank rewinds its own share before ZeRO broadcasts it, so
         every rank holds what one process would."""
         if not getattr(self, "_rewinds_due", False):
@@ -263,12 +272,13 @@ class ValidationObserving:
             if not due:
                 continue
             fraction = group["validation"].get("rewind", 0.0)
-            flags = torch.stack([self.state[p].pop(REWIND_DUE_KEY).to(due[0].device)
-                                 for p in due])  # fmt: skip
+            flags = [self.state[p][REWIND_DUE_KEY] for p in due]
             if fraction > 0:
                 snapshots = [self.state[p][SNAPSHOT_KEY] for p in due]
                 back = restored([p.detach() for p in due], snapshots, flags, fraction)
                 torch._foreach_copy_([p.detach() for p in due], back)
+            for flag in flags:
+                flag.fill_(False)
         self._rewinds_due = False
 
 

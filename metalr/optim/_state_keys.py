@@ -23,7 +23,7 @@ FOLLOWS_VALIDATION = "hd_follows_validation"
 #: parameter's value at the validation loss's best running average, a tensor like ``p`` created
 #: by the first observation with the rewind on.
 SNAPSHOT_KEY = "hd_best_params"
-#: Key of the rewind's pending flag in ``optimizer.state[p]`` (a 0-d bool tensor): an observation
-#: decided to move ``p`` back to its snapshot, which the next ``step()`` does at its end. Present
-#: only between that observation and that step.
+#: Key of the rewind's pending flag in ``optimizer.state[p]`` (a 0-d bool tensor, created by the
+#: first observation with the rewind on): true from an observation that decided to move ``p``
+#: back to its snapshot until the end of the next ``step()``, which does it.
 REWIND_DUE_KEY = "hd_rewind_due"
