@@ -8,6 +8,7 @@ of each pair's times, and the median over repeats. Also the same for Adam + Redu
 
     python experiments/bench_validation_cost.py             # ~3 min on one core
     python experiments/bench_validation_cost.py --repeats 1 --tasks digits_logreg --smoke
+    python experiments/bench_validation_cost.py --every 20 --rewind   # the rewind's own cost
 
 Prints a table and writes ``experiments/results/bench_validation_cost.md``.
 """
@@ -37,16 +38,25 @@ def every_flag(every: int) -> str:
     return "" if every == DEFAULT_EVERY else f" --every {every}"
 
 
-def results_path(every: int, results: Path = ROOT / "experiments/results") -> Path:
+def results_path(
+    every: int, results: Path = ROOT / "experiments/results", rewind: bool = False
+) -> Path:
     """The file in ``results`` that holds the table of a stream every ``every`` steps (the
-    default's: the original file)."""
-    name = "" if every == DEFAULT_EVERY else f"_every{every}"
+    default's: the original file; ``rewind``: the rewind's own table)."""
+    name = ("" if every == DEFAULT_EVERY else f"_every{every}") + ("_rewind" if rewind else "")
     return results / f"bench_validation_cost{name}.md"
 
 
-def pairs(every: int) -> dict[str, tuple[dict, dict]]:
-    """(without, with) the validation stream of one batch every ``every`` steps."""
+def pairs(every: int, rewind: bool = False) -> dict[str, tuple[dict, dict]]:
+    """(without, with) the validation stream of one batch every ``every`` steps; ``rewind``:
+    (the option, the option with ``validation={"rewind": 1}``) instead."""
     stream = {"every": every}
+    if rewind:
+        observing = {"kind": "adam_hd", "validation_data": stream}
+        return {
+            "AdamHD + observe_validation, rewind 1 ÷ without it": (
+                observing, {**observing, "validation": {"rewind": 1.0}}),
+        }  # fmt: skip
     return {
         "AdamHD + observe_validation ÷ AdamHD": (
             {"kind": "adam_hd"}, {"kind": "adam_hd", "validation_data": stream}),
@@ -68,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="smoke-size tasks, 20 steps")
     parser.add_argument("--every", type=int, default=DEFAULT_EVERY,
                         help="steps between validation batches")  # fmt: skip
+    parser.add_argument("--rewind", action="store_true",
+                        help="time the rewind (validation={'rewind': 1}) against the option "
+                             "without it instead")  # fmt: skip
     parser.add_argument("--out", default=None,
                         help="default experiments/results/bench_validation_cost.md (every 10) "
                              "or bench_validation_cost_every{N}.md")  # fmt: skip
@@ -79,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         task = make_task(name, size, fallback_text=args.smoke)
         steps = 20 if args.smoke else STEPS.get(name, 1000)
         timed(task, {"kind": "adam_hd"}, min(steps, 20))  # warm-up (caches, allocator)
-        for label, (base, option) in pairs(args.every).items():
+        for label, (base, option) in pairs(args.every, args.rewind).items():
             ratios = []
             for r in range(args.repeats):
                 order = (base, option) if r % 2 == 0 else (option, base)
@@ -88,13 +101,15 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, label, statistics.median(ratios), min(ratios), max(ratios)))
     lines = ["| task | ratio | median | min | max |", "|---|---|---|---|---|"]
     lines += [f"| {t} | {lab} | **{m:.3f}×** | {lo:.3f} | {hi:.3f} |" for t, lab, m, lo, hi in rows]
-    text = (f"# Cost of the validation stream (every {args.every} steps, a batch of the "
+    what = "the rewind" if args.rewind else "the validation stream"
+    flags = every_flag(args.every) + (" --rewind" if args.rewind else "")
+    text = (f"# Cost of {what} (every {args.every} steps, a batch of the "
             f"training batch size)\n\n`python experiments/bench_validation_cost.py --repeats "
-            f"{args.repeats}{every_flag(args.every)}` (1 thread, {size} tasks, paired and interleaved)\n\n"
+            f"{args.repeats}{flags}` (1 thread, {size} tasks, paired and interleaved)\n\n"
             + "\n".join(lines) + "\n")  # fmt: skip
     print(text)
     if not args.smoke:
-        Path(args.out or results_path(args.every)).write_text(text)
+        Path(args.out or results_path(args.every, rewind=args.rewind)).write_text(text)
     return 0
 
 

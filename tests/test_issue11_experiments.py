@@ -57,6 +57,12 @@ def test_cost_benchmark_prints_a_paired_table(capsys):
     for label, (base, option) in bench_validation_cost.pairs(5).items():
         assert f"| digits_logreg | {label} |" in out
         assert option["validation_data"] == {"every": 5} and "validation_data" not in base
+    assert bench_validation_cost.main(["--smoke", "--repeats", "1", "--tasks", "digits_logreg",
+                                       "--every", "5", "--rewind"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    ((label, (base, option)),) = bench_validation_cost.pairs(5, rewind=True).items()
+    assert "Cost of the rewind" in out and f"| digits_logreg | {label} |" in out
+    assert option == {**base, "validation": {"rewind": 1.0}} and "--every 5 --rewind" in out
 
 
 def test_study9_headline_compares_against_best_of_grid_adam(tmp_path, monkeypatch):
