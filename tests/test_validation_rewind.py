@@ -150,6 +150,7 @@ def test_rewind_skips_a_non_finite_loss_and_resumes_bit_exactly():
     twin.load_state_dict(model.state_dict())
     twin_opt = metalr.AdamHD(twin.parameters(), lr=LR, seek=SETTLED_ANNEALING, validation=OPTIONS)
     twin_opt.load_state_dict(saved)
+    assert all(s[REWIND_DUE_KEY].dtype == torch.bool for s in twin_opt.state.values())
     snapshots = [opt.state[p][SNAPSHOT_KEY].clone() for p in model.parameters()]
     for m, o in ((model, opt), (twin, twin_opt)):
         _train_step(m, o, _data(50))

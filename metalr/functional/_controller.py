@@ -453,9 +453,10 @@ def seek_validation_update(
     controllers' count), a settled rate is brought back up to its level after the previous
     observation (the training signal's anneal since then is undone); once it has not for
     ``max(P, cut_after)`` steps, it is multiplied by ``plateau_cut`` at each observation.
-    With ``options["rewind"] = 1`` the third entry says which tensors' parameters become the
+    With ``options["rewind"] > 0`` the third entry says which tensors' parameters become the
     snapshot (a new best, ``keep``) and which go back to it (a settled rate cut, ``restore``;
-    :func:`~metalr.functional._validation_state.rewound` applies it); else it is None.
+    :func:`~metalr.functional._validation_state.kept_snapshots` and
+    :func:`~metalr.functional._validation_state.restored` apply them); else it is None.
     """
     if not rates:
         return [], [], None

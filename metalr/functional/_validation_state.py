@@ -4,7 +4,9 @@ One small vector per parameter tensor: the validation cosine's running averages 
 validation signal's, :func:`metalr.functional._controller.seek_validation_update`), the
 validation loss's trend and the tensor's rate level after the last observation — what the
 seek rule's hold (``validation={"hold": P, "plateau_cut": c}``) reads: :func:`loss_trend` and
-:func:`held_rates`.
+:func:`held_rates`; and the rewind's pure halves (``validation={"rewind": r}``): which
+parameters become the snapshot and which go back to it (:class:`Rewind`,
+:func:`kept_snapshots`, :func:`restored`).
 """
 
 from __future__ import annotations

@@ -142,8 +142,6 @@ from metalr.functional._validation_state import (  # noqa: F401 (re-exported)
     Rewind,
     completed_validation_stats,
     initial_validation_stats,
-    kept_snapshots,
-    restored,
 )
 
 #: The recommended frequency: one validation batch (of the training batch size) every 20

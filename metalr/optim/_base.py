@@ -35,6 +35,7 @@ from metalr.optim._state_keys import (
     CONTROLLER_KEY,
     FOLLOWS_VALIDATION,
     RATE_KEY,
+    REWIND_DUE_KEY,
     SPIKE_KEY,
     VALIDATION_KEY,
 )
@@ -54,9 +55,10 @@ HYPER_DEFAULTS: dict[str, Any] = {
 }
 
 
-#: Per-parameter state kept in the rate dtype (float32 for half-precision parameters), not the
-#: parameter's: torch's load casts every floating state to the parameter's dtype.
-_RATE_DTYPE_KEYS = (RATE_KEY, CONTROLLER_KEY, VALIDATION_KEY, SPIKE_KEY, TRAIL_KEY)
+#: Per-parameter state kept in a dtype of metalr's own (the rate dtype, float32 for
+#: half-precision parameters; the trail's; the rewind's bool flag), not the parameter's: torch's
+#: load casts every state tensor of a floating parameter to the parameter's dtype.
+_RATE_DTYPE_KEYS = (RATE_KEY, CONTROLLER_KEY, VALIDATION_KEY, SPIKE_KEY, TRAIL_KEY, REWIND_DUE_KEY)
 
 
 def _rate_state(key: str, value: Tensor, param: Tensor) -> Tensor:
@@ -64,6 +66,8 @@ def _rate_state(key: str, value: Tensor, param: Tensor) -> Tensor:
     float32; the rest: :func:`rate_dtype`), completed where the checkpoint predates entries."""
     if key == TRAIL_KEY:  # the long-horizon signal's trail: the direction's dtype (float32+)
         return value.to(device=param.device, dtype=trail_dtype(param)).clone()
+    if key == REWIND_DUE_KEY:  # the rewind's pending flag stays a bool
+        return value.to(device=param.device, dtype=torch.bool).clone()
     dtype = torch.float32 if key == "step" else rate_dtype(param)
     value = value.to(device=param.device, dtype=dtype).clone()
     if key == CONTROLLER_KEY and value.numel() < CONTROLLER_SIZE:

@@ -12,12 +12,8 @@ from torch import Tensor
 from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._distributed import ShardReducer, average_over_ranks
 from metalr.functional._signals import all_finite
-from metalr.functional.validation import (
-    Rewind,
-    kept_snapshots,
-    restored,
-    validation_adapt_rates,
-)
+from metalr.functional._validation_state import Rewind, kept_snapshots, restored
+from metalr.functional.validation import validation_adapt_rates
 from metalr.optim._state_keys import (
     FOLLOWS_VALIDATION,
     RATE_KEY,
@@ -219,25 +215,25 @@ class ValidationObserving:
         commit_rates(rates, update.rates, update.finite, known_finite=False)
         torch._foreach_copy_(stats, update.stats)  # already gated by the flag
         if update.rewind is not None:
-            self._rewind(params, update.rewind, group["validation"]["rewind"])
+            self._rewind(params, update.rewind)
 
-    def _rewind(self, params: list[Tensor], rewind: Rewind, fraction: float) -> None:
+    def _rewind(self, params: list[Tensor], rewind: Rewind) -> None:
         """The rewind's half at the observation (``validation={"rewind": r}``): a new best
         becomes the snapshot now, and a cut leaves each parameter a flag that the next
-        ``step()`` reads at its end (:meth:`apply_due_rewinds`). On the device, no host read."""
+        ``step()`` reads at its end (:meth:`apply_due_rewinds`, which reads ``r``). On the
+        device, no host read."""
         snapshots = []
-        for p in params:
+        for p, due in zip(params, rewind.restore.unbind(0)):
             state = self.state[p]
             if SNAPSHOT_KEY not in state:  # the first observation (or a checkpoint without it)
                 state[SNAPSHOT_KEY] = p.detach().clone(memory_format=torch.preserve_format)
+            if REWIND_DUE_KEY not in state:  # created once, then written in place: the state
+                # keeps its layout (a compiled step does not recompile at each observation)
+                state[REWIND_DUE_KEY] = torch.zeros((), dtype=torch.bool, device=due.device)
             snapshots.append(state[SNAPSHOT_KEY])
+            state[REWIND_DUE_KEY].copy_(due)
         torch._foreach_copy_(snapshots, kept_snapshots([p.detach() for p in params], snapshots,
                                                        rewind.keep))  # fmt: skip
-        for p, due in zip(params, rewind.restore.unbind(0)):
-            state = self.state[p]
-            if REWIND_DUE_KEY not in state:  # created once, then written in place: the state
-                state[REWIND_DUE_KEY] = torch.zeros((), dtype=torch.bool, device=due.device)
-            state[REWIND_DUE_KEY].copy_(due)  # keeps its layout (no recompile of a step)
         self._arm_rewinds()
 
     def _arm_rewinds(self) -> None:
@@ -248,23 +244,18 @@ class ValidationObserving:
             self._rewind_hook = self.register_step_post_hook(_apply_due_rewinds)
 
     def _arm_rewinds_from_state(self) -> None:
-        """After a checkpoint loads: the flags back to bool (torch's load casts them to the
-        parameter's dtype), and the hook armed if the checkpoint has any (a rewind may be due)."""
-        armed = False
-        for state in self.state.values():
-            if REWIND_DUE_KEY in state:
-                state[REWIND_DUE_KEY] = state[REWIND_DUE_KEY].to(torch.bool)
-                armed = True
-        if armed:
+        """After a checkpoint loads: arm the hook if the checkpoint has rewind flags (one may be
+        due; the load recast keeps them bool)."""
+        if any(REWIND_DUE_KEY in state for state in self.state.values()):
             self._arm_rewinds()
 
     @torch.no_grad()
     def apply_due_rewinds(self) -> None:
         """Move the parameters an observation's cut flagged back to their snapshots,
         ``θ ← θ + r (S − θ)`` (:func:`metalr.functional._validation_state.restored`), in place
-        of the step that has just run; clears the flags (they stay in the state, False). ``step()`` calls it at its end: under
-        ZeroRedundancyOptimizer each rank rewinds its own share before ZeRO broadcasts it, so
-        every rank holds what one process would."""
+        of the step that has just run; clears the flags (they stay in the state, False).
+        ``step()`` calls it at its end: under ZeroRedundancyOptimizer each rank rewinds its own
+        share before ZeRO broadcasts it, so every rank holds what one process would."""
         if not getattr(self, "_rewinds_due", False):
             return
         for group in self.param_groups:
