@@ -41,31 +41,43 @@ TASKS = {"animal_cnn": 500, "charlm_gru": 500, "digits_logreg": 1000, "digits_ml
 LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
-def _run(job: tuple[str, dict[str, Any], float, int, str, int | None]) -> float:
-    """One cell's final validation loss (infinite if the run diverged), one thread."""
+def _run(job: tuple[str, dict[str, Any], float, int, str, int | None]) -> tuple[float, float]:
+    """One cell's final validation and test losses (infinite if the run diverged), one thread."""
     import torch
     from fit_controller import run
 
     torch.set_num_threads(1)
     name, spec, lr, seed, size, steps = job
     r = run(name, spec, lr, steps or TASKS[name], size, seed)
-    return r["final_val_loss"] if r["status"] == "ok" else math.inf
+    if r["status"] != "ok":
+        return math.inf, math.inf
+    return r["final_val_loss"], r["final_test_loss"]
 
 
 def _grid(spec: dict[str, Any], seeds: list[int], workers: int, smoke: bool) -> dict:
-    """Final validation loss per (task, lr0): one per seed, in the order of ``seeds``."""
+    """Final (validation, test) losses per (task, lr0): one pair per seed, in the order of
+    ``seeds``."""
     size, steps = ("smoke", 20) if smoke else ("full", None)
     jobs = [(t, spec, lr, s, size, steps) for t in TASKS for lr in LRS for s in seeds]
     with ProcessPoolExecutor(workers) as pool:
         losses = list(pool.map(_run, jobs))
-    out: dict[tuple[str, float], list[float]] = {}
+    out: dict[tuple[str, float], list[tuple[float, float]]] = {}
     for (t, _, lr, *_), f in zip(jobs, losses):
         out.setdefault((t, lr), []).append(f)
     return out
 
 
-def _means(grid: dict) -> dict:
-    return {k: statistics.mean(v) for k, v in grid.items()}
+def _means(grid: dict, metric: int = 0) -> dict:
+    """Mean over seeds per cell of the validation (``metric`` 0) or test (1) loss."""
+    return {k: statistics.mean(pair[metric] for pair in v) for k, v in grid.items()}
+
+
+def reference_losses(grid: dict) -> tuple[dict[str, float], dict[str, float]]:
+    """Best-of-grid per task: the lowest mean final validation loss over the rates, and the mean
+    test loss at the rate that validation loss chose (the test reference)."""
+    val, test = _means(grid, 0), _means(grid, 1)
+    chosen = {t: min(LRS, key=lambda lr: val[(t, lr)]) for t in TASKS}
+    return ({t: val[(t, chosen[t])] for t in TASKS}, {t: test[(t, chosen[t])] for t in TASKS})
 
 
 def count_within(ratios: Iterable[float]) -> int:
@@ -73,13 +85,17 @@ def count_within(ratios: Iterable[float]) -> int:
     return sum(r <= 1 + WITHIN for r in ratios)
 
 
-def write_losses(path: Path, per_seed: dict, ref: dict, seeds: list[int], args: Any) -> None:
-    """The run's per-seed losses as JSON (``experiments/compare_checks.py`` pairs two of them)."""
+def write_losses(
+    path: Path, per_seed: dict, refs: tuple[dict | None, dict | None], seeds: list[int], args: Any
+) -> None:
+    """The run's per-seed validation and test losses as JSON, with the references known (best-of-
+    grid validation loss; test loss at that rate); ``experiments/compare_checks.py`` pairs two."""
     path.write_text(json.dumps({
         "optimizer": args.optimizer, "constants": args.constants or "defaults", "seeds": seeds,
         "spec": json.loads(args.spec) if args.spec else None,
-        "smoke": args.smoke, "reference": ref,
-        "losses": {f"{t}|{lr:g}": v for (t, lr), v in per_seed.items()},
+        "smoke": args.smoke, "reference": refs[0], "test_reference": refs[1],
+        "losses": {f"{t}|{lr:g}": [pair[0] for pair in v] for (t, lr), v in per_seed.items()},
+        "test_losses": {f"{t}|{lr:g}": [pair[1] for pair in v] for (t, lr), v in per_seed.items()},
     }, indent=1))  # fmt: skip
 
 
@@ -97,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", default=None,
                         help="JSON merged into the checked optimizer's spec, e.g. "
                              "'{\"validation_data\": {\"every\": 20}}' (not the reference's)")  # fmt: skip
+    parser.add_argument("--metric", choices=("val", "test"), default="val",
+                        help="score final validation loss (default) or test loss; the test "
+                             "reference is Adam's test loss at the rate validation chose")  # fmt: skip
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     from fit_controller import OPTIMIZERS, seek_spec
@@ -108,19 +127,24 @@ def main(argv: list[str] | None = None) -> int:
         spec = {**spec, **json.loads(args.spec)}
     tag = "smoke_" if args.smoke else ""
     name = f"check_{args.optimizer}_reference_{tag}seeds_{'_'.join(map(str, seeds))}.json"
-    cache = Path(args.cache) / name
-    if cache.is_file():
-        ref = json.loads(cache.read_text())
-    else:
-        grid = _means(_grid(torch_spec, seeds, args.workers, args.smoke))
-        ref = {t: min(grid[(t, lr)] for lr in LRS) for t in TASKS}
-        cache.write_text(json.dumps(ref, indent=1))
+    cache = Path(args.cache) / name  # validation: as before; test: beside it, "_test" added
+    test_cache = cache.with_name(cache.stem + "_test.json")
+    wanted = cache if args.metric == "val" else test_cache
+    if not wanted.is_file():
+        val_ref, test_ref = reference_losses(_grid(torch_spec, seeds, args.workers, args.smoke))
+        cache.write_text(json.dumps(val_ref, indent=1))
+        test_cache.write_text(json.dumps(test_ref, indent=1))
+    ref = json.loads(wanted.read_text())
     per_seed = _grid(spec, seeds, args.workers, args.smoke)
     if args.out:
-        write_losses(Path(args.out), per_seed, ref, seeds, args)
-    ratios = {k: v / ref[k[0]] for k, v in _means(per_seed).items()}
+        refs = tuple(
+            json.loads(c.read_text()) if c.is_file() else None for c in (cache, test_cache)
+        )
+        write_losses(Path(args.out), per_seed, refs, seeds, args)
+    metric = 0 if args.metric == "val" else 1
+    ratios = {k: v / ref[k[0]] for k, v in _means(per_seed, metric).items()}
     within = count_within(ratios.values())
-    print(f"{args.constants or 'defaults'}, seeds {seeds}: final val within 10% of best-of-grid "
+    print(f"{args.constants or 'defaults'}, seeds {seeds}: final {args.metric} within 10% of best-of-grid "
           f"{args.optimizer} on {within}/{len(ratios)} cells; worst {max(ratios.values()):.2f}")  # fmt: skip
     print("| task | " + " | ".join(f"lr0 {lr:g}" for lr in LRS) + " |")
     print("|---|" + "---:|" * len(LRS))

@@ -114,12 +114,28 @@ def report(a: dict[str, Any], b: dict[str, Any], names: tuple[str, str] = ("A", 
     return "\n".join(lines)
 
 
+def on_test(run: dict[str, Any]) -> dict[str, Any]:
+    """``run`` scored on its test losses: ``losses`` and ``reference`` replaced by ``test_losses``
+    and ``test_reference`` (Adam's test loss at the rate its validation loss chose)."""
+    if run.get("test_losses") is None or run.get("test_reference") is None:
+        raise ValueError(
+            "--metric test needs check_controller.py --out files with test losses and a test "
+            "reference (run check_controller.py once with --metric test for the seeds' reference)"
+        )
+    return {**run, "losses": run["test_losses"], "reference": run["test_reference"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a", help="check_controller.py --out file of the base set")
     parser.add_argument("b", help="... of the candidate")
+    parser.add_argument("--metric", choices=("val", "test"), default="val",
+                        help="pair the final validation losses (default) or the test losses")  # fmt: skip
     args = parser.parse_args(argv)
-    print(report(load(args.a), load(args.b)))
+    a, b = load(args.a), load(args.b)
+    if args.metric == "test":
+        a, b = on_test(a), on_test(b)
+    print(report(a, b))
     return 0
 
 

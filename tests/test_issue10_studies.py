@@ -144,6 +144,37 @@ def test_check_controller_smoke(tmp_path, capsys):
     assert watched["losses"] != run["losses"]
 
 
+def test_check_controller_scores_test_losses(tmp_path, capsys):
+    """--metric test: the reference is Adam's test loss at the rate its validation loss chose
+    (both caches written by the one reference grid), the run keeps both losses, and
+    compare_checks pairs the test losses."""
+    import check_controller
+    import compare_checks
+
+    out = tmp_path / "run.json"
+    args = ["--smoke", "--cache", str(tmp_path), "--workers", "1", "--out", str(out)]
+    within = check_controller.main([*args, "--metric", "test"])
+    assert f"final test within 10% of best-of-grid adam on {within}/30" in capsys.readouterr().out
+    val_ref = json.loads((tmp_path / "check_adam_reference_smoke_seeds_3.json").read_text())
+    test_ref = json.loads((tmp_path / "check_adam_reference_smoke_seeds_3_test.json").read_text())
+    run = json.loads(out.read_text())
+    assert run["reference"] == val_ref and run["test_reference"] == test_ref
+    assert set(run["test_losses"]) == set(run["losses"]) and run["test_losses"] != run["losses"]
+    # the test reference: Adam's test loss at the validation-chosen rate, not its lowest test loss
+    grid = check_controller._grid({"kind": "adam"}, [3], 1, True)
+    for task in check_controller.TASKS:
+        chosen = min(check_controller.LRS, key=lambda lr: grid[(task, lr)][0][0])
+        assert test_ref[task] == grid[(task, chosen)][0][1]
+        assert val_ref[task] == grid[(task, chosen)][0][0]
+    scored = compare_checks.on_test(run)
+    assert compare_checks.within(scored) == within
+    assert compare_checks.main([str(out), str(out), "--metric", "test"]) == 0
+    assert "B lower in 0/30" in capsys.readouterr().out
+    old = {k: v for k, v in run.items() if k not in ("test_losses", "test_reference")}
+    with pytest.raises(ValueError, match="--metric test needs"):
+        compare_checks.on_test(old)
+
+
 def _check_run(losses, seeds=(0, 1, 2), ref=1.0):
     return {"optimizer": "adam", "constants": "x", "seeds": list(seeds), "smoke": False,
             "reference": {"t": ref, "u": ref},

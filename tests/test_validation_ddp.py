@@ -40,6 +40,7 @@ CASES = [
     ("HyperLR(Adam)", "normalized", "tensor", "module"),
     ("HyperLR(SGD)", "seek", "group", "module"),
     ("AdamHD", "seek", "tensor", "rising"),  # a validation loss that rises: the rewind acts
+    ("AdamHD", "seek", "element", "alone"),  # the same, its loss observed alone (no gradient)
 ]
 IDS = ["-".join(c) for c in CASES]
 
@@ -135,11 +136,17 @@ def _train(
         if (step + 1) % every:
             continue
         grads = [p.grad.clone() for p in model.parameters()]
-        rising = via == "rising"
+        rising = via in ("rising", "alone")
         if rank is None:
-            losses = [F.mse_loss(model(xv), yv) for xv, yv in
-                      (_shard(_val_batch(step, rising), r) for r in observe_ranks)]  # fmt: skip
-            opt.observe_validation(sum(losses) / len(losses))
+            with torch.set_grad_enabled(via != "alone"):
+                losses = [F.mse_loss(model(xv), yv) for xv, yv in
+                          (_shard(_val_batch(step, rising), r) for r in observe_ranks)]  # fmt: skip
+            opt.observe_validation(sum(losses) / len(losses), hypergradient=via != "alone")
+        elif via == "alone":  # each rank's loss, averaged over the ranks; nothing backpropagated
+            xv, yv = _shard(_val_batch(step, rising), rank)
+            with torch.no_grad():
+                loss = F.mse_loss(ddp.module(xv), yv)
+            opt.observe_validation(loss, process_group=process_group, hypergradient=False)
         elif via == "no_sync":
             xv, yv = _shard(_val_batch(step), rank)
             with ddp.no_sync():
@@ -153,7 +160,7 @@ def _train(
 
 def _steps(case: tuple[str, ...]) -> int:
     """Training steps of a case: the rising one runs until the hold's cut (and the rewind) act."""
-    return 14 if case[3] == "rising" else STEPS
+    return 14 if case[3] in ("rising", "alone") else STEPS
 
 
 def _ddp_rank(rank: int) -> dict:
@@ -184,14 +191,21 @@ def test_validation_ddp_matches_single_process(ddp_results, case) -> None:
     key = "-".join(case)
     reference = _train(case, rank=None, steps=_steps(case))
     observations = _steps(case) // OBSERVE_EVERY
-    if case[3] == "rising":  # the rewind sent the parameters back (they differ without it)
+    if case[3] in ("rising", "alone"):  # the rewind sent the parameters back (not without it)
         without = _train(case, rank=None, steps=_steps(case), rewind=0.0)
         assert any(not torch.equal(a, b) for a, b in zip(without["params"], reference["params"]))
     # The validation signal was used: every observation counted, and the rates differ from a
-    # run that observed the first rank's minibatch alone.
-    assert {int(v[2]) for v in reference["validation"]} == {observations}
-    alone = _train(case, rank=None, observe_ranks=(0,), steps=_steps(case))
-    assert any(not torch.allclose(a, b) for a, b in zip(alone["rates"], reference["rates"]))
+    # run that observed the first rank's minibatch alone (observed alone: its loss counted, no
+    # signal, and the loss's statistics differ).
+    first_rank = _train(case, rank=None, observe_ranks=(0,), steps=_steps(case))
+    if case[3] == "alone":
+        assert {(int(v[2]), int(v[6])) for v in reference["validation"]} == {(0, observations)}
+        assert any(not torch.equal(a[3:5], b[3:5])
+                   for a, b in zip(first_rank["validation"], reference["validation"]))  # fmt: skip
+    else:
+        assert {int(v[2]) for v in reference["validation"]} == {observations}
+        assert any(not torch.allclose(a, b)
+                   for a, b in zip(first_rank["rates"], reference["rates"]))  # fmt: skip
     for rank, results in enumerate(ddp_results):
         _assert_same(results[key], reference, msg=f"rank {rank}")
     # The ranks agree with each other exactly (same averaged gradients, same arithmetic).

@@ -98,6 +98,42 @@ def test_metalr_optimizers_observe_every_draw():
     assert out["final_val_loss"] == pytest.approx(task.evaluate(model, "val", 0), rel=1e-6)
 
 
+def test_a_pass_observed_alone_feeds_the_whole_split_without_grad(monkeypatch):
+    """``batch: all`` draws the whole validation split each time; ``gradient: false`` observes
+    its loss alone (``hypergradient=False``), computed without autograd."""
+    task = make_task("digits_logreg", "smoke")
+    spec = {"kind": "adam_hd", "validation_data": {"every": 3, "batch": "all", "gradient": False},
+            "validation": {"loss_decay": 0.0, "rewind": 1.0}}  # fmt: skip
+    model = task.model(0)
+    opt = O.build_for_model(spec, model, 1e-3, task)
+    watcher = build_watcher(spec, task, 0, opt, model)
+    assert watcher.batch == len(task.splits(0)[1][0])
+    seen = []
+    observe = opt.observe_validation
+
+    def spy(loss, **kwargs):
+        seen.append((loss.requires_grad, torch.is_grad_enabled(), kwargs))
+        return observe(loss, **kwargs)
+
+    monkeypatch.setattr(opt, "observe_validation", spy)
+    batches = task.batches(0)
+    for step in range(1, 10):
+        x, y = batches()
+        opt.zero_grad()
+        task.loss(model(x), y).backward()
+        opt.step()
+        watcher.after_step(step)
+    assert seen == [(False, True, {"hypergradient": False})] * 3
+    stats = {tuple(opt.state[p][VALIDATION_KEY][[2, 3, 6]].tolist()) for p in model.parameters()}
+    full = task.evaluate(model, "val", 0)  # the last observation was the whole split's loss
+    assert len(stats) == 1
+    count, last, losses = next(iter(stats))
+    assert count == 0 and losses == 3  # no signal observed; three losses
+    assert last == pytest.approx(full, rel=1e-5)  # loss_decay 0: the last pass itself
+    out = train(task, spec, 1e-3, 0, 9, 3, 1e3, "cpu")
+    assert out["validation_stream"]["validation_examples"] == 3 * watcher.batch
+
+
 def test_early_stopped_run_reports_the_restored_weights():
     task = make_task("digits_logreg", "smoke")
     spec = {"kind": "adam", "validation_data": {"every": 1, "check": 1},
@@ -115,6 +151,8 @@ def test_early_stopped_run_reports_the_restored_weights():
         ({"kind": "adam", "validation_data": {"every": 5}}, "does not use it"),
         ({"kind": "adam_hd", "validation_data": {"every": 0}}, r"validation_data.every: 0"),
         ({"kind": "adam_hd", "validation_data": {"often": 5}}, "expected a mapping with keys"),
+        ({"kind": "adam_hd", "validation_data": {"gradient": 0}}, r"gradient: 0; expected true"),
+        ({"kind": "adam_hd", "validation_data": {"batch": "half"}}, r"batch: 'half'"),
         ({"kind": "adam", "validation_data": {}, "plateau": {"factor": 2}}, r"plateau.factor"),
         (
             {"kind": "adam", "validation_data": {}, "plateau": {}, "schedule": "cosine"},

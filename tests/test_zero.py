@@ -96,10 +96,14 @@ def _val_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
             torch.randn(8, 2, generator=gen, dtype=torch.float64))  # fmt: skip
 
 
-def _observe(opt, model: torch.nn.Module, step: int, **kwargs) -> None:
-    if step % 2 == 1:  # the same validation batch on every rank
+def _observe(opt, model: torch.nn.Module, step: int, alone: bool = False, **kwargs) -> None:
+    """Every other step, the same validation batch on every rank (``alone``: its loss observed
+    alone, computed without grad)."""
+    if step % 2 == 1:
         x, y = _val_batch(step)
-        opt.observe_validation(torch.nn.functional.mse_loss(model(x), y), **kwargs)
+        with torch.set_grad_enabled(not alone):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.observe_validation(loss, **kwargs, **({"hypergradient": False} if alone else {}))
 
 
 #: The observing runs: the seek rule's defaults, and the normalized rule with the training
@@ -113,6 +117,12 @@ OBSERVING = {
     "rewind": {
         "seek": {"init_scale": 0.5, "turn_threshold": 0.99, "resume_window": 0.0},
         "validation": {"rewind": 1.0, "hold": 2, "cut_after": 2},
+    },
+    # the same with the loss observed alone (hypergradient=False: no gradient, so "auto" may
+    # average it; the same loss on every rank)
+    "alone": {
+        "seek": {"init_scale": 0.5, "turn_threshold": 0.99, "resume_window": 0.0},
+        "validation": {"rewind": 1.0, "hold": 2, "cut_after": 2, "loss_decay": 0.0},
     },
 }
 
@@ -135,12 +145,13 @@ def _train_sharded_observing(rank: int, variant: str) -> dict:
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x[half]), y[half]).backward()
         opt.step()
-        if step == 0:
+        alone = variant == "alone"
+        if step == 0 and not alone:
             try:  # "auto" would average different ranks' parameters: refused
                 _observe(opt.optim, model.module, 1)
             except ValueError as exc:
                 refused = str(exc)
-        _observe(opt.optim, model.module, step, process_group=None)
+        _observe(opt.optim, model.module, step, alone, process_group="auto" if alone else None)
     rates = {i: opt.optim.state[p]["lr_multiplier"].clone()
              for i, p in enumerate(model.parameters()) if p in opt.optim.state}  # fmt: skip
     # ZeRO's checkpoint: it broadcasts each rank's state dict (a ProcessGroup in the groups,
@@ -181,18 +192,19 @@ def _observing_single(variant: str, rewind: float | None = None):
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
-        _observe(opt, model, step)
+        _observe(opt, model, step, variant == "alone")
     return model, opt
 
 
 @pytest.mark.parametrize("variant", list(OBSERVING))
 def test_zero_observe_validation_equals_single_process(sharded, variant):
     model, opt = _observing_single(variant)
-    if variant == "rewind":  # the rewind acted: without it the weights differ
+    if variant in ("rewind", "alone"):  # the rewind acted: without it the weights differ
         free, _ = _observing_single(variant, rewind=0.0)
         assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), free.parameters()))
     ranks = sharded[f"observing-{variant}"]
-    assert all("pass process_group=None" in r["refused"] for r in ranks)
+    if variant != "alone":  # a gradient cannot be averaged over ranks holding other parameters
+        assert all("pass process_group=None" in r["refused"] for r in ranks)
     for r in ranks:
         for a, b in zip(r["params"], model.parameters()):
             torch.testing.assert_close(a, b.detach())
@@ -346,10 +358,15 @@ EMPTY_OBSERVING = {
                                                     "validation": {"train_weight": 0.0}}),
     "nan-shard-seek": ("nan-shard", {}),
     "nan-shard-normalized-group": ("nan-shard", {"rule": "normalized", "granularity": "group"}),
+    # the loss observed alone (hypergradient=False; "+alone"): the rank holding none of group 0
+    # joins that observation's collectives, which are not the gradient's
+    "alone-seek-tensor": ("one-weight+alone", {"validation": {"hold": 2, "cut_after": 2}}),
+    "alone-frozen-seek": ("frozen+alone", {"validation": {"hold": 2, "cut_after": 2}}),
 }  # fmt: skip
 
 
 def _empty_layout_groups(model: torch.nn.Module, layout: str) -> list[dict]:
+    layout = layout.split("+")[0]
     first = [model[0].weight] if layout == "one-weight" else list(model[0].parameters())
     rest = [p for p in model.parameters() if all(p is not q for q in first)]
     return [{"params": first}, {"params": rest}]
@@ -358,11 +375,16 @@ def _empty_layout_groups(model: torch.nn.Module, layout: str) -> list[dict]:
 def _empty_layout_observe(opt, model: torch.nn.Module, step: int, layout: str) -> None:
     if step % 2 == 0:
         return
+    layout, alone = layout.split("+")[0], layout.endswith("+alone")
     first = step == 1
     if first and layout == "frozen":
         model[0].bias.requires_grad_(False)
     if first and layout == "frozen-group":
         model[0].requires_grad_(False)
+    if alone:  # the rising loss of a held-out pass, observed alone (the same on every rank)
+        opt.observe_validation(1.0 + 0.1 * step - 0.3 * (step == 3), hypergradient=False)
+        model[0].requires_grad_(True)
+        return
     x, y = _val_batch(step)
     loss = torch.nn.functional.mse_loss(model(x), y)
     if first and layout == "nan-shard":  # d sqrt(0 · |w|) / dw = inf · 0 = NaN; the loss is 0
@@ -415,6 +437,7 @@ def test_zero_observe_validation_with_a_rank_holding_none_of_a_group():
     rank runs the same collectives and equals one process, for every rule and granularity."""
     per_rank = run_ranks(_empty_layout_ranks, timeout_s=240)
     for case, (layout, _) in EMPTY_OBSERVING.items():
+        layout = layout.split("+")[0]
         ref = _empty_layout_run(None, case)
         for rank in range(2):
             out = per_rank[rank][case]

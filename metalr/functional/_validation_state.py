@@ -1,7 +1,7 @@
 """The validation statistics (``optimizer.state[p]['hd_validation']``) and the hold (pure).
 
 One small vector per parameter tensor: the validation cosine's running averages (the
-validation signal's, :func:`metalr.functional._controller.seek_validation_update`), the
+validation signal's, :func:`metalr.functional._validation_update.seek_validation_update`), the
 validation loss's trend and the tensor's rate level after the last observation — what the
 seek rule's hold (``validation={"hold": P, "plateau_cut": c}``) reads: :func:`loss_trend` and
 :func:`held_rates`; and the rewind's pure halves (``validation={"rewind": r}``): which

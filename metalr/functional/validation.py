@@ -125,7 +125,6 @@ import torch
 from torch import Tensor
 
 from metalr.functional._common import full_value, resolve_constants
-from metalr.functional._controller import seek_validation_update
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import clamp_rates, rates_in_use, update_rates
 from metalr.functional._signals import all_finite, inner_products, seek_signals
@@ -143,6 +142,7 @@ from metalr.functional._validation_state import (  # noqa: F401 (re-exported)
     completed_validation_stats,
     initial_validation_stats,
 )
+from metalr.functional._validation_update import seek_validation_update
 
 #: The recommended frequency: one validation batch (of the training batch size) every 20
 #: optimizer steps. Adopted 2026-12-04 by a rule fixed before study 9's run at 20 (at least as
@@ -255,7 +255,7 @@ class ValidationUpdate(NamedTuple):
 def validation_adapt_rates(
     rates: Sequence[Tensor],
     stats: Sequence[Tensor],
-    val_grads: Sequence[Tensor],
+    val_grads: Sequence[Tensor] | None,
     directions: Sequence[Tensor],
     *,
     lr: float | Tensor,
@@ -276,16 +276,22 @@ def validation_adapt_rates(
     ``grads_finite``: and-ed into the flag (e.g. whether the validation loss itself is finite).
     ``loss``: the validation loss (0-d; the seek rule's hold reads it; None: the loss statistics
     stay as they are and nothing is held).
+    ``val_grads`` None: an observation of the ``loss`` alone (seek rule with the hold; see
+    :func:`loss_only_flags`): the hold and the rewind act, the validation signal does not.
     """
     if rule == "seek":
         if controllers is None or seek is None:
             raise ValueError("rule='seek' needs controllers and seek constants")
-        signals, _, finite, active, _ = seek_signals(
-            val_grads, directions, granularity, grads_finite=grads_finite, shards=shards
-        )
+        if val_grads is None:
+            signals = None
+            finite, active = loss_only_flags(loss, directions, grads_finite, shards)
+        else:
+            signals, _, finite, active, _ = seek_signals(
+                val_grads, directions, granularity, grads_finite=grads_finite, shards=shards
+            )
         starts = rates_in_use(rates, lr, lr_bounds)  # the rates in use: what the rule moves
         new_rates, new_stats, rewind = seek_validation_update(
-            starts, controllers, stats, signals, active, [g.numel() for g in val_grads],
+            starts, controllers, stats, signals, active, [d.numel() for d in directions],
             options=options, seek=seek, granularity=granularity, loss=loss,
         )  # fmt: skip
         new_rates = [
@@ -293,6 +299,11 @@ def validation_adapt_rates(
             for n, r, s in zip(new_rates, rates, starts)
         ]
         return ValidationUpdate(new_rates, finite, new_stats, rewind)
+    if val_grads is None:
+        raise ValueError(
+            f"Invalid observation for rule={rule!r}: the loss alone (no validation gradient) "
+            "moves rates only through the seek rule's hold"
+        )
     dots, g_norms, d_norms = inner_products(
         val_grads, directions, granularity, rule == "normalized"
     )
@@ -302,12 +313,7 @@ def validation_adapt_rates(
     if shards is not None:
         finite = shards.all(finite)
     # as for seek: no last direction yet (before the first step) is no observation
-    moved_any = torch.stack(
-        [full_value((d != 0).any()).to(finite.device) for d in directions]
-    ).any()
-    if shards is not None:
-        moved_any = shards.all(~moved_any).logical_not()
-    finite = finite & moved_any
+    finite = finite & _any_moved(directions, finite.device, shards)
     moved = update_rates(
         rates, dots, g_norms, d_norms, lr=lr, hypergrad_lr=options["hypergrad_lr"], rule=rule,
         granularity=granularity, lr_bounds=lr_bounds, shards=shards,
@@ -318,6 +324,35 @@ def validation_adapt_rates(
     new_rates = [torch.where(finite.to(r.device), n, r) for n, r in zip(moved, rates)]
     new_stats = [torch.where(finite.to(s.device), s + _count_one(s), s) for s in stats]
     return ValidationUpdate(new_rates, finite, new_stats)
+
+
+def loss_only_flags(
+    loss: Tensor | None,
+    directions: Sequence[Tensor],
+    grads_finite: Tensor | None = None,
+    shards: ShardReducer | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(finite, active)`` of an observation of the loss alone: the loss is finite (and
+    ``grads_finite``), over the ranks with ``shards``; active when also some parameter has a
+    last direction (as :func:`~metalr.functional._signals.seek_signals` flags it: before the
+    first step there is nothing to hold)."""
+    if loss is None:
+        raise ValueError("an observation of the loss alone needs the loss")
+    device = directions[0].device if directions else loss.device
+    finite = torch.isfinite(loss.detach()).to(device).reshape(())
+    if grads_finite is not None:
+        finite = finite & grads_finite.to(device)
+    if shards is not None:
+        finite = shards.all(finite)
+    return finite, finite & _any_moved(directions, device, shards)
+
+
+def _any_moved(directions: Sequence[Tensor], device: Any, shards: ShardReducer | None) -> Tensor:
+    """Whether some direction is nonzero (over the ranks with ``shards``)."""
+    moved = torch.stack([full_value((d != 0).any()).to(device) for d in directions]).any()
+    if shards is not None:
+        moved = shards.all(~moved).logical_not()
+    return moved
 
 
 def _scale_rises(new: Tensor, old: Tensor, climb: float, rule: str) -> Tensor:

@@ -50,6 +50,7 @@ class ValidationObserving:
         *,
         scaler: Any = None,
         process_group: Any = "auto",
+        hypergradient: bool = True,
     ) -> Tensor:
         r"""Move the rates by the hypergradient of a validation loss; ``.grad`` is not touched.
 
@@ -70,6 +71,14 @@ class ValidationObserving:
         sharded optimizer state every observation reads one flag per group, all-reduced over
         the ranks, so that every rank runs the same collectives).
 
+        With ``hypergradient=False`` the call observes the loss alone: no backward, no
+        validation gradient; the seek rule's hold (a settled rate kept while the loss improves,
+        cut once it has stopped) and the rewind read it, the validation signal does not move the
+        rates. That is what a validation *pass* feeds: the loss of the whole validation set (or
+        a fixed subset), computed under ``torch.no_grad()`` as for ``ReduceLROnPlateau`` — a
+        forward pass is all it costs, and a loss measured on the same examples each time has no
+        sampling noise to mistake for a trend.
+
         Args:
             loss: the validation loss (0-d tensor requiring grad), or a closure computing it.
             scaler: a ``torch.amp.GradScaler`` to backpropagate a scaled loss (fp16 autocast);
@@ -81,6 +90,11 @@ class ValidationObserving:
                 on ``ddp_model.module`` or inside ``ddp_model.no_sync()``. With sharded state
                 (``shard_group``, e.g. ``ZeroRedundancyOptimizer``) pass ``None`` and the same
                 validation batch on every rank.
+            hypergradient: False to observe the loss alone (a tensor of one element, with or
+                without grad, a Python number, or a closure, called under ``no_grad``): the
+                seek rule's hold and rewind act on it, nothing is backpropagated (default:
+                True). Every param group needs ``rule="seek"`` and the hold
+                (``validation["hold"] > 0``, the default).
 
         Returns:
             the validation loss, detached.
@@ -92,15 +106,22 @@ class ValidationObserving:
             ...     model.eval()  # no dropout; BatchNorm's running statistics left alone
             ...     optimizer.observe_validation(F.cross_entropy(model(xv), yv))
             ...     model.train()
+            >>> # or: the whole validation set's loss, forward only
+            >>> with torch.no_grad():
+            ...     val_loss = F.cross_entropy(model(x_val), y_val)
+            >>> optimizer.observe_validation(val_loss, hypergradient=False)
         """
         self._sync_groups()
+        if not hypergradient:
+            return self._observe_loss_alone(loss, scaler, process_group)
         if callable(loss) and not isinstance(loss, Tensor):
             with torch.enable_grad():
                 loss = loss()
         if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.requires_grad:
             raise ValueError(
                 "Invalid loss for observe_validation: expected a one-element tensor that "
-                f"requires grad (the validation loss computed with autograd on), got {loss!r}"
+                f"requires grad (the validation loss computed with autograd on), got {loss!r}; "
+                "hypergradient=False observes a loss without its gradient"
             )
         groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
         params = [p for _, ps in groups for p in ps]
@@ -144,6 +165,52 @@ class ValidationObserving:
                     self._mark_following(group)
                     shards.participate_validation(group["granularity"], group["rule"])
         return loss.detach()
+
+    def _observe_loss_alone(self, loss: Any, scaler: Any, process_group: Any) -> Tensor:
+        """``observe_validation(loss, hypergradient=False)``: the hold and the rewind read the
+        loss; no gradient is computed (see :meth:`observe_validation`)."""
+        if scaler is not None:
+            raise ValueError(
+                "Invalid scaler for observe_validation(hypergradient=False): a scaler scales a "
+                "loss to backpropagate, and the loss alone is not; pass the unscaled loss"
+            )
+        if callable(loss) and not isinstance(loss, Tensor):
+            with torch.no_grad():
+                loss = loss()
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            loss = torch.tensor(float(loss), dtype=torch.float64)
+        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+            raise ValueError(
+                "Invalid loss for observe_validation(hypergradient=False): expected a "
+                f"one-element tensor or a number, got {loss!r}"
+            )
+        groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
+        for index, (group, _) in enumerate(groups):
+            hold = group["validation"].get("hold", 0.0)
+            if group["rule"] != "seek" or hold <= 0:
+                raise ValueError(
+                    f"Invalid param group {index} for observe_validation(hypergradient=False): "
+                    "the loss alone moves rates through the seek rule's hold; the group has "
+                    f"rule={group['rule']!r}, validation['hold']={hold} (needs 'seek' and > 0)"
+                )
+        params = [p for _, ps in groups for p in ps]
+        _refuse_dtensor(params)
+        shards = self._shard_reducer()
+        device = params[0].device if params else (shards.device if shards else loss.device)
+        value = loss.detach().reshape(()).to(device).clone()
+        average_over_ranks([value], process_group)
+        no_grads: list[list[Tensor]] = [[] for _ in groups]
+        observing = self._groups_to_observe(groups, no_grads, value, shards)
+        with torch.no_grad():
+            for (group, ps), observe in zip(groups, observing):
+                if not observe:
+                    continue
+                if ps:
+                    self._observe_group(group, ps, None, torch.isfinite(value), value, shards)
+                else:  # sharded: this rank holds none of the group's trainable parameters
+                    self._mark_following(group)
+                    shards.participate_validation(group["granularity"], "seek", loss_only=True)
+        return value
 
     def _groups_to_observe(
         self,
@@ -194,15 +261,16 @@ class ValidationObserving:
         self,
         group: dict[str, Any],
         params: list[Tensor],
-        grads: list[Tensor],
+        grads: list[Tensor] | None,
         finite: Tensor,
         loss: Tensor,
         shards: ShardReducer | None,
     ) -> None:
+        """One group's observation (``grads`` None: the loss alone)."""
         rates = [self._rate(p, group) for p in params]  # completes each state
         self._mark_following(group)
         stats = [self.state[p][VALIDATION_KEY] for p in params]
-        if group.get("maximize", False):
+        if grads is not None and group.get("maximize", False):
             grads = [-g for g in grads]
         directions = self._last_directions(group, params)
         args = self._controller_args(group, params)

@@ -2,15 +2,19 @@
 
 A spec with ``validation_data`` draws a validation minibatch every ``every`` training steps (from
 the task's validation split, its own generator per seed; ``batch`` examples, default the task's
-training batch size, the whole split when it is smaller) and gives its loss to whatever in the
-spec uses it, so every method that watches the validation loss spends the same validation data::
+training batch size, the whole split when it is smaller or ``batch`` is ``all``) and gives its
+loss to whatever in the spec uses it, so every method that watches the validation loss spends the
+same validation data::
 
     adam_hd_val:   {kind: adam_hd, validation_data: {every: 10}}
+    adam_hd_pass:  {kind: adam_hd, validation_data: {every: 20, batch: all, gradient: false}}
     adam_plateau:  {kind: adam, validation_data: {every: 10}, plateau: {factor: 0.1, patience: 3}}
     adam_es:       {kind: adam, validation_data: {every: 10}, early_stopping: {patience: 5}}
 
 * metalr optimizers call ``optimizer.observe_validation(loss)`` at every draw (the validation
-  hypergradient, :mod:`metalr.functional.validation`);
+  hypergradient, :mod:`metalr.functional.validation`); with ``gradient: false`` the loss is
+  computed under ``no_grad`` and observed alone (``hypergradient=False``: the seek rule's hold
+  and rewind read it, nothing is backpropagated);
 * ``plateau``: torch's ``ReduceLROnPlateau`` (``factor``, ``patience``; torch's other defaults),
   stepped once per *check* with the mean loss of the check's draws; a check is ``check`` draws,
   by default ``min(ceil(validation examples / batch), 4)``: about one pass over a small
@@ -34,7 +38,9 @@ if TYPE_CHECKING:
 
 #: Spec keys of this module (not optimizer constructor arguments).
 VALIDATION_KEYS = ("validation_data", "plateau", "early_stopping")
-_DATA_KEYS: dict[str, int | None] = {"every": 10, "batch": None, "check": None}
+_DATA_KEYS: dict[str, int | str | bool | None] = {
+    "every": 10, "batch": None, "check": None, "gradient": True,
+}  # fmt: skip
 MAX_CHECK_DRAWS = 4
 _PLATEAU_KEYS = {"factor": 0.1, "patience": 3}
 _STOPPING_KEYS = {"patience": 5}
@@ -53,6 +59,13 @@ def check_validation_spec(name: str, spec: dict[str, Any], metalr_kind: bool) ->
                              f"with keys from {sorted(allowed)}")  # fmt: skip
         for k, v in value.items():
             if v is None and key == "validation_data" and k in ("batch", "check"):
+                continue
+            if key == "validation_data" and (k, v) == ("batch", "all"):
+                continue
+            if key == "validation_data" and k == "gradient":
+                if not isinstance(v, bool):
+                    raise ValueError(f"Invalid optimizers.{name}.{key}.{k}: {v!r}; expected "
+                                     "true or false")  # fmt: skip
                 continue
             ok = (isinstance(v, int) and v >= 1) if k != "factor" else (0 < float(v) < 1)
             if not ok:
@@ -77,8 +90,9 @@ class ValidationWatcher:
         data = {**_DATA_KEYS, **spec["validation_data"]}
         self.every, self.model, self.task, self.opt = data["every"], model, task, opt
         x, y = task.splits(seed)[1]
-        batch = data["batch"] or task.batch_size or len(x)
+        batch = len(x) if data["batch"] == "all" else data["batch"] or task.batch_size or len(x)
         self.x, self.y, self.batch = x, y, min(batch, len(x))
+        self.gradient = bool(data["gradient"])
         self.generator = torch.Generator().manual_seed(20_000 + seed)
         self.observe = observe
         self.per_check = data["check"] or min(math.ceil(len(x) / self.batch), MAX_CHECK_DRAWS)
@@ -108,9 +122,13 @@ class ValidationWatcher:
         was_training = self.model.training
         self.model.eval()
         try:
-            if self.observe:
+            if self.observe and self.gradient:
                 with torch.enable_grad():
                     value = float(self.opt.observe_validation(self.task.loss(self.model(x), y)))
+            elif self.observe:
+                with torch.no_grad():
+                    loss = self.task.loss(self.model(x), y)
+                value = float(self.opt.observe_validation(loss, hypergradient=False))
             else:
                 with torch.no_grad():
                     value = float(self.task.loss(self.model(x), y))
