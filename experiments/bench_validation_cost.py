@@ -9,6 +9,7 @@ of each pair's times, and the median over repeats. Also the same for Adam + Redu
     python experiments/bench_validation_cost.py             # ~3 min on one core
     python experiments/bench_validation_cost.py --repeats 1 --tasks digits_logreg --smoke
     python experiments/bench_validation_cost.py --every 20 --rewind   # the rewind's own cost
+    python experiments/bench_validation_cost.py --every 20 --pass     # a whole pass, loss alone
 
 Prints a table and writes ``experiments/results/bench_validation_cost.md``.
 """
@@ -39,12 +40,36 @@ def every_flag(every: int) -> str:
 
 
 def results_path(
-    every: int, results: Path = ROOT / "experiments/results", rewind: bool = False
+    every: int,
+    results: Path = ROOT / "experiments/results",
+    rewind: bool = False,
+    whole_pass: bool = False,
 ) -> Path:
     """The file in ``results`` that holds the table of a stream every ``every`` steps (the
-    default's: the original file; ``rewind``: the rewind's own table)."""
+    default's: the original file; ``rewind``: the rewind's own table; ``whole_pass``: a pass
+    over the whole validation split observed alone)."""
     name = ("" if every == DEFAULT_EVERY else f"_every{every}") + ("_rewind" if rewind else "")
-    return results / f"bench_validation_cost{name}.md"
+    return results / f"bench_validation_cost{name}{'_pass' if whole_pass else ''}.md"
+
+
+#: The validation pass observed alone (``observe_validation(loss, hypergradient=False)``), with
+#: an exact loss's settings: no running average, the rewind to the best pass.
+PASS_OPTIONS = {"loss_decay": 0.0, "rewind": 1.0}
+
+
+def pass_pairs(every: int) -> dict[str, tuple[dict, dict]]:
+    """(without, with) a pass over the whole validation split every ``every`` steps, observed
+    alone by AdamHD; for scale, the same pass feeding Adam's early stopping."""
+    stream = {"every": every, "batch": "all", "gradient": False}
+    return {
+        "AdamHD + validation pass (loss alone, rewind) ÷ AdamHD": (
+            {"kind": "adam_hd"},
+            {"kind": "adam_hd", "validation_data": stream, "validation": PASS_OPTIONS}),
+        "Adam + early stopping on the pass ÷ Adam": (
+            {"kind": "adam"},
+            {"kind": "adam", "validation_data": {**stream, "check": 1},
+             "early_stopping": {"patience": 10**6}}),
+    }  # fmt: skip
 
 
 def pairs(every: int, rewind: bool = False) -> dict[str, tuple[dict, dict]]:
@@ -81,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rewind", action="store_true",
                         help="time the rewind (validation={'rewind': 1}) against the option "
                              "without it instead")  # fmt: skip
+    parser.add_argument("--pass", dest="whole_pass", action="store_true",
+                        help="time a pass over the whole validation split, its loss observed "
+                             "alone (hypergradient=False) with the rewind, instead")  # fmt: skip
     parser.add_argument("--out", default=None,
                         help="default experiments/results/bench_validation_cost.md (every 10) "
                              "or bench_validation_cost_every{N}.md")  # fmt: skip
@@ -92,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         task = make_task(name, size, fallback_text=args.smoke)
         steps = 20 if args.smoke else STEPS.get(name, 1000)
         timed(task, {"kind": "adam_hd"}, min(steps, 20))  # warm-up (caches, allocator)
-        for label, (base, option) in pairs(args.every, args.rewind).items():
+        chosen = pass_pairs(args.every) if args.whole_pass else pairs(args.every, args.rewind)
+        for label, (base, option) in chosen.items():
             ratios = []
             for r in range(args.repeats):
                 order = (base, option) if r % 2 == 0 else (option, base)
@@ -102,14 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| task | ratio | median | min | max |", "|---|---|---|---|---|"]
     lines += [f"| {t} | {lab} | **{m:.3f}×** | {lo:.3f} | {hi:.3f} |" for t, lab, m, lo, hi in rows]
     what = "the rewind" if args.rewind else "the validation stream"
+    batch = "a batch of the training batch size"
+    if args.whole_pass:
+        what, batch = "a validation pass observed alone", "the whole validation split, no_grad"
     flags = every_flag(args.every) + (" --rewind" if args.rewind else "")
-    text = (f"# Cost of {what} (every {args.every} steps, a batch of the "
-            f"training batch size)\n\n`python experiments/bench_validation_cost.py --repeats "
+    flags += " --pass" if args.whole_pass else ""
+    text = (f"# Cost of {what} (every {args.every} steps, {batch})\n\n"
+            f"`python experiments/bench_validation_cost.py --repeats "
             f"{args.repeats}{flags}` (1 thread, {size} tasks, paired and interleaved)\n\n"
             + "\n".join(lines) + "\n")  # fmt: skip
     print(text)
     if not args.smoke:
-        Path(args.out or results_path(args.every, rewind=args.rewind)).write_text(text)
+        path = results_path(args.every, rewind=args.rewind, whole_pass=args.whole_pass)
+        Path(args.out or path).write_text(text)
     return 0
 
 

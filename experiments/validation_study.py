@@ -43,7 +43,10 @@ SEEDED = ("adam", "adam_hd")
 METHODS = {"adam_hd": "AdamHD (option off)", "adam_hd_val": "AdamHD + observe_validation",
            "adam_hd_val20": "AdamHD + observe_validation, every 20 steps",
            "adam_hd_val20_rewind": "AdamHD + observe_validation, every 20, rewind 1",
+           "adam_hd_pass": "AdamHD + a validation pass observed alone, every 20, rewind 1",
            "adam_plateau": "Adam + ReduceLROnPlateau", "adam_es": "Adam + early stopping",
+           "adam_plateau_pass": "Adam + ReduceLROnPlateau on the pass",
+           "adam_es_pass": "Adam + early stopping on the pass",
            "adam": "Adam"}  # fmt: skip
 
 
@@ -131,12 +134,13 @@ def md(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
 
 
-def _cost_table(every: int) -> str:
-    """The table of ``experiments/bench_validation_cost.py --every N`` (its file without the
-    title line), or how to make it."""
-    bench = results_path(every, OUT.parent)
+def _cost_table(every: int, whole_pass: bool = False) -> str:
+    """The table of ``experiments/bench_validation_cost.py --every N [--pass]`` (its file without
+    the title line), or how to make it."""
+    bench = results_path(every, OUT.parent, whole_pass=whole_pass)
     if not bench.is_file():
-        command = f"python experiments/bench_validation_cost.py{every_flag(every)}"
+        flags = every_flag(every) + (" --pass" if whole_pass else "")
+        command = f"python experiments/bench_validation_cost.py{flags}"
         return f"Not measured yet: run `{command}`."
     return bench.read_text().split("\n", 2)[2].strip()
 
@@ -156,7 +160,9 @@ def headline(seconds: float | None) -> str:
     reference = (
         "Reference: best-of-grid Adam (lr 1e-5 … 1e-1) per task, by final validation "
         "loss; the test column compares test losses (the Adam reference: its grid point "
-        "chosen on validation). Cells: (task, lr0), mean over 3 seeds."
+        "chosen on validation). Cells: (task, lr0), mean over 3 seeds. The rows fed a pass "
+        "over the whole validation split choose (stop, rewind, cut) on the very loss the val "
+        "column scores: their test column is the fair one."
     )
     tuned_head = [
         "task",
@@ -178,6 +184,8 @@ def headline(seconds: float | None) -> str:
         _cost_table(10),
         "## Cost at every 20 steps (the recommended frequency since 2026-12-04)",
         _cost_table(20),
+        "## Cost of a validation pass every 20 steps (the whole split, forward only)",
+        _cost_table(20, whole_pass=True),
     ]
     return "\n\n".join(parts) + "\n"
 

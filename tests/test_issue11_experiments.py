@@ -63,6 +63,18 @@ def test_cost_benchmark_prints_a_paired_table(capsys):
     ((label, (base, option)),) = bench_validation_cost.pairs(5, rewind=True).items()
     assert "Cost of the rewind" in out and f"| digits_logreg | {label} |" in out
     assert option == {**base, "validation": {"rewind": 1.0}} and "--every 5 --rewind" in out
+    assert bench_validation_cost.main(["--smoke", "--repeats", "1", "--tasks", "digits_logreg",
+                                       "--every", "5", "--pass"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Cost of a validation pass observed alone" in out and "--every 5 --pass" in out
+    for label, (base, option) in bench_validation_cost.pass_pairs(5).items():
+        assert f"| digits_logreg | {label} |" in out
+        assert option["validation_data"]["batch"] == "all" and "validation_data" not in base
+    ((_, (_, hd)), (_, (_, es))) = bench_validation_cost.pass_pairs(5).items()
+    assert hd["validation_data"]["gradient"] is False and hd["validation"]["rewind"] == 1.0
+    assert es["validation_data"]["check"] == 1  # early stopping reads every pass
+    path = bench_validation_cost.results_path(20, whole_pass=True)
+    assert path.name == "bench_validation_cost_every20_pass.md"
 
 
 def test_study9_headline_compares_against_best_of_grid_adam(tmp_path, monkeypatch):
