@@ -566,3 +566,83 @@ def test_hf_observe_validation_resumes_where_the_uninterrupted_run_is(tmp_path) 
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(_state(opt, RATE_KEY), _state(resumed_opt, RATE_KEY), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _loss_stats(opt) -> set[tuple[float, float]]:
+    """Per tensor: (losses counted, the loss's running average) of the validation statistics."""
+    from metalr.functional._validation_state import LOSS_AVG, LOSS_COUNT
+
+    return {(float(v[LOSS_COUNT]), float(v[LOSS_AVG])) for v in _state(opt, VALIDATION_KEY)}
+
+
+def test_lightning_observe_validation_loss_hands_over_each_validation_run(tmp_path) -> None:
+    """The logged ``val_loss`` of each validation run of fit (not the sanity check's) is
+    observed alone: counted by the hold, nothing backpropagated, no signal statistics."""
+    L = _lightning()
+    from metalr.integrations.lightning import ObserveValidationLoss
+
+    L.seed_everything(0, verbose=False)
+    module = _module(L, "seek")
+    logged: list[float] = []
+
+    class Record(L.Callback):
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking and trainer.state.fn.value == "fit":
+                logged.append(float(trainer.callback_metrics["val_loss"]))
+
+    callback = ObserveValidationLoss("val_loss")
+    trainer = _trainer(L, tmp_path, num_sanity_val_steps=2, val_check_interval=2,
+                       callbacks=[Record(), callback])  # fmt: skip
+    train, val = _loaders()
+    trainer.fit(module, train, val)
+    opt = trainer.optimizers[0]
+    assert len(logged) == callback.observations >= 4  # every 2 steps of 10, not the sanity run
+    avg = logged[0]
+    for value in logged[1:]:  # the hold's running average, loss_decay 0.5
+        avg = 0.5 * avg + 0.5 * value
+    stats = _loss_stats(opt)
+    assert len(stats) == 1
+    count, got = next(iter(stats))
+    assert count == len(logged) and got == pytest.approx(avg, rel=1e-6)
+    assert _counts(opt) == {0}  # no validation gradient was taken
+    assert float(callback.last_loss) == pytest.approx(logged[-1], rel=1e-6)
+    trainer.validate(module, val)  # a validate() outside fit is not observed
+    assert callback.observations == len(logged)
+    with pytest.raises(ValueError, match=r"no metric 'nope' was logged .*'val_loss'"):
+        L.seed_everything(0, verbose=False)
+        _trainer(L, tmp_path, callbacks=[ObserveValidationLoss("nope")]).fit(
+            _module(L, "seek"), *_loaders()
+        )
+
+
+def test_hf_observe_eval_loss_callback(tmp_path) -> None:
+    """Each evaluation's ``eval_loss`` during training is observed alone; the evaluation after
+    training is not."""
+    transformers = _transformers()
+    from metalr.integrations.huggingface import ObserveEvalLossCallback
+
+    model = _gpt2(transformers)
+    opt = metalr.AdamWHD(model.parameters(), lr=3e-3, validation={"loss_decay": 0.0})
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=8,
+        per_device_eval_batch_size=8, logging_steps=6, report_to=[], save_strategy="no",
+        eval_strategy="steps", eval_steps=4, use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    callback = ObserveEvalLossCallback()
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_TokenData(64, seed=0),
+        eval_dataset=_TokenData(16, seed=1, stride=2), optimizers=(opt, None),
+        callbacks=[callback],
+    )  # fmt: skip
+    trainer.train()
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evals) == callback.observations == 3
+    ((count, last),) = _loss_stats(opt)
+    assert count == 3 and last == pytest.approx(evals[-1], rel=1e-6)  # loss_decay 0: the last
+    assert _counts(opt) == {0}
+    trainer.evaluate()
+    assert callback.observations == 3
+    bad = ObserveEvalLossCallback("eval_accuracy")
+    with pytest.raises(ValueError, match=r"no metric 'eval_accuracy' was logged .*'eval_loss'"):
+        bad.on_train_begin(args, trainer.state, None, optimizer=opt)
+        bad.on_evaluate(args, trainer.state, None, metrics={"eval_loss": 1.0}, optimizer=opt)

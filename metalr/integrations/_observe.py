@@ -129,3 +129,26 @@ def observe_all(
     for optimizer in optimizers:
         value = optimizer.observe_validation(loss, scaler=scaler, process_group=process_group)
     return value
+
+
+def observed_metric(metrics: Mapping[str, Any] | None, key: str, who: str) -> Tensor:
+    """The logged validation loss ``metrics[key]`` as a tensor; ValueError naming the key and
+    what was logged when it is missing."""
+    value = None if metrics is None else metrics.get(key)
+    if value is None:
+        logged = sorted(metrics) if metrics else []
+        raise ValueError(
+            f"{who}: no metric {key!r} was logged by the validation run (logged: {logged}); "
+            f"log the validation loss under that name or pass its name"
+        )
+    return value.detach() if isinstance(value, Tensor) else torch.tensor(float(value))
+
+
+def observe_loss_alone(optimizers: Sequence[Any], value: Tensor, process_group: Any) -> Tensor:
+    """``observe_validation(value, hypergradient=False)`` on each optimizer: a validation pass's
+    loss read by the seek rule's hold and rewind (no backward); the loss, detached."""
+    for optimizer in optimizers:
+        value = optimizer.observe_validation(
+            value, hypergradient=False, process_group=process_group
+        )
+    return value

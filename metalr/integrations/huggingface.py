@@ -17,6 +17,12 @@ dataset, computed as the Trainer computes its losses::
 
     add_observe_validation_callback(trainer, every_n_steps=20)
 
+or hand it the loss of each of its own evaluations (the whole eval set, already computed; with
+``eval_strategy="steps"``, every ``eval_steps``) as a loss observed alone (the seek rule's hold and
+rewind; no backward) with :class:`ObserveEvalLossCallback`::
+
+    trainer.add_callback(ObserveEvalLossCallback("eval_loss"))
+
 The Trainer steps its optimizer without a closure, so a metalr optimizer's loss-spike guard
 (``spike_guard=True``) would see no loss; :func:`add_spike_guard_callback` hands it each step's
 training loss::
@@ -42,6 +48,8 @@ from metalr.integrations._observe import (
     eval_mode,
     hypergrad_optimizers,
     observe_all,
+    observe_loss_alone,
+    observed_metric,
 )
 from metalr.integrations._stats import effective_lr_stats, group_lrs
 
@@ -55,6 +63,7 @@ except ImportError as exc:  # pragma: no cover - depends on what is installed
 
 __all__ = [
     "EffectiveLRCallback",
+    "ObserveEvalLossCallback",
     "ObserveValidationCallback",
     "SpikeGuardCallback",
     "add_effective_lr_callback",
@@ -274,6 +283,70 @@ def add_observe_validation_callback(
     callback = ObserveValidationCallback(trainer, every_n_steps, **kwargs)
     trainer.add_callback(callback)
     return callback
+
+
+class ObserveEvalLossCallback(TrainerCallback):
+    """After each evaluation during training, hand its loss (``metrics[metric]``, the Trainer's
+    ``eval_loss`` over the whole eval set, gathered over the processes) to the metalr optimizer
+    as a loss observed alone (``optimizer.observe_validation(loss, hypergradient=False)``): the
+    seek rule's hold keeps the rates while it improves and cuts them once it has stopped, and
+    with ``validation={"rewind": 1}`` the cut sends the weights back to the best evaluation's.
+
+    It costs nothing beyond the evaluations themselves (``eval_strategy="steps"``,
+    ``eval_steps``); an evaluation before the first step, or after training, is not observed.
+    A loss measured on the same examples each time needs no running average:
+    ``validation={"loss_decay": 0.0}`` is the setting study 9 uses with it.
+
+    Args:
+        metric: the key of the loss in the evaluation's metrics (default: "eval_loss").
+        process_group: passed to ``observe_validation`` (default: "auto").
+
+    Attributes:
+        observations: how many evaluation losses were observed.
+        last_loss: the last observed loss (detached tensor; None before the first).
+
+    Example:
+        >>> args = TrainingArguments(..., eval_strategy="steps", eval_steps=20)
+        >>> optimizer = metalr.AdamWHD(model.parameters(), lr=3e-4,
+        ...                            validation={"loss_decay": 0.0, "rewind": 1.0})
+        >>> trainer = Trainer(model=model, args=args, eval_dataset=val,
+        ...                   optimizers=(optimizer, None), callbacks=[ObserveEvalLossCallback()])
+    """
+
+    def __init__(self, metric: str = "eval_loss", *, process_group: Any = "auto") -> None:
+        if not isinstance(metric, str) or not metric:
+            raise TypeError(f"metric must be the evaluation metric's key, got {metric!r}")
+        self.metric = metric
+        self.process_group = process_group
+        self.observations = 0
+        self.last_loss: Tensor | None = None
+        self._training = False
+
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any
+    ) -> None:
+        hypergrad_optimizers([optimizer], type(self).__name__)
+        self._training = True
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._training = False
+
+    def on_evaluate(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        metrics: Mapping[str, Any] | None = None,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if not self._training or state.global_step == 0:
+            return
+        who = type(self).__name__
+        value = observed_metric(metrics, self.metric, who)
+        optimizers = hypergrad_optimizers([optimizer], who)
+        self.last_loss = observe_loss_alone(optimizers, value, self.process_group)
+        self.observations += 1
 
 
 class SpikeGuardCallback(TrainerCallback):

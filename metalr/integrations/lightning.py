@@ -16,6 +16,12 @@ loss your module computes on it (a ``validation_loss(batch)`` method by default)
 
     trainer = L.Trainer(callbacks=[ObserveValidation(every_n_steps=20)], ...)
 
+or, with the validation loop's own loss (the whole validation set, already computed, e.g.
+every 20 steps with ``val_check_interval=20``), :class:`ObserveValidationLoss` hands it to the
+optimizer as a loss observed alone (the seek rule's hold and rewind; no backward)::
+
+    trainer = L.Trainer(val_check_interval=20, callbacks=[ObserveValidationLoss("val_loss")], ...)
+
 Importing this module imports Lightning (``lightning.pytorch``, else ``pytorch_lightning``);
 ``import metalr`` never does.
 """
@@ -35,6 +41,8 @@ from metalr.integrations._observe import (
     eval_mode,
     hypergrad_optimizers,
     observe_all,
+    observe_loss_alone,
+    observed_metric,
 )
 from metalr.integrations._stats import effective_lr_stats, group_lrs
 
@@ -49,7 +57,7 @@ except ImportError:  # pragma: no cover - depends on what is installed
             "(pin torch in the same command)"
         ) from exc
 
-__all__ = ["EffectiveLRMonitor", "ObserveValidation"]
+__all__ = ["EffectiveLRMonitor", "ObserveValidation", "ObserveValidationLoss"]
 
 
 class EffectiveLRMonitor(Callback):
@@ -324,6 +332,68 @@ class ObserveValidation(Callback):
         self._last_step = state_dict.get("last_step", -1)
         self.observations = state_dict.get("observations", 0)
         self._batches.skip(state_dict.get("batches_drawn", 0))
+
+
+class ObserveValidationLoss(Callback):
+    """After each validation run of ``trainer.fit``, hand the logged validation loss to every
+    metalr optimizer of the trainer as a loss observed alone
+    (``optimizer.observe_validation(loss, hypergradient=False)``): the seek rule's hold keeps the
+    rates while it improves and cuts them once it has stopped, and with
+    ``validation={"rewind": 1}`` the cut sends the weights back to the best run's.
+
+    The loss is ``trainer.callback_metrics[monitor]`` — what ``validation_step`` logs with
+    ``self.log(monitor, ...)``, averaged over the whole validation set by Lightning — so it
+    costs nothing beyond the validation loop itself; schedule that loop with the Trainer's
+    ``val_check_interval`` (steps) or ``check_val_every_n_epoch``. The sanity check's run and
+    ``trainer.validate()`` are not observed. Under DDP a loss logged without ``sync_dist=True``
+    differs between ranks: it is averaged over them (``process_group="auto"``), so the
+    replicated optimizers stay equal. A loss measured on the same examples each time needs no
+    running average: ``validation={"loss_decay": 0.0}`` is the setting study 9 uses with it.
+
+    Args:
+        monitor: the logged name of the validation loss (default: "val_loss").
+        process_group: passed to ``observe_validation`` (default: "auto").
+
+    Attributes:
+        observations: how many validation losses were observed.
+        last_loss: the last observed loss (detached tensor; None before the first).
+
+    Example:
+        >>> class Model(L.LightningModule):
+        ...     def validation_step(self, batch, batch_idx):
+        ...         x, y = batch
+        ...         self.log("val_loss", F.cross_entropy(self(x), y))
+        ...     def configure_optimizers(self):
+        ...         return metalr.AdamHD(self.parameters(), lr=1e-3,
+        ...                              validation={"loss_decay": 0.0, "rewind": 1.0})
+        >>> trainer = L.Trainer(val_check_interval=20, callbacks=[ObserveValidationLoss()])
+    """
+
+    def __init__(self, monitor: str = "val_loss", *, process_group: Any = "auto") -> None:
+        if not isinstance(monitor, str) or not monitor:
+            raise TypeError(f"monitor must be the logged metric's name, got {monitor!r}")
+        self.monitor = monitor
+        self.process_group = process_group
+        self.observations = 0
+        self.last_loss: Tensor | None = None
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        hypergrad_optimizers(trainer.optimizers, type(self).__name__)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.sanity_checking or trainer.state.fn.value != "fit":
+            return
+        who = type(self).__name__
+        value = observed_metric(trainer.callback_metrics, self.monitor, who)
+        optimizers = hypergrad_optimizers(trainer.optimizers, who)
+        self.last_loss = observe_loss_alone(optimizers, value, self.process_group)
+        self.observations += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"observations": self.observations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.observations = state_dict.get("observations", 0)
 
 
 def _fit_validation_source(trainer: Any) -> Any:
