@@ -76,6 +76,17 @@ def test_early_stopping_stops_and_restores_the_best_checks_weights():
     assert torch.equal(model.weight, weights[1])
 
 
+def _train_by_hand(task, model, opt, watcher, steps: int) -> None:
+    """The runner's loop, by hand: a training step, then the watcher's turn."""
+    batches = task.batches(0)
+    for step in range(1, steps + 1):
+        x, y = batches()
+        opt.zero_grad()
+        task.loss(model(x), y).backward()
+        opt.step()
+        watcher.after_step(step)
+
+
 def test_metalr_optimizers_observe_every_draw():
     task = make_task("digits_logreg", "smoke")
     spec = {"kind": "adam_hd", "validation_data": {"every": 3}}
@@ -85,13 +96,7 @@ def test_metalr_optimizers_observe_every_draw():
     model = task.model(0)
     opt = O.build_for_model(spec, model, 1e-3, task)
     watcher = build_watcher(spec, task, 0, opt, model)
-    batches = task.batches(0)
-    for step in range(1, 11):
-        x, y = batches()
-        opt.zero_grad()
-        task.loss(model(x), y).backward()
-        opt.step()
-        watcher.after_step(step)
+    _train_by_hand(task, model, opt, watcher, 10)
     assert isinstance(opt, metalr.AdamHD)
     counts = {float(opt.state[p][VALIDATION_KEY][2]) for p in model.parameters()}
     assert counts == {3.0}
@@ -116,13 +121,7 @@ def test_a_pass_observed_alone_feeds_the_whole_split_without_grad(monkeypatch):
         return observe(loss, **kwargs)
 
     monkeypatch.setattr(opt, "observe_validation", spy)
-    batches = task.batches(0)
-    for step in range(1, 10):
-        x, y = batches()
-        opt.zero_grad()
-        task.loss(model(x), y).backward()
-        opt.step()
-        watcher.after_step(step)
+    _train_by_hand(task, model, opt, watcher, 9)
     assert seen == [(False, True, {"hypergradient": False})] * 3
     stats = {tuple(opt.state[p][VALIDATION_KEY][[2, 3, 6]].tolist()) for p in model.parameters()}
     full = task.evaluate(model, "val", 0)  # the last observation was the whole split's loss
