@@ -19,13 +19,13 @@ SECTION = "## Meta-learned rates, handed to the optimizer"
 CONFIG = ROOT / "configs" / "sinusoid_sgd_hd.yaml"
 
 
-def readme_snippet(section: str = SECTION) -> str:
-    """The first ```python block after the ``section`` heading of README.md."""
+def readme_snippet(section: str = SECTION, index: int = 0) -> str:
+    """The ``index``-th (from 0) ```python block after the ``section`` heading of README.md."""
     text = (ROOT / "README.md").read_text()
     assert section in text, f"README.md lost its section {section!r}"
-    match = re.search(r"```python\n(.*?)```", text[text.index(section) :], re.DOTALL)
-    assert match, f"no python block in README section {section!r}"
-    return match.group(1)
+    blocks = re.findall(r"```python\n(.*?)```", text[text.index(section) :], re.DOTALL)
+    assert len(blocks) > index, f"no python block {index} in README section {section!r}"
+    return blocks[index]
 
 
 @pytest.fixture(scope="module")
@@ -104,22 +104,62 @@ def test_install_section_names_every_optional_dependency() -> None:
 
 def test_observe_validation_snippet_runs_and_moves_the_rates() -> None:
     """README's observe_validation loop, on a tiny classifier (its names supplied here)."""
+    from metalr.optim._base import VALIDATION_KEY
+
+    code = readme_snippet("## Rates that watch the validation loss")
+    opt, model = _run_validation_snippet(code)
+    counts = {float(opt.state[p][VALIDATION_KEY][2]) for p in model.parameters()}
+    assert counts == {1.0}  # 32 training steps: one observation (step 20) with a last direction
+
+
+def test_validation_pass_snippet_observes_the_whole_set_alone(monkeypatch) -> None:
+    """README's second loop: the whole validation set's mean loss, observed alone at step 20."""
+    import torch.nn.functional as F
+
+    import metalr
+    from metalr.functional._validation_state import LOSS_AVG, LOSS_COUNT, VAL_COUNT
+    from metalr.optim._base import VALIDATION_KEY
+
+    code = readme_snippet("## Rates that watch the validation loss", index=1)
+    seen = []
+    observe = metalr.AdamHD.observe_validation
+
+    def spy(self, loss, **kwargs):
+        model, (xv, yv) = self._spy_model, self._spy_val
+        with torch.no_grad():
+            seen.append((float(loss), float(F.cross_entropy(model(xv), yv))))
+        return observe(self, loss, **kwargs)
+
+    monkeypatch.setattr(metalr.AdamHD, "observe_validation", spy)
+    opt, model = _run_validation_snippet(code, spy=True)
+    stats = [opt.state[p][VALIDATION_KEY] for p in model.parameters()]
+    assert {(float(s[VAL_COUNT]), float(s[LOSS_COUNT])) for s in stats} == {(0.0, 1.0)}
+    ((observed, whole_set),) = seen
+    assert observed == pytest.approx(whole_set, rel=1e-6)  # the whole set's mean, at step 20
+    assert all(float(s[LOSS_AVG]) == pytest.approx(observed, rel=1e-6) for s in stats)
+
+
+def _run_validation_snippet(code: str, spy: bool = False):
+    """Run a README validation loop on a tiny classifier (its names supplied here; ``spy``: the
+    optimizer class is given the model and the validation set, for a spy on it)."""
     import itertools
 
     import torch.nn.functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
     import metalr
-    from metalr.optim._base import VALIDATION_KEY
 
-    code = readme_snippet("## Rates that watch the validation loss")
     torch.manual_seed(0)
     x, y = torch.randn(160, 5), torch.randint(0, 3, (160,))
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     namespace = {"torch": torch, "F": F, "itertools": itertools, "metalr": metalr, "model": model,
                  "train_loader": DataLoader(TensorDataset(x[:128], y[:128]), batch_size=4),
                  "val_loader": DataLoader(TensorDataset(x[128:], y[128:]), batch_size=8)}  # fmt: skip
-    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
-    opt = namespace["optimizer"]
-    counts = {float(opt.state[p][VALIDATION_KEY][2]) for p in model.parameters()}
-    assert counts == {1.0}  # 32 training steps: one observation (step 20) with a last direction
+    if spy:
+        metalr.AdamHD._spy_model, metalr.AdamHD._spy_val = model, (x[128:], y[128:])
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    finally:
+        if spy:
+            del metalr.AdamHD._spy_model, metalr.AdamHD._spy_val
+    return namespace["optimizer"], model

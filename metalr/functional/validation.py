@@ -104,6 +104,15 @@ signal replaces the training one):
   :func:`~metalr.functional._validation_state.kept_snapshots`,
   :func:`~metalr.functional._validation_state.restored`.)
 
+* **The loss alone** (``observe_validation(loss, hypergradient=False)``; seek rule with the hold):
+  a validation *pass* — the loss of the whole validation set, measured on the same examples each
+  time — feeds the hold and the rewind above, and no validation gradient is taken: the
+  signal's statistics ``μ, ν, count`` stay as they are and the rates move only as the hold
+  moves them (what an observation with the gradient does at ``hypergrad_lr`` 0). A loss
+  without sampling noise needs no running average: ``loss_decay`` 0 lets the hold read each
+  pass as it is. (:func:`loss_only_flags`; measured, not the recommendation:
+  ``experiments/results/fit_controller/val_pass/protocol.md``.)
+
 A validation loss or gradient that is not finite is skipped: nothing changes. The statistics
 (the signal's ``μ, ν, count``; the loss's ``A, B``, the step of ``B``, count; the level ``ℓ``) are one small vector per parameter tensor (``VALIDATION_SIZE`` entries), in
 ``optimizer.state[p]['hd_validation']``; their presence is what switches a group to the
