@@ -148,22 +148,12 @@ class ValidationObserving:
                 torch._foreach_mul_(grads, 1.0 / scaler.get_scale())
         value = loss.detach().reshape(()).clone()
         average_over_ranks(grads + [value], process_group)  # the hold reads the mean loss
-        loss_finite = torch.isfinite(value)
         per_group = []
         start = 0
         for _, ps in groups:
             per_group.append(grads[start : start + len(ps)])
             start += len(ps)
-        observing = self._groups_to_observe(groups, per_group, value, shards)
-        with torch.no_grad():
-            for (group, ps), group_grads, observe in zip(groups, per_group, observing):
-                if not observe:
-                    continue
-                if ps:
-                    self._observe_group(group, ps, group_grads, loss_finite, value, shards)
-                else:  # sharded: this rank holds none of the group's trainable parameters
-                    self._mark_following(group)
-                    shards.participate_validation(group["granularity"], group["rule"])
+        self._observe_groups(groups, per_group, value, shards)
         return loss.detach()
 
     def _observe_loss_alone(self, loss: Any, scaler: Any, process_group: Any) -> Tensor:
@@ -199,18 +189,33 @@ class ValidationObserving:
         device = params[0].device if params else (shards.device if shards else loss.device)
         value = loss.detach().reshape(()).to(device).clone()
         average_over_ranks([value], process_group)
-        no_grads: list[list[Tensor]] = [[] for _ in groups]
-        observing = self._groups_to_observe(groups, no_grads, value, shards)
+        self._observe_groups(groups, None, value, shards)
+        return value
+
+    def _observe_groups(
+        self,
+        groups: _ObservedGroups,
+        grads: list[list[Tensor]] | None,
+        value: Tensor,
+        shards: ShardReducer | None,
+    ) -> None:
+        """Apply one observation (``value``: the loss, averaged over the ranks) to the groups
+        it moves: each group's validation gradients in ``grads``, or None for the loss alone.
+        A rank holding none of a group's trainable parameters joins its collectives."""
+        loss_only = grads is None
+        per_group = [[] for _ in groups] if grads is None else grads
+        observing = self._groups_to_observe(groups, per_group, value, shards)
+        finite = torch.isfinite(value)
         with torch.no_grad():
-            for (group, ps), observe in zip(groups, observing):
+            for (group, ps), group_grads, observe in zip(groups, per_group, observing):
                 if not observe:
                     continue
                 if ps:
-                    self._observe_group(group, ps, None, torch.isfinite(value), value, shards)
+                    observed = None if loss_only else group_grads
+                    self._observe_group(group, ps, observed, finite, value, shards)
                 else:  # sharded: this rank holds none of the group's trainable parameters
                     self._mark_following(group)
-                    shards.participate_validation(group["granularity"], "seek", loss_only=True)
-        return value
+                    shards.participate_validation(group["granularity"], group["rule"], loss_only)
 
     def _groups_to_observe(
         self,

@@ -125,13 +125,12 @@ class ValidationWatcher:
             if self.observe and self.gradient:
                 with torch.enable_grad():
                     value = float(self.opt.observe_validation(self.task.loss(self.model(x), y)))
-            elif self.observe:
-                with torch.no_grad():
-                    loss = self.task.loss(self.model(x), y)
-                value = float(self.opt.observe_validation(loss, hypergradient=False))
             else:
                 with torch.no_grad():
-                    value = float(self.task.loss(self.model(x), y))
+                    loss = self.task.loss(self.model(x), y)
+                if self.observe:  # the loss alone (gradient: false)
+                    loss = self.opt.observe_validation(loss, hypergradient=False)
+                value = float(loss)
         finally:
             self.model.train(was_training)
         self.window.append(value if math.isfinite(value) else math.inf)
