@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
+from metalr.meta.evaluation import ensure_prior_eval
 from metalr.meta.results import write_csv
-from metalr.meta.runner import ensure_prior_eval, ensure_run, load_config
+from metalr.meta.runner import ensure_run, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

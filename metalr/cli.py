@@ -224,7 +224,7 @@ def few_shot_eval_main(argv: list[str]) -> int:
     )
     parser.add_argument("--out", help="JSON output (default: beside the checkpoint or prior)")
     args, overrides = _parse(parser, argv)
-    from metalr.meta.runner import few_shot_eval
+    from metalr.meta.evaluation import few_shot_eval
 
     default = "few_shot_eval.json" if args.checkpoint else "prior_eval.json"
     out = args.out or Path(args.checkpoint or args.prior).parent / default

@@ -382,3 +382,12 @@ def test_zero_counts_are_refused_when_the_config_loads(override):
 def test_help_help_prints_the_usage(capsys):
     assert cli.main(["help", "--help"]) == 0
     assert "meta-train" in capsys.readouterr().out
+
+
+def test_the_few_shot_eval_face_is_importable_from_its_old_module():
+    from metalr.meta import evaluation, runner
+
+    for name in ("few_shot_eval", "prior_metrics", "ensure_prior_eval"):
+        assert getattr(runner, name) is getattr(evaluation, name)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        runner.no_such_name  # noqa: B018
