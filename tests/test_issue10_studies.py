@@ -385,3 +385,100 @@ def test_noise_ratio_probe_table_gives_ranges_over_seeds():
             for s, c, r in ((0, 0.5, 8.0), (1, 0.25, 6.0))]  # fmt: skip
     line = probe.table(rows).splitlines()[-1]
     assert line == "| digits_mlp | 0.001 | 0,1 | 0.25–0.50 | 2–4 | 6–8 |"
+
+
+def test_ray_cosine_is_the_derivative_along_the_ray_of_travel():
+    """cos(∇L_val(θ), θ − θ_0) × |∇L_val| |θ − θ_0| = d/dα L_val(θ_0 + α(θ − θ_0)) at α = 1
+    (central finite difference), and the probe reads the run's validation split."""
+    import ray_signal_probe as probe
+    import torch
+
+    from metalr.workbench.runner import _task
+
+    task = _task("digits_logreg", "smoke", "cpu", True)
+    model = task.model(0).double()
+    anchor = probe._flat(list(model.parameters())).clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x, y = task.splits(0)[1]
+    x = x.double()
+
+    def val_at(alpha: float) -> float:
+        theta = anchor + alpha * (probe._flat(list(model.parameters())) - anchor)
+        with torch.no_grad():
+            trial = torch.func.functional_call(model, _unflatten(model, theta), (x,))
+        return float(task.loss(trial, y))
+
+    travel = probe._flat(list(model.parameters())) - anchor
+    grads = torch.autograd.grad(task.loss(model(x), y), list(model.parameters()))
+    g = probe._flat(list(grads))
+    eps = 1e-5
+    derivative = (val_at(1 + eps) - val_at(1 - eps)) / (2 * eps)
+    assert float(g @ travel) == pytest.approx(derivative, rel=1e-6)
+    # the probe's own cosine (its split is float32: the model there runs in float32)
+    model32 = model.float()
+    c = probe.ray_cosine(task, model32, 0, anchor.float())
+    assert c == pytest.approx(derivative / float(g.norm() * travel.norm()), rel=1e-3)
+    assert probe.ray_cosine(task, model32, 0, probe._flat(list(model32.parameters()))) == 0.0
+
+
+def _unflatten(model, theta):
+    out, i = {}, 0
+    for name, p in model.named_parameters():
+        out[name] = theta[i : i + p.numel()].view_as(p)
+        i += p.numel()
+    return out
+
+
+def test_ray_signal_probe_smoke(tmp_path):
+    """Both tables: the fixed-rate rows (a first positive step is a logged step or '—'; a mean
+    cosine within [-1, 1]) and the controller rows; a window of 0 never acts, so the wrapped run
+    equals AdamHD's own to the last digit."""
+    import ray_signal_probe as probe
+
+    common = ["--size", "smoke", "--steps", "20", "--every", "5", "--seeds", "0"]
+    text = probe.main(["fixed", "--tasks", "digits_mlp", "--lrs", "1e-3,1e-1",
+                       "--out", str(tmp_path / "f.md"), *common])  # fmt: skip
+    rows = [r for r in text.splitlines() if r.startswith("| digits_mlp")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[4] == "—" or int(cells[4]) % 5 == 0
+        assert -1 <= float(cells[5]) <= 1
+    text = probe.main(["controller", "--tasks", "digits_mlp", "--window", "0",
+                       "--out", str(tmp_path / "c.md"), *common])  # fmt: skip
+    row = next(r for r in text.splitlines() if r.startswith("| digits_mlp"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == cells[3]
+
+
+def test_ray_controller_cuts_and_rewinds_only_on_a_positive_cosine_in_its_window(monkeypatch):
+    """Observations at steps 5, 10, 15, 20 reading −, +, −, +: the rates are cut once inside a
+    window of 0.6 (step 10 rewinds to step 5's weights), twice with the whole run."""
+    import ray_signal_probe as probe
+    import torch
+
+    from metalr.workbench.runner import _task
+
+    task = _task("digits_mlp", "smoke", "cpu", True)
+    real = probe.ray_cosine
+    for window, cuts in ((0.6, 1), (1.0, 2)):
+        signs = iter([-0.5, 0.5, -0.5, 0.5])
+        monkeypatch.setattr(probe, "ray_cosine", lambda *a, signs=signs: next(signs))
+        r = probe.run(task, {"kind": "adam_hd"}, 1e-3, 0, 20, 5, {"cut": 0.25, "window": window})
+        assert r["lrs"] == [pytest.approx(1e-3 * 0.25**cuts)] * len(r["lrs"])
+    monkeypatch.setattr(probe, "ray_cosine", real)
+    # a rewind at the last observation (step 10) leaves step 5's weights
+    seen: list[int] = []
+
+    def positive_second(*args):
+        seen.append(1)
+        return 0.5 if len(seen) == 2 else -0.5
+
+    monkeypatch.setattr(probe, "ray_cosine", positive_second)
+    rewound = probe.run(task, {"kind": "adam_hd"}, 1e-3, 0, 10, 5, {"cut": 1.0, "window": 1.0})
+    monkeypatch.setattr(probe, "ray_cosine", lambda *a: -0.5)
+    at_five = probe.run(task, {"kind": "adam_hd"}, 1e-3, 0, 5, 5, {"cut": 1.0, "window": 1.0})
+    assert rewound["final_val"] == pytest.approx(at_five["final_val"], rel=1e-6)
+    assert torch.isfinite(torch.tensor(rewound["final_val"]))

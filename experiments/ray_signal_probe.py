@@ -1,0 +1,158 @@
+"""Does the validation gradient along the ray of travel say a rate is too high? (a probe)
+
+The validation option's hypergradient is greedy: −⟨∇L_val(θ_t), d_{t−1}⟩ asks whether the *last*
+step should have been longer. On the tasks that overfit within the budget, the damage of a rate
+above the best fixed one is done before any one-step signal turns (README, issue 11). This probe
+measures a long-horizon alternative, the *ray cosine*
+
+    c_t = cos(∇L_val(θ_t), θ_t − θ_0)
+
+— the sign of d/dα L_val(θ_0 + α(θ_t − θ_0)) at α = 1: positive when less travel along the path
+so far would have given a lower validation loss (MARTHE's forward-mode hypergradient with every
+step's Jacobian taken as the identity and no discount). Two tables:
+
+* ``fixed``: Adam at fixed rates; per (task, rate): the final validation loss, the first logged
+  step where c_t > 0 and the mean of c_t over the second half of the run (whole validation split
+  at every logged step);
+* ``controller``: AdamHD at its defaults from ``--lr0`` against the same run with a crude
+  controller wrapped around it (not in the library): every ``--every`` steps, if c_t > 0 the
+  parameters go back to the last observation where it was not, every rate is cut ×``--cut``
+  (the groups' ``lr``) and θ_0 moves to the rewound point (``--window w``: only in the first
+  fraction w of the run); mean final validation loss over seeds.
+
+Development only: seeds 100–102 by default (study 1 runs seeds 0–2, the checks other sets).
+Usage::
+
+    python experiments/ray_signal_probe.py fixed --tasks digits_mlp,digits_logreg --seeds 0
+    python experiments/ray_signal_probe.py controller --tasks digits_mlp --seeds 100,101,102
+    python experiments/ray_signal_probe.py fixed --size smoke --steps 20 --every 5   # CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from metalr.workbench import optimizers as O
+from metalr.workbench.runner import _task
+
+STEPS = {"animal_cnn": 500, "charlm_gru": 500, "fewshot_sinusoid": 100, "pysrc_transformer": 400}
+FIXED_LRS = "1e-4,1e-3,3e-3,1e-2,3e-2,1e-1"
+OUT = Path(__file__).parent / "results" / "ray_signal"
+
+
+def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def ray_cosine(task, model, seed: int, anchor: torch.Tensor) -> float:
+    """cos(∇L_val(θ), θ − anchor) on the run's whole validation split (0 before any travel)."""
+    params = list(model.parameters())
+    x, y = task.splits(seed)[1]
+    grads = torch.autograd.grad(task.loss(model(x), y), params)
+    g, travel = _flat(list(grads)), _flat(params) - anchor
+    norm = float(g.norm() * travel.norm())
+    return float(g @ travel) / norm if norm > 0 else 0.0
+
+
+def run(task, spec: dict, lr: float, seed: int, steps: int, every: int,
+        controller: dict | None = None) -> dict:  # fmt: skip
+    """One run; ``controller`` ({"cut": κ, "window": w}) wraps the ray-cut-and-rewind rule
+    around it, acting in the first fraction ``w`` of the run only."""
+    model = task.model(seed)
+    opt = O.build_for_model(spec, model, lr, task)
+    params = list(model.parameters())
+    anchor, snapshot = _flat(params).clone(), None
+    nxt, cosines = task.batches(seed), []
+    for step in range(1, steps + 1):
+        x, y = nxt()
+        opt.zero_grad()
+        task.loss(model(x), y).backward()
+        opt.step()
+        if step % every:
+            continue
+        c = ray_cosine(task, model, seed, anchor)
+        cosines.append((step, c))
+        if controller is None:
+            continue
+        if c > 0 and step <= controller["window"] * steps:
+            for group in opt.param_groups:
+                group["lr"] *= controller["cut"]
+            if snapshot is not None:
+                with torch.no_grad():
+                    for p, s in zip(params, snapshot):
+                        p.copy_(s)
+            anchor = _flat(params).clone()
+        else:
+            snapshot = [p.detach().clone() for p in params]
+    lrs = [group["lr"] for group in opt.param_groups]
+    return {"final_val": task.evaluate(model, "val", seed), "cosines": cosines, "lrs": lrs}
+
+
+def fixed_table(args) -> list[str]:
+    lines = ["| task | Adam lr | seed | final val | first step c > 0 | mean c, 2nd half |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for name in args.tasks.split(","):
+        task = _task(name, args.size, "cpu", args.size == "smoke")
+        steps = args.steps or STEPS.get(name, 1000)
+        for lr in (float(v) for v in args.lrs.split(",")):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                r = run(task, {"kind": "adam"}, lr, seed, steps, args.every)
+                first = next((s for s, c in r["cosines"] if c > 0), None)
+                late = [c for s, c in r["cosines"] if s > steps / 2] or [0.0]
+                lines.append(f"| {name} | {lr:g} | {seed} | {r['final_val']:.4f} | "
+                             f"{'—' if first is None else first} | {statistics.mean(late):+.3f} |")  # fmt: skip
+                print(lines[-1], flush=True)
+    return lines
+
+
+def controller_table(args) -> list[str]:
+    head = f"+ ray cut ×{args.cut:g} and rewind, window {args.window:g}"
+    lines = [f"| task | lr0 | AdamHD | {head} | per seed |", "|---|---|---|---|---|"]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for name in args.tasks.split(","):
+        task = _task(name, args.size, "cpu", args.size == "smoke")
+        steps = args.steps or STEPS.get(name, 1000)
+        for lr in (float(v) for v in args.lrs.split(",")):
+            base = [run(task, {"kind": "adam_hd"}, lr, s, steps, steps)["final_val"] for s in seeds]
+            rule = {"cut": args.cut, "window": args.window}
+            ray = [run(task, {"kind": "adam_hd"}, lr, s, steps, args.every, rule)
+                   ["final_val"] for s in seeds]  # fmt: skip
+            per_seed = ", ".join(f"{a:.3f}→{b:.3f}" for a, b in zip(base, ray))
+            lines.append(f"| {name} | {lr:g} | {statistics.mean(base):.4f} | "
+                         f"{statistics.mean(ray):.4f} | {per_seed} |")  # fmt: skip
+            print(lines[-1], flush=True)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("table", choices=("fixed", "controller"))
+    ap.add_argument("--tasks", default="digits_mlp,digits_logreg,mnist1d_mlp,fewshot_sinusoid")
+    ap.add_argument("--lrs", default=None, help=f"fixed: {FIXED_LRS}; controller: 1e-3")
+    ap.add_argument("--seeds", default="100,101,102")
+    ap.add_argument("--steps", type=int, default=None, help="default: study 1's budget per task")
+    ap.add_argument("--every", type=int, default=None, help="fixed: 50, controller: 20")
+    ap.add_argument("--cut", type=float, default=0.3)
+    ap.add_argument("--window", type=float, default=1.0, help="cut only in this first fraction")
+    ap.add_argument("--size", default="full", choices=("full", "smoke"))
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    args.lrs = args.lrs or (FIXED_LRS if args.table == "fixed" else "1e-3")
+    args.every = args.every or (50 if args.table == "fixed" else 20)
+    torch.set_num_threads(1)
+    lines = fixed_table(args) if args.table == "fixed" else controller_table(args)
+    command = "python experiments/ray_signal_probe.py " + " ".join(argv or sys.argv[1:])
+    text = "\n".join([f"`{command}`", "", *lines]) + "\n"
+    out = Path(args.out) if args.out else OUT / f"{args.table}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
