@@ -18,7 +18,9 @@ step's Jacobian taken as the identity and no discount). Two tables:
   controller wrapped around it (not in the library): every ``--every`` steps, if c_t > 0 the
   parameters go back to the last observation where it was not, every rate is cut ×``--cut``
   (the groups' ``lr``) and θ_0 moves to the rewound point (``--window w``: only in the first
-  fraction w of the run); mean final validation loss over seeds.
+  fraction w of the run); or (``--budget f``) once only, at the first c_t > τ before step f·T,
+  cut by max(φ, t/(f·T)) — the rate that would overshoot at f of the budget if the overshoot's
+  step scales as 1/rate; mean final validation loss over seeds.
 
 Development only: seeds 100–102 by default (study 1 runs seeds 0–2, the checks other sets).
 Usage::
@@ -61,13 +63,15 @@ def ray_cosine(task, model, seed: int, anchor: torch.Tensor) -> float:
 
 def run(task, spec: dict, lr: float, seed: int, steps: int, every: int,
         controller: dict | None = None) -> dict:  # fmt: skip
-    """One run; ``controller`` ({"cut": κ, "window": w}) wraps the ray-cut-and-rewind rule
-    around it, acting in the first fraction ``w`` of the run only."""
+    """One run; ``controller`` wraps a ray-cut-and-rewind rule around it: ``{"cut": κ, "window":
+    w}`` cuts ×κ at every c_t > 0 in the first fraction ``w`` of the run; ``{"budget": f, "tau":
+    τ, "floor": φ}`` acts once, at the first c_t > τ before step f·T, cutting by max(φ, t / (f·T)):
+    the rate that would put the overshoot at f of the budget if its step scales as 1 / rate."""
     model = task.model(seed)
     opt = O.build_for_model(spec, model, lr, task)
     params = list(model.parameters())
     anchor, snapshot = _flat(params).clone(), None
-    nxt, cosines = task.batches(seed), []
+    nxt, cosines, acted = task.batches(seed), [], False
     for step in range(1, steps + 1):
         x, y = nxt()
         opt.zero_grad()
@@ -79,9 +83,17 @@ def run(task, spec: dict, lr: float, seed: int, steps: int, every: int,
         cosines.append((step, c))
         if controller is None:
             continue
-        if c > 0 and step <= controller["window"] * steps:
+        if "budget" in controller:
+            horizon = controller["budget"] * steps
+            act = not acted and c > controller["tau"] and step < horizon
+            factor = max(controller["floor"], step / horizon)
+        else:
+            act = c > 0 and step <= controller["window"] * steps
+            factor = controller["cut"]
+        if act:
+            acted = True
             for group in opt.param_groups:
-                group["lr"] *= controller["cut"]
+                group["lr"] *= factor
             if snapshot is not None:
                 with torch.no_grad():
                     for p, s in zip(params, snapshot):
@@ -111,7 +123,12 @@ def fixed_table(args) -> list[str]:
 
 
 def controller_table(args) -> list[str]:
-    head = f"+ ray cut ×{args.cut:g} and rewind, window {args.window:g}"
+    if args.budget is None:
+        head = f"+ ray cut ×{args.cut:g} and rewind, window {args.window:g}"
+        rule = {"cut": args.cut, "window": args.window}
+    else:
+        head = f"+ one ray rewind, budget {args.budget:g}, τ {args.tau:g}, floor {args.floor:g}"
+        rule = {"budget": args.budget, "tau": args.tau, "floor": args.floor}
     lines = [f"| task | lr0 | AdamHD | {head} | per seed |", "|---|---|---|---|---|"]
     seeds = [int(s) for s in args.seeds.split(",")]
     for name in args.tasks.split(","):
@@ -119,7 +136,6 @@ def controller_table(args) -> list[str]:
         steps = args.steps or STEPS.get(name, 1000)
         for lr in (float(v) for v in args.lrs.split(",")):
             base = [run(task, {"kind": "adam_hd"}, lr, s, steps, steps)["final_val"] for s in seeds]
-            rule = {"cut": args.cut, "window": args.window}
             ray = [run(task, {"kind": "adam_hd"}, lr, s, steps, args.every, rule)
                    ["final_val"] for s in seeds]  # fmt: skip
             per_seed = ", ".join(f"{a:.3f}→{b:.3f}" for a, b in zip(base, ray))
@@ -139,6 +155,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--every", type=int, default=None, help="fixed: 50, controller: 20")
     ap.add_argument("--cut", type=float, default=0.3)
     ap.add_argument("--window", type=float, default=1.0, help="cut only in this first fraction")
+    ap.add_argument("--budget", type=float, default=None, help="the one-rewind rule's f")
+    ap.add_argument("--tau", type=float, default=0.005, help="the one-rewind rule's threshold")
+    ap.add_argument("--floor", type=float, default=0.1, help="the one-rewind rule's deepest cut")
     ap.add_argument("--size", default="full", choices=("full", "smoke"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

@@ -482,3 +482,22 @@ def test_ray_controller_cuts_and_rewinds_only_on_a_positive_cosine_in_its_window
     at_five = probe.run(task, {"kind": "adam_hd"}, 1e-3, 0, 5, 5, {"cut": 1.0, "window": 1.0})
     assert rewound["final_val"] == pytest.approx(at_five["final_val"], rel=1e-6)
     assert torch.isfinite(torch.tensor(rewound["final_val"]))
+
+
+@pytest.mark.parametrize(("signs", "budget", "floor", "factor"), [
+    ([-0.5, 0.5, 0.5, 0.5], 1.0, 0.1, 0.5),  # once, at step 10 of 20: 10 / 20
+    ([0.5, 0.5, 0.5, 0.5], 1.0, 0.3, 0.3),  # at step 5: 5 / 20 = 0.25, floored at 0.3
+    ([-0.5, 0.5, 0.5, 0.5], 0.4, 0.1, 1.0),  # the first positive (step 10) is past 0.4 × 20
+    ([-0.5, 0.004, -0.5, -0.5], 1.0, 0.1, 1.0),  # below τ = 0.005
+])  # fmt: skip
+def test_ray_controller_budget_rule_acts_once(monkeypatch, signs, budget, floor, factor):
+    import ray_signal_probe as probe
+
+    from metalr.workbench.runner import _task
+
+    task = _task("digits_mlp", "smoke", "cpu", True)
+    it = iter(signs)
+    monkeypatch.setattr(probe, "ray_cosine", lambda *a: next(it))
+    rule = {"budget": budget, "tau": 0.005, "floor": floor}
+    r = probe.run(task, {"kind": "adam_hd"}, 1e-3, 0, 20, 5, rule)
+    assert r["lrs"] == [pytest.approx(1e-3 * factor)] * len(r["lrs"])
