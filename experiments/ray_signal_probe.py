@@ -27,6 +27,8 @@ Usage::
 
     python experiments/ray_signal_probe.py fixed --tasks digits_mlp,digits_logreg --seeds 0
     python experiments/ray_signal_probe.py controller --tasks digits_mlp --seeds 100,101,102
+    python experiments/ray_signal_probe.py summary --tables A.md,B.md --reference REF.json \\
+        --out experiments/results/ray_signal/summary.md
     python experiments/ray_signal_probe.py fixed --size smoke --steps 20 --every 5   # CI
 """
 
@@ -145,9 +147,50 @@ def controller_table(args) -> list[str]:
     return lines
 
 
+def summary_table(args) -> list[str]:
+    """Controller tables against a reference (task → best-of-grid Adam's loss on the same seeds):
+    cells within 10% for each column, and the paired mean log-ratio (rule ÷ defaults) with a 95%
+    bootstrap interval over the cells (``compare_checks.bootstrap_interval``)."""
+    import json
+    import math
+    import random
+
+    from compare_checks import bootstrap_interval
+
+    reference = json.loads(Path(args.reference).read_text())
+    cells = []  # (task, lr0, defaults, with the rule)
+    for path in args.tables.split(","):
+        for line in Path(path).read_text().splitlines():
+            c = [x.strip() for x in line.strip().strip("|").split("|")]
+            if line.startswith("| ") and c[0] in reference:
+                cells.append((c[0], float(c[1]), float(c[2]), float(c[3])))
+    within = [sum(c[k] / reference[c[0]] <= 1.1 for c in cells) for k in (2, 3)]
+    logs = [math.log(r / b) for _, _, b, r in cells]
+    mean = statistics.mean(logs)
+    lo, hi = bootstrap_interval(list(range(len(logs))),
+                                lambda idx: statistics.mean(logs[i] for i in idx), random.Random(0))  # fmt: skip
+    head = (f"{len(cells)} cells; within 10% of the reference: defaults {within[0]}, with the "
+            f"rule {within[1]}; paired mean log-ratio {mean:+.3f} (95% interval {lo:+.3f} to "
+            f"{hi:+.3f})")  # fmt: skip
+    lines = [
+        head,
+        "",
+        "| task | mean log-ratio | defaults ÷ ref | rule ÷ ref |",
+        "|---|---|---|---|",
+    ]
+    for task in sorted({c[0] for c in cells}):
+        mine = [c for c in cells if c[0] == task]
+        shift = statistics.mean(math.log(c[3] / c[2]) for c in mine)
+        ratios = [", ".join(f"{c[k] / reference[task]:.2f}" for c in mine) for k in (2, 3)]
+        lines.append(f"| {task} | {shift:+.3f} | {ratios[0]} | {ratios[1]} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("table", choices=("fixed", "controller"))
+    ap.add_argument("table", choices=("fixed", "controller", "summary"))
+    ap.add_argument("--tables", default=None, help="summary: controller tables, comma-separated")
+    ap.add_argument("--reference", default=None, help="summary: task → reference loss (JSON)")
     ap.add_argument("--tasks", default="digits_mlp,digits_logreg,mnist1d_mlp,fewshot_sinusoid")
     ap.add_argument("--lrs", default=None, help=f"fixed: {FIXED_LRS}; controller: 1e-3")
     ap.add_argument("--seeds", default="100,101,102")
@@ -164,7 +207,8 @@ def main(argv: list[str] | None = None) -> str:
     args.lrs = args.lrs or (FIXED_LRS if args.table == "fixed" else "1e-3")
     args.every = args.every or (50 if args.table == "fixed" else 20)
     torch.set_num_threads(1)
-    lines = fixed_table(args) if args.table == "fixed" else controller_table(args)
+    make = {"fixed": fixed_table, "controller": controller_table, "summary": summary_table}
+    lines = make[args.table](args)
     command = "python experiments/ray_signal_probe.py " + " ".join(argv or sys.argv[1:])
     text = "\n".join([f"`{command}`", "", *lines]) + "\n"
     out = Path(args.out) if args.out else OUT / f"{args.table}.md"

@@ -501,3 +501,23 @@ def test_ray_controller_budget_rule_acts_once(monkeypatch, signs, budget, floor,
     rule = {"budget": budget, "tau": 0.005, "floor": floor}
     r = probe.run(task, {"kind": "adam_hd"}, 1e-3, 0, 20, 5, rule)
     assert r["lrs"] == [pytest.approx(1e-3 * factor)] * len(r["lrs"])
+
+
+def test_ray_signal_summary_counts_cells_and_pairs_them(tmp_path):
+    import json
+
+    import ray_signal_probe as probe
+
+    table = tmp_path / "t.md"
+    table.write_text("| task | lr0 | AdamHD | rule | per seed |\n|---|---|---|---|---|\n"
+                     "| a | 0.001 | 1.00 | 1.20 | x |\n| a | 0.01 | 1.30 | 1.05 | x |\n"
+                     "| b | 0.001 | 2.00 | 2.00 | x |\n")  # fmt: skip
+    ref = tmp_path / "ref.json"
+    ref.write_text(json.dumps({"a": 1.0, "b": 1.9}))
+    text = probe.main(["summary", "--tables", str(table), "--reference", str(ref),
+                       "--out", str(tmp_path / "s.md")])  # fmt: skip
+    # within 10%: defaults a@1e-3 and b (2.0 / 1.9 = 1.053); the rule a@1e-2 and b
+    assert "3 cells; within 10% of the reference: defaults 2, with the rule 2" in text
+    mean = (math.log(1.2) + math.log(1.05 / 1.3)) / 3
+    assert f"paired mean log-ratio {mean:+.3f}" in text
+    assert "| b | +0.000 | 1.05 | 1.05 |" in text
