@@ -1,4 +1,4 @@
-"""``metalr meta-train`` / ``few-shot-eval`` as functions: a run config → tasks, model, results.
+"""``metalr meta-train`` as functions: a run config → tasks, model, results.
 
 :func:`meta_train` builds the task sampler (sinusoid, rendered glyphs or an Omniglot folder), the
 model (sinusoid: MAML's 1-40-40-1 ReLU MLP; images: MAML's 4-block strided CNN with
@@ -14,9 +14,9 @@ tasks. A run directory holds:
 * the exported :class:`~metalr.meta.LRPrior` (``prior.safetensors``, or ``prior.pt`` without
   safetensors).
 
-:func:`few_shot_eval` scores a checkpoint (the meta-learner's own inner loop) or an exported prior
-(adapted with metalr's drop-in optimizers) on the same fixed test tasks. The command line lives
-in :mod:`metalr.cli`::
+``metalr few-shot-eval`` (:func:`metalr.meta.evaluation.few_shot_eval`) scores a checkpoint or an
+exported prior on the same fixed test tasks (:func:`fixed_tasks`). The command line lives in
+:mod:`metalr.cli`::
 
     metalr meta-train --config configs/sinusoid_metasgd.yaml task.k_shot=5 --run-dir runs/x
     metalr meta-train --config configs/sinusoid_metasgd.yaml task.k_shot=5 --run-dir runs/x \\
