@@ -67,18 +67,25 @@ def run(task, spec: dict, lr: float, seed: int, steps: int, every: int,
         controller: dict | None = None) -> dict:  # fmt: skip
     """One run; ``controller`` wraps a ray-cut-and-rewind rule around it: ``{"cut": κ, "window":
     w}`` cuts ×κ at every c_t > 0 in the first fraction ``w`` of the run; ``{"budget": f, "tau":
-    τ, "floor": φ}`` acts once, at the first c_t > τ before step f·T, cutting by max(φ, t / (f·T)):
-    the rate that would put the overshoot at f of the budget if its step scales as 1 / rate."""
+    τ, "floor": φ}`` acts once, at the first c_t > τ before step f·T (before w·T with ``"act_before":
+    w``), cutting by max(φ, t / (f·T)): the rate that would put the overshoot at f of the budget if
+    its step scales as 1 / rate. With ``"cap": True`` the cut is a ceiling instead: from then on
+    the mean effective rate (``lr_summary``) is held at most at the factor × its value at the
+    action, by scaling the groups' ``lr`` after each step — AdamHD's ramp and tracking climb back
+    over a plain cut of ``lr`` (they target the edge whatever ``lr`` is), not over a ceiling."""
     model = task.model(seed)
     opt = O.build_for_model(spec, model, lr, task)
     params = list(model.parameters())
     anchor, snapshot = _flat(params).clone(), None
-    nxt, cosines, acted = task.batches(seed), [], False
+    nxt, cosines, acted, ceiling = task.batches(seed), [], False, None
     for step in range(1, steps + 1):
         x, y = nxt()
         opt.zero_grad()
         task.loss(model(x), y).backward()
         opt.step()
+        if ceiling is not None and (rate := O.lr_summary(opt)["mean"]) > ceiling:
+            for group in opt.param_groups:
+                group["lr"] *= ceiling / rate
         if step % every:
             continue
         c = ray_cosine(task, model, seed, anchor)
@@ -87,15 +94,19 @@ def run(task, spec: dict, lr: float, seed: int, steps: int, every: int,
             continue
         if "budget" in controller:
             horizon = controller["budget"] * steps
-            act = not acted and c > controller["tau"] and step < horizon
+            before = controller.get("act_before", controller["budget"]) * steps
+            act = not acted and c > controller["tau"] and step < before
             factor = max(controller["floor"], step / horizon)
         else:
             act = c > 0 and step <= controller["window"] * steps
             factor = controller["cut"]
         if act:
             acted = True
-            for group in opt.param_groups:
-                group["lr"] *= factor
+            if controller.get("cap"):
+                ceiling = factor * O.lr_summary(opt)["mean"]
+            else:
+                for group in opt.param_groups:
+                    group["lr"] *= factor
             if snapshot is not None:
                 with torch.no_grad():
                     for p, s in zip(params, snapshot):
@@ -104,7 +115,8 @@ def run(task, spec: dict, lr: float, seed: int, steps: int, every: int,
         else:
             snapshot = [p.detach().clone() for p in params]
     lrs = [group["lr"] for group in opt.param_groups]
-    return {"final_val": task.evaluate(model, "val", seed), "cosines": cosines, "lrs": lrs}
+    return {"final_val": task.evaluate(model, "val", seed), "cosines": cosines, "lrs": lrs,
+            "rate": O.lr_summary(opt)["mean"]}  # fmt: skip
 
 
 def fixed_table(args) -> list[str]:
@@ -125,7 +137,12 @@ def fixed_table(args) -> list[str]:
 
 
 def controller_table(args) -> list[str]:
-    if args.budget is None:
+    if args.budget is not None and args.cap:
+        head = (f"+ one ray rewind and ceiling, budget {args.budget:g}, acting before "
+                f"{args.act_before:g}, τ {args.tau:g}, floor {args.floor:g}")  # fmt: skip
+        rule = {"budget": args.budget, "tau": args.tau, "floor": args.floor, "cap": True,
+                "act_before": args.act_before}  # fmt: skip
+    elif args.budget is None:
         head = f"+ ray cut ×{args.cut:g} and rewind, window {args.window:g}"
         rule = {"cut": args.cut, "window": args.window}
     else:
@@ -201,11 +218,15 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--budget", type=float, default=None, help="the one-rewind rule's f")
     ap.add_argument("--tau", type=float, default=0.005, help="the one-rewind rule's threshold")
     ap.add_argument("--floor", type=float, default=0.1, help="the one-rewind rule's deepest cut")
+    ap.add_argument("--cap", action="store_true", help="the one-rewind rule sets a ceiling")
+    ap.add_argument("--act-before", type=float, default=None, help="act only before this fraction")
     ap.add_argument("--size", default="full", choices=("full", "smoke"))
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.lrs = args.lrs or (FIXED_LRS if args.table == "fixed" else "1e-3")
     args.every = args.every or (50 if args.table == "fixed" else 20)
+    if args.act_before is None:
+        args.act_before = args.budget
     torch.set_num_threads(1)
     make = {"fixed": fixed_table, "controller": controller_table, "summary": summary_table}
     lines = make[args.table](args)

@@ -521,3 +521,20 @@ def test_ray_signal_summary_counts_cells_and_pairs_them(tmp_path):
     mean = (math.log(1.2) + math.log(1.05 / 1.3)) / 3
     assert f"paired mean log-ratio {mean:+.3f}" in text
     assert "| b | +0.000 | 1.05 | 1.05 |" in text
+
+
+def test_ray_controller_ceiling_holds_the_mean_rate_below_its_cut(monkeypatch):
+    """With ``cap``, acting at step 5 of 20 (factor 5 / 20) sets a ceiling of 0.25 × the mean
+    effective rate at step 5; AdamHD's ramp keeps climbing, the ceiling holds it."""
+    import ray_signal_probe as probe
+
+    from metalr.workbench.runner import _task
+
+    task = _task("digits_mlp", "smoke", "cpu", True)
+    monkeypatch.setattr(probe, "ray_cosine", lambda *a: 0.5)
+    at_five = probe.run(task, {"kind": "adam_hd"}, 1e-3, 0, 5, 5)["rate"]
+    free = probe.run(task, {"kind": "adam_hd"}, 1e-3, 0, 20, 5)["rate"]
+    rule = {"budget": 1.0, "tau": 0.005, "floor": 0.1, "cap": True}
+    capped = probe.run(task, {"kind": "adam_hd"}, 1e-3, 0, 20, 5, rule)["rate"]
+    assert free > 0.25 * at_five  # the ramp would climb past the ceiling
+    assert capped == pytest.approx(0.25 * at_five, rel=1e-6)
