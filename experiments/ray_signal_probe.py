@@ -116,7 +116,7 @@ def run(task, spec: dict, lr: float, seed: int, steps: int, every: int,
             snapshot = [p.detach().clone() for p in params]
     lrs = [group["lr"] for group in opt.param_groups]
     return {"final_val": task.evaluate(model, "val", seed), "cosines": cosines, "lrs": lrs,
-            "rate": O.lr_summary(opt)["mean"]}  # fmt: skip
+            "rate": O.lr_summary(opt)["mean"], "final_test": task.evaluate(model, "test", seed)}  # fmt: skip
 
 
 def fixed_table(args) -> list[str]:
@@ -148,18 +148,21 @@ def controller_table(args) -> list[str]:
     else:
         head = f"+ one ray rewind, budget {args.budget:g}, τ {args.tau:g}, floor {args.floor:g}"
         rule = {"budget": args.budget, "tau": args.tau, "floor": args.floor}
-    lines = [f"| task | lr0 | AdamHD | {head} | per seed |", "|---|---|---|---|---|"]
+    lines = [f"| task | lr0 | AdamHD | {head} | per seed | AdamHD, test | with the rule, test |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     seeds = [int(s) for s in args.seeds.split(",")]
     for name in args.tasks.split(","):
         task = _task(name, args.size, "cpu", args.size == "smoke")
         steps = args.steps or STEPS.get(name, 1000)
         for lr in (float(v) for v in args.lrs.split(",")):
-            base = [run(task, {"kind": "adam_hd"}, lr, s, steps, steps)["final_val"] for s in seeds]
-            ray = [run(task, {"kind": "adam_hd"}, lr, s, steps, args.every, rule)
-                   ["final_val"] for s in seeds]  # fmt: skip
-            per_seed = ", ".join(f"{a:.3f}→{b:.3f}" for a, b in zip(base, ray))
-            lines.append(f"| {name} | {lr:g} | {statistics.mean(base):.4f} | "
-                         f"{statistics.mean(ray):.4f} | {per_seed} |")  # fmt: skip
+            base = [run(task, {"kind": "adam_hd"}, lr, s, steps, steps) for s in seeds]
+            ray = [run(task, {"kind": "adam_hd"}, lr, s, steps, args.every, rule) for s in seeds]
+            mean = lambda runs, key: statistics.mean(r[key] for r in runs)
+            per_seed = ", ".join(f"{a['final_val']:.3f}→{b['final_val']:.3f}"
+                                 for a, b in zip(base, ray))  # fmt: skip
+            lines.append(f"| {name} | {lr:g} | {mean(base, 'final_val'):.4f} | "
+                         f"{mean(ray, 'final_val'):.4f} | {per_seed} | "
+                         f"{mean(base, 'final_test'):.4f} | {mean(ray, 'final_test'):.4f} |")  # fmt: skip
             print(lines[-1], flush=True)
     return lines
 
@@ -176,11 +179,12 @@ def summary_table(args) -> list[str]:
 
     reference = json.loads(Path(args.reference).read_text())
     cells = []  # (task, lr0, defaults, with the rule)
+    columns = (2, 3) if args.metric == "val" else (5, 6)
     for path in args.tables.split(","):
         for line in Path(path).read_text().splitlines():
             c = [x.strip() for x in line.strip().strip("|").split("|")]
             if line.startswith("| ") and c[0] in reference:
-                cells.append((c[0], float(c[1]), float(c[2]), float(c[3])))
+                cells.append((c[0], float(c[1]), *(float(c[k]) for k in columns)))
     within = [sum(c[k] / reference[c[0]] <= 1.1 for c in cells) for k in (2, 3)]
     logs = [math.log(r / b) for _, _, b, r in cells]
     mean = statistics.mean(logs)
@@ -208,6 +212,12 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("table", choices=("fixed", "controller", "summary"))
     ap.add_argument("--tables", default=None, help="summary: controller tables, comma-separated")
     ap.add_argument("--reference", default=None, help="summary: task → reference loss (JSON)")
+    ap.add_argument(
+        "--metric",
+        choices=("val", "test"),
+        default="val",
+        help="summary: the tables' validation (default) or test columns",
+    )
     ap.add_argument("--tasks", default="digits_mlp,digits_logreg,mnist1d_mlp,fewshot_sinusoid")
     ap.add_argument("--lrs", default=None, help=f"fixed: {FIXED_LRS}; controller: 1e-3")
     ap.add_argument("--seeds", default="100,101,102")

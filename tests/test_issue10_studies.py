@@ -509,9 +509,10 @@ def test_ray_signal_summary_counts_cells_and_pairs_them(tmp_path):
     import ray_signal_probe as probe
 
     table = tmp_path / "t.md"
-    table.write_text("| task | lr0 | AdamHD | rule | per seed |\n|---|---|---|---|---|\n"
-                     "| a | 0.001 | 1.00 | 1.20 | x |\n| a | 0.01 | 1.30 | 1.05 | x |\n"
-                     "| b | 0.001 | 2.00 | 2.00 | x |\n")  # fmt: skip
+    table.write_text("| task | lr0 | AdamHD | rule | per seed | test | test |\n|---|---|---|---|---|\n"
+                     "| a | 0.001 | 1.00 | 1.20 | x | 1.0 | 1.0 |\n"
+                     "| a | 0.01 | 1.30 | 1.05 | x | 1.0 | 2.0 |\n"
+                     "| b | 0.001 | 2.00 | 2.00 | x | 1.9 | 1.9 |\n")  # fmt: skip
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps({"a": 1.0, "b": 1.9}))
     text = probe.main(["summary", "--tables", str(table), "--reference", str(ref),
@@ -521,6 +522,10 @@ def test_ray_signal_summary_counts_cells_and_pairs_them(tmp_path):
     mean = (math.log(1.2) + math.log(1.05 / 1.3)) / 3
     assert f"paired mean log-ratio {mean:+.3f}" in text
     assert "| b | +0.000 | 1.05 | 1.05 |" in text
+    text = probe.main(["summary", "--tables", str(table), "--reference", str(ref), "--metric",
+                       "test", "--out", str(tmp_path / "s.md")])  # fmt: skip
+    assert "3 cells; within 10% of the reference: defaults 3, with the rule 2" in text
+    assert f"paired mean log-ratio {math.log(2) / 3:+.3f}" in text
 
 
 def test_ray_controller_ceiling_holds_the_mean_rate_below_its_cut(monkeypatch):
