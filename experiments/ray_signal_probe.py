@@ -69,7 +69,8 @@ def run(task, spec: dict, lr: float, seed: int, steps: int, every: int,
     w}`` cuts ×κ at every c_t > 0 in the first fraction ``w`` of the run; ``{"budget": f, "tau":
     τ, "floor": φ}`` acts once, at the first c_t > τ before step f·T (before w·T with ``"act_before":
     w``), cutting by max(φ, t / (f·T)): the rate that would put the overshoot at f of the budget if
-    its step scales as 1 / rate. With ``"cap": True`` the cut is a ceiling instead: from then on
+    its step scales as 1 / rate (``"persist": k``: at the k-th look in a row with c_t > τ; the
+    rewind goes back to the look before the first of them). With ``"cap": True`` the cut is a ceiling instead: from then on
     the mean effective rate (``lr_summary``) is held at most at the factor × its value at the
     action, by scaling the groups' ``lr`` after each step — AdamHD's ramp and tracking climb back
     over a plain cut of ``lr`` (they target the edge whatever ``lr`` is), not over a ceiling."""
@@ -77,7 +78,7 @@ def run(task, spec: dict, lr: float, seed: int, steps: int, every: int,
     opt = O.build_for_model(spec, model, lr, task)
     params = list(model.parameters())
     anchor, snapshot = _flat(params).clone(), None
-    nxt, cosines, acted, ceiling = task.batches(seed), [], False, None
+    nxt, cosines, acted, ceiling, streak = task.batches(seed), [], False, None, 0
     for step in range(1, steps + 1):
         x, y = nxt()
         opt.zero_grad()
@@ -95,7 +96,8 @@ def run(task, spec: dict, lr: float, seed: int, steps: int, every: int,
         if "budget" in controller:
             horizon = controller["budget"] * steps
             before = controller.get("act_before", controller["budget"]) * steps
-            act = not acted and c > controller["tau"] and step < before
+            streak = streak + 1 if c > controller["tau"] else 0
+            act = not acted and streak >= controller.get("persist", 1) and step < before
             factor = max(controller["floor"], step / horizon)
         else:
             act = c > 0 and step <= controller["window"] * steps
@@ -112,7 +114,7 @@ def run(task, spec: dict, lr: float, seed: int, steps: int, every: int,
                     for p, s in zip(params, snapshot):
                         p.copy_(s)
             anchor = _flat(params).clone()
-        else:
+        elif c <= controller.get("tau", 0.0):  # the last look that did not read an overshoot
             snapshot = [p.detach().clone() for p in params]
     lrs = [group["lr"] for group in opt.param_groups]
     return {"final_val": task.evaluate(model, "val", seed), "cosines": cosines, "lrs": lrs,
@@ -139,9 +141,10 @@ def fixed_table(args) -> list[str]:
 def controller_table(args) -> list[str]:
     if args.budget is not None and args.cap:
         head = (f"+ one ray rewind and ceiling, budget {args.budget:g}, acting before "
-                f"{args.act_before:g}, τ {args.tau:g}, floor {args.floor:g}")  # fmt: skip
+                f"{args.act_before:g}, τ {args.tau:g}, floor {args.floor:g}"
+                + (f", {args.persist} looks in a row" if args.persist > 1 else ""))  # fmt: skip
         rule = {"budget": args.budget, "tau": args.tau, "floor": args.floor, "cap": True,
-                "act_before": args.act_before}  # fmt: skip
+                "act_before": args.act_before, "persist": args.persist}  # fmt: skip
     elif args.budget is None:
         head = f"+ ray cut ×{args.cut:g} and rewind, window {args.window:g}"
         rule = {"cut": args.cut, "window": args.window}
@@ -229,6 +232,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--tau", type=float, default=0.005, help="the one-rewind rule's threshold")
     ap.add_argument("--floor", type=float, default=0.1, help="the one-rewind rule's deepest cut")
     ap.add_argument("--cap", action="store_true", help="the one-rewind rule sets a ceiling")
+    ap.add_argument("--persist", type=int, default=1, help="looks in a row with c > tau to act")
     ap.add_argument("--act-before", type=float, default=None, help="act only before this fraction")
     ap.add_argument("--size", default="full", choices=("full", "smoke"))
     ap.add_argument("--out", default=None)

@@ -543,3 +543,19 @@ def test_ray_controller_ceiling_holds_the_mean_rate_below_its_cut(monkeypatch):
     capped = probe.run(task, {"kind": "adam_hd"}, 1e-3, 0, 20, 5, rule)["rate"]
     assert free > 0.25 * at_five  # the ramp would climb past the ceiling
     assert capped == pytest.approx(0.25 * at_five, rel=1e-6)
+
+
+def test_ray_controller_persistence_waits_for_looks_in_a_row(monkeypatch):
+    """``persist`` 2 with looks −, +, −, +, +, − every 5 steps of 30: acts at step 25 (factor
+    25 / 30 at budget 1.0), not at step 10; with persist 1 at step 10 (10 / 30)."""
+    import ray_signal_probe as probe
+
+    from metalr.workbench.runner import _task
+
+    task = _task("digits_mlp", "smoke", "cpu", True)
+    for persist, factor in ((2, 25 / 30), (1, 10 / 30)):
+        it = iter([-0.5, 0.5, -0.5, 0.5, 0.5, -0.5])
+        monkeypatch.setattr(probe, "ray_cosine", lambda *a, it=it: next(it))
+        rule = {"budget": 1.0, "tau": 0.005, "floor": 0.1, "persist": persist}
+        r = probe.run(task, {"kind": "adam_hd"}, 1e-3, 0, 30, 5, rule)
+        assert r["lrs"] == [pytest.approx(1e-3 * factor)] * len(r["lrs"])
