@@ -40,11 +40,11 @@ import sys
 from pathlib import Path
 
 import torch
+from bench_validation_cost import STEPS  # study 1's step budgets (others: 1000)
 
 from metalr.workbench import optimizers as O
 from metalr.workbench.runner import _task
 
-STEPS = {"animal_cnn": 500, "charlm_gru": 500, "fewshot_sinusoid": 100, "pysrc_transformer": 400}
 FIXED_LRS = "1e-4,1e-3,3e-3,1e-2,3e-2,1e-1"
 OUT = Path(__file__).parent / "results" / "ray_signal"
 
@@ -63,7 +63,7 @@ def ray_cosine(task, model, seed: int, anchor: torch.Tensor) -> float:
     return float(g @ travel) / norm if norm > 0 else 0.0
 
 
-def run(task, spec: dict, lr: float, seed: int, steps: int, every: int,
+def run(task, spec: dict, lr: float, seed: int, steps: int, every: int | None,
         controller: dict | None = None) -> dict:  # fmt: skip
     """One run; ``controller`` wraps a ray-cut-and-rewind rule around it: ``{"cut": κ, "window":
     w}`` cuts ×κ at every c_t > 0 in the first fraction ``w`` of the run; ``{"budget": f, "tau":
@@ -87,7 +87,7 @@ def run(task, spec: dict, lr: float, seed: int, steps: int, every: int,
         if ceiling is not None and (rate := O.lr_summary(opt)["mean"]) > ceiling:
             for group in opt.param_groups:
                 group["lr"] *= ceiling / rate
-        if step % every:
+        if every is None or step % every:  # None: no looks (a run without the rule)
             continue
         c = ray_cosine(task, model, seed, anchor)
         cosines.append((step, c))
@@ -158,7 +158,7 @@ def controller_table(args) -> list[str]:
         task = _task(name, args.size, "cpu", args.size == "smoke")
         steps = args.steps or STEPS.get(name, 1000)
         for lr in (float(v) for v in args.lrs.split(",")):
-            base = [run(task, {"kind": "adam_hd"}, lr, s, steps, steps) for s in seeds]
+            base = [run(task, {"kind": "adam_hd"}, lr, s, steps, None) for s in seeds]
             ray = [run(task, {"kind": "adam_hd"}, lr, s, steps, args.every, rule) for s in seeds]
             mean = lambda runs, key: statistics.mean(r[key] for r in runs)
             per_seed = ", ".join(f"{a['final_val']:.3f}→{b['final_val']:.3f}"

@@ -123,7 +123,7 @@ class ValidationObserving:
                 f"requires grad (the validation loss computed with autograd on), got {loss!r}; "
                 "hypergradient=False observes a loss without its gradient"
             )
-        groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
+        groups = self._trainable_groups()
         params = [p for _, ps in groups for p in ps]
         _refuse_dtensor(params)
         shards = self._shard_reducer()
@@ -174,7 +174,7 @@ class ValidationObserving:
                 "Invalid loss for observe_validation(hypergradient=False): expected a "
                 f"one-element tensor or a number, got {loss!r}"
             )
-        groups = [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
+        groups = self._trainable_groups()
         for index, (group, _) in enumerate(groups):
             hold = group["validation"].get("hold", 0.0)
             if group["rule"] != "seek" or hold <= 0:
@@ -191,6 +191,10 @@ class ValidationObserving:
         average_over_ranks([value], process_group)
         self._observe_groups(groups, None, value, shards)
         return value
+
+    def _trainable_groups(self) -> _ObservedGroups:
+        """Each param group with its parameters that require grad (what an observation moves)."""
+        return [(g, [p for p in g["params"] if p.requires_grad]) for g in self.param_groups]
 
     def _observe_groups(
         self,
