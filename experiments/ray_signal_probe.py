@@ -180,10 +180,14 @@ def summary_table(args) -> list[str]:
 
     from compare_checks import bootstrap_interval
 
-    reference = json.loads(Path(args.reference).read_text())
-    cells = []  # (task, lr0, defaults, with the rule)
+    if args.checks:
+        reference, cells = _check_cells(args.checks.split(","), args.metric)
+        args.tables = ""
+    else:
+        reference = json.loads(Path(args.reference).read_text())
+        cells = []  # (task, lr0, defaults, with the rule)
     columns = (2, 3) if args.metric == "val" else (5, 6)
-    for path in args.tables.split(","):
+    for path in filter(None, args.tables.split(",")):
         for line in Path(path).read_text().splitlines():
             c = [x.strip() for x in line.strip().strip("|").split("|")]
             if line.startswith("| ") and c[0] in reference:
@@ -210,11 +214,30 @@ def summary_table(args) -> list[str]:
     return lines
 
 
+def _check_cells(paths: list[str], metric: str) -> tuple[dict, list]:
+    """The summary's reference and cells from two ``check_controller.py --out`` files (the
+    defaults, then the rule; the same seeds): each cell's seed-mean loss, validation or test."""
+    import json
+
+    base, rule = (json.loads(Path(p).read_text()) for p in paths)
+    if base["seeds"] != rule["seeds"]:
+        raise ValueError("the two check files must share their seeds")
+    key, ref = ("losses", "reference") if metric == "val" else ("test_losses", "test_reference")
+    cells = []
+    for cell, losses in base[key].items():
+        task, lr = cell.split("|")
+        cells.append((task, float(lr), statistics.mean(losses), statistics.mean(rule[key][cell])))
+    return base[ref], cells
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("table", choices=("fixed", "controller", "summary"))
     ap.add_argument("--tables", default=None, help="summary: controller tables, comma-separated")
     ap.add_argument("--reference", default=None, help="summary: task → reference loss (JSON)")
+    ap.add_argument("--checks", default=None,
+                    help="summary: instead of tables, two check_controller.py --out files "
+                         "(defaults,rule) with their references")  # fmt: skip
     ap.add_argument(
         "--metric",
         choices=("val", "test"),

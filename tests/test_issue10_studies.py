@@ -523,6 +523,35 @@ def test_ray_signal_summary_counts_cells_and_pairs_them(tmp_path):
     assert f"paired mean log-ratio {math.log(2) / 3:+.3f}" in text
 
 
+def test_ray_signal_summary_pairs_two_check_files(tmp_path):
+    """``--checks``: the same statistic from two check_controller.py --out files (seed means)."""
+    import json
+
+    import ray_signal_probe as probe
+
+    def check(losses, tests):
+        return {"seeds": [1, 2], "reference": {"a": 1.0}, "test_reference": {"a": 2.0},
+                "losses": losses, "test_losses": tests}  # fmt: skip
+
+    base = check({"a|0.001": [1.0, 1.2], "a|0.01": [1.0, 1.0]},
+                 {"a|0.001": [2.0, 2.0], "a|0.01": [3.0, 3.0]})  # fmt: skip
+    rule = check({"a|0.001": [1.0, 1.0], "a|0.01": [1.1, 1.1]},
+                 {"a|0.001": [2.0, 2.0], "a|0.01": [2.0, 2.4]})  # fmt: skip
+    paths = [tmp_path / "base.json", tmp_path / "rule.json"]
+    for path, run in zip(paths, (base, rule)):
+        path.write_text(json.dumps(run))
+    checks = ",".join(map(str, paths))
+    text = probe.main(["summary", "--checks", checks, "--out", str(tmp_path / "s.md")])
+    # base: 1.1 (within), 1.0 (within); rule: 1.0, 1.1 (both within, 1.1 <= 1.1)
+    assert "2 cells; within 10% of the reference: defaults 2, with the rule 2" in text
+    mean = (math.log(1.0 / 1.1) + math.log(1.1 / 1.0)) / 2
+    assert f"paired mean log-ratio {mean:+.3f}" in text
+    text = probe.main(["summary", "--checks", checks, "--metric", "test",
+                       "--out", str(tmp_path / "s.md")])  # fmt: skip
+    assert "within 10% of the reference: defaults 1, with the rule 2" in text
+    assert f"paired mean log-ratio {math.log(2.2 / 3.0) / 2:+.3f}" in text
+
+
 def test_ray_controller_ceiling_holds_the_mean_rate_below_its_cut(monkeypatch):
     """With ``cap``, acting at step 5 of 20 (factor 5 / 20) sets a ceiling of 0.25 × the mean
     effective rate at step 5; AdamHD's ramp keeps climbing, the ceiling holds it."""

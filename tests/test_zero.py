@@ -103,6 +103,19 @@ OBSERVING = {
         "seek": {"init_scale": 0.5, "turn_threshold": 0.99, "resume_window": 0.0},
         "validation": {"rewind": 1.0, "hold": 2, "cut_after": 2, "loss_decay": 0.0},
     },
+    # the ray ceiling (its cosine summed over the ranks): a snapshot at the first observation
+    # (c < 0), the ceiling and the rewind at the second (c > 0)
+    "ray": {
+        "seek": {"init_scale": 0.5, "turn_threshold": 0.99, "resume_window": 0.0},
+        "validation": {
+            "ray_steps": 100,
+            "ray_before": 1.0,
+            "ray_tau": 0.0,
+            "ray_persist": 1,
+            "hypergrad_lr": 0.0,
+            "hold": 0,
+        },
+    },
 }
 
 
@@ -181,6 +194,8 @@ def test_zero_observe_validation_equals_single_process(sharded, variant):
     if variant in ("rewind", "alone"):  # the rewind acted: without it the weights differ
         free, _ = _observing_single(variant, rewind=0.0)
         assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), free.parameters()))
+    if variant == "ray":  # it acted (and its keys are in the consolidated checkpoint, below)
+        assert all(float(opt.state[p]["hd_ray"][1]) == 1.0 for p in model.parameters())
     ranks = sharded[f"observing-{variant}"]
     if variant != "alone":  # a gradient cannot be averaged over ranks holding other parameters
         assert all("pass process_group=None" in r["refused"] for r in ranks)
@@ -194,6 +209,8 @@ def test_zero_observe_validation_equals_single_process(sharded, variant):
     assert {**ranks[0]["rates"], **ranks[1]["rates"]}.keys() == set(range(6))
     consolidated = ranks[0]["consolidated"]
     assert all(s["hd_follows_validation"] for s in consolidated["state"].values())
+    if variant == "ray":
+        assert all("hd_ray_anchor" in s for s in consolidated["state"].values())
     resumed = _observing_optimizer(model.parameters(), variant)
     resumed.load_state_dict(consolidated)
     assert resumed._follows_validation(resumed.param_groups[0])

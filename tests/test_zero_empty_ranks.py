@@ -98,6 +98,11 @@ EMPTY_OBSERVING = {
     # joins that observation's collectives, which are not the gradient's
     "alone-seek-tensor": ("one-weight+alone", {"validation": {"hold": 2, "cut_after": 2}}),
     "alone-frozen-seek": ("frozen+alone", {"validation": {"hold": 2, "cut_after": 2}}),
+    # the ray ceiling: the rank holding none of group 0 joins its cosine's all-reduce
+    "ray-seek-tensor": ("one-weight", {"validation": {"ray_steps": 100, "ray_before": 1.0,
+                                                      "ray_tau": -1.0, "ray_persist": 2}}),
+    "ray-frozen-seek": ("frozen", {"validation": {"ray_steps": 100, "ray_before": 1.0,
+                                                  "ray_tau": 0.0, "ray_persist": 1}}),
 }  # fmt: skip
 
 

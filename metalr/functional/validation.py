@@ -104,6 +104,19 @@ signal replaces the training one):
   :func:`~metalr.functional._validation_state.kept_snapshots`,
   :func:`~metalr.functional._validation_state.restored`.)
 
+* ``ray_steps`` (``T``, the run's step budget; seek rule only; default 0: off) switches on the
+  *ray ceiling* (:mod:`metalr.functional._ray`): at each observation the cosine between the
+  validation gradient and the travel ``θ_t − θ_0`` — positive when less travel along the path so
+  far would have given a lower validation loss — and, at most once, early in the run (before
+  ``ray_before`` · T) once it has read above ``ray_tau`` at ``ray_persist`` observations in a row,
+  a ceiling on the rates at ``f = clamp(t / (ray_target · T), ray_floor, 1)`` times their value
+  then, with the parameters sent back to the last observation that read no overshoot::
+
+      c_t = cos(∇L_val(θ_t), θ_t − θ_0);   acting at step t:  ceiling ← log m + log f,  θ ← S
+
+  It costs two copies of the parameters (``θ_0`` and ``S``) and needs the validation gradient
+  (an observation of the loss alone leaves it as it is); it cannot be combined with ``rewind``.
+
 * **The loss alone** (``observe_validation(loss, hypergradient=False)``; seek rule with the hold):
   a validation *pass* — the loss of the whole validation set, measured on the same examples each
   time — feeds the hold and the rewind above, and no validation gradient is taken: the
@@ -136,6 +149,7 @@ from torch import Tensor
 from metalr.functional._common import full_value, resolve_constants
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import clamp_rates, rates_in_use, update_rates
+from metalr.functional._ray import check_ray_options
 from metalr.functional._signals import all_finite, inner_products, seek_signals
 from metalr.functional._validation_state import (  # noqa: F401 (re-exported)
     BEST_STEP,
@@ -207,6 +221,12 @@ VALIDATION_DEFAULTS: dict[str, float] = {
     "plateau_cut": 0.5,
     "cut_after": 80.0,
     "rewind": 0.0,
+    "ray_steps": 0.0,
+    "ray_tau": 0.005,
+    "ray_persist": 2.0,
+    "ray_before": 0.1,
+    "ray_target": 0.3,
+    "ray_floor": 0.1,
 }
 
 #: What the other rules take where the caller does not say: their own update with the
@@ -219,7 +239,8 @@ PLAIN_RULE_VALIDATION_DEFAULTS: dict[str, float] = {"hypergrad_lr": 0.3, "climb"
 #: ``train_weight``, and refuse these when given (a setting that would be silently ignored).
 SEEK_ONLY_VALIDATION_KEYS: frozenset[str] = frozenset({
     "signal_decay", "signal_sq_decay", "evidence", "gap", "noise_hold", "hold", "loss_decay",
-    "plateau_cut", "cut_after", "rewind",
+    "plateau_cut", "cut_after", "rewind", "ray_steps", "ray_tau", "ray_persist", "ray_before",
+    "ray_target", "ray_floor",
 })  # fmt: skip
 
 _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is exclusive)
@@ -236,6 +257,12 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "plateau_cut": (0.0, 1.0, True),
     "cut_after": (0.0, 1e9, False),
     "rewind": (0.0, 1.0, False),
+    "ray_steps": (0.0, 1e12, False),
+    "ray_tau": (-1.0, 1.0, False),
+    "ray_persist": (1.0, 1e9, False),
+    "ray_before": (0.0, 1.0, False),
+    "ray_target": (0.0, 1e3, True),
+    "ray_floor": (0.0, 1.0, True),
 }
 
 
@@ -248,6 +275,7 @@ def resolve_validation(options: Mapping[str, float] | None) -> dict[str, float]:
             f"(validation['hold'] > 0, got {resolved['hold']}): the rewind goes back when the "
             "hold's cut fires"
         )
+    check_ray_options(resolved)
     return resolved
 
 

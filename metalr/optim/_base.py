@@ -19,6 +19,7 @@ from metalr.functional._controller import (
 )
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import clamp_rates, initial_rate
+from metalr.functional._ray import initial_ray_state, ray_enabled
 from metalr.functional._signals import all_finite, rate_dtype
 from metalr.functional._trail import TRAIL_KEY, initial_trail, trail_dtype
 from metalr.functional._validation_state import observed
@@ -35,6 +36,8 @@ from metalr.optim._state_keys import (
     CONTROLLER_KEY,
     FOLLOWS_VALIDATION,
     RATE_KEY,
+    RAY_ANCHOR_KEY,
+    RAY_KEY,
     REWIND_DUE_KEY,
     SPIKE_KEY,
     VALIDATION_KEY,
@@ -58,7 +61,8 @@ HYPER_DEFAULTS: dict[str, Any] = {
 #: Per-parameter state kept in a dtype of metalr's own (the rate dtype, float32 for
 #: half-precision parameters; the trail's; the rewind's bool flag), not the parameter's: torch's
 #: load casts every state tensor of a floating parameter to the parameter's dtype.
-_RATE_DTYPE_KEYS = (RATE_KEY, CONTROLLER_KEY, VALIDATION_KEY, SPIKE_KEY, TRAIL_KEY, REWIND_DUE_KEY)
+_RATE_DTYPE_KEYS = (RATE_KEY, CONTROLLER_KEY, VALIDATION_KEY, SPIKE_KEY, TRAIL_KEY, REWIND_DUE_KEY,
+                    RAY_KEY)  # fmt: skip
 
 
 def _rate_state(key: str, value: Tensor, param: Tensor) -> Tensor:
@@ -158,7 +162,8 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
         """Create the entries later calls fill, at the parameter's first step: the flag that
         its group follows the validation signal (False), the validation statistics (no
         observation yet) and, at a guarded group's first parameter, the spike guard's (no loss
-        yet). Created late, they were missing from the template ``torch.distributed.checkpoint``
+        yet), and with the ray ceiling on (``validation={"ray_steps": T}``) its anchor (the
+        parameter as it is now, before the step moves it) and state. Created late, they were missing from the template ``torch.distributed.checkpoint``
         loads into (a fresh optimizer after one zero step), which then dropped them from a
         resumed run. State written without them (a checkpoint from before, a prior's
         multipliers written directly) is completed here; there the statistics' presence meant
@@ -169,6 +174,10 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
             state[VALIDATION_KEY] = initial_validation_stats(param, rate_dtype(param))
         if group.get("spike_guard") and param is group["params"][0] and SPIKE_KEY not in state:
             state[SPIKE_KEY] = initial_spike_stats(param.device, rate_dtype(param))
+        if ray_enabled(group["validation"]) and RAY_KEY not in state:
+            # θ_0 of the ray cosine: the parameter before its first step moves it
+            state[RAY_ANCHOR_KEY] = param.detach().clone(memory_format=torch.preserve_format)
+            state[RAY_KEY] = initial_ray_state(param, rate_dtype(param))
 
     def _controller(self, param: Tensor, group: dict[str, Any]) -> Tensor:
         """The seek rule's controller vector of ``param``, created on first use (in the rate

@@ -11,12 +11,15 @@ from torch import Tensor
 
 from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._distributed import ShardReducer, average_over_ranks
+from metalr.functional._ray import initial_ray_state, ray_cosine, ray_enabled, ray_sums, ray_update
 from metalr.functional._signals import all_finite
 from metalr.functional._validation_state import Rewind, kept_snapshots, restored
 from metalr.functional.validation import validation_adapt_rates
 from metalr.optim._state_keys import (
     FOLLOWS_VALIDATION,
     RATE_KEY,
+    RAY_ANCHOR_KEY,
+    RAY_KEY,
     REWIND_DUE_KEY,
     SNAPSHOT_KEY,
     VALIDATION_KEY,
@@ -64,7 +67,10 @@ class ValidationObserving:
         :mod:`metalr.functional.validation` has the equations; the seek rule's ramp still runs
         on the training signal). With ``validation={"rewind": r}`` (seek rule, opt-in) the
         parameters themselves go back towards those of the best observation when the hold's cut
-        fires (at the end of the next ``step()``). A non-finite loss or gradient changes nothing
+        fires (at the end of the next ``step()``); with ``validation={"ray_steps": T}`` (the
+        run's step budget; opt-in) the cosine between the validation gradient and the travel
+        since the first step caps the rates once, early, if it says the run has travelled too
+        far (:mod:`metalr.functional._ray`). A non-finite loss or gradient changes nothing
         (a group's first observation reads one flag on the host for that: only a finite one
         switches the group to the validation signal; later observations stay on the device,
         except that a ``scaler``'s ``get_scale()`` reads its scale on the host, and that with
@@ -220,6 +226,8 @@ class ValidationObserving:
                 else:  # sharded: this rank holds none of the group's trainable parameters
                     self._mark_following(group)
                     shards.participate_validation(group["granularity"], group["rule"], loss_only)
+                    if not loss_only and ray_enabled(group["validation"]):
+                        shards.sum(torch.zeros(3, dtype=torch.float64, device=shards.device))
 
     def _groups_to_observe(
         self,
@@ -293,6 +301,41 @@ class ValidationObserving:
         torch._foreach_copy_(stats, update.stats)  # already gated by the flag
         if update.rewind is not None:
             self._rewind(params, update.rewind)
+        if grads is not None and ray_enabled(group["validation"]):
+            self._ray_ceiling(group, params, grads, update.finite, shards)
+
+    def _ray_ceiling(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        grads: list[Tensor],
+        finite: Tensor,
+        shards: ShardReducer | None,
+    ) -> None:
+        """The ray ceiling's half of an observation (``validation={"ray_steps": T}``; the math:
+        :mod:`metalr.functional._ray`): the group's ray cosine, then at most once a ceiling on
+        its rates and a rewind of its parameters. On the device, no host read."""
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):  # a group switched on after its first step
+            if RAY_KEY not in state:
+                state[RAY_ANCHOR_KEY] = p.detach().clone(memory_format=torch.preserve_format)
+                state[RAY_KEY] = initial_ray_state(p, state[RATE_KEY].dtype)
+        sums = ray_sums(grads, params, [s[RAY_ANCHOR_KEY] for s in states])
+        if shards is not None:
+            sums = shards.sum(sums)
+        rates = [self._rate(p, group) for p in params]
+        controllers = [self._controller(p, group) for p in params]
+        stats = [s[VALIDATION_KEY] for s in states]
+        rays = [s[RAY_KEY] for s in states]
+        update = ray_update(
+            rates, controllers, stats, rays, ray_cosine(sums), finite,
+            options=group["validation"], seek=group["seek"], granularity=group["granularity"],
+        )  # fmt: skip
+        torch._foreach_copy_(rates, update.rates)
+        torch._foreach_copy_(controllers, update.controllers)
+        torch._foreach_copy_(stats, update.stats)
+        torch._foreach_copy_(rays, update.ray)
+        self._rewind(params, update.rewind)
 
     def _rewind(self, params: list[Tensor], rewind: Rewind) -> None:
         """The rewind's half at the observation (``validation={"rewind": r}``): a new best
@@ -340,6 +383,8 @@ class ValidationObserving:
             if not due:
                 continue
             fraction = group["validation"].get("rewind", 0.0)
+            if ray_enabled(group["validation"]):  # the ray ceiling goes all the way back
+                fraction = 1.0
             flags = [self.state[p][REWIND_DUE_KEY] for p in due]
             if fraction > 0:
                 snapshots = [self.state[p][SNAPSHOT_KEY] for p in due]

@@ -27,3 +27,10 @@ SNAPSHOT_KEY = "hd_best_params"
 #: first observation with the rewind on): true from an observation that decided to move ``p``
 #: back to its snapshot until the end of the next ``step()``, which does it.
 REWIND_DUE_KEY = "hd_rewind_due"
+#: Key of the ray ceiling's anchor in ``optimizer.state[p]`` (``validation={"ray_steps": T}``):
+#: the parameter's value at its first step, ``θ_0`` of the ray cosine
+#: (:mod:`metalr.functional._ray`), a tensor like ``p``.
+RAY_ANCHOR_KEY = "hd_ray_anchor"
+#: Key of the ray ceiling's state in ``optimizer.state[p]``: its group's streak of observations
+#: above the threshold, whether it has acted and whether a snapshot was kept (3 floats).
+RAY_KEY = "hd_ray"

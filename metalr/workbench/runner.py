@@ -53,7 +53,7 @@ from metalr.workbench.config import StudyConfig
 from metalr.workbench.find_lr import find_lr
 from metalr.workbench.search import search_lr_decay, search_lrs
 from metalr.workbench.tasks import Task, make_task
-from metalr.workbench.validation import build_watcher
+from metalr.workbench.validation import build_watcher, with_step_budget
 
 RECORD_FORMAT = "metalr.ablate-record/1"
 RESULT_KEYS = ("task", "optimizer", "lr", "seed")
@@ -103,6 +103,7 @@ def train(task: Task, spec: dict[str, Any], lr: float | None, seed: int, steps: 
     from tqdm.auto import tqdm
 
     model = task.model(seed, device)
+    spec = with_step_budget(spec, steps)
     opt = O.build_for_model(spec, model, lr, task)
     sched = O.build_schedule(spec, opt, steps)
     set_beta = O.build_hypergrad_warmup(spec, opt)

@@ -20,6 +20,10 @@ same validation data::
   by default ``min(ceil(validation examples / batch), 4)``: about one pass over a small
   validation split (what a user who evaluates "every epoch" would feed it), and at most 4 draws
   so that a short run still gets checks;
+* ``validation: {ray_steps: budget}`` (an optimizer option, :mod:`metalr.functional._ray`): the
+  ray ceiling given the run's own step budget (:func:`with_step_budget`), e.g.
+  ``{kind: adam_hd, validation: {ray_steps: budget, hypergrad_lr: 0, hold: 0},
+  validation_data: {every: 20, batch: all}}``;
 * ``early_stopping``: stop when ``patience`` checks in a row have not improved on the best check,
   and restore the weights of the best check (the run's final losses are those weights').
 """
@@ -44,6 +48,15 @@ _DATA_KEYS: dict[str, int | str | bool | None] = {
 MAX_CHECK_DRAWS = 4
 _PLATEAU_KEYS = {"factor": 0.1, "patience": 3}
 _STOPPING_KEYS = {"patience": 5}
+
+
+def with_step_budget(spec: dict[str, Any], steps: int) -> dict[str, Any]:
+    """``spec`` with ``validation: {ray_steps: budget}`` replaced by the run's ``steps`` (the
+    ray ceiling needs the step budget ``T``); any other spec as it is."""
+    options = spec.get("validation")
+    if not isinstance(options, dict) or options.get("ray_steps") != "budget":
+        return spec
+    return {**spec, "validation": {**options, "ray_steps": float(steps)}}
 
 
 def check_validation_spec(name: str, spec: dict[str, Any], metalr_kind: bool) -> None:

@@ -1,0 +1,178 @@
+r"""The ray ceiling: a long-horizon validation signal that caps the rates once (pure functions).
+
+Every other validation signal is greedy or late: ``−⟨∇L_val, d_t⟩`` asks about the last step,
+the hold waits for the validation loss to rise. On a task that overfits within its budget the
+damage of a rate above the best fixed one is done before either turns. The *ray cosine* asks
+about the whole path travelled so far::
+
+    c_t = cos(∇L_val(θ_t), θ_t − θ_0)  =  sign and size of  d/dα L_val(θ_0 + α(θ_t − θ_0)) at α = 1
+
+positive when *less* travel along the straight line from the start would have given a lower
+validation loss (MARTHE's forward-mode hypergradient with every step's Jacobian taken as the
+identity and no discount). At fixed Adam rates 3–10× above the best one it turns positive within
+the first ~5% of the budget on the tasks that overfit, while at the best rate it stays ≤ 0
+until late (``experiments/ray_signal_probe.py``, README "The ray of travel"). So the rule acts
+once, early, given the run's step budget ``T`` (``validation={"ray_steps": T}``)::
+
+    streak ← streak + 1  if c_t > τ  else 0                       (at each observation)
+    at the first observation with  streak ≥ k  and  t < w·T:
+        f = clamp(t / (a·T), φ, 1)
+        ceiling ← min(ceiling, log m + log f)      (every tensor of the group; the controller's)
+        m ← min(m, f · m)                           (per element: capped at f × the largest)
+        the ramp stops; a turn taken back within ``resume_window`` can no longer re-open it
+        θ ← S                                        (the last observation with c ≤ τ, if any)
+    S ← θ   at an observation with c ≤ τ before w·T (the snapshot the rewind goes back to)
+
+(``τ`` = ``ray_tau`` 0.005, ``k`` = ``ray_persist`` 2, ``w`` = ``ray_before`` 0.1, ``a`` =
+``ray_target`` 0.3, ``φ`` = ``ray_floor`` 0.1; ``t`` = the training steps taken: the seek
+controller's count of active steps, plus the first step, which has no direction to read.) ``f``
+is the rate whose overshoot would come at ``a`` of the budget if the step of the overshoot
+scales as 1 / rate (at fixed rates it does, roughly: digits_mlp 1e-2, 3e-3, 1e-3 turn at steps
+50, 100, 300). A *ceiling*, not a cut of the rates alone: AdamHD's ramp and tracking target the
+edge of stability whatever the rate is, and climb back over a plain cut.
+
+The cosine is the param group's (sums over its tensors, all-reduced under sharded state); ``θ_0``
+is each parameter's value at its first step (``optimizer.state[p]['hd_ray_anchor']``), ``S`` the
+rewind's snapshot (``'hd_best_params'``); the group's streak, whether it has acted and whether a
+snapshot was kept are ``optimizer.state[p]['hd_ray']``. Nothing here syncs with the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from metalr.functional._controller import CEILING, COUNT, RAMP, SINCE
+from metalr.functional._rate_moves import log_level
+from metalr.functional._validation_state import LEVEL, Rewind
+
+#: Entries of a group's ray state vector (one per parameter tensor, the same in each): the
+#: observations in a row with ``c > τ``, whether the rule has acted (1) and whether a snapshot
+#: has been kept (1).
+STREAK, DONE, KEPT = range(3)
+RAY_SIZE = 3
+
+
+def ray_enabled(options: Mapping[str, float]) -> bool:
+    """Whether a group's validation options switch the ray ceiling on (``ray_steps > 0``)."""
+    return options.get("ray_steps", 0.0) > 0
+
+
+def initial_ray_state(param: Tensor, dtype: torch.dtype) -> Tensor:
+    """A fresh ray state: no streak, not acted, no snapshot kept."""
+    return torch.zeros(RAY_SIZE, dtype=dtype, device=param.device)
+
+
+def ray_sums(
+    val_grads: Sequence[Tensor], params: Sequence[Tensor], anchors: Sequence[Tensor]
+) -> Tensor:
+    """``(⟨g, θ − θ_0⟩, ‖g‖², ‖θ − θ_0‖²)`` summed over the tensors, in float64 (``[3]``; sum
+    them over the ranks that shard a group before :func:`ray_cosine`)."""
+    device = params[0].device if params else torch.device("cpu")
+    total = torch.zeros(3, dtype=torch.float64, device=device)
+    for g, p, a in zip(val_grads, params, anchors):
+        g64 = torch.view_as_real(g) if g.is_complex() else g
+        travel = p.detach() - a.to(p.dtype)
+        t64 = torch.view_as_real(travel) if travel.is_complex() else travel
+        g64, t64 = g64.to(torch.float64), t64.to(torch.float64)
+        total = total + torch.stack([(g64 * t64).sum(), (g64 * g64).sum(), (t64 * t64).sum()])
+    return total
+
+
+def ray_cosine(sums: Tensor) -> Tensor:
+    """``c = ⟨g, θ − θ_0⟩ / (‖g‖ ‖θ − θ_0‖)`` from :func:`ray_sums` (0 before any travel)."""
+    dot, gg, tt = sums.unbind(0)
+    norm = torch.sqrt(gg * tt)
+    return torch.where(norm > 0, dot / norm.clamp_min(1e-300), torch.zeros_like(dot))
+
+
+class RayUpdate(NamedTuple):
+    """One observation's ray rule for a group: the new rates, controllers, validation statistics
+    and ray states (each gated: an observation that does not act returns them as they were,
+    the streak and flags aside), and what the rewind does (``keep``: the snapshot is taken now;
+    ``restore``: the parameters go back to it at the end of the next step)."""
+
+    rates: list[Tensor]
+    controllers: list[Tensor]
+    stats: list[Tensor]
+    ray: list[Tensor]
+    rewind: Rewind
+
+
+def ray_update(
+    rates: Sequence[Tensor],
+    controllers: Sequence[Tensor],
+    stats: Sequence[Tensor],
+    ray: Sequence[Tensor],
+    cosine: Tensor,
+    finite: Tensor,
+    *,
+    options: Mapping[str, float],
+    seek: Mapping[str, float],
+    granularity: str,
+) -> RayUpdate:
+    """The ray ceiling after one observation of a group (pure; equations in the module
+    docstring). ``cosine``: the group's ray cosine (0-d); ``finite``: whether the observation
+    counts (a non-finite loss or gradient changes nothing)."""
+    ctrl = torch.stack([c.to(controllers[0].dtype) for c in controllers])  # [n, K]
+    dtype, device = ctrl.dtype, ctrl.device
+    state = torch.stack([r.to(device=device, dtype=dtype) for r in ray])  # [n, RAY_SIZE]
+    budget = float(options["ray_steps"])
+    steps = ctrl[:, COUNT].amax() + 1  # the first step has no direction: the count misses it
+    done = state[:, DONE].amax() > 0
+    valid = finite.to(device) & ~done
+    over = cosine.to(device=device, dtype=dtype) > options["ray_tau"]
+    streak = torch.where(over, state[:, STREAK].amax() + 1, torch.zeros_like(steps))
+    streak = torch.where(valid, streak, state[:, STREAK].amax())
+    window = steps < options["ray_before"] * budget
+    act = valid & window & (streak >= options["ray_persist"])
+    keep = valid & window & ~over
+    kept = state[:, KEPT].amax() > 0
+    factor = torch.clamp(steps / (options["ray_target"] * budget), options["ray_floor"], 1.0)
+    log_factor = torch.log(factor)
+
+    levels = torch.stack([log_level(r, granularity).to(dtype) for r in rates])
+    cap = levels + log_factor
+    new_ceiling = torch.where(act, torch.minimum(ctrl[:, CEILING], cap), ctrl[:, CEILING])
+    new_ramp = torch.where(act, torch.zeros_like(ctrl[:, RAMP]), ctrl[:, RAMP])
+    since = ctrl[:, SINCE]
+    closed = torch.clamp_min(since, float(seek.get("resume_window", 0.0)) + 1.0)
+    new_since = torch.where(act & (since > 0), closed, since)
+    new_ctrl = ctrl.clone()
+    new_ctrl[:, CEILING], new_ctrl[:, RAMP], new_ctrl[:, SINCE] = new_ceiling, new_ramp, new_since
+    new_rates = [
+        torch.where(act.to(r.device), torch.minimum(r, torch.exp(c).to(r)), r)
+        for r, c in zip(rates, cap.unbind(0))
+    ]
+    new_stats = []
+    for s, c in zip(stats, cap.unbind(0)):  # the hold brings a rate back to its level at most
+        level = s[LEVEL]
+        lowered = torch.where(act.to(s.device) & torch.isfinite(level),
+                              torch.minimum(level, c.to(s)), level)  # fmt: skip
+        new_stats.append(torch.cat([s[:LEVEL], lowered.reshape(1), s[LEVEL + 1 :]]))
+    new_state = torch.stack([
+        streak.expand(len(ray)),
+        (done | act).to(dtype).expand(len(ray)),
+        (kept | keep).to(dtype).expand(len(ray)),
+    ], dim=1)  # fmt: skip
+    n = len(rates)
+    return RayUpdate(
+        new_rates,
+        [c.to(o.dtype) for c, o in zip(new_ctrl.unbind(0), controllers)],
+        new_stats,
+        [s.to(o.dtype) for s, o in zip(new_state.unbind(0), ray)],
+        Rewind(keep.expand(n), (act & kept).expand(n)),
+    )
+
+
+def check_ray_options(options: Mapping[str, float]) -> None:
+    """``ValueError`` for ray settings that cannot work together (naming the keys)."""
+    if ray_enabled(options) and options.get("rewind", 0.0) > 0:
+        raise ValueError(
+            f"Invalid validation: 'ray_steps' ({options['ray_steps']}) and 'rewind' "
+            f"({options['rewind']}) both move the parameters back to a snapshot of their own; "
+            "set one of them to 0"
+        )
