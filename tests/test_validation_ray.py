@@ -336,7 +336,9 @@ def _ddp_ray_run(rank: int | None) -> list[torch.Tensor]:
     "auto" averages the gradients), or one process observing the whole batch (``rank=None``)."""
     model = _model()
     module = model if rank is None else torch.nn.parallel.DistributedDataParallel(model)
-    validation = {**RAY_ONLY, "ray_steps": 30, "ray_before": 1.0, "ray_tau": -1.0}
+    # c = -0.35, then -0.23 on this path: a snapshot at the first look, the action and the
+    # rewind (at the end of the next step, on every rank) at the second
+    validation = {**RAY_ONLY, "ray_steps": 30, "ray_before": 1.0, "ray_tau": -0.3}
     opt = metalr.AdamHD(module.parameters(), lr=LR, validation=validation)
     x_val, y_val = VAL
     half = slice(None) if rank is None else slice(8 * rank, 8 * rank + 8)
@@ -347,7 +349,8 @@ def _ddp_ray_run(rank: int | None) -> list[torch.Tensor]:
         opt.step()
         if t % 3 == 0:
             opt.observe_validation(((model(x_val[half]) - y_val[half]) ** 2).mean())
-    assert all(float(opt.state[p][RAY_KEY][DONE]) == 1.0 for p in model.parameters())
+    assert all(opt.state[p][RAY_KEY][DONE] == 1 == opt.state[p][RAY_KEY][KEPT]
+               for p in model.parameters())  # fmt: skip
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -400,3 +403,61 @@ def test_a_compiled_step_with_the_ray_equals_eager_without_recompiling():
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     assert 0 < baseline and graphs <= baseline + 1
+
+
+def test_a_second_look_before_the_step_keeps_the_rewind_due():
+    """After the ray acts, another observation before the next step (a second validation
+    batch) must not cancel the rewind it left due."""
+
+    def run(second_look: bool) -> bool:
+        model = _model()
+        opt = metalr.AdamHD(model.parameters(), lr=LR, validation={
+            **RAY_ONLY, "ray_tau": -0.3, "ray_steps": 30, "ray_before": 1.0})  # fmt: skip
+        for t in range(1, 8):
+            _train_step(model, opt, _data(10 + t))
+            if t == 3:
+                kept = [p.detach().clone() for p in model.parameters()]
+            if t in (3, 6):
+                opt.observe_validation(_loss(model, VAL))
+            if t == 6 and second_look:
+                rates = [opt.state[p][RATE_KEY].clone() for p in model.parameters()]
+                opt.observe_validation(_loss(model, _data(99)))
+                for p, r in zip(model.parameters(), rates):  # once only: nothing moves now
+                    torch.testing.assert_close(opt.state[p][RATE_KEY], r, rtol=0, atol=0)
+        return all(torch.equal(p.detach(), k) for p, k in zip(model.parameters(), kept))
+
+    assert run(second_look=False) and run(second_look=True)
+
+
+def test_the_anchor_of_a_resumed_run_is_taken_at_its_next_step_not_at_the_load():
+    """A checkpoint without the ray (here: options of before it, no ``ray_*`` keys) loaded
+    into an optimizer with it: nothing is created at the load (the model's weights may be
+    loaded after the optimizer's), the anchor is the weights the next step starts from, and
+    the options the checkpoint lacks take their defaults."""
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=LR, validation={"hold": 0})
+    for t in range(1, 4):
+        _train_step(model, opt, _data(10 + t))
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        group["validation"] = {k: v for k, v in group["validation"].items()
+                               if not k.startswith("ray_")}  # fmt: skip
+    resumed = metalr.AdamHD(model.parameters(), lr=LR, validation={"ray_steps": 30})
+    resumed.load_state_dict(saved)
+    resumed.param_groups[0]["validation"]["ray_steps"] = 30.0  # the checkpoint's options won
+    assert all(RAY_ANCHOR_KEY not in resumed.state[p] for p in model.parameters())
+    start = [p.detach().clone() for p in model.parameters()]
+    _train_step(model, resumed, _data(20))
+    for p, s in zip(model.parameters(), start):
+        torch.testing.assert_close(resumed.state[p][RAY_ANCHOR_KEY], s, rtol=0, atol=0)
+    resumed.observe_validation(_loss(model, VAL))  # the missing ray_* keys: their defaults
+    assert all(float(resumed.state[p][RAY_KEY][STREAK]) in (0.0, 1.0) for p in model.parameters())
+
+
+def test_a_study_spec_may_ask_for_the_runs_budget():
+    from metalr.workbench.optimizers import check_spec
+
+    spec = {"kind": "adam_hd", "validation": {"ray_steps": "budget", "hold": 0}}
+    assert check_spec("ray", spec) is spec
+    with pytest.raises(ValueError, match=r"optimizers\.ray: .*ray_steps"):
+        check_spec("ray", {"kind": "adam_hd", "validation": {"ray_steps": "soon"}})

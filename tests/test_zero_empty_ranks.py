@@ -274,3 +274,60 @@ def test_zero_spike_guard_with_a_rank_holding_none_of_the_guarded_group():
         for rank in range(2):
             for a, b in zip(per_rank[rank][group]["params"], ref["params"]):
                 torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=group)
+
+
+#: The ray ceiling with tensors that step at different counts: ``w`` trains at every step,
+#: ``g1`` and ``g2`` only at even ones (their counts half of ``w``'s). A window that ends at step
+#: 10, six looks in a row to act (τ −1: every look reads above it): by ``w``'s count the window
+#: has closed before the sixth look; by ``g``'s it has not.
+RAY_UNEVEN = {"ray_steps": 40, "ray_before": 0.25, "ray_tau": -1.0, "ray_persist": 6,
+              "hypergrad_lr": 0.0, "hold": 0}  # fmt: skip
+
+
+class _UnevenNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(6, 2, dtype=torch.float64) * 0.3)
+        self.g1 = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        self.g2 = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor, with_g: bool) -> torch.Tensor:
+        return x @ self.w + ((self.g1 * self.g2 + self.g1) if with_g else 0.0)
+
+
+def _uneven_run(rank: int | None) -> dict:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = _UnevenNet()
+    kwargs = {"lr": 1e-2, "granularity": "tensor", "validation": RAY_UNEVEN}
+    if rank is None:
+        opt = inner = metalr.AdamHD(model.parameters(), **kwargs)
+    else:
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=metalr.AdamHD,
+                                      shard_group="world", **kwargs)  # fmt: skip
+        inner = opt.optim
+    for t in range(1, 15):
+        x, y = _data(t)
+        opt.zero_grad(set_to_none=True)
+        ((model(x, t % 2 == 0) - y) ** 2).mean().backward()
+        opt.step()
+        if t % 2 == 0:
+            xv, yv = _val_batch(t)
+            inner.observe_validation(((model(xv, True) - yv) ** 2).mean(), process_group=None)
+    return {name: (inner.state[p]["hd_ray"].clone(), inner.state[p]["lr_multiplier"].clone())
+            for name, p in model.named_parameters() if p in inner.state}  # fmt: skip
+
+
+def test_zero_ray_ranks_decide_on_the_groups_step_not_their_own():
+    """Each rank's tensors of a group may have stepped a different number of times: the ray's
+    step t is the largest count over the ranks, so a rank holding only the rarely stepped
+    tensors does not act where one process does not."""
+    reference = _uneven_run(None)
+    assert all(float(state[1]) == 0.0 for state, _ in reference.values())  # one process: never
+    per_rank = run_ranks(_uneven_run)
+    assert sorted(n for out in per_rank for n in out) == ["g1", "g2", "w"]
+    for out in per_rank:
+        for name, (state, rate) in out.items():
+            torch.testing.assert_close(state, reference[name][0], rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(rate, reference[name][1], msg=name)

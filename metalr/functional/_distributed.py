@@ -41,6 +41,13 @@ class ShardReducer:
         dist.all_reduce(wide, op=dist.ReduceOp.SUM, group=self.process_group)
         return wide.to(values.dtype)
 
+    def maximum(self, values: Tensor) -> Tensor:
+        """``values`` maxed over ranks, elementwise (a new tensor, in float64 on every rank as
+        :meth:`sum` does, then cast back)."""
+        wide = values.detach().to(torch.float64).clone()
+        dist.all_reduce(wide, op=dist.ReduceOp.MAX, group=self.process_group)
+        return wide.to(values.dtype)
+
     def all(self, flag: Tensor) -> Tensor:
         """True on every rank only if ``flag`` is true on every rank (elementwise, for a flag
         of any shape; one collective)."""

@@ -49,6 +49,18 @@ from metalr.functional._controller import CEILING, COUNT, RAMP, SINCE
 from metalr.functional._rate_moves import log_level
 from metalr.functional._validation_state import LEVEL, Rewind
 
+#: The rule's constants (the defaults of ``validation={...}``'s ``ray_*`` keys): off until
+#: ``ray_steps`` is given. τ, k, w, a and φ are those of the prototype checked on fresh seeds
+#: (``experiments/results/ray_signal/check2``), chosen on development seeds 100-102.
+RAY_DEFAULTS: dict[str, float] = {
+    "ray_steps": 0.0,
+    "ray_tau": 0.005,
+    "ray_persist": 2.0,
+    "ray_before": 0.1,
+    "ray_target": 0.3,
+    "ray_floor": 0.1,
+}
+
 #: Entries of a group's ray state vector (one per parameter tensor, the same in each): the
 #: observations in a row with ``c > τ``, whether the rule has acted (1) and whether a snapshot
 #: has been kept (1).
@@ -89,6 +101,16 @@ def ray_cosine(sums: Tensor) -> Tensor:
     return torch.where(norm > 0, dot / norm.clamp_min(1e-300), torch.zeros_like(dot))
 
 
+def steps_taken(controllers: Sequence[Tensor]) -> Tensor:
+    """The training steps ``t`` a group has taken (0-d): the largest of its seek controllers'
+    counts of active steps, plus the first step, which has no direction to read and so is not
+    counted (0 for a group without tensors here: a rank of sharded state holding none)."""
+    if not controllers:
+        return torch.zeros((), dtype=torch.float64)
+    ctrl = torch.stack([c.to(controllers[0].dtype) for c in controllers])
+    return ctrl[:, COUNT].amax() + 1
+
+
 class RayUpdate(NamedTuple):
     """One observation's ray rule for a group: the new rates, controllers, validation statistics
     and ray states (each gated: an observation that does not act returns them as they were,
@@ -113,15 +135,19 @@ def ray_update(
     options: Mapping[str, float],
     seek: Mapping[str, float],
     granularity: str,
+    steps: Tensor | None = None,
 ) -> RayUpdate:
     """The ray ceiling after one observation of a group (pure; equations in the module
     docstring). ``cosine``: the group's ray cosine (0-d); ``finite``: whether the observation
-    counts (a non-finite loss or gradient changes nothing)."""
+    counts (a non-finite loss or gradient changes nothing); ``steps``: the training steps ``t``
+    the group has taken (0-d; default :func:`steps_taken` of ``controllers``; under sharded
+    state the largest over the ranks, so that every rank decides alike)."""
+    options = {**RAY_DEFAULTS, **options}  # a checkpoint's options from before the ray
     ctrl = torch.stack([c.to(controllers[0].dtype) for c in controllers])  # [n, K]
     dtype, device = ctrl.dtype, ctrl.device
     state = torch.stack([r.to(device=device, dtype=dtype) for r in ray])  # [n, RAY_SIZE]
     budget = float(options["ray_steps"])
-    steps = ctrl[:, COUNT].amax() + 1  # the first step has no direction: the count misses it
+    steps = steps_taken(controllers) if steps is None else steps.to(device=device, dtype=dtype)
     done = state[:, DONE].amax() > 0
     valid = finite.to(device) & ~done
     over = cosine.to(device=device, dtype=dtype) > options["ray_tau"]

@@ -149,7 +149,7 @@ from torch import Tensor
 from metalr.functional._common import full_value, resolve_constants
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import clamp_rates, rates_in_use, update_rates
-from metalr.functional._ray import check_ray_options
+from metalr.functional._ray import RAY_DEFAULTS, check_ray_options
 from metalr.functional._signals import all_finite, inner_products, seek_signals
 from metalr.functional._validation_state import (  # noqa: F401 (re-exported)
     BEST_STEP,
@@ -221,12 +221,7 @@ VALIDATION_DEFAULTS: dict[str, float] = {
     "plateau_cut": 0.5,
     "cut_after": 80.0,
     "rewind": 0.0,
-    "ray_steps": 0.0,
-    "ray_tau": 0.005,
-    "ray_persist": 2.0,
-    "ray_before": 0.1,
-    "ray_target": 0.3,
-    "ray_floor": 0.1,
+    **RAY_DEFAULTS,  # the ray ceiling's (off: ray_steps 0)
 }
 
 #: What the other rules take where the caller does not say: their own update with the

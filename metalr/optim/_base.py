@@ -156,14 +156,18 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
                 self._controller(param, group)
         if FOLLOWS_VALIDATION not in state:  # first step, or state written without it
             self._complete_state(param, group, state)
+        if RAY_KEY not in state and ray_enabled(group["validation"]):
+            # θ_0 of the ray cosine: the parameter before this step moves it (its first step,
+            # or the first after a checkpoint without the ray was loaded)
+            state[RAY_ANCHOR_KEY] = param.detach().clone(memory_format=torch.preserve_format)
+            state[RAY_KEY] = initial_ray_state(param, rate_dtype(param))
         return rate
 
     def _complete_state(self, param: Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
         """Create the entries later calls fill, at the parameter's first step: the flag that
         its group follows the validation signal (False), the validation statistics (no
         observation yet) and, at a guarded group's first parameter, the spike guard's (no loss
-        yet), and with the ray ceiling on (``validation={"ray_steps": T}``) its anchor (the
-        parameter as it is now, before the step moves it) and state. Created late, they were missing from the template ``torch.distributed.checkpoint``
+        yet). Created late, they were missing from the template ``torch.distributed.checkpoint``
         loads into (a fresh optimizer after one zero step), which then dropped them from a
         resumed run. State written without them (a checkpoint from before, a prior's
         multipliers written directly) is completed here; there the statistics' presence meant
@@ -174,10 +178,6 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
             state[VALIDATION_KEY] = initial_validation_stats(param, rate_dtype(param))
         if group.get("spike_guard") and param is group["params"][0] and SPIKE_KEY not in state:
             state[SPIKE_KEY] = initial_spike_stats(param.device, rate_dtype(param))
-        if ray_enabled(group["validation"]) and RAY_KEY not in state:
-            # θ_0 of the ray cosine: the parameter before its first step moves it
-            state[RAY_ANCHOR_KEY] = param.detach().clone(memory_format=torch.preserve_format)
-            state[RAY_KEY] = initial_ray_state(param, rate_dtype(param))
 
     def _controller(self, param: Tensor, group: dict[str, Any]) -> Tensor:
         """The seek rule's controller vector of ``param``, created on first use (in the rate

@@ -11,7 +11,14 @@ from torch import Tensor
 
 from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._distributed import ShardReducer, average_over_ranks
-from metalr.functional._ray import initial_ray_state, ray_cosine, ray_enabled, ray_sums, ray_update
+from metalr.functional._ray import (
+    initial_ray_state,
+    ray_cosine,
+    ray_enabled,
+    ray_sums,
+    ray_update,
+    steps_taken,
+)
 from metalr.functional._signals import all_finite
 from metalr.functional._validation_state import Rewind, kept_snapshots, restored
 from metalr.functional.validation import validation_adapt_rates
@@ -226,8 +233,9 @@ class ValidationObserving:
                 else:  # sharded: this rank holds none of the group's trainable parameters
                     self._mark_following(group)
                     shards.participate_validation(group["granularity"], group["rule"], loss_only)
-                    if not loss_only and ray_enabled(group["validation"]):
+                    if not loss_only and ray_enabled(group["validation"]):  # _ray_ceiling's
                         shards.sum(torch.zeros(3, dtype=torch.float64, device=shards.device))
+                        shards.maximum(torch.zeros((), dtype=torch.float64, device=shards.device))
 
     def _groups_to_observe(
         self,
@@ -321,27 +329,32 @@ class ValidationObserving:
                 state[RAY_ANCHOR_KEY] = p.detach().clone(memory_format=torch.preserve_format)
                 state[RAY_KEY] = initial_ray_state(p, state[RATE_KEY].dtype)
         sums = ray_sums(grads, params, [s[RAY_ANCHOR_KEY] for s in states])
-        if shards is not None:
-            sums = shards.sum(sums)
         rates = [self._rate(p, group) for p in params]
         controllers = [self._controller(p, group) for p in params]
+        steps = steps_taken(controllers)
+        if shards is not None:  # every rank decides on the same cosine and the same step
+            sums = shards.sum(sums.to(shards.device))
+            steps = shards.maximum(steps.to(device=shards.device, dtype=torch.float64))
         stats = [s[VALIDATION_KEY] for s in states]
         rays = [s[RAY_KEY] for s in states]
         update = ray_update(
             rates, controllers, stats, rays, ray_cosine(sums), finite,
             options=group["validation"], seek=group["seek"], granularity=group["granularity"],
+            steps=steps,
         )  # fmt: skip
         torch._foreach_copy_(rates, update.rates)
         torch._foreach_copy_(controllers, update.controllers)
         torch._foreach_copy_(stats, update.stats)
         torch._foreach_copy_(rays, update.ray)
-        self._rewind(params, update.rewind)
+        self._rewind(params, update.rewind, pending=True)
 
-    def _rewind(self, params: list[Tensor], rewind: Rewind) -> None:
+    def _rewind(self, params: list[Tensor], rewind: Rewind, pending: bool = False) -> None:
         """The rewind's half at the observation (``validation={"rewind": r}``): a new best
         becomes the snapshot now, and a cut leaves each parameter a flag that the next
-        ``step()`` reads at its end (:meth:`apply_due_rewinds`, which reads ``r``). On the
-        device, no host read."""
+        ``step()`` reads at its end (:meth:`apply_due_rewinds`, which reads ``r``); ``pending``
+        (the ray ceiling's) ors the flags into those already due instead of replacing them, so
+        that a second look before that step cannot cancel the rewind. On the device, no host
+        read."""
         snapshots = []
         for p, due in zip(params, rewind.restore.unbind(0)):
             state = self.state[p]
@@ -351,7 +364,10 @@ class ValidationObserving:
                 # keeps its layout (a compiled step does not recompile at each observation)
                 state[REWIND_DUE_KEY] = torch.zeros((), dtype=torch.bool, device=due.device)
             snapshots.append(state[SNAPSHOT_KEY])
-            state[REWIND_DUE_KEY].copy_(due)
+            if pending:  # the ray's: a later look before the step keeps a rewind already due
+                state[REWIND_DUE_KEY].logical_or_(due.to(state[REWIND_DUE_KEY].device))
+            else:
+                state[REWIND_DUE_KEY].copy_(due)
         torch._foreach_copy_(snapshots, kept_snapshots([p.detach() for p in params], snapshots,
                                                        rewind.keep))  # fmt: skip
         self._arm_rewinds()

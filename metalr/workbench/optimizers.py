@@ -65,6 +65,7 @@ import metalr
 from metalr.workbench import layerwise as L
 from metalr.workbench import peers
 from metalr.workbench.search import OPTUNA_INSTALL, SEARCHES, optuna_available
+from metalr.workbench.validation import with_step_budget
 
 TORCH = {
     "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
@@ -344,7 +345,7 @@ def check_spec(name: str, spec: Any) -> dict[str, Any]:
             raise ValueError(f"Invalid value for optimizers.{name}.{key}: {spec[key]!r}")
     p = torch.nn.Parameter(torch.zeros(2))
     try:
-        opt = build_optimizer(spec, [p], 1e-3)
+        opt = build_optimizer(with_step_budget(spec, 10), [p], 1e-3)  # ray_steps: budget
         build_schedule(spec, opt, 10)
         build_hypergrad_warmup(spec, opt)
     except (TypeError, ValueError) as exc:
