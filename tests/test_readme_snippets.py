@@ -163,3 +163,23 @@ def _run_validation_snippet(code: str, spy: bool = False):
         if spy:
             del metalr.AdamHD._spy_model, metalr.AdamHD._spy_val
     return namespace["optimizer"], model
+
+
+def test_ray_ceiling_snippet_keeps_the_anchor_and_observes_the_whole_set() -> None:
+    """README's ray-ceiling loop: the anchor is the weights before the first step, and the one
+    observation (step 20 of 32) reads the ray; past 0.1 T it can no longer act."""
+    from metalr.functional._ray import DONE, STREAK
+    from metalr.optim._state_keys import RAY_ANCHOR_KEY, RAY_KEY
+
+    code = readme_snippet("## Rates that watch the validation loss", index=2)
+    assert '"ray_steps"' in code
+    torch.manual_seed(0)  # the draws of _run_validation_snippet before its model
+    torch.randn(160, 5), torch.randint(0, 3, (160,))
+    start = [p.detach().clone() for p in torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).parameters()]  # fmt: skip
+    opt, model = _run_validation_snippet(code)
+    for p, s in zip(model.parameters(), start):
+        assert torch.equal(opt.state[p][RAY_ANCHOR_KEY], s)
+        assert float(opt.state[p][RAY_KEY][DONE]) == 0.0
+        assert float(opt.state[p][RAY_KEY][STREAK]) in (0.0, 1.0)  # the one look was read
+    assert opt.param_groups[0]["validation"]["ray_steps"] == 32
