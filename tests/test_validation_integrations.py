@@ -402,3 +402,48 @@ def test_lightning_observe_validation_loss_hands_over_each_validation_run(tmp_pa
         _trainer(L, tmp_path, callbacks=[ObserveValidationLoss("nope")]).fit(
             _module(L, "seek"), *_loaders()
         )
+
+
+def test_lightning_ray_ceiling_takes_the_budget_and_the_whole_validation_set(tmp_path) -> None:
+    """The documented way to run the ray ceiling under Lightning: the budget from
+    ``trainer.estimated_stepping_batches`` in ``configure_optimizers``, the whole validation set
+    as one batch in ``ObserveValidation``'s own loader. The anchor is the weights the fit
+    started from and every observation read the ray (τ −1: each look reads above it, so the
+    rule acts at the second; ``ray_before`` 1: inside the window)."""
+    L = _lightning()
+    from metalr.functional._ray import DONE, STREAK
+    from metalr.integrations.lightning import ObserveValidation
+    from metalr.optim._state_keys import RAY_ANCHOR_KEY, RAY_KEY
+
+    class RayRegression(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+
+        def validation_loss(self, batch):
+            x, y = batch
+            return F.mse_loss(self.net(x), y)
+
+        def training_step(self, batch, batch_idx):
+            return self.validation_loss(batch)
+
+        def configure_optimizers(self):
+            budget = self.trainer.estimated_stepping_batches
+            return metalr.AdamHD(self.parameters(), lr=1e-2, validation={
+                "ray_steps": budget, "hypergrad_lr": 0.0, "hold": 0, "ray_tau": -1.0,
+                "ray_before": 1.0})  # fmt: skip
+
+    L.seed_everything(0, verbose=False)
+    module = RayRegression()
+    start = [p.detach().clone() for p in module.parameters()]
+    train, val = _loaders()
+    whole = torch.utils.data.DataLoader(val.dataset, batch_size=len(val.dataset))
+    callback = ObserveValidation(every_n_steps=2, dataloader=whole)
+    _trainer(L, tmp_path, callbacks=[callback]).fit(module, train)
+    opt = unwrap_optimizer(module.trainer.optimizers[0])
+    assert opt.param_groups[0]["validation"]["ray_steps"] == 10 and callback.observations == 5
+    for p, s in zip(module.parameters(), start):
+        assert torch.equal(opt.state[p][RAY_ANCHOR_KEY], s)
+        assert (
+            float(opt.state[p][RAY_KEY][DONE]) == 1.0 and float(opt.state[p][RAY_KEY][STREAK]) == 2
+        )

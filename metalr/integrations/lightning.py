@@ -22,6 +22,10 @@ optimizer as a loss observed alone (the seek rule's hold and rewind; no backward
 
     trainer = L.Trainer(val_check_interval=20, callbacks=[ObserveValidationLoss("val_loss")], ...)
 
+The ray ceiling (``validation={"ray_steps": T}``) reads the validation gradient of the whole
+validation set: give ``configure_optimizers`` the budget ``self.trainer.estimated_stepping_batches``
+and :class:`ObserveValidation` a loader of the whole set as one batch (``dataloader=``).
+
 Importing this module imports Lightning (``lightning.pytorch``, else ``pytorch_lightning``);
 ``import metalr`` never does.
 """
