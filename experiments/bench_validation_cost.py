@@ -10,6 +10,7 @@ of each pair's times, and the median over repeats. Also the same for Adam + Redu
     python experiments/bench_validation_cost.py --repeats 1 --tasks digits_logreg --smoke
     python experiments/bench_validation_cost.py --every 20 --rewind   # the rewind's own cost
     python experiments/bench_validation_cost.py --every 20 --pass     # a whole pass, loss alone
+    python experiments/bench_validation_cost.py --every 20 --ray      # the ray ceiling's cost
 
 Prints a table and writes ``experiments/results/bench_validation_cost.md``.
 """
@@ -44,12 +45,14 @@ def results_path(
     results: Path = ROOT / "experiments/results",
     rewind: bool = False,
     whole_pass: bool = False,
+    ray: bool = False,
 ) -> Path:
     """The file in ``results`` that holds the table of a stream every ``every`` steps (the
     default's: the original file; ``rewind``: the rewind's own table; ``whole_pass``: a pass
-    over the whole validation split observed alone)."""
+    over the whole validation split observed alone; ``ray``: the ray ceiling's)."""
     name = ("" if every == DEFAULT_EVERY else f"_every{every}") + ("_rewind" if rewind else "")
-    return results / f"bench_validation_cost{name}{'_pass' if whole_pass else ''}.md"
+    name += ("_pass" if whole_pass else "") + ("_ray" if ray else "")
+    return results / f"bench_validation_cost{name}.md"
 
 
 #: The validation pass observed alone (``observe_validation(loss, hypergradient=False)``), with
@@ -69,6 +72,25 @@ def pass_pairs(every: int) -> dict[str, tuple[dict, dict]]:
             {"kind": "adam"},
             {"kind": "adam", "validation_data": {**stream, "check": 1},
              "early_stopping": {"patience": 10**6}}),
+    }  # fmt: skip
+
+
+#: The ray ceiling alone (the third check's option): ``ray_steps`` the run's budget.
+RAY_ALONE = {"ray_steps": "budget", "hypergrad_lr": 0.0, "hold": 0}
+
+
+def ray_pairs(every: int) -> dict[str, tuple[dict, dict]]:
+    """(without, with) the ray ceiling: alone, on the whole validation split's gradient every
+    ``every`` steps, against AdamHD without validation; and added to the recommended option (a
+    minibatch every ``every`` steps) against the option without it."""
+    observing = {"kind": "adam_hd", "validation_data": {"every": every}}
+    return {
+        "AdamHD + the ray alone (a pass's gradient) ÷ AdamHD": (
+            {"kind": "adam_hd"},
+            {"kind": "adam_hd", "validation_data": {"every": every, "batch": "all"},
+             "validation": RAY_ALONE}),
+        "AdamHD + observe_validation with the ray ÷ without it": (
+            observing, {**observing, "validation": {"ray_steps": "budget"}}),
     }  # fmt: skip
 
 
@@ -109,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pass", dest="whole_pass", action="store_true",
                         help="time a pass over the whole validation split, its loss observed "
                              "alone (hypergradient=False) with the rewind, instead")  # fmt: skip
+    parser.add_argument("--ray", action="store_true",
+                        help="time the ray ceiling (validation={'ray_steps': T}) instead")  # fmt: skip
     parser.add_argument("--out", default=None,
                         help="default experiments/results/bench_validation_cost.md (every 10) "
                              "or bench_validation_cost_every{N}.md")  # fmt: skip
@@ -121,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         steps = 20 if args.smoke else STEPS.get(name, 1000)
         timed(task, {"kind": "adam_hd"}, min(steps, 20))  # warm-up (caches, allocator)
         chosen = pass_pairs(args.every) if args.whole_pass else pairs(args.every, args.rewind)
+        if args.ray:
+            chosen = ray_pairs(args.every)
         for label, (base, option) in chosen.items():
             ratios = []
             for r in range(args.repeats):
@@ -136,13 +162,18 @@ def main(argv: list[str] | None = None) -> int:
         what, batch = "a validation pass observed alone", "the whole validation split, no_grad"
     flags = every_flag(args.every) + (" --rewind" if args.rewind else "")
     flags += " --pass" if args.whole_pass else ""
+    if args.ray:
+        what = "the ray ceiling"
+        batch = "alone: the whole split's gradient; with the option: its batch"
+        flags += " --ray"
     text = (f"# Cost of {what} (every {args.every} steps, {batch})\n\n"
             f"`python experiments/bench_validation_cost.py --repeats "
             f"{args.repeats}{flags}` (1 thread, {size} tasks, paired and interleaved)\n\n"
             + "\n".join(lines) + "\n")  # fmt: skip
     print(text)
     if not args.smoke:
-        path = results_path(args.every, rewind=args.rewind, whole_pass=args.whole_pass)
+        path = results_path(args.every, rewind=args.rewind, whole_pass=args.whole_pass,
+                            ray=args.ray)  # fmt: skip
         Path(args.out or path).write_text(text)
     return 0
 

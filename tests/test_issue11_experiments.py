@@ -75,6 +75,18 @@ def test_cost_benchmark_prints_a_paired_table(capsys):
     assert es["validation_data"]["check"] == 1  # early stopping reads every pass
     path = bench_validation_cost.results_path(20, whole_pass=True)
     assert path.name == "bench_validation_cost_every20_pass.md"
+    assert bench_validation_cost.main(["--smoke", "--repeats", "1", "--tasks", "digits_logreg",
+                                       "--every", "5", "--ray"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Cost of the ray ceiling" in out and "--every 5 --ray" in out
+    (alone, (plain, ray)), (added, (option, with_ray)) = bench_validation_cost.ray_pairs(5).items()
+    assert f"| digits_logreg | {alone} |" in out and f"| digits_logreg | {added} |" in out
+    assert "validation" not in plain and ray["validation"]["ray_steps"] == "budget"
+    assert with_ray == {**option, "validation": {"ray_steps": "budget"}}
+    assert (
+        bench_validation_cost.results_path(20, ray=True).name
+        == "bench_validation_cost_every20_ray.md"
+    )
 
 
 def test_study9_headline_compares_against_best_of_grid_adam(tmp_path, monkeypatch):
