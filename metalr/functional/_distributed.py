@@ -78,23 +78,30 @@ class ShardReducer:
             n = 3 if rule == "normalized" else 1
             self.sum(torch.zeros(n, dtype=torch.float64, device=device))
 
-    def participate_validation(self, granularity: str, rule: str, loss_only: bool = False) -> None:
+    def participate_validation(
+        self, granularity: str, rule: str, loss_only: bool = False, ray: bool = False
+    ) -> None:
         """Join the collectives of an observation (``observe_validation``) of a group of which
         this rank holds no trainable parameter: the sequence of
         :func:`metalr.functional.validation.validation_adapt_rates` on the other ranks
-        (``loss_only``: of an observation of the loss alone, ``loss_only_flags``)."""
+        (``loss_only``: of an observation of the loss alone, ``loss_only_flags``), then with
+        ``ray`` the ray ceiling's (its cosine's sums, the group's step; a rank holding none
+        sends zeros)."""
         device = self.device
         self.all(torch.ones((), dtype=torch.bool, device=device))  # the gradients are finite
         if loss_only:  # this rank took no step: "none moved" holds here
             self.all(torch.ones((), dtype=torch.bool, device=device))
-            return
+            return  # (the ray reads no loss alone)
         if rule == "seek":  # the group cosine of the ramp's signal
             self.sum(torch.zeros(3, dtype=torch.float64, device=device))
-            return
-        self.all(torch.ones((), dtype=torch.bool, device=device))  # no step taken anywhere yet
-        if granularity == "group":
-            n = 3 if rule == "normalized" else 1
-            self.sum(torch.zeros(n, dtype=torch.float64, device=device))
+        else:
+            self.all(torch.ones((), dtype=torch.bool, device=device))  # no step anywhere yet
+            if granularity == "group":
+                n = 3 if rule == "normalized" else 1
+                self.sum(torch.zeros(n, dtype=torch.float64, device=device))
+        if ray:  # ValidationObserving._ray_ceiling's
+            self.sum(torch.zeros(3, dtype=torch.float64, device=device))
+            self.maximum(torch.zeros((), dtype=torch.float64, device=device))
 
 
 def _collective_device(process_group: dist.ProcessGroup | None) -> torch.device:

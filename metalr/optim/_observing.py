@@ -12,7 +12,6 @@ from torch import Tensor
 from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._distributed import ShardReducer, average_over_ranks
 from metalr.functional._ray import (
-    initial_ray_state,
     ray_cosine,
     ray_enabled,
     ray_sums,
@@ -232,10 +231,8 @@ class ValidationObserving:
                     self._observe_group(group, ps, observed, finite, value, shards)
                 else:  # sharded: this rank holds none of the group's trainable parameters
                     self._mark_following(group)
-                    shards.participate_validation(group["granularity"], group["rule"], loss_only)
-                    if not loss_only and ray_enabled(group["validation"]):  # _ray_ceiling's
-                        shards.sum(torch.zeros(3, dtype=torch.float64, device=shards.device))
-                        shards.maximum(torch.zeros((), dtype=torch.float64, device=shards.device))
+                    shards.participate_validation(group["granularity"], group["rule"], loss_only,
+                                                  ray=ray_enabled(group["validation"]))  # fmt: skip
 
     def _groups_to_observe(
         self,
@@ -310,12 +307,13 @@ class ValidationObserving:
         if update.rewind is not None:
             self._rewind(params, update.rewind)
         if grads is not None and ray_enabled(group["validation"]):
-            self._ray_ceiling(group, params, grads, update.finite, shards)
+            self._ray_ceiling(group, params, rates, grads, update.finite, shards)
 
     def _ray_ceiling(
         self,
         group: dict[str, Any],
         params: list[Tensor],
+        rates: list[Tensor],
         grads: list[Tensor],
         finite: Tensor,
         shards: ShardReducer | None,
@@ -323,13 +321,8 @@ class ValidationObserving:
         """The ray ceiling's half of an observation (``validation={"ray_steps": T}``; the math:
         :mod:`metalr.functional._ray`): the group's ray cosine, then at most once a ceiling on
         its rates and a rewind of its parameters. On the device, no host read."""
-        states = [self.state[p] for p in params]
-        for p, state in zip(params, states):  # a group switched on after its first step
-            if RAY_KEY not in state:
-                state[RAY_ANCHOR_KEY] = p.detach().clone(memory_format=torch.preserve_format)
-                state[RAY_KEY] = initial_ray_state(p, state[RATE_KEY].dtype)
+        states = [self.state[p] for p in params]  # completed by _rate: the anchor is there
         sums = ray_sums(grads, params, [s[RAY_ANCHOR_KEY] for s in states])
-        rates = [self._rate(p, group) for p in params]
         controllers = [self._controller(p, group) for p in params]
         steps = steps_taken(controllers)
         if shards is not None:  # every rank decides on the same cosine and the same step
