@@ -116,6 +116,21 @@ OBSERVING = {
             "hold": 0,
         },
     },
+    # the same on the rate-weighted clock: its factor t_eff / (a T) (a T = 4 here) reads the
+    # group's largest rate, maxed over the ranks' tensors
+    "ray_clock": {
+        "seek": {"init_scale": 0.5, "turn_threshold": 0.99, "resume_window": 0.0},
+        "validation": {
+            "ray_steps": 40,
+            "ray_target": 0.1,
+            "ray_clock": 1,
+            "ray_before": 1.0,
+            "ray_tau": 0.0,
+            "ray_persist": 1,
+            "hypergrad_lr": 0.0,
+            "hold": 0,
+        },
+    },
 }
 
 
@@ -137,6 +152,7 @@ def _train_sharded_observing(rank: int, variant: str) -> dict:
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x[half]), y[half]).backward()
         opt.step()
+        _spread_rates(opt.optim, list(model.parameters()), variant, step)
         alone = variant == "alone"
         if step == 0 and not alone:
             try:  # "auto" would average different ranks' parameters: refused
@@ -184,8 +200,20 @@ def _observing_single(variant: str, rewind: float | None = None):
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
+        _spread_rates(opt, list(model.parameters()), variant, step)
         _observe(opt, model, step, variant == "alone")
     return model, opt
+
+
+def _spread_rates(opt, params: list, variant: str, step: int) -> None:
+    """ "ray_clock": between the first two looks, tensor ``i``'s multiplier × (1 + i / 2): the
+    ranks' largest multipliers move apart (the ramp alone moves all alike): a rank reading its own
+    would run another clock."""
+    if variant != "ray_clock" or step != 2:
+        return
+    for i, p in enumerate(params):
+        if p in opt.state:
+            opt.state[p]["lr_multiplier"].mul_(1 + i / 2)
 
 
 @pytest.mark.parametrize("variant", list(OBSERVING))
@@ -194,7 +222,7 @@ def test_zero_observe_validation_equals_single_process(sharded, variant):
     if variant in ("rewind", "alone"):  # the rewind acted: without it the weights differ
         free, _ = _observing_single(variant, rewind=0.0)
         assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), free.parameters()))
-    if variant == "ray":  # it acted (and its keys are in the consolidated checkpoint, below)
+    if variant.startswith("ray"):  # it acted (and its keys are in the consolidated checkpoint)
         assert all(float(opt.state[p]["hd_ray"][1]) == 1.0 for p in model.parameters())
     ranks = sharded[f"observing-{variant}"]
     if variant != "alone":  # a gradient cannot be averaged over ranks holding other parameters
@@ -209,7 +237,7 @@ def test_zero_observe_validation_equals_single_process(sharded, variant):
     assert {**ranks[0]["rates"], **ranks[1]["rates"]}.keys() == set(range(6))
     consolidated = ranks[0]["consolidated"]
     assert all(s["hd_follows_validation"] for s in consolidated["state"].values())
-    if variant == "ray":
+    if variant.startswith("ray"):
         assert all("hd_ray_anchor" in s for s in consolidated["state"].values())
     resumed = _observing_optimizer(model.parameters(), variant)
     resumed.load_state_dict(consolidated)

@@ -10,6 +10,7 @@ Per-tensor and per-element quantities need nothing under ZeRO (each tensor lives
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -99,9 +100,9 @@ class ShardReducer:
             if granularity == "group":
                 n = 3 if rule == "normalized" else 1
                 self.sum(torch.zeros(n, dtype=torch.float64, device=device))
-        if ray:  # ValidationObserving._ray_ceiling's
+        if ray:  # ValidationObserving._ray_ceiling's: the sums, then (step, level), maxed
             self.sum(torch.zeros(3, dtype=torch.float64, device=device))
-            self.maximum(torch.zeros((), dtype=torch.float64, device=device))
+            self.maximum(torch.tensor([0.0, -math.inf], dtype=torch.float64, device=device))
 
 
 def _collective_device(process_group: dist.ProcessGroup | None) -> torch.device:

@@ -31,6 +31,19 @@ scales as 1 / rate (at fixed rates it does, roughly: digits_mlp 1e-2, 3e-3, 1e-3
 50, 100, 300). A *ceiling*, not a cut of the rates alone: AdamHD's ramp and tracking target the
 edge of stability whatever the rate is, and climb back over a plain cut.
 
+**The clock** (``ray_clock``). At fixed rates the overshoot comes once the run has travelled a
+given distance, ``Σ_s m_s`` steps × rate; a run that ramps up from a rate decades too small has
+travelled far less in its first ``t`` steps than ``t`` steps at its present rate. With
+``ray_clock = 1`` the rule reads, in place of ``t``, the steps at the present rate that the
+travel so far is worth, on the group's largest multiplier ``m̄`` read at the observations
+(a sum over the intervals between them, each at the rate of its end)::
+
+    t_eff ← t_eff · m̄_prev / m̄ + (t − t_prev)        (at each finite observation; 0 at first)
+
+so ``t_eff = t`` at a fixed rate, and both the window (``t_eff < w·T``) and the factor
+(``f = clamp(t_eff / (a·T), φ, 1)``) use it. ``ray_clock = 0`` is the step count ``t``, the
+rule of the first three checks.
+
 The cosine is the param group's (sums over its tensors, all-reduced under sharded state); ``θ_0``
 is each parameter's value at its first step (``optimizer.state[p]['hd_ray_anchor']``), ``S`` the
 rewind's snapshot (``'hd_best_params'``); the group's streak, whether it has acted and whether a
@@ -66,13 +79,15 @@ RAY_DEFAULTS: dict[str, float] = {
     "ray_before": 0.1,
     "ray_target": 0.3,
     "ray_floor": 0.1,
+    "ray_clock": 0.0,
 }
 
 #: Entries of a group's ray state vector (one per parameter tensor, the same in each): the
-#: observations in a row with ``c > τ``, whether the rule has acted (1) and whether a snapshot
-#: has been kept (1).
-STREAK, DONE, KEPT = range(3)
-RAY_SIZE = 3
+#: observations in a row with ``c > τ``, whether the rule has acted (1), whether a snapshot
+#: has been kept (1), and the clock: ``t_eff``, the step ``t`` and the log of the group's
+#: largest multiplier at the last finite observation (kept whatever ``ray_clock`` says).
+STREAK, DONE, KEPT, EFFECTIVE, SEEN, SEEN_LEVEL = range(6)
+RAY_SIZE = 6
 
 
 def ray_enabled(options: Mapping[str, float]) -> bool:
@@ -81,8 +96,25 @@ def ray_enabled(options: Mapping[str, float]) -> bool:
 
 
 def initial_ray_state(param: Tensor, dtype: torch.dtype) -> Tensor:
-    """A fresh ray state: no streak, not acted, no snapshot kept."""
+    """A fresh ray state: no streak, not acted, no snapshot kept, the clock at 0."""
     return torch.zeros(RAY_SIZE, dtype=dtype, device=param.device)
+
+
+def upgraded_ray_state(ray: Tensor) -> Tensor:
+    """A ray state of a checkpoint from before the clock (3 entries) padded with a clock at 0:
+    the next observation then reads ``t_eff = t``. A current state is returned as it is."""
+    if ray.numel() >= RAY_SIZE:
+        return ray
+    return torch.cat([ray, ray.new_zeros(RAY_SIZE - ray.numel())])
+
+
+def effective_steps(ray: Tensor, steps: Tensor, level: Tensor) -> Tensor:
+    """``t_eff`` after an observation at step ``steps`` with the group's largest log multiplier
+    ``level`` (0-d each), from a group's ray state (``[n, RAY_SIZE]``; the module's equation)."""
+    previous = ray[:, EFFECTIVE].amax()
+    ratio = torch.exp(torch.clamp(ray[:, SEEN_LEVEL].amax() - level, max=80.0))
+    carried = torch.where(previous > 0, previous * ratio, torch.zeros_like(previous))
+    return carried + torch.clamp_min(steps - ray[:, SEEN].amax(), 0.0)
 
 
 def ray_sums(
@@ -143,31 +175,36 @@ def ray_update(
     seek: Mapping[str, float],
     granularity: str,
     steps: Tensor | None = None,
+    level: Tensor | None = None,
 ) -> RayUpdate:
     """The ray ceiling after one observation of a group (pure; equations in the module
     docstring). ``cosine``: the group's ray cosine (0-d); ``finite``: whether the observation
     counts (a non-finite loss or gradient changes nothing); ``steps``: the training steps ``t``
-    the group has taken (0-d; default :func:`steps_taken` of ``controllers``; under sharded
-    state the largest over the ranks, so that every rank decides alike)."""
+    the group has taken (0-d; default :func:`steps_taken` of ``controllers``) and ``level``: the
+    log of the group's largest multiplier (0-d; default: of ``rates``) — under sharded state
+    both the largest over the ranks, so that every rank decides alike."""
     options = {**RAY_DEFAULTS, **options}  # a checkpoint's options from before the ray
     ctrl = torch.stack([c.to(controllers[0].dtype) for c in controllers])  # [n, K]
     dtype, device = ctrl.dtype, ctrl.device
-    state = torch.stack([r.to(device=device, dtype=dtype) for r in ray])  # [n, RAY_SIZE]
+    state = torch.stack([upgraded_ray_state(r).to(device=device, dtype=dtype) for r in ray])
     budget = float(options["ray_steps"])
     steps = steps_taken(controllers) if steps is None else steps.to(device=device, dtype=dtype)
+    levels = torch.stack([log_level(r, granularity).to(device=device, dtype=dtype) for r in rates])
+    top = levels.amax() if level is None else level.to(device=device, dtype=dtype)
+    effective = effective_steps(state, steps, top)
+    clock = effective if options["ray_clock"] > 0 else steps
     done = state[:, DONE].amax() > 0
     valid = finite.to(device) & ~done
     over = cosine.to(device=device, dtype=dtype) > options["ray_tau"]
     streak = torch.where(over, state[:, STREAK].amax() + 1, torch.zeros_like(steps))
     streak = torch.where(valid, streak, state[:, STREAK].amax())
-    window = steps < options["ray_before"] * budget
+    window = clock < options["ray_before"] * budget
     act = valid & window & (streak >= options["ray_persist"])
     keep = valid & window & ~over
     kept = state[:, KEPT].amax() > 0
-    factor = torch.clamp(steps / (options["ray_target"] * budget), options["ray_floor"], 1.0)
+    factor = torch.clamp(clock / (options["ray_target"] * budget), options["ray_floor"], 1.0)
     log_factor = torch.log(factor)
 
-    levels = torch.stack([log_level(r, granularity).to(dtype) for r in rates])
     cap = levels + log_factor
     new_ceiling = torch.where(act, torch.minimum(ctrl[:, CEILING], cap), ctrl[:, CEILING])
     new_ramp = torch.where(act, torch.zeros_like(ctrl[:, RAMP]), ctrl[:, RAMP])
@@ -186,10 +223,14 @@ def ray_update(
         lowered = torch.where(act.to(s.device) & torch.isfinite(level),
                               torch.minimum(level, c.to(s)), level)  # fmt: skip
         new_stats.append(torch.cat([s[:LEVEL], lowered.reshape(1), s[LEVEL + 1 :]]))
+    counted = finite.to(device) & ~done  # the clock stops once the rule has acted
     new_state = torch.stack([
         streak.expand(len(ray)),
         (done | act).to(dtype).expand(len(ray)),
         (kept | keep).to(dtype).expand(len(ray)),
+        torch.where(counted, effective, state[:, EFFECTIVE].amax()).expand(len(ray)),
+        torch.where(counted, steps, state[:, SEEN].amax()).expand(len(ray)),
+        torch.where(counted, top, state[:, SEEN_LEVEL].amax()).expand(len(ray)),
     ], dim=1)  # fmt: skip
     n = len(rates)
     return RayUpdate(
@@ -203,6 +244,11 @@ def ray_update(
 
 def check_ray_options(options: Mapping[str, float]) -> None:
     """``ValueError`` for ray settings that cannot work together (naming the keys)."""
+    if options.get("ray_clock", 0.0) not in (0.0, 1.0):
+        raise ValueError(
+            f"Invalid validation: 'ray_clock' ({options['ray_clock']}) must be 0 (the step "
+            "count) or 1 (the rate-weighted clock)"
+        )
     if ray_enabled(options) and options.get("rewind", 0.0) > 0:
         raise ValueError(
             f"Invalid validation: 'ray_steps' ({options['ray_steps']}) and 'rewind' "

@@ -11,12 +11,14 @@ from torch import Tensor
 
 from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._distributed import ShardReducer, average_over_ranks
+from metalr.functional._rate_moves import log_level
 from metalr.functional._ray import (
     ray_cosine,
     ray_enabled,
     ray_sums,
     ray_update,
     steps_taken,
+    upgraded_ray_state,
 )
 from metalr.functional._signals import all_finite
 from metalr.functional._validation_state import Rewind, kept_snapshots, restored
@@ -322,18 +324,25 @@ class ValidationObserving:
         :mod:`metalr.functional._ray`): the group's ray cosine, then at most once a ceiling on
         its rates and a rewind of its parameters. On the device, no host read."""
         states = [self.state[p] for p in params]  # completed by _rate: the anchor is there
+        for state in states:  # a checkpoint's state from before the clock: padded once
+            state[RAY_KEY] = upgraded_ray_state(state[RAY_KEY])
         sums = ray_sums(grads, params, [s[RAY_ANCHOR_KEY] for s in states])
         controllers = [self._controller(p, group) for p in params]
-        steps = steps_taken(controllers)
-        if shards is not None:  # every rank decides on the same cosine and the same step
+        # the group's step and its largest log multiplier (the ray's clock reads both)
+        clock = torch.stack([
+            steps_taken(controllers).to(torch.float64),
+            torch.stack([log_level(r, group["granularity"]).to(torch.float64)
+                         for r in rates]).amax(),
+        ])  # fmt: skip
+        if shards is not None:  # every rank decides on the same cosine, step and level
             sums = shards.sum(sums.to(shards.device))
-            steps = shards.maximum(steps.to(device=shards.device, dtype=torch.float64))
+            clock = shards.maximum(clock.to(shards.device))
         stats = [s[VALIDATION_KEY] for s in states]
         rays = [s[RAY_KEY] for s in states]
         update = ray_update(
             rates, controllers, stats, rays, ray_cosine(sums), finite,
             options=group["validation"], seek=group["seek"], granularity=group["granularity"],
-            steps=steps,
+            steps=clock[0], level=clock[1],
         )  # fmt: skip
         torch._foreach_copy_(rates, update.rates)
         torch._foreach_copy_(controllers, update.controllers)

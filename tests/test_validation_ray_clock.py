@@ -1,0 +1,165 @@
+"""The ray ceiling's rate-weighted clock (``validation={"ray_clock": 1}``,
+:mod:`metalr.functional._ray`): ``t_eff ← t_eff · m̄_prev / m̄ + Δt`` at each finite observation.
+
+References: the clock against ``Σ_i (t_i − t_{i−1}) m̄_i / m̄_now`` written out in Python floats;
+the decision (window and factor on ``t_eff``) against the same; the optimizer's clock against
+the steps and rates recorded by the test.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from _validation_setup import LR, VAL, _data, _loss, _model, _train_step
+
+import metalr
+from metalr.functional._controller import COUNT, RAMP, initial_controller
+from metalr.functional._ray import (
+    DONE,
+    EFFECTIVE,
+    KEPT,
+    RAY_SIZE,
+    SEEN,
+    STREAK,
+    initial_ray_state,
+    ray_update,
+)
+from metalr.functional._validation_state import initial_validation_stats
+from metalr.functional.validation import VALIDATION_DEFAULTS
+from metalr.optim._state_keys import CONTROLLER_KEY, RATE_KEY, RAY_KEY
+
+SEEK = dict(metalr.functional.SEEK_DEFAULTS)
+#: The ray alone on the rate-weighted clock (no validation signal, no hold).
+RAY_CLOCK = {"ray_steps": 1000, "ray_clock": 1, "hypergrad_lr": 0.0, "hold": 0}
+
+
+def _python_clock(looks: list[tuple[float, float, bool]]) -> list[float]:
+    """``t_eff`` after each look ``(t, log m̄, finite)``: the travel so far in steps at the
+    present rate, each interval between finite looks at the rate of its end."""
+    travel, last, out, level = 0.0, 0.0, [], None
+    for t, lv, finite in looks:
+        if finite:
+            travel += (t - last) * math.exp(lv)
+            last, level = t, lv
+        out.append(travel / math.exp(level) if level is not None else 0.0)
+    return out
+
+
+def _feed(looks, options, rate=0.8):
+    """``ray_update`` over ``looks`` ``(t, log m̄, finite)`` with cosines above τ; the ray
+    states and rates after each."""
+    param = torch.zeros(3, dtype=torch.float64)
+    ctrl = initial_controller(param, torch.float64, SEEK)
+    ctrl[RAMP] = 0.2
+    stats = initial_validation_stats(param, torch.float64)
+    ray = initial_ray_state(param, torch.float64)
+    rate = torch.tensor(rate, dtype=torch.float64)
+    states, rates = [], []
+    for t, lv, finite in looks:
+        out = ray_update(
+            [rate], [ctrl], [stats], [ray], torch.tensor(0.5, dtype=torch.float64),
+            torch.tensor(finite), options=options, seek=SEEK, granularity="tensor",
+            steps=torch.tensor(float(t), dtype=torch.float64),
+            level=torch.tensor(lv, dtype=torch.float64),
+        )  # fmt: skip
+        rate, ctrl, stats, ray = out.rates[0], out.controllers[0], out.stats[0], out.ray[0]
+        states.append(ray.clone())
+        rates.append(float(rate))
+    return states, rates
+
+
+def test_the_clock_is_the_travel_in_steps_at_the_present_rate():
+    """A ramp (the level climbing a decade every other look), a NaN look, then a fixed rate:
+    ``t_eff`` is the Python sum at every look, ``t_eff − t`` stays fixed once the rate does."""
+    looks = [(20, -9.0, True), (40, -6.7, True), (60, -4.4, False), (80, -2.1, True),
+             (100, -2.1, True), (120, -2.1, True), (140, -3.0, True)]  # fmt: skip
+    options = {**VALIDATION_DEFAULTS, **RAY_CLOCK, "ray_tau": 1.0}  # never acts
+    states, _ = _feed(looks, options)
+    expected = _python_clock(looks)
+    for i, (state, want) in enumerate(zip(states, expected)):
+        assert float(state[EFFECTIVE]) == pytest.approx(want, rel=1e-12), i
+    assert float(states[2][SEEN]) == 40.0  # the NaN look counted nothing
+    assert float(states[4][EFFECTIVE]) - 100 == pytest.approx(float(states[3][EFFECTIVE]) - 80)
+    assert float(states[0][EFFECTIVE]) == 20.0  # the first look: t_eff = t
+
+
+def test_a_ramp_keeps_the_window_open_on_the_clock_and_the_factor_reads_it():
+    """By step 120 the step clock's window (w·T = 100) has closed; the travel since a ramp of
+    two decades is worth far fewer steps, so the rate-weighted clock acts there, at the
+    factor ``t_eff / (a·T)``."""
+    looks = [(20, -4.6, True), (40, -2.3, True), (60, 0.0, True), (80, 0.0, True),
+             (100, 0.0, True), (120, 0.0, True)]  # fmt: skip
+    base = {**VALIDATION_DEFAULTS, "ray_steps": 1000, "ray_tau": 0.0, "ray_persist": 6,
+            "hypergrad_lr": 0.0, "hold": 0}  # fmt: skip
+    steps_states, steps_rates = _feed(looks, {**base, "ray_clock": 0})
+    assert float(steps_states[-1][DONE]) == 0.0 and steps_rates[-1] == 0.8
+    clock_states, clock_rates = _feed(looks, {**base, "ray_clock": 1})
+    t_eff = _python_clock(looks)[-1]
+    assert t_eff < 0.1 * 1000  # the window on the clock is open at step 120
+    assert float(clock_states[-1][DONE]) == 1.0
+    assert clock_rates[-1] == pytest.approx(0.8 * t_eff / (0.3 * 1000), rel=1e-12)
+    assert [float(s[DONE]) for s in clock_states[:-1]] == [0.0] * 5  # the sixth look acts
+    # once it has acted the clock stops (nothing reads it any more)
+    assert float(clock_states[-1][EFFECTIVE]) == pytest.approx(t_eff, rel=1e-12)
+
+
+def test_the_optimizer_reads_the_groups_step_and_largest_rate():
+    """End to end (tensor granularity, τ 1: it never acts): after each observation the state's
+    clock is the Python sum over the steps and the largest multiplier the test read before it
+    (the ray alone moves no rate at an observation)."""
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=LR, granularity="tensor",
+                        validation={**RAY_CLOCK, "ray_tau": 1.0})  # fmt: skip
+    looks = []
+    for t in range(1, 22):
+        _train_step(model, opt, _data(10 + t))
+        if t % 4 == 0:
+            params = list(model.parameters())
+            steps = max(float(opt.state[p][CONTROLLER_KEY][COUNT]) for p in params) + 1
+            level = max(math.log(float(opt.state[p][RATE_KEY])) for p in params)
+            looks.append((steps, level, True))
+            opt.observe_validation(_loss(model, VAL))
+            want = _python_clock(looks)[-1]
+            for p in params:
+                assert float(opt.state[p][RAY_KEY][EFFECTIVE]) == pytest.approx(want, rel=1e-9)
+    assert looks[-1][1] != looks[0][1]  # the rates moved between the looks: a real test
+
+
+def test_a_checkpoint_from_before_the_clock_resumes_counting_from_t():
+    """A ray state of three entries (a checkpoint from before the clock) is padded at the next
+    observation, whose ``t_eff`` is then its step count; streak and flags are kept."""
+    validation = {**RAY_CLOCK, "ray_tau": 1.0}
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=LR, validation=validation)
+    for t in range(1, 7):
+        _train_step(model, opt, _data(10 + t))
+        if t % 3 == 0:
+            opt.observe_validation(_loss(model, VAL))
+    saved = copy.deepcopy(opt.state_dict())
+    for state in saved["state"].values():
+        state[RAY_KEY] = state[RAY_KEY][:3].clone()  # the old layout
+    twin = _model()
+    twin.load_state_dict(model.state_dict())
+    resumed = metalr.AdamHD(twin.parameters(), lr=LR, validation=validation)
+    resumed.load_state_dict(saved)
+    for t in range(7, 10):
+        _train_step(twin, resumed, _data(10 + t))
+    params = list(twin.parameters())
+    steps = max(float(resumed.state[p][CONTROLLER_KEY][COUNT]) for p in params) + 1
+    resumed.observe_validation(_loss(twin, VAL))
+    for p, old in zip(params, saved["state"].values()):
+        ray = resumed.state[p][RAY_KEY]
+        assert ray.numel() == RAY_SIZE
+        assert float(ray[EFFECTIVE]) == steps and float(ray[SEEN]) == steps
+        assert float(ray[KEPT]) == float(old[RAY_KEY][KEPT]) == 1.0
+        assert float(ray[STREAK]) == 0.0 and float(ray[DONE]) == 0.0
+
+
+@pytest.mark.parametrize("value", [0.5, 2.0, -1.0])
+def test_a_clock_other_than_0_or_1_is_refused_by_name(value):
+    with pytest.raises(ValueError, match="ray_clock"):
+        metalr.AdamHD(_model().parameters(), lr=LR,
+                      validation={"ray_steps": 100, "ray_clock": value})  # fmt: skip
