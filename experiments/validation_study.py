@@ -46,6 +46,9 @@ METHODS = {"adam_hd": "AdamHD (option off)", "adam_hd_val": "AdamHD + observe_va
            "adam_hd_pass": "AdamHD + a validation pass observed alone, every 20, rewind 1",
            "adam_hd_ray": "AdamHD + the ray ceiling alone, a validation pass's gradient, every 20",
            "adam_hd_val20_ray": "AdamHD + observe_validation, every 20, with the ray ceiling",
+           "adam_hd_ray_clock": "AdamHD + the ray ceiling alone on its rate-weighted clock",
+           "adam_hd_val20_ray_clock": "AdamHD + observe_validation, every 20, with the ray "
+                                      "ceiling on its rate-weighted clock",
            "adam_plateau": "Adam + ReduceLROnPlateau", "adam_es": "Adam + early stopping",
            "adam_plateau_pass": "Adam + ReduceLROnPlateau on the pass",
            "adam_es_pass": "Adam + early stopping on the pass",
