@@ -49,6 +49,8 @@ METHODS = {"adam_hd": "AdamHD (option off)", "adam_hd_val": "AdamHD + observe_va
            "adam_hd_ray_clock": "AdamHD + the ray ceiling alone on its rate-weighted clock",
            "adam_hd_val20_ray_clock": "AdamHD + observe_validation, every 20, with the ray "
                                       "ceiling on its rate-weighted clock",
+           "adam_hd_val20_ray_gate": "AdamHD + observe_validation, every 20, with the ray "
+                                     "ceiling on its clock, gated on the gradient's fall",
            "adam_plateau": "Adam + ReduceLROnPlateau", "adam_es": "Adam + early stopping",
            "adam_plateau_pass": "Adam + ReduceLROnPlateau on the pass",
            "adam_es_pass": "Adam + early stopping on the pass",

@@ -1,5 +1,6 @@
 """The ray ceiling's rate-weighted clock (``validation={"ray_clock": 1}``,
-:mod:`metalr.functional._ray`): ``t_eff ← t_eff · m̄_prev / m̄ + Δt`` at each finite observation.
+:mod:`metalr.functional._ray`): ``t_eff ← t_eff · m̄_prev / m̄ + Δt`` at each finite observation;
+and its gate (``ray_gate`` γ): it acts only where ``G_t < γ · H_t``.
 
 References: the clock against ``Σ_i (t_i − t_{i−1}) m̄_i / m̄_now`` written out in Python floats;
 the decision (window and factor on ``t_eff``) against the same; the optimizer's clock against
@@ -16,7 +17,7 @@ import torch
 from _validation_setup import LR, VAL, _data, _loss, _model, _train_step
 
 import metalr
-from metalr.functional._controller import COUNT, RAMP, initial_controller
+from metalr.functional._controller import COUNT, GRAD, GRAD_PEAK, RAMP, initial_controller
 from metalr.functional._ray import (
     DONE,
     EFFECTIVE,
@@ -163,3 +164,51 @@ def test_a_clock_other_than_0_or_1_is_refused_by_name(value):
     with pytest.raises(ValueError, match="ray_clock"):
         metalr.AdamHD(_model().parameters(), lr=LR,
                       validation={"ray_steps": 100, "ray_clock": value})  # fmt: skip
+
+
+def _gated_looks(falls, gate, peak=2.0):
+    """Looks every 10 steps at a fixed rate, each reading above τ, with the group's gradient
+    average at ``fall × peak``; the rates and DONE flags after each."""
+    options = {**VALIDATION_DEFAULTS, "ray_steps": 1000, "ray_tau": 0.0, "ray_persist": 2,
+               "hypergrad_lr": 0.0, "hold": 0, "ray_gate": gate}  # fmt: skip
+    param = torch.zeros(2, dtype=torch.float64)
+    ctrl = initial_controller(param, torch.float64, SEEK)
+    stats = initial_validation_stats(param, torch.float64)
+    ray = initial_ray_state(param, torch.float64)
+    rate = torch.tensor(0.8, dtype=torch.float64)
+    done, rates = [], []
+    for i, fall in enumerate(falls):
+        ctrl[COUNT], ctrl[GRAD], ctrl[GRAD_PEAK] = 10 * (i + 1) - 1, fall * peak, peak
+        out = ray_update([rate], [ctrl], [stats], [ray], torch.tensor(0.5, dtype=torch.float64),
+                         torch.tensor(True), options=options, seek=SEEK, granularity="tensor")  # fmt: skip
+        rate, ray = out.rates[0], out.ray[0]
+        ctrl = out.controllers[0].clone()
+        done.append(float(ray[DONE]))
+        rates.append(float(rate))
+    return done, rates, ray
+
+
+def test_the_gate_holds_the_action_until_the_gradient_has_fallen():
+    """Streak of two from the second look; the gradient at its peak until the fourth, where it
+    has fallen to 0.5 of it: γ 0.8 acts there (at t = 40, f = 40 / 300), γ 1 at the second
+    (t = 20: f at its floor, 0.1)."""
+    falls = [1.0, 1.0, 0.9, 0.5, 0.4]
+    done, rates, ray = _gated_looks(falls, gate=0.8)
+    assert done == [0.0, 0.0, 0.0, 1.0, 1.0]
+    assert rates[3] == pytest.approx(0.8 * 40 / 300, rel=1e-12)
+    assert float(ray[STREAK]) == 4.0  # the streak ran on while the gate held the action
+    done, rates, _ = _gated_looks(falls, gate=1.0)  # no gate: G = H does not hold it
+    assert done == [0.0, 1.0, 1.0, 1.0, 1.0]
+    assert rates[1] == pytest.approx(0.8 * max(20 / 300, 0.1), rel=1e-12)  # at the floor
+
+
+def test_the_gate_is_open_where_no_gradient_norm_is_kept():
+    done, _, _ = _gated_looks([0.0, 0.0, 0.0], gate=0.8, peak=0.0)  # SGD-HD's defaults
+    assert done == [0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("value", [0.0, 1.5])
+def test_a_gate_outside_0_1_is_refused_by_name(value):
+    with pytest.raises(ValueError, match="ray_gate"):
+        metalr.AdamHD(_model().parameters(), lr=LR,
+                      validation={"ray_steps": 100, "ray_gate": value})  # fmt: skip

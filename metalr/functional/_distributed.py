@@ -100,9 +100,9 @@ class ShardReducer:
             if granularity == "group":
                 n = 3 if rule == "normalized" else 1
                 self.sum(torch.zeros(n, dtype=torch.float64, device=device))
-        if ray:  # ValidationObserving._ray_ceiling's: the sums, then (step, level), maxed
+        if ray:  # ValidationObserving._ray_ceiling's: the sums, then (step, level, fall), maxed
             self.sum(torch.zeros(3, dtype=torch.float64, device=device))
-            self.maximum(torch.tensor([0.0, -math.inf], dtype=torch.float64, device=device))
+            self.maximum(torch.tensor([0.0, -math.inf, 0.0], dtype=torch.float64, device=device))
 
 
 def _collective_device(process_group: dist.ProcessGroup | None) -> torch.device:

@@ -44,6 +44,15 @@ so ``t_eff = t`` at a fixed rate, and both the window (``t_eff < w·T``) and the
 (``f = clamp(t_eff / (a·T), φ, 1)``) use it. ``ray_clock = 0`` is the step count ``t``, the
 rule of the first three checks.
 
+**The gate** (``ray_gate`` γ). A run can read ``c > τ`` early without overfitting: on a task
+still far from fitting its training set the path carries noise that less travel would also
+have removed. With ``γ < 1`` the rule acts only at an observation where the group's gradient
+norm has fallen from its peak, ``G_t < γ · H_t`` (the seek controller's running average of
+``‖g_t‖`` and its running peak, :mod:`metalr.functional._controller`'s gradient gate: the
+training loss is being fitted); the streak and the snapshot run as before. Where the
+controller keeps no gradient norm (``vanish`` and ``noise_hold`` both 0, SGD-HD's defaults) the
+gate is open. ``γ = 1`` (default) is no gate.
+
 The cosine is the param group's (sums over its tensors, all-reduced under sharded state); ``θ_0``
 is each parameter's value at its first step (``optimizer.state[p]['hd_ray_anchor']``), ``S`` the
 rewind's snapshot (``'hd_best_params'``); the group's streak, whether it has acted and whether a
@@ -65,7 +74,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from metalr.functional._controller import CEILING, COUNT, RAMP, SINCE
+from metalr.functional._controller import CEILING, COUNT, GRAD, GRAD_PEAK, RAMP, SINCE
 from metalr.functional._rate_moves import log_level
 from metalr.functional._validation_state import LEVEL, Rewind
 
@@ -80,6 +89,7 @@ RAY_DEFAULTS: dict[str, float] = {
     "ray_target": 0.3,
     "ray_floor": 0.1,
     "ray_clock": 0.0,
+    "ray_gate": 1.0,
 }
 
 #: Entries of a group's ray state vector (one per parameter tensor, the same in each): the
@@ -140,6 +150,18 @@ def ray_cosine(sums: Tensor) -> Tensor:
     return torch.where(norm > 0, dot / norm.clamp_min(1e-300), torch.zeros_like(dot))
 
 
+def gradient_fall(controllers: Sequence[Tensor]) -> Tensor:
+    """``G_t / H_t``, the group's gradient-norm average over its peak (0-d; the largest over the
+    tensors, which share it); 0 where the controller keeps no gradient norm (the gate open) and
+    for a group without tensors here."""
+    if not controllers:
+        return torch.zeros((), dtype=torch.float64)
+    ctrl = torch.stack([c.to(controllers[0].dtype) for c in controllers])
+    avg, peak = ctrl[:, GRAD], ctrl[:, GRAD_PEAK]
+    ratio = torch.where(peak > 0, avg / peak.clamp_min(1e-30), torch.zeros_like(avg))
+    return ratio.amax()
+
+
 def steps_taken(controllers: Sequence[Tensor]) -> Tensor:
     """The training steps ``t`` a group has taken (0-d): the largest of its seek controllers'
     counts of active steps, plus the first step, which has no direction to read and so is not
@@ -176,13 +198,15 @@ def ray_update(
     granularity: str,
     steps: Tensor | None = None,
     level: Tensor | None = None,
+    fall: Tensor | None = None,
 ) -> RayUpdate:
     """The ray ceiling after one observation of a group (pure; equations in the module
     docstring). ``cosine``: the group's ray cosine (0-d); ``finite``: whether the observation
     counts (a non-finite loss or gradient changes nothing); ``steps``: the training steps ``t``
     the group has taken (0-d; default :func:`steps_taken` of ``controllers``) and ``level``: the
-    log of the group's largest multiplier (0-d; default: of ``rates``) — under sharded state
-    both the largest over the ranks, so that every rank decides alike."""
+    log of the group's largest multiplier (0-d; default: of ``rates``); ``fall``: ``G_t / H_t``
+    (0-d; default :func:`gradient_fall` of ``controllers``) — under sharded state all three
+    the largest over the ranks, so that every rank decides alike."""
     options = {**RAY_DEFAULTS, **options}  # a checkpoint's options from before the ray
     ctrl = torch.stack([c.to(controllers[0].dtype) for c in controllers])  # [n, K]
     dtype, device = ctrl.dtype, ctrl.device
@@ -200,6 +224,9 @@ def ray_update(
     streak = torch.where(valid, streak, state[:, STREAK].amax())
     window = clock < options["ray_before"] * budget
     act = valid & window & (streak >= options["ray_persist"])
+    if options["ray_gate"] < 1:  # only where the training gradient has fallen from its peak
+        fall = gradient_fall(controllers) if fall is None else fall
+        act = act & (fall.to(device=device, dtype=dtype) < options["ray_gate"])
     keep = valid & window & ~over
     kept = state[:, KEPT].amax() > 0
     factor = torch.clamp(clock / (options["ray_target"] * budget), options["ray_floor"], 1.0)

@@ -235,7 +235,7 @@ PLAIN_RULE_VALIDATION_DEFAULTS: dict[str, float] = {"hypergrad_lr": 0.3, "climb"
 SEEK_ONLY_VALIDATION_KEYS: frozenset[str] = frozenset({
     "signal_decay", "signal_sq_decay", "evidence", "gap", "noise_hold", "hold", "loss_decay",
     "plateau_cut", "cut_after", "rewind", "ray_steps", "ray_tau", "ray_persist", "ray_before",
-    "ray_target", "ray_floor", "ray_clock",
+    "ray_target", "ray_floor", "ray_clock", "ray_gate",
 })  # fmt: skip
 
 _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is exclusive)
@@ -259,6 +259,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "ray_target": (0.0, 1e3, True),
     "ray_floor": (0.0, 1.0, True),
     "ray_clock": (0.0, 1.0, False),
+    "ray_gate": (0.0, 1.0, True),
 }
 
 

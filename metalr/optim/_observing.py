@@ -13,6 +13,7 @@ from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._distributed import ShardReducer, average_over_ranks
 from metalr.functional._rate_moves import log_level
 from metalr.functional._ray import (
+    gradient_fall,
     ray_cosine,
     ray_enabled,
     ray_sums,
@@ -328,13 +329,15 @@ class ValidationObserving:
             state[RAY_KEY] = upgraded_ray_state(state[RAY_KEY])
         sums = ray_sums(grads, params, [s[RAY_ANCHOR_KEY] for s in states])
         controllers = [self._controller(p, group) for p in params]
-        # the group's step and its largest log multiplier (the ray's clock reads both)
+        # the group's step and its largest log multiplier (the ray's clock reads both) and its
+        # gradient norm's fall from the peak (its gate)
         clock = torch.stack([
             steps_taken(controllers).to(torch.float64),
             torch.stack([log_level(r, group["granularity"]).to(torch.float64)
                          for r in rates]).amax(),
+            gradient_fall(controllers).to(torch.float64),
         ])  # fmt: skip
-        if shards is not None:  # every rank decides on the same cosine, step and level
+        if shards is not None:  # every rank decides on the same cosine, step, level and fall
             sums = shards.sum(sums.to(shards.device))
             clock = shards.maximum(clock.to(shards.device))
         stats = [s[VALIDATION_KEY] for s in states]
@@ -342,7 +345,7 @@ class ValidationObserving:
         update = ray_update(
             rates, controllers, stats, rays, ray_cosine(sums), finite,
             options=group["validation"], seek=group["seek"], granularity=group["granularity"],
-            steps=clock[0], level=clock[1],
+            steps=clock[0], level=clock[1], fall=clock[2],
         )  # fmt: skip
         torch._foreach_copy_(rates, update.rates)
         torch._foreach_copy_(controllers, update.controllers)
