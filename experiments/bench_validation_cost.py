@@ -11,6 +11,7 @@ of each pair's times, and the median over repeats. Also the same for Adam + Redu
     python experiments/bench_validation_cost.py --every 20 --rewind   # the rewind's own cost
     python experiments/bench_validation_cost.py --every 20 --pass     # a whole pass, loss alone
     python experiments/bench_validation_cost.py --every 20 --ray      # the ray ceiling's cost
+    python experiments/bench_validation_cost.py --every 20 --recommended  # option + ray ÷ AdamHD
 
 Prints a table and writes ``experiments/results/bench_validation_cost.md``.
 """
@@ -46,12 +47,14 @@ def results_path(
     rewind: bool = False,
     whole_pass: bool = False,
     ray: bool = False,
+    recommended: bool = False,
 ) -> Path:
     """The file in ``results`` that holds the table of a stream every ``every`` steps (the
     default's: the original file; ``rewind``: the rewind's own table; ``whole_pass``: a pass
     over the whole validation split observed alone; ``ray``: the ray ceiling's)."""
     name = ("" if every == DEFAULT_EVERY else f"_every{every}") + ("_rewind" if rewind else "")
     name += ("_pass" if whole_pass else "") + ("_ray" if ray else "")
+    name += "_recommended" if recommended else ""
     return results / f"bench_validation_cost{name}.md"
 
 
@@ -75,8 +78,21 @@ def pass_pairs(every: int) -> dict[str, tuple[dict, dict]]:
     }  # fmt: skip
 
 
-#: The ray ceiling alone (the third check's option): ``ray_steps`` the run's budget.
-RAY_ALONE = {"ray_steps": "budget", "hypergrad_lr": 0.0, "hold": 0}
+#: The ray ceiling alone (the third check's option): ``ray_steps`` the run's budget, on the step
+#: clock without the gate (the rule that check passed; the defaults since check 8 differ).
+RAY_ALONE = {"ray_steps": "budget", "hypergrad_lr": 0.0, "hold": 0, "ray_clock": 0, "ray_gate": 1}
+
+
+def recommended_pairs(every: int) -> dict[str, tuple[dict, dict]]:
+    """(without, with) the recommended option since check 8: a minibatch every ``every`` steps
+    with the ray ceiling at its defaults (the clock, the gate), against AdamHD without
+    validation — issue 11's goal 2 in one paired measurement."""
+    return {
+        "AdamHD + observe_validation with the ray (defaults) ÷ AdamHD": (
+            {"kind": "adam_hd"},
+            {"kind": "adam_hd", "validation_data": {"every": every},
+             "validation": {"ray_steps": "budget"}}),
+    }  # fmt: skip
 
 
 def ray_pairs(every: int) -> dict[str, tuple[dict, dict]]:
@@ -89,7 +105,7 @@ def ray_pairs(every: int) -> dict[str, tuple[dict, dict]]:
             {"kind": "adam_hd"},
             {"kind": "adam_hd", "validation_data": {"every": every, "batch": "all"},
              "validation": RAY_ALONE}),
-        "AdamHD + observe_validation with the ray ÷ without it": (
+        "AdamHD + observe_validation with the ray (defaults) ÷ without it": (
             observing, {**observing, "validation": {"ray_steps": "budget"}}),
     }  # fmt: skip
 
@@ -133,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                              "alone (hypergradient=False) with the rewind, instead")  # fmt: skip
     parser.add_argument("--ray", action="store_true",
                         help="time the ray ceiling (validation={'ray_steps': T}) instead")  # fmt: skip
+    parser.add_argument("--recommended", action="store_true",
+                        help="time the recommended option (a minibatch every N steps with the "
+                             "ray at its defaults) against AdamHD instead")  # fmt: skip
     parser.add_argument("--out", default=None,
                         help="default experiments/results/bench_validation_cost.md (every 10) "
                              "or bench_validation_cost_every{N}.md")  # fmt: skip
@@ -147,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         chosen = pass_pairs(args.every) if args.whole_pass else pairs(args.every, args.rewind)
         if args.ray:
             chosen = ray_pairs(args.every)
+        if args.recommended:
+            chosen = recommended_pairs(args.every)
         for label, (base, option) in chosen.items():
             ratios = []
             for r in range(args.repeats):
@@ -166,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         what = "the ray ceiling"
         batch = "alone: the whole split's gradient; with the option: its batch"
         flags += " --ray"
+    if args.recommended:
+        what = "the recommended option (the ray at its defaults)"
+        flags += " --recommended"
     text = (f"# Cost of {what} (every {args.every} steps, {batch})\n\n"
             f"`python experiments/bench_validation_cost.py --repeats "
             f"{args.repeats}{flags}` (1 thread, {size} tasks, paired and interleaved)\n\n"
@@ -173,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if not args.smoke:
         path = results_path(args.every, rewind=args.rewind, whole_pass=args.whole_pass,
-                            ray=args.ray)  # fmt: skip
+                            ray=args.ray, recommended=args.recommended)  # fmt: skip
         Path(args.out or path).write_text(text)
     return 0
 

@@ -87,6 +87,19 @@ def test_cost_benchmark_prints_a_paired_table(capsys):
         bench_validation_cost.results_path(20, ray=True).name
         == "bench_validation_cost_every20_ray.md"
     )
+    assert ray["validation"]["ray_clock"] == 0 and ray["validation"]["ray_gate"] == 1
+    assert bench_validation_cost.main(["--smoke", "--repeats", "1", "--tasks", "digits_logreg",
+                                       "--every", "5", "--recommended"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    ((label, (plain, option)),) = bench_validation_cost.recommended_pairs(5).items()
+    assert "Cost of the recommended option" in out and "--every 5 --recommended" in out
+    assert f"| digits_logreg | {label} |" in out and plain == {"kind": "adam_hd"}
+    assert option["validation_data"] == {"every": 5}
+    assert option["validation"] == {"ray_steps": "budget"}  # the ray at its defaults
+    assert (
+        bench_validation_cost.results_path(20, recommended=True).name
+        == "bench_validation_cost_every20_recommended.md"
+    )
 
 
 def test_study9_headline_compares_against_best_of_grid_adam(tmp_path, monkeypatch):

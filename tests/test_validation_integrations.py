@@ -429,9 +429,18 @@ def test_lightning_ray_ceiling_takes_the_budget_and_the_whole_validation_set(tmp
 
         def configure_optimizers(self):
             budget = self.trainer.estimated_stepping_batches
-            return metalr.AdamHD(self.parameters(), lr=1e-2, validation={
-                "ray_steps": budget, "hypergrad_lr": 0.0, "hold": 0, "ray_tau": -1.0,
-                "ray_before": 1.0})  # fmt: skip
+            return metalr.AdamHD(
+                self.parameters(),
+                lr=1e-2,
+                validation={
+                    "ray_steps": budget,
+                    "hypergrad_lr": 0.0,
+                    "hold": 0,
+                    "ray_tau": -1.0,
+                    "ray_before": 1.0,
+                    "ray_gate": 1,
+                },
+            )  # fmt: skip (acts at its 2nd look)
 
     L.seed_everything(0, verbose=False)
     module = RayRegression()

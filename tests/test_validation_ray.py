@@ -39,8 +39,11 @@ from metalr.optim._state_keys import (
     VALIDATION_KEY,
 )
 
-#: The ray alone (no validation signal, no hold), acting at the first look above τ = 0.
-RAY_ONLY = {"ray_steps": 1000, "ray_tau": 0.0, "ray_persist": 1, "hypergrad_lr": 0.0, "hold": 0}
+#: The ray alone (no validation signal, no hold), acting at the first look above τ = 0, on the
+#: step clock and without the gate (the rule of the first checks; the clock and the gate, the
+#: defaults since check 8, are tests/test_validation_ray_clock.py's).
+RAY_ONLY = {"ray_steps": 1000, "ray_tau": 0.0, "ray_persist": 1, "hypergrad_lr": 0.0, "hold": 0,
+            "ray_clock": 0, "ray_gate": 1}  # fmt: skip
 SEEK = {k: v for k, v in metalr.functional.SEEK_DEFAULTS.items()}
 
 

@@ -212,3 +212,39 @@ def test_a_gate_outside_0_1_is_refused_by_name(value):
     with pytest.raises(ValueError, match="ray_gate"):
         metalr.AdamHD(_model().parameters(), lr=LR,
                       validation={"ray_steps": 100, "ray_gate": value})  # fmt: skip
+
+
+def test_at_its_defaults_the_ray_acts_at_the_first_look_past_the_gate_on_the_clock():
+    """The defaults (the clock, γ 0.8), end to end (τ −1: every look reads above it): the
+    optimizer acts at the first look from the second on where the group's G/H, read by the
+    test before the look, is below 0.8, and caps the rates at ``clamp(t_eff / (0.3 T), 0.1, 1)``
+    × their value, ``t_eff`` the Python clock over the steps and rates the test read."""
+    budget = 400
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=LR, granularity="tensor",
+                        validation={"ray_steps": budget, "ray_tau": -1.0, "ray_before": 1.0,
+                                    "hypergrad_lr": 0.0, "hold": 0})  # fmt: skip
+    assert opt.param_groups[0]["validation"]["ray_clock"] == 1.0
+    assert opt.param_groups[0]["validation"]["ray_gate"] == 0.8
+    looks, acted, falls = [], None, []
+    for t in range(1, 200):
+        _train_step(model, opt, _data(10 + t))
+        if t % 4:
+            continue
+        params = list(model.parameters())
+        ctrl = opt.state[params[0]][CONTROLLER_KEY]
+        fall = float(ctrl[GRAD] / ctrl[GRAD_PEAK])
+        steps = max(float(opt.state[p][CONTROLLER_KEY][COUNT]) for p in params) + 1
+        rates = {p: float(opt.state[p][RATE_KEY]) for p in params}
+        looks.append((steps, math.log(max(rates.values())), True))
+        falls.append(fall)
+        opt.observe_validation(_loss(model, VAL))
+        if float(opt.state[params[0]][RAY_KEY][DONE]) == 1.0:
+            acted = len(looks) - 1
+            break
+    assert acted is not None, falls
+    expected = next(i for i, f in enumerate(falls) if i >= 1 and f < 0.8)
+    assert acted == expected and acted >= 2, falls  # the gate held it at least one look
+    factor = min(max(_python_clock(looks)[-1] / (0.3 * budget), 0.1), 1.0)
+    for p in model.parameters():
+        assert float(opt.state[p][RATE_KEY]) == pytest.approx(rates[p] * factor, rel=1e-9)

@@ -109,6 +109,8 @@ OBSERVING = {
         "seek": {"init_scale": 0.5, "turn_threshold": 0.99, "resume_window": 0.0},
         "validation": {
             "ray_steps": 100,
+            "ray_clock": 0,
+            "ray_gate": 1,
             "ray_before": 1.0,
             "ray_tau": 0.0,
             "ray_persist": 1,
@@ -124,6 +126,7 @@ OBSERVING = {
             "ray_steps": 40,
             "ray_target": 0.1,
             "ray_clock": 1,
+            "ray_gate": 1,
             "ray_before": 1.0,
             "ray_tau": 0.0,
             "ray_persist": 1,

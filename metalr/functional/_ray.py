@@ -88,8 +88,8 @@ RAY_DEFAULTS: dict[str, float] = {
     "ray_before": 0.1,
     "ray_target": 0.3,
     "ray_floor": 0.1,
-    "ray_clock": 0.0,
-    "ray_gate": 1.0,
+    "ray_clock": 1.0,
+    "ray_gate": 0.8,
 }
 
 #: Entries of a group's ray state vector (one per parameter tensor, the same in each): the

@@ -116,6 +116,10 @@ signal replaces the training one):
 
   It costs two copies of the parameters (``θ_0`` and ``S``) and needs the validation gradient
   (an observation of the loss alone leaves it as it is); it cannot be combined with ``rewind``.
+  ``ray_clock`` 1 reads, in place of ``t``, the steps at the present rate the travel so far is
+  worth (``t_eff``; a ramp from a tiny rate has travelled less than its steps say), and
+  ``ray_gate`` γ < 1 lets it act only where the training gradient norm's running average has
+  fallen below γ × its peak (both off by default; :mod:`metalr.functional._ray`).
 
 * **The loss alone** (``observe_validation(loss, hypergradient=False)``; seek rule with the hold):
   a validation *pass* — the loss of the whole validation set, measured on the same examples each
