@@ -110,6 +110,8 @@ def test_observe_validation_snippet_runs_and_moves_the_rates() -> None:
     opt, model = _run_validation_snippet(code)
     counts = {float(opt.state[p][VALIDATION_KEY][2]) for p in model.parameters()}
     assert counts == {1.0}  # 32 training steps: one observation (step 20) with a last direction
+    validation = opt.param_groups[0]["validation"]  # the recommended option: the ray, T = 32
+    assert validation["ray_steps"] == 32 and validation["ray_clock"] == 1.0
 
 
 def test_validation_pass_snippet_observes_the_whole_set_alone(monkeypatch) -> None:

@@ -63,7 +63,11 @@ gradient every 20 steps, it passed a fresh-seed check on study 1's six tasks (se
 cells within 10% of tuned Adam against 11/30, paired mean log-ratio −0.037, −0.077 to −0.005;
 digits_mlp 1.19-1.67× → 1.04-1.23×, no other task moved beyond the margin); added to the
 recommended minibatch option it reached 29/30 on study 9's seeds but did not pass its own check
-(seeds 90-92: 25/30 against 23/30, −0.019, −0.048 to +0.003).
+(seeds 90-92: 25/30 against 23/30, −0.019, −0.048 to +0.003). On the clock alone it did not
+either (seeds 96-98: 26/30 against 23/30, −0.039, −0.095 to +0.001: mnist1d's cells paid); on
+the clock with the gate at 0.8 it passed (seeds 52-54: 25/30 against 20/30, −0.030, −0.060 to
+−0.005; digits_mlp's five cells 1.11-1.30× → 0.90-1.04×), and those are the defaults since
+(``experiments/results/ray_signal/check6``-``check8``).
 """
 
 from __future__ import annotations
@@ -80,7 +84,9 @@ from metalr.functional._validation_state import LEVEL, Rewind
 
 #: The rule's constants (the defaults of ``validation={...}``'s ``ray_*`` keys): off until
 #: ``ray_steps`` is given. τ, k, w, a and φ are those of the prototype checked on fresh seeds
-#: (``experiments/results/ray_signal/check2``), chosen on development seeds 100-102.
+#: (``experiments/results/ray_signal/check2``), chosen on development seeds 100-102; the clock
+#: and the gate (γ 0.8, chosen on the same seeds) since their check passed (``check8``; 0 and 1
+#: give the rule of checks 3-5).
 RAY_DEFAULTS: dict[str, float] = {
     "ray_steps": 0.0,
     "ray_tau": 0.005,
