@@ -118,21 +118,16 @@ OBSERVING = {
             "hold": 0,
         },
     },
-    # the same on the rate-weighted clock: its factor t_eff / (a T) (a T = 4 here) reads the
-    # group's largest rate, maxed over the ranks' tensors
-    "ray_clock": {
-        "seek": {"init_scale": 0.5, "turn_threshold": 0.99, "resume_window": 0.0},
-        "validation": {
-            "ray_steps": 40,
-            "ray_target": 0.1,
-            "ray_clock": 1,
-            "ray_gate": 1,
-            "ray_before": 1.0,
-            "ray_tau": 0.0,
-            "ray_persist": 1,
-            "hypergrad_lr": 0.0,
-            "hold": 0,
-        },
+}
+# the ray on the rate-weighted clock: its factor t_eff / (a T) (a T = 4 here) reads the group's
+# largest rate, maxed over the ranks' tensors
+OBSERVING["ray_clock"] = {
+    "seek": OBSERVING["ray"]["seek"],
+    "validation": {
+        **OBSERVING["ray"]["validation"],
+        "ray_steps": 40,
+        "ray_target": 0.1,
+        "ray_clock": 1,
     },
 }
 
