@@ -22,9 +22,11 @@ optimizer as a loss observed alone (the seek rule's hold and rewind; no backward
 
     trainer = L.Trainer(val_check_interval=20, callbacks=[ObserveValidationLoss("val_loss")], ...)
 
-The ray ceiling (``validation={"ray_steps": T}``) reads the validation gradient of the whole
-validation set: give ``configure_optimizers`` the budget ``self.trainer.estimated_stepping_batches``
-and :class:`ObserveValidation` a loader of the whole set as one batch (``dataloader=``).
+The ray ceiling (``validation={"ray_steps": T}``) needs the budget: give ``configure_optimizers``
+``self.trainer.estimated_stepping_batches``. With :class:`ObserveValidation`'s minibatches that
+is the recommended option; the ray alone (``"hypergrad_lr": 0, "hold": 0, "ray_clock": 0,
+"ray_gate": 1``) reads the whole set's gradient: give :class:`ObserveValidation` a loader of the
+whole set as one batch (``dataloader=``).
 
 Importing this module imports Lightning (``lightning.pytorch``, else ``pytorch_lightning``);
 ``import metalr`` never does.

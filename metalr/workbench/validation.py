@@ -21,9 +21,11 @@ same validation data::
   validation split (what a user who evaluates "every epoch" would feed it), and at most 4 draws
   so that a short run still gets checks;
 * ``validation: {ray_steps: budget}`` (an optimizer option, :mod:`metalr.functional._ray`): the
-  ray ceiling given the run's own step budget (:func:`with_step_budget`), e.g.
-  ``{kind: adam_hd, validation: {ray_steps: budget, hypergrad_lr: 0, hold: 0},
-  validation_data: {every: 20, batch: all}}``;
+  ray ceiling given the run's own step budget (:func:`with_step_budget`), e.g. the recommended
+  option ``{kind: adam_hd, validation: {ray_steps: budget}, validation_data: {every: 20}}``,
+  or the ray alone on the whole split's gradient ``{kind: adam_hd, validation: {ray_steps:
+  budget, hypergrad_lr: 0, hold: 0, ray_clock: 0, ray_gate: 1}, validation_data: {every: 20,
+  batch: all}}``;
 * ``early_stopping``: stop when ``patience`` checks in a row have not improved on the best check,
   and restore the weights of the best check (the run's final losses are those weights').
 """
