@@ -45,3 +45,18 @@ def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch=TRAIN)
     opt.zero_grad()
     _loss(model, batch).backward()
     opt.step()
+
+
+def _overfitting_run(make, validation, steps=24, every=3):
+    """A run that observes the validation batch every ``every`` steps; the parameters at each
+    observation and the anchors the optimizer kept."""
+    model = _model()
+    first = [p.detach().clone() for p in model.parameters()]
+    opt = make(model.parameters(), validation=validation)
+    seen = []
+    for t in range(1, steps + 1):
+        _train_step(model, opt, _data(10 + t))
+        if t % every == 0:
+            seen.append([p.detach().clone() for p in model.parameters()])
+            opt.observe_validation(_loss(model, VAL))
+    return model, opt, first, seen

@@ -15,7 +15,17 @@ import math
 
 import pytest
 import torch
-from _validation_setup import LR, OPTIMIZERS, TRAIN, VAL, _data, _loss, _model, _train_step
+from _validation_setup import (
+    LR,
+    OPTIMIZERS,
+    TRAIN,
+    VAL,
+    _data,
+    _loss,
+    _model,
+    _overfitting_run,
+    _train_step,
+)
 
 import metalr
 from metalr.functional._controller import CEILING, COUNT, RAMP, SINCE, initial_controller
@@ -181,21 +191,6 @@ def test_per_element_rates_are_capped_at_the_factor_times_their_largest():
     torch.testing.assert_close(out.rates[0], torch.tensor([0.1, 0.2, 0.2], dtype=torch.float64))
 
 
-def _overfitting_run(make, validation, steps=24, every=3):
-    """A run that observes the validation batch every ``every`` steps; the parameters at each
-    observation and the anchors the optimizer kept."""
-    model = _model()
-    first = [p.detach().clone() for p in model.parameters()]
-    opt = make(model.parameters(), validation=validation)
-    seen = []
-    for t in range(1, steps + 1):
-        _train_step(model, opt, _data(10 + t))
-        if t % every == 0:
-            seen.append([p.detach().clone() for p in model.parameters()])
-            opt.observe_validation(_loss(model, VAL))
-    return model, opt, first, seen
-
-
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd_momentum", "sgd_nesterov",
                                   "hyperlr_rmsprop"])  # fmt: skip
 def test_the_anchor_is_each_parameter_before_its_first_step(name):
@@ -262,12 +257,7 @@ def test_the_optimizer_acts_once_caps_the_rates_and_rewinds(name, granularity):
 
 def test_a_nan_observation_changes_nothing_and_a_resume_is_bit_exact():
     validation = {**RAY_ONLY, "ray_tau": -1.0, "ray_persist": 3, "ray_steps": 100}
-    model = _model()
-    opt = metalr.AdamHD(model.parameters(), lr=LR, validation=validation)
-    for t in range(1, 7):
-        _train_step(model, opt, _data(10 + t))
-        if t % 3 == 0:
-            opt.observe_validation(_loss(model, VAL))
+    model, opt, _, _ = _overfitting_run(OPTIMIZERS["adam"], validation, steps=6)
     before = {p: copy.deepcopy(opt.state[p]) for p in model.parameters()}
     opt.observe_validation(_loss(model, VAL) * float("nan"))
     for p in model.parameters():

@@ -14,7 +14,16 @@ import math
 
 import pytest
 import torch
-from _validation_setup import LR, VAL, _data, _loss, _model, _train_step
+from _validation_setup import (
+    LR,
+    OPTIMIZERS,
+    VAL,
+    _data,
+    _loss,
+    _model,
+    _overfitting_run,
+    _train_step,
+)
 
 import metalr
 from metalr.functional._controller import COUNT, GRAD, GRAD_PEAK, RAMP, initial_controller
@@ -133,12 +142,7 @@ def test_a_checkpoint_from_before_the_clock_resumes_counting_from_t():
     """A ray state of three entries (a checkpoint from before the clock) is padded at the next
     observation, whose ``t_eff`` is then its step count; streak and flags are kept."""
     validation = {**RAY_CLOCK, "ray_tau": 1.0}
-    model = _model()
-    opt = metalr.AdamHD(model.parameters(), lr=LR, validation=validation)
-    for t in range(1, 7):
-        _train_step(model, opt, _data(10 + t))
-        if t % 3 == 0:
-            opt.observe_validation(_loss(model, VAL))
+    model, opt, _, _ = _overfitting_run(OPTIMIZERS["adam"], validation, steps=6)
     saved = copy.deepcopy(opt.state_dict())
     for state in saved["state"].values():
         state[RAY_KEY] = state[RAY_KEY][:3].clone()  # the old layout

@@ -156,13 +156,18 @@ def ray_cosine(sums: Tensor) -> Tensor:
     return torch.where(norm > 0, dot / norm.clamp_min(1e-300), torch.zeros_like(dot))
 
 
+def _stacked(controllers: Sequence[Tensor]) -> Tensor:
+    """A group's seek controllers as one ``[n, CONTROLLER_SIZE]`` tensor (the first one's dtype)."""
+    return torch.stack([c.to(controllers[0].dtype) for c in controllers])
+
+
 def gradient_fall(controllers: Sequence[Tensor]) -> Tensor:
     """``G_t / H_t``, the group's gradient-norm average over its peak (0-d; the largest over the
     tensors, which share it); 0 where the controller keeps no gradient norm (the gate open) and
     for a group without tensors here."""
     if not controllers:
         return torch.zeros((), dtype=torch.float64)
-    ctrl = torch.stack([c.to(controllers[0].dtype) for c in controllers])
+    ctrl = _stacked(controllers)
     avg, peak = ctrl[:, GRAD], ctrl[:, GRAD_PEAK]
     ratio = torch.where(peak > 0, avg / peak.clamp_min(1e-30), torch.zeros_like(avg))
     return ratio.amax()
@@ -174,8 +179,7 @@ def steps_taken(controllers: Sequence[Tensor]) -> Tensor:
     counted (0 for a group without tensors here: a rank of sharded state holding none)."""
     if not controllers:
         return torch.zeros((), dtype=torch.float64)
-    ctrl = torch.stack([c.to(controllers[0].dtype) for c in controllers])
-    return ctrl[:, COUNT].amax() + 1
+    return _stacked(controllers)[:, COUNT].amax() + 1
 
 
 class RayUpdate(NamedTuple):
@@ -214,7 +218,7 @@ def ray_update(
     (0-d; default :func:`gradient_fall` of ``controllers``) — under sharded state all three
     the largest over the ranks, so that every rank decides alike."""
     options = {**RAY_DEFAULTS, **options}  # a checkpoint's options from before the ray
-    ctrl = torch.stack([c.to(controllers[0].dtype) for c in controllers])  # [n, K]
+    ctrl = _stacked(controllers)  # [n, K]
     dtype, device = ctrl.dtype, ctrl.device
     state = torch.stack([upgraded_ray_state(r).to(device=device, dtype=dtype) for r in ray])
     budget = float(options["ray_steps"])
@@ -256,14 +260,13 @@ def ray_update(
         lowered = torch.where(act.to(s.device) & torch.isfinite(level),
                               torch.minimum(level, c.to(s)), level)  # fmt: skip
         new_stats.append(torch.cat([s[:LEVEL], lowered.reshape(1), s[LEVEL + 1 :]]))
-    counted = finite.to(device) & ~done  # the clock stops once the rule has acted
-    new_state = torch.stack([
+    new_state = torch.stack([  # the clock counts valid looks: it stops once the rule has acted
         streak.expand(len(ray)),
         (done | act).to(dtype).expand(len(ray)),
         (kept | keep).to(dtype).expand(len(ray)),
-        torch.where(counted, effective, state[:, EFFECTIVE].amax()).expand(len(ray)),
-        torch.where(counted, steps, state[:, SEEN].amax()).expand(len(ray)),
-        torch.where(counted, top, state[:, SEEN_LEVEL].amax()).expand(len(ray)),
+        torch.where(valid, effective, state[:, EFFECTIVE].amax()).expand(len(ray)),
+        torch.where(valid, steps, state[:, SEEN].amax()).expand(len(ray)),
+        torch.where(valid, top, state[:, SEEN_LEVEL].amax()).expand(len(ray)),
     ], dim=1)  # fmt: skip
     n = len(rates)
     return RayUpdate(
