@@ -252,3 +252,45 @@ def test_at_its_defaults_the_ray_acts_at_the_first_look_past_the_gate_on_the_clo
     factor = min(max(_python_clock(looks)[-1] / (0.3 * budget), 0.1), 1.0)
     for p in model.parameters():
         assert float(opt.state[p][RATE_KEY]) == pytest.approx(rates[p] * factor, rel=1e-9)
+
+
+@pytest.mark.parametrize("acts", [True, False], ids=["acts", "never_acts"])
+def test_on_cpu_an_observation_skips_what_would_return_its_input_bit_for_bit(monkeypatch, acts):
+    """Once the rule has acted it is inert (its update returns its input), and a look that keeps
+    no snapshot and flags no rewind leaves both as they were; on CPU state an observation reads
+    that on the host and skips the work: the same run with the skips switched off ends with the
+    same parameters and state bit for bit. Acting at the second look (τ −1), only the run
+    without the skip calls the rule afterwards; never acting (τ 1: every look at or below it,
+    the window closing at step 12), the runs differ in nothing."""
+    import metalr.optim._observing as observing
+
+    calls = []
+    original = observing.ray_decision
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(observing, "ray_decision", counted)
+    validation = {"ray_steps": 100, "ray_gate": 1.0, "ray_clock": 0.0,
+                  "ray_tau": -1.0 if acts else 1.0, "ray_before": 1.0 if acts else 0.12}  # fmt: skip
+    runs = {}
+    for skipping in (True, False):
+        if not skipping:
+            monkeypatch.setattr(observing, "_ray_finished", lambda rays: False)
+            monkeypatch.setattr(observing, "_known_false", lambda flags: False)
+        calls.clear()
+        model, opt, _, _ = _overfitting_run(OPTIMIZERS["adam"], validation, steps=60, every=3)
+        runs[skipping] = (model, opt, len(calls))
+    (skip_model, skip_opt, skip_calls), (full_model, full_opt, full_calls) = runs[True], runs[False]
+    first = next(iter(skip_opt.state.values()))
+    assert float(first[RAY_KEY][DONE]) == (1.0 if acts else 0.0)
+    assert float(first[RAY_KEY][KEPT]) == (0.0 if acts else 1.0)
+    assert full_calls == 20 and skip_calls == (2 if acts else 20)
+    for p, q in zip(skip_model.parameters(), full_model.parameters()):
+        assert torch.equal(p, q)
+    for a, b in zip(skip_opt.state.values(), full_opt.state.values()):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert torch.equal(a[key], b[key]), key

@@ -195,35 +195,45 @@ class RayUpdate(NamedTuple):
     rewind: Rewind
 
 
-def ray_update(
+class RayDecision(NamedTuple):
+    """The ray rule's decision at one observation (:func:`ray_decision`): whether it acts
+    (0-d bool), the log-rate ceiling of each tensor where it does (``[n]``: ``log m + log f``),
+    the new ray states and what the rewind does."""
+
+    act: Tensor
+    cap: Tensor
+    ray: list[Tensor]
+    rewind: Rewind
+
+
+def ray_decision(
     rates: Sequence[Tensor],
     controllers: Sequence[Tensor],
-    stats: Sequence[Tensor],
     ray: Sequence[Tensor],
     cosine: Tensor,
     finite: Tensor,
     *,
     options: Mapping[str, float],
-    seek: Mapping[str, float],
     granularity: str,
     steps: Tensor | None = None,
     level: Tensor | None = None,
     fall: Tensor | None = None,
-) -> RayUpdate:
-    """The ray ceiling after one observation of a group (pure; equations in the module
-    docstring). ``cosine``: the group's ray cosine (0-d); ``finite``: whether the observation
-    counts (a non-finite loss or gradient changes nothing); ``steps``: the training steps ``t``
-    the group has taken (0-d; default :func:`steps_taken` of ``controllers``) and ``level``: the
-    log of the group's largest multiplier (0-d; default: of ``rates``); ``fall``: ``G_t / H_t``
-    (0-d; default :func:`gradient_fall` of ``controllers``) — under sharded state all three
-    the largest over the ranks, so that every rank decides alike."""
+    levels: Tensor | None = None,
+) -> RayDecision:
+    """The first half of :func:`ray_update` (pure): the streak, the clock, the window, the gate
+    and the factor — whether the rule acts, the ceiling it puts, the new ray states and the
+    rewind — without touching the rates. ``levels``: each tensor's log level (``[n]``; default:
+    of ``rates``); the other arguments as for :func:`ray_update`."""
     options = {**RAY_DEFAULTS, **options}  # a checkpoint's options from before the ray
     ctrl = _stacked(controllers)  # [n, K]
     dtype, device = ctrl.dtype, ctrl.device
     state = torch.stack([upgraded_ray_state(r).to(device=device, dtype=dtype) for r in ray])
     budget = float(options["ray_steps"])
     steps = steps_taken(controllers) if steps is None else steps.to(device=device, dtype=dtype)
-    levels = torch.stack([log_level(r, granularity).to(device=device, dtype=dtype) for r in rates])
+    if levels is None:
+        levels = torch.stack([log_level(r, granularity).to(device=device, dtype=dtype)
+                              for r in rates])  # fmt: skip
+    levels = levels.to(device=device, dtype=dtype)
     top = levels.amax() if level is None else level.to(device=device, dtype=dtype)
     effective = effective_steps(state, steps, top)
     clock = effective if options["ray_clock"] > 0 else steps
@@ -240,9 +250,37 @@ def ray_update(
     keep = valid & window & ~over
     kept = state[:, KEPT].amax() > 0
     factor = torch.clamp(clock / (options["ray_target"] * budget), options["ray_floor"], 1.0)
-    log_factor = torch.log(factor)
+    new_state = torch.stack([  # the clock counts valid looks: it stops once the rule has acted
+        streak.expand(len(ray)),
+        (done | act).to(dtype).expand(len(ray)),
+        (kept | keep).to(dtype).expand(len(ray)),
+        torch.where(valid, effective, state[:, EFFECTIVE].amax()).expand(len(ray)),
+        torch.where(valid, steps, state[:, SEEN].amax()).expand(len(ray)),
+        torch.where(valid, top, state[:, SEEN_LEVEL].amax()).expand(len(ray)),
+    ], dim=1)  # fmt: skip
+    n = len(rates)
+    return RayDecision(
+        act,
+        levels + torch.log(factor),
+        [s.to(o.dtype) for s, o in zip(new_state.unbind(0), ray)],
+        Rewind(keep.expand(n), (act & kept).expand(n)),
+    )
 
-    cap = levels + log_factor
+
+def ray_capped(
+    rates: Sequence[Tensor],
+    controllers: Sequence[Tensor],
+    stats: Sequence[Tensor],
+    act: Tensor,
+    cap: Tensor,
+    *,
+    seek: Mapping[str, float],
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The second half of :func:`ray_update` (pure): where ``act`` (0-d bool), each tensor's
+    controller ceiling lowered to ``cap`` (``[n]``, from :func:`ray_decision`), its ramp
+    stopped and a turn's re-opening closed, its multipliers capped at ``exp(cap)`` and the
+    hold's level brought down to it; elsewhere all as they were."""
+    ctrl = _stacked(controllers)
     new_ceiling = torch.where(act, torch.minimum(ctrl[:, CEILING], cap), ctrl[:, CEILING])
     new_ramp = torch.where(act, torch.zeros_like(ctrl[:, RAMP]), ctrl[:, RAMP])
     since = ctrl[:, SINCE]
@@ -260,22 +298,40 @@ def ray_update(
         lowered = torch.where(act.to(s.device) & torch.isfinite(level),
                               torch.minimum(level, c.to(s)), level)  # fmt: skip
         new_stats.append(torch.cat([s[:LEVEL], lowered.reshape(1), s[LEVEL + 1 :]]))
-    new_state = torch.stack([  # the clock counts valid looks: it stops once the rule has acted
-        streak.expand(len(ray)),
-        (done | act).to(dtype).expand(len(ray)),
-        (kept | keep).to(dtype).expand(len(ray)),
-        torch.where(valid, effective, state[:, EFFECTIVE].amax()).expand(len(ray)),
-        torch.where(valid, steps, state[:, SEEN].amax()).expand(len(ray)),
-        torch.where(valid, top, state[:, SEEN_LEVEL].amax()).expand(len(ray)),
-    ], dim=1)  # fmt: skip
-    n = len(rates)
-    return RayUpdate(
-        new_rates,
-        [c.to(o.dtype) for c, o in zip(new_ctrl.unbind(0), controllers)],
-        new_stats,
-        [s.to(o.dtype) for s, o in zip(new_state.unbind(0), ray)],
-        Rewind(keep.expand(n), (act & kept).expand(n)),
+    return new_rates, [c.to(o.dtype) for c, o in zip(new_ctrl.unbind(0), controllers)], new_stats
+
+
+def ray_update(
+    rates: Sequence[Tensor],
+    controllers: Sequence[Tensor],
+    stats: Sequence[Tensor],
+    ray: Sequence[Tensor],
+    cosine: Tensor,
+    finite: Tensor,
+    *,
+    options: Mapping[str, float],
+    seek: Mapping[str, float],
+    granularity: str,
+    steps: Tensor | None = None,
+    level: Tensor | None = None,
+    fall: Tensor | None = None,
+) -> RayUpdate:
+    """The ray ceiling after one observation of a group (pure; equations in the module
+    docstring): :func:`ray_decision`, then :func:`ray_capped`. ``cosine``: the group's ray
+    cosine (0-d); ``finite``: whether the observation counts (a non-finite loss or gradient
+    changes nothing); ``steps``: the training steps ``t`` the group has taken (0-d; default
+    :func:`steps_taken` of ``controllers``) and ``level``: the log of the group's largest
+    multiplier (0-d; default: of ``rates``); ``fall``: ``G_t / H_t`` (0-d; default
+    :func:`gradient_fall` of ``controllers``) — under sharded state all three the largest over
+    the ranks, so that every rank decides alike."""
+    decision = ray_decision(
+        rates, controllers, ray, cosine, finite, options=options, granularity=granularity,
+        steps=steps, level=level, fall=fall,
+    )  # fmt: skip
+    new_rates, new_controllers, new_stats = ray_capped(
+        rates, controllers, stats, decision.act, decision.cap, seek=seek
     )
+    return RayUpdate(new_rates, new_controllers, new_stats, decision.ray, decision.rewind)
 
 
 def check_ray_options(options: Mapping[str, float]) -> None:

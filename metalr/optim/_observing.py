@@ -13,11 +13,13 @@ from metalr.functional._common import commit_rates, scalar_lr
 from metalr.functional._distributed import ShardReducer, average_over_ranks
 from metalr.functional._rate_moves import log_level
 from metalr.functional._ray import (
+    DONE,
     gradient_fall,
+    ray_capped,
     ray_cosine,
+    ray_decision,
     ray_enabled,
     ray_sums,
-    ray_update,
     steps_taken,
     upgraded_ray_state,
 )
@@ -323,35 +325,45 @@ class ValidationObserving:
     ) -> None:
         """The ray ceiling's half of an observation (``validation={"ray_steps": T}``; the math:
         :mod:`metalr.functional._ray`): the group's ray cosine, then at most once a ceiling on
-        its rates and a rewind of its parameters. On the device, no host read."""
+        its rates and a rewind of its parameters. On the device, no host read; with its state
+        on the CPU, where reading a flag costs no synchronisation, it skips the work whose
+        result would be its input (a rule that has acted, a look that does not act), the
+        same bit for bit."""
         states = [self.state[p] for p in params]  # completed by _rate: the anchor is there
+        if shards is None and _ray_finished([s[RAY_KEY] for s in states]):
+            return  # acted: the rule would return its input, bit for bit
         for state in states:  # a checkpoint's state from before the clock: padded once
             state[RAY_KEY] = upgraded_ray_state(state[RAY_KEY])
         sums = ray_sums(grads, params, [s[RAY_ANCHOR_KEY] for s in states])
         controllers = [self._controller(p, group) for p in params]
         # the group's step and its largest log multiplier (the ray's clock reads both) and its
         # gradient norm's fall from the peak (its gate)
+        levels = torch.stack([log_level(r, group["granularity"]).to(torch.float64)
+                              for r in rates])  # fmt: skip
         clock = torch.stack([
             steps_taken(controllers).to(torch.float64),
-            torch.stack([log_level(r, group["granularity"]).to(torch.float64)
-                         for r in rates]).amax(),
+            levels.amax(),
             gradient_fall(controllers).to(torch.float64),
         ])  # fmt: skip
         if shards is not None:  # every rank decides on the same cosine, step, level and fall
             sums = shards.sum(sums.to(shards.device))
             clock = shards.maximum(clock.to(shards.device))
-        stats = [s[VALIDATION_KEY] for s in states]
         rays = [s[RAY_KEY] for s in states]
-        update = ray_update(
-            rates, controllers, stats, rays, ray_cosine(sums), finite,
-            options=group["validation"], seek=group["seek"], granularity=group["granularity"],
-            steps=clock[0], level=clock[1], fall=clock[2],
+        decision = ray_decision(
+            rates, controllers, rays, ray_cosine(sums), finite, options=group["validation"],
+            granularity=group["granularity"], steps=clock[0], level=clock[1], fall=clock[2],
+            levels=levels,
         )  # fmt: skip
-        torch._foreach_copy_(rates, update.rates)
-        torch._foreach_copy_(controllers, update.controllers)
-        torch._foreach_copy_(stats, update.stats)
-        torch._foreach_copy_(rays, update.ray)
-        self._rewind(params, update.rewind, pending=True)
+        torch._foreach_copy_(rays, decision.ray)
+        if not _known_false(decision.act):  # (on CPU state a look that does not act skips it)
+            stats = [s[VALIDATION_KEY] for s in states]
+            new_rates, new_controllers, new_stats = ray_capped(
+                rates, controllers, stats, decision.act, decision.cap, seek=group["seek"]
+            )
+            torch._foreach_copy_(rates, new_rates)
+            torch._foreach_copy_(controllers, new_controllers)
+            torch._foreach_copy_(stats, new_stats)
+        self._rewind(params, decision.rewind, pending=True)
 
     def _rewind(self, params: list[Tensor], rewind: Rewind, pending: bool = False) -> None:
         """The rewind's half at the observation (``validation={"rewind": r}``): a new best
@@ -359,8 +371,8 @@ class ValidationObserving:
         ``step()`` reads at its end (:meth:`apply_due_rewinds`, which reads ``r``); ``pending``
         (the ray ceiling's) ors the flags into those already due instead of replacing them, so
         that a second look before that step cannot cancel the rewind. On the device, no host
-        read."""
-        snapshots = []
+        read (``pending`` on the CPU: a look that keeps nothing and flags nothing returns once
+        the state's entries exist)."""
         for p, due in zip(params, rewind.restore.unbind(0)):
             state = self.state[p]
             if SNAPSHOT_KEY not in state:  # the first observation (or a checkpoint without it)
@@ -368,6 +380,11 @@ class ValidationObserving:
             if REWIND_DUE_KEY not in state:  # created once, then written in place: the state
                 # keeps its layout (a compiled step does not recompile at each observation)
                 state[REWIND_DUE_KEY] = torch.zeros((), dtype=torch.bool, device=due.device)
+        if pending and _known_false(rewind.keep) and _known_false(rewind.restore):
+            return  # nothing kept, nothing due: the selects below would return their input
+        snapshots = []
+        for p, due in zip(params, rewind.restore.unbind(0)):
+            state = self.state[p]
             snapshots.append(state[SNAPSHOT_KEY])
             if pending:  # the ray's: a later look before the step keeps a rewind already due
                 state[REWIND_DUE_KEY].logical_or_(due.to(state[REWIND_DUE_KEY].device))
@@ -428,6 +445,22 @@ _STEPPED_KEYS = ("step", "momentum_buffer", "prev_direction")
 def _stepped(state: dict[str, Any]) -> bool:
     """Whether a parameter with this state has been stepped (has a rate and a last direction)."""
     return RATE_KEY in state and any(key in state for key in _STEPPED_KEYS)
+
+
+def _known_false(flags: Tensor) -> bool:
+    """Whether every flag is False, read on the host only where that costs no
+    synchronisation (a CPU tensor; elsewhere: False, unknown)."""
+    return flags.device.type == "cpu" and not bool(flags.any())
+
+
+def _ray_finished(rays: list[Tensor]) -> bool:
+    """Whether a group's ray rule has acted (its ``DONE`` flag), read on the host only where
+    that costs no synchronisation: state on the CPU (elsewhere: False, and the rule runs).
+    A rule that has acted is inert — no streak, no clock, no snapshot, no rewind; its update
+    returns its input — so an observation may skip it."""
+    if not rays or any(r.device.type != "cpu" for r in rays):
+        return False
+    return all(bool(r[DONE] > 0) for r in rays)
 
 
 def _refuse_dtensor(params: list[Tensor]) -> None:
