@@ -137,15 +137,19 @@ def ray_sums(
     val_grads: Sequence[Tensor], params: Sequence[Tensor], anchors: Sequence[Tensor]
 ) -> Tensor:
     """``(⟨g, θ − θ_0⟩, ‖g‖², ‖θ − θ_0‖²)`` summed over the tensors, in float64 (``[3]``; sum
-    them over the ranks that shard a group before :func:`ray_cosine`)."""
+    them over the ranks that shard a group before :func:`ray_cosine`). The travel is taken in
+    the parameter's dtype, then each product is exact in float64 and summed there by a dot
+    product (no product tensor is kept)."""
     device = params[0].device if params else torch.device("cpu")
     total = torch.zeros(3, dtype=torch.float64, device=device)
     for g, p, a in zip(val_grads, params, anchors):
         g64 = torch.view_as_real(g) if g.is_complex() else g
         travel = p.detach() - a.to(p.dtype)
         t64 = torch.view_as_real(travel) if travel.is_complex() else travel
-        g64, t64 = g64.to(torch.float64), t64.to(torch.float64)
-        total = total + torch.stack([(g64 * t64).sum(), (g64 * g64).sum(), (t64 * t64).sum()])
+        g64 = g64.reshape(-1).to(torch.float64)
+        t64 = t64.reshape(-1).to(torch.float64)
+        dots = [torch.dot(g64, t64), torch.dot(g64, g64), torch.dot(t64, t64)]
+        total = total + torch.stack(dots)
     return total
 
 
