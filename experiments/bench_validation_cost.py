@@ -32,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"animal_cnn": 500, "charlm_gru": 500, "fewshot_sinusoid": 100, "pysrc_transformer": 400}
 
 
+#: The tasks timed without ``--tasks``.
+DEFAULT_TASKS = "digits_mlp,mnist1d_mlp,animal_cnn,pysrc_transformer"
+
 #: Steps between validation batches without ``--every`` (study 9's first frequency).
 DEFAULT_EVERY = 10
 
@@ -136,7 +139,7 @@ def timed(task, spec, steps: int) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tasks", default="digits_mlp,mnist1d_mlp,animal_cnn,pysrc_transformer")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="smoke-size tasks, 20 steps")
     parser.add_argument("--every", type=int, default=DEFAULT_EVERY,
@@ -190,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.recommended:
         what = "the recommended option (the ray at its defaults)"
         flags += " --recommended"
+    flags += f" --tasks {args.tasks}" if args.tasks != DEFAULT_TASKS else ""
     text = (f"# Cost of {what} (every {args.every} steps, {batch})\n\n"
             f"`python experiments/bench_validation_cost.py --repeats "
             f"{args.repeats}{flags}` (1 thread, {size} tasks, paired and interleaved)\n\n"

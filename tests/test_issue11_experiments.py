@@ -53,7 +53,7 @@ def test_cost_benchmark_prints_a_paired_table(capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "every 5 steps" in out and "--every 5" in out
+    assert "every 5 steps" in out and "--every 5" in out and "--tasks digits_logreg`" in out
     for label, (base, option) in bench_validation_cost.pairs(5).items():
         assert f"| digits_logreg | {label} |" in out
         assert option["validation_data"] == {"every": 5} and "validation_data" not in base
