@@ -24,12 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+from study_budgets import study_steps
 
 from metalr.workbench.runner import train
 from metalr.workbench.tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = {"animal_cnn": 500, "charlm_gru": 500, "fewshot_sinusoid": 100, "pysrc_transformer": 400}
 
 
 #: The tasks timed without ``--tasks``.
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.tasks.split(","):
         task = make_task(name, size, fallback_text=args.smoke)
-        steps = 20 if args.smoke else STEPS.get(name, 1000)
+        steps = 20 if args.smoke else study_steps(name)
         timed(task, {"kind": "adam_hd"}, min(steps, 20))  # warm-up (caches, allocator)
         chosen = pass_pairs(args.every) if args.whole_pass else pairs(args.every, args.rewind)
         if args.ray:

@@ -34,10 +34,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fit_controller, one_run_goals
 from one_run_goals import WITHIN
+from study_budgets import budgets
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = {"animal_cnn": 500, "charlm_gru": 500, "digits_logreg": 1000, "digits_mlp": 1000,
-         "fewshot_sinusoid": 100, "mnist1d_mlp": 1000}  # fmt: skip
+#: Study 1's six tasks with their step budgets.
+TASKS = budgets(("animal_cnn", "charlm_gru", "digits_logreg", "digits_mlp", "fewshot_sinusoid",
+                 "mnist1d_mlp"))  # fmt: skip
 LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 

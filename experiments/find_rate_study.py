@@ -29,13 +29,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from study_budgets import study_steps
 
 import metalr
 from metalr.workbench.tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY1 = ROOT / "experiments/results/ablate_study1/records.jsonl"
-BUDGETS = {"animal_cnn": 500, "charlm_gru": 500, "pysrc_transformer": 400, "fewshot_sinusoid": 100}
 FACTORS = (1e-4, 100.0)
 GOAL_STEPS, GOAL_PEAK = 100, 1.5
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     tic = time.perf_counter()
     rows, records = [], []
     for task_name, r_star in best.items():
-        steps = 20 if args.smoke else BUDGETS.get(task_name, 1000)
+        steps = 20 if args.smoke else study_steps(task_name)
         for factor in FACTORS:
             hits, peaks = [], []
             for seed in seeds:

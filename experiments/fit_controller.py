@@ -144,13 +144,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from study_budgets import budgets
 
 from metalr.functional import TRIAL11_SEEK
 from metalr.workbench.runner import train
 from metalr.workbench.tasks import make_task
 
 ROOT = Path(__file__).resolve().parents[1]
-SUITE = {"digits_logreg": 1000, "digits_mlp": 1000, "mnist1d_mlp": 1000, "fewshot_sinusoid": 100}
+SUITE = budgets(("digits_logreg", "digits_mlp", "mnist1d_mlp", "fewshot_sinusoid"))
 LR0S = (1e-5, 1e-1)
 HIGH = 100.0  # and a start 100× the task's best Adam rate (issue 10, goal 4)
 REFERENCE_GRID = tuple(round(m * 10.0**e, 8) for e in range(-5, 0) for m in (1, 3)) + (0.1,)
@@ -229,7 +230,7 @@ OPTIMIZERS = {
     "sgd": ({"kind": "sgd", "momentum": 0.9}, {"kind": "sgd_hd", "momentum": 0.9}),
 }
 #: Study 1's CNN (``--with-cnn``, round 7): the slow ramp's premature turn shows only there.
-CNN = {"animal_cnn": 500}
+CNN = budgets(("animal_cnn",))
 START = {"init_scale": 1e-2, "ramp_rate": 0.1, "ramp_max": 0.5, "turn_threshold": 0.3,
          "turn_cut": 0.3, "headroom": 1.0, "signal_decay": 0.9, "evidence": 0.1,
          "hypergrad_lr": 0.05}  # fmt: skip

@@ -24,10 +24,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fit_controller, one_run_goals
 from one_run_goals import WITHIN
+from study_budgets import budgets
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY1 = ROOT / "experiments/results/ablate_study1/records.jsonl"
-TASKS = {"pysrc_transformer": 400, "animal_autoencoder": 1000, "diabetes_mlp": 1000}
+TASKS = budgets(("pysrc_transformer", "animal_autoencoder", "diabetes_mlp"))
 LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 SEEDS = (0, 1, 2)
 

@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 
 import torch
-from bench_validation_cost import STEPS  # study 1's step budgets (others: 1000)
+from study_budgets import study_steps
 
 from metalr.workbench import optimizers as O
 from metalr.workbench.runner import _task
@@ -126,7 +126,7 @@ def fixed_table(args) -> list[str]:
              "|---|---|---|---|---|---|"]  # fmt: skip
     for name in args.tasks.split(","):
         task = _task(name, args.size, "cpu", args.size == "smoke")
-        steps = args.steps or STEPS.get(name, 1000)
+        steps = args.steps or study_steps(name)
         for lr in (float(v) for v in args.lrs.split(",")):
             for seed in (int(s) for s in args.seeds.split(",")):
                 r = run(task, {"kind": "adam"}, lr, seed, steps, args.every)
@@ -156,7 +156,7 @@ def controller_table(args) -> list[str]:
     seeds = [int(s) for s in args.seeds.split(",")]
     for name in args.tasks.split(","):
         task = _task(name, args.size, "cpu", args.size == "smoke")
-        steps = args.steps or STEPS.get(name, 1000)
+        steps = args.steps or study_steps(name)
         for lr in (float(v) for v in args.lrs.split(",")):
             base = [run(task, {"kind": "adam_hd"}, lr, s, steps, None) for s in seeds]
             ray = [run(task, {"kind": "adam_hd"}, lr, s, steps, args.every, rule) for s in seeds]

@@ -39,12 +39,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # fit_controller, chec
 from check_controller import LRS, TASKS
 from compare_checks import bootstrap_interval
 from one_run_goals import WITHIN
+from study_budgets import budgets
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Where each task's runs (``<task>_<optimizer>.json``) and table (``.md``) go by default.
 RESULTS = ROOT / "experiments/results/reference_noise"
 #: Study 1's budgets: its six tasks (``check_controller.TASKS``) and the three held-out ones.
-STEPS = {**TASKS, "pysrc_transformer": 400, "animal_autoencoder": 1000, "diabetes_mlp": 1000}
+STEPS = {**TASKS, **budgets(("pysrc_transformer", "animal_autoencoder", "diabetes_mlp"))}
 OPTIMIZERS = {
     "adam": ({"kind": "adam"}, {"kind": "adam_hd"}),
     "sgd": ({"kind": "sgd", "momentum": 0.9}, {"kind": "sgd_hd", "momentum": 0.9}),

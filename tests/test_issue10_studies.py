@@ -583,3 +583,24 @@ def test_ray_controller_persistence_waits_for_looks_in_a_row(monkeypatch):
         rule = {"budget": 1.0, "tau": 0.005, "floor": 0.1, "persist": persist}
         r = probe.run(task, {"kind": "adam_hd"}, 1e-3, 0, 30, 5, rule)
         assert r["lrs"] == [pytest.approx(1e-3 * factor)] * len(r["lrs"])
+
+
+def test_the_scripts_read_study_1s_budgets_from_its_config():
+    """The fresh-seed checks, the finding-the-rate study, the many-seed references and the cost
+    benchmark run study 1's cells at the budgets the workbench reads from study 1's config."""
+    import check_controller
+    import horizon_heldout
+    import reference_noise
+    from study_budgets import CONFIG, study_steps
+
+    from metalr.workbench.config import load_study
+
+    study = load_study(CONFIG)
+    assert set(check_controller.TASKS) | set(horizon_heldout.TASKS) == set(study.tasks)
+    for task in study.tasks:
+        assert study_steps(task) == study.steps_of(task) == reference_noise.STEPS[task]
+    assert check_controller.TASKS["fewshot_sinusoid"] == 100
+    assert (
+        check_controller.TASKS["animal_cnn"] == 500 and check_controller.TASKS["digits_mlp"] == 1000
+    )
+    assert horizon_heldout.TASKS["pysrc_transformer"] == 400
