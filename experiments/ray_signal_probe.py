@@ -29,6 +29,8 @@ Usage::
     python experiments/ray_signal_probe.py controller --tasks digits_mlp --seeds 100,101,102
     python experiments/ray_signal_probe.py summary --tables A.md,B.md --reference REF.json \\
         --out experiments/results/ray_signal/summary.md
+    python experiments/ray_signal_probe.py summary --checks DIR/base.json,DIR/rule.json \
+        --metric test       # writes DIR/summary_test.md
     python experiments/ray_signal_probe.py fixed --size smoke --steps 20 --every 5   # CI
 """
 
@@ -230,6 +232,15 @@ def _check_cells(paths: list[str], metric: str) -> tuple[dict, list]:
     return base[ref], cells
 
 
+def default_out(args) -> Path:
+    """Where a table goes without ``--out``: a summary of two check files beside the first of
+    them (``summary_<metric>.md``: the check's own folder, not the folder-wide summary another
+    comparison wrote), any other table in ``experiments/results/ray_signal/<table>.md``."""
+    if args.table == "summary" and args.checks:
+        return Path(args.checks.split(",")[0]).parent / f"summary_{args.metric}.md"
+    return OUT / f"{args.table}.md"
+
+
 def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("table", choices=("fixed", "controller", "summary"))
@@ -269,7 +280,7 @@ def main(argv: list[str] | None = None) -> str:
     lines = make[args.table](args)
     command = "python experiments/ray_signal_probe.py " + " ".join(argv or sys.argv[1:])
     text = "\n".join([f"`{command}`", "", *lines]) + "\n"
-    out = Path(args.out) if args.out else OUT / f"{args.table}.md"
+    out = Path(args.out) if args.out else default_out(args)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return text

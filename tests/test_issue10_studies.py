@@ -550,6 +550,13 @@ def test_ray_signal_summary_pairs_two_check_files(tmp_path):
                        "--out", str(tmp_path / "s.md")])  # fmt: skip
     assert "within 10% of the reference: defaults 1, with the rule 2" in text
     assert f"paired mean log-ratio {math.log(2.2 / 3.0) / 2:+.3f}" in text
+    # without --out: beside the check files, named by the metric (not the folder-wide summary)
+    shared = probe.OUT / "summary.md"
+    before = shared.read_text() if shared.is_file() else None
+    again = probe.main(["summary", "--checks", checks, "--metric", "test"])
+    assert (tmp_path / "summary_test.md").read_text() == again
+    assert again.split("\n", 1)[1] == text.split("\n", 1)[1]  # the same table, another command
+    assert (shared.read_text() if shared.is_file() else None) == before
 
 
 def test_ray_controller_ceiling_holds_the_mean_rate_below_its_cut(monkeypatch):
