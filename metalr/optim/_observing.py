@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metalr.functional._common import commit_rates, scalar_lr
+from metalr.functional._common import commit_rates, host_readable, scalar_lr
 from metalr.functional._distributed import ShardReducer, average_over_ranks
 from metalr.functional._rate_moves import log_level
 from metalr.functional._ray import (
@@ -448,19 +448,17 @@ def _stepped(state: dict[str, Any]) -> bool:
 
 
 def _known_false(flags: Tensor) -> bool:
-    """Whether every flag is False, read on the host only where that costs no
-    synchronisation (a CPU tensor; elsewhere: False, unknown)."""
-    return flags.device.type == "cpu" and not bool(flags.any())
+    """Whether every flag is False, read on the host only where that is free
+    (:func:`~metalr.functional._common.host_readable`; elsewhere: False, unknown)."""
+    return host_readable(flags) and not bool(flags.any())
 
 
 def _ray_finished(rays: list[Tensor]) -> bool:
     """Whether a group's ray rule has acted (its ``DONE`` flag), read on the host only where
-    that costs no synchronisation: state on the CPU (elsewhere: False, and the rule runs).
-    A rule that has acted is inert — no streak, no clock, no snapshot, no rewind; its update
-    returns its input — so an observation may skip it."""
-    if not rays or any(r.device.type != "cpu" for r in rays):
-        return False
-    return all(bool(r[DONE] > 0) for r in rays)
+    that is free (elsewhere: False, and the rule runs). A rule that has acted is inert — no
+    streak, no clock, no snapshot, no rewind; its update returns its input — so an observation
+    may skip it."""
+    return bool(rays) and all(host_readable(r) and bool(r[DONE] > 0) for r in rays)
 
 
 def _refuse_dtensor(params: list[Tensor]) -> None:
