@@ -213,6 +213,11 @@ def test_every_path_restarts_alike(options, host_reads, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
 
 
+def test_the_fused_step_restarts_alike(monkeypatch):
+    """fused=True (on the CPU in float64: the compiled pure step) restarts as the eager path."""
+    test_every_path_restarts_alike({"fused": True}, True, monkeypatch)
+
+
 def test_a_restarted_run_resumes_bit_for_bit():
     turn = _first_turn()
     model = _model()
