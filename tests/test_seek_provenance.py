@@ -34,6 +34,7 @@ OFF = {
     "noise_hold": 0.0,
     "vanish_fall": 0.0,
     "horizon": 0.0,  # the long-horizon signal (2026-12-06): never fitted, off by default
+    "moment_restart": 0.0,  # Adam's moments restarted at the turn (2026-12-06): opt-in, not fitted
 }
 
 

@@ -57,6 +57,7 @@ SEEK_DEFAULTS: dict[str, float] = {
     "noise_hold": 0.0,
     "vanish_fall": 1.0,
     "horizon": 0.0,
+    "moment_restart": 0.0,
 }
 
 #: Round 7's best (trial 33, objective 0.516; ``round7/best.json``), to 4 significant digits:
@@ -105,6 +106,7 @@ TRIAL11_SEEK: dict[str, float] = {
     "noise_hold": 0.0,
     "vanish_fall": 0.0,
     "horizon": 0.0,
+    "moment_restart": 0.0,
 }
 TRIAL11_SEEK_HYPERGRAD_LR = 0.015
 
@@ -155,6 +157,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "noise_hold": (0.0, 10.0, False),
     "vanish_fall": (0.0, 10.0, False),
     "horizon": (0.0, 1.0, False),
+    "moment_restart": (0.0, 1.0, False),
 }
 
 

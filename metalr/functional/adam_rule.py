@@ -76,6 +76,13 @@ from metalr.functional._fused import (
     run_default_kernels,
 )
 from metalr.functional._hypergrad import adapt_rates, rates_in_use
+from metalr.functional._moment_restart import (
+    first_turns,
+    requested,
+    restart_in_place,
+    restarted,
+    turn_counts,
+)
 from metalr.functional._signals import check_step_inputs
 
 
@@ -260,6 +267,12 @@ def adam_hd_step(
         out.rates.append(select(finite, new_rate, rate))
         step_keep = finite if not lagged else grads_finite
         out.steps.append(step_new if step_keep is None else select(step_keep, step_new, step))
+    if requested(seek, controllers):  # a fresh Adam from the first turn on
+        turned = first_turns(turn_counts(controllers), new_controllers)
+        for i, flag in enumerate(turned.unbind(0)):
+            out.exp_avgs[i] = restarted(out.exp_avgs[i], flag)
+            out.exp_avg_sqs[i] = restarted(out.exp_avg_sqs[i], flag)
+            out.steps[i] = restarted(out.steps[i], flag)
     if trails is not None:
         return out, new_controllers, new_trails
     return out if controllers is None else (out, new_controllers)
@@ -382,6 +395,40 @@ def adam_hd(
     if not params and hyper.get("shards") is not None:
         hyper["shards"].participate(hyper["granularity"], hyper["rule"], hyper["hypergrad_lr"])
         return None
+    controllers = hyper.get("controllers")
+    if not requested(hyper.get("seek"), controllers):
+        return _dispatch_adam_hd(
+            params, grads, exp_avgs, exp_avg_sqs, rates, steps, foreach=foreach, fused=fused,
+            differentiable=differentiable, **hyper,
+        )  # fmt: skip
+    # Adam's moments restart at a tensor's first turn (seek["moment_restart"]); a step autograd
+    # records is the pure step, which restarts them itself
+    recorded = tracks_grad(params, grads, exp_avgs, exp_avg_sqs, rates, steps, hyper)
+    before = turn_counts(controllers)
+    _dispatch_adam_hd(
+        params, grads, exp_avgs, exp_avg_sqs, rates, steps, foreach=foreach, fused=fused,
+        differentiable=differentiable, **hyper,
+    )  # fmt: skip
+    if not recorded:
+        restart_in_place(first_turns(before, controllers), exp_avgs, exp_avg_sqs, steps)
+    return None
+
+
+def _dispatch_adam_hd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    rates: list[Tensor],
+    steps: list[Tensor],
+    *,
+    foreach: bool | None,
+    fused: bool | None,
+    differentiable: bool,
+    **hyper,
+) -> None:
+    """:func:`adam_hd`'s choice of path: a kernel, the compiled step, ``foreach`` or single
+    tensors."""
     if fused:
         if differentiable or foreach:
             raise RuntimeError("fused=True does not support differentiable=True or foreach=True")

@@ -92,6 +92,9 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
     #: Whose fitted seek constants are the defaults (``FAMILIES`` of
     #: :mod:`metalr.functional._controller`): Adam's unless a subclass says otherwise.
     seek_family = "adam"
+    #: Whether the optimizer keeps Adam's moment estimates, which ``seek["moment_restart"]``
+    #: restarts at the ramp's turn (AdamHD, AdamWHD); elsewhere that constant is refused.
+    restarts_moments = False
     #: The additive rule's default β (None: the rule needs an explicit ``hypergrad_lr``).
     additive_default: float | None = None
     #: Param-group keys every checkpoint this optimizer loads has (its own, or its torch
@@ -107,8 +110,9 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
         ``hypergrad_lr``, ``lr_bounds``, ``seek``, ``validation``, ``spike_guard``) validated and
         completed like the constructor's (:func:`metalr.optim._validation.check_group_options`)."""
         resolved = check_group_options(
-            param_group, self.defaults, self.additive_default, self.seek_family
-        )
+            param_group, self.defaults, self.additive_default, self.seek_family,
+            moment_restart=self.restarts_moments,
+        )  # fmt: skip
         super().add_param_group({**param_group, **resolved})
 
     def __setstate__(self, state: dict[str, Any]) -> None:

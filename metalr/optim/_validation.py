@@ -112,9 +112,12 @@ def check_hyper_options(
     validation: Mapping[str, float] | None = None,
     family: str = "adam",
     spike_guard: bool | Mapping[str, float] | None = None,
+    moment_restart: bool = False,
 ) -> dict[str, Any]:
     """Validate the hypergradient options and return them with defaults resolved (``family``:
-    whose fitted seek constants are the defaults, ``"adam"`` or ``"sgd"``).
+    whose fitted seek constants are the defaults, ``"adam"`` or ``"sgd"``; ``moment_restart``:
+    whether the optimizer has Adam's moment estimates to restart, ``seek["moment_restart"]``,
+    refused with a ``ValueError`` where it has not).
 
     ``seek`` (constants of the ``"seek"`` rule overriding its fitted defaults) is stored in
     every group, completed; it is refused for the other rules, which do not read it.
@@ -128,12 +131,19 @@ def check_hyper_options(
     check_mapping("validation", validation)
     if seek is not None and rule != "seek":
         raise ValueError(f"Invalid seek: {dict(seek)!r}; only rule='seek' takes seek constants")
+    resolved_seek = resolve_seek(seek, family)
+    if resolved_seek["moment_restart"] > 0 and not moment_restart:
+        raise ValueError(
+            f"Invalid seek['moment_restart']: {resolved_seek['moment_restart']!r}; it restarts "
+            "Adam's moment estimates at the ramp's turn, which only AdamHD and AdamWHD keep "
+            "(expected 0 here)"
+        )
     return {
         "hypergrad_lr": resolve_hypergrad_lr(hypergrad_lr, rule, additive_default, family),
         "granularity": granularity,
         "rule": rule,
         "lr_bounds": check_lr_bounds(lr_bounds),
-        "seek": resolve_seek(seek, family),
+        "seek": resolved_seek,
         "validation": _validation_options(validation, rule, hypergrad_lr, additive_default),
         "spike_guard": resolve_spike_guard(spike_guard),
     }
@@ -149,6 +159,7 @@ def check_group_options(
     defaults: Mapping[str, Any],
     additive_default: float | None,
     family: str = "adam",
+    moment_restart: bool = False,
 ) -> dict[str, Any]:
     """The hypergradient options a param group names (``GROUP_HYPER_KEYS``), validated and
     completed as :func:`check_hyper_options` does for the constructor's; ``{}`` when it names
@@ -187,6 +198,7 @@ def check_group_options(
         validation,
         family,
         spike_guard=given.get("spike_guard", defaults["spike_guard"]),
+        moment_restart=moment_restart,
     )
 
 

@@ -59,7 +59,9 @@ class AdamHD(HypergradOptimizer):
         rule: ``"seek"``, ``"normalized"`` or ``"additive"`` (default: "seek").
         seek: constants of the seek rule overriding its fitted defaults, e.g.
             ``{"init_scale": 0.01}``, or ``{"horizon": 0.95}`` for the long-horizon tracking
-            signal (one more buffer per parameter; :mod:`metalr.functional._trail`)
+            signal (one more buffer per parameter; :mod:`metalr.functional._trail`), or
+            ``{"moment_restart": 1}`` to restart each tensor's Adam moments at its first turn
+            (:mod:`metalr.functional._moment_restart`; with the validation option)
             (default: None).
         validation: constants of the validation signal (used once :meth:`observe_validation`
             is called) overriding its defaults, e.g. ``{"hypergrad_lr": 0.05}``; see
@@ -116,6 +118,7 @@ class AdamHD(HypergradOptimizer):
 
     #: The additive rule's default β (Adam's step is in parameter units, so a small one).
     additive_default = ADDITIVE_DEFAULT_HYPERGRAD_LR
+    restarts_moments = True
     checkpoint_keys = ("betas",)
 
     def __init__(
@@ -177,6 +180,7 @@ class AdamHD(HypergradOptimizer):
                 seek,
                 validation,
                 spike_guard=spike_guard,
+                moment_restart=True,
             ),
         )
         super().__init__(params, defaults)
