@@ -18,8 +18,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # experiments/
 sys.path.insert(0, str(HERE))
 os.environ["RESTART"] = "matched"
-import restartpatch2  # noqa: E402,F401  (patches AdamHD.step; forked workers inherit it)
-from horizon_heldout import LRS, SEEDS, TASKS, _run, study1_reference  # noqa: E402
+import restartpatch2  # noqa: F401  (patches AdamHD.step; forked workers inherit it)
+from horizon_heldout import LRS, SEEDS, TASKS, _run, study1_reference
 
 if __name__ == "__main__":
     spec = {"kind": "adam_hd"}
@@ -40,8 +40,10 @@ if __name__ == "__main__":
             hits, base_hits = hits + (r <= 1.10), base_hits + (b <= 1.10)
             cells.append(f"{r:.2f} ({b:.2f})")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
-    head = (f"Held-out tasks, seeds 0-2, final val ÷ best-of-grid Adam: matched restart "
-            f"{hits}/15 cells within 10%, defaults {base_hits}/15 (in brackets).")
+    head = (
+        f"Held-out tasks, seeds 0-2, final val ÷ best-of-grid Adam: matched restart "
+        f"{hits}/15 cells within 10%, defaults {base_hits}/15 (in brackets)."
+    )
     text = head + "\n\n" + "\n".join(lines) + "\n"
     (HERE / "heldout.md").write_text(text)
     print(text)

@@ -1,11 +1,16 @@
 """Monkeypatch: restart moments at the first turn; 'matched' also scales the multiplier by the
 mean |d| of the last direction before the restart (the first fresh step keeps its size)."""
-import os, torch
-from metalr.optim.adam_hd import AdamHD
+
+import os
+
 from metalr.functional._controller import SINCE
 from metalr.functional.adam_rule import adam_direction
+from metalr.optim.adam_hd import AdamHD
+
 MODE = os.environ.get("RESTART", "")
 _orig = AdamHD.step
+
+
 def step(self, closure=None):
     if not MODE:
         return _orig(self, closure)
@@ -23,6 +28,10 @@ def step(self, closure=None):
             if MODE == "matched":
                 d = adam_direction(st["exp_avg"], st["exp_avg_sq"], st["step"], b1, b2, eps)
                 st["lr_multiplier"].mul_(d.abs().mean().clamp(max=1.0))
-            st["exp_avg"].zero_(); st["exp_avg_sq"].zero_(); st["step"].zero_()
+            st["exp_avg"].zero_()
+            st["exp_avg_sq"].zero_()
+            st["step"].zero_()
     return loss
+
+
 AdamHD.step = step

@@ -10,8 +10,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # experiments/
-from check_controller import LRS  # noqa: E402
-from reference_noise import mean_of, parse_seeds  # noqa: E402
+from check_controller import LRS
+from reference_noise import mean_of, parse_seeds
 
 SEEDS = {"fewshot_sinusoid": "100-159", "digits_logreg": "100-129", "digits_mlp": "100-129"}
 STUDY1 = ("animal_cnn", "charlm_gru", "digits_logreg", "digits_mlp", "fewshot_sinusoid",
