@@ -394,24 +394,20 @@ def adam_hd(
     """
     if not params and hyper.get("shards") is not None:
         hyper["shards"].participate(hyper["granularity"], hyper["rule"], hyper["hypergrad_lr"])
-        return None
-    controllers = hyper.get("controllers")
-    if not requested(hyper.get("seek"), controllers):
-        return _dispatch_adam_hd(
-            params, grads, exp_avgs, exp_avg_sqs, rates, steps, foreach=foreach, fused=fused,
-            differentiable=differentiable, **hyper,
-        )  # fmt: skip
+        return
     # Adam's moments restart at a tensor's first turn (seek["moment_restart"]); a step autograd
     # records is the pure step, which restarts them itself
-    recorded = tracks_grad(params, grads, exp_avgs, exp_avg_sqs, rates, steps, hyper)
-    before = turn_counts(controllers)
+    controllers = hyper.get("controllers")
+    restart = requested(hyper.get("seek"), controllers) and not tracks_grad(
+        params, grads, exp_avgs, exp_avg_sqs, rates, steps, hyper
+    )
+    before = turn_counts(controllers) if restart else None
     _dispatch_adam_hd(
         params, grads, exp_avgs, exp_avg_sqs, rates, steps, foreach=foreach, fused=fused,
         differentiable=differentiable, **hyper,
     )  # fmt: skip
-    if not recorded:
+    if restart:
         restart_in_place(first_turns(before, controllers), exp_avgs, exp_avg_sqs, steps)
-    return None
 
 
 def _dispatch_adam_hd(

@@ -180,7 +180,7 @@ class AdamHD(HypergradOptimizer):
                 seek,
                 validation,
                 spike_guard=spike_guard,
-                moment_restart=True,
+                moment_restart=self.restarts_moments,
             ),
         )
         super().__init__(params, defaults)
