@@ -33,13 +33,13 @@ import argparse
 import math
 import statistics
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # fit_controller
+from fit_controller import _map, run
 from study_budgets import budgets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,10 +72,8 @@ def _task() -> Any:
     return make_task(TASK, "full")
 
 
-def signals_at_rate(job: tuple[float, int]) -> dict[str, float]:
+def signals_at_rate(lr: float, seed: int) -> dict[str, float]:
     """Adam at a fixed rate on one seed: mean greedy and trail cosines, final losses."""
-    torch.set_num_threads(1)
-    lr, seed = job
     task = _task()
     model = task.model(seed, "cpu")
     params = list(model.parameters())
@@ -100,20 +98,15 @@ def signals_at_rate(job: tuple[float, int]) -> dict[str, float]:
             "train": loss.item(), "val": task.evaluate(model, "val", seed)}  # fmt: skip
 
 
-def adam_hd_run(job: tuple[str, float, int]) -> float:
+def adam_hd_run(name: str, lr0: float, seed: int) -> float:
     """One AdamHD variant's final validation loss (the workbench's run, as the checks)."""
-    from fit_controller import run
-
-    torch.set_num_threads(1)
-    name, lr0, seed = job
     r = run(TASK, VARIANTS[name], lr0, STEPS, "full", seed)
     return r["final_val_loss"] if r["status"] == "ok" else math.inf
 
 
-def range_test_run(job: tuple[tuple[float, float, float], float, int]) -> float:
-    """Adam whose rate is set by an online range test on the full-batch loss."""
-    torch.set_num_threads(1)
-    (grow, tol, back), lr0, seed = job
+def range_test_run(test: tuple[float, float, float], lr0: float, seed: int) -> float:
+    """Adam whose rate is set by an online range test (grow, tol, back) on the full-batch loss."""
+    grow, tol, back = test
     task = _task()
     model = task.model(seed, "cpu")
     opt = torch.optim.Adam(model.parameters(), lr0)
@@ -136,26 +129,19 @@ def range_test_run(job: tuple[tuple[float, float, float], float, int]) -> float:
     return task.evaluate(model, "val", seed)
 
 
-def _pool_map(fn: Any, jobs: list, workers: int) -> list:
-    if workers <= 1:
-        return [fn(j) for j in jobs]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(fn, jobs))
-
-
 def probe(seeds: list[int], workers: int) -> dict[str, Any]:
     """Every measurement of the module docstring, as seed means."""
     sig_jobs = [(lr, s) for lr in ADAM_RATES for s in seeds]
-    sigs = _pool_map(signals_at_rate, sig_jobs, workers)
+    sigs = _map(signals_at_rate, sig_jobs, workers)
     per_rate = {lr: [r for (lr2, _), r in zip(sig_jobs, sigs) if lr2 == lr] for lr in ADAM_RATES}
     adam = {
         lr: {k: statistics.mean(r[k] for r in rs) for k in rs[0]} for lr, rs in per_rate.items()
     }
     reference = min(adam[lr]["val"] for lr in LR0S)  # best of study 1's grid
     hd_jobs = [(n, lr0, s) for n in VARIANTS for lr0 in LR0S for s in seeds]
-    hd = _pool_map(adam_hd_run, hd_jobs, workers)
+    hd = _map(adam_hd_run, hd_jobs, workers)
     rt_jobs = [(c, lr0, s) for c in RANGE_TESTS for lr0 in LR0S for s in seeds]
-    rt = _pool_map(range_test_run, rt_jobs, workers)
+    rt = _map(range_test_run, rt_jobs, workers)
 
     def ratios(jobs: list, losses: list) -> dict[Any, list[float]]:
         out: dict[Any, list[float]] = {}
