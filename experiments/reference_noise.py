@@ -79,12 +79,17 @@ def mean_of(losses: dict[str, float], name: str, lr: float, seeds: Sequence[int]
     return statistics.mean(losses[key(name, lr, s)] for s in seeds)
 
 
+def best_fixed_rate(losses: dict[str, float], name: str, seeds: Sequence[int]) -> tuple:
+    """Row ``name``'s grid rate with the lowest mean over ``seeds``, and that mean."""
+    best_lr = min(LRS, key=lambda lr: mean_of(losses, name, lr, seeds))
+    return best_lr, mean_of(losses, name, best_lr, seeds)
+
+
 def report(losses: dict[str, float], rows: Sequence[str], seeds: list[int], task: str) -> str:
     """The Markdown table of the module docstring."""
     rng = random.Random(0)
     ref_name = rows[0]
-    best_lr = min(LRS, key=lambda lr: mean_of(losses, ref_name, lr, seeds))
-    ref = mean_of(losses, ref_name, best_lr, seeds)
+    best_lr, ref = best_fixed_rate(losses, ref_name, seeds)
     triples = [seeds[i : i + 3] for i in range(0, len(seeds) - 2, 3)]
     refs = [min(mean_of(losses, ref_name, lr, t) for lr in LRS) for t in triples]
     lines = [

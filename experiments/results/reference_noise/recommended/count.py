@@ -11,7 +11,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # experiments/
 from check_controller import LRS
-from reference_noise import mean_of, parse_seeds
+from reference_noise import best_fixed_rate, mean_of, parse_seeds
 
 SEEDS = {"fewshot_sinusoid": "100-159", "digits_logreg": "100-129", "digits_mlp": "100-129"}
 STUDY1 = ("animal_cnn", "charlm_gru", "digits_logreg", "digits_mlp", "fewshot_sinusoid",
@@ -23,8 +23,7 @@ if __name__ == "__main__":
     for task in STUDY1 + HELD_OUT:
         losses = json.loads((HERE / f"{task}.json").read_text())
         seeds = parse_seeds(SEEDS.get(task, "100-111"))
-        best = min(LRS, key=lambda lr: mean_of(losses, "adam", lr, seeds))
-        ref = mean_of(losses, "adam", best, seeds)
+        best, ref = best_fixed_rate(losses, "adam", seeds)
         row = f"| {task} ({len(seeds)} seeds) | {best:g} |"
         for name in ("candidate", "adam_hd"):
             ratios = [mean_of(losses, name, lr, seeds) / ref for lr in LRS]
