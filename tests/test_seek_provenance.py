@@ -35,6 +35,7 @@ OFF = {
     "vanish_fall": 0.0,
     "horizon": 0.0,  # the long-horizon signal (2026-12-06): never fitted, off by default
     "moment_restart": 0.0,  # Adam's moments restarted at the turn (2026-12-06): opt-in, not fitted
+    "restart_match": 0.0,  # the restart's size match (2026-12-07): checked, not fitted
 }
 
 

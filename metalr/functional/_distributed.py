@@ -61,10 +61,15 @@ class ShardReducer:
         """Where this group's collectives run (CUDA for NCCL, else the CPU)."""
         return _collective_device(self.process_group)
 
-    def participate(self, granularity: str, rule: str, hypergrad_lr: Any = None) -> None:
+    def participate(
+        self, granularity: str, rule: str, hypergrad_lr: Any = None, restart_match: bool = False
+    ) -> None:
         """Join the collectives of a step in which this rank holds no parameter of the group:
         the same sequence the ranks with parameters run (the seek rule at a numeric
-        ``hypergrad_lr`` of 0 runs the normalized rule's)."""
+        ``hypergrad_lr`` of 0 runs the normalized rule's; ``restart_match``: the group's
+        ``seek`` restarts Adam's moments with the match, which pools the directions' sizes
+        at group granularity, :func:`metalr.functional._moment_restart.match_factors`)."""
+        pooled_match = rule == "seek" and restart_match and granularity == "group"
         if (
             rule == "seek"
             and not isinstance(hypergrad_lr, (Tensor, list, tuple))
@@ -78,6 +83,8 @@ class ShardReducer:
         elif granularity == "group":
             n = 3 if rule == "normalized" else 1
             self.sum(torch.zeros(n, dtype=torch.float64, device=device))
+        if pooled_match:  # the sizes of the turned tensors' directions: none here
+            self.sum(torch.zeros(2, dtype=torch.float64, device=device))
 
     def participate_validation(
         self, granularity: str, rule: str, loss_only: bool = False, ray: bool = False

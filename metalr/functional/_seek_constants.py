@@ -58,6 +58,7 @@ SEEK_DEFAULTS: dict[str, float] = {
     "vanish_fall": 1.0,
     "horizon": 0.0,
     "moment_restart": 0.0,
+    "restart_match": 0.0,
 }
 
 #: Round 7's best (trial 33, objective 0.516; ``round7/best.json``), to 4 significant digits:
@@ -107,6 +108,7 @@ TRIAL11_SEEK: dict[str, float] = {
     "vanish_fall": 0.0,
     "horizon": 0.0,
     "moment_restart": 0.0,
+    "restart_match": 0.0,
 }
 TRIAL11_SEEK_HYPERGRAD_LR = 0.015
 
@@ -158,6 +160,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "vanish_fall": (0.0, 10.0, False),
     "horizon": (0.0, 1.0, False),
     "moment_restart": (0.0, 1.0, False),
+    "restart_match": (0.0, 1.0, False),
 }
 
 

@@ -78,6 +78,9 @@ from metalr.functional._fused import (
 from metalr.functional._hypergrad import adapt_rates, rates_in_use
 from metalr.functional._moment_restart import (
     first_turns,
+    match_in_place,
+    matched,
+    matched_rates,
     requested,
     restart_in_place,
     restarted,
@@ -269,6 +272,10 @@ def adam_hd_step(
         out.steps.append(step_new if step_keep is None else select(step_keep, step_new, step))
     if requested(seek, controllers):  # a fresh Adam from the first turn on
         turned = first_turns(turn_counts(controllers), new_controllers)
+        if matched(seek):  # whose first step keeps the size of the step the turn measured
+            moments = zip(as_real_list(out.exp_avgs), as_real_list(out.exp_avg_sqs), out.steps)
+            applied = [adam_direction(m, v, s, beta1, beta2, eps) for m, v, s in moments]
+            out.rates[:] = matched_rates(out.rates, turned, applied, granularity, shards)
         for i, flag in enumerate(turned.unbind(0)):
             out.exp_avgs[i] = restarted(out.exp_avgs[i], flag)
             out.exp_avg_sqs[i] = restarted(out.exp_avg_sqs[i], flag)
@@ -393,21 +400,36 @@ def adam_hd(
     the single-tensor path so rates and weights stay in the autograd graph.
     """
     if not params and hyper.get("shards") is not None:
-        hyper["shards"].participate(hyper["granularity"], hyper["rule"], hyper["hypergrad_lr"])
+        hyper["shards"].participate(
+            hyper["granularity"], hyper["rule"], hyper["hypergrad_lr"],
+            restart_match=matched(hyper.get("seek")),
+        )  # fmt: skip
         return
     # Adam's moments restart at a tensor's first turn (seek["moment_restart"]); a step autograd
-    # records is the pure step, which restarts them itself
-    controllers = hyper.get("controllers")
-    restart = requested(hyper.get("seek"), controllers) and not tracks_grad(
+    # records is the pure step, which restarts them itself. Otherwise the restart runs here,
+    # once, after whichever path took the step (a path built on the pure step is told not to)
+    controllers, seek = hyper.get("controllers"), hyper.get("seek")
+    restart = requested(seek, controllers) and not tracks_grad(
         params, grads, exp_avgs, exp_avg_sqs, rates, steps, hyper
     )
     before = turn_counts(controllers) if restart else None
+    if restart:
+        hyper["seek"] = {**seek, "moment_restart": 0.0}
     _dispatch_adam_hd(
         params, grads, exp_avgs, exp_avg_sqs, rates, steps, foreach=foreach, fused=fused,
         differentiable=differentiable, **hyper,
     )  # fmt: skip
     if restart:
-        restart_in_place(first_turns(before, controllers), exp_avgs, exp_avg_sqs, steps)
+        turned = first_turns(before, controllers)
+        if matched(seek):
+            beta1, beta2, eps = hyper["beta1"], hyper["beta2"], hyper["eps"]
+            match_in_place(
+                rates, turned,
+                lambda i: adam_direction(*as_real_list([exp_avgs[i], exp_avg_sqs[i]]),
+                                         steps[i], beta1, beta2, eps),
+                hyper["granularity"], hyper.get("shards"),
+            )  # fmt: skip
+        restart_in_place(turned, exp_avgs, exp_avg_sqs, steps)
 
 
 def _dispatch_adam_hd(

@@ -138,6 +138,12 @@ def check_hyper_options(
             "Adam's moment estimates at the ramp's turn, which only AdamHD and AdamWHD keep "
             "(expected 0 here)"
         )
+    if resolved_seek["restart_match"] > 0 and not resolved_seek["moment_restart"] > 0:
+        raise ValueError(
+            f"Invalid seek['restart_match']: {resolved_seek['restart_match']!r}; it scales the "
+            "rates at the moment restart, so it needs seek['moment_restart'] > 0 (expected 0 "
+            "without it)"
+        )
     return {
         "hypergrad_lr": resolve_hypergrad_lr(hypergrad_lr, rule, additive_default, family),
         "granularity": granularity,
