@@ -26,7 +26,8 @@ TABLES = ("numels", "chunk_tensor", "chunk_start", "chunk_slot")
 ADAM = {n: "*i64" for n in ("p_tab", "g_tab", "m_tab", "v_tab", *TABLES)}
 ADAM |= {"steps": "*fp32", "rates": "*fp32", "lr_ptr": "*fp32", "keep_ptr": "*i32",
          "partials": "*fp32", "max_chunks": "i32", "beta1": "fp32", "beta2": "fp32",
-         "eps": "fp32", "weight_decay": "fp32", "sign": "fp32"}  # fmt: skip
+         "eps": "fp32", "weight_decay": "fp32", "sign": "fp32", "restart_ptr": "*i32",
+         "sizes": "*fp32"}  # fmt: skip
 SGD = {n: "*i64" for n in ("p_tab", "g_tab", "b_tab", "d_tab", *TABLES)}
 SGD |= {"rates": "*fp32", "lr_ptr": "*fp32", "keep_ptr": "*i32", "partials": "*fp32",
         "max_chunks": "i32", "momentum": "fp32", "dampening": "fp32", "weight_decay": "fp32",
@@ -67,13 +68,17 @@ def main() -> int:
         )
         for acc, write in modes:
             compile_variant(K._adam_kernel, ADAM, {"DECOUPLED": dtype == tl.bfloat16,
-                            "ACCUMULATE": acc, "WRITE": write, "DTYPE": dtype,
-                            "BLOCK": K.BLOCK})  # fmt: skip
+                            "ACCUMULATE": acc, "WRITE": write, "RESTART": False,
+                            "DTYPE": dtype, "BLOCK": K.BLOCK})  # fmt: skip
             for buf, direction, nesterov in ((True, False, False), (False, True, False),
                                              (True, True, True)):  # fmt: skip
                 compile_variant(K._sgd_kernel, SGD, {"HAS_BUF": buf, "HAS_DIR": direction,
                                 "NESTEROV": nesterov, "ACCUMULATE": acc, "WRITE": write,
                                 "DTYPE": dtype, "BLOCK": K.BLOCK})  # fmt: skip
+        # the exact step's writing launch that restarts Adam's moments at the ramp's turn
+        compile_variant(K._adam_kernel, ADAM, {"DECOUPLED": dtype == tl.bfloat16,
+                        "ACCUMULATE": False, "WRITE": True, "RESTART": True, "DTYPE": dtype,
+                        "BLOCK": K.BLOCK})  # fmt: skip
     return 0
 
 

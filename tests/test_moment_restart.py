@@ -16,7 +16,8 @@ from metalr.functional import adam_hd_step
 from metalr.functional._controller import SINCE
 
 F64 = torch.float64
-RESTART = {"moment_restart": 1.0}
+RESTART = {"moment_restart": 1.0, "restart_match": 0.0}  # the plain restart (opt-in)
+OFF = {"moment_restart": 0.0}
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -51,17 +52,18 @@ def _first_turn(seek: dict | None = None) -> int:
     raise AssertionError("no turn within 200 steps")
 
 
-def test_off_by_default_and_the_run_is_unchanged_until_the_turn():
-    assert metalr.functional.SEEK_DEFAULTS["moment_restart"] == 0.0
+def test_the_run_is_unchanged_until_the_turn():
+    assert metalr.functional.SEEK_DEFAULTS["moment_restart"] == 1.0  # with the match
     turn = _first_turn()
     runs = []
-    for seek in (None, RESTART):
+    for seek in (OFF, RESTART, None):
         model = _model()
         opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=seek)
         _train(opt, model, turn - 1)
         runs.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*runs):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_at_the_first_turn_the_moments_restart_and_the_next_step_is_a_fresh_adams():

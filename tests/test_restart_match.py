@@ -21,24 +21,42 @@ from metalr.functional._controller import SINCE
 from metalr.functional.adam_rule import adam_direction
 
 F64 = torch.float64
-MATCHED = {"moment_restart": 1.0, "restart_match": 1.0}
-PLAIN = {"moment_restart": 1.0}
+MATCHED = {"moment_restart": 1.0, "restart_match": 1.0}  # the default
+PLAIN = {"moment_restart": 1.0, "restart_match": 0.0}
+OFF = {"moment_restart": 0.0}
+
+
+def _turn_of(**options) -> int:
+    """The step (1-based) of the first turn of a run with ``options`` (lagged turns later)."""
+    if not options:
+        return _first_turn()
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=OFF, **options)
+    first = next(model.parameters())
+    for t in range(200):
+        _train(opt, model, 1, start=t)
+        if opt.state[first]["hd_controller"][SINCE] > 0:
+            return t + 1
+    raise AssertionError("no turn within 200 steps")
 
 
 def _through_turn(seek: dict | None, **options) -> tuple[torch.nn.Module, metalr.AdamHD]:
     model = _model()
     opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=seek, **options)
-    _train(opt, model, _first_turn())
+    _train(opt, model, _turn_of(**options))
     return model, opt
 
 
+@pytest.mark.parametrize("lagged", [False, True], ids=["exact", "lagged"])
 @pytest.mark.parametrize("granularity", ["tensor", "element", "group"])
-def test_at_the_turn_each_rate_is_scaled_by_the_size_of_the_direction_it_applied(granularity):
+def test_at_the_turn_each_rate_is_scaled_by_the_size_of_the_direction_it_applied(
+    granularity, lagged
+):
     """Against a run without the restart (the same until the turn's step has been taken): the
     moments are zero and each multiplier is that run's times min(mean|d|, 1), d = m̂/(√v̂+ε)
     from that run's moments (at group granularity the mean over all the group's elements)."""
-    _, opt_none = _through_turn(None, granularity=granularity)
-    model, opt = _through_turn(MATCHED, granularity=granularity)
+    _, opt_none = _through_turn(OFF, granularity=granularity, lagged=lagged)
+    model, opt = _through_turn(MATCHED, granularity=granularity, lagged=lagged)
     beta1, beta2 = opt.param_groups[0]["betas"]
     eps = opt.param_groups[0]["eps"]
     params = list(model.parameters())
@@ -65,7 +83,7 @@ def test_at_the_turn_each_rate_is_scaled_by_the_size_of_the_direction_it_applied
 def test_the_first_fresh_step_has_the_size_of_the_turns_step():
     """The step after the turn is a fresh Adam's (|d| = 1 per element up to ε) at the matched
     rate: its mean |Δθ| per tensor equals lr · rate_turn · mean|d_turn|."""
-    _, opt_none = _through_turn(None)
+    _, opt_none = _through_turn(OFF)
     model, opt = _through_turn(MATCHED)
     group = opt.param_groups[0]
     before = [p.detach().clone() for p in model.parameters()]
@@ -79,13 +97,18 @@ def test_the_first_fresh_step_has_the_size_of_the_turns_step():
         torch.testing.assert_close((p.detach() - old).abs().mean(), expected, rtol=1e-6, atol=0)
 
 
-def test_off_without_the_match_and_refused_without_the_restart():
-    assert metalr.functional.SEEK_DEFAULTS["restart_match"] == 0.0
+def test_on_by_default_off_without_the_match_and_refused_without_the_restart():
+    assert metalr.functional.SEEK_DEFAULTS["restart_match"] == 1.0
+    _, default = _through_turn(None)
+    _, matched = _through_turn(MATCHED)
     _, plain = _through_turn(PLAIN)
-    _, unmatched = _through_turn({**PLAIN, "restart_match": 0.0})
-    for p, q in zip(plain.param_groups[0]["params"], unmatched.param_groups[0]["params"]):
-        assert torch.equal(plain.state[p]["lr_multiplier"], unmatched.state[q]["lr_multiplier"])
-    for seek in ({"restart_match": 1.0}, {**MATCHED, "restart_match": 2.0},
+    _, unmatched = _through_turn({"moment_restart": 1.0, "restart_match": 0.0})
+    pairs = zip(*(o.param_groups[0]["params"] for o in (default, matched, plain, unmatched)))
+    for p, q, r, s in pairs:
+        assert torch.equal(default.state[p]["lr_multiplier"], matched.state[q]["lr_multiplier"])
+        assert torch.equal(plain.state[r]["lr_multiplier"], unmatched.state[s]["lr_multiplier"])
+        assert not torch.equal(matched.state[q]["lr_multiplier"], plain.state[r]["lr_multiplier"])
+    for seek in ({"moment_restart": 0.0, "restart_match": 1.0}, {**MATCHED, "restart_match": 2.0},
                  {**MATCHED, "restart_match": -0.5}):  # fmt: skip
         with pytest.raises(ValueError, match="restart_match"):
             metalr.AdamHD(torch.nn.Linear(2, 2).parameters(), seek=seek)

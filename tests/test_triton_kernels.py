@@ -307,9 +307,35 @@ def test_kernels_compile_for_a_cuda_target():
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert len(lines) == 16  # every variant compiled
+    assert len(lines) == 18  # every variant compiled (two restart launches)
     # Occupancy: ≤ 64 registers per thread lets 4 programs of 8 warps share an SM (50%); the
     # first GPU run (2048 × 4 warps, 211 registers) ran 2.5× slower than torch's fused AdamW.
     for line in lines:
         regs, spills = map(int, re.search(r"registers=(\d+) spills=(\d+)", line).groups())
         assert regs <= 64 and spills == 0, line
+
+
+@pytest.mark.parametrize("lagged", [True, False], ids=["lagged", "exact"])
+@pytest.mark.parametrize("granularity", ["tensor", "group"])
+def test_the_moment_restart_in_the_kernel_equals_eager(granularity, lagged, monkeypatch):
+    """Through the ramp's first turn (the default restarts Adam's moments there and matches the
+    rate to the last step's size): the kernels equal the eager path. On the exact path the
+    writing launch restarts the moments itself (the eager restart is not called); lagged, the
+    turn is known only after the launch, and the eager restart follows it."""
+    calls = []
+    eager_restart = metalr.functional.adam_rule.restart_in_place
+
+    def counted(*args):
+        calls.append(1)
+        return eager_restart(*args)
+
+    monkeypatch.setattr(metalr.functional.adam_rule, "restart_in_place", counted)
+    kw = {"granularity": granularity, "lagged": lagged}
+    params, opt = _compare(
+        lambda ps: metalr.AdamHD(ps, lr=1e-2, fused=True, **kw),
+        lambda ps: metalr.AdamHD(ps, lr=1e-2, foreach=True, **kw),
+        steps=12,
+    )
+    assert all(int(opt.state[p]["step"]) < 12 for p in params), "every tensor restarted"
+    kernel_calls = len(calls) - 12  # the eager run calls it at every step
+    assert kernel_calls == (12 if lagged else 0)

@@ -211,8 +211,11 @@ def adam_hd_step(
     controllers: Sequence[Tensor] | None = None,
     seek: Mapping[str, Any] | None = None,
     lagged: bool = False,
+    restart: Any = None,
 ) -> bool:
-    """The Adam-HD step through the kernel; False (nothing done) when it is unavailable."""
+    """The Adam-HD step through the kernel; False (nothing done) when it is unavailable.
+    ``restart`` (Adam's moment restart) is left to the caller: on the CPU it reads the turn on
+    the host and touches only the turned tensors."""
     ext = load()
     if ext is None or shards is not None:
         return False

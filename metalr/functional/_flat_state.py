@@ -106,6 +106,17 @@ def write_rows(tensors: Sequence[Tensor], rows: tuple[Tensor, bool], new: Tensor
         torch._foreach_copy_(list(tensors), list(new.unbind(0)))
 
 
+def zero_rows(tensors: Sequence[Tensor], rows: tuple[Tensor, bool], mask: Tensor) -> None:
+    """Zero the tensors (step counters) that ``mask`` (``[n]`` bool) marks, on the device: one
+    op where ``rows`` is their buffer, else one multiply per tensor by its 0/1 flag."""
+    buf, shared = rows
+    keep = (~mask).to(buf.dtype)
+    if shared:
+        buf.mul_(keep)
+    else:
+        torch._foreach_mul_(list(tensors), [k.to(t.dtype) for k, t in zip(keep.unbind(0), tensors)])
+
+
 def add_to_rows(
     tensors: Sequence[Tensor], rows: tuple[Tensor, bool], increment: float | Tensor
 ) -> None:

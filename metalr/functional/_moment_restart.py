@@ -50,12 +50,13 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from metalr.functional._common import host_readable
+from metalr.functional._common import full_value, host_readable
 from metalr.functional._controller import SINCE
 from metalr.functional._distributed import ShardReducer
 
@@ -63,7 +64,19 @@ from metalr.functional._distributed import ShardReducer
 def requested(seek: Mapping[str, Any] | None, controllers: Sequence[Tensor] | None) -> bool:
     """Whether a step restarts moments: the seek rule's controllers are given and its
     ``moment_restart`` is on."""
-    return controllers is not None and bool(seek) and seek.get("moment_restart", 0.0) > 0
+    return bool(controllers) and bool(seek) and seek.get("moment_restart", 0.0) > 0
+
+
+@dataclass
+class KernelRestart:
+    """A moment restart that a kernel may take over (:func:`metalr.functional.adam_rule.adam_hd`
+    hands it to the Triton step): ``match`` is ``seek["restart_match"] > 0``; the kernel sets
+    ``done`` when it restarted (and matched) the turned tensors itself, and keeps its buffer of
+    direction sizes in ``sizes``."""
+
+    match: bool
+    done: bool = False
+    sizes: Tensor | None = None
 
 
 def matched(seek: Mapping[str, Any] | None) -> bool:
@@ -121,11 +134,11 @@ def match_factors(
     of ``shards``: one all-reduce of two numbers, run at every call so that every rank joins
     it), so the group's shared rate stays shared. Differentiable."""
     if granularity != "group":
-        return {i: d.abs().mean().clamp(max=1.0) for i, d in directions.items()}
+        return {i: full_value(d.abs().mean()).clamp(max=1.0) for i, d in directions.items()}
     f64 = torch.float64
     total = torch.zeros(2, dtype=f64, device=turned.device)
     for i, d in directions.items():
-        size = torch.stack([d.abs().sum(dtype=f64).to(turned.device),
+        size = torch.stack([full_value(d.abs().sum(dtype=f64)).to(turned.device),
                             torch.tensor(float(d.numel()), dtype=f64, device=turned.device)])  # fmt: skip
         total = total + turned[i].to(f64) * size
     if shards is not None:

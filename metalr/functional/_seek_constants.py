@@ -32,6 +32,12 @@ from metalr.functional._common import resolve_constants
 #: before its check on seeds 25-33 (``gate/candidate2.json``): as many cells within 10% (21/30),
 #: paired mean log-ratio -0.023 (95% interval -0.026 to -0.019; digits_mlp -0.136, every other
 #: task unchanged), worst cell 1.64 -> 1.51. It was the second candidate judged on those seeds.
+#: The matched moment restart (``moment_restart`` 1, ``restart_match`` 1: Adam's moments restart
+#: at a tensor's first turn and its rate is scaled so the fresh first step keeps the turn's size;
+#: :mod:`metalr.functional._moment_restart`) is on since 2026-12-07, by the rule written before its
+#: check on seeds 60-63 (``fit_controller/matched_restart/``): 13/30 -> 16/30 cells, paired mean
+#: log-ratio -0.092 (95% interval -0.148 to -0.050). Optimizers without Adam's moments (SGD-HD,
+#: HyperLR) resolve both to 0.
 SEEK_DEFAULTS: dict[str, float] = {
     "init_scale": 0.004469,
     "ramp_rate": 0.3112,
@@ -57,8 +63,8 @@ SEEK_DEFAULTS: dict[str, float] = {
     "noise_hold": 0.0,
     "vanish_fall": 1.0,
     "horizon": 0.0,
-    "moment_restart": 0.0,
-    "restart_match": 0.0,
+    "moment_restart": 1.0,
+    "restart_match": 1.0,
 }
 
 #: Round 7's best (trial 33, objective 0.516; ``round7/best.json``), to 4 significant digits:
@@ -75,6 +81,8 @@ ROUND7_SEEK: dict[str, float] = {
     "init_floor": 0.0,
     "vanish": 0.0,
     "vanish_fall": 0.0,
+    "moment_restart": 0.0,
+    "restart_match": 0.0,
 }
 
 #: The default ``hypergrad_lr`` (β of phase 2) of the "seek" rule, fitted with the constants.

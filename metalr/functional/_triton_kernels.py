@@ -42,7 +42,8 @@ import triton.language as tl
 from torch import Tensor
 
 from metalr.functional._common import commit_update
-from metalr.functional._flat_state import add_to_rows, rows_or_stack
+from metalr.functional._controller import SINCE
+from metalr.functional._flat_state import add_to_rows, rows_or_stack, zero_rows
 from metalr.functional._from_sums import (
     adapt_rates_from_sums,
     commit_rows,
@@ -50,6 +51,7 @@ from metalr.functional._from_sums import (
     seek_vectors_from_sums,
 )
 from metalr.functional._hypergrad import clamp_rates
+from metalr.functional._moment_restart import KernelRestart
 
 #: Whether :func:`sgd_hd_step` takes exact steps (two launches, like the Adam step).
 SGD_EXACT = True
@@ -70,8 +72,9 @@ _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16:
 def _adam_kernel(
     p_tab, g_tab, m_tab, v_tab, numels, chunk_tensor, chunk_start, chunk_slot, steps, rates,
     lr_ptr, keep_ptr, partials, max_chunks, beta1, beta2, eps, weight_decay, sign,
+    restart_ptr, sizes,
     DECOUPLED: tl.constexpr, ACCUMULATE: tl.constexpr, WRITE: tl.constexpr,
-    DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+    RESTART: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     c = tl.program_id(0)
     t = tl.load(chunk_tensor + c)
@@ -113,6 +116,13 @@ def _adam_kernel(
         finite = (g - g) == 0.0  # false for NaN and ±inf
         keep = tl.load(keep_ptr + tl.zeros([BLOCK], dtype=tl.int32))  # the flag, per lane
         ok = inside & finite & (keep != 0)
+        if RESTART:  # Adam's moments restart at the first turn (after this step's update)
+            d_new = c1 * m_new / (tl.sqrt(v_new) * c2 + eps)
+            size = tl.sum(tl.where(ok, tl.abs(d_new), 0.0), axis=0)
+            tl.store(sizes + t * max_chunks + tl.load(chunk_slot + c), size)
+            fresh = tl.load(restart_ptr + t) != 0
+            m_new = tl.where(fresh, 0.0, m_new)
+            v_new = tl.where(fresh, 0.0, v_new)
         tl.store(m_ptr + offs, m_new.to(DTYPE), mask=ok)
         tl.store(v_ptr + offs, v_new.to(DTYPE), mask=ok)
         tl.store(p_ptr + offs, p_new.to(DTYPE), mask=ok)
@@ -300,14 +310,19 @@ def _passes(
     sizes: Sequence[int],
     keep: Tensor,
     lagged: bool,
+    restart: KernelRestart | None = None,
     **rule_args: Any,
-) -> Tensor:
+) -> tuple[Tensor, Tensor | None]:
     """Run a step's launches and its rate update; returns the step's flag (0/1, for the step
-    counters). ``launch(rates, flag, accumulate, write)`` runs the kernel. Lagged: one launch
-    with the old rates, then the update. Exact: a sums-only launch, the update, then the
-    writing launch with the new rates, gated by the new flag. The seek rule works on its
-    state's buffers (:func:`~metalr.functional._from_sums.seek_rows`); other rules (and state
-    that cannot share a buffer) on stacked copies of the lists."""
+    counters) and, where it took over ``restart``, the tensors that took their first turn
+    (their moments were zeroed by the writing launch and their multipliers matched here; the
+    caller zeroes their counters). ``launch(rates, flag, accumulate, write, turned)`` runs the
+    kernel. Lagged: one launch with the old rates, then the update. Exact: a sums-only launch,
+    the update, then the writing launch with the new rates, gated by the new flag. The seek
+    rule works on its state's buffers (:func:`~metalr.functional._from_sums.seek_rows`); other
+    rules (and state that cannot share a buffer) on stacked copies of the lists. The moment
+    restart is taken over on the seek rule's exact path (the turn is known before the writing
+    launch); elsewhere it is left to the caller."""
     rows = seek_rows(
         rates, controllers, rule_args["rule"], rule_args["hypergrad_lr"], partials.device
     )
@@ -325,15 +340,23 @@ def _passes(
                 seek=rule_args["seek"],
             )  # fmt: skip
 
-        launch(in_use(rows[0]), keep, True, lagged)
+        launch(in_use(rows[0]), keep, True, lagged, None)
         if lagged:
             commit_rows(rows, update())
-            return keep
+            return keep, None
         new = update()
         flag = new[2].to(torch.int32)
-        launch(in_use(new[0]), flag, False, True)
+        turned = None
+        if restart is not None:
+            turned = (rows[1][:, SINCE] == 0) & (new[1][:, SINCE] > 0)
+        launch(in_use(new[0]), flag, False, True, turned)
         commit_rows(rows, new)
-        return flag
+        if turned is not None:
+            if restart.match:
+                _match_rows(rows[0], turned, restart.sizes.sum(1), sizes,
+                            rule_args["granularity"])  # fmt: skip
+            restart.done = True
+        return flag, turned
 
     def rate_update() -> Any:
         return adapt_rates_from_sums(
@@ -342,16 +365,34 @@ def _passes(
 
     device = partials.device
     launch(in_use(torch.stack([r.to(device=device, dtype=torch.float32) for r in rates])), keep,
-           True, lagged)  # fmt: skip
+           True, lagged, None)  # fmt: skip
     if lagged:
         flag, result = keep, rate_update()
     else:
         result = rate_update()
         flag = result.finite.to(torch.int32)
         new_rates = torch.stack([r.to(device=device, dtype=torch.float32) for r in result.rates])
-        launch(in_use(new_rates), flag, False, True)
+        launch(in_use(new_rates), flag, False, True, None)
     commit_update(rates, controllers, result, known_finite=False)
-    return flag
+    return flag, None
+
+
+def _match_rows(
+    rate_buf: Tensor, turned: Tensor, size_sums: Tensor, numels: Sequence[int], granularity: str
+) -> None:
+    """The restart's size match on the rates' buffer: each turned tensor's multiplier times
+    ``min(Σ|d| / n, 1)`` (group granularity: pooled over the turned tensors), as
+    :func:`metalr.functional._moment_restart.match_factors`."""
+    counts = torch.tensor(numels, dtype=torch.float64, device=size_sums.device)
+    sums = size_sums.to(torch.float64)
+    if granularity == "group":
+        weight = turned.to(torch.float64)
+        pooled = (weight * sums).sum() / (weight * counts).sum().clamp(min=1.0)
+        factors = pooled.expand_as(sums)
+    else:
+        factors = sums / counts
+    factors = factors.clamp(max=1.0).to(rate_buf.dtype)
+    rate_buf.mul_(torch.where(turned, factors, torch.ones_like(factors)))
 
 
 def adam_hd_step(
@@ -378,8 +419,11 @@ def adam_hd_step(
     controllers: Sequence[Tensor] | None = None,
     seek: Mapping[str, Any] | None = None,
     lagged: bool = False,
+    restart: KernelRestart | None = None,
 ) -> bool:
-    """The Adam-HD step in one launch (lagged) or two (exact); see the module docstring."""
+    """The Adam-HD step in one launch (lagged) or two (exact); see the module docstring. With
+    ``restart`` (Adam's moments restart at the first turn) the exact step on the seek rule's
+    buffers restarts them in its writing launch and sets ``restart.done``."""
     device = params[0].device
     grads = [g.contiguous() for g in grads]
     chunks, pointers = _tables([params, grads, exp_avgs, exp_avg_sqs])
@@ -389,22 +433,32 @@ def adam_hd_step(
     lr_t = _device_scalar(lr, device)
     keep = _keep(grads_finite, device)
     kernel = _launcher(_adam_kernel, device)
+    if restart is not None:  # each chunk's Σ|d| of the step the restart follows
+        restart.sizes = torch.zeros(len(params), chunks.max_chunks, dtype=torch.float32,
+                                    device=device)  # fmt: skip
 
-    def launch(rate_vec: Tensor, keep_flag: Tensor, accumulate: bool, write: bool) -> None:
+    def launch(
+        rate_vec: Tensor, keep_flag: Tensor, accumulate: bool, write: bool, turned: Tensor | None
+    ) -> None:
+        fresh = turned.to(torch.int32) if turned is not None else keep_flag
         kernel[(chunks.n_chunks,)](
             *pointers, chunks.numels, chunks.chunk_tensor, chunks.chunk_start, chunks.chunk_slot,
             step_vec, rate_vec, lr_t, keep_flag, partials, chunks.max_chunks, beta1, beta2, eps,
-            weight_decay, -1.0 if maximize else 1.0, DECOUPLED=decoupled_weight_decay,
-            ACCUMULATE=accumulate, WRITE=write, DTYPE=_DTYPES[params[0].dtype], BLOCK=BLOCK,
+            weight_decay, -1.0 if maximize else 1.0, fresh,
+            restart.sizes if turned is not None else partials,
+            DECOUPLED=decoupled_weight_decay, ACCUMULATE=accumulate, WRITE=write,
+            RESTART=turned is not None, DTYPE=_DTYPES[params[0].dtype], BLOCK=BLOCK,
             num_warps=NUM_WARPS,
         )  # fmt: skip
 
-    count = _passes(
-        launch, rates, controllers, partials, chunks.sizes, keep, lagged, lr=lr,
+    count, turned = _passes(
+        launch, rates, controllers, partials, chunks.sizes, keep, lagged, restart, lr=lr,
         hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity, lr_bounds=lr_bounds,
         grads_finite=grads_finite, seek=seek,
     )  # fmt: skip
     add_to_rows(steps, step_rows, count.to(steps[0].dtype))
+    if turned is not None:  # a fresh Adam from the turn on: its counters restart too
+        zero_rows(steps, step_rows, turned)
     return True
 
 
@@ -448,7 +502,9 @@ def sgd_hd_step(
     keep = _keep(grads_finite, device)
     kernel = _launcher(_sgd_kernel, device)
 
-    def launch(rate_vec: Tensor, keep_flag: Tensor, accumulate: bool, write: bool) -> None:
+    def launch(
+        rate_vec: Tensor, keep_flag: Tensor, accumulate: bool, write: bool, _turned: None
+    ) -> None:
         kernel[(chunks.n_chunks,)](
             *pointers, chunks.numels, chunks.chunk_tensor, chunks.chunk_start, chunks.chunk_slot,
             rate_vec, lr_t, keep_flag, partials, chunks.max_chunks, momentum, dampening,

@@ -77,6 +77,7 @@ from metalr.functional._fused import (
 )
 from metalr.functional._hypergrad import adapt_rates, rates_in_use
 from metalr.functional._moment_restart import (
+    KernelRestart,
     first_turns,
     match_in_place,
     matched,
@@ -413,23 +414,25 @@ def adam_hd(
         params, grads, exp_avgs, exp_avg_sqs, rates, steps, hyper
     )
     before = turn_counts(controllers) if restart else None
+    request = KernelRestart(matched(seek)) if restart else None
     if restart:
         hyper["seek"] = {**seek, "moment_restart": 0.0}
     _dispatch_adam_hd(
         params, grads, exp_avgs, exp_avg_sqs, rates, steps, foreach=foreach, fused=fused,
-        differentiable=differentiable, **hyper,
+        differentiable=differentiable, restart=request, **hyper,
     )  # fmt: skip
-    if restart:
-        turned = first_turns(before, controllers)
-        if matched(seek):
-            beta1, beta2, eps = hyper["beta1"], hyper["beta2"], hyper["eps"]
-            match_in_place(
-                rates, turned,
-                lambda i: adam_direction(*as_real_list([exp_avgs[i], exp_avg_sqs[i]]),
-                                         steps[i], beta1, beta2, eps),
-                hyper["granularity"], hyper.get("shards"),
-            )  # fmt: skip
-        restart_in_place(turned, exp_avgs, exp_avg_sqs, steps)
+    if restart and not request.done:  # (the Triton step restarts in its writing launch)
+        with sharded_context(params):
+            turned = first_turns(before, controllers)
+            if matched(seek):
+                beta1, beta2, eps = hyper["beta1"], hyper["beta2"], hyper["eps"]
+                match_in_place(
+                    rates, turned,
+                    lambda i: adam_direction(*as_real_list([exp_avgs[i], exp_avg_sqs[i]]),
+                                             steps[i], beta1, beta2, eps),
+                    hyper["granularity"], hyper.get("shards"),
+                )  # fmt: skip
+            restart_in_place(turned, exp_avgs, exp_avg_sqs, steps)
 
 
 def _dispatch_adam_hd(
@@ -443,17 +446,20 @@ def _dispatch_adam_hd(
     foreach: bool | None,
     fused: bool | None,
     differentiable: bool,
+    restart: KernelRestart | None = None,
     **hyper,
 ) -> None:
     """:func:`adam_hd`'s choice of path: a kernel, the compiled step, ``foreach`` or single
-    tensors."""
+    tensors (``restart``: the moment restart, handed to the kernels, which may take it over)."""
     if fused:
         if differentiable or foreach:
             raise RuntimeError("fused=True does not support differentiable=True or foreach=True")
         check_fused_supported(params, "AdamHD")
         backend = kernel_backend(params, rates, hyper)  # Triton (CUDA) or C++ (CPU)
         if backend is not None:
-            if backend.adam_hd_step(params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper):
+            if backend.adam_hd_step(
+                params, grads, exp_avgs, exp_avg_sqs, rates, steps, restart=restart, **hyper
+            ):
                 return None  # (declined: no C++ compiler; the eager path below)
         else:  # changing floats would recompile: lr and beta1 (cycled by OneCycleLR) as tensors
             hyper["lr"] = as_lr_tensor(hyper["lr"], rates)
@@ -464,7 +470,7 @@ def _dispatch_adam_hd(
     if fused is None and run_default_kernels(
         params, rates, hyper, foreach, differentiable,
         lambda backend: backend.adam_hd_step(
-            params, grads, exp_avgs, exp_avg_sqs, rates, steps, **hyper
+            params, grads, exp_avgs, exp_avg_sqs, rates, steps, restart=restart, **hyper
         ),
     ):  # fmt: skip
         return None

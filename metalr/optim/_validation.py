@@ -132,12 +132,17 @@ def check_hyper_options(
     if seek is not None and rule != "seek":
         raise ValueError(f"Invalid seek: {dict(seek)!r}; only rule='seek' takes seek constants")
     resolved_seek = resolve_seek(seek, family)
+    if not moment_restart and "moment_restart" not in (seek or {}):
+        # the restart is on by default where Adam's moments exist; elsewhere it is off
+        resolved_seek["moment_restart"] = resolved_seek["restart_match"] = 0.0
     if resolved_seek["moment_restart"] > 0 and not moment_restart:
         raise ValueError(
             f"Invalid seek['moment_restart']: {resolved_seek['moment_restart']!r}; it restarts "
             "Adam's moment estimates at the ramp's turn, which only AdamHD and AdamWHD keep "
             "(expected 0 here)"
         )
+    if not resolved_seek["moment_restart"] > 0 and "restart_match" not in (seek or {}):
+        resolved_seek["restart_match"] = 0.0  # the default match goes with the restart
     if resolved_seek["restart_match"] > 0 and not resolved_seek["moment_restart"] > 0:
         raise ValueError(
             f"Invalid seek['restart_match']: {resolved_seek['restart_match']!r}; it scales the "
