@@ -157,7 +157,10 @@ def headline(table: Callable[[str], dict], seconds_note: str = "") -> str:
 def headline6(table: Callable[[str], dict]) -> str:
     t, early = table("final_val_loss"), table("best_val_loss")
     tasks = sorted({k[0] for k in t})
-    variants = {"adam_hd": "seek (defaults)", "no_ramp": "no ramp (start at lr0, track)",
+    variants = {"adam_hd": "seek (defaults)",
+                "no_match": "moment restart without the size match",
+                "no_restart": "no moment restart (the default until 2026-12-07)",
+                "no_ramp": "no ramp (start at lr0, track)",
                 "no_cut": "no cut at the turn", "no_evidence": "no evidence threshold",
                 "no_ceiling": "no ceiling", "no_tie": "no tie between tensors",
                 "one_speed": "one-speed ramp (no fast phase)",
@@ -166,5 +169,7 @@ def headline6(table: Callable[[str], dict]) -> str:
                 "no_floor": "no floor under the ramp's start (round 9's start)",
                 "normalized": "normalized rule (previous default)"}  # fmt: skip
     return ("## Study 6: what each part of the seek rule contributes\n\n"
-            f"Goal test of study 1 on {', '.join(tasks)} (all lr0, mean over seeds).\n\n"
+            f"Goal test of study 1 on {', '.join(tasks)} (all lr0, mean over seeds). The rows "
+            "from 'no ramp' on switch one mechanism off the defaults of before 2026-12-07, "
+            "without the moment restart: compare them with 'no moment restart'.\n\n"
             + goal1_table(t, early, tasks, variants))  # fmt: skip
