@@ -184,6 +184,23 @@ def make_specs(device: torch.device, fused: bool | None = None) -> list[Spec]:
             0.0,
             adaptive=True,
         ),
+        Spec(  # the defaults without the moment restart (before 2026-12-07)
+            "AdamHD tensor no restart",
+            "adam",
+            adam_hd(granularity="tensor", seek={"moment_restart": 0.0}),
+            tensor_goal,
+            0.0,
+            adaptive=True,
+        ),
+        Spec(  # the restart's per-step cost (reading the turn counts): goal ≤ 1.05
+            "AdamHD tensor (restart ÷ none)",
+            "adam",
+            adam_hd(granularity="tensor"),
+            1.05,
+            0.0,
+            adaptive=True,
+            vs="AdamHD tensor no restart",
+        ),
         Spec(  # the seek rule (default) against the previous default: goal ≤ 1.10 (issue 10)
             "AdamHD tensor (seek ÷ normalized)",
             "adam",
