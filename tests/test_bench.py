@@ -26,6 +26,8 @@ EXPECTED_ROWS = {
     "AdamHD element",
     "AdamHD tensor additive",
     "AdamHD tensor normalized",
+    "AdamHD tensor no restart",
+    "AdamHD tensor (restart ÷ none)",
     "AdamHD tensor (seek ÷ normalized)",
     "SGDHD tensor normalized",
     "SGDHD tensor (seek ÷ normalized)",
