@@ -307,3 +307,21 @@ def test_zero_pools_the_group_match_over_ranks_and_equals_single_process():
             if got["rate"] is not None:  # rank 1 holds no tensor of "one"
                 torch.testing.assert_close(got["rate"], reference["rate"], rtol=1e-9, atol=0)
         assert per_rank[1]["one"]["rate"] is None, "ZeRO should leave rank 1 without a tensor"
+
+
+def test_a_checkpoint_from_before_the_restart_resumes_without_it():
+    """A param group saved before the restart existed has neither key in its ``seek``: it
+    resumes as it was saved (no restart), while a new optimizer restarts by default."""
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=OFF)
+    _train(opt, model, 5)
+    saved = copy.deepcopy(opt.state_dict())
+    for group in saved["param_groups"]:
+        del group["seek"]["moment_restart"], group["seek"]["restart_match"]
+    resumed = metalr.AdamHD(model.parameters(), lr=3e-2)
+    assert resumed.param_groups[0]["seek"]["moment_restart"] == 1.0
+    resumed.load_state_dict(saved)
+    _train(resumed, model, _first_turn() + 5, start=5)
+    for p in model.parameters():
+        assert resumed.state[p]["hd_controller"][SINCE] > 0, "the run passed its turn"
+        assert int(resumed.state[p]["step"]) == _first_turn() + 10, "no restart"
