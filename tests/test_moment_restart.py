@@ -40,10 +40,11 @@ def _train(opt, model, steps: int, start: int = 0) -> None:
         opt.step()
 
 
-def _first_turn(seek: dict | None = None) -> int:
-    """The step (1-based) at which the first tensor's controller first turns, without restart."""
+def _first_turn(seek: dict | None = None, **options) -> int:
+    """The step (1-based) at which the first tensor's controller first turns (the same with or
+    without the restart, which acts after it; lagged steps turn later)."""
     model = _model()
-    opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=seek)
+    opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=seek, **options)
     first = next(model.parameters())
     for t in range(200):
         _train(opt, model, 1, start=t)
@@ -195,24 +196,26 @@ def _grads(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
 def test_every_path_restarts_alike(options, host_reads, monkeypatch):
     """Each path, and the restart's branch that never reads a flag on the host (accelerators),
     gives the parameters and state of the single-tensor path with host reads (float64)."""
-    steps = _first_turn() + 10
-
-    def run(opts: dict, reads: bool) -> list[torch.Tensor]:
-        if not reads:
-            monkeypatch.setattr(restart_module, "host_readable", lambda _t: False)
-        model = _model()
-        opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=RESTART, **opts)
-        _train(opt, model, steps)
-        monkeypatch.undo()
-        out = [p.detach() for p in model.parameters()]
-        for p in model.parameters():
-            out += [opt.state[p][k] for k in ("exp_avg", "exp_avg_sq", "step", "lr_multiplier")]
-        return out
-
     reference_options = {k: v for k, v in options.items() if k in ("granularity", "lagged")}
-    reference = run({**reference_options, "foreach": False}, True)
-    for a, b in zip(run(options, host_reads), reference):
+    reference = run_path(monkeypatch, {**reference_options, "foreach": False}, True, RESTART)
+    for a, b in zip(run_path(monkeypatch, options, host_reads, RESTART), reference):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def run_path(monkeypatch, options: dict, host_reads: bool, seek: dict) -> list[torch.Tensor]:
+    """Parameters and Adam state after ten steps past the first turn, on the path ``options``
+    choose; ``host_reads=False`` takes the restart's branch that never reads a flag on the
+    host (as on accelerators)."""
+    if not host_reads:
+        monkeypatch.setattr(restart_module, "host_readable", lambda _t: False)
+    model = _model()
+    opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=seek, **options)
+    _train(opt, model, _first_turn() + 10)
+    monkeypatch.undo()
+    out = [p.detach() for p in model.parameters()]
+    for p in model.parameters():
+        out += [opt.state[p][k] for k in ("exp_avg", "exp_avg_sq", "step", "lr_multiplier")]
+    return out
 
 
 def test_the_fused_step_restarts_alike(monkeypatch):
@@ -220,20 +223,22 @@ def test_the_fused_step_restarts_alike(monkeypatch):
     test_every_path_restarts_alike({"fused": True}, True, monkeypatch)
 
 
-def test_a_restarted_run_resumes_bit_for_bit():
+@pytest.mark.parametrize("seek", [RESTART, {"moment_restart": 1.0, "restart_match": 1.0}],
+                         ids=["plain", "matched"])  # fmt: skip
+def test_a_restarted_run_resumes_bit_for_bit(seek):
     turn = _first_turn()
     model = _model()
-    opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=RESTART)
+    opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=seek)
     _train(opt, model, turn + 20)
     straight = [p.detach().clone() for p in model.parameters()]
 
     model = _model()
-    opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=RESTART)
+    opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=seek)
     _train(opt, model, turn - 1)  # saved the step before the turn
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     model = _model(seed=1)
     model.load_state_dict(saved_model)
-    opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=RESTART)
+    opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=seek)
     opt.load_state_dict(saved_opt)
     _train(opt, model, 21, start=turn - 1)
     for a, b in zip(straight, model.parameters()):

@@ -12,10 +12,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from _distributed import run_ranks
-from test_moment_restart import _first_turn, _grads, _loss, _loss_of, _model, _train
+from test_moment_restart import _first_turn, _grads, _loss, _loss_of, _model, _train, run_path
 
 import metalr
-import metalr.functional._moment_restart as restart_module
 from metalr.functional import adam_hd_step
 from metalr.functional._controller import SINCE
 from metalr.functional.adam_rule import adam_direction
@@ -26,24 +25,10 @@ PLAIN = {"moment_restart": 1.0, "restart_match": 0.0}
 OFF = {"moment_restart": 0.0}
 
 
-def _turn_of(**options) -> int:
-    """The step (1-based) of the first turn of a run with ``options`` (lagged turns later)."""
-    if not options:
-        return _first_turn()
-    model = _model()
-    opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=OFF, **options)
-    first = next(model.parameters())
-    for t in range(200):
-        _train(opt, model, 1, start=t)
-        if opt.state[first]["hd_controller"][SINCE] > 0:
-            return t + 1
-    raise AssertionError("no turn within 200 steps")
-
-
 def _through_turn(seek: dict | None, **options) -> tuple[torch.nn.Module, metalr.AdamHD]:
     model = _model()
     opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=seek, **options)
-    _train(opt, model, _turn_of(**options))
+    _train(opt, model, _first_turn(**options))
     return model, opt
 
 
@@ -209,25 +194,11 @@ def test_every_path_matches_alike(options, host_reads, monkeypatch):
     """Each path, and the branch that never reads a flag on the host (accelerators), gives the
     parameters and state of the single-tensor path with host reads (float64); the match ran
     (the rates differ from the plain restart's)."""
-    steps = _first_turn() + 10
-
-    def run(opts: dict, reads: bool, seek: dict) -> list[torch.Tensor]:
-        if not reads:
-            monkeypatch.setattr(restart_module, "host_readable", lambda _t: False)
-        model = _model()
-        opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=seek, **opts)
-        _train(opt, model, steps)
-        monkeypatch.undo()
-        out = [p.detach() for p in model.parameters()]
-        for p in model.parameters():
-            out += [opt.state[p][k] for k in ("exp_avg", "exp_avg_sq", "step", "lr_multiplier")]
-        return out
-
     reference_options = {k: v for k, v in options.items() if k in ("granularity", "lagged")}
-    reference = run({**reference_options, "foreach": False}, True, MATCHED)
-    for a, b in zip(run(options, host_reads, MATCHED), reference):
+    reference = run_path(monkeypatch, {**reference_options, "foreach": False}, True, MATCHED)
+    for a, b in zip(run_path(monkeypatch, options, host_reads, MATCHED), reference):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
-    plain = run({**reference_options, "foreach": False}, True, PLAIN)
+    plain = run_path(monkeypatch, {**reference_options, "foreach": False}, True, PLAIN)
     assert any(not torch.allclose(a, b) for a, b in zip(plain, reference))
 
 
@@ -235,25 +206,6 @@ def test_the_fused_step_matches_alike(monkeypatch):
     """fused=True (on the CPU in float64: the compiled pure step, told not to restart: the
     restart runs once, after it) equals the eager path."""
     test_every_path_matches_alike({"fused": True}, True, monkeypatch)
-
-
-def test_a_matched_run_resumes_bit_for_bit():
-    turn = _first_turn()
-    model = _model()
-    opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=MATCHED)
-    _train(opt, model, turn + 20)
-    straight = [p.detach().clone() for p in model.parameters()]
-    model = _model()
-    opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=MATCHED)
-    _train(opt, model, turn - 1)
-    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-    model = _model(seed=1)
-    model.load_state_dict(saved_model)
-    opt = metalr.AdamHD(model.parameters(), lr=3e-2, seek=MATCHED)
-    opt.load_state_dict(saved_opt)
-    _train(opt, model, 21, start=turn - 1)
-    for a, b in zip(straight, model.parameters()):
-        torch.testing.assert_close(b.detach(), a, rtol=0, atol=0)
 
 
 ZERO_STEPS = 65  # the turn is at step 58
