@@ -169,7 +169,6 @@ def headline6(table: Callable[[str], dict]) -> str:
                 "no_floor": "no floor under the ramp's start (round 9's start)",
                 "normalized": "normalized rule (previous default)"}  # fmt: skip
     return ("## Study 6: what each part of the seek rule contributes\n\n"
-            f"Goal test of study 1 on {', '.join(tasks)} (all lr0, mean over seeds). The rows "
-            "from 'no ramp' on switch one mechanism off the defaults of before 2026-12-07, "
-            "without the moment restart: compare them with 'no moment restart'.\n\n"
+            f"Goal test of study 1 on {', '.join(tasks)} (all lr0, mean over seeds); each row "
+            "switches one mechanism off today's defaults.\n\n"
             + goal1_table(t, early, tasks, variants))  # fmt: skip
