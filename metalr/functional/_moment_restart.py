@@ -72,11 +72,12 @@ class KernelRestart:
     """A moment restart that a kernel may take over (:func:`metalr.functional.adam_rule.adam_hd`
     hands it to the Triton step): ``match`` is ``seek["restart_match"] > 0``; the kernel sets
     ``done`` when it restarted (and matched) the turned tensors itself, and keeps its buffer of
-    direction sizes in ``sizes``."""
+    direction sizes in ``sizes`` (and the tensors' sizes, on the device, in ``numels``)."""
 
     match: bool
     done: bool = False
     sizes: Tensor | None = None
+    numels: Tensor | None = None
 
 
 def matched(seek: Mapping[str, Any] | None) -> bool:
@@ -132,14 +133,15 @@ def match_factors(
     ``d`` it just applied, real): its own mean at tensor and element granularity; at group
     granularity the mean over the elements of every *turned* tensor given (and over the ranks
     of ``shards``: one all-reduce of two numbers, run at every call so that every rank joins
-    it), so the group's shared rate stays shared. Differentiable."""
+    it), so the group's shared rate stays shared. Differentiable; no host-to-device copy (a
+    CUDA graph may capture it)."""
     if granularity != "group":
         return {i: full_value(d.abs().mean()).clamp(max=1.0) for i, d in directions.items()}
     f64 = torch.float64
     total = torch.zeros(2, dtype=f64, device=turned.device)
     for i, d in directions.items():
         size = torch.stack([full_value(d.abs().sum(dtype=f64)).to(turned.device),
-                            torch.tensor(float(d.numel()), dtype=f64, device=turned.device)])  # fmt: skip
+                            torch.full((), float(d.numel()), dtype=f64, device=turned.device)])  # fmt: skip
         total = total + turned[i].to(f64) * size
     if shards is not None:
         total = shards.sum(total)

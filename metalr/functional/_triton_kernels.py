@@ -353,7 +353,7 @@ def _passes(
         commit_rows(rows, new)
         if turned is not None:
             if restart.match:
-                _match_rows(rows[0], turned, restart.sizes.sum(1), sizes,
+                _match_rows(rows[0], turned, restart.sizes.sum(1), restart.numels,
                             rule_args["granularity"])  # fmt: skip
             restart.done = True
         return flag, turned
@@ -378,12 +378,13 @@ def _passes(
 
 
 def _match_rows(
-    rate_buf: Tensor, turned: Tensor, size_sums: Tensor, numels: Sequence[int], granularity: str
+    rate_buf: Tensor, turned: Tensor, size_sums: Tensor, numels: Tensor, granularity: str
 ) -> None:
     """The restart's size match on the rates' buffer: each turned tensor's multiplier times
     ``min(Σ|d| / n, 1)`` (group granularity: pooled over the turned tensors), as
-    :func:`metalr.functional._moment_restart.match_factors`."""
-    counts = torch.tensor(numels, dtype=torch.float64, device=size_sums.device)
+    :func:`metalr.functional._moment_restart.match_factors`; ``numels``: the chunk table's
+    device copy of the sizes (no host-to-device copy inside a captured step)."""
+    counts = numels.to(torch.float64)
     sums = size_sums.to(torch.float64)
     if granularity == "group":
         weight = turned.to(torch.float64)
@@ -436,6 +437,7 @@ def adam_hd_step(
     if restart is not None:  # each chunk's Σ|d| of the step the restart follows
         restart.sizes = torch.zeros(len(params), chunks.max_chunks, dtype=torch.float32,
                                     device=device)  # fmt: skip
+        restart.numels = chunks.numels
 
     def launch(
         rate_vec: Tensor, keep_flag: Tensor, accumulate: bool, write: bool, turned: Tensor | None
