@@ -1,4 +1,5 @@
-r"""Restarting Adam's moment estimates at the ramp's turn (``seek={"moment_restart": 1}``).
+r"""Restarting Adam's moment estimates at the ramp's turn (AdamHD's default since 2026-12-07:
+``seek`` ``moment_restart`` 1 with ``restart_match`` 1; ``{"moment_restart": 0}`` turns it off).
 
 While the seek rule's ramp searches the rate (:mod:`metalr.functional._controller`), the model
 hardly moves and its gradients stay at their initial, largest size. Adam's second moment keeps
@@ -23,8 +24,8 @@ overfits (digits_mlp 1.65× → 3.3× of tuned Adam from lr0 1e-3), so it is mea
 validation option's ray, whose ceiling and rewind take such an overshoot back. With the
 recommended validation option, on fresh seeds 64–68 of four tasks, it put 14/20 cells within 10%
 of tuned Adam against 13/20, paired mean log-ratio −0.037 (95% interval −0.099 to +0.014): a
-gain five seeds do not separate from noise, so it is opt-in and not part of the recommended
-option (``experiments/results/fit_controller/moment_restart/result.md``).
+gain five seeds do not separate from noise, so alone (``restart_match`` 0) it stays opt-in
+(``experiments/results/fit_controller/moment_restart/result.md``).
 
 **The size match** (``restart_match > 0``, with ``moment_restart > 0``). The fresh step's
 size is then kept at the turn's: each turned tensor's multiplier is scaled by the mean size of
@@ -36,15 +37,20 @@ the direction ``d = m̂/(√v̂ + ε)`` it applied at the turn, before its momen
 so the first fresh step, ``|d| = 1`` per element, moves the tensor as far on average as the
 turn's step did. Without validation it passed its check (seeds 60–63, study 1's six tasks:
 13/30 → 16/30 cells within 10% of tuned Adam, paired mean log-ratio −0.092, 95% interval
-−0.148 to −0.050; ``experiments/results/fit_controller/matched_restart/result.md``); the CNN
-lost there (1.04–1.23× → 1.12–1.31×).
+−0.148 to −0.050; ``experiments/results/fit_controller/matched_restart/result.md``), and so
+it became the default; the CNN lost there (1.04–1.23× → 1.12–1.31×: its later layers' mean
+``|d|`` at the turn is 0.26–0.64, so their rates are cut 2–7× while it still learns), and on
+study 1's held-out transformer the rate settles below half the best fixed one.
+
+Where the turn is read: on the CPU (and wherever the flags are free to read) only the turned
+tensors are touched; the Triton step (CUDA, exact) restarts inside its writing launch; other
+paths off the CPU multiply every moment by its 0/1 flag each step (no host read).
 
 Example::
 
-    optimizer = metalr.AdamHD(model.parameters(), lr=1e-3, seek={"moment_restart": 1},
-                              validation={"ray_steps": total_steps})
-    matched = metalr.AdamHD(model.parameters(), lr=1e-3,
-                            seek={"moment_restart": 1, "restart_match": 1})
+    optimizer = metalr.AdamHD(model.parameters(), lr=1e-3)  # the matched restart: default
+    plain = metalr.AdamHD(model.parameters(), lr=1e-3, seek={"restart_match": 0})
+    without = metalr.AdamHD(model.parameters(), lr=1e-3, seek={"moment_restart": 0})
 """
 
 from __future__ import annotations

@@ -60,9 +60,10 @@ class AdamHD(HypergradOptimizer):
         seek: constants of the seek rule overriding its fitted defaults, e.g.
             ``{"init_scale": 0.01}``, or ``{"horizon": 0.95}`` for the long-horizon tracking
             signal (one more buffer per parameter; :mod:`metalr.functional._trail`), or
-            ``{"moment_restart": 1}`` to restart each tensor's Adam moments at its first turn
-            (:mod:`metalr.functional._moment_restart`; with the validation option)
-            (default: None).
+            ``{"moment_restart": 0}`` to keep Adam's moments at the ramp's first turn (by
+            default they restart there and the rate is matched to the turn's step size,
+            :mod:`metalr.functional._moment_restart`; ``{"restart_match": 0}`` restarts
+            without the match) (default: None).
         validation: constants of the validation signal (used once :meth:`observe_validation`
             is called) overriding its defaults, e.g. ``{"hypergrad_lr": 0.05}``; see
             :mod:`metalr.functional.validation` (default: None).
