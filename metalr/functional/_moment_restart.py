@@ -194,3 +194,23 @@ def match_in_place(
     for i, rate in enumerate(rates):
         one = torch.ones((), dtype=rate.dtype, device=rate.device)
         rate.mul_(torch.where(turned[i].to(rate.device), factors[i].to(rate.dtype), one))
+
+
+def match_rows(
+    rate_buf: Tensor, turned: Tensor, size_sums: Tensor, numels: Tensor, granularity: str
+) -> None:
+    """The size match on a kernel's stacked rates (``rate_buf`` ``[n]``, in place): each turned
+    tensor's multiplier times ``min(Σ|d| / n, 1)`` from the kernel's per-tensor sums of ``|d|``
+    (``size_sums``) and element counts (``numels``, on the device: no host-to-device copy in a
+    captured step); at group granularity pooled over the turned tensors, as
+    :func:`match_factors`."""
+    counts = numels.to(torch.float64)
+    sums = size_sums.to(torch.float64)
+    if granularity == "group":
+        weight = turned.to(torch.float64)
+        pooled = (weight * sums).sum() / (weight * counts).sum().clamp(min=1.0)
+        factors = pooled.expand_as(sums)
+    else:
+        factors = sums / counts
+    factors = factors.clamp(max=1.0).to(rate_buf.dtype)
+    rate_buf.mul_(torch.where(turned, factors, torch.ones_like(factors)))

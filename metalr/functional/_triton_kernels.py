@@ -51,7 +51,7 @@ from metalr.functional._from_sums import (
     seek_vectors_from_sums,
 )
 from metalr.functional._hypergrad import clamp_rates
-from metalr.functional._moment_restart import KernelRestart
+from metalr.functional._moment_restart import KernelRestart, match_rows
 
 #: Whether :func:`sgd_hd_step` takes exact steps (two launches, like the Adam step).
 SGD_EXACT = True
@@ -353,8 +353,8 @@ def _passes(
         commit_rows(rows, new)
         if turned is not None:
             if restart.match:
-                _match_rows(rows[0], turned, restart.sizes.sum(1), restart.numels,
-                            rule_args["granularity"])  # fmt: skip
+                match_rows(rows[0], turned, restart.sizes.sum(1), restart.numels,
+                           rule_args["granularity"])  # fmt: skip
             restart.done = True
         return flag, turned
 
@@ -375,25 +375,6 @@ def _passes(
         launch(in_use(new_rates), flag, False, True, None)
     commit_update(rates, controllers, result, known_finite=False)
     return flag, None
-
-
-def _match_rows(
-    rate_buf: Tensor, turned: Tensor, size_sums: Tensor, numels: Tensor, granularity: str
-) -> None:
-    """The restart's size match on the rates' buffer: each turned tensor's multiplier times
-    ``min(Σ|d| / n, 1)`` (group granularity: pooled over the turned tensors), as
-    :func:`metalr.functional._moment_restart.match_factors`; ``numels``: the chunk table's
-    device copy of the sizes (no host-to-device copy inside a captured step)."""
-    counts = numels.to(torch.float64)
-    sums = size_sums.to(torch.float64)
-    if granularity == "group":
-        weight = turned.to(torch.float64)
-        pooled = (weight * sums).sum() / (weight * counts).sum().clamp(min=1.0)
-        factors = pooled.expand_as(sums)
-    else:
-        factors = sums / counts
-    factors = factors.clamp(max=1.0).to(rate_buf.dtype)
-    rate_buf.mul_(torch.where(turned, factors, torch.ones_like(factors)))
 
 
 def adam_hd_step(
