@@ -106,15 +106,21 @@ def write_rows(tensors: Sequence[Tensor], rows: tuple[Tensor, bool], new: Tensor
         torch._foreach_copy_(list(tensors), list(new.unbind(0)))
 
 
+def zero_marked(tensors: Sequence[Tensor], mask: Tensor) -> None:
+    """Zero the tensors that ``mask`` (``[n]`` bool) marks, on the device (no host read): one
+    multiply per tensor by its 0/1 flag."""
+    keep = (~mask).unbind(0)
+    torch._foreach_mul_(list(tensors), [k.to(t.dtype) for k, t in zip(keep, tensors)])
+
+
 def zero_rows(tensors: Sequence[Tensor], rows: tuple[Tensor, bool], mask: Tensor) -> None:
-    """Zero the tensors (step counters) that ``mask`` (``[n]`` bool) marks, on the device: one
-    op where ``rows`` is their buffer, else one multiply per tensor by its 0/1 flag."""
+    """:func:`zero_marked` for tensors (step counters) that may be rows of one buffer: then one
+    op on the buffer."""
     buf, shared = rows
-    keep = (~mask).to(buf.dtype)
     if shared:
-        buf.mul_(keep)
+        buf.mul_((~mask).to(buf.dtype))
     else:
-        torch._foreach_mul_(list(tensors), [k.to(t.dtype) for k, t in zip(keep.unbind(0), tensors)])
+        zero_marked(tensors, mask)
 
 
 def add_to_rows(

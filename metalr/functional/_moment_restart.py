@@ -65,6 +65,7 @@ from torch import Tensor
 from metalr.functional._common import full_value, host_readable
 from metalr.functional._controller import SINCE
 from metalr.functional._distributed import ShardReducer
+from metalr.functional._flat_state import zero_marked
 
 
 def requested(seek: Mapping[str, Any] | None, controllers: Sequence[Tensor] | None) -> bool:
@@ -77,13 +78,10 @@ def requested(seek: Mapping[str, Any] | None, controllers: Sequence[Tensor] | No
 class KernelRestart:
     """A moment restart that a kernel may take over (:func:`metalr.functional.adam_rule.adam_hd`
     hands it to the Triton step): ``match`` is ``seek["restart_match"] > 0``; the kernel sets
-    ``done`` when it restarted (and matched) the turned tensors itself, and keeps its buffer of
-    direction sizes in ``sizes`` (and the tensors' sizes, on the device, in ``numels``)."""
+    ``done`` when it restarted (and matched) the turned tensors itself."""
 
     match: bool
     done: bool = False
-    sizes: Tensor | None = None
-    numels: Tensor | None = None
 
 
 def matched(seek: Mapping[str, Any] | None) -> bool:
@@ -124,9 +122,8 @@ def restart_in_place(
             exp_avg_sqs[i].zero_()
             steps[i].zero_()
         return
-    keep = (~turned).unbind(0)
     for group in (exp_avgs, exp_avg_sqs, steps):
-        torch._foreach_mul_(list(group), [k.to(t.dtype) for k, t in zip(keep, group)])
+        zero_marked(group, turned)
 
 
 def match_factors(

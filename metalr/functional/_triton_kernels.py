@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -310,13 +310,14 @@ def _passes(
     sizes: Sequence[int],
     keep: Tensor,
     lagged: bool,
-    restart: KernelRestart | None = None,
+    on_turn: Callable[[Tensor, Tensor], None] | None = None,
     **rule_args: Any,
 ) -> tuple[Tensor, Tensor | None]:
     """Run a step's launches and its rate update; returns the step's flag (0/1, for the step
-    counters) and, where it took over ``restart``, the tensors that took their first turn
-    (their moments were zeroed by the writing launch and their multipliers matched here; the
-    caller zeroes their counters). ``launch(rates, flag, accumulate, write, turned)`` runs the
+    counters) and, with ``on_turn`` (the moment restart), the tensors that took their first
+    turn: the writing launch zeroed their moments and ``on_turn(rates_buffer, turned)`` ran
+    after the rates were committed; the caller zeroes their counters (None where the restart
+    is left to the caller). ``launch(rates, flag, accumulate, write, turned)`` runs the
     kernel. Lagged: one launch with the old rates, then the update. Exact: a sums-only launch,
     the update, then the writing launch with the new rates, gated by the new flag. The seek
     rule works on its state's buffers (:func:`~metalr.functional._from_sums.seek_rows`); other
@@ -347,15 +348,12 @@ def _passes(
         new = update()
         flag = new[2].to(torch.int32)
         turned = None
-        if restart is not None:
+        if on_turn is not None:
             turned = (rows[1][:, SINCE] == 0) & (new[1][:, SINCE] > 0)
         launch(in_use(new[0]), flag, False, True, turned)
         commit_rows(rows, new)
         if turned is not None:
-            if restart.match:
-                match_rows(rows[0], turned, restart.sizes.sum(1), restart.numels,
-                           rule_args["granularity"])  # fmt: skip
-            restart.done = True
+            on_turn(rows[0], turned)
         return flag, turned
 
     def rate_update() -> Any:
@@ -415,10 +413,14 @@ def adam_hd_step(
     lr_t = _device_scalar(lr, device)
     keep = _keep(grads_finite, device)
     kernel = _launcher(_adam_kernel, device)
+    sizes = on_turn = None
     if restart is not None:  # each chunk's Σ|d| of the step the restart follows
-        restart.sizes = torch.zeros(len(params), chunks.max_chunks, dtype=torch.float32,
-                                    device=device)  # fmt: skip
-        restart.numels = chunks.numels
+        sizes = torch.zeros(len(params), chunks.max_chunks, dtype=torch.float32, device=device)
+
+        def on_turn(rate_buf: Tensor, turned: Tensor) -> None:
+            if restart.match:  # the chunk table's device sizes: no host-to-device copy
+                match_rows(rate_buf, turned, sizes.sum(1), chunks.numels, granularity)
+            restart.done = True
 
     def launch(
         rate_vec: Tensor, keep_flag: Tensor, accumulate: bool, write: bool, turned: Tensor | None
@@ -428,14 +430,14 @@ def adam_hd_step(
             *pointers, chunks.numels, chunks.chunk_tensor, chunks.chunk_start, chunks.chunk_slot,
             step_vec, rate_vec, lr_t, keep_flag, partials, chunks.max_chunks, beta1, beta2, eps,
             weight_decay, -1.0 if maximize else 1.0, fresh,
-            restart.sizes if turned is not None else partials,
+            sizes if turned is not None else partials,
             DECOUPLED=decoupled_weight_decay, ACCUMULATE=accumulate, WRITE=write,
             RESTART=turned is not None, DTYPE=_DTYPES[params[0].dtype], BLOCK=BLOCK,
             num_warps=NUM_WARPS,
         )  # fmt: skip
 
     count, turned = _passes(
-        launch, rates, controllers, partials, chunks.sizes, keep, lagged, restart, lr=lr,
+        launch, rates, controllers, partials, chunks.sizes, keep, lagged, on_turn, lr=lr,
         hypergrad_lr=hypergrad_lr, rule=rule, granularity=granularity, lr_bounds=lr_bounds,
         grads_finite=grads_finite, seek=seek,
     )  # fmt: skip
