@@ -476,3 +476,53 @@ def test_shock_schedule_and_a_guarded_optimizer_reading_the_loss(tmp_path, monke
     assert records[0]["status"] in ("ok", "diverged")
     assert summaries[-1][0]["losses"] == len(summaries)  # every step's loss reached the guard
     assert summaries[-1][0]["spikes"] >= 1  # the x1e4 shock was seen
+
+
+def test_cell_ids_follow_the_library_defaults_a_metalr_spec_resolves(tmp_path, monkeypatch):
+    """A cell's id hashes the settings its metalr optimizer resolves, defaults included: after a
+    refit of the seek constants the seek cells get new ids (and so rerun), while torch's cells
+    and a rule that does not read those constants keep theirs."""
+    from metalr.functional._controller import SEEK_DEFAULTS
+
+    optimizers = {"adam": {"kind": "adam"}, "adam_hd": {"kind": "adam_hd"},
+                  "normalized": {"kind": "adam_hd", "rule": "normalized"},
+                  "sgd_hd": {"kind": "sgd_hd", "momentum": 0.9}}  # fmt: skip
+    cfg = _study(tmp_path, optimizers=optimizers)
+
+    def ids() -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for cell in R.expand(cfg):
+            out.setdefault(cell["optimizer"], set()).add(cell["id"])
+        return out
+
+    before = ids()
+    assert all(len(v) == 4 for v in before.values())  # 2 lrs x 2 seeds, distinct
+    monkeypatch.setitem(SEEK_DEFAULTS, "ramp_rate", SEEK_DEFAULTS["ramp_rate"] * 1.5)
+    after = ids()
+    assert after["adam_hd"].isdisjoint(before["adam_hd"])
+    assert after["adam"] == before["adam"]
+    assert after["normalized"] == before["normalized"]
+    assert after["sgd_hd"] == before["sgd_hd"]  # SGD-HD reads SGD_SEEK_DEFAULTS
+    monkeypatch.setitem(SGD_SEEK_DEFAULTS, "turn_cut", SGD_SEEK_DEFAULTS["turn_cut"] * 0.5)
+    assert ids()["sgd_hd"].isdisjoint(before["sgd_hd"])
+
+
+def test_records_made_under_other_defaults_are_not_reused(tmp_path, monkeypatch):
+    from metalr.functional._controller import SEEK_DEFAULTS
+
+    cfg = _study(tmp_path, lrs=[0.01], seeds=[0],
+                 optimizers={"adam": {"kind": "adam"}, "adam_hd": {"kind": "adam_hd"}})  # fmt: skip
+    first = {r["optimizer"]: r for r in run_study(cfg, quiet=True)}
+    settings = first["adam_hd"]["provenance"]["resolved_settings"]
+    assert (
+        settings["rule"] == "seek" and settings["seek"]["ramp_rate"] == SEEK_DEFAULTS["ramp_rate"]
+    )
+    assert "validation" not in settings and first["adam"]["provenance"]["resolved_settings"] is None
+    monkeypatch.setitem(SEEK_DEFAULTS, "init_scale", 1.0)  # starts at lr0, no ramp from below
+    second = run_study(cfg, quiet=True)
+    assert (second.cached, second.ran) == (1, 1)
+    again = {r["optimizer"]: r for r in second}
+    assert again["adam"]["id"] == first["adam"]["id"]
+    assert again["adam_hd"]["provenance"]["resolved_settings"]["seek"]["init_scale"] == 1.0
+    assert again["adam_hd"]["final_val_loss"] != first["adam_hd"]["final_val_loss"]
+    assert len(read_records(cfg.out_dir)) == 3  # the old record stays in the file, unreported

@@ -170,6 +170,32 @@ def build_for_model(
     return opt
 
 
+def resolved_settings(spec: dict[str, Any], steps: int) -> dict[str, Any] | None:
+    """The hyperparameters a metalr optimizer of ``spec`` resolves, its library defaults included
+    (``None`` for torch's optimizers and the peers, whose defaults are not ours to change).
+
+    The workbench hashes them into each cell's id (:func:`metalr.workbench.runner.expand`), so a
+    record made under other defaults — a refitted ``SEEK_DEFAULTS``, a new default rule — is
+    not reused as if the spec had not changed. Built on one probe parameter at lr 1e-3; the
+    group's ``lr`` and ``params`` are dropped, the seek constants unless the rule is ``"seek"``,
+    and the validation settings unless the spec sets them or watches a validation stream.
+    ``steps`` is the run's budget (``ray_steps: budget``). A ``prior`` spec is resolved without
+    its prior (the prior file is the spec's own, named by it).
+    """
+    kind = spec["kind"]
+    if kind not in METALR and kind != "hyperlr":
+        return None
+    probe = torch.nn.Parameter(torch.zeros(1))
+    spec = with_step_budget({k: v for k, v in spec.items() if k != "prior"}, steps)
+    opt = build_optimizer(spec, [probe], 1e-3)
+    group = {k: v for k, v in opt.param_groups[0].items() if k not in ("params", "lr")}
+    if group.get("rule") != "seek":
+        group.pop("seek", None)
+    if spec.get("validation_data") is None and spec.get("validation") is None:
+        group.pop("validation", None)
+    return group
+
+
 def applies_to(spec: dict[str, Any], task: str) -> bool:
     """Whether ``spec`` runs on ``task``: a ``prior: task`` spec runs only on the tasks that have
     a meta-learned prior (so one study can mix them with tasks that have none)."""

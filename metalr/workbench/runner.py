@@ -69,7 +69,12 @@ def resolve_device(device: str) -> str:
 
 
 def expand(cfg: StudyConfig) -> list[dict[str, Any]]:
-    """The grid's cells, in a fixed order (task, optimizer, lr, seed)."""
+    """The grid's cells, in a fixed order (task, optimizer, lr, seed).
+
+    A cell's id hashes everything that decides its run; for a metalr optimizer that includes
+    the settings it resolves from the library's defaults (``resolved``:
+    :func:`~metalr.workbench.optimizers.resolved_settings`), so a study rerun after the defaults
+    change reruns those cells instead of reporting records made under the old ones."""
     cells = []
     for task in cfg.tasks:
         for name, spec in cfg.optimizers.items():
@@ -82,6 +87,9 @@ def expand(cfg: StudyConfig) -> list[dict[str, Any]]:
                             "lr": lr, "seed": seed, "steps": cfg.steps_of(task), "log_every": cfg.log_every,
                             "divergence": cfg.divergence, "range_test_steps": cfg.range_test_steps,
                             "fallback_text": cfg.fallback_text}  # fmt: skip
+                    settings = O.resolved_settings(spec, cell["steps"])
+                    if settings is not None:  # metalr's defaults are part of the cell
+                        cell["resolved"] = config_sha256(settings)[:16]
                     cell["id"] = config_sha256(cell)[:20]
                     cells.append(cell)
     return cells
@@ -386,9 +394,11 @@ def _run_locked(cfg: StudyConfig, out: Path, device: str, records_path: Path, qu
             _atomic(out / "curves" / f"{result['id']}.json", lambda f: f.write(text), "w")
             result["curves"] = f"curves/{result['id']}.json"
         cell = next(c for c in cells if c["id"] == result["id"])
+        settings = O.resolved_settings(cell["spec"], cell["steps"])
         result["provenance"] = {**common, "study_config_sha256": common["config_sha256"],
                                 "cell": {k: v for k, v in cell.items() if k != "id"},
                                 "cell_sha256": config_sha256(cell), "seed": cell["seed"],
+                                "resolved_settings": settings,
                                 "wall_time_s": result["wall_time_s"]}  # fmt: skip
         del result["provenance"]["config_sha256"]
         append_record(result, records_path)
