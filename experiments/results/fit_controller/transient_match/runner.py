@@ -1,0 +1,104 @@
+"""Runner for ``protocol.md`` (development seeds only; every run appended to ``runs.jsonl``).
+
+    python experiments/results/fit_controller/transient_match/runner.py
+    python experiments/results/fit_controller/transient_match/runner.py --table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[2]))  # experiments/
+sys.path.insert(0, str(HERE))
+import transientpatch
+from study_budgets import budgets
+
+RUNS = HERE / "runs.jsonl"
+REF = HERE.parent / "check_adam_reference_seeds_100_101_102.json"
+MODES = {"default": None, "transient10": 0.9, "transient50": 0.98}
+TASKS = "digits_logreg,digits_mlp,fewshot_sinusoid,mnist1d_mlp,charlm_gru,animal_cnn"
+
+
+def load() -> dict:
+    done = {}
+    if RUNS.is_file():
+        for line in RUNS.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["task"], r["mode"], r["lr"], r["seed"])] = r
+    return done
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", default=TASKS)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--lrs", default="1e-5,1e-3,1e-1")
+    ap.add_argument("--seeds", default="100,101,102")
+    ap.add_argument("--table", action="store_true")
+    a = ap.parse_args(argv)
+    if a.table:
+        return table()
+    import torch
+    from fit_controller import run
+
+    torch.set_num_threads(1)
+    seeds = [int(s) for s in a.seeds.split(",")]
+    assert min(seeds) >= 100, "development seeds only"
+    done = load()
+    for task, steps in budgets(a.tasks.split(",")).items():
+        for lr in (float(x) for x in a.lrs.split(",")):
+            for mode in a.modes.split(","):
+                for seed in seeds:
+                    if (task, mode, lr, seed) in done:
+                        continue
+                    transientpatch.DECAY = MODES[mode]
+                    spec = {"kind": "adam_hd"}
+                    if MODES[mode] is not None:
+                        spec["seek"] = {"moment_restart": 0}
+                    t0 = time.time()
+                    r = run(task, spec, lr, steps, "full", seed)
+                    final = r["final_val_loss"] if r["status"] == "ok" else math.inf
+                    rec = {"task": task, "mode": mode, "lr": lr, "seed": seed, "steps": steps,
+                           "final": final, "best": r["best_val_loss"], "status": r["status"],
+                           "secs": round(time.time() - t0, 1)}  # fmt: skip
+                    with RUNS.open("a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    done[(task, mode, lr, seed)] = rec
+                    print(json.dumps(rec), flush=True)
+
+
+def table() -> None:
+    ref = json.loads(REF.read_text())
+    done = load()
+    cells: dict = {}
+    for (task, mode, lr, seed), r in done.items():
+        cells.setdefault((task, lr), {}).setdefault(mode, {})[seed] = r["final"]
+    logs: dict = {}
+    print("| task | lr0 | " + " | ".join(MODES) + " |")
+    print("|---|---|" + "---:|" * len(MODES))
+    for task, lr in sorted(cells):
+        modes = cells[(task, lr)]
+        row = []
+        for m in MODES:
+            vals = list(modes.get(m, {}).values())
+            if len(vals) < 3:
+                row.append("–")
+                continue
+            ratio = statistics.mean(vals) / ref[task]
+            logs.setdefault(m, []).append(math.log(ratio))
+            row.append(f"{ratio:.3f}")
+        print(f"| {task} | {lr:g} | " + " | ".join(row) + " |")
+    for m, v in logs.items():
+        print(f"{m}: {len(v)} cells, mean log-ratio {statistics.mean(v):+.4f}, "
+              f"within 10%: {sum(x <= math.log(1.1) for x in v)}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
