@@ -23,6 +23,8 @@ from study_budgets import budgets
 RUNS = HERE / "runs.jsonl"
 REF = HERE.parent / "check_adam_reference_seeds_100_101_102.json"
 MODES = {"default": None, "transient10": 0.9, "transient50": 0.98}
+# protocol.md's second part: the same with the recommended validation option (issue 11)
+VALIDATION = {"validation_data": {"every": 20}, "validation": {"ray_steps": "budget"}}
 TASKS = "digits_logreg,digits_mlp,fewshot_sinusoid,mnist1d_mlp,charlm_gru,animal_cnn"
 
 
@@ -41,6 +43,7 @@ def main(argv=None) -> None:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--lrs", default="1e-5,1e-3,1e-1")
     ap.add_argument("--seeds", default="100,101,102")
+    ap.add_argument("--validation", action="store_true", help="with the recommended option")
     ap.add_argument("--table", action="store_true")
     a = ap.parse_args(argv)
     if a.table:
@@ -56,21 +59,22 @@ def main(argv=None) -> None:
         for lr in (float(x) for x in a.lrs.split(",")):
             for mode in a.modes.split(","):
                 for seed in seeds:
-                    if (task, mode, lr, seed) in done:
+                    name = mode + ("+val" if a.validation else "")
+                    if (task, name, lr, seed) in done:
                         continue
                     transientpatch.DECAY = MODES[mode]
-                    spec = {"kind": "adam_hd"}
+                    spec = {"kind": "adam_hd", **(VALIDATION if a.validation else {})}
                     if MODES[mode] is not None:
                         spec["seek"] = {"moment_restart": 0}
                     t0 = time.time()
                     r = run(task, spec, lr, steps, "full", seed)
                     final = r["final_val_loss"] if r["status"] == "ok" else math.inf
-                    rec = {"task": task, "mode": mode, "lr": lr, "seed": seed, "steps": steps,
+                    rec = {"task": task, "mode": name, "lr": lr, "seed": seed, "steps": steps,
                            "final": final, "best": r["best_val_loss"], "status": r["status"],
                            "secs": round(time.time() - t0, 1)}  # fmt: skip
                     with RUNS.open("a") as f:
                         f.write(json.dumps(rec) + "\n")
-                    done[(task, mode, lr, seed)] = rec
+                    done[(task, name, lr, seed)] = rec
                     print(json.dumps(rec), flush=True)
 
 
@@ -81,12 +85,14 @@ def table() -> None:
     for (task, mode, lr, seed), r in done.items():
         cells.setdefault((task, lr), {}).setdefault(mode, {})[seed] = r["final"]
     logs: dict = {}
-    print("| task | lr0 | " + " | ".join(MODES) + " |")
-    print("|---|---|" + "---:|" * len(MODES))
+    names = [m for m in [*MODES, *(f"{m}+val" for m in MODES)]
+             if any(m in modes for modes in cells.values())]  # fmt: skip
+    print("| task | lr0 | " + " | ".join(names) + " |")
+    print("|---|---|" + "---:|" * len(names))
     for task, lr in sorted(cells):
         modes = cells[(task, lr)]
         row = []
-        for m in MODES:
+        for m in names:
             vals = list(modes.get(m, {}).values())
             if len(vals) < 3:
                 row.append("–")
