@@ -1,7 +1,7 @@
 """Runner for ``protocol.md`` (development seeds only; every run appended to ``runs.jsonl``).
 
-    python experiments/results/fit_controller/transient_match/runner.py
-    python experiments/results/fit_controller/transient_match/runner.py --table
+python experiments/results/fit_controller/transient_match/runner.py
+python experiments/results/fit_controller/transient_match/runner.py --table
 """
 
 from __future__ import annotations
