@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import subprocess
 import sys
 import time
@@ -393,15 +392,33 @@ HEADLINES = {
 
 
 def trim_curves(studies: list[int]) -> None:
-    """Drop the curve folders of the studies just run when they exceed the size limit (their
-    report's plots are already written); other studies' committed curves are left alone."""
+    """When the curve folders of the studies just run exceed the size limit, drop the curve files
+    git does not track (the run's new ones: their report's plots are already written). Curves an
+    earlier commit holds are kept, and other studies' folders are not touched."""
     folders = [RESULTS / f"ablate_study{n}" / "curves" for n in studies]
     total = sum(f.stat().st_size for d in folders if d.is_dir() for f in d.iterdir())
     print(f"curve folders: {total / 2**20:.1f} MiB", flush=True)
-    if total > CURVES_LIMIT:  # the report's curve plots are already written
-        for d in folders:
-            shutil.rmtree(d, ignore_errors=True)
-        print("removed the curve folders (over the size limit)")
+    if total <= CURVES_LIMIT:
+        return
+    removed = 0
+    for d in folders:
+        if not d.is_dir():
+            continue
+        tracked = tracked_names(d)
+        for f in d.iterdir():
+            if f.name not in tracked:
+                f.unlink()
+                removed += 1
+    print(f"removed {removed} uncommitted curve files (over the size limit); committed ones kept")
+
+
+def tracked_names(folder: Path) -> set[str]:
+    """The names of the files in ``folder`` that git tracks (none outside a git checkout)."""
+    out = subprocess.run(["git", "-C", str(folder), "ls-files", "-z", "."], capture_output=True,
+                         text=True, check=False)  # fmt: skip
+    if out.returncode != 0:
+        return set()
+    return {name for name in out.stdout.split("\0") if name and "/" not in name}
 
 
 def main() -> int:

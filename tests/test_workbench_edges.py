@@ -118,6 +118,33 @@ def test_the_studies_headline_code_skips_a_torn_last_line(tmp_path):
     assert [r["lr"] for r in ablate_studies.records(tmp_path)] == [0.1]
 
 
+def test_curve_trim_keeps_committed_curves(tmp_path, monkeypatch, capsys):
+    """Over the size limit the studies script drops only the curve files git does not track:
+    a rerun's new curves go, the curves an earlier commit holds stay."""
+    import subprocess
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import ablate_studies
+
+    curves = tmp_path / "ablate_study6" / "curves"
+    curves.mkdir(parents=True)
+    (curves / "old.json").write_text("[1]")
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "curves"], check=True)
+    (curves / "new.json").write_text("[2]")
+    monkeypatch.setattr(ablate_studies, "RESULTS", tmp_path)
+    monkeypatch.setattr(ablate_studies, "CURVES_LIMIT", 4)
+    ablate_studies.trim_curves([6])
+    assert sorted(p.name for p in curves.iterdir()) == ["old.json"]
+    assert "removed 1 uncommitted curve files" in capsys.readouterr().out
+    monkeypatch.setattr(ablate_studies, "CURVES_LIMIT", 1024)  # under the limit: nothing goes
+    (curves / "new.json").write_text("[2]")
+    ablate_studies.trim_curves([6])
+    assert sorted(p.name for p in curves.iterdir()) == ["new.json", "old.json"]
+
+
 def test_option_dicts_in_a_config_read_yaml_numbers():
     """YAML 1.1 reads 1e-2 (no dot) as a string: option dicts take it as a number, as before
     option values were checked for kind."""
