@@ -46,7 +46,7 @@ CONFIGS = {
     11: "configs/ablate_study11_early_rate.yaml",
 }
 RESULTS = ROOT / "experiments" / "results"
-CURVES_LIMIT = 5 * 2**20  # drop per-step curve folders beyond ~5 MB in total
+CURVES_LIMIT = 5 * 2**20  # beyond ~5 MB of curves, drop the uncommitted ones (trim_curves)
 GOAL_WITHIN, GOAL_FRACTION = 0.10, 0.80
 
 
