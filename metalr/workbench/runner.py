@@ -81,15 +81,15 @@ def expand(cfg: StudyConfig) -> list[dict[str, Any]]:
             if not O.applies_to(spec, task):
                 continue
             lrs = spec.get("lrs", cfg.lrs) if O.uses_lr(spec) else [None]
+            steps = cfg.steps_of(task)
+            settings = O.resolved_settings(spec, steps)  # metalr's defaults: part of the cell
+            resolved = {} if settings is None else {"resolved": config_sha256(settings)[:16]}
             for lr in lrs:
                 for seed in cfg.seeds:
                     cell = {"task": task, "size": cfg.size, "optimizer": name, "spec": spec,
-                            "lr": lr, "seed": seed, "steps": cfg.steps_of(task), "log_every": cfg.log_every,
+                            "lr": lr, "seed": seed, "steps": steps, "log_every": cfg.log_every,
                             "divergence": cfg.divergence, "range_test_steps": cfg.range_test_steps,
-                            "fallback_text": cfg.fallback_text}  # fmt: skip
-                    settings = O.resolved_settings(spec, cell["steps"])
-                    if settings is not None:  # metalr's defaults are part of the cell
-                        cell["resolved"] = config_sha256(settings)[:16]
+                            "fallback_text": cfg.fallback_text, **resolved}  # fmt: skip
                     cell["id"] = config_sha256(cell)[:20]
                     cells.append(cell)
     return cells
