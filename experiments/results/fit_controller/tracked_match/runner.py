@@ -105,9 +105,11 @@ def table() -> None:
             continue
         keys = [k for k in logs[m] if k in logs.get(base, {})]
         d = [logs[m][k] - logs[base][k] for k in keys]
-        print(f"{m} vs {base}: {len(keys)} cells, mean log-ratio {statistics.mean(logs[m][k] for k in keys):+.4f}"
-              f" vs {statistics.mean(logs[base][k] for k in keys):+.4f} (paired {statistics.mean(d):+.4f}),"
-              f" within 10%: {sum(logs[m][k] <= math.log(1.1) for k in keys)} vs {sum(logs[base][k] <= math.log(1.1) for k in keys)}")
+        print(
+            f"{m} vs {base}: {len(keys)} cells, mean log-ratio {statistics.mean(logs[m][k] for k in keys):+.4f}"
+            f" vs {statistics.mean(logs[base][k] for k in keys):+.4f} (paired {statistics.mean(d):+.4f}),"
+            f" within 10%: {sum(logs[m][k] <= math.log(1.1) for k in keys)} vs {sum(logs[base][k] <= math.log(1.1) for k in keys)}"
+        )
         for task in sorted({k[0] for k in keys}):
             td = [logs[m][k] - logs[base][k] for k in keys if k[0] == task]
             print(f"   {task}: {math.exp(statistics.mean(td)):.3f}x")

@@ -17,7 +17,9 @@ _orig = AdamHD.step
 
 def _direction_size(st, g):
     b1, b2 = g["betas"]
-    return adam_direction(st["exp_avg"], st["exp_avg_sq"], st["step"], b1, b2, g["eps"]).abs().mean()
+    return (
+        adam_direction(st["exp_avg"], st["exp_avg_sq"], st["step"], b1, b2, g["eps"]).abs().mean()
+    )
 
 
 def step(self, closure=None):
