@@ -11,14 +11,13 @@ import json
 import math
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # experiments/
 sys.path.insert(0, str(HERE))
+import dev_grid
 import transientpatch
-from study_budgets import budgets
 
 RUNS = HERE / "runs.jsonl"
 REF = HERE.parent / "check_adam_reference_seeds_100_101_102.json"
@@ -29,12 +28,19 @@ TASKS = "digits_logreg,digits_mlp,fewshot_sinusoid,mnist1d_mlp,charlm_gru,animal
 
 
 def load() -> dict:
-    done = {}
-    if RUNS.is_file():
-        for line in RUNS.read_text().splitlines():
-            r = json.loads(line)
-            done[(r["task"], r["mode"], r["lr"], r["seed"])] = r
-    return done
+    return dev_grid.load(RUNS)
+
+
+def spec(mode: str, validation: bool) -> dict:
+    """The run's spec: the library's own restart off where the patch does it."""
+    s = {"kind": "adam_hd", **(VALIDATION if validation else {})}
+    if MODES[mode] is not None:
+        s["seek"] = {"moment_restart": 0}
+    return s
+
+
+def patch(name: str) -> None:
+    transientpatch.DECAY = MODES[name.removesuffix("+val")]
 
 
 def main(argv=None) -> None:
@@ -48,34 +54,10 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.table:
         return table()
-    import torch
-    from fit_controller import run
-
-    torch.set_num_threads(1)
-    seeds = [int(s) for s in a.seeds.split(",")]
-    assert min(seeds) >= 100, "development seeds only"
-    done = load()
-    for task, steps in budgets(a.tasks.split(",")).items():
-        for lr in (float(x) for x in a.lrs.split(",")):
-            for mode in a.modes.split(","):
-                for seed in seeds:
-                    name = mode + ("+val" if a.validation else "")
-                    if (task, name, lr, seed) in done:
-                        continue
-                    transientpatch.DECAY = MODES[mode]
-                    spec = {"kind": "adam_hd", **(VALIDATION if a.validation else {})}
-                    if MODES[mode] is not None:
-                        spec["seek"] = {"moment_restart": 0}
-                    t0 = time.time()
-                    r = run(task, spec, lr, steps, "full", seed)
-                    final = r["final_val_loss"] if r["status"] == "ok" else math.inf
-                    rec = {"task": task, "mode": name, "lr": lr, "seed": seed, "steps": steps,
-                           "final": final, "best": r["best_val_loss"], "status": r["status"],
-                           "secs": round(time.time() - t0, 1)}  # fmt: skip
-                    with RUNS.open("a") as f:
-                        f.write(json.dumps(rec) + "\n")
-                    done[(task, name, lr, seed)] = rec
-                    print(json.dumps(rec), flush=True)
+    suffix = "+val" if a.validation else ""
+    specs = {m + suffix: spec(m, a.validation) for m in a.modes.split(",")}
+    dev_grid.run_grid(RUNS, specs, a.tasks.split(","), [float(x) for x in a.lrs.split(",")],
+                      [int(s) for s in a.seeds.split(",")], load(), before_run=patch)  # fmt: skip
 
 
 def table() -> None:
