@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ablate_studies import table as mean_table  # mean over seeds, inf if one diverged
+from ablate_studies import trim_curves
 from bench_validation_cost import every_flag, results_path
 from one_run_goals import HELDOUT, WITHIN
 
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([*cli(), "report", str(OUT.relative_to(ROOT))], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)  # fmt: skip
         seconds = time.perf_counter() - tic
+        trim_curves([9])  # the plots are drawn; new curves past the size limit are not kept
     text = headline(seconds)
     (OUT / "headline.md").write_text(text)
     print(text)
