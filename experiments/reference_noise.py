@@ -85,6 +85,36 @@ def best_fixed_rate(losses: dict[str, float], name: str, seeds: Sequence[int]) -
     return best_lr, mean_of(losses, name, best_lr, seeds)
 
 
+#: The seeds of the many-seed measurements of the recommended option (``results/reference_noise/
+#: recommended*/``): the tasks with noisier cells got more.
+COUNT_SEEDS = {"fewshot_sinusoid": "100-159", "digits_logreg": "100-129", "digits_mlp": "100-129"}
+STUDY1_TASKS = ("animal_cnn", "charlm_gru", "digits_logreg", "digits_mlp", "fewshot_sinusoid",
+                "mnist1d_mlp")  # fmt: skip
+HELD_OUT_TASKS = ("diabetes_mlp", "animal_autoencoder", "pysrc_transformer")
+
+
+def print_counts(folder: Path, rows: Sequence[str] = ("candidate", "adam_hd")) -> dict[str, int]:
+    """Per task in ``folder`` (``<task>.json`` of this script's runs), each row's many-seed mean
+    final validation loss ÷ the best fixed Adam rate's, per lr0, and how many are ≤ 1 + WITHIN;
+    printed as Markdown table rows, and the totals (study 1's six tasks, held-out tasks) returned."""
+    totals: dict[str, int] = {}
+    for task in STUDY1_TASKS + HELD_OUT_TASKS:
+        losses = json.loads((folder / f"{task}.json").read_text())
+        seeds = parse_seeds(COUNT_SEEDS.get(task, "100-111"))
+        best, ref = best_fixed_rate(losses, "adam", seeds)
+        line = f"| {task} ({len(seeds)} seeds) | {best:g} |"
+        for name in rows:
+            ratios = [mean_of(losses, name, lr, seeds) / ref for lr in LRS]
+            hits = sum(r <= 1 + WITHIN for r in ratios)
+            label = f"{name}, {'study 1' if task in STUDY1_TASKS else 'held out'}"
+            totals[label] = totals.get(label, 0) + hits
+            line += " " + ", ".join(f"{r:.2f}" for r in ratios) + f" ({hits}/5) |"
+        print(line)
+    for label, hits in totals.items():
+        print(f"{label}: {hits}/{30 if 'study 1' in label else 15}")
+    return totals
+
+
 def report(losses: dict[str, float], rows: Sequence[str], seeds: list[int], task: str) -> str:
     """The Markdown table of the module docstring."""
     rng = random.Random(0)

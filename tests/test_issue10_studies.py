@@ -271,6 +271,32 @@ def test_signal_agreement_probe_reads_cosines_without_changing_the_run():
     assert first["c_train"] > 0.1
 
 
+def test_reference_noise_counts_cells_within_ten_percent_of_the_best_fixed_adam_rate(
+    tmp_path, capsys
+):
+    """The many-seed count (``recommended*/count.py``): per task and lr0 the row's seed mean ÷ the
+    best fixed Adam rate's seed mean, counted at ≤ 1.10, on study 1's six tasks and the held-out
+    three apart; each task read with its own seeds."""
+    import reference_noise as rn
+
+    for task in rn.STUDY1_TASKS + rn.HELD_OUT_TASKS:
+        seeds = rn.parse_seeds(rn.COUNT_SEEDS.get(task, "100-111"))
+        losses = {}
+        for lr in rn.LRS:
+            for s in seeds:
+                losses[rn.key("adam", lr, s)] = 1.0 if lr == 1e-2 else 2.0
+                # 1.05x everywhere but lr0 1e-5 (1.2x); a seed's loss moves both rows alike
+                losses[rn.key("candidate", lr, s)] = 1.2 if lr == 1e-5 else 1.05
+                losses[rn.key("adam_hd", lr, s)] = 1.11
+        (tmp_path / f"{task}.json").write_text(json.dumps(losses))
+    totals = rn.print_counts(tmp_path)
+    assert totals == {"candidate, study 1": 24, "adam_hd, study 1": 0,
+                      "candidate, held out": 12, "adam_hd, held out": 0}  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| fewshot_sinusoid (60 seeds) | 0.01 | 1.20, 1.05, 1.05, 1.05, 1.05 (4/5) |" in out
+    assert "candidate, held out: 12/15" in out
+
+
 def test_seek_many_seeds_ratio_is_the_variant_mean_over_the_best_fixed_rate_on_those_seeds():
     import random
 
