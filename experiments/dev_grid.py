@@ -13,6 +13,7 @@ Development seeds only (≥ 100): checks on unused seeds go through ``check_cont
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -24,6 +25,40 @@ from typing import Any
 from study_budgets import budgets
 
 Key = tuple[str, str, float, int]  # (task, mode, lr0, seed)
+
+#: Issue 11's recommended validation option as a workbench spec's keys (a validation minibatch
+#: every 20 steps, the ray ceiling at its defaults over the run's budget).
+RECOMMENDED = {"validation_data": {"every": 20}, "validation": {"ray_steps": "budget"}}
+
+
+def patched_spec(patched: bool, validation: bool) -> dict[str, Any]:
+    """AdamHD's spec for a probe whose patch does the moment restart: the library's own restart
+    off where the patch does it (``patched``), with the recommended option if ``validation``."""
+    s: dict[str, Any] = {"kind": "adam_hd", **(RECOMMENDED if validation else {})}
+    if patched:
+        s["seek"] = {"moment_restart": 0}
+    return s
+
+
+def grid_parser(tasks: str, modes: str) -> argparse.ArgumentParser:
+    """A probe runner's command line: the grid (``--tasks``, ``--modes``, ``--lrs``, ``--seeds``,
+    comma-separated) and ``--table``; :func:`run_args` runs what it parsed."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", default=tasks)
+    ap.add_argument("--modes", default=modes)
+    ap.add_argument("--lrs", default="1e-5,1e-3,1e-1")
+    ap.add_argument("--seeds", default="100,101,102")
+    ap.add_argument("--table", action="store_true")
+    return ap
+
+
+def run_args(
+    runs: Path, specs: Mapping[str, dict[str, Any]], args: argparse.Namespace,
+    done: dict[Key, dict], before_run: Callable[[str], None] | None = None,
+) -> None:  # fmt: skip
+    """:func:`run_grid` over the tasks, rates and seeds :func:`grid_parser` parsed."""
+    run_grid(runs, specs, args.tasks.split(","), [float(x) for x in args.lrs.split(",")],
+             [int(s) for s in args.seeds.split(",")], done, before_run=before_run)  # fmt: skip
 
 
 def load(

@@ -6,7 +6,6 @@ python experiments/results/fit_controller/transient_match/runner.py --table
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -22,8 +21,6 @@ import transientpatch
 RUNS = HERE / "runs.jsonl"
 REF = HERE.parent / "check_adam_reference_seeds_100_101_102.json"
 MODES = {"default": None, "transient10": 0.9, "transient50": 0.98}
-# protocol.md's second part: the same with the recommended validation option (issue 11)
-VALIDATION = {"validation_data": {"every": 20}, "validation": {"ray_steps": "budget"}}
 TASKS = "digits_logreg,digits_mlp,fewshot_sinusoid,mnist1d_mlp,charlm_gru,animal_cnn"
 
 
@@ -32,11 +29,8 @@ def load() -> dict:
 
 
 def spec(mode: str, validation: bool) -> dict:
-    """The run's spec: the library's own restart off where the patch does it."""
-    s = {"kind": "adam_hd", **(VALIDATION if validation else {})}
-    if MODES[mode] is not None:
-        s["seek"] = {"moment_restart": 0}
-    return s
+    """protocol.md's second part runs each mode with the recommended validation option."""
+    return dev_grid.patched_spec(MODES[mode] is not None, validation)
 
 
 def patch(name: str) -> None:
@@ -44,20 +38,14 @@ def patch(name: str) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tasks", default=TASKS)
-    ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--lrs", default="1e-5,1e-3,1e-1")
-    ap.add_argument("--seeds", default="100,101,102")
+    ap = dev_grid.grid_parser(TASKS, ",".join(MODES))
     ap.add_argument("--validation", action="store_true", help="with the recommended option")
-    ap.add_argument("--table", action="store_true")
     a = ap.parse_args(argv)
     if a.table:
         return table()
     suffix = "+val" if a.validation else ""
     specs = {m + suffix: spec(m, a.validation) for m in a.modes.split(",")}
-    dev_grid.run_grid(RUNS, specs, a.tasks.split(","), [float(x) for x in a.lrs.split(",")],
-                      [int(s) for s in a.seeds.split(",")], load(), before_run=patch)  # fmt: skip
+    dev_grid.run_args(RUNS, specs, a, load(), before_run=patch)
 
 
 def table() -> None:
