@@ -297,6 +297,34 @@ def test_reference_noise_counts_cells_within_ten_percent_of_the_best_fixed_adam_
     assert "candidate, held out: 12/15" in out
 
 
+def test_draw_odds_scores_each_three_seed_draw_as_study_1_does():
+    """Without seed noise every draw gives the same count; with one bad seed of four, a 3-seed
+    draw misses whenever it holds that seed (3 draws in 4), and the oracle at the best fixed
+    rate passes a task's five cells together."""
+    import draw_odds as do
+    from reference_noise import LRS, key
+
+    fixed = dict(zip(LRS, (5.0, 4.0, 1.0, 3.0, 6.0)))
+    hd = dict(zip(LRS, (1.05, 1.2, 1.0, 1.11, 0.9)))  # within 10% of 1.0: 3 of 5
+    steady = {key(r, lr, s): v[lr] for s in range(4) for r, v in (("sgd", fixed), ("hd", hd))
+              for lr in LRS}  # fmt: skip
+    odds = do.draw_odds({"a": steady, "b": steady}, ["hd"], "sgd", draws=50)
+    assert set(odds["hd"].counts) == {6} and odds["hd"].cells == 10
+    assert odds["ceiling"].at_least(10) == 1.0
+    noisy = dict(steady)
+    for lr in LRS:
+        noisy[key("hd", lr, 3)] = 10.0  # seed 3 is bad: any draw with it has a mean ≥ 4
+    noisy[key("sgd", LRS[0], 9)] = 1.0  # an incomplete seed is not drawn
+    odds = do.draw_odds({"a": noisy}, ["hd"], "sgd", draws=4000)
+    assert set(odds["hd"].counts) == {0, 3}
+    assert odds["hd"].at_least(3) == pytest.approx(0.25, abs=0.03)
+    assert odds["hd"].at_most(0) == pytest.approx(0.75, abs=0.03)
+    assert odds["hd"].quantile(0.05) == 0 and odds["hd"].quantile(0.95) == 3
+    assert do.complete_seeds(noisy, ["sgd", "hd"]) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="complete seeds"):
+        do.draw_odds({"a": noisy}, ["hd"], "sgd", draws=1, k=5)
+
+
 def test_seek_many_seeds_ratio_is_the_variant_mean_over_the_best_fixed_rate_on_those_seeds():
     import random
 
