@@ -25,7 +25,7 @@ OPTION = {"validation_data": {"every": 20}, "validation": {"ray_steps": "budget"
 ROWS = {
     "adam": {"kind": "adam"},
     "A": {"kind": "adam_hd", **OPTION},
-    "B": {"kind": "adam_hd", "hypergrad_lr": 0.16, **OPTION},
+    "B": {"kind": "adam_hd", "hypergrad_lr": 0.16172, **OPTION},
 }
 
 
