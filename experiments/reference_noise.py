@@ -93,13 +93,25 @@ STUDY1_TASKS = ("animal_cnn", "charlm_gru", "digits_logreg", "digits_mlp", "fews
 HELD_OUT_TASKS = ("diabetes_mlp", "animal_autoencoder", "pysrc_transformer")
 
 
-def print_counts(folder: Path, rows: Sequence[str] = ("candidate", "adam_hd")) -> dict[str, int]:
-    """Per task in ``folder`` (``<task>.json`` of this script's runs), each row's many-seed mean
-    final validation loss ÷ the best fixed Adam rate's, per lr0, and how many are ≤ 1 + WITHIN;
-    printed as Markdown table rows, and the totals (study 1's six tasks, held-out tasks) returned."""
+def task_losses(folders: Sequence[Path], task: str) -> dict[str, float]:
+    """``<task>.json`` of the first of ``folders`` that has it (a later measurement that reran
+    one task overlays the folder of the others)."""
+    for folder in folders:
+        if (folder / f"{task}.json").is_file():
+            return json.loads((folder / f"{task}.json").read_text())
+    raise FileNotFoundError(f"{task}.json in none of {[str(f) for f in folders]}")
+
+
+def print_counts(
+    folder: Path, rows: Sequence[str] = ("candidate", "adam_hd"), under: Sequence[Path] = ()
+) -> dict[str, int]:
+    """Per task in ``folder`` (``<task>.json`` of this script's runs; a task it lacks is read from
+    the first of ``under`` that has it), each row's many-seed mean final validation loss ÷ the
+    best fixed Adam rate's, per lr0, and how many are ≤ 1 + WITHIN; printed as Markdown table
+    rows, and the totals (study 1's six tasks, held-out tasks) returned."""
     totals: dict[str, int] = {}
     for task in STUDY1_TASKS + HELD_OUT_TASKS:
-        losses = json.loads((folder / f"{task}.json").read_text())
+        losses = task_losses([folder, *under], task)
         seeds = parse_seeds(COUNT_SEEDS.get(task, "100-111"))
         best, ref = best_fixed_rate(losses, "adam", seeds)
         line = f"| {task} ({len(seeds)} seeds) | {best:g} |"

@@ -295,6 +295,16 @@ def test_reference_noise_counts_cells_within_ten_percent_of_the_best_fixed_adam_
     out = capsys.readouterr().out
     assert "| fewshot_sinusoid (60 seeds) | 0.01 | 1.20, 1.05, 1.05, 1.05, 1.05 (4/5) |" in out
     assert "candidate, held out: 12/15" in out
+    # a later measurement of one task overlays the folder of the others
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    few = json.loads((tmp_path / "fewshot_sinusoid.json").read_text())
+    few.update({k: 1.0 for k in few if k.startswith("candidate|")})
+    (overlay / "fewshot_sinusoid.json").write_text(json.dumps(few))
+    totals = rn.print_counts(overlay, under=[tmp_path])
+    assert totals["candidate, study 1"] == 25 and totals["candidate, held out"] == 12
+    with pytest.raises(FileNotFoundError, match="digits_mlp"):
+        rn.task_losses([overlay], "digits_mlp")
 
 
 def test_draw_odds_scores_each_three_seed_draw_as_study_1_does():

@@ -124,3 +124,41 @@ def test_study9_headline_compares_against_best_of_grid_adam(tmp_path, monkeypatc
     held = text.split("## Held-out")[1].split("## Tuned")[0]
     assert "| AdamHD + observe_validation | 1/1 = 100% | 0/1 = 0% | 0.90× | 0 |" in held
     assert "Not measured yet" in text  # no cost table in this folder's parent
+
+
+def test_rekey_records_carries_only_the_cells_the_new_key_leaves_unchanged(tmp_path):
+    """After ``track_steps`` joined the validation defaults every validation cell got a new id;
+    the records of cells it does not change (no ray, or the key written out as 0) move to their
+    new ids, the 10-step ray cell (β × 40 now) is left to rerun."""
+    import rekey_records as rk
+
+    from metalr.workbench.config import StudyConfig
+    from metalr.workbench.runner import expand
+
+    watch = {"kind": "adam_hd", "validation_data": {"every": 5}}
+    cfg = StudyConfig(
+        tasks=["digits_mlp"], steps=10, lrs=[1e-3], seeds=[0], out=str(tmp_path),
+        optimizers={"adam": {"kind": "adam"}, "val": watch,
+                    "ray": {**watch, "validation": {"ray_steps": "budget"}},
+                    "pinned": {**watch, "validation": {"ray_steps": "budget", "track_steps": 0}}},
+    )  # fmt: skip
+    with rk._settings_without("track_steps"):
+        old = expand(rk._old_config(cfg, "track_steps"))
+    new = {c["optimizer"]: c["id"] for c in expand(cfg)}
+    assert {c["optimizer"]: c["id"] == new[c["optimizer"]] for c in old} == {
+        "adam": True, "val": False, "ray": False, "pinned": False}  # fmt: skip
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps({"id": c["id"], "optimizer": c["optimizer"],
+                                        "final_val_loss": i}) + "\n"
+                            for i, c in enumerate(old)))  # fmt: skip
+    assert rk.rekey(cfg, "track_steps", path) == (2, 1)
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    carried = {r["optimizer"]: r for r in rows if "rekeyed_from" in r}
+    assert set(carried) == {"val", "pinned"}
+    for name, r in carried.items():
+        assert r["id"] == new[name]
+        assert r["final_val_loss"] == next(i for i, c in enumerate(old) if c["optimizer"] == name)
+    assert carried["pinned"]["spec"]["validation"]["track_steps"] == 0
+    assert rk.rekey(cfg, "track_steps", path) == (0, 1)  # idempotent; the ray cell still waits
+    with pytest.raises(ValueError, match="key"):
+        rk.rekey(cfg, "ray_tau", path)

@@ -121,6 +121,21 @@ signal replaces the training one):
   ``ray_gate`` γ < 1 lets it act only where the training gradient norm's running average has
   fallen below γ × its peak (both off by default; :mod:`metalr.functional._ray`).
 
+* ``track_steps`` (``S``; seek rule only; default 400, read only where ``ray_steps`` gives the
+  run's length ``T``): a run shorter than ``S`` steps tracks faster, so that its rates can move
+  as far over the run as an ``S``-step run's can::
+
+      β_eff = β · max(1, S / T)           (the group's training β; ``hypergrad_lr`` 0 stays 0)
+
+  With AdamHD's β 0.0404 that is at least 16 e-folds over any run. It moves only runs shorter
+  than 400 steps: of study 1's grid, the 100-step few-shot task (β × 4). Adopted by the rule
+  written before its check on unused seeds 306–365 (few-shot, 60 seeds × five lr0; paired mean
+  log-ratio of the final validation loss −0.146, 95% interval −0.265 to −0.020; expected
+  cells within 10% of best-of-grid Adam on random 3-seed grids 1.22 → 1.75 of 5); its tail is
+  heavier (of 300 paired runs 46 more than 2× better, 18 more than 2× worse, so its 60-seed
+  arithmetic means rose: ``experiments/results/fit_controller/val_track_span/protocol.md``).
+  0 turns it off; a checkpoint saved before the key resumes with it off.
+
 * **The loss alone** (``observe_validation(loss, hypergradient=False)``; seek rule with the hold):
   a validation *pass* — the loss of the whole validation set, measured on the same examples each
   time — feeds the hold and the rewind above, and no validation gradient is taken: the
@@ -225,6 +240,7 @@ VALIDATION_DEFAULTS: dict[str, float] = {
     "plateau_cut": 0.5,
     "cut_after": 80.0,
     "rewind": 0.0,
+    "track_steps": 400.0,
     **RAY_DEFAULTS,  # the ray ceiling's (off: ray_steps 0)
 }
 
@@ -238,8 +254,8 @@ PLAIN_RULE_VALIDATION_DEFAULTS: dict[str, float] = {"hypergrad_lr": 0.3, "climb"
 #: ``train_weight``, and refuse these when given (a setting that would be silently ignored).
 SEEK_ONLY_VALIDATION_KEYS: frozenset[str] = frozenset({
     "signal_decay", "signal_sq_decay", "evidence", "gap", "noise_hold", "hold", "loss_decay",
-    "plateau_cut", "cut_after", "rewind", "ray_steps", "ray_tau", "ray_persist", "ray_before",
-    "ray_target", "ray_floor", "ray_clock", "ray_gate",
+    "plateau_cut", "cut_after", "rewind", "track_steps", "ray_steps", "ray_tau", "ray_persist",
+    "ray_before", "ray_target", "ray_floor", "ray_clock", "ray_gate",
 })  # fmt: skip
 
 _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is exclusive)
@@ -256,6 +272,7 @@ _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is ex
     "plateau_cut": (0.0, 1.0, True),
     "cut_after": (0.0, 1e9, False),
     "rewind": (0.0, 1.0, False),
+    "track_steps": (0.0, 1e12, False),
     "ray_steps": (0.0, 1e12, False),
     "ray_tau": (-1.0, 1.0, False),
     "ray_persist": (1.0, 1e9, False),
@@ -278,6 +295,18 @@ def resolve_validation(options: Mapping[str, float] | None) -> dict[str, float]:
         )
     check_ray_options(resolved)
     return resolved
+
+
+def tracking_scale(options: Mapping[str, float]) -> float:
+    """The factor on a seek group's tracking ``β`` in a run of known length (``track_steps``
+    ``S`` and the budget ``ray_steps`` ``T`` both > 0; else 1): ``max(1, S / T)``, so that a run
+    shorter than ``S`` steps can move a rate as far as an ``S``-step run can. A key absent from
+    a checkpoint's options (saved before it) reads 0: off."""
+    budget = options.get("ray_steps", 0.0)
+    span = options.get("track_steps", 0.0)
+    if budget <= 0 or span <= 0:
+        return 1.0
+    return max(1.0, span / budget)
 
 
 class ValidationUpdate(NamedTuple):

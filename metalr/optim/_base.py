@@ -28,6 +28,7 @@ from metalr.functional.validation import (
     VALIDATION_DEFAULTS,
     completed_validation_stats,
     initial_validation_stats,
+    tracking_scale,
 )
 from metalr.optim._checkpoint import hooks_held, run_hooks
 from metalr.optim._observing import ValidationObserving
@@ -236,12 +237,20 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
     def _train_hypergrad_lr(self, group: dict[str, Any]) -> Any:
         """β of the training signal: the group's, times ``validation['train_weight']`` for a
         ``"normalized"``/``"additive"`` group that follows the validation signal (the seek rule
-        weighs its tracking phase instead, since its ramp still needs the training signal)."""
+        weighs its tracking phase instead, since its ramp still needs the training signal);
+        for a seek group in a run of known length, times
+        :func:`~metalr.functional.validation.tracking_scale` (``max(1, track_steps /
+        ray_steps)``: a short run tracks faster)."""
         if group["rule"] != "seek" and self._follows_validation(group):
             weight = group["validation"]["train_weight"]
-            beta = group["hypergrad_lr"]
-            return [b * weight for b in beta] if isinstance(beta, (list, tuple)) else beta * weight
-        return group["hypergrad_lr"]
+        elif group["rule"] == "seek":
+            weight = tracking_scale(group.get("validation") or {})
+        else:
+            weight = 1.0
+        beta = group["hypergrad_lr"]
+        if weight == 1.0:
+            return beta
+        return [b * weight for b in beta] if isinstance(beta, (list, tuple)) else beta * weight
 
     def _set_shard_group(self, shard_group: Any, fused: bool | None) -> None:
         if isinstance(shard_group, str) and shard_group != "world":
