@@ -39,12 +39,12 @@ def load(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-def log_ratio(a: float, b: float) -> float:
-    """``log(b / a)`` with diverged (infinite or NaN) losses capped at ±log 100."""
+def log_ratio(a: float, b: float, cap: float = CAP) -> float:
+    """``log(b / a)`` with diverged (infinite or NaN) losses capped at ±``cap`` (log 100)."""
     bad_a, bad_b = not math.isfinite(a), not math.isfinite(b)
     if bad_a or bad_b:
-        return 0.0 if bad_a and bad_b else (CAP if bad_b else -CAP)
-    return max(-CAP, min(CAP, math.log(b / a)))
+        return 0.0 if bad_a and bad_b else (cap if bad_b else -cap)
+    return max(-cap, min(cap, math.log(b / a)))
 
 
 def paired(a: dict[str, Any], b: dict[str, Any]) -> dict[str, list[float]]:

@@ -22,7 +22,6 @@ A measurement of the criterion, not of a new optimizer: nothing is fitted on it.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -119,9 +118,7 @@ def draw_odds(
 
 def load(folders: Sequence[Path], names: Sequence[str], suffix: str = "") -> dict[str, Losses]:
     """Each task's runs from the first of ``folders`` that has them (``<task><suffix>.json``)."""
-    if suffix:
-        return {t: json.loads((folders[0] / f"{t}{suffix}.json").read_text()) for t in names}
-    return {t: task_losses(folders, t) for t in names}
+    return {t: task_losses(folders, t, suffix) for t in names}
 
 
 #: The many-seed runs under today's defaults: the few-shot task rerun since the option's short-run

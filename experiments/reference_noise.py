@@ -93,13 +93,14 @@ STUDY1_TASKS = ("animal_cnn", "charlm_gru", "digits_logreg", "digits_mlp", "fews
 HELD_OUT_TASKS = ("diabetes_mlp", "animal_autoencoder", "pysrc_transformer")
 
 
-def task_losses(folders: Sequence[Path], task: str) -> dict[str, float]:
-    """``<task>.json`` of the first of ``folders`` that has it (a later measurement that reran
-    one task overlays the folder of the others)."""
+def task_losses(folders: Sequence[Path], task: str, suffix: str = "") -> dict[str, float]:
+    """``<task><suffix>.json`` of the first of ``folders`` that has it (a later measurement that
+    reran one task overlays the folder of the others)."""
+    name = f"{task}{suffix}.json"
     for folder in folders:
-        if (folder / f"{task}.json").is_file():
-            return json.loads((folder / f"{task}.json").read_text())
-    raise FileNotFoundError(f"{task}.json in none of {[str(f) for f in folders]}")
+        if (folder / name).is_file():
+            return json.loads((folder / name).read_text())
+    raise FileNotFoundError(f"{name} in none of {[str(f) for f in folders]}")
 
 
 def print_counts(

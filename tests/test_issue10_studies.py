@@ -305,6 +305,8 @@ def test_reference_noise_counts_cells_within_ten_percent_of_the_best_fixed_adam_
     assert totals["candidate, study 1"] == 25 and totals["candidate, held out"] == 12
     with pytest.raises(FileNotFoundError, match="digits_mlp"):
         rn.task_losses([overlay], "digits_mlp")
+    (tmp_path / "digits_mlp_sgd.json").write_text(json.dumps({"sgd|0.01|100": 0.5}))
+    assert rn.task_losses([overlay, tmp_path], "digits_mlp", "_sgd") == {"sgd|0.01|100": 0.5}
 
 
 def test_draw_odds_scores_each_three_seed_draw_as_study_1_does():

@@ -20,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[2]))  # experiments/
 import reference_noise as rn
-from compare_checks import bootstrap_interval
+from compare_checks import bootstrap_interval, log_ratio
 
 SEEDS = "366-369"
 TASKS = ("fewshot_sinusoid", "digits_logreg", "diabetes_mlp", "digits_mlp", "mnist1d_mlp",
@@ -36,15 +36,6 @@ def run_all() -> None:
 
 #: A diverged run (an infinite loss) counts as 1,000× the other arm's loss in the pairing.
 DIVERGED = math.log(1e3)
-
-
-def paired_log_ratio(a: float, b: float) -> float:
-    """``log(b / a)``; ±``DIVERGED`` where only one of the two diverged, 0 where both did."""
-    if math.isfinite(a) and math.isfinite(b):
-        return math.log(b / a)
-    if math.isfinite(a):
-        return DIVERGED
-    return -DIVERGED if math.isfinite(b) else 0.0
 
 
 def report() -> None:
@@ -67,7 +58,7 @@ def report() -> None:
             for lr in rn.LRS:
                 a = losses[rn.key("sgd_hd", lr, s)]
                 b = losses[rn.key("candidate", lr, s)]
-                value = paired_log_ratio(a, b)
+                value = log_ratio(a, b, cap=DIVERGED)
                 logs[s].append(value)
                 task_logs.append(value)
         print(f"| {task} | {row['sgd_hd']} | {row['candidate']} | "
