@@ -677,3 +677,28 @@ def test_the_scripts_read_study_1s_budgets_from_its_config():
         check_controller.TASKS["animal_cnn"] == 500 and check_controller.TASKS["digits_mlp"] == 1000
     )
     assert horizon_heldout.TASKS["pysrc_transformer"] == 400
+
+
+def test_sgd_candidate_check_counts_cells_and_pairs_the_two_arms(tmp_path, capsys):
+    """Each cell is the seed mean ÷ best-of-grid SGD's seed mean; the pairing is
+    log(candidate / defaults) per (task, lr0, seed), a diverged run counting as 1,000×."""
+    import sgd_candidate_check as check
+    from reference_noise import LRS, key
+
+    seeds = (7, 8)
+    for i, task in enumerate(check.TASKS):
+        losses = {}
+        for s in seeds:
+            for j, lr in enumerate(LRS):
+                losses[key("sgd", lr, s)] = 1.0 + j  # best fixed rate: 1e-5, mean 1.0
+                losses[key("sgd_hd", lr, s)] = 1.2  # outside 10% everywhere
+                losses[key("candidate", lr, s)] = 1.2 * math.exp(-0.1)  # 1.086: within
+        if i == 0:  # one diverged candidate run on the first task
+            losses[key("candidate", LRS[0], 7)] = math.inf
+        (tmp_path / f"{task}.json").write_text(json.dumps(losses))
+    out = check.report(tmp_path, "7,8")
+    assert out["sgd_hd"] == 0 and out["candidate"] == 44  # the diverged cell's mean is inf
+    first = (math.log(1e3) + 9 * -0.1) / 10
+    assert out["worst_task"] == pytest.approx(first)
+    assert out["pooled"] == pytest.approx((first * 10 + 8 * 10 * -0.1) / 90)
+    assert "candidate 44" in capsys.readouterr().out
