@@ -95,6 +95,13 @@ later, so they serve only as starting points):
   replaces ``init_floor`` 0 if it has at least as many cells within 10% of best-of-grid Adam
   (a tie goes to the floor, which the objective also scores for goal 4). SGD-HD keeps no floor
   (SGD's rate is in units of the gradient's inverse scale; no absolute floor means anything).
+* Round 12 (2026-12-07; protocol fixed before the run): SGD-HD's settle constants refitted from
+  AdamHD's whole set (``sgd_shared/``: better for SGD(m) on eight of nine tasks, lost the CNN),
+  the CNN in the suite (``--optimizer sgd --with-cnn --space settle --base
+  round12_sgd/base.json --trials 30 --workers 2 --out round12_sgd``, ~25 min on 2 cores). Its
+  best trial was the base itself (0.4285; round 8's set scores 0.4196 on the same suite): by the
+  rule nothing to check. A development grid then halved the set's ``evidence`` instead
+  (``sgd_evidence/``), not adopted by its check on seeds 370-373 (the CNN +0.121).
 * Rounds 5 and 6 do not ship. ``experiments/check_controller.py`` (study 1's six tasks × five lr0 on seed 3,
   which no fit or study uses, against Adam on seed 3) found them *worse* than trial 11 where the
   suite cannot look: 13/30 (round 6) and 11/30 (round 5) cells within 10% against trial 11's
@@ -123,6 +130,8 @@ study lives in ``<out>/study.db``; rerunning continues it.
         --base $R/round8_sgd/best.json --trials 30 --workers 2 --out $R/round10_sgd  # round 10
     python experiments/fit_controller.py --base $R/round9/best.json --speed --with-cnn \
         --grid init_floor=1e-7,1e-6,1e-5 --workers 2 --out $R/round11_floor  # round 11
+    python experiments/fit_controller.py --optimizer sgd --with-cnn --space settle \
+        --base $R/round12_sgd/base.json --trials 30 --workers 2 --out $R/round12_sgd  # round 12
     python experiments/fit_controller.py --smoke          # seconds: 2 trials, 20-step runs
 
 Constants a round neither searches nor takes from ``--base`` are trial 11's
