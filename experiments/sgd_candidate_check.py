@@ -12,8 +12,8 @@ arm's loss, with a 95% seed-bootstrap interval of the pooled mean.
 
 A folder's ``check.py`` calls :func:`run_all` and :func:`report` with its seeds and spec::
 
-    python experiments/results/fit_controller/round12_sgd/check.py            # runs (resumes)
-    python experiments/results/fit_controller/round12_sgd/check.py --report
+    python experiments/results/fit_controller/sgd_evidence/check.py            # runs (resumes)
+    python experiments/results/fit_controller/sgd_evidence/check.py --report
 """
 
 from __future__ import annotations
