@@ -10,7 +10,7 @@ best-of-grid SGD(m)'s seed mean, within 10% counts — and pairs candidate and d
 (task, lr0, seed): ``log(candidate / defaults)``, a diverged run counting as 1,000× the other
 arm's loss, with a 95% seed-bootstrap interval of the pooled mean.
 
-A folder's ``check.py`` calls :func:`run_all` and :func:`report` with its seeds and spec::
+A folder's ``check.py`` names its seeds and spec and hands them to :func:`main`::
 
     python experiments/results/fit_controller/sgd_evidence/check.py            # runs (resumes)
     python experiments/results/fit_controller/sgd_evidence/check.py --report
@@ -22,6 +22,8 @@ import json
 import math
 import random
 import statistics
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import reference_noise as rn
@@ -76,3 +78,12 @@ def report(folder: Path, seeds_text: str) -> dict[str, float]:
           f"{counts['candidate']}; paired mean log-ratio {pooled(seeds):+.4f} "
           f"(95% seed bootstrap {lo:+.4f} to {hi:+.4f})")  # fmt: skip
     return {**counts, "pooled": pooled(seeds), "worst_task": max(task_means.values())}
+
+
+def main(folder: Path, seeds: str, spec: Path, argv: Sequence[str] | None = None) -> None:
+    """A check folder's command line: ``--report`` prints the report, else the runs (resumed)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--report" in argv:
+        report(folder, seeds)
+    else:
+        run_all(folder, seeds, spec)

@@ -701,4 +701,7 @@ def test_sgd_candidate_check_counts_cells_and_pairs_the_two_arms(tmp_path, capsy
     first = (math.log(1e3) + 9 * -0.1) / 10
     assert out["worst_task"] == pytest.approx(first)
     assert out["pooled"] == pytest.approx((first * 10 + 8 * 10 * -0.1) / 90)
-    assert "candidate 44" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "candidate 44" in printed
+    check.main(tmp_path, "7,8", tmp_path / "unused_spec.json", argv=["--report"])  # no runs
+    assert capsys.readouterr().out == printed

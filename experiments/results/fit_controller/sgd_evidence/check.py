@@ -19,4 +19,4 @@ SEEDS = "370-373"
 SPEC = HERE / "candidate_spec.json"
 
 if __name__ == "__main__":
-    check.report(HERE, SEEDS) if "--report" in sys.argv else check.run_all(HERE, SEEDS, SPEC)
+    check.main(HERE, SEEDS, SPEC)
