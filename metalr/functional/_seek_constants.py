@@ -142,6 +142,16 @@ FAMILIES: dict[str, tuple[dict[str, float], float]] = {
     "sgd": (SGD_SEEK_DEFAULTS, DEFAULT_SGD_SEEK_HYPERGRAD_LR),
 }
 
+
+def complete_saved_seek(seek: Mapping[str, float]) -> dict[str, float]:
+    """A seek set saved in a checkpoint, completed with what it ran with for the constants added
+    after it was written: each later mechanism off (no far test of its own, no re-opened ramp, no
+    floor, no gradient gate or hold, no trail, no moment restart) and any other constant the first
+    shipped set's (:data:`TRIAL11_SEEK`, which has every later mechanism off). Keys present are
+    kept as saved: a resumed run continues with the constants it started with."""
+    return {**TRIAL11_SEEK, **seek}
+
+
 _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is exclusive)
     "init_scale": (0.0, math.inf, True),
     "ramp_rate": (0.0, math.inf, False),
