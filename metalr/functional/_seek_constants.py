@@ -37,7 +37,10 @@ from metalr.functional._common import resolve_constants
 #: :mod:`metalr.functional._moment_restart`) is on since 2026-12-07, by the rule written before its
 #: check on seeds 60-63 (``fit_controller/matched_restart/``): 13/30 -> 16/30 cells, paired mean
 #: log-ratio -0.092 (95% interval -0.148 to -0.050). Optimizers without Adam's moments (SGD-HD,
-#: HyperLR) resolve both to 0.
+#: HyperLR) resolve both to 0. The capped noise hold (``noise_hold`` 2: while the group's gradient
+#: norm is near its peak a noisy signal slows its anneal, never adding a climb) is on since
+#: 2026-12-07, by the rule written before its check on seeds 374-379 (``fit_controller/
+#: hold_restart/``; refused on seeds 34-39 before the restart, ``fit_controller/hold/``): NUMBERS.
 SEEK_DEFAULTS: dict[str, float] = {
     "init_scale": 0.004469,
     "ramp_rate": 0.3112,
@@ -60,7 +63,7 @@ SEEK_DEFAULTS: dict[str, float] = {
     "init_floor": 1e-6,
     "vanish": 0.01,
     "vanish_decay": 0.9,
-    "noise_hold": 0.0,
+    "noise_hold": 2.0,
     "vanish_fall": 1.0,
     "horizon": 0.0,
     "moment_restart": 1.0,
@@ -81,6 +84,7 @@ ROUND7_SEEK: dict[str, float] = {
     "init_floor": 0.0,
     "vanish": 0.0,
     "vanish_fall": 0.0,
+    "noise_hold": 0.0,
     "moment_restart": 0.0,
     "restart_match": 0.0,
 }
