@@ -148,3 +148,53 @@ def test_checkpoint_with_a_shorter_seek_controller_loads_and_resumes_exactly(nam
     _steps(reference, ref_opt, n=5, seed=1)
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+#: Seek constants added after the rule first shipped, with the values that turn each one off.
+LATER_SEEK_KEYS = {
+    "ramp_fast": None,  # read only where ``slow_zone`` < 1
+    "slow_zone": 1.0,
+    "resume_window": 0.0,
+    "resume_level": 1.0,
+    "far_decay": 0.0,
+    "init_floor": 0.0,
+    "vanish": 0.0,
+    "vanish_decay": None,  # read only by the gate
+    "noise_hold": 0.0,
+    "vanish_fall": 0.0,
+    "horizon": 0.0,
+    "moment_restart": 0.0,
+    "restart_match": 0.0,
+}
+
+
+@pytest.mark.parametrize("name", list(SEEK_MAKERS))
+def test_checkpoint_with_a_seek_set_from_before_later_constants_resumes_without_them(name):
+    """A seek set saved before the later constants existed (a checkpoint of 2026-12-03) loads
+    with each later mechanism off, as it ran, and resumes exactly as the same checkpoint with
+    those constants written out at their off values; the constants it has are kept."""
+    from metalr.functional._seek_constants import TRIAL11_SEEK
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = SEEK_MAKERS[name](model.parameters())
+    _steps(model, opt, n=30)
+    old = copy.deepcopy(opt.state_dict())
+    full = copy.deepcopy(opt.state_dict())
+    for o, f in zip(old["param_groups"], full["param_groups"]):
+        for key, off in LATER_SEEK_KEYS.items():
+            del o["seek"][key]
+            f["seek"][key] = TRIAL11_SEEK[key] if off is None else off
+            assert TRIAL11_SEEK[key] == f["seek"][key]
+    reference = copy.deepcopy(model)
+    ref_opt = SEEK_MAKERS[name](reference.parameters())
+    ref_opt.load_state_dict(full)
+    new = SEEK_MAKERS[name](model.parameters())
+    new.load_state_dict(old)
+    for group, saved in zip(new.param_groups, opt.param_groups):
+        assert group["seek"]["ramp_rate"] == saved["seek"]["ramp_rate"]  # kept as saved
+        assert group["seek"]["noise_hold"] == 0.0 and group["seek"]["moment_restart"] == 0.0
+    _steps(model, new, n=5, seed=1)
+    _steps(reference, ref_opt, n=5, seed=1)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)

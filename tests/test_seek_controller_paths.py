@@ -189,9 +189,9 @@ def _running(values, decay):
 
 
 def test_vanished_gradient_gate_off_leaves_its_entries_and_the_rates():
-    """``vanish`` 0 (the default) or no gradient norm: the gate's entries stay 0 and the rates
-    are those of the rule without it."""
-    seek = resolve_seek({**SEEK, "vanish": 0.0})
+    """``vanish`` and ``noise_hold`` 0 (SGD-HD's defaults) or no gradient norm: the gate's
+    entries stay 0 and the rates are those of the rule without it."""
+    seek = resolve_seek({**SEEK, "vanish": 0.0, "noise_hold": 0.0})
     rates = [torch.full((), 0.01, dtype=torch.float64) for _ in range(2)]
     ctrls = [initial_controller(torch.zeros(3), torch.float64, seek) for _ in range(2)]
     common = {"hypergrad_lr": 0.05, "seek": seek, "granularity": "tensor"}

@@ -271,3 +271,20 @@ def test_vanished_gradient_gate_stops_the_climb_once_the_data_are_fitted(name):
     free, gated = rates_after(0.0), rates_after(0.05)
     assert free[-1] > 3 * gated[-1], (free[-1], gated[-1])
     assert gated[-1] <= max(gated[200:]) and gated[-1] <= gated[200] * 1.0001
+
+
+@pytest.mark.parametrize("name", ["AdamHD", "HyperLR(Adam)"])
+def test_default_noise_hold_slows_the_anneal_of_a_model_still_learning(name):
+    """AdamHD's defaults hold a noisy rate while the gradient norm is near its peak
+    (``noise_hold`` 2): on the noisy regression the settled rates end higher than with the hold
+    off (measured 1.37x / 1.39x at 600 steps) and the full-batch loss is no worse; SGD-HD's set
+    keeps the hold off."""
+    held, _, held_loss = _train(MAKERS[name], 1e-2, 600)
+    free, _, free_loss = _train(
+        lambda p, lr: MAKERS[name](p, lr, seek={"noise_hold": 0.0}), 1e-2, 600
+    )
+    assert held.param_groups[0]["seek"]["noise_hold"] == 2.0
+    assert _mean_rate(held) > 1.2 * _mean_rate(free)
+    assert held_loss < 1.02 * free_loss  # measured 0.99x
+    sgd = metalr.SGDHD(nn.Linear(2, 2).parameters(), lr=0.1, momentum=0.9)
+    assert sgd.param_groups[0]["seek"]["noise_hold"] == 0.0

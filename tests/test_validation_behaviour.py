@@ -271,12 +271,13 @@ def test_an_observation_before_the_first_step_changes_nothing(rule):
 
 def _hold_run(seek: dict, validation: dict, observe_from: int, steps: int = 40, hold_from=None):
     """A settled seek AdamHD (no ramp) on a noisy regression: the rates after each step, with a
-    validation observation every 5 steps from ``observe_from`` on (``hold_from``: the step
-    after which the seek set's own ``noise_hold`` is set to 2)."""
+    validation observation every 5 steps from ``observe_from`` on (the seek set's own
+    ``noise_hold`` 0 unless ``seek`` says otherwise; ``hold_from``: the step after which it is set
+    to 2)."""
     torch.manual_seed(3)
     model = _model()
     opt = metalr.AdamHD(model.parameters(), lr=LR, seek={"ramp_rate": 0.0, "init_scale": 1.0,
-                        **seek}, validation=validation)  # fmt: skip
+                        "noise_hold": 0.0, **seek}, validation=validation)  # fmt: skip
     g = torch.Generator().manual_seed(7)
     rates = []
     for t in range(1, steps + 1):
@@ -311,10 +312,11 @@ def test_validation_noise_hold_is_the_seek_hold_while_the_validation_signal_is_f
 
 
 def test_checkpoint_without_the_validation_noise_hold_resumes_without_it():
-    """A checkpoint from before the option (its validation options lack ``noise_hold``) resumes
-    as it ran: no hold."""
+    """A checkpoint from before the option (its validation options lack ``noise_hold``, its seek
+    set has the hold of its day, 0) resumes as it ran: no hold."""
     model = _model()
-    opt = metalr.AdamHD(model.parameters(), lr=LR, seek={"ramp_rate": 0.0, "init_scale": 1.0})
+    opt = metalr.AdamHD(model.parameters(), lr=LR,
+                        seek={"ramp_rate": 0.0, "init_scale": 1.0, "noise_hold": 0.0})
     _train_step(model, opt)
     opt.observe_validation(_loss(model, VAL))
     sd = copy.deepcopy(opt.state_dict())

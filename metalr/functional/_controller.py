@@ -84,7 +84,10 @@ rate the validation loss does not want)::
     track ← min(track, 0) − vanish_fall · evidence            where G_t < vanish · H_t
 
 (``vanish_fall`` > 0: a collapsed gradient also anneals the rate, as noise would.) The tracking
-step of per-element rates is their sign, which neither term reads.
+step of per-element rates is their sign, which neither term reads. AdamHD's defaults gate with
+``vanish`` 0.01 and hold with ``noise_hold`` 2 (since 2026-12-07: while ``G_t ≥ H_t/2`` the
+evidence is handed back whole and a rate falls only on a signal that says "too large"); SGD-HD's
+set has neither.
 
 Optionally (``horizon = μ > 0``; off by default) the tracking signal compares the gradient with
 a discounted trail of the steps taken instead of the last one, ``c_t = cos(g_t, Z_{t-1})`` with

@@ -37,7 +37,12 @@ from metalr.functional._common import resolve_constants
 #: :mod:`metalr.functional._moment_restart`) is on since 2026-12-07, by the rule written before its
 #: check on seeds 60-63 (``fit_controller/matched_restart/``): 13/30 -> 16/30 cells, paired mean
 #: log-ratio -0.092 (95% interval -0.148 to -0.050). Optimizers without Adam's moments (SGD-HD,
-#: HyperLR) resolve both to 0.
+#: HyperLR) resolve both to 0. The capped noise hold (``noise_hold`` 2: while the group's gradient
+#: norm is near its peak a noisy signal slows its anneal, never adding a climb) is on since
+#: 2026-12-07, by the rule written before its check on seeds 374-379 (``fit_controller/
+#: hold_restart/``; refused on seeds 34-39 before the restart, ``fit_controller/hold/``): 19/30 ->
+#: 25/30 cells, paired mean log-ratio -0.0165 (95% interval -0.0211 to -0.0113; animal_cnn -0.129,
+#: mnist1d +0.043); with the recommended validation option 26/30 -> 26/30, -0.0040.
 SEEK_DEFAULTS: dict[str, float] = {
     "init_scale": 0.004469,
     "ramp_rate": 0.3112,
@@ -60,7 +65,7 @@ SEEK_DEFAULTS: dict[str, float] = {
     "init_floor": 1e-6,
     "vanish": 0.01,
     "vanish_decay": 0.9,
-    "noise_hold": 0.0,
+    "noise_hold": 2.0,
     "vanish_fall": 1.0,
     "horizon": 0.0,
     "moment_restart": 1.0,
@@ -81,6 +86,7 @@ ROUND7_SEEK: dict[str, float] = {
     "init_floor": 0.0,
     "vanish": 0.0,
     "vanish_fall": 0.0,
+    "noise_hold": 0.0,
     "moment_restart": 0.0,
     "restart_match": 0.0,
 }
@@ -141,6 +147,16 @@ FAMILIES: dict[str, tuple[dict[str, float], float]] = {
     "adam": (SEEK_DEFAULTS, DEFAULT_SEEK_HYPERGRAD_LR),
     "sgd": (SGD_SEEK_DEFAULTS, DEFAULT_SGD_SEEK_HYPERGRAD_LR),
 }
+
+
+def complete_saved_seek(seek: Mapping[str, float]) -> dict[str, float]:
+    """A seek set saved in a checkpoint, completed with what it ran with for the constants added
+    after it was written: each later mechanism off (no far test of its own, no re-opened ramp, no
+    floor, no gradient gate or hold, no trail, no moment restart) and any other constant the first
+    shipped set's (:data:`TRIAL11_SEEK`, which has every later mechanism off). Keys present are
+    kept as saved: a resumed run continues with the constants it started with."""
+    return {**TRIAL11_SEEK, **seek}
+
 
 _BOUNDS: dict[str, tuple[float, float, bool]] = {  # name: (low, high, low is exclusive)
     "init_scale": (0.0, math.inf, True),

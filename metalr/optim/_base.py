@@ -20,6 +20,7 @@ from metalr.functional._controller import (
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._hypergrad import clamp_rates, initial_rate
 from metalr.functional._ray import initial_ray_state, ray_enabled
+from metalr.functional._seek_constants import complete_saved_seek
 from metalr.functional._signals import all_finite, rate_dtype
 from metalr.functional._trail import TRAIL_KEY, initial_trail, trail_dtype
 from metalr.functional._validation_state import observed
@@ -123,6 +124,7 @@ class HypergradOptimizer(ValidationObserving, SpikeGuarded, Optimizer):
             for key, value in HYPER_DEFAULTS.items():
                 group.setdefault(key, value)
             group.setdefault("seek", dict(FAMILIES[self.seek_family][0]))
+            group["seek"] = complete_saved_seek(group["seek"])  # constants added since it was saved
             group.setdefault("validation", dict(VALIDATION_DEFAULTS))
             for p in group["params"]:
                 p_state = self.state.get(p, {})
