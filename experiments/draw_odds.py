@@ -124,14 +124,21 @@ def load(folders: Sequence[Path], names: Sequence[str], suffix: str = "") -> dic
 #: The many-seed runs under today's defaults: the few-shot task rerun since the option's short-run
 #: tracking (``recommended_track``), the other tasks unchanged by it (``recommended_restart``).
 ADAM_RUNS = (RESULTS / "recommended_track", RESULTS / "recommended_restart")
+#: AdamHD's defaults since the noise hold (2026-12-07): its row rerun beside the same Adam runs
+#: (the recommended option's row was not rerun; it stays in ``ADAM_RUNS``, from before the hold).
+HOLD_RUNS = (RESULTS / "defaults_hold",)
 
 #: (label, folders, file suffix, tasks, fixed row, {row: (its label, goal, observed on seeds 0–2)})
 GOALS = (
-    ("Adam rows, study 1's six tasks", ADAM_RUNS, "", STUDY1_TASKS, "adam",
-     {"adam_hd": ("AdamHD defaults (#10 goal 1)", 24, 20),
+    ("Adam rows, study 1's six tasks", HOLD_RUNS, "", STUDY1_TASKS, "adam",
+     {"adam_hd": ("AdamHD defaults (#10 goal 1)", 24, 22)}),
+    ("Adam rows, the three held-out tasks", HOLD_RUNS, "", HELD_OUT_TASKS, "adam",
+     {"adam_hd": ("AdamHD defaults (#10 goal 1, held out)", 12, 6)}),
+    ("Adam rows, study 1's six tasks, before the noise hold", ADAM_RUNS, "", STUDY1_TASKS, "adam",
+     {"adam_hd": ("AdamHD defaults before the noise hold", 24, 20),
       "candidate": ("+ recommended validation option (#11 goal 1)", 27, 28)}),
-    ("Adam rows, the three held-out tasks", ADAM_RUNS, "", HELD_OUT_TASKS,
-     "adam", {"adam_hd": ("AdamHD defaults (#10 goal 1, held out)", 12, 5),
+    ("Adam rows, the three held-out tasks, before the noise hold", ADAM_RUNS, "", HELD_OUT_TASKS,
+     "adam", {"adam_hd": ("AdamHD defaults before the noise hold (held out)", 12, 5),
               "candidate": ("+ recommended validation option (held out)", 14, 14)}),
     ("SGD(m) rows, all nine tasks", (RESULTS,), "_sgd", STUDY1_TASKS + HELD_OUT_TASKS, "sgd",
      {"sgd_hd": ("SGD-HD defaults (#10 goal 5)", 32, 31)}),

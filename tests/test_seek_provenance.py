@@ -40,8 +40,9 @@ OFF = {
 
 
 #: Mechanisms never fitted but adopted into SEEK_DEFAULTS by a check fixed before it was run
-#: (fit_controller/matched_restart/: the matched moment restart, 2026-12-07).
-ADOPTED_BY_CHECK = {"moment_restart": 1.0, "restart_match": 1.0}
+#: (fit_controller/matched_restart/: the matched moment restart; fit_controller/hold_restart/: the
+#: noise hold, which the gate candidate carries at 0; both 2026-12-07).
+ADOPTED_BY_CHECK = {"moment_restart": 1.0, "restart_match": 1.0, "noise_hold": 2.0}
 
 
 def _rounded(x: float, digits: int) -> float:
@@ -66,9 +67,11 @@ def test_shipped_constants_are_the_fits_best_rounded(shipped, beta, fit, digits)
     fitted = _fitted(fit)
     assert beta == _rounded(fitted.pop("hypergrad_lr"), digits)
     for key, value in fitted.items():
+        if shipped is SEEK_DEFAULTS and key in ADOPTED_BY_CHECK:
+            continue  # checked below: a later check replaced the candidate's value
         assert shipped[key] == _rounded(value, digits), key
     for key, value in shipped.items():  # the rest: not searched, or the mechanism switched off
-        if key in fitted:
+        if key in fitted and not (shipped is SEEK_DEFAULTS and key in ADOPTED_BY_CHECK):
             continue
         if key in NOT_SEARCHED:
             assert value == NOT_SEARCHED[key], key

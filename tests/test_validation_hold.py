@@ -31,8 +31,10 @@ from metalr.optim._base import RATE_KEY, VALIDATION_KEY
 #: Prescribed validation losses: falling, a noisy rise, falling again, then rising for good.
 LOSSES = [1.0, 0.8, 0.9, 0.7, 0.75, 0.72, 0.9, 1.1, 1.3, 1.5]
 #: Settled from the start (no ramp, no ceiling), rates independent (no tie), and a training
-#: signal that can only anneal (evidence 1: every step's tracking move is ≤ 0).
-SETTLED_ANNEALING = {"ramp_rate": 0.0, "init_scale": 1.0, "tie": math.inf, "evidence": 1.0}
+#: signal that can only anneal (evidence 1: every step's tracking move is ≤ 0; no noise hold to
+#: hand it back).
+SETTLED_ANNEALING = {"ramp_rate": 0.0, "init_scale": 1.0, "tie": math.inf, "evidence": 1.0,
+                     "noise_hold": 0.0}  # fmt: skip
 
 
 def _observe(opt, model, target: float, batch=VAL) -> None:
