@@ -315,8 +315,9 @@ def test_checkpoint_without_the_validation_noise_hold_resumes_without_it():
     """A checkpoint from before the option (its validation options lack ``noise_hold``, its seek
     set has the hold of its day, 0) resumes as it ran: no hold."""
     model = _model()
-    opt = metalr.AdamHD(model.parameters(), lr=LR,
-                        seek={"ramp_rate": 0.0, "init_scale": 1.0, "noise_hold": 0.0})
+    opt = metalr.AdamHD(
+        model.parameters(), lr=LR, seek={"ramp_rate": 0.0, "init_scale": 1.0, "noise_hold": 0.0}
+    )
     _train_step(model, opt)
     opt.observe_validation(_loss(model, VAL))
     sd = copy.deepcopy(opt.state_dict())
