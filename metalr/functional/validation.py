@@ -54,7 +54,8 @@ signal replaces the training one):
 * ``noise_hold`` (in [0, 10], seek rule only; default 0) is the seek rule's ``noise_hold`` (the
   gradient gate's hold: while the group's gradient norm is near its peak, a noisy training
   signal slows its anneal instead of driving it, never adding a climb) while the group follows
-  the validation signal, if larger than the seek set's own: with the validation signal as the
+  the validation signal, if larger than the seek set's own (AdamHD's set holds with 2 since
+  2026-12-07, so there the option's value matters only above 2): with the validation signal as the
   brake, the training signal's anneal need not stop a model that is still learning::
 
       track ← min(track + noise_hold · evidence · G_t/H_t, 0)   where track < 0
