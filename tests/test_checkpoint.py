@@ -150,29 +150,13 @@ def test_checkpoint_with_a_shorter_seek_controller_loads_and_resumes_exactly(nam
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
-#: Seek constants added after the rule first shipped, with the values that turn each one off.
-LATER_SEEK_KEYS = {
-    "ramp_fast": None,  # read only where ``slow_zone`` < 1
-    "slow_zone": 1.0,
-    "resume_window": 0.0,
-    "resume_level": 1.0,
-    "far_decay": 0.0,
-    "init_floor": 0.0,
-    "vanish": 0.0,
-    "vanish_decay": None,  # read only by the gate
-    "noise_hold": 0.0,
-    "vanish_fall": 0.0,
-    "horizon": 0.0,
-    "moment_restart": 0.0,
-    "restart_match": 0.0,
-}
-
-
 @pytest.mark.parametrize("name", list(SEEK_MAKERS))
 def test_checkpoint_with_a_seek_set_from_before_later_constants_resumes_without_them(name):
     """A seek set saved before the later constants existed (a checkpoint of 2026-12-03) loads
     with each later mechanism off, as it ran, and resumes exactly as the same checkpoint with
     those constants written out at their off values; the constants it has are kept."""
+    from test_seek_provenance import OFF  # the constants added later, with their off values
+
     from metalr.functional._seek_constants import TRIAL11_SEEK
 
     torch.manual_seed(0)
@@ -182,10 +166,10 @@ def test_checkpoint_with_a_seek_set_from_before_later_constants_resumes_without_
     old = copy.deepcopy(opt.state_dict())
     full = copy.deepcopy(opt.state_dict())
     for o, f in zip(old["param_groups"], full["param_groups"]):
-        for key, off in LATER_SEEK_KEYS.items():
+        for key, off in OFF.items():  # off None: ramp_fast, unread while slow_zone is 1
             del o["seek"][key]
-            f["seek"][key] = TRIAL11_SEEK[key] if off is None else off
-            assert TRIAL11_SEEK[key] == f["seek"][key]
+            f["seek"][key] = TRIAL11_SEEK[key]
+            assert off is None or TRIAL11_SEEK[key] == off
     reference = copy.deepcopy(model)
     ref_opt = SEEK_MAKERS[name](reference.parameters())
     ref_opt.load_state_dict(full)
