@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import one_run_goals  # experiments/ is not a package
 import transfer_batch_studies
 
+from metalr.workbench.report_stats import latest_records
 from metalr.workbench.runner import read_records
 
 CONFIGS = {
@@ -70,11 +71,7 @@ def run(n: int) -> float:
 def records(n: int | Path) -> list[dict]:
     """The latest record of each (task, optimizer, lr, seed) of study ``n`` (or of a folder)."""
     folder = n if isinstance(n, Path) else RESULTS / f"ablate_study{n}"
-    latest = {}
-    for r in read_records(folder / "records.jsonl"):  # a torn last line is skipped
-        if r.get("status") != "not installed":
-            latest[(r["task"], r["optimizer"], r["lr"], r["seed"])] = r
-    return list(latest.values())
+    return latest_records(read_records(folder / "records.jsonl"))  # a torn last line is skipped
 
 
 def table(recs: list[dict], key: str = "final_val_loss") -> dict[tuple, float]:

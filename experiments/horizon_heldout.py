@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # fit_controller, one_
 from one_run_goals import WITHIN
 from study_budgets import budgets
 
+from metalr.workbench.report_stats import latest_records
+
 ROOT = Path(__file__).resolve().parents[1]
 STUDY1 = ROOT / "experiments/results/ablate_study1/records.jsonl"
 TASKS = budgets(("pysrc_transformer", "animal_autoencoder", "diabetes_mlp"))
@@ -49,15 +51,11 @@ def study1_reference(path: Path = STUDY1) -> tuple[dict, dict]:
     """Best-of-grid Adam's final validation loss per task and AdamHD's (defaults) per
     (task, lr0), each the mean over seeds 0-2, from study 1's records (a cell rerun under later
     defaults appends: the newest record of each seed counts, as in the study's report)."""
-    newest: dict[tuple[str, str, float, int], float] = {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
+    runs: dict[tuple[str, str, float], list[float]] = {}
+    for r in latest_records(json.loads(line) for line in path.read_text().splitlines()):
         if r["task"] in TASKS and r["optimizer"] in ("adam", "adam_hd") and r["seed"] in SEEDS:
             final = r["final_val_loss"] if r["status"] == "ok" else math.inf
-            newest[(r["task"], r["optimizer"], r["lr"], r["seed"])] = final
-    runs: dict[tuple[str, str, float], list[float]] = {}
-    for (task, optimizer, lr, _), final in newest.items():
-        runs.setdefault((task, optimizer, lr), []).append(final)
+            runs.setdefault((r["task"], r["optimizer"], r["lr"]), []).append(final)
     adam = {t: min(statistics.mean(runs[(t, "adam", lr)]) for lr in LRS) for t in TASKS}
     hd = {(t, lr): statistics.mean(runs[(t, "adam_hd", lr)]) for t in TASKS for lr in LRS}
     return adam, hd

@@ -32,8 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ablate_studies import records, trim_curves
 from ablate_studies import table as mean_table  # mean over seeds, inf if one diverged
-from ablate_studies import trim_curves
 from bench_validation_cost import every_flag, results_path
 from one_run_goals import HELDOUT, WITHIN
 
@@ -88,12 +88,7 @@ def seed_from_study1() -> int:
 
 
 def load() -> list[dict]:
-    latest = {}
-    for line in (OUT / "records.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r.get("status") != "not installed":
-            latest[(r["task"], r["optimizer"], r["lr"], r["seed"])] = r
-    return list(latest.values())
+    return records(OUT)
 
 
 def _ref(val: dict, test: dict, task: str) -> tuple[float, float]:

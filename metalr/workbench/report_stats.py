@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Any
 
 # t_{0.975, df} for df = 1..30; beyond, the normal 1.96
@@ -47,15 +48,23 @@ def _loss(r: dict[str, Any]) -> float:
     return math.inf if v is None or r.get("status") == "diverged" else float(v)
 
 
-def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (task, optimizer, lr): seeds, mean ± CI of the final validation loss, ..."""
+def latest_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest record of each (task, optimizer, lr, seed): a rerun with a changed config (or
+    under changed library defaults) appends, and the newest wins; a "not installed" record never
+    shadows a run."""
     latest: dict[tuple, dict[str, Any]] = {}
-    for r in records:  # a rerun with a changed config appends; the newest record wins
+    for r in records:
         if r.get("status") != "not installed":
             latest[(r["task"], r["optimizer"], r["lr"], r["seed"])] = r
+    return list(latest.values())
+
+
+def aggregate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (task, optimizer, lr): seeds, mean ± CI of the final validation loss, ..."""
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     grid_budgets: dict[tuple, set] = defaultdict(set)
-    for (task, opt, lr, _), r in latest.items():
+    for r in latest_records(records):
+        task, opt, lr = r["task"], r["optimizer"], r["lr"]
         groups[(task, opt, lr)].append(r)
         grid_budgets[(task, opt)].add((r.get("size"), r.get("steps")))
     # one optimizer's rates (and so each cell's seeds) at one budget; optimizers may differ (a
