@@ -160,6 +160,7 @@ def headline6(table: Callable[[str], dict]) -> str:
     variants = {"adam_hd": "seek (defaults)",
                 "no_match": "moment restart without the size match",
                 "no_restart": "no moment restart (the default until 2026-12-07)",
+                "no_hold": "no noise hold (the default until its check, 2026-12-07)",
                 "no_ramp": "no ramp (start at lr0, track)",
                 "no_cut": "no cut at the turn", "no_evidence": "no evidence threshold",
                 "no_ceiling": "no ceiling", "no_tie": "no tie between tensors",
