@@ -10,14 +10,18 @@ best-of-grid SGD(m)'s seed mean, within 10% counts — and pairs candidate and d
 (task, lr0, seed): ``log(candidate / defaults)``, a diverged run counting as 1,000× the other
 arm's loss, with a 95% seed-bootstrap interval of the pooled mean.
 
-A folder's ``check.py`` names its seeds and spec and hands them to :func:`main`::
+A check folder holds its ``candidate_spec.json``; the command names the folder and the seeds::
 
-    python experiments/results/fit_controller/sgd_evidence/check.py            # runs (resumes)
-    python experiments/results/fit_controller/sgd_evidence/check.py --report
+    python experiments/sgd_candidate_check.py <folder> --seeds 381-384            # runs (resumes)
+    python experiments/sgd_candidate_check.py <folder> --seeds 381-384 --report
+
+(The first two checks, ``sgd_shared`` and ``sgd_evidence``, each have a ``check.py`` that calls
+:func:`main` with their seeds; their protocols quote those commands.)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import random
@@ -87,3 +91,19 @@ def main(folder: Path, seeds: str, spec: Path, argv: Sequence[str] | None = None
         report(folder, seeds)
     else:
         run_all(folder, seeds, spec)
+
+
+def cli(argv: Sequence[str] | None = None) -> None:
+    """``sgd_candidate_check.py FOLDER --seeds A-B [--report]``: the folder's
+    ``candidate_spec.json`` checked on those seeds (runs resumed), or its report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="check folder (holds candidate_spec.json)")
+    parser.add_argument("--seeds", required=True, help="e.g. 381-384 (reference_noise --seeds)")
+    parser.add_argument("--report", action="store_true", help="print the report, run nothing")
+    args = parser.parse_args(argv)
+    folder = args.folder.resolve()
+    main(folder, args.seeds, folder / "candidate_spec.json", ["--report"] if args.report else [])
+
+
+if __name__ == "__main__":
+    cli()

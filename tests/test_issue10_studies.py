@@ -705,3 +705,7 @@ def test_sgd_candidate_check_counts_cells_and_pairs_the_two_arms(tmp_path, capsy
     assert "candidate 44" in printed
     check.main(tmp_path, "7,8", tmp_path / "unused_spec.json", argv=["--report"])  # no runs
     assert capsys.readouterr().out == printed
+    check.cli([str(tmp_path), "--seeds", "7,8", "--report"])  # the command line: same report
+    assert capsys.readouterr().out == printed
+    with pytest.raises(SystemExit):  # the seeds are not optional: a check names them
+        check.cli([str(tmp_path), "--report"])
