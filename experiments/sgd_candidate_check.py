@@ -102,7 +102,10 @@ def cli(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--report", action="store_true", help="print the report, run nothing")
     args = parser.parse_args(argv)
     folder = args.folder.resolve()
-    main(folder, args.seeds, folder / "candidate_spec.json", ["--report"] if args.report else [])
+    if args.report:
+        report(folder, args.seeds)
+    else:
+        run_all(folder, args.seeds, folder / "candidate_spec.json")
 
 
 if __name__ == "__main__":
