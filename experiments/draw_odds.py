@@ -124,16 +124,18 @@ def load(folders: Sequence[Path], names: Sequence[str], suffix: str = "") -> dic
 #: The many-seed runs under today's defaults: the few-shot task rerun since the option's short-run
 #: tracking (``recommended_track``), the other tasks unchanged by it (``recommended_restart``).
 ADAM_RUNS = (RESULTS / "recommended_track", RESULTS / "recommended_restart")
-#: AdamHD's defaults since the noise hold (2026-12-07): its row rerun beside the same Adam runs
-#: (the recommended option's row was not rerun; it stays in ``ADAM_RUNS``, from before the hold).
-HOLD_RUNS = (RESULTS / "defaults_hold",)
+#: Since the noise hold (2026-12-07): AdamHD's defaults (``defaults_hold``) and the recommended
+#: option (``recommended_hold``, which starts from the former's runs) beside the same Adam runs.
+HOLD_RUNS = (RESULTS / "recommended_hold",)
 
 #: (label, folders, file suffix, tasks, fixed row, {row: (its label, goal, observed on seeds 0–2)})
 GOALS = (
     ("Adam rows, study 1's six tasks", HOLD_RUNS, "", STUDY1_TASKS, "adam",
-     {"adam_hd": ("AdamHD defaults (#10 goal 1)", 24, 22)}),
+     {"adam_hd": ("AdamHD defaults (#10 goal 1)", 24, 22),
+      "candidate": ("+ recommended validation option (#11 goal 1)", 27, 26)}),
     ("Adam rows, the three held-out tasks", HOLD_RUNS, "", HELD_OUT_TASKS, "adam",
-     {"adam_hd": ("AdamHD defaults (#10 goal 1, held out)", 12, 6)}),
+     {"adam_hd": ("AdamHD defaults (#10 goal 1, held out)", 12, 6),
+      "candidate": ("+ recommended validation option (held out)", 14, 14)}),
     ("Adam rows, study 1's six tasks, before the noise hold", ADAM_RUNS, "", STUDY1_TASKS, "adam",
      {"adam_hd": ("AdamHD defaults before the noise hold", 24, 20),
       "candidate": ("+ recommended validation option (#11 goal 1)", 27, 28)}),
