@@ -21,6 +21,10 @@ the torch optimizer and its HD version at every grid rate on ``N`` seeds and rep
 Results (JSON of every run's loss, and a Markdown table) go to
 ``experiments/results/reference_noise/<task>_<optimizer>``; runs already in the JSON are not
 rerun. CPU, ``--workers`` processes × 1 thread; the few-shot task takes ~1 minute for 600 runs.
+A folder of such runs, one ``<task>.json`` per task of the nine, is counted against the best
+fixed Adam rate (each task's many-seed mean, ``COUNT_SEEDS``) without running anything::
+
+    python experiments/reference_noise.py --count experiments/results/reference_noise/recommended_hold
 """
 
 from __future__ import annotations
@@ -180,7 +184,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", default=None,
                         help="JSON merged into the HD row's spec, e.g. '{\"seek\": {...}}' "
                              "(the row is then named 'candidate')")  # fmt: skip
+    parser.add_argument("--count", default=None, metavar="FOLDER",
+                        help="print the many-seed count of the runs in FOLDER (its <task>.json "
+                             "files) instead of running anything")  # fmt: skip
+    parser.add_argument(
+        "--rows",
+        default="candidate,adam_hd",
+        help="with --count: the rows to count, comma-separated",
+    )
     args = parser.parse_args(argv)
+    if args.count is not None:
+        folder = Path(args.count)
+        if not folder.is_dir():
+            raise ValueError(f"Invalid --count: {args.count!r}; expected a folder of runs")
+        print_counts(folder, rows=tuple(args.rows.split(",")))
+        return 0
     seeds = parse_seeds(args.seeds)
     if len(seeds) < 3:
         raise ValueError(f"Invalid --seeds: {args.seeds!r}; expected at least 3 seeds")

@@ -305,6 +305,14 @@ def test_reference_noise_counts_cells_within_ten_percent_of_the_best_fixed_adam_
     assert totals["candidate, study 1"] == 25 and totals["candidate, held out"] == 12
     with pytest.raises(FileNotFoundError, match="digits_mlp"):
         rn.task_losses([overlay], "digits_mlp")
+    # the command line prints the same count, for the rows it names
+    capsys.readouterr()
+    assert rn.main(["--count", str(tmp_path), "--rows", "adam_hd"]) == 0
+    out = capsys.readouterr().out
+    assert "adam_hd, study 1: 0/30" in out and "candidate" not in out
+    assert "| fewshot_sinusoid (60 seeds) | 0.01 | 1.11, 1.11, 1.11, 1.11, 1.11 (0/5) |" in out
+    with pytest.raises(ValueError, match="--count"):
+        rn.main(["--count", str(tmp_path / "missing")])
     (tmp_path / "digits_mlp_sgd.json").write_text(json.dumps({"sgd|0.01|100": 0.5}))
     assert rn.task_losses([overlay, tmp_path], "digits_mlp", "_sgd") == {"sgd|0.01|100": 0.5}
 
