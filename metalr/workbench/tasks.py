@@ -18,6 +18,11 @@ Every task uses offline data only and caches its preparation (``$METALR_CACHE``,
   query points each. Its meta-learned prior (``prior: task`` in an optimizer spec) is
   :mod:`metalr.workbench.priors`.
 
+The held-out tasks (:mod:`metalr.workbench.heldout_tasks`), the transfer tasks
+(:mod:`metalr.workbench.transfer_tasks`) and the development task ``kjv_transformer``
+(:mod:`metalr.workbench.dev_tasks`: the held-out transformer's failure reproduced on other text)
+are built by their own modules.
+
 A :class:`Task` builds a fresh model from a seed, draws training batches from its own generator
 (seeded per run: init and batch order vary with the seed) and scores a model on the validation
 (and test) split. The splits are fixed, except for a task with ``splits_for_seed``
@@ -44,6 +49,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from metalr.workbench.dev_tasks import BUILDERS as DEV_BUILDERS
+from metalr.workbench.dev_tasks import DEV_SPECS
 from metalr.workbench.heldout_tasks import BUILDERS as HELDOUT_BUILDERS
 from metalr.workbench.heldout_tasks import HELDOUT_SPECS
 from metalr.workbench.transfer_tasks import SPECS as TRANSFER_SPECS
@@ -319,6 +326,7 @@ SPECS: dict[str, dict[str, dict[str, Any]]] = {
 }  # fmt: skip
 SPECS.update(HELDOUT_SPECS)  # never used to fit the "seek" controller (see heldout_tasks)
 SPECS.update(TRANSFER_SPECS)  # pretrained body + fresh head (see transfer_tasks)
+SPECS.update(DEV_SPECS)  # development tasks: diagnosis without a held-out task (see dev_tasks)
 TASKS = tuple(SPECS)
 
 
@@ -338,8 +346,10 @@ def make_task(
         make_model, splits, batch_size, loss = build_transfer(name, spec, size, fallback_text)
         splits = [(xs.to(device), ys.to(device)) for xs, ys in splits]
         return Task(name, size, make_model, *splits, batch_size=batch_size, loss=loss)
-    if name in HELDOUT_BUILDERS:
-        make_model, splits, batch_size, loss = HELDOUT_BUILDERS[name](spec)
+    if name in HELDOUT_BUILDERS or name in DEV_BUILDERS:
+        built = (HELDOUT_BUILDERS[name](spec) if name in HELDOUT_BUILDERS
+                 else DEV_BUILDERS[name](spec, fallback_text))  # fmt: skip
+        make_model, splits, batch_size, loss = built
         splits = [(xs.to(device), ys.to(device)) for xs, ys in splits]
         return Task(name, size, make_model, *splits, batch_size=batch_size, loss=loss)
     if name.startswith(("digits", "mnist1d")):
