@@ -1,0 +1,109 @@
+"""Probes behind ../result.md (development seeds; nothing here changes a default).
+
+    python experiments/results/dev_transformer/probe/signals.py trace kjv_transformer 1e-3 390
+    python experiments/results/dev_transformer/probe/signals.py trace kjv_transformer 1e-2 390 '{"kind": "adam"}'
+    python experiments/results/dev_transformer/probe/signals.py turn digits_mlp 1e-3 100
+
+``trace``: every 20 steps of one run at study 1's budget (400 for kjv_transformer), the mean
+training loss, the mean cosine of the gradient with the last parameter change
+``cos(g_t, Δθ_{t-1})`` (positive: the last step went too far, the greedy hypergradient says
+"lower"), the mean gradient norm, the effective rate and, for AdamHD, the size-weighted tracking
+signal ``μ̂/√ν̂`` and the gradient gate's ``G/H``. ``turn``: the first 80 steps of one AdamHD
+run, printing each change between ramping (R) and settled (T) with the fast group-cosine average
+F and its peak P, the rate, the gradient norm and its ratio to 5 steps before and to its maximum.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[4]
+sys.path.insert(0, str(ROOT / "experiments"))
+from find_rate_study import effective_rate
+from study_budgets import study_steps
+
+from metalr.functional._controller import (
+    COUNT,
+    FAST,
+    GRAD,
+    GRAD_PEAK,
+    MEAN,
+    PEAK,
+    RAMP,
+    SQ,
+)  # fmt: skip
+from metalr.functional._seek_constants import SEEK_DEFAULTS
+from metalr.workbench.optimizers import build_for_model
+from metalr.workbench.tasks import make_task
+
+DEV_STEPS = {"kjv_transformer": 400}
+
+
+def _rate(opt, lr0):
+    return effective_rate(opt) if hasattr(opt, "effective_lrs") else lr0
+
+
+def _tracking(opt):
+    """Size-weighted μ̂/√ν̂ of the tensors' tracking signals and the gate's G/H (AdamHD)."""
+    b1, b2 = SEEK_DEFAULTS["signal_decay"], SEEK_DEFAULTS["signal_sq_decay"]
+    snr, size, level = 0.0, 0, math.nan
+    for group in opt.param_groups:
+        for p in group["params"]:
+            c = opt.state[p].get("hd_controller")
+            if c is None or float(c[COUNT]) <= 0:
+                continue
+            n = float(c[COUNT])
+            mu, nu = float(c[MEAN]) / (1 - b1**n), float(c[SQ]) / (1 - b2**n)
+            snr += p.numel() * mu / (math.sqrt(max(nu, 0.0)) + 1e-8)
+            size += p.numel()
+            level = float(c[GRAD]) / max(float(c[GRAD_PEAK]), 1e-30)
+    return (snr / size if size else math.nan), level
+
+
+def main(mode, task_name, lr0, seed, spec):
+    torch.set_num_threads(1)
+    task = make_task(task_name, "full")
+    steps = DEV_STEPS.get(task_name) or study_steps(task_name)
+    steps = 80 if mode == "turn" else steps
+    model = task.model(seed)
+    opt = build_for_model(spec, model, lr0, task)
+    nxt = task.batches(seed)
+    last, window, norms, ramping = None, [], [], None
+    for t in range(1, steps + 1):
+        x, y = nxt()
+        loss = task.loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        g = torch.cat([p.grad.flatten() for p in model.parameters()])
+        before = torch.cat([p.detach().flatten() for p in model.parameters()])
+        cos = float(g @ last / (g.norm() * last.norm() + 1e-30)) if last is not None else math.nan
+        norms.append(float(g.norm()))
+        window.append((loss.item(), cos, norms[-1]))
+        opt.step()
+        last = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+        if mode == "trace" and t % 20 == 0:
+            mean = [
+                sum(v[i] for v in window if not math.isnan(v[i])) / len(window) for i in range(3)
+            ]
+            snr, level = _tracking(opt)
+            print(f"{t:4d} rate {_rate(opt, lr0):.2e} loss {mean[0]:.3f} cos(g,dθ) {mean[1]:+.3f} "
+                  f"|g| {mean[2]:.3f} snr {snr:+.3f} G/H {level:.2f}")  # fmt: skip
+            window = []
+        if mode == "turn":
+            c = next(opt.state[p]["hd_controller"] for p in model.parameters())
+            now = float(c[RAMP]) > 0
+            if now != ramping:
+                print(f"{task_name} t{t} {'R' if now else 'T'} F {float(c[FAST]):.2f} "
+                      f"P {float(c[PEAK]):.2f} rate {_rate(opt, lr0):.1e} |g| {norms[-1]:.2f} "
+                      f"÷5 steps before {norms[-1] / norms[max(0, t - 6)]:.2f} "
+                      f"÷max {norms[-1] / max(norms):.2f}")  # fmt: skip
+            ramping = now
+
+
+if __name__ == "__main__":
+    mode, task_name, lr0, seed = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+    spec = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {"kind": "adam_hd"}
+    main(mode, task_name, lr0, seed, spec)
