@@ -4,12 +4,15 @@
 Before a fitted constant set becomes the default, this script runs it on study 1's six tasks ×
 five initial rates with other seeds (default: 3) and scores each cell's final validation loss
 against best-of-grid Adam on the *same* seeds (the same five rates), printing the count within
-10% and the per-cell ratios. Held-out tasks are not run (they stay out of every selection).
+10% and the per-cell ratios. Held-out tasks are not run (they stay out of every selection);
+``--tasks`` may add a development task (:mod:`metalr.workbench.dev_tasks`, at the budget of its
+own config, ``configs/dev_transformer.yaml``).
 
     python experiments/check_controller.py                                  # today's defaults
     python experiments/check_controller.py --constants experiments/results/fit_controller/round6/best.json
     python experiments/check_controller.py --optimizer sgd [--constants ...]   # SGDHD vs SGD
     python experiments/check_controller.py --seeds 25,26,27 --out a.json        # per-seed losses
+    python experiments/check_controller.py --tasks study1,kjv_transformer      # + a development task
 
 ``--out`` keeps every seed's loss, so that two constant sets run on the same seeds can be compared
 cell by cell and seed by seed (``experiments/compare_checks.py``) instead of by their counts, which
@@ -36,31 +39,58 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # fit_controller, one_
 from one_run_goals import WITHIN
 from study_budgets import budgets
 
+from metalr.workbench.config import load_study
+
 ROOT = Path(__file__).resolve().parents[1]
 #: Study 1's six tasks with their step budgets.
 TASKS = budgets(("animal_cnn", "charlm_gru", "digits_logreg", "digits_mlp", "fewshot_sinusoid",
                  "mnist1d_mlp"))  # fmt: skip
 LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+#: Development tasks ``--tasks`` may add, with the budget of their own study's config.
+DEV_CONFIGS = {"kjv_transformer": ROOT / "configs/dev_transformer.yaml"}
 
 
-def _run(job: tuple[str, dict[str, Any], float, int, str, int | None]) -> tuple[float, float]:
+def task_budgets(names: str) -> dict[str, int]:
+    """``--tasks``: comma-separated names, ``study1`` for study 1's six; each with its budget.
+
+    Raises ``ValueError`` for a task that is neither one of study 1's six nor a development task
+    (held-out tasks stay out of every check)."""
+    out: dict[str, int] = {}
+    for name in (n.strip() for n in names.split(",") if n.strip()):
+        if name == "study1":
+            out.update(TASKS)
+        elif name in TASKS:
+            out[name] = TASKS[name]
+        elif name in DEV_CONFIGS:
+            out[name] = load_study(DEV_CONFIGS[name]).steps_of(name)
+        else:
+            raise ValueError(f"--tasks: unknown task {name!r}; expected 'study1', one of study 1's "
+                             f"six ({', '.join(TASKS)}) or a development task "
+                             f"({', '.join(DEV_CONFIGS)})")  # fmt: skip
+    return out
+
+
+def _run(job: tuple[str, dict[str, Any], float, int, str, int]) -> tuple[float, float]:
     """One cell's final validation and test losses (infinite if the run diverged), one thread."""
     import torch
     from fit_controller import run
 
     torch.set_num_threads(1)
     name, spec, lr, seed, size, steps = job
-    r = run(name, spec, lr, steps or TASKS[name], size, seed)
+    r = run(name, spec, lr, steps, size, seed)
     if r["status"] != "ok":
         return math.inf, math.inf
     return r["final_val_loss"], r["final_test_loss"]
 
 
-def _grid(spec: dict[str, Any], seeds: list[int], workers: int, smoke: bool) -> dict:
-    """Final (validation, test) losses per (task, lr0): one pair per seed, in the order of
-    ``seeds``."""
-    size, steps = ("smoke", 20) if smoke else ("full", None)
-    jobs = [(t, spec, lr, s, size, steps) for t in TASKS for lr in LRS for s in seeds]
+def _grid(
+    spec: dict[str, Any], seeds: list[int], workers: int, smoke: bool, tasks: dict[str, int] = TASKS
+) -> dict:
+    """Final (validation, test) losses per (task, lr0) of ``tasks`` (name → budget): one pair per
+    seed, in the order of ``seeds``."""
+    size = "smoke" if smoke else "full"
+    jobs = [(t, spec, lr, s, size, 20 if smoke else n) for t, n in tasks.items() for lr in LRS
+            for s in seeds]  # fmt: skip
     with ProcessPoolExecutor(workers) as pool:
         losses = list(pool.map(_run, jobs))
     out: dict[tuple[str, float], list[tuple[float, float]]] = {}
@@ -78,8 +108,9 @@ def reference_losses(grid: dict) -> tuple[dict[str, float], dict[str, float]]:
     """Best-of-grid per task: the lowest mean final validation loss over the rates, and the mean
     test loss at the rate that validation loss chose (the test reference)."""
     val, test = _means(grid, 0), _means(grid, 1)
-    chosen = {t: min(LRS, key=lambda lr: val[(t, lr)]) for t in TASKS}
-    return ({t: val[(t, chosen[t])] for t in TASKS}, {t: test[(t, chosen[t])] for t in TASKS})
+    tasks = dict.fromkeys(t for t, _ in grid)
+    chosen = {t: min(LRS, key=lambda lr: val[(t, lr)]) for t in tasks}
+    return ({t: val[(t, chosen[t])] for t in tasks}, {t: test[(t, chosen[t])] for t in tasks})
 
 
 def count_within(ratios: Iterable[float]) -> int:
@@ -118,8 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", choices=("val", "test"), default="val",
                         help="score final validation loss (default) or test loss; the test "
                              "reference is Adam's test loss at the rate validation chose")  # fmt: skip
+    parser.add_argument("--tasks", default="study1",
+                        help="comma-separated tasks: 'study1' (study 1's six, the default), any "
+                             "of them, or a development task (kjv_transformer)")  # fmt: skip
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
+    tasks = task_budgets(args.tasks)
     from fit_controller import OPTIMIZERS, seek_spec
 
     torch_spec, spec = OPTIMIZERS[args.optimizer]
@@ -133,11 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     test_cache = cache.with_name(cache.stem + "_test.json")
     wanted = cache if args.metric == "val" else test_cache
     if not wanted.is_file():
-        val_ref, test_ref = reference_losses(_grid(torch_spec, seeds, args.workers, args.smoke))
+        grid = _grid(torch_spec, seeds, args.workers, args.smoke, tasks)
+        val_ref, test_ref = reference_losses(grid)
         cache.write_text(json.dumps(val_ref, indent=1))
         test_cache.write_text(json.dumps(test_ref, indent=1))
     ref = json.loads(wanted.read_text())
-    per_seed = _grid(spec, seeds, args.workers, args.smoke)
+    missing = [t for t in tasks if t not in ref]
+    if missing:  # the seeds' reference lacks a task asked for (a development task): add it
+        grid = _grid(torch_spec, seeds, args.workers, args.smoke, {t: tasks[t] for t in missing})
+        val_ref, test_ref = reference_losses(grid)
+        for path, new in ((cache, val_ref), (test_cache, test_ref)):
+            old = json.loads(path.read_text()) if path.is_file() else {}
+            path.write_text(json.dumps({**old, **new}, indent=1))
+        ref = json.loads(wanted.read_text())
+    per_seed = _grid(spec, seeds, args.workers, args.smoke, tasks)
     if args.out:
         refs = tuple(
             json.loads(c.read_text()) if c.is_file() else None for c in (cache, test_cache)
@@ -150,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.optimizer} on {within}/{len(ratios)} cells; worst {max(ratios.values()):.2f}")  # fmt: skip
     print("| task | " + " | ".join(f"lr0 {lr:g}" for lr in LRS) + " |")
     print("|---|" + "---:|" * len(LRS))
-    for t in TASKS:
+    for t in tasks:
         print(f"| {t} | " + " | ".join(f"{ratios[(t, lr)]:.2f}" for lr in LRS) + " |")
     return within
 

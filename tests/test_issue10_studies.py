@@ -144,6 +144,34 @@ def test_check_controller_smoke(tmp_path, capsys):
     assert watched["losses"] != run["losses"]
 
 
+def test_check_controller_tasks_add_a_development_task(tmp_path, capsys):
+    """--tasks: study 1's six by default, a subset, or a development task at its own config's
+    budget; a task missing from the seeds' cached reference is added to it; held-out tasks are
+    refused."""
+    import check_controller
+
+    budgets = check_controller.task_budgets("study1,kjv_transformer")
+    assert list(budgets)[:6] == list(check_controller.TASKS) and budgets["kjv_transformer"] == 400
+    with pytest.raises(ValueError, match="--tasks: unknown task 'pysrc_transformer'"):
+        check_controller.task_budgets("pysrc_transformer")
+    args = ["--smoke", "--cache", str(tmp_path), "--workers", "1", "--seeds", "4"]
+    within = check_controller.main([*args, "--tasks", "digits_logreg"])
+    assert f"on {within}/5 cells" in capsys.readouterr().out
+    cache = tmp_path / "check_adam_reference_smoke_seeds_4.json"
+    first = json.loads(cache.read_text())
+    assert set(first) == {"digits_logreg"}
+    out = tmp_path / "run.json"
+    within = check_controller.main([*args, "--tasks", "digits_logreg,kjv_transformer",
+                                    "--out", str(out)])  # fmt: skip
+    assert f"on {within}/10 cells" in capsys.readouterr().out
+    merged = json.loads(cache.read_text())
+    assert set(merged) == {"digits_logreg", "kjv_transformer"}
+    assert merged["digits_logreg"] == first["digits_logreg"]  # kept, not rerun
+    assert set(json.loads(out.read_text())["losses"]) == {
+        f"{t}|{lr:g}" for t in ("digits_logreg", "kjv_transformer") for lr in check_controller.LRS
+    }
+
+
 def test_check_controller_scores_test_losses(tmp_path, capsys):
     """--metric test: the reference is Adam's test loss at the rate its validation loss chose
     (both caches written by the one reference grid), the run keeps both losses, and
