@@ -21,35 +21,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-from torch import nn
-
-from metalr.workbench.heldout_tasks import CharTransformer
-
-Split = tuple[torch.Tensor, torch.Tensor]
-Built = tuple[Callable[[], nn.Module], list[Split], "int | None", Callable[..., torch.Tensor]]
+from metalr.workbench.heldout_tasks import Built, build_char_transformer
 
 
 def build_kjv_transformer(spec: dict[str, Any], fallback_text: bool) -> Built:
-    """``(make_model, [train, val, test], batch_size, loss)`` of ``kjv_transformer``: windows of
-    ``seq`` characters from ``spec["chars"]`` characters of the KJV text starting at
-    ``spec["offset"]`` (the short built-in text from its start with ``fallback_text``), split
-    80/10/10 contiguously (no validation window was trained on)."""
-    from metalr.workbench.tasks import FALLBACK_TEXT, _ce, bible_text
+    """``(make_model, [train, val, test], batch_size, loss)`` of ``kjv_transformer``: the held-out
+    transformer's task (:func:`~metalr.workbench.heldout_tasks.build_char_transformer`) on
+    ``spec["chars"]`` characters of the KJV text from ``spec["offset"]`` on (the short built-in
+    text from its start with ``fallback_text``)."""
+    from metalr.workbench.tasks import FALLBACK_TEXT, bible_text
 
     source = FALLBACK_TEXT if fallback_text else bible_text()[spec["offset"] :]
-    text = source[: spec["chars"]]
-    vocab = sorted(set(text))
-    lookup = {c: i for i, c in enumerate(vocab)}
-    ids = torch.tensor([lookup[c] for c in text], dtype=torch.long)
-    seq = spec["seq"]
-    n = (len(ids) - 1) // seq
-    x, y = ids[: n * seq].reshape(n, seq), ids[1 : n * seq + 1].reshape(n, seq)
-    a, b = int(0.8 * n), int(0.9 * n)
-    c = spec.get("eval_windows") or n
-    splits = [(x[:a], y[:a]), (x[a:b][:c], y[a:b][:c]), (x[b:][:c], y[b:][:c])]
-    v, width, layers, heads = len(vocab), spec["width"], spec["layers"], spec["heads"]
-    return lambda: CharTransformer(v, seq, width, layers, heads), splits, spec["batch_size"], _ce
+    return build_char_transformer(source[: spec["chars"]], spec)
 
 
 DEV_SPECS: dict[str, dict[str, dict[str, Any]]] = {

@@ -84,21 +84,33 @@ def _split(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> list[Split]:
     return [(x[:a], y[:a]), (x[a:b], y[a:b]), (x[b:], y[b:])]
 
 
-def build_pysrc_transformer(spec: dict[str, Any]) -> Built:
-    from metalr.workbench.tasks import _ce
-
-    text = stdlib_text()[: spec["chars"]]
+def char_windows(text: str, seq: int, eval_windows: int | None) -> tuple[int, list[Split]]:
+    """``(vocabulary size, [train, val, test])`` of next-character windows of ``seq`` characters
+    of ``text``, split 80/10/10 contiguously (no validation window was trained on); validation
+    and test keep their first ``eval_windows`` windows (all when None)."""
     vocab = sorted(set(text))
     lookup = {c: i for i, c in enumerate(vocab)}
     ids = torch.tensor([lookup[c] for c in text], dtype=torch.long)
-    seq = spec["seq"]
     n = (len(ids) - 1) // seq
     x, y = ids[: n * seq].reshape(n, seq), ids[1 : n * seq + 1].reshape(n, seq)
-    a, b = int(0.8 * n), int(0.9 * n)  # contiguous: no validation window was trained on
-    c = spec.get("eval_windows") or n
-    splits = [(x[:a], y[:a]), (x[a:b][:c], y[a:b][:c]), (x[b:][:c], y[b:][:c])]
-    v, width, layers, heads = len(vocab), spec["width"], spec["layers"], spec["heads"]
+    a, b = int(0.8 * n), int(0.9 * n)
+    c = eval_windows or n
+    return len(vocab), [(x[:a], y[:a]), (x[a:b][:c], y[a:b][:c]), (x[b:][:c], y[b:][:c])]
+
+
+def build_char_transformer(text: str, spec: dict[str, Any]) -> Built:
+    """A :class:`CharTransformer` task on ``text`` (``spec``: ``seq``, ``width``, ``layers``,
+    ``heads``, ``batch_size``, optional ``eval_windows``)."""
+    from metalr.workbench.tasks import _ce
+
+    seq = spec["seq"]
+    v, splits = char_windows(text, seq, spec.get("eval_windows"))
+    width, layers, heads = spec["width"], spec["layers"], spec["heads"]
     return lambda: CharTransformer(v, seq, width, layers, heads), splits, spec["batch_size"], _ce
+
+
+def build_pysrc_transformer(spec: dict[str, Any]) -> Built:
+    return build_char_transformer(stdlib_text()[: spec["chars"]], spec)
 
 
 def build_animal_autoencoder(spec: dict[str, Any]) -> Built:
