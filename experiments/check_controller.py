@@ -167,20 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(args.cache) / name  # validation: as before; test: beside it, "_test" added
     test_cache = cache.with_name(cache.stem + "_test.json")
     wanted = cache if args.metric == "val" else test_cache
-    if not wanted.is_file():
-        grid = _grid(torch_spec, seeds, args.workers, args.smoke, tasks)
-        val_ref, test_ref = reference_losses(grid)
-        cache.write_text(json.dumps(val_ref, indent=1))
-        test_cache.write_text(json.dumps(test_ref, indent=1))
-    ref = json.loads(wanted.read_text())
-    missing = [t for t in tasks if t not in ref]
-    if missing:  # the seeds' reference lacks a task asked for (a development task): add it
-        grid = _grid(torch_spec, seeds, args.workers, args.smoke, {t: tasks[t] for t in missing})
-        val_ref, test_ref = reference_losses(grid)
-        for path, new in ((cache, val_ref), (test_cache, test_ref)):
+    cached = json.loads(wanted.read_text()) if wanted.is_file() else {}
+    missing = {t: n for t, n in tasks.items() if t not in cached}
+    if missing:  # Adam's grid for the tasks the seeds' reference lacks (all, the first time)
+        grid = _grid(torch_spec, seeds, args.workers, args.smoke, missing)
+        for path, new in zip((cache, test_cache), reference_losses(grid)):
             old = json.loads(path.read_text()) if path.is_file() else {}
             path.write_text(json.dumps({**old, **new}, indent=1))
-        ref = json.loads(wanted.read_text())
+    ref = json.loads(wanted.read_text())
     per_seed = _grid(spec, seeds, args.workers, args.smoke, tasks)
     if args.out:
         refs = tuple(

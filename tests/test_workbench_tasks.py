@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_smoke_task_beats_untrained_loss(name):
     if name in ("mnist1d_mlp", "animal_cnn", "animal_transfer"):
         pytest.importorskip("mnist1d" if name == "mnist1d_mlp" else "animal_mnist")
-    task = make_task(name, "smoke", fallback_text=name in ("charlm_gru", "text_transfer", "kjv_transformer"))
+    task = make_task(
+        name, "smoke", fallback_text=name in ("charlm_gru", "text_transfer", "kjv_transformer")
+    )
     out = train(task, {"kind": "adam"}, 1e-2, seed=0, steps=30, log_every=10, divergence=1e4,
                 device="cpu")  # fmt: skip
     assert out["status"] == "ok"

@@ -13,7 +13,7 @@ the failure on other data, so the diagnosis and any candidate's development runs
   held-out transformer still has unseen data, but not an unseen kind of model — reports say so.
 
 It is in no study's grid that a goal is scored on; ``configs/dev_transformer.yaml`` runs its own
-lr grid (``python -m metalr.workbench.cli run configs/dev_transformer.yaml``).
+lr grid (``metalr ablate --config configs/dev_transformer.yaml``).
 """
 
 from __future__ import annotations

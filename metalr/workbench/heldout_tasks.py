@@ -88,11 +88,12 @@ def char_windows(text: str, seq: int, eval_windows: int | None) -> tuple[int, li
     """``(vocabulary size, [train, val, test])`` of next-character windows of ``seq`` characters
     of ``text``, split 80/10/10 contiguously (no validation window was trained on); validation
     and test keep their first ``eval_windows`` windows (all when None)."""
+    from metalr.workbench.tasks import _windows
+
     vocab = sorted(set(text))
     lookup = {c: i for i, c in enumerate(vocab)}
-    ids = torch.tensor([lookup[c] for c in text], dtype=torch.long)
-    n = (len(ids) - 1) // seq
-    x, y = ids[: n * seq].reshape(n, seq), ids[1 : n * seq + 1].reshape(n, seq)
+    x, y = _windows(torch.tensor([lookup[c] for c in text], dtype=torch.long), seq)
+    n = len(x)
     a, b = int(0.8 * n), int(0.9 * n)
     c = eval_windows or n
     return len(vocab), [(x[:a], y[:a]), (x[a:b][:c], y[a:b][:c]), (x[b:][:c], y[b:][:c])]

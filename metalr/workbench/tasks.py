@@ -52,7 +52,7 @@ from torch.nn import functional as F
 from metalr.workbench.dev_tasks import BUILDERS as DEV_BUILDERS
 from metalr.workbench.dev_tasks import DEV_SPECS
 from metalr.workbench.heldout_tasks import BUILDERS as HELDOUT_BUILDERS
-from metalr.workbench.heldout_tasks import HELDOUT_SPECS
+from metalr.workbench.heldout_tasks import HELDOUT_SPECS, char_windows
 from metalr.workbench.transfer_tasks import SPECS as TRANSFER_SPECS
 from metalr.workbench.transfer_tasks import build_transfer
 
@@ -379,17 +379,8 @@ def make_task(
         loss = F.mse_loss
     else:
         text = FALLBACK_TEXT if fallback_text else bible_text()
-        text = text[: spec["chars"]]
-        vocab = sorted(set(text))
-        lookup = {c: i for i, c in enumerate(vocab)}
-        ids = torch.tensor([lookup[c] for c in text], dtype=torch.long)
-        x, y = _windows(ids, spec["seq"])
-        # contiguous split (no window of the validation text was seen in training)
-        a, b = int(0.8 * len(x)), int(0.9 * len(x))
-        # evaluation on the first `eval_windows` windows of each held-out part (all by default)
-        c = spec.get("eval_windows") or len(x)
-        splits = [(x[:a], y[:a]), (x[a:b][:c], y[a:b][:c]), (x[b:][:c], y[b:][:c])]
-        v, e, h = len(vocab), spec["embed"], spec["hidden"]
+        v, splits = char_windows(text[: spec["chars"]], spec["seq"], spec.get("eval_windows"))
+        e, h = spec["embed"], spec["hidden"]
         make_model = lambda: CharGRU(v, e, h)
     splits = [(xs.to(device), ys.to(device)) for xs, ys in splits]
     return Task(name, size, make_model, *splits, batch_size=spec["batch_size"], loss=loss,

@@ -4,7 +4,7 @@
     python experiments/results/dev_transformer/probe/signals.py trace kjv_transformer 1e-2 390 '{"kind": "adam"}'
     python experiments/results/dev_transformer/probe/signals.py turn digits_mlp 1e-3 100
 
-``trace``: every 20 steps of one run at study 1's budget (400 for kjv_transformer), the mean
+``trace``: every 20 steps of one run at its budget (``check_controller.task_budgets``), the mean
 training loss, the mean cosine of the gradient with the last parameter change
 ``cos(g_t, Δθ_{t-1})`` (positive: the last step went too far, the greedy hypergradient says
 "lower"), the mean gradient norm, the effective rate and, for AdamHD, the size-weighted tracking
@@ -22,8 +22,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[4]
 sys.path.insert(0, str(ROOT / "experiments"))
+from check_controller import task_budgets
 from find_rate_study import effective_rate
-from study_budgets import study_steps
 
 from metalr.functional._controller import (
     COUNT,
@@ -38,8 +38,6 @@ from metalr.functional._controller import (
 from metalr.functional._seek_constants import SEEK_DEFAULTS
 from metalr.workbench.optimizers import build_for_model
 from metalr.workbench.tasks import make_task
-
-DEV_STEPS = {"kjv_transformer": 400}
 
 
 def _rate(opt, lr0):
@@ -66,8 +64,7 @@ def _tracking(opt):
 def main(mode, task_name, lr0, seed, spec):
     torch.set_num_threads(1)
     task = make_task(task_name, "full")
-    steps = DEV_STEPS.get(task_name) or study_steps(task_name)
-    steps = 80 if mode == "turn" else steps
+    steps = 80 if mode == "turn" else task_budgets(task_name)[task_name]
     model = task.model(seed)
     opt = build_for_model(spec, model, lr0, task)
     nxt = task.batches(seed)
