@@ -61,7 +61,14 @@ def _tracking(opt):
     return (snr / size if size else math.nan), level
 
 
-def main(mode, task_name, lr0, seed, spec):
+#: Discounts μ of the trails ``Z_t = μ Z_{t-1} + Δθ_t`` whose cosine with the gradient a trace
+#: also records (``cos(g_t, Z_{t-1})``; the seek rule's ``horizon`` option reads such a trail).
+TRAIL_DISCOUNTS = (0.9, 0.99)
+
+
+def run_probe(mode, task_name, lr0, seed, spec):
+    """Yield ``trace`` rows (a dict every 20 steps, the last one with the final validation loss)
+    or ``turn`` lines of one run."""
     torch.set_num_threads(1)
     task = make_task(task_name, "full")
     steps = 80 if mode == "turn" else task_budgets(task_name)[task_name]
@@ -69,6 +76,7 @@ def main(mode, task_name, lr0, seed, spec):
     opt = build_for_model(spec, model, lr0, task)
     nxt = task.batches(seed)
     last, window, norms, ramping = None, [], [], None
+    trails = dict.fromkeys(TRAIL_DISCOUNTS)  # μ -> Σ_k μ^k Δθ_{t-1-k}
     for t in range(1, steps + 1):
         x, y = nxt()
         loss = task.loss(model(x), y)
@@ -77,27 +85,48 @@ def main(mode, task_name, lr0, seed, spec):
         g = torch.cat([p.grad.flatten() for p in model.parameters()])
         before = torch.cat([p.detach().flatten() for p in model.parameters()])
         cos = float(g @ last / (g.norm() * last.norm() + 1e-30)) if last is not None else math.nan
+        trail_cos = [
+            float(g @ z / (g.norm() * z.norm() + 1e-30)) if z is not None else math.nan
+            for z in trails.values()
+        ]
         norms.append(float(g.norm()))
-        window.append((loss.item(), cos, norms[-1]))
+        window.append((loss.item(), cos, norms[-1], *trail_cos))
         opt.step()
         last = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
+        for mu, z in trails.items():
+            trails[mu] = last.clone() if z is None else z.mul_(mu).add_(last)
         if mode == "trace" and t % 20 == 0:
             mean = [
-                sum(v[i] for v in window if not math.isnan(v[i])) / len(window) for i in range(3)
+                sum(v[i] for v in window if not math.isnan(v[i])) / len(window)
+                for i in range(len(window[0]))
             ]
             snr, level = _tracking(opt)
-            print(f"{t:4d} rate {_rate(opt, lr0):.2e} loss {mean[0]:.3f} cos(g,dθ) {mean[1]:+.3f} "
-                  f"|g| {mean[2]:.3f} snr {snr:+.3f} G/H {level:.2f}")  # fmt: skip
+            row = {"step": t, "rate": _rate(opt, lr0), "loss": mean[0], "cos": mean[1],
+                   "grad": mean[2], "snr": snr, "level": level,
+                   "trail_cos": dict(zip(TRAIL_DISCOUNTS, mean[3:], strict=True))}  # fmt: skip
+            if t + 20 > steps:
+                row["val"] = task.evaluate(model, "val", seed)
+            yield row
             window = []
         if mode == "turn":
             c = next(opt.state[p]["hd_controller"] for p in model.parameters())
             now = float(c[RAMP]) > 0
             if now != ramping:
-                print(f"{task_name} t{t} {'R' if now else 'T'} F {float(c[FAST]):.2f} "
-                      f"P {float(c[PEAK]):.2f} rate {_rate(opt, lr0):.1e} |g| {norms[-1]:.2f} "
-                      f"÷5 steps before {norms[-1] / norms[max(0, t - 6)]:.2f} "
-                      f"÷max {norms[-1] / max(norms):.2f}")  # fmt: skip
+                yield (f"{task_name} t{t} {'R' if now else 'T'} F {float(c[FAST]):.2f} "
+                       f"P {float(c[PEAK]):.2f} rate {_rate(opt, lr0):.1e} |g| {norms[-1]:.2f} "
+                       f"÷5 steps before {norms[-1] / norms[max(0, t - 6)]:.2f} "
+                       f"÷max {norms[-1] / max(norms):.2f}")  # fmt: skip
             ramping = now
+
+
+def main(mode, task_name, lr0, seed, spec):
+    for row in run_probe(mode, task_name, lr0, seed, spec):
+        if isinstance(row, str):
+            print(row)
+        else:
+            print(f"{row['step']:4d} rate {row['rate']:.2e} loss {row['loss']:.3f} "
+                  f"cos(g,dθ) {row['cos']:+.3f} |g| {row['grad']:.3f} snr {row['snr']:+.3f} "
+                  f"G/H {row['level']:.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
