@@ -66,12 +66,13 @@ def _tracking(opt):
 TRAIL_DISCOUNTS = (0.9, 0.99)
 
 
-def run_probe(mode, task_name, lr0, seed, spec):
+def run_probe(mode, task_name, lr0, seed, spec, size="full", steps=None):
     """Yield ``trace`` rows (a dict every 20 steps, the last one with the final validation loss)
-    or ``turn`` lines of one run."""
+    or ``turn`` lines of one run (``steps``: the task's budget, 80 for ``turn``, unless given)."""
     torch.set_num_threads(1)
-    task = make_task(task_name, "full")
-    steps = 80 if mode == "turn" else task_budgets(task_name)[task_name]
+    task = make_task(task_name, size)
+    if steps is None:
+        steps = 80 if mode == "turn" else task_budgets(task_name)[task_name]
     model = task.model(seed)
     opt = build_for_model(spec, model, lr0, task)
     nxt = task.batches(seed)
