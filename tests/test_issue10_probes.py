@@ -525,4 +525,4 @@ def test_greedy_sign_table_averages_each_seeds_second_half():
                          record(1200, [9.0, 9.0, -0.2, -0.4], 1.0)])  # fmt: skip
     line = next(x for x in table.splitlines() if x.startswith("| digits_mlp"))
     # seeds in order, each the mean of its last two rows; the trails' seed means; the val mean
-    assert line == "| digits_mlp | 1e-03 | -0.300 +0.200 | -0.050 | -0.025 | +0.050 | 1.5000 |"
+    assert line == "| digits_mlp | 0.001 | -0.300 +0.200 | -0.050 | -0.025 | +0.050 | 1.5000 |"

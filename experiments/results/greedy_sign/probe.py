@@ -1,11 +1,11 @@
 """Which way the greedy hypergradient points at each task's best fixed Adam rate (a probe).
 
-    python experiments/results/greedy_sign/probe.py            # ~35 min on 2 cores
+    python experiments/results/greedy_sign/probe.py            # 84 runs, ~8 min on 2 cores
     python experiments/results/greedy_sign/probe.py --table    # the table from runs.jsonl
 
 Adam at each development task's best fixed rate (the 12-60-seed references of
-``../reference_noise/``; the development transformer's from its grid) and at 10x that rate, on
-probe seeds 1200-1202, at each task's budget. Every 20 steps it records the mean cosine of the
+``../reference_noise/``; the development transformer's from its grid) and at 1/3, 3 and 10
+times it, on probe seeds 1200-1202, at each task's budget. Every 20 steps it records the mean cosine of the
 gradient with the last parameter change, ``cos(g_t, Δθ_{t-1})`` (``signals.py trace``): positive
 means the one-step hypergradient says "the rate is too large", negative "too small". A rule that
 follows it settles where it averages zero. The table gives its mean over the second half of each
@@ -36,6 +36,9 @@ BEST_RATE = {
     "kjv_transformer": 1e-2,
 }
 SEEDS = (1200, 1201, 1202)
+#: Rates run, as multiples of the best fixed one (1/3 and 3 added after the first table, to read
+#: the signal's change within a factor of 3 directly instead of from a decade).
+FACTORS = (1 / 3, 1, 3, 10)
 OUT = HERE / "runs.jsonl"
 
 
@@ -61,7 +64,7 @@ def table(records):
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for task, best in BEST_RATE.items():
-        for factor in (1, 10):
+        for factor in FACTORS:
             runs = [r for r in records if r["task"] == task and r["factor"] == factor]
             if not runs:
                 continue
@@ -75,7 +78,7 @@ def table(records):
             val = [v for v in val if math.isfinite(v)]
             mean_val = f"{sum(val) / len(val):.4f}" if val else "diverged"
             lines.append(
-                f"| {task} | {best * factor:.0e} | "
+                f"| {task} | {best * factor:.2g} | "
                 f"{' '.join(f'{c:+.3f}' for c in cos)} | {sum(cos) / len(cos):+.3f} | "
                 f"{sum(trail['0.9']) / len(cos):+.3f} | {sum(trail['0.99']) / len(cos):+.3f} | "
                 f"{mean_val} |"
@@ -90,7 +93,7 @@ def main():
     args = parser.parse_args()
     if not args.table:
         have = {(r["task"], r["factor"], r["seed"]) for r in _done()}
-        jobs = [(t, f, s) for f in (1, 10) for s in SEEDS for t in BEST_RATE]
+        jobs = [(t, f, s) for f in FACTORS for s in SEEDS for t in BEST_RATE]
         jobs = [j for j in jobs if j not in have]
         with ProcessPoolExecutor(args.workers) as pool:
             for record in pool.map(_one, jobs):
