@@ -188,9 +188,18 @@ def match_in_place(
     factors = match_factors(
         turned, {i: direction_of(i) for i in range(len(rates))}, granularity, shards
     )
-    for i, rate in enumerate(rates):
-        one = torch.ones((), dtype=rate.dtype, device=rate.device)
-        rate.mul_(torch.where(turned[i].to(rate.device), factors[i].to(rate.dtype), one))
+    scales = [
+        torch.where(
+            turned[i].to(rate.device),
+            factors[i].to(rate.dtype),
+            torch.ones((), dtype=rate.dtype, device=rate.device),
+        )
+        for i, rate in enumerate(rates)
+    ]
+    # the list overload, not ``rate.mul_``: under torch.compile (2.13, CPU) an in-place op on a
+    # 0-d float64 graph input whose result the graph does not return is dropped, and a float64
+    # model's per-tensor multipliers are such inputs; ``_foreach_mul_`` keeps the mutation
+    torch._foreach_mul_(list(rates), scales)
 
 
 def match_rows(
