@@ -17,6 +17,7 @@ from metalr.functional._common import (
     commit_update,
     from_real,
     host_readable,
+    mutable_view,
     torch_fused_kernel_applies,
 )
 from metalr.functional._distributed import ShardReducer
@@ -103,7 +104,7 @@ def _multi_tensor_sgd_hd(
             if buf is None:  # first step: b_1 = g_1, as torch.optim.SGD (zero if skipped)
                 bufs[i] = from_real(d_r[i] * like(keep, d_r[i]), params[i])
                 continue
-            b = as_real_list([buf])[0]
+            b = mutable_view(as_real_list([buf])[0])
             # b ← b (1 - keep + keep μ) + keep (1 - τ) d: unchanged when the step is skipped.
             b.mul_(like(1 - keep + keep * momentum, b))
             b.add_(d_r[i] * like(keep * (1 - dampening), b))
@@ -117,7 +118,7 @@ def _multi_tensor_sgd_hd(
         for i, d in enumerate(d_r):
             if dirs[i] is None:
                 dirs[i] = torch.zeros_like(params[i])
-            old = as_real_list([dirs[i]])[0]
+            old = mutable_view(as_real_list([dirs[i]])[0])
             old.copy_(d if host else torch.where(finite, d, old))
     neg_step = [
         (broadcast_rate(r, p) * like(-lr * keep, r)).to(d.dtype)

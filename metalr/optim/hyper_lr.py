@@ -262,11 +262,15 @@ class HyperLR(HypergradOptimizer):
             lr = scalar_lr(group["lr"])
             displacement = torch._foreach_sub(params, snapshots)  # u_t of the wrapped optimizer
             applied = rates_in_use(rates, lr, group["lr_bounds"])
+            new_params, directions = [], []
             for p, rate, snap, u in zip(params, applied, snapshots, displacement):
                 scaled = snap + rate.to(u.dtype) * u if not p.is_complex() else snap + rate * u
-                p.copy_(torch.where(step_finite, scaled, snap))
-                direction = torch.where(step_finite, -u * _inverse(lr), torch.zeros_like(u))
-                snap.copy_(direction)  # the buffer now holds d_t for the next hypergradient
+                new_params.append(torch.where(step_finite, scaled, snap))
+                directions.append(torch.where(step_finite, -u * _inverse(lr), torch.zeros_like(u)))
+            # list copies: under torch.compile a plain copy_ into a 0-d float64 parameter is
+            # dropped (torch 2.13; see metalr.functional._common.write_back)
+            foreach_copy_(params, new_params)
+            foreach_copy_(snapshots, directions)  # the buffers now hold d_t for the next step
         return loss
 
     def _last_directions(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
