@@ -329,10 +329,15 @@ def _float64_run(make, compiled: bool, steps: int = 60):
     model = _ScaledMLP().double()
     x, y = torch.randn(64, 8, dtype=torch.float64), torch.randn(64, 1, dtype=torch.float64)
     opt = make(model.parameters())
+    _run_steps(lambda: ((model(x) - y) ** 2).mean(), opt, compiled, steps)
+    return model, opt
+
+
+def _run_steps(loss_fn, opt, compiled: bool, steps: int) -> None:
+    """``steps`` of backward + step + zero_grad on ``loss_fn()`` (compiled: as one function)."""
 
     def train_step():
-        loss = ((model(x) - y) ** 2).mean()
-        loss.backward()
+        loss_fn().backward()
         opt.step()
         opt.zero_grad()
 
@@ -340,7 +345,6 @@ def _float64_run(make, compiled: bool, steps: int = 60):
     step_fn = torch.compile(train_step) if compiled else train_step
     for _ in range(steps):
         step_fn()
-    return model, opt
 
 
 @pytest.mark.parametrize("name", list(FLOAT64_MAKERS))
@@ -366,16 +370,7 @@ def _hyper_lr_scalar_run(compiled: bool, steps: int = 20):
     b = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
     x = torch.linspace(-1, 1, 3, dtype=torch.float64)
     opt = metalr.HyperLR(torch.optim.SGD([w, b], lr=0.1))
-
-    def train_step():
-        ((w * x + b - 2 * x) ** 2).sum().backward()
-        opt.step()
-        opt.zero_grad()
-
-    torch._dynamo.reset()
-    step_fn = torch.compile(train_step) if compiled else train_step
-    for _ in range(steps):
-        step_fn()
+    _run_steps(lambda: ((w * x + b - 2 * x) ** 2).sum(), opt, compiled, steps)
     return w.detach(), b.detach()
 
 
