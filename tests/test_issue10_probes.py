@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
@@ -502,9 +503,10 @@ def test_signals_trace_reads_cosines_and_trails_without_changing_the_run():
         assert -1 <= row["cos"] <= 1 and row["rate"] == 1e-3
         assert set(row["trail_cos"]) == set(signals.TRAIL_DISCOUNTS)
         assert all(-1 <= c <= 1 for c in row["trail_cos"].values())
+        assert -1 <= row["tensor_cos"] <= 1
     # the sign convention: in the first steps at a small rate the gradient points against the
     # steps taken ("the rate is too small" is negative), for the last step and for the trails
-    assert rows[0]["cos"] < -0.3
+    assert rows[0]["cos"] < -0.3 and rows[0]["tensor_cos"] < -0.3
     assert all(c < -0.3 for c in rows[0]["trail_cos"].values())
 
 
@@ -517,7 +519,10 @@ def test_greedy_sign_table_averages_each_seeds_second_half():
     spec.loader.exec_module(probe)
 
     def record(seed, cosines, val):
-        rows = [{"cos": c, "trail_cos": {"0.9": c / 2, "0.99": -c}} for c in cosines]
+        rows = [
+            {"cos": c, "tensor_cos": 2 * c, "trail_cos": {"0.9": c / 2, "0.99": -c}}
+            for c in cosines
+        ]
         rows[-1]["val"] = val
         return {"task": "digits_mlp", "factor": 1, "seed": seed, "rows": rows}
 
@@ -525,4 +530,17 @@ def test_greedy_sign_table_averages_each_seeds_second_half():
                          record(1200, [9.0, 9.0, -0.2, -0.4], 1.0)])  # fmt: skip
     line = next(x for x in table.splitlines() if x.startswith("| digits_mlp"))
     # seeds in order, each the mean of its last two rows; the trails' seed means; the val mean
-    assert line == "| digits_mlp | 0.001 | -0.300 +0.200 | -0.050 | -0.025 | +0.050 | 1.5000 |"
+    assert line == (
+        "| digits_mlp | 0.001 | -0.300 +0.200 | -0.050 | -0.100 | -0.025 | +0.050 | 1.5000 |"
+    )
+
+
+def test_signals_tensor_cosine_is_the_size_weighted_mean_of_each_tensors_cosine():
+    signals = _signals()
+    model = torch.nn.Linear(3, 1)  # a weight of 3 elements, a bias of 1
+    g = torch.tensor([1.0, 0.0, 0.0, 2.0])
+    last = torch.tensor([1.0, 1.0, 0.0, -1.0])
+    # weight: cos([1, 0, 0], [1, 1, 0]) = 1/√2; bias: cos(2, −1) = −1; weights 3 and 1
+    expected = (3 * 2**-0.5 - 1) / 4
+    assert signals._tensor_cosine(model, g, last) == pytest.approx(expected)
+    assert math.isnan(signals._tensor_cosine(model, g, None))

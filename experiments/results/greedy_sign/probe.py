@@ -9,7 +9,8 @@ times it, on probe seeds 1200-1202, at each task's budget. Every 20 steps it rec
 gradient with the last parameter change, ``cos(g_t, Δθ_{t-1})`` (``signals.py trace``): positive
 means the one-step hypergradient says "the rate is too large", negative "too small". A rule that
 follows it settles where it averages zero. The table gives its mean over the second half of each
-run, the same for the gradient's cosine with discounted trails of the steps taken
+run, its size-weighted mean over parameter tensors of each tensor's own cosine (what the rule
+reads per tensor), the same for the gradient's cosine with discounted trails of the steps taken
 (``Z_t = μ Z_{t-1} + Δθ_t``, μ 0.9 and 0.99: the seek rule's ``horizon`` option reads such a
 trail), and the final validation loss. Runs append to ``runs.jsonl`` as they finish (a rerun skips
 what is there). Held-out tasks are not read.
@@ -59,19 +60,20 @@ def _done():
 def table(records):
     """Markdown: per task and factor, the second-half mean cosine and final val (seed means)."""
     lines = [
-        "| task | rate | cos(g, Δθ), 2nd half, per seed | mean | trail μ 0.9 | trail μ 0.99 | "
-        + "final val (mean) |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| task | rate | cos(g, Δθ), 2nd half, per seed | mean | per tensor | trail μ 0.9 | "
+        + "trail μ 0.99 | final val (mean) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for task, best in BEST_RATE.items():
         for factor in FACTORS:
             runs = [r for r in records if r["task"] == task and r["factor"] == factor]
             if not runs:
                 continue
-            cos, trail = [], {"0.9": [], "0.99": []}
+            cos, per_tensor, trail = [], [], {"0.9": [], "0.99": []}
             for r in sorted(runs, key=lambda r: r["seed"]):
                 half = r["rows"][len(r["rows"]) // 2 :]
                 cos.append(sum(row["cos"] for row in half) / len(half))
+                per_tensor.append(sum(row["tensor_cos"] for row in half) / len(half))
                 for mu, values in trail.items():
                     values.append(sum(row["trail_cos"][mu] for row in half) / len(half))
             val = [r["rows"][-1]["val"] for r in runs]
@@ -80,6 +82,7 @@ def table(records):
             lines.append(
                 f"| {task} | {best * factor:.2g} | "
                 f"{' '.join(f'{c:+.3f}' for c in cos)} | {sum(cos) / len(cos):+.3f} | "
+                f"{sum(per_tensor) / len(cos):+.3f} | "
                 f"{sum(trail['0.9']) / len(cos):+.3f} | {sum(trail['0.99']) / len(cos):+.3f} | "
                 f"{mean_val} |"
             )

@@ -66,6 +66,20 @@ def _tracking(opt):
 TRAIL_DISCOUNTS = (0.9, 0.99)
 
 
+def _tensor_cosine(model, g, last):
+    """The size-weighted mean over parameter tensors of each tensor's ``cos(g, Δθ_{t-1})`` (what
+    the seek rule's tracking reads per tensor, before its normalisation)."""
+    if last is None:
+        return math.nan
+    total, size, start = 0.0, 0, 0
+    for p in model.parameters():
+        n = p.numel()
+        gp, dp = g[start : start + n], last[start : start + n]
+        total += n * float(gp @ dp / (gp.norm() * dp.norm() + 1e-30))
+        size, start = size + n, start + n
+    return total / size
+
+
 def run_probe(mode, task_name, lr0, seed, spec, size="full", steps=None):
     """Yield ``trace`` rows (a dict every 20 steps, the last one with the final validation loss)
     or ``turn`` lines of one run (``steps``: the task's budget, 80 for ``turn``, unless given)."""
@@ -91,7 +105,7 @@ def run_probe(mode, task_name, lr0, seed, spec, size="full", steps=None):
             for z in trails.values()
         ]
         norms.append(float(g.norm()))
-        window.append((loss.item(), cos, norms[-1], *trail_cos))
+        window.append((loss.item(), cos, norms[-1], *trail_cos, _tensor_cosine(model, g, last)))
         opt.step()
         last = torch.cat([p.detach().flatten() for p in model.parameters()]) - before
         for mu, z in trails.items():
@@ -104,7 +118,8 @@ def run_probe(mode, task_name, lr0, seed, spec, size="full", steps=None):
             snr, level = _tracking(opt)
             row = {"step": t, "rate": _rate(opt, lr0), "loss": mean[0], "cos": mean[1],
                    "grad": mean[2], "snr": snr, "level": level,
-                   "trail_cos": dict(zip(TRAIL_DISCOUNTS, mean[3:], strict=True))}  # fmt: skip
+                   "trail_cos": dict(zip(TRAIL_DISCOUNTS, mean[3:-1], strict=True)),
+                   "tensor_cos": mean[-1]}  # fmt: skip
             if t + 20 > steps:
                 row["val"] = task.evaluate(model, "val", seed)
             yield row
