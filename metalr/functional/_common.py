@@ -117,29 +117,18 @@ def _clones(values: Sequence[Tensor | None]) -> list[Tensor | None]:
 def mutable_view(t: Tensor) -> Tensor:
     """``t``, or a one-element view of it when it is 0-d: the tensor to write a state update into
     in place. Under torch.compile, torch 2.13 (CPU) drops an in-place op on a 0-d float64 graph
-    input that the graph does not return (a float64 model's 0-d parameter, and so its momentum
-    buffer); through a view the write reaches the input."""
+    input that the graph does not return (a float64 model's 0-d rates, or a 0-d parameter and its
+    buffers); through a view the write reaches the input."""
     return t.view(1) if t.dim() == 0 else t
 
 
 def write_back(dst: NamedTuple, src: NamedTuple) -> None:
-    """Copy every tensor of ``src`` into the matching tensor of ``dst`` in place, a list at a
-    time through :func:`foreach_copy_` (under torch.compile, torch 2.13 drops a plain ``copy_``
-    into a 0-d float64 graph input that the graph does not return: a float64 model's per-tensor
-    rates; the list overload keeps it), one by one where autograd records the copies."""
+    """Copy every tensor of ``src`` into the matching tensor of ``dst`` in place (through
+    :func:`mutable_view`: a float64 model's 0-d rates would be lost under torch.compile)."""
     for dst_list, src_list in zip(dst, src):
-        pairs = [
-            (d, s)
-            for d, s in zip(dst_list, src_list)
-            if d is not None and s is not None and d is not s
-        ]
-        if not pairs:
-            continue
-        if torch.is_grad_enabled() and any(d.requires_grad or s.requires_grad for d, s in pairs):
-            for d, s in pairs:  # a differentiable step: _foreach_copy_ has no derivative
-                d.copy_(s)
-        else:
-            foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
+        for d, s in zip(dst_list, src_list):
+            if d is not None and s is not None and d is not s:
+                mutable_view(d).copy_(s)
 
 
 def default_foreach(params: Sequence[Tensor], differentiable: bool) -> bool:

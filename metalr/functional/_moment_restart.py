@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from metalr.functional._common import full_value, host_readable
+from metalr.functional._common import full_value, host_readable, mutable_view
 from metalr.functional._controller import SINCE
 from metalr.functional._distributed import ShardReducer
 from metalr.functional._flat_state import zero_marked
@@ -188,18 +188,11 @@ def match_in_place(
     factors = match_factors(
         turned, {i: direction_of(i) for i in range(len(rates))}, granularity, shards
     )
-    scales = [
-        torch.where(
-            turned[i].to(rate.device),
-            factors[i].to(rate.dtype),
-            torch.ones((), dtype=rate.dtype, device=rate.device),
-        )
-        for i, rate in enumerate(rates)
-    ]
-    # the list overload, not ``rate.mul_``: under torch.compile (2.13, CPU) an in-place op on a
-    # 0-d float64 graph input whose result the graph does not return is dropped, and a float64
-    # model's per-tensor multipliers are such inputs; ``_foreach_mul_`` keeps the mutation
-    torch._foreach_mul_(list(rates), scales)
+    for i, rate in enumerate(rates):
+        one = torch.ones((), dtype=rate.dtype, device=rate.device)
+        # through a view: torch.compile would drop a plain ``mul_`` on a float64 0-d rate
+        scale = torch.where(turned[i].to(rate.device), factors[i].to(rate.dtype), one)
+        mutable_view(rate).mul_(scale)
 
 
 def match_rows(

@@ -28,6 +28,7 @@ from metalr.functional._common import (
     commit_update,
     foreach_copy_,
     host_readable,
+    mutable_view,
 )
 from metalr.functional._hypergrad import adapt_rates, rates_in_use
 from metalr.optim import _validation as check
@@ -262,15 +263,12 @@ class HyperLR(HypergradOptimizer):
             lr = scalar_lr(group["lr"])
             displacement = torch._foreach_sub(params, snapshots)  # u_t of the wrapped optimizer
             applied = rates_in_use(rates, lr, group["lr_bounds"])
-            new_params, directions = [], []
             for p, rate, snap, u in zip(params, applied, snapshots, displacement):
                 scaled = snap + rate.to(u.dtype) * u if not p.is_complex() else snap + rate * u
-                new_params.append(torch.where(step_finite, scaled, snap))
-                directions.append(torch.where(step_finite, -u * _inverse(lr), torch.zeros_like(u)))
-            # list copies: under torch.compile a plain copy_ into a 0-d float64 parameter is
-            # dropped (torch 2.13; see metalr.functional._common.write_back)
-            foreach_copy_(params, new_params)
-            foreach_copy_(snapshots, directions)  # the buffers now hold d_t for the next step
+                # through views: torch.compile would drop a plain copy_ into a 0-d float64 tensor
+                mutable_view(p).copy_(torch.where(step_finite, scaled, snap))
+                direction = torch.where(step_finite, -u * _inverse(lr), torch.zeros_like(u))
+                mutable_view(snap).copy_(direction)  # d_t, for the next hypergradient
         return loss
 
     def _last_directions(self, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
